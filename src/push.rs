@@ -1,0 +1,86 @@
+//! The plain data a push is made of, shared by the proxy, the router and the senders.
+
+use std::fmt;
+use std::sync::Arc;
+
+use serde_json::{Map, Value};
+
+/// A user or group id, normalised to text: `42` and `"42"` are the same id.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Id(pub Arc<str>);
+
+impl Id {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<&str> for Id {
+    fn from(s: &str) -> Self {
+        Id(Arc::from(s))
+    }
+}
+
+impl From<u64> for Id {
+    fn from(n: u64) -> Self {
+        Id(Arc::from(n.to_string()))
+    }
+}
+
+impl fmt::Display for Id {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Whom a push is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    User(Id),
+    Users(Vec<Id>),
+    Group(Id),
+}
+
+/// One accepted push: its target and the `data` map the app receives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Push {
+    pub target: Target,
+    pub data: Arc<Map<String, Value>>,
+}
+
+impl Push {
+    /// A push with an `alert` key is shown to the user; without one it is silent.
+    pub fn is_alert(&self) -> bool {
+        self.data.contains_key("alert")
+    }
+
+    /// `data` as the JSON text apps receive over MQTT.
+    pub fn json(&self) -> bytes::Bytes {
+        serde_json::to_vec(&*self.data)
+            .expect("a JSON map always serialises")
+            .into()
+    }
+}
+
+/// A user's record as the registry holds it (`User:<uid>` hash).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UserRecord {
+    pub app_token: Option<String>,
+    pub app_ident: Option<String>,
+    pub app_version: Option<String>,
+    pub app_focus: bool,
+}
+
+impl UserRecord {
+    /// The old service stored focus as `1`; read any non-empty value but an
+    /// explicit false as set.
+    pub fn focus_from(value: Option<&str>) -> bool {
+        match value.map(str::trim) {
+            None | Some("") => false,
+            Some(v) => !matches!(
+                v.to_ascii_lowercase().as_str(),
+                "0" | "false" | "no" | "off"
+            ),
+        }
+    }
+}

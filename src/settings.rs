@@ -1,0 +1,334 @@
+//! Runtime settings: `setting.toml` overlaid by `PUSHBRIDGE_<SECTION>__<KEY>`
+//! variables. Every key has a default, so an empty or missing file runs the
+//! embedded default (embedded broker, in-memory registry).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+/// A settings file or variable that could not be used; figment's message
+/// names the key, the value and where it came from.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("settings: {0}")]
+    Invalid(#[from] Box<figment::Error>),
+    #[error("settings: {key}: {problem}")]
+    Check { key: &'static str, problem: String },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    pub proxy: ProxySettings,
+    pub mqtt: MqttSettings,
+    pub registry: RegistrySettings,
+    pub apns: ApnsSettings,
+    pub http: HttpSettings,
+    pub auth: AuthSettings,
+    pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxySettings {
+    pub listen: SocketAddr,
+    /// Largest accepted frame body, checked against the length prefix
+    /// before anything is buffered.
+    pub max_frame: u32,
+    /// A backend connection silent this long is closed (the old server: 900 s).
+    pub idle_timeout_secs: u64,
+    pub max_connections: usize,
+    /// Accepted pushes waiting for routing; when full, backends wait.
+    pub queue: usize,
+}
+
+impl Default for ProxySettings {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:7100".parse().unwrap(),
+            max_frame: 1 << 20,
+            idle_timeout_secs: 900,
+            max_connections: 1024,
+            queue: 65536,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttSettings {
+    pub listen: SocketAddr,
+    pub tls_listen: Option<SocketAddr>,
+    pub ws_listen: Option<SocketAddr>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Topic prefix: `<prefix>/user/<id>`, `<prefix>/group/<id>`, `<prefix>/app/status`.
+    pub prefix: String,
+    pub external_url: Option<String>,
+    /// CONNECT must arrive this soon after accept.
+    pub connect_timeout_secs: u64,
+    pub max_connections: usize,
+    pub max_packet_size: usize,
+    /// Unacknowledged QoS 1 messages in flight per connection.
+    pub max_inflight: usize,
+    /// Messages kept per session while it is offline or its inflight window is full.
+    pub max_queued: usize,
+    /// How long a disconnected persistent session is kept (v5 clients may ask for less).
+    pub session_expiry_secs: u64,
+}
+
+impl Default for MqttSettings {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:1883".parse().unwrap(),
+            tls_listen: None,
+            ws_listen: None,
+            tls_cert: None,
+            tls_key: None,
+            prefix: "push".into(),
+            external_url: None,
+            connect_timeout_secs: 5,
+            max_connections: 19000,
+            max_packet_size: 256 * 1024,
+            max_inflight: 32,
+            max_queued: 1000,
+            session_expiry_secs: 7 * 24 * 3600,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistrySettings {
+    pub redis_url: Option<String>,
+    /// Key of a user's hash; `{id}` is replaced by the user id.
+    pub user_key: String,
+    /// Key of a group's set of iOS members; `{id}` is replaced by the group id.
+    pub group_apple_key: String,
+}
+
+impl Default for RegistrySettings {
+    fn default() -> Self {
+        Self {
+            redis_url: None,
+            user_key: "User:{id}".into(),
+            group_apple_key: "GroupAppleUser:{id}".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApnsSettings {
+    /// config.json with the apps' credentials; paths in it are relative to it.
+    pub config: PathBuf,
+    pub production_url: String,
+    pub sandbox_url: String,
+    /// Extra CA certificate(s) trusted besides the system roots.
+    pub ca_file: Option<PathBuf>,
+    /// `apns-expiration`, seconds from now; 0 asks Apple to try once only.
+    pub expiration_secs: u64,
+    /// Notifications waiting for the sender.
+    pub queue: usize,
+    pub request_timeout_secs: u64,
+}
+
+impl Default for ApnsSettings {
+    fn default() -> Self {
+        Self {
+            config: "config.json".into(),
+            production_url: "https://api.push.apple.com".into(),
+            sandbox_url: "https://api.sandbox.push.apple.com".into(),
+            ca_file: None,
+            expiration_secs: 86400,
+            queue: 65536,
+            request_timeout_secs: 10,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpSettings {
+    pub listen: SocketAddr,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8090".parse().unwrap(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    #[default]
+    None,
+    Jwt,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthSettings {
+    pub mode: AuthMode,
+    pub jwt_secret: Option<String>,
+    pub jwt_public_key: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSettings {
+    /// A tracing filter; `RUST_LOG` wins when set.
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+impl Settings {
+    /// Defaults, then `path` (a missing file is fine), then the environment.
+    pub fn load(path: &Path) -> Result<Self, SettingsError> {
+        Self::from_figment(
+            Figment::from(Serialized::defaults(Settings::default()))
+                .merge(Toml::file(path))
+                .merge(Env::prefixed("PUSHBRIDGE_").split("__")),
+        )
+    }
+
+    /// Settings from a TOML text alone (tests, examples).
+    pub fn from_toml(text: &str) -> Result<Self, SettingsError> {
+        Self::from_figment(
+            Figment::from(Serialized::defaults(Settings::default())).merge(Toml::string(text)),
+        )
+    }
+
+    fn from_figment(figment: Figment) -> Result<Self, SettingsError> {
+        let settings: Settings = figment.extract().map_err(Box::new)?;
+        settings.check()?;
+        Ok(settings)
+    }
+
+    fn check(&self) -> Result<(), SettingsError> {
+        let bad = |key, problem: &str| {
+            Err(SettingsError::Check {
+                key,
+                problem: problem.into(),
+            })
+        };
+        if self.proxy.max_frame == 0 {
+            return bad("proxy.max_frame", "must be at least 1 byte");
+        }
+        if self.proxy.queue == 0 {
+            return bad("proxy.queue", "must be at least 1");
+        }
+        if self.apns.queue == 0 {
+            return bad("apns.queue", "must be at least 1");
+        }
+        let p = &self.mqtt.prefix;
+        if p.is_empty() || p.contains(['+', '#', '\0']) || p.ends_with('/') {
+            return bad(
+                "mqtt.prefix",
+                "must be a non-empty topic level path without wildcards or a trailing '/'",
+            );
+        }
+        if self.mqtt.max_inflight == 0 || self.mqtt.max_inflight > u16::MAX as usize {
+            return bad("mqtt.max_inflight", "must be between 1 and 65535");
+        }
+        if self.mqtt.tls_listen.is_some()
+            && (self.mqtt.tls_cert.is_none() || self.mqtt.tls_key.is_none())
+        {
+            return bad("mqtt.tls_listen", "needs mqtt.tls_cert and mqtt.tls_key");
+        }
+        for (key, template) in [
+            ("registry.user_key", &self.registry.user_key),
+            ("registry.group_apple_key", &self.registry.group_apple_key),
+        ] {
+            if !template.contains("{id}") {
+                return bad(key, "must contain {id}");
+            }
+        }
+        if self.auth.mode == AuthMode::Jwt
+            && self.auth.jwt_secret.is_none()
+            && self.auth.jwt_public_key.is_none()
+        {
+            return bad("auth.mode", "jwt needs auth.jwt_secret or auth.jwt_public_key");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_the_embedded_default() {
+        assert_eq!(Settings::from_toml("").unwrap(), Settings::default());
+        let s = Settings::default();
+        assert_eq!(s.proxy.listen.to_string(), "127.0.0.1:7100");
+        assert_eq!(s.proxy.max_frame, 1 << 20);
+        assert_eq!(s.mqtt.prefix, "push");
+        assert!(s.registry.redis_url.is_none());
+        assert_eq!(s.registry.user_key, "User:{id}");
+    }
+
+    #[test]
+    fn unknown_key_names_the_key() {
+        let err = Settings::from_toml("[proxy]\nlisten_port = 1\n").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("listen_port"), "{msg}");
+        let err = Settings::from_toml("[nosuchsection]\n").unwrap_err();
+        assert!(err.to_string().contains("nosuchsection"), "{err}");
+    }
+
+    #[test]
+    fn bad_value_names_the_key() {
+        let err = Settings::from_toml("[proxy]\nmax_frame = \"big\"\n").unwrap_err();
+        assert!(err.to_string().contains("max_frame"), "{err}");
+        let err = Settings::from_toml("[mqtt]\nprefix = \"a/#\"\n").unwrap_err();
+        assert!(err.to_string().contains("mqtt.prefix"), "{err}");
+        let err = Settings::from_toml("[auth]\nmode = \"jwt\"\n").unwrap_err();
+        assert!(err.to_string().contains("auth.mode"), "{err}");
+    }
+
+    #[test]
+    fn file_then_environment() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "setting.toml",
+                "[proxy]\nmax_frame = 10\n[mqtt]\nprefix = \"fromfile\"\n",
+            )?;
+            jail.set_env("PUSHBRIDGE_MQTT__PREFIX", "fromenv");
+            let s = Settings::load(Path::new("setting.toml")).expect("loads");
+            assert_eq!(s.proxy.max_frame, 10);
+            assert_eq!(s.mqtt.prefix, "fromenv");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn missing_file_is_the_default() {
+        let s = Settings::load(Path::new("/nonexistent/setting.toml")).unwrap();
+        assert_eq!(s.proxy, ProxySettings::default());
+    }
+}
