@@ -1,1 +1,120 @@
-fn main(){}
+//! The `pushbridge` command: parse the CLI, set up tracing, call the library.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use pushbridge::proxy::client::{self, Recipient};
+use pushbridge::proxy::frame::Status;
+use pushbridge::settings::{LogFormat, Settings};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(version, about = "Push delivery: msgpack proxy in, APNs or MQTT out")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server.
+    Serve(ConfigArg),
+    /// Send one push through the proxy, as a backend would.
+    Send(SendArgs),
+    /// Load the settings and config.json, open every certificate and key.
+    CheckConfig(ConfigArg),
+}
+
+#[derive(Args)]
+struct ConfigArg {
+    /// Settings file; missing means every default.
+    #[arg(long, default_value = "setting.toml")]
+    config: PathBuf,
+    /// Log filter (overrides log.level; RUST_LOG overrides both).
+    #[arg(long)]
+    log_level: Option<String>,
+}
+
+#[derive(Args)]
+#[command(group(clap::ArgGroup::new("to").required(true).args(["user", "users", "group"])))]
+struct SendArgs {
+    /// One user id.
+    #[arg(long)]
+    user: Option<String>,
+    /// Comma-separated user ids.
+    #[arg(long, value_delimiter = ',')]
+    users: Option<Vec<String>>,
+    /// A group id.
+    #[arg(long)]
+    group: Option<String>,
+    /// Proxy address.
+    #[arg(long, default_value = "127.0.0.1:7100")]
+    addr: String,
+    /// The `data` map as JSON, e.g. '{"alert":"hi"}'.
+    data: String,
+}
+
+fn init_tracing(settings: &Settings, level: Option<&str>) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(level.unwrap_or(&settings.log.level))
+    });
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match settings.log.format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn shutdown_signal(token: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutdown requested");
+    token.cancel();
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Serve(arg) => {
+            let settings = Settings::load(&arg.config)?;
+            init_tracing(&settings, arg.log_level.as_deref());
+            let shutdown = CancellationToken::new();
+            tokio::spawn(shutdown_signal(shutdown.clone()));
+            pushbridge::run(settings, shutdown).await?;
+        }
+        Command::CheckConfig(arg) => {
+            let settings = Settings::load(&arg.config)?;
+            init_tracing(&settings, arg.log_level.as_deref().or(Some("warn")));
+            println!("settings: {} ok", arg.config.display());
+            for app in pushbridge::check_config(&settings)? {
+                println!("{app}");
+            }
+        }
+        Command::Send(args) => {
+            let data: serde_json::Value =
+                serde_json::from_str(&args.data).context("data is not JSON")?;
+            if !data.is_object() {
+                bail!("data must be a JSON object, e.g. '{{\"alert\":\"hi\"}}'");
+            }
+            let to = match (args.user, args.users, args.group) {
+                (Some(u), _, _) => Recipient::User(client::id_value(&u)),
+                (_, Some(us), _) => {
+                    Recipient::Users(us.iter().map(|u| client::id_value(u)).collect())
+                }
+                (_, _, Some(g)) => Recipient::Group(client::id_value(&g)),
+                _ => unreachable!("clap requires one of --user, --users, --group"),
+            };
+            let status = client::send(&args.addr, &to, &client::json_to_msgpack(&data)).await?;
+            println!("0x{:02x} {}", status as u8, status.meaning());
+            if status != Status::Accepted {
+                std::process::exit(1);
+            }
+        }
+    }
+    Ok(())
+}

@@ -271,7 +271,10 @@ impl Settings {
             && self.auth.jwt_secret.is_none()
             && self.auth.jwt_public_key.is_none()
         {
-            return bad("auth.mode", "jwt needs auth.jwt_secret or auth.jwt_public_key");
+            return bad(
+                "auth.mode",
+                "jwt needs auth.jwt_secret or auth.jwt_public_key",
+            );
         }
         Ok(())
     }
@@ -312,6 +315,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err)]
     fn file_then_environment() {
         figment::Jail::expect_with(|jail| {
             jail.create_file(

@@ -1,0 +1,135 @@
+//! Takes accepted pushes off the intake queue in batches, reads the users'
+//! records (one registry round trip per batch, two with groups), routes each
+//! push and hands the results to the MQTT broker and the APNs sender.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tracing::{debug, error, warn};
+
+use crate::apns::{ApnsJob, ApnsSender};
+use crate::mqtt::Broker;
+use crate::push::{Id, Push, Target, UserRecord};
+use crate::registry::{Registry, RegistryError, UserStore};
+use crate::router;
+use crate::stats::Stats;
+
+/// Pushes routed together; bounds one pipeline's size.
+const BATCH: usize = 256;
+/// Registry attempts per batch before its pushes are dropped (counted, logged).
+const ATTEMPTS: u32 = 8;
+
+pub struct Dispatcher {
+    pub registry: Registry,
+    pub broker: Broker,
+    pub apns: ApnsSender,
+    pub prefix: String,
+    pub stats: Arc<Stats>,
+}
+
+impl Dispatcher {
+    /// Runs until every intake sender is gone and the queue is drained.
+    pub async fn run(self, mut intake: mpsc::Receiver<Push>) {
+        let mut batch = Vec::with_capacity(BATCH);
+        while intake.recv_many(&mut batch, BATCH).await > 0 {
+            match self.lookup_with_retry(&batch).await {
+                Ok(records) => {
+                    for push in &batch {
+                        self.deliver(push, &records).await;
+                    }
+                }
+                Err(e) => {
+                    error!(error = %e, pushes = batch.len(), "registry unreachable; pushes dropped");
+                    self.stats.pushes_failed_registry.add(batch.len() as u64);
+                }
+            }
+            batch.clear();
+        }
+        debug!("intake closed and drained");
+    }
+
+    async fn lookup_with_retry(&self, batch: &[Push]) -> Result<Records, RegistryError> {
+        let mut delay = Duration::from_millis(50);
+        let mut attempt = 1;
+        loop {
+            match self.lookup(batch).await {
+                Ok(r) => return Ok(r),
+                Err(e) if attempt < ATTEMPTS => {
+                    warn!(error = %e, attempt, "registry lookup failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn lookup(&self, batch: &[Push]) -> Result<Records, RegistryError> {
+        let groups: Vec<Id> = batch
+            .iter()
+            .filter_map(|p| match &p.target {
+                Target::Group(g) => Some(g.clone()),
+                _ => None,
+            })
+            .collect();
+        let members: HashMap<Id, Vec<Id>> = if groups.is_empty() {
+            HashMap::new()
+        } else {
+            let sets = self.registry.group_apple_members(&groups).await?;
+            groups.into_iter().zip(sets).collect()
+        };
+        let mut ids: Vec<Id> = batch
+            .iter()
+            .flat_map(|p| router::user_targets(&p.target))
+            .chain(members.values().flatten().cloned())
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let users = self.registry.users(&ids).await?;
+        Ok(Records {
+            users: ids.into_iter().zip(users).collect(),
+            members,
+        })
+    }
+
+    async fn deliver(&self, push: &Push, records: &Records) {
+        let ids = match &push.target {
+            Target::Group(g) => records.members.get(g).cloned().unwrap_or_default(),
+            target => router::user_targets(target),
+        };
+        let users: Vec<(Id, Option<UserRecord>)> = ids
+            .into_iter()
+            .map(|id| {
+                let record = records.users.get(&id).cloned().flatten();
+                (id, record)
+            })
+            .collect();
+        let routing = router::route(&self.prefix, push, &users);
+        if !routing.mqtt_topics.is_empty() {
+            let payload = push.json();
+            for topic in &routing.mqtt_topics {
+                let sessions = self.broker.publish(topic, payload.clone());
+                debug!(%topic, sessions, "published");
+                self.stats.mqtt_published.inc();
+            }
+        }
+        for delivery in routing.apns {
+            self.stats.apns_queued.inc();
+            self.apns
+                .send(ApnsJob {
+                    delivery,
+                    data: push.data.clone(),
+                })
+                .await;
+        }
+    }
+}
+
+/// A batch's registry answers.
+struct Records {
+    users: HashMap<Id, Option<UserRecord>>,
+    members: HashMap<Id, Vec<Id>>,
+}

@@ -1,0 +1,118 @@
+//! One backend connection: read frames, queue pushes, answer status bytes.
+
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tracing::{debug, info};
+
+use super::frame::{self, FrameError, Status};
+use super::Shared;
+
+/// Read size for a connection with nothing buffered; grown to fit a frame.
+const READ_CHUNK: usize = 4096;
+
+pub(crate) async fn handle(mut socket: TcpStream, shared: Shared) {
+    let idle = Duration::from_secs(shared.settings.idle_timeout_secs);
+    let mut buf = BytesMut::new();
+    let mut replies = Vec::new();
+    // Reset only by whole frames, so trickling bytes cannot hold a slot.
+    let mut deadline = Instant::now() + idle;
+    debug!("backend connected");
+    loop {
+        let read = tokio::select! {
+            _ = shared.shutdown.cancelled() => break,
+            read = tokio::time::timeout_at(deadline, socket.read_buf(&mut buf)) => read,
+        };
+        let n = match read {
+            Err(_) => {
+                info!(
+                    idle_secs = idle.as_secs(),
+                    "closing idle backend connection"
+                );
+                break;
+            }
+            Ok(Err(e)) => {
+                debug!(error = %e, "backend read failed");
+                break;
+            }
+            Ok(Ok(n)) => n,
+        };
+        let eof = n == 0;
+        let (keep, frames) = process(&mut buf, &mut replies, &shared).await;
+        if frames > 0 {
+            deadline = Instant::now() + idle;
+        }
+        if eof && !buf.is_empty() && keep {
+            info!(buffered = buf.len(), "backend closed mid-frame");
+            shared.stats.frames_rejected.inc();
+            replies.push(Status::Truncated as u8);
+        }
+        if !replies.is_empty() {
+            if let Err(e) = socket.write_all(&replies).await {
+                debug!(error = %e, "backend write failed");
+                break;
+            }
+            replies.clear();
+        }
+        if eof || !keep {
+            break;
+        }
+        reserve_for_next(&mut buf, shared.settings.max_frame);
+    }
+    debug!("backend disconnected");
+}
+
+/// Handles every whole frame in `buf`, pushing one status byte per frame
+/// (none for keep-alives). Returns whether the connection stays open and
+/// how many frames were handled.
+async fn process(buf: &mut BytesMut, replies: &mut Vec<u8>, shared: &Shared) -> (bool, usize) {
+    let mut frames = 0;
+    loop {
+        let len = match frame::check(buf, shared.settings.max_frame) {
+            Ok(Some(len)) => len,
+            Ok(None) => return (true, frames),
+            Err(e) => {
+                reject(&e, replies, shared);
+                return (!e.is_fatal(), frames);
+            }
+        };
+        let body = buf.split_to(4 + len).split_off(4);
+        frames += 1;
+        if len == 0 {
+            continue;
+        }
+        match frame::parse(&body) {
+            Ok(push) => {
+                if shared.intake.send(push).await.is_err() {
+                    replies.push(Status::ShuttingDown as u8);
+                    return (false, frames);
+                }
+                shared.stats.pushes_accepted.inc();
+                replies.push(Status::Accepted as u8);
+            }
+            Err(e) => reject(&e, replies, shared),
+        }
+    }
+}
+
+fn reject(e: &FrameError, replies: &mut Vec<u8>, shared: &Shared) {
+    info!(error = %e, status = e.status() as u8, "rejected frame");
+    shared.stats.frames_rejected.inc();
+    replies.push(e.status() as u8);
+}
+
+/// Makes room for the rest of the frame being read (its length is known
+/// once 4 bytes are in), or a small chunk when between frames.
+fn reserve_for_next(buf: &mut BytesMut, max_frame: u32) {
+    let want = match buf.get(..4) {
+        Some(head) => {
+            let len = (&head[..]).get_u32().min(max_frame) as usize;
+            (4 + len).saturating_sub(buf.len()).max(1)
+        }
+        None => READ_CHUNK,
+    };
+    buf.reserve(want);
+}

@@ -1,0 +1,413 @@
+//! The proxy wire format: a 4-byte big-endian length `N`, then `N` bytes of
+//! msgpack `[type, id, data]`. `check` says whether a whole, legal frame is
+//! buffered; `parse` turns its body into a [`Push`].
+
+use std::io::ErrorKind;
+use std::sync::Arc;
+
+use rmpv::Value as Mp;
+use serde_json::{Map, Number, Value};
+
+use crate::push::{Id, Push, Target};
+
+/// Deepest nesting accepted in a frame; apps' data is shallow, and this keeps
+/// recursion (here and in JSON encoding) far from the stack's end.
+const MAX_DEPTH: usize = 64;
+
+/// The reply byte after each frame. `0x00` is the only success; every error
+/// has its own byte so old clients (which never look) and new ones both work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Status {
+    Accepted = 0x00,
+    Malformed = 0x01,
+    Truncated = 0x02,
+    NotTriple = 0x03,
+    UnknownType = 0x04,
+    BadId = 0x05,
+    DataNotMap = 0x06,
+    TooLarge = 0x07,
+    ShuttingDown = 0x08,
+}
+
+impl Status {
+    pub fn from_byte(b: u8) -> Option<Status> {
+        use Status::*;
+        [
+            Accepted,
+            Malformed,
+            Truncated,
+            NotTriple,
+            UnknownType,
+            BadId,
+            DataNotMap,
+            TooLarge,
+            ShuttingDown,
+        ]
+        .into_iter()
+        .find(|s| *s as u8 == b)
+    }
+
+    /// What the byte means, for people (`pushbridge send`, logs, README).
+    pub fn meaning(self) -> &'static str {
+        match self {
+            Status::Accepted => "accepted: queued for delivery",
+            Status::Malformed => "body is not valid msgpack (or has bytes after the value)",
+            Status::Truncated => "msgpack value ends past the end of the frame",
+            Status::NotTriple => "body is not an array of exactly 3 items [type, id, data]",
+            Status::UnknownType => "type is not 1 (group), 2 or 3 (user/users)",
+            Status::BadId => "id is not an integer, a non-empty string, or an array of those",
+            Status::DataNotMap => "data is not a map",
+            Status::TooLarge => "frame length over proxy.max_frame; connection closed",
+            Status::ShuttingDown => "server is shutting down; push not accepted",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame of {len} bytes is over the limit of {max}")]
+    TooLarge { len: u32, max: u32 },
+    #[error("body is not msgpack: {0}")]
+    Malformed(String),
+    #[error("msgpack value is cut short by the frame's end")]
+    Truncated,
+    #[error("{0} trailing bytes after the msgpack value")]
+    Trailing(usize),
+    #[error("expected [type, id, data], got {0}")]
+    NotTriple(String),
+    #[error("unknown push type {0}")]
+    UnknownType(String),
+    #[error("bad id: {0}")]
+    BadId(String),
+    #[error("data must be a map, got {0}")]
+    DataNotMap(String),
+}
+
+impl FrameError {
+    pub fn status(&self) -> Status {
+        match self {
+            FrameError::TooLarge { .. } => Status::TooLarge,
+            FrameError::Malformed(_) | FrameError::Trailing(_) => Status::Malformed,
+            FrameError::Truncated => Status::Truncated,
+            FrameError::NotTriple(_) => Status::NotTriple,
+            FrameError::UnknownType(_) => Status::UnknownType,
+            FrameError::BadId(_) => Status::BadId,
+            FrameError::DataNotMap(_) => Status::DataNotMap,
+        }
+    }
+
+    /// After these the stream position is unknown or the peer is hostile:
+    /// reply, then close.
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, FrameError::TooLarge { .. })
+    }
+}
+
+/// Length of the frame body if `buf` starts with a whole frame
+/// (`Ok(Some(n))`: `4 + n` bytes are there), `Ok(None)` if more bytes are
+/// needed. The length is checked against `max` before any body is buffered.
+pub fn check(buf: &[u8], max: u32) -> Result<Option<usize>, FrameError> {
+    let Some(head) = buf.get(..4) else {
+        return Ok(None);
+    };
+    let len = u32::from_be_bytes(head.try_into().expect("4 bytes"));
+    if len > max {
+        return Err(FrameError::TooLarge { len, max });
+    }
+    let len = len as usize;
+    Ok((buf.len() >= 4 + len).then_some(len))
+}
+
+/// Parses a non-empty frame body into a push.
+pub fn parse(body: &[u8]) -> Result<Push, FrameError> {
+    let mut rd = body;
+    let value = rmpv::decode::read_value_with_max_depth(&mut rd, MAX_DEPTH).map_err(|e| {
+        use rmpv::decode::Error::*;
+        match e {
+            InvalidMarkerRead(io) | InvalidDataRead(io)
+                if io.kind() == ErrorKind::UnexpectedEof =>
+            {
+                FrameError::Truncated
+            }
+            other => FrameError::Malformed(other.to_string()),
+        }
+    })?;
+    if !rd.is_empty() {
+        return Err(FrameError::Trailing(rd.len()));
+    }
+    let Mp::Array(items) = value else {
+        return Err(FrameError::NotTriple(kind(&value).into()));
+    };
+    let [kind_v, id, data]: [Mp; 3] = items
+        .try_into()
+        .map_err(|v: Vec<Mp>| FrameError::NotTriple(format!("an array of {}", v.len())))?;
+    let push_type = kind_v
+        .as_u64()
+        .filter(|t| (1..=3).contains(t))
+        .ok_or_else(|| FrameError::UnknownType(kind_v.to_string()))?;
+    let target = match (push_type, id) {
+        (1, id) => Target::Group(scalar_id(&id)?),
+        (_, Mp::Array(ids)) => {
+            if ids.is_empty() {
+                return Err(FrameError::BadId("empty list of users".into()));
+            }
+            Target::Users(ids.iter().map(scalar_id).collect::<Result<_, _>>()?)
+        }
+        (_, id) => Target::User(scalar_id(&id)?),
+    };
+    let Mp::Map(entries) = data else {
+        return Err(FrameError::DataNotMap(kind(&data).into()));
+    };
+    Ok(Push {
+        target,
+        data: Arc::new(to_json_map(entries)),
+    })
+}
+
+fn scalar_id(v: &Mp) -> Result<Id, FrameError> {
+    match v {
+        Mp::Integer(n) => Ok(Id(Arc::from(n.to_string()))),
+        Mp::String(s) => match s.as_str() {
+            Some(s) if !s.is_empty() && valid_id_text(s) => Ok(Id::from(s)),
+            Some(_) => Err(FrameError::BadId(format!(
+                "{v} is empty or has '/', '+', '#' or control characters"
+            ))),
+            None => Err(FrameError::BadId("string is not UTF-8".into())),
+        },
+        other => Err(FrameError::BadId(format!(
+            "{} is not a user or group id",
+            kind(other)
+        ))),
+    }
+}
+
+/// Ids become topic levels and Redis keys: no separators, wildcards or controls.
+fn valid_id_text(s: &str) -> bool {
+    !s.chars()
+        .any(|c| matches!(c, '/' | '+' | '#') || c.is_control())
+}
+
+fn kind(v: &Mp) -> &'static str {
+    match v {
+        Mp::Nil => "nil",
+        Mp::Boolean(_) => "a boolean",
+        Mp::Integer(_) => "an integer",
+        Mp::F32(_) | Mp::F64(_) => "a float",
+        Mp::String(_) => "a string",
+        Mp::Binary(_) => "binary",
+        Mp::Array(_) => "an array",
+        Mp::Map(_) => "a map",
+        Mp::Ext(..) => "an extension value",
+    }
+}
+
+fn to_json_map(entries: Vec<(Mp, Mp)>) -> Map<String, Value> {
+    entries
+        .into_iter()
+        .map(|(k, v)| (key_text(k), to_json(v)))
+        .collect()
+}
+
+fn key_text(k: Mp) -> String {
+    match k {
+        Mp::String(s) => String::from_utf8_lossy(&s.into_bytes()).into_owned(),
+        Mp::Binary(b) => String::from_utf8_lossy(&b).into_owned(),
+        other => other.to_string(),
+    }
+}
+
+/// msgpack → JSON as the old service's json.dumps did: binary as text,
+/// non-finite floats as null.
+fn to_json(v: Mp) -> Value {
+    match v {
+        Mp::Nil | Mp::Ext(..) => Value::Null,
+        Mp::Boolean(b) => Value::Bool(b),
+        Mp::Integer(n) => n
+            .as_i64()
+            .map(Value::from)
+            .or_else(|| n.as_u64().map(Value::from))
+            .unwrap_or(Value::Null),
+        Mp::F32(f) => Number::from_f64(f as f64).map_or(Value::Null, Value::Number),
+        Mp::F64(f) => Number::from_f64(f).map_or(Value::Null, Value::Number),
+        Mp::String(s) => Value::String(String::from_utf8_lossy(&s.into_bytes()).into_owned()),
+        Mp::Binary(b) => Value::String(String::from_utf8_lossy(&b).into_owned()),
+        Mp::Array(a) => Value::Array(a.into_iter().map(to_json).collect()),
+        Mp::Map(m) => Value::Object(to_json_map(m)),
+    }
+}
+
+/// Encodes a request frame (length prefix included): the proxy client's half.
+pub fn encode(push_type: u8, id: &Mp, data: &Mp) -> Vec<u8> {
+    let value = Mp::Array(vec![Mp::from(push_type), id.clone(), data.clone()]);
+    let mut out = vec![0; 4];
+    rmpv::encode::write_value(&mut out, &value).expect("writing to a Vec cannot fail");
+    let len = (out.len() - 4) as u32;
+    out[..4].copy_from_slice(&len.to_be_bytes());
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn body(v: Mp) -> Vec<u8> {
+        let mut out = Vec::new();
+        rmpv::encode::write_value(&mut out, &v).unwrap();
+        out
+    }
+
+    fn triple(t: i64, id: Mp, data: Mp) -> Vec<u8> {
+        body(Mp::Array(vec![Mp::from(t), id, data]))
+    }
+
+    fn data() -> Mp {
+        Mp::Map(vec![(Mp::from("alert"), Mp::from("hi"))])
+    }
+
+    #[test]
+    fn check_waits_for_whole_frame() {
+        assert_eq!(check(&[], 10), Ok(None));
+        assert_eq!(check(&[0, 0, 0], 10), Ok(None));
+        assert_eq!(check(&[0, 0, 0, 0], 10), Ok(Some(0)));
+        assert_eq!(check(&[0, 0, 0, 2, 1], 10), Ok(None));
+        assert_eq!(check(&[0, 0, 0, 2, 1, 2, 3], 10), Ok(Some(2)));
+    }
+
+    #[test]
+    fn check_refuses_length_over_max_before_body() {
+        let err = check(&[0, 0, 1, 0], 255).unwrap_err();
+        assert_eq!(err, FrameError::TooLarge { len: 256, max: 255 });
+        assert_eq!(err.status(), Status::TooLarge);
+        assert!(err.is_fatal());
+        assert_eq!(
+            check(&[0xff, 0xff, 0xff, 0xff], u32::MAX - 1)
+                .unwrap_err()
+                .status(),
+            Status::TooLarge
+        );
+    }
+
+    #[test]
+    fn every_type_and_id_shape() {
+        let p = parse(&triple(1, Mp::from(7), data())).unwrap();
+        assert_eq!(p.target, Target::Group("7".into()));
+        let p = parse(&triple(1, Mp::from("g7"), data())).unwrap();
+        assert_eq!(p.target, Target::Group("g7".into()));
+        for t in [2, 3] {
+            let p = parse(&triple(t, Mp::from(42), data())).unwrap();
+            assert_eq!(p.target, Target::User("42".into()));
+            let p = parse(&triple(t, Mp::from("42"), data())).unwrap();
+            assert_eq!(p.target, Target::User("42".into()));
+            let ids = Mp::Array(vec![Mp::from(1), Mp::from("2"), Mp::from(3u64)]);
+            let p = parse(&triple(t, ids, data())).unwrap();
+            assert_eq!(
+                p.target,
+                Target::Users(["1", "2", "3"].map(Id::from).to_vec())
+            );
+        }
+    }
+
+    #[test]
+    fn data_becomes_json() {
+        let d = Mp::Map(vec![
+            (Mp::from("alert"), Mp::from("hi")),
+            (Mp::from("n"), Mp::from(-3)),
+            (Mp::from("f"), Mp::F64(1.5)),
+            (Mp::from("nan"), Mp::F64(f64::NAN)),
+            (Mp::from("b"), Mp::Binary(b"raw".to_vec())),
+            (Mp::from(5), Mp::Array(vec![Mp::Nil, Mp::from(true)])),
+        ]);
+        let p = parse(&triple(2, Mp::from(1), d)).unwrap();
+        assert_eq!(
+            Value::Object((*p.data).clone()),
+            json!({"alert":"hi","n":-3,"f":1.5,"nan":null,"b":"raw","5":[null,true]})
+        );
+        assert!(p.is_alert());
+    }
+
+    #[test]
+    fn each_error_has_its_status() {
+        let cases: Vec<(Vec<u8>, Status)> = vec![
+            (b"hello world".to_vec(), Status::Malformed),
+            (vec![0xc1], Status::NotTriple),
+            (vec![0x93, 0x02, 0x01], Status::Truncated),
+            (
+                {
+                    let mut b = triple(2, Mp::from(1), data());
+                    b.push(0);
+                    b
+                },
+                Status::Malformed,
+            ),
+            (body(Mp::from(5)), Status::NotTriple),
+            (
+                body(Mp::Array(vec![Mp::from(2), Mp::from(1)])),
+                Status::NotTriple,
+            ),
+            (triple(4, Mp::from(1), data()), Status::UnknownType),
+            (triple(0, Mp::from(1), data()), Status::UnknownType),
+            (
+                body(Mp::Array(vec![Mp::from("2"), Mp::from(1), data()])),
+                Status::UnknownType,
+            ),
+            (triple(2, Mp::Nil, data()), Status::BadId),
+            (triple(2, Mp::F64(1.0), data()), Status::BadId),
+            (triple(2, Mp::from(""), data()), Status::BadId),
+            (triple(2, Mp::from("a/b"), data()), Status::BadId),
+            (triple(2, Mp::from("#"), data()), Status::BadId),
+            (triple(2, Mp::Array(vec![]), data()), Status::BadId),
+            (
+                triple(3, Mp::Array(vec![Mp::Array(vec![])]), data()),
+                Status::BadId,
+            ),
+            (
+                triple(1, Mp::Array(vec![Mp::from(1)]), data()),
+                Status::BadId,
+            ),
+            (triple(2, Mp::from(1), Mp::from("text")), Status::DataNotMap),
+            (
+                triple(2, Mp::from(1), Mp::Array(vec![])),
+                Status::DataNotMap,
+            ),
+        ];
+        for (bytes, want) in cases {
+            let got = parse(&bytes).map(|_| ()).unwrap_err();
+            assert_eq!(got.status(), want, "{bytes:02x?}: {got}");
+        }
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_not_overflowed() {
+        let mut bytes = vec![0x93, 0x02, 0x01, 0x81, 0xa1, b'x'];
+        bytes.extend(std::iter::repeat_n(0x91, 100_000));
+        bytes.push(0x01);
+        assert_eq!(parse(&bytes).unwrap_err().status(), Status::Malformed);
+    }
+
+    #[test]
+    fn huge_declared_lengths_do_not_allocate() {
+        // array32 claiming 4 billion items, in a 9-byte body.
+        let bytes = [0x93, 0x02, 0x01, 0xdd, 0xff, 0xff, 0xff, 0xff, 0x00];
+        assert_eq!(parse(&bytes).unwrap_err().status(), Status::Truncated);
+    }
+
+    #[test]
+    fn encode_round_trips() {
+        let frame = encode(3, &Mp::from(9), &data());
+        let n = check(&frame, 1 << 20).unwrap().unwrap();
+        let p = parse(&frame[4..4 + n]).unwrap();
+        assert_eq!(p.target, Target::User("9".into()));
+    }
+
+    #[test]
+    fn status_bytes_are_distinct_and_named() {
+        for b in 0..=8u8 {
+            let s = Status::from_byte(b).unwrap();
+            assert_eq!(s as u8, b);
+            assert!(!s.meaning().is_empty());
+        }
+        assert_eq!(Status::from_byte(9), None);
+    }
+}

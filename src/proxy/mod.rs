@@ -1,0 +1,91 @@
+//! The msgpack proxy: backends fire `(type, id, data)` frames over TCP and get
+//! one status byte per frame. Accepted pushes go to the dispatcher's queue.
+
+pub mod client;
+mod connection;
+pub mod frame;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info_span, warn, Instrument};
+
+use crate::push::Push;
+use crate::settings::ProxySettings;
+use crate::stats::Stats;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("proxy connection: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("connect to {addr}: {source}")]
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Frame(#[from] frame::FrameError),
+    #[error("server closed the connection without a status byte")]
+    NoReply,
+    #[error("server answered unknown status byte 0x{0:02x}")]
+    UnknownStatus(u8),
+}
+
+/// What every backend connection needs.
+#[derive(Clone)]
+pub(crate) struct Shared {
+    pub settings: ProxySettings,
+    pub intake: mpsc::Sender<Push>,
+    pub stats: Arc<Stats>,
+    pub shutdown: CancellationToken,
+}
+
+/// Accepts backend connections until `shutdown`; each runs on `tracker`.
+/// A connection slot is taken before `accept`, so at most
+/// `max_connections` backends are served at once.
+pub async fn serve(
+    listener: TcpListener,
+    settings: ProxySettings,
+    intake: mpsc::Sender<Push>,
+    stats: Arc<Stats>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let slots = Arc::new(Semaphore::new(settings.max_connections));
+    let shared = Shared {
+        settings,
+        intake,
+        stats,
+        shutdown: shutdown.clone(),
+    };
+    loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            permit = slots.clone().acquire_owned() => permit.expect("never closed"),
+        };
+        let (socket, peer) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!(error = %e, "proxy accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let shared = shared.clone();
+        tracker.spawn(
+            async move {
+                connection::handle(socket, shared).await;
+                drop(permit);
+            }
+            .instrument(info_span!("proxy", %peer)),
+        );
+    }
+}

@@ -1,0 +1,132 @@
+//! The old service's Redis schema: `User:<uid>` hashes and
+//! `GroupAppleUser:<gid>` sets, read in pipelines (one round trip a batch).
+
+use std::collections::HashMap;
+
+use redis::aio::ConnectionManager;
+use redis::AsyncCommands;
+
+use super::{RegistryError, UserStore};
+use crate::push::{Id, UserRecord};
+use crate::settings::RegistrySettings;
+
+#[derive(Clone)]
+pub struct RedisRegistry {
+    conn: ConnectionManager,
+    user_key: String,
+    group_key: String,
+}
+
+impl RedisRegistry {
+    pub async fn connect(url: &str, settings: &RegistrySettings) -> Result<Self, RegistryError> {
+        let failed = |source| RegistryError::Connect {
+            url: url.to_owned(),
+            source,
+        };
+        let client = redis::Client::open(url).map_err(failed)?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_number_of_retries(3)
+            .set_connection_timeout(std::time::Duration::from_secs(5))
+            .set_response_timeout(std::time::Duration::from_secs(5));
+        let conn = ConnectionManager::new_with_config(client, config)
+            .await
+            .map_err(failed)?;
+        Ok(Self {
+            conn,
+            user_key: settings.user_key.clone(),
+            group_key: settings.group_apple_key.clone(),
+        })
+    }
+
+    fn user_key(&self, id: &Id) -> String {
+        self.user_key.replace("{id}", id.as_str())
+    }
+
+    fn group_key(&self, id: &Id) -> String {
+        self.group_key.replace("{id}", id.as_str())
+    }
+}
+
+fn record(mut hash: HashMap<String, String>) -> Option<UserRecord> {
+    if hash.is_empty() {
+        return None;
+    }
+    Some(UserRecord {
+        app_focus: UserRecord::focus_from(hash.get("app_focus").map(String::as_str)),
+        app_token: hash.remove("app_token"),
+        app_ident: hash.remove("app_ident"),
+        app_version: hash.remove("app_version"),
+    })
+}
+
+impl UserStore for RedisRegistry {
+    async fn users(&self, ids: &[Id]) -> Result<Vec<Option<UserRecord>>, RegistryError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for id in ids {
+            pipe.hgetall(self.user_key(id));
+        }
+        let hashes: Vec<HashMap<String, String>> = pipe.query_async(&mut self.conn.clone()).await?;
+        Ok(hashes.into_iter().map(record).collect())
+    }
+
+    async fn group_apple_members(&self, groups: &[Id]) -> Result<Vec<Vec<Id>>, RegistryError> {
+        if groups.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for g in groups {
+            pipe.smembers(self.group_key(g));
+        }
+        let sets: Vec<Vec<String>> = pipe.query_async(&mut self.conn.clone()).await?;
+        Ok(sets
+            .into_iter()
+            .map(|members| members.iter().map(|m| Id::from(m.as_str())).collect())
+            .collect())
+    }
+
+    async fn set_focus(&self, id: &Id, focus: bool) -> Result<(), RegistryError> {
+        let key = self.user_key(id);
+        let mut conn = self.conn.clone();
+        if focus {
+            let _: () = conn.hset(key, "app_focus", 1).await?;
+        } else {
+            let _: () = conn.hdel(key, "app_focus").await?;
+        }
+        Ok(())
+    }
+
+    async fn put_user(&self, id: &Id, record: &UserRecord) -> Result<(), RegistryError> {
+        let mut fields: Vec<(&str, &str)> = [
+            ("app_token", &record.app_token),
+            ("app_ident", &record.app_ident),
+            ("app_version", &record.app_version),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.as_deref().map(|v| (k, v)))
+        .collect();
+        if record.app_focus {
+            fields.push(("app_focus", "1"));
+        }
+        if fields.is_empty() {
+            return Ok(());
+        }
+        let _: () = self
+            .conn
+            .clone()
+            .hset_multiple(self.user_key(id), &fields)
+            .await?;
+        Ok(())
+    }
+
+    async fn add_group_apple_member(&self, group: &Id, user: &Id) -> Result<(), RegistryError> {
+        let _: () = self
+            .conn
+            .clone()
+            .sadd(self.group_key(group), user.as_str())
+            .await?;
+        Ok(())
+    }
+}
