@@ -2,6 +2,7 @@
 //! `GroupAppleUser:<gid>` sets, read in pipelines (one round trip a batch).
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use redis::aio::ConnectionManager;
 use redis::AsyncCommands;
@@ -26,11 +27,20 @@ impl RedisRegistry {
         let client = redis::Client::open(url).map_err(failed)?;
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_number_of_retries(3)
-            .set_connection_timeout(std::time::Duration::from_secs(5))
-            .set_response_timeout(std::time::Duration::from_secs(5));
-        let conn = ConnectionManager::new_with_config(client, config)
-            .await
-            .map_err(failed)?;
+            .set_max_delay(1000)
+            .set_connection_timeout(Duration::from_secs(5))
+            .set_response_timeout(Duration::from_secs(5));
+        let conn = tokio::time::timeout(
+            Duration::from_secs(10),
+            ConnectionManager::new_with_config(client, config),
+        )
+        .await
+        .map_err(|_| {
+            failed(redis::RedisError::from(std::io::Error::from(
+                std::io::ErrorKind::TimedOut,
+            )))
+        })?
+        .map_err(failed)?;
         Ok(Self {
             conn,
             user_key: settings.user_key.clone(),

@@ -1,0 +1,229 @@
+//! End to end over real sockets: raw proxy frames in, real MQTT clients out,
+//! with both registries.
+
+mod support;
+
+use pushbridge::push::{Id, UserRecord};
+use pushbridge::registry::UserStore;
+use rmpv::Value as Mp;
+use rumqttc::QoS;
+use serde_json::json;
+use support::mqtt::Device;
+use support::proxy::{frame, msgpack, Backend};
+use support::redis::RedisServer;
+use support::server;
+
+/// Runs `test` once with the in-memory registry and once with Redis.
+macro_rules! both_registries {
+    ($name:ident, $body:ident) => {
+        mod $name {
+            use super::*;
+            #[tokio::test]
+            async fn memory() {
+                $body(server::settings(None)).await;
+            }
+            #[tokio::test]
+            async fn redis() {
+                let redis = RedisServer::start();
+                $body(server::settings(Some(&redis.url))).await;
+            }
+        }
+    };
+}
+
+both_registries!(user_pushes_reach_user_topics, user_pushes);
+async fn user_pushes(settings: pushbridge::settings::Settings) {
+    let server = server::start(settings).await;
+    let mut backend = Backend::connect(server.proxy_addr).await;
+    let mut d42 = Device::connect(server.mqtt_addr, "d42", true).await;
+    d42.subscribe("push/user/42").await;
+    let mut d43 = Device::connect(server.mqtt_addr, "d43", true).await;
+    d43.subscribe("push/user/43").await;
+
+    // Types 2 and 3, ids as ints and strings, scalar and array.
+    let cases = [
+        (2, Mp::from(42), json!({"n": 1})),
+        (2, Mp::from("42"), json!({"n": 2, "alert": "hi"})),
+        (3, Mp::from(42), json!({"n": 3})),
+        (3, Mp::from("42"), json!({"n": 4})),
+        (2, Mp::Array(vec![Mp::from(42)]), json!({"n": 5})),
+        (3, Mp::Array(vec![Mp::from("42")]), json!({"n": 6})),
+    ];
+    for (t, id, data) in cases {
+        assert_eq!(backend.push(t, id, &data).await, 0x00);
+        let (topic, payload, qos) = d42.next_publish().await;
+        assert_eq!(topic, "push/user/42");
+        assert_eq!(qos, QoS::AtLeastOnce);
+        assert_eq!(
+            serde_json::from_slice::<serde_json::Value>(&payload).unwrap(),
+            data
+        );
+    }
+    // A list reaches every listed user, each once: the next message after
+    // it is the sentinel, not a duplicate.
+    let ids = Mp::Array(vec![Mp::from(42), Mp::from("43"), Mp::from(42)]);
+    assert_eq!(backend.push(3, ids, &json!({"list": true})).await, 0x00);
+    assert_eq!(
+        backend.push(2, Mp::from(42), &json!({"sentinel": 1})).await,
+        0x00
+    );
+    assert_eq!(
+        backend.push(2, Mp::from(43), &json!({"sentinel": 1})).await,
+        0x00
+    );
+    for device in [&mut d42, &mut d43] {
+        assert_eq!(device.next_json().await, json!({"list": true}));
+        assert_eq!(device.next_json().await, json!({"sentinel": 1}));
+    }
+    assert_eq!(server.stats.pushes_accepted.get(), 9);
+    server.stop().await;
+}
+
+both_registries!(group_push_is_one_publish, group_push);
+async fn group_push(settings: pushbridge::settings::Settings) {
+    let server = server::start(settings).await;
+    let mut backend = Backend::connect(server.proxy_addr).await;
+    let mut members = Vec::new();
+    for i in 0..3 {
+        let mut d = Device::connect(server.mqtt_addr, &format!("g{i}"), true).await;
+        d.subscribe("push/group/7").await;
+        members.push(d);
+    }
+    let mut other = Device::connect(server.mqtt_addr, "other", true).await;
+    other.subscribe("push/group/8").await;
+
+    assert_eq!(backend.push(1, Mp::from(7), &json!({"g": 7})).await, 0x00);
+    assert_eq!(backend.push(1, Mp::from("8"), &json!({"g": 8})).await, 0x00);
+    assert_eq!(
+        backend.push(1, Mp::from(7), &json!({"sentinel": 1})).await,
+        0x00
+    );
+    for d in &mut members {
+        let (topic, _, _) = d.next_publish().await;
+        assert_eq!(topic, "push/group/7");
+        assert_eq!(d.next_json().await, json!({"sentinel": 1}));
+    }
+    assert_eq!(other.next_json().await, json!({"g": 8}));
+    assert_eq!(server.stats.mqtt_published.get(), 3);
+    server.stop().await;
+}
+
+both_registries!(bad_input_gets_distinct_status_bytes, bad_input);
+async fn bad_input(mut settings: pushbridge::settings::Settings) {
+    settings.proxy.max_frame = 1024;
+    let server = server::start(settings).await;
+    let mut device = Device::connect(server.mqtt_addr, "d1", true).await;
+    device.subscribe("push/user/1").await;
+    let data = Mp::Map(vec![(Mp::from("k"), Mp::from(1))]);
+    let triple = |t: i64, id: Mp, d: Mp| msgpack(&Mp::Array(vec![Mp::from(t), id, d]));
+
+    let cases: Vec<(Vec<u8>, u8)> = vec![
+        (b"\x01\x02garbage".to_vec(), 0x01),
+        (vec![0x93, 0x02], 0x02),
+        (msgpack(&Mp::Array(vec![Mp::from(2), Mp::from(1)])), 0x03),
+        (triple(9, Mp::from(1), data.clone()), 0x04),
+        (triple(2, Mp::Map(vec![]), data.clone()), 0x05),
+        (triple(2, Mp::from(1), Mp::from("not a map")), 0x06),
+    ];
+    let mut backend = Backend::connect(server.proxy_addr).await;
+    for (body, want) in &cases {
+        backend.write(&frame(body)).await;
+        assert_eq!(backend.status().await, Some(*want), "{body:02x?}");
+    }
+    // The connection is still usable after every one of them, and a
+    // keep-alive (N = 0) gets no reply: the next byte answers the push.
+    backend.write(&[0, 0, 0, 0]).await;
+    assert_eq!(backend.push(2, Mp::from(1), &json!({"ok": 1})).await, 0x00);
+    assert_eq!(device.next_json().await, json!({"ok": 1}));
+
+    // Over max_frame: error byte, then the server closes.
+    backend.write(&2048u32.to_be_bytes()).await;
+    assert_eq!(backend.status().await, Some(0x07));
+    assert_eq!(backend.status().await, None);
+
+    // A frame cut short by the backend closing its side.
+    let mut cut = Backend::connect(server.proxy_addr).await;
+    cut.write(&[0, 0, 0, 10, 0x93]).await;
+    cut.socket.shutdown().await.unwrap();
+    assert_eq!(cut.status().await, Some(0x02));
+
+    // A fresh connection delivers.
+    let mut fresh = Backend::connect(server.proxy_addr).await;
+    assert_eq!(fresh.push(3, Mp::from("1"), &json!({"ok": 2})).await, 0x00);
+    assert_eq!(device.next_json().await, json!({"ok": 2}));
+    assert_eq!(server.stats.frames_rejected.get(), 8);
+    server.stop().await;
+}
+
+both_registries!(offline_persistent_session_gets_queued, persistent_session);
+async fn persistent_session(settings: pushbridge::settings::Settings) {
+    let server = server::start(settings).await;
+    let mut d = Device::connect(server.mqtt_addr, "phone-5", false).await;
+    d.subscribe("push/user/5").await;
+    d.disconnect().await;
+
+    let mut backend = Backend::connect(server.proxy_addr).await;
+    for n in 0..3 {
+        assert_eq!(backend.push(2, Mp::from(5), &json!({"n": n})).await, 0x00);
+    }
+    // Accepted means queued: wait until the dispatcher has published all three.
+    wait_for(|| server.stats.mqtt_published.get() == 3).await;
+
+    let mut d = Device::connect(server.mqtt_addr, "phone-5", false).await;
+    for n in 0..3 {
+        assert_eq!(d.next_json().await, json!({"n": n}));
+    }
+    server.stop().await;
+}
+
+both_registries!(status_topic_sets_and_clears_focus, status_focus);
+async fn status_focus(settings: pushbridge::settings::Settings) {
+    let server = server::start(settings).await;
+    let uid = Id::from(77);
+    let mut app = Device::connect(server.mqtt_addr, "app-77", true).await;
+    app.publish("push/app/status", br#"{"user_id": 77, "focus": true}"#)
+        .await;
+    wait_for_focus(&server, &uid, true).await;
+    app.publish("push/app/status", br#"{"user_id": "77", "focus": false}"#)
+        .await;
+    wait_for_focus(&server, &uid, false).await;
+
+    // Focus set, then the connection drops: focus is cleared.
+    app.publish("push/app/status", br#"{"user_id": 77, "focus": true}"#)
+        .await;
+    wait_for_focus(&server, &uid, true).await;
+    drop(app);
+    wait_for_focus(&server, &uid, false).await;
+    server.stop().await;
+}
+
+both_registries!(idle_backend_is_closed, idle_backend);
+async fn idle_backend(mut settings: pushbridge::settings::Settings) {
+    settings.proxy.idle_timeout_secs = 1;
+    let server = server::start(settings).await;
+    let mut silent = Backend::connect(server.proxy_addr).await;
+    // Trickling bytes of a frame does not keep it open either.
+    silent.write(&[0, 0]).await;
+    assert_eq!(silent.status().await, None);
+    server.stop().await;
+}
+
+async fn wait_for_focus(server: &pushbridge::Server, uid: &Id, focus: bool) {
+    let registry = server.registry.clone();
+    let uid = uid.clone();
+    support::wait_until(move || {
+        let registry = registry.clone();
+        let uid = uid.clone();
+        async move {
+            let rec = registry.users(std::slice::from_ref(&uid)).await.unwrap();
+            rec[0].as_ref().is_some_and(|r: &UserRecord| r.app_focus) == focus
+        }
+    })
+    .await;
+}
+
+async fn wait_for(cond: impl Fn() -> bool) {
+    support::wait_until(|| std::future::ready(cond())).await;
+}
+
+use tokio::io::AsyncWriteExt;
