@@ -330,6 +330,34 @@ mod tests {
         });
     }
 
+    /// The shipped setting.toml documents every key with its default.
+    #[test]
+    fn shipped_setting_toml_is_the_default() {
+        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/setting.toml"))
+            .expect("setting.toml ships with the crate");
+        assert_eq!(Settings::from_toml(&text).unwrap(), Settings::default());
+        let shown = |line: &str| {
+            line.trim_start_matches(['#', ' '])
+                .split([' ', '='])
+                .next()
+                .map(String::from)
+        };
+        let keys: Vec<String> = text
+            .lines()
+            .filter(|l| l.contains(" = "))
+            .filter_map(shown)
+            .collect();
+        let defaults = serde_json::to_value(Settings::default()).unwrap();
+        for (section, fields) in defaults.as_object().unwrap() {
+            for key in fields.as_object().unwrap().keys() {
+                assert!(
+                    keys.contains(key),
+                    "setting.toml does not show {section}.{key}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn missing_file_is_the_default() {
         let s = Settings::load(Path::new("/nonexistent/setting.toml")).unwrap();
