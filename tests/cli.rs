@@ -1,0 +1,157 @@
+//! The binary as ops and backends use it: `serve`, `send`, `check-config`,
+//! and a standard MQTT client (mosquitto_sub) receiving what `send` sent.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+
+const BIN: &str = env!("CARGO_BIN_EXE_pushbridge");
+
+fn settings_file(dir: &tempfile::TempDir, extra: &str) -> std::path::PathBuf {
+    let path = dir.path().join("setting.toml");
+    let text = format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\n[mqtt]\nlisten = \"127.0.0.1:0\"\n\
+         [apns]\nconfig = \"{}\"\n{extra}",
+        dir.path().join("config.json").display()
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Starts `pushbridge serve` and reads its start-up line for the bound ports.
+fn serve(config: &std::path::Path) -> (Child, String, String) {
+    let mut child = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let started = lines
+        .by_ref()
+        .map(|l| l.unwrap())
+        .find(|l| l.contains("pushbridge started"))
+        .expect("start-up line");
+    std::thread::spawn(move || lines.for_each(drop));
+    let field = |name: &str| {
+        let start = started.find(&format!("{name}=")).expect(name) + name.len() + 1;
+        started[start..]
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    (child, field("proxy"), field("mqtt"))
+}
+
+fn send(proxy: &str, args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .args(["send", "--addr", proxy])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn serve_send_and_a_standard_client_receives() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut server, proxy, mqtt) = serve(&settings_file(&dir, ""));
+    let (host, port) = mqtt.rsplit_once(':').unwrap();
+
+    let mut sub = Command::new("mosquitto_sub")
+        .args([
+            "-h",
+            host,
+            "-p",
+            port,
+            "-t",
+            "push/user/42",
+            "-q",
+            "1",
+            "-C",
+            "1",
+            "-W",
+            "30",
+            "-d",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("mosquitto_sub (scripts/test.sh installs mosquitto-clients)");
+    let mut out = BufReader::new(sub.stdout.take().unwrap()).lines();
+    out.by_ref()
+        .map(|l| l.unwrap())
+        .find(|l| l.contains("SUBACK"))
+        .expect("mosquitto_sub subscribed");
+
+    let sent = send(&proxy, &["--user", "42", r#"{"alert":"hi","n":1}"#]);
+    assert!(sent.status.success(), "{sent:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&sent.stdout).trim(),
+        "0x00 accepted: queued for delivery"
+    );
+    let payload = out
+        .map(|l| l.unwrap())
+        .find(|l| l.starts_with('{'))
+        .expect("payload line");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&payload).unwrap(),
+        serde_json::json!({"alert":"hi","n":1})
+    );
+    assert!(sub.wait().unwrap().success());
+
+    for args in [
+        &["--users", "1,2,3", "{}"][..],
+        &["--group", "7", r#"{"g":1}"#],
+    ] {
+        let sent = send(&proxy, args);
+        assert!(sent.status.success(), "{args:?}: {sent:?}");
+    }
+
+    // SIGTERM: a clean stop with exit 0.
+    unsafe { libc::kill(server.id() as i32, libc::SIGTERM) };
+    assert!(server.wait().unwrap().success());
+}
+
+#[test]
+fn send_reports_refusals_and_bad_arguments() {
+    let out = Command::new(BIN)
+        .args(["send", "--user", "1", "[1,2]"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("JSON object"));
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let out = send(&port.to_string(), &["--user", "1", "{}"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&port.to_string()));
+}
+
+#[test]
+fn bad_settings_name_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    for (extra, key) in [
+        ("[mqtt]\nprefx = \"x\"\n", "prefx"),
+        ("[proxy]\nmax_frame = \"big\"\n", "max_frame"),
+    ] {
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, extra).unwrap();
+        for cmd in ["serve", "check-config"] {
+            let out = Command::new(BIN)
+                .args([cmd, "--config"])
+                .arg(&path)
+                .output()
+                .unwrap();
+            assert!(!out.status.success(), "{cmd} {extra}");
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(err.contains(key), "{cmd}: {err}");
+        }
+    }
+}
