@@ -29,25 +29,39 @@ pub struct Dispatcher {
     pub stats: Arc<Stats>,
 }
 
+/// What one push turned into, for callers that answer per target (HTTP).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivered {
+    pub routing: router::Routing,
+    /// Per MQTT topic, in `routing.mqtt_topics` order: sessions it reached.
+    pub sessions: Vec<usize>,
+    /// Targeted users with no record in the registry.
+    pub unknown_users: Vec<Id>,
+}
+
 impl Dispatcher {
     /// Runs until every intake sender is gone and the queue is drained.
-    pub async fn run(self, mut intake: mpsc::Receiver<Push>) {
+    pub async fn run(self: Arc<Self>, mut intake: mpsc::Receiver<Push>) {
         let mut batch = Vec::with_capacity(BATCH);
         while intake.recv_many(&mut batch, BATCH).await > 0 {
-            match self.lookup_with_retry(&batch).await {
-                Ok(records) => {
-                    for push in &batch {
-                        self.deliver(push, &records).await;
-                    }
-                }
-                Err(e) => {
-                    error!(error = %e, pushes = batch.len(), "registry unreachable; pushes dropped");
-                    self.stats.pushes_failed_registry.add(batch.len() as u64);
-                }
+            if let Err(e) = self.dispatch(&batch).await {
+                error!(error = %e, pushes = batch.len(), "registry unreachable; pushes dropped");
+                self.stats.pushes_failed_registry.add(batch.len() as u64);
             }
             batch.clear();
         }
         debug!("intake closed and drained");
+    }
+
+    /// Routes and delivers a batch in order, with one registry lookup for all
+    /// of it (retried with backoff while the registry is unreachable).
+    pub async fn dispatch(&self, batch: &[Push]) -> Result<Vec<Delivered>, RegistryError> {
+        let records = self.lookup_with_retry(batch).await?;
+        let mut out = Vec::with_capacity(batch.len());
+        for push in batch {
+            out.push(self.deliver(push, &records).await);
+        }
+        Ok(out)
     }
 
     async fn lookup_with_retry(&self, batch: &[Push]) -> Result<Records, RegistryError> {
@@ -95,7 +109,7 @@ impl Dispatcher {
         })
     }
 
-    async fn deliver(&self, push: &Push, records: &Records) {
+    async fn deliver(&self, push: &Push, records: &Records) -> Delivered {
         let ids = match &push.target {
             Target::Group(g) => records.members.get(g).cloned().unwrap_or_default(),
             target => router::user_targets(target),
@@ -108,22 +122,31 @@ impl Dispatcher {
             })
             .collect();
         let routing = router::route(&self.prefix, push, &users);
+        let mut sessions = Vec::with_capacity(routing.mqtt_topics.len());
         if !routing.mqtt_topics.is_empty() {
             let payload = push.json();
             for topic in &routing.mqtt_topics {
-                let sessions = self.broker.publish(topic, payload.clone());
-                debug!(%topic, sessions, "published");
+                let reached = self.broker.publish(topic, payload.clone());
+                debug!(%topic, sessions = reached, "published");
                 self.stats.mqtt_published.inc();
+                sessions.push(reached);
             }
         }
-        for delivery in routing.apns {
-            self.stats.apns_queued.inc();
+        for delivery in &routing.apns {
             self.apns
                 .send(ApnsJob {
-                    delivery,
+                    delivery: delivery.clone(),
                     data: push.data.clone(),
                 })
                 .await;
+        }
+        Delivered {
+            routing,
+            sessions,
+            unknown_users: users
+                .into_iter()
+                .filter_map(|(id, r)| r.is_none().then_some(id))
+                .collect(),
         }
     }
 }

@@ -97,16 +97,14 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
     tracker.spawn(status::run(events, registry.clone(), stats.clone()));
 
     let (intake_tx, intake_rx) = mpsc::channel(settings.proxy.queue);
-    let dispatcher = tokio::spawn(
-        Dispatcher {
-            registry: registry.clone(),
-            broker: broker.clone(),
-            apns,
-            prefix: settings.mqtt.prefix.clone(),
-            stats: stats.clone(),
-        }
-        .run(intake_rx),
-    );
+    let dispatcher = Arc::new(Dispatcher {
+        registry: registry.clone(),
+        broker: broker.clone(),
+        apns,
+        prefix: settings.mqtt.prefix.clone(),
+        stats: stats.clone(),
+    });
+    let dispatcher = tokio::spawn(dispatcher.run(intake_rx));
     ingress.spawn(proxy::serve(
         proxy_listener,
         settings.proxy.clone(),
