@@ -1,4 +1,4 @@
-//! Counters every part bumps and ops read (logs now; `/metrics` later).
+//! Counters every part bumps and ops read (`/metrics`, `/v1/stats`, logs).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -18,27 +18,73 @@ impl Counter {
     }
 }
 
-/// Process-wide counters, shared as `Arc<Stats>`.
-#[derive(Debug, Default)]
-pub struct Stats {
+/// One counter's name, help text (its doc comment) and value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sample {
+    pub name: &'static str,
+    pub help: &'static str,
+    pub value: u64,
+}
+
+/// Declares the counters once: the struct fields and their listing.
+macro_rules! counters {
+    ($($(#[doc = $doc:literal])+ $name:ident,)+) => {
+        /// Process-wide counters, shared as `Arc<Stats>`.
+        #[derive(Debug, Default)]
+        pub struct Stats {
+            $($(#[doc = $doc])+ pub $name: Counter,)+
+        }
+
+        impl Stats {
+            /// Every counter, in declaration order.
+            pub fn samples(&self) -> Vec<Sample> {
+                vec![$(Sample {
+                    name: stringify!($name),
+                    help: concat!($($doc),+).trim_ascii(),
+                    value: self.$name.get(),
+                },)+]
+            }
+        }
+    };
+}
+
+counters! {
     /// Frames answered 0x00 and queued for routing.
-    pub pushes_accepted: Counter,
+    pushes_accepted,
     /// Frames answered with a non-zero status byte.
-    pub frames_rejected: Counter,
+    frames_rejected,
     /// Pushes dropped because the registry could not be read.
-    pub pushes_failed_registry: Counter,
+    pushes_failed_registry,
     /// Publishes handed to the MQTT broker by the router.
-    pub mqtt_published: Counter,
+    mqtt_published,
     /// Notifications handed to the APNs sender.
-    pub apns_queued: Counter,
+    apns_queued,
     /// Notifications Apple answered 200.
-    pub apns_delivered: Counter,
+    apns_delivered,
     /// Notifications that failed for good (any reason).
-    pub apns_failed: Counter,
+    apns_failed,
     /// Notifications refused locally: payload over 4096 bytes.
-    pub apns_too_large: Counter,
+    apns_too_large,
     /// Notifications for an app or environment with no usable credentials.
-    pub apns_no_credentials: Counter,
+    apns_no_credentials,
     /// Status messages applied to the registry.
-    pub status_updates: Counter,
+    status_updates,
+    /// Pushes accepted over HTTP.
+    http_pushes,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn samples_list_every_counter_with_its_doc() {
+        let stats = Stats::default();
+        stats.apns_failed.add(3);
+        let samples = stats.samples();
+        let failed = samples.iter().find(|s| s.name == "apns_failed").unwrap();
+        assert_eq!(failed.value, 3);
+        assert_eq!(failed.help, "Notifications that failed for good (any reason).");
+        assert!(samples.iter().all(|s| !s.help.is_empty()));
+    }
 }

@@ -50,6 +50,16 @@ async fn exercise(r: &impl UserStore) {
         .unwrap();
     members[1].sort();
     assert_eq!(members, vec![vec![], vec![a.clone(), c.clone()]]);
+
+    r.remove_group_apple_member(&g, &a).await.unwrap();
+    r.remove_group_apple_member(&h, &a).await.unwrap();
+    let members = r.group_apple_members(&[g.clone()]).await.unwrap();
+    assert_eq!(members, vec![vec![c.clone()]]);
+
+    assert!(r.delete_user(&a).await.unwrap());
+    assert!(!r.delete_user(&a).await.unwrap());
+    assert_eq!(r.users(&[a.clone(), c.clone()]).await.unwrap(), vec![None, Some(ios("cc"))]);
+    r.ping().await.unwrap();
 }
 
 #[tokio::test]

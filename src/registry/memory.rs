@@ -81,4 +81,23 @@ impl UserStore for MemoryRegistry {
             .insert(user.clone());
         Ok(())
     }
+
+    async fn remove_group_apple_member(&self, group: &Id, user: &Id) -> Result<(), RegistryError> {
+        let mut inner = self.write();
+        if let Some(members) = inner.groups.get_mut(group) {
+            members.remove(user);
+            if members.is_empty() {
+                inner.groups.remove(group);
+            }
+        }
+        Ok(())
+    }
+
+    async fn delete_user(&self, id: &Id) -> Result<bool, RegistryError> {
+        Ok(self.write().users.remove(id).is_some())
+    }
+
+    async fn ping(&self) -> Result<(), RegistryError> {
+        Ok(())
+    }
 }

@@ -58,6 +58,19 @@ pub trait UserStore: Send + Sync {
         group: &Id,
         user: &Id,
     ) -> impl Future<Output = Result<(), RegistryError>> + Send;
+
+    /// Removes a user from a group's set of iOS members.
+    fn remove_group_apple_member(
+        &self,
+        group: &Id,
+        user: &Id,
+    ) -> impl Future<Output = Result<(), RegistryError>> + Send;
+
+    /// Deletes a user's record; true if there was one.
+    fn delete_user(&self, id: &Id) -> impl Future<Output = Result<bool, RegistryError>> + Send;
+
+    /// Whether the store answers (readiness).
+    fn ping(&self) -> impl Future<Output = Result<(), RegistryError>> + Send;
 }
 
 /// The configured registry.
@@ -109,5 +122,14 @@ impl UserStore for Registry {
     }
     async fn add_group_apple_member(&self, group: &Id, user: &Id) -> Result<(), RegistryError> {
         delegate!(self, r => r.add_group_apple_member(group, user))
+    }
+    async fn remove_group_apple_member(&self, group: &Id, user: &Id) -> Result<(), RegistryError> {
+        delegate!(self, r => r.remove_group_apple_member(group, user))
+    }
+    async fn delete_user(&self, id: &Id) -> Result<bool, RegistryError> {
+        delegate!(self, r => r.delete_user(id))
+    }
+    async fn ping(&self) -> Result<(), RegistryError> {
+        delegate!(self, r => r.ping())
     }
 }

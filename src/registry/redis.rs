@@ -139,4 +139,23 @@ impl UserStore for RedisRegistry {
             .await?;
         Ok(())
     }
+
+    async fn remove_group_apple_member(&self, group: &Id, user: &Id) -> Result<(), RegistryError> {
+        let _: () = self
+            .conn
+            .clone()
+            .srem(self.group_key(group), user.as_str())
+            .await?;
+        Ok(())
+    }
+
+    async fn delete_user(&self, id: &Id) -> Result<bool, RegistryError> {
+        let removed: u64 = self.conn.clone().del(self.user_key(id)).await?;
+        Ok(removed > 0)
+    }
+
+    async fn ping(&self) -> Result<(), RegistryError> {
+        let _: String = redis::cmd("PING").query_async(&mut self.conn.clone()).await?;
+        Ok(())
+    }
 }
