@@ -6,6 +6,7 @@
 
 pub mod apns;
 pub mod dispatch;
+pub mod http;
 pub mod mqtt;
 pub mod proxy;
 pub mod push;
@@ -56,6 +57,7 @@ pub enum Error {
 pub struct Server {
     pub proxy_addr: SocketAddr,
     pub mqtt_addr: SocketAddr,
+    pub http_addr: SocketAddr,
     pub registry: Registry,
     pub broker: Broker,
     pub stats: Arc<Stats>,
@@ -84,6 +86,8 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
 
     let proxy_listener = bind("proxy.listen", settings.proxy.listen).await?;
     let mqtt_listener = bind("mqtt.listen", settings.mqtt.listen).await?;
+    let http_listener = bind("http.listen", settings.http.listen).await?;
+    let http_addr = http_listener.local_addr().expect("bound");
     let proxy_addr = proxy_listener.local_addr().expect("bound");
     let mqtt_addr = mqtt_listener.local_addr().expect("bound");
 
@@ -104,6 +108,17 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
         prefix: settings.mqtt.prefix.clone(),
         stats: stats.clone(),
     });
+    ingress.spawn(http::serve(
+        http_listener,
+        http::HttpState {
+            dispatcher: dispatcher.clone(),
+            registry: registry.clone(),
+            stats: stats.clone(),
+            token: settings.http.token.as_deref().map(Arc::from),
+            max_notifications: settings.http.max_notifications,
+        },
+        shutdown.clone(),
+    ));
     let dispatcher = tokio::spawn(dispatcher.run(intake_rx));
     ingress.spawn(proxy::serve(
         proxy_listener,
@@ -116,6 +131,7 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
     info!(
         proxy = %proxy_addr,
         mqtt = %mqtt_addr,
+        http = %http_addr,
         registry = registry.describe(),
         prefix = %settings.mqtt.prefix,
         "pushbridge started"
@@ -123,6 +139,7 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
     Ok(Server {
         proxy_addr,
         mqtt_addr,
+        http_addr,
         registry,
         broker,
         stats,

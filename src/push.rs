@@ -13,6 +13,13 @@ impl Id {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// An id from text. Ids become topic levels and Redis keys, so they may
+    /// not be empty or hold `/`, `+`, `#` or control characters.
+    pub fn parse(text: &str) -> Option<Id> {
+        let bad = |c: char| matches!(c, '/' | '+' | '#') || c.is_control();
+        (!text.is_empty() && !text.contains(bad)).then(|| Id::from(text))
+    }
 }
 
 impl From<&str> for Id {

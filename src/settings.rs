@@ -154,12 +154,18 @@ impl Default for ApnsSettings {
 #[serde(deny_unknown_fields, default)]
 pub struct HttpSettings {
     pub listen: SocketAddr,
+    /// Bearer token the API requires; mandatory when `listen` is not loopback.
+    pub token: Option<String>,
+    /// Most notifications one `POST /v1/push` may carry.
+    pub max_notifications: usize,
 }
 
 impl Default for HttpSettings {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:8090".parse().unwrap(),
+            token: None,
+            max_notifications: 100,
         }
     }
 }
@@ -267,6 +273,17 @@ impl Settings {
                 return bad(key, "must contain {id}");
             }
         }
+        if !self.http.listen.ip().is_loopback()
+            && self.http.token.as_deref().unwrap_or("").is_empty()
+        {
+            return bad(
+                "http.token",
+                "must be set when http.listen is not a loopback address",
+            );
+        }
+        if self.http.max_notifications == 0 {
+            return bad("http.max_notifications", "must be at least 1");
+        }
         if self.auth.mode == AuthMode::Jwt
             && self.auth.jwt_secret.is_none()
             && self.auth.jwt_public_key.is_none()
@@ -310,6 +327,8 @@ mod tests {
         assert!(err.to_string().contains("max_frame"), "{err}");
         let err = Settings::from_toml("[mqtt]\nprefix = \"a/#\"\n").unwrap_err();
         assert!(err.to_string().contains("mqtt.prefix"), "{err}");
+        let err = Settings::from_toml("[http]\nlisten = \"0.0.0.0:8090\"\n").unwrap_err();
+        assert!(err.to_string().contains("http.token"), "{err}");
         let err = Settings::from_toml("[auth]\nmode = \"jwt\"\n").unwrap_err();
         assert!(err.to_string().contains("auth.mode"), "{err}");
     }

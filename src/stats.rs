@@ -84,7 +84,10 @@ mod tests {
         let samples = stats.samples();
         let failed = samples.iter().find(|s| s.name == "apns_failed").unwrap();
         assert_eq!(failed.value, 3);
-        assert_eq!(failed.help, "Notifications that failed for good (any reason).");
+        assert_eq!(
+            failed.help,
+            "Notifications that failed for good (any reason)."
+        );
         assert!(samples.iter().all(|s| !s.help.is_empty()));
     }
 }

@@ -58,7 +58,10 @@ async fn exercise(r: &impl UserStore) {
 
     assert!(r.delete_user(&a).await.unwrap());
     assert!(!r.delete_user(&a).await.unwrap());
-    assert_eq!(r.users(&[a.clone(), c.clone()]).await.unwrap(), vec![None, Some(ios("cc"))]);
+    assert_eq!(
+        r.users(&[a.clone(), c.clone()]).await.unwrap(),
+        vec![None, Some(ios("cc"))]
+    );
     r.ping().await.unwrap();
 }
 

@@ -169,10 +169,11 @@ fn scalar_id(v: &Mp) -> Result<Id, FrameError> {
     match v {
         Mp::Integer(n) => Ok(Id(Arc::from(n.to_string()))),
         Mp::String(s) => match s.as_str() {
-            Some(s) if !s.is_empty() && valid_id_text(s) => Ok(Id::from(s)),
-            Some(_) => Err(FrameError::BadId(format!(
-                "{v} is empty or has '/', '+', '#' or control characters"
-            ))),
+            Some(s) => Id::parse(s).ok_or_else(|| {
+                FrameError::BadId(format!(
+                    "{v} is empty or has '/', '+', '#' or control characters"
+                ))
+            }),
             None => Err(FrameError::BadId("string is not UTF-8".into())),
         },
         other => Err(FrameError::BadId(format!(
@@ -180,12 +181,6 @@ fn scalar_id(v: &Mp) -> Result<Id, FrameError> {
             kind(other)
         ))),
     }
-}
-
-/// Ids become topic levels and Redis keys: no separators, wildcards or controls.
-fn valid_id_text(s: &str) -> bool {
-    !s.chars()
-        .any(|c| matches!(c, '/' | '+' | '#') || c.is_control())
 }
 
 fn kind(v: &Mp) -> &'static str {

@@ -155,7 +155,9 @@ impl UserStore for RedisRegistry {
     }
 
     async fn ping(&self) -> Result<(), RegistryError> {
-        let _: String = redis::cmd("PING").query_async(&mut self.conn.clone()).await?;
+        let _: String = redis::cmd("PING")
+            .query_async(&mut self.conn.clone())
+            .await?;
         Ok(())
     }
 }

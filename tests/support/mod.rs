@@ -2,6 +2,7 @@
 //! on 127.0.0.1:0, raw proxy frames and real MQTT clients.
 #![allow(dead_code)]
 
+pub mod http;
 pub mod mqtt;
 pub mod proxy;
 pub mod redis;

@@ -1,0 +1,116 @@
+//! `POST /v1/push`: the proxy's pushes as JSON, answered per notification
+//! with what each became (routed now, not merely queued).
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use std::sync::Arc;
+
+use super::{id, HttpError, HttpState};
+use crate::dispatch::Delivered;
+use crate::push::{Id, Push, Target};
+use crate::router::Environment;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Request {
+    notifications: Vec<Notification>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Notification {
+    user: Option<Value>,
+    users: Option<Vec<Value>>,
+    group: Option<Value>,
+    data: Map<String, Value>,
+}
+
+fn json_id(v: &Value) -> Result<Id, HttpError> {
+    match v {
+        Value::Number(n) if n.is_u64() || n.is_i64() => Ok(Id::from(n.to_string().as_str())),
+        Value::String(s) => id(s),
+        other => Err(HttpError::BadRequest(format!(
+            "bad id {other}: must be an integer or a string"
+        ))),
+    }
+}
+
+impl Notification {
+    fn into_push(self, index: usize) -> Result<Push, HttpError> {
+        let at = |e: HttpError| HttpError::BadRequest(format!("notifications[{index}]: {e}"));
+        let target = match (self.user, self.users, self.group) {
+            (Some(u), None, None) => Target::User(json_id(&u).map_err(at)?),
+            (None, Some(us), None) if !us.is_empty() => Target::Users(
+                us.iter()
+                    .map(json_id)
+                    .collect::<Result<_, _>>()
+                    .map_err(at)?,
+            ),
+            (None, None, Some(g)) => Target::Group(json_id(&g).map_err(at)?),
+            _ => {
+                return Err(at(HttpError::BadRequest(
+                    "needs exactly one of user, users (non-empty) or group".into(),
+                )))
+            }
+        };
+        Ok(Push {
+            target,
+            data: Arc::new(self.data),
+        })
+    }
+}
+
+pub(super) async fn push(
+    State(state): State<HttpState>,
+    body: Bytes,
+) -> Result<Json<Value>, HttpError> {
+    let request: Request = serde_json::from_slice(&body)
+        .map_err(|e| HttpError::BadRequest(format!("bad request body: {e}")))?;
+    let n = request.notifications.len();
+    if n == 0 || n > state.max_notifications {
+        return Err(HttpError::BadRequest(format!(
+            "notifications: {n} given, between 1 and {} accepted",
+            state.max_notifications
+        )));
+    }
+    let pushes = request
+        .notifications
+        .into_iter()
+        .enumerate()
+        .map(|(i, n)| n.into_push(i))
+        .collect::<Result<Vec<_>, _>>()?;
+    let delivered = state.dispatcher.dispatch(&pushes).await?;
+    state.stats.http_pushes.add(pushes.len() as u64);
+    let results: Vec<Value> = delivered.iter().map(describe).collect();
+    Ok(Json(json!({ "results": results })))
+}
+
+fn describe(d: &Delivered) -> Value {
+    let mqtt: Vec<Value> = d
+        .routing
+        .mqtt_topics
+        .iter()
+        .zip(&d.sessions)
+        .map(|(topic, sessions)| json!({"topic": topic, "sessions": sessions}))
+        .collect();
+    let apns: Vec<Value> = d
+        .routing
+        .apns
+        .iter()
+        .map(|a| {
+            json!({
+                "user": a.user.as_str(),
+                "app": a.app_ident,
+                "environment": match a.env {
+                    Environment::Sandbox => "sandbox",
+                    Environment::Production => "production",
+                },
+            })
+        })
+        .collect();
+    let unknown: Vec<&str> = d.unknown_users.iter().map(Id::as_str).collect();
+    json!({"mqtt": mqtt, "apns": apns, "unknown_users": unknown})
+}

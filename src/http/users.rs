@@ -1,0 +1,103 @@
+//! The device registry over HTTP, writing the same schema as the old service.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+use serde::{Deserialize, Serialize};
+
+use super::{id, HttpError, HttpState};
+use crate::push::UserRecord;
+use crate::registry::UserStore;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct UserBody {
+    token: Option<String>,
+    ident: Option<String>,
+    version: Option<String>,
+}
+
+#[derive(Serialize)]
+pub(super) struct UserView {
+    id: String,
+    token: Option<String>,
+    ident: Option<String>,
+    version: Option<String>,
+    focus: bool,
+}
+
+pub(super) async fn get(
+    State(state): State<HttpState>,
+    Path(uid): Path<String>,
+) -> Result<Json<UserView>, HttpError> {
+    let uid = id(&uid)?;
+    let record = state
+        .registry
+        .users(std::slice::from_ref(&uid))
+        .await?
+        .pop()
+        .flatten()
+        .ok_or(HttpError::NotFound)?;
+    Ok(Json(UserView {
+        id: uid.to_string(),
+        token: record.app_token,
+        ident: record.app_ident,
+        version: record.app_version,
+        focus: record.app_focus,
+    }))
+}
+
+pub(super) async fn put(
+    State(state): State<HttpState>,
+    Path(uid): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<StatusCode, HttpError> {
+    let uid = id(&uid)?;
+    let body: UserBody = serde_json::from_slice(&body)
+        .map_err(|e| HttpError::BadRequest(format!("bad user body: {e}")))?;
+    if let Some(token) = &body.token {
+        if token.is_empty() || !token.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(HttpError::BadRequest("token must be hex".into()));
+        }
+    }
+    let record = UserRecord {
+        app_token: body.token,
+        app_ident: body.ident,
+        app_version: body.version,
+        app_focus: false,
+    };
+    state.registry.put_user(&uid, &record).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub(super) async fn delete(
+    State(state): State<HttpState>,
+    Path(uid): Path<String>,
+) -> Result<StatusCode, HttpError> {
+    match state.registry.delete_user(&id(&uid)?).await? {
+        true => Ok(StatusCode::NO_CONTENT),
+        false => Err(HttpError::NotFound),
+    }
+}
+
+pub(super) async fn add_member(
+    State(state): State<HttpState>,
+    Path((gid, uid)): Path<(String, String)>,
+) -> Result<StatusCode, HttpError> {
+    state
+        .registry
+        .add_group_apple_member(&id(&gid)?, &id(&uid)?)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub(super) async fn remove_member(
+    State(state): State<HttpState>,
+    Path((gid, uid)): Path<(String, String)>,
+) -> Result<StatusCode, HttpError> {
+    state
+        .registry
+        .remove_group_apple_member(&id(&gid)?, &id(&uid)?)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}

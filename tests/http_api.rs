@@ -1,0 +1,299 @@
+//! The HTTP API over real HTTP: pushes, the registry, ops endpoints, auth.
+
+mod support;
+
+use pushbridge::push::Id;
+use pushbridge::registry::UserStore;
+use serde_json::json;
+use support::http::{get, post_json, request};
+use support::mqtt::Device;
+use support::redis::RedisServer;
+use support::server;
+
+macro_rules! both_registries {
+    ($name:ident, $body:ident) => {
+        mod $name {
+            use super::*;
+            #[tokio::test]
+            async fn memory() {
+                $body(server::settings(None)).await;
+            }
+            #[tokio::test]
+            async fn redis() {
+                let redis = RedisServer::start();
+                $body(server::settings(Some(&redis.url))).await;
+            }
+        }
+    };
+}
+
+both_registries!(push_answers_per_notification, push_api);
+async fn push_api(settings: pushbridge::settings::Settings) {
+    let server = server::start(settings).await;
+    let mut d = Device::connect(server.mqtt_addr, "d5", true).await;
+    d.subscribe("push/user/5").await;
+    let ios = json!({"token": "abcd", "ident": "com.example.app", "version": "develop"});
+    let put = request(
+        server.http_addr,
+        "PUT",
+        "/v1/users/6",
+        None,
+        Some(ios.to_string().as_bytes()),
+    )
+    .await;
+    assert_eq!(put.status, 204, "{}", put.text());
+
+    let reply = post_json(
+        server.http_addr,
+        "/v1/push",
+        &json!({"notifications": [
+            {"user": 5, "data": {"n": 1}},
+            {"users": ["5", 6, 7], "data": {"alert": "hi"}},
+            {"group": "g1", "data": {"n": 3}},
+        ]}),
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(
+        reply.json(),
+        json!({"results": [
+            {"mqtt": [{"topic": "push/user/5", "sessions": 1}], "apns": [], "unknown_users": ["5"]},
+            {"mqtt": [{"topic": "push/user/5", "sessions": 1}, {"topic": "push/user/7", "sessions": 0}],
+             "apns": [{"user": "6", "app": "com.example.app", "environment": "sandbox"}],
+             "unknown_users": ["5", "7"]},
+            {"mqtt": [{"topic": "push/group/g1", "sessions": 0}], "apns": [], "unknown_users": []},
+        ]})
+    );
+    assert_eq!(d.next_json().await, json!({"n": 1}));
+    assert_eq!(d.next_json().await, json!({"alert": "hi"}));
+    assert_eq!(server.stats.http_pushes.get(), 3);
+    server.stop().await;
+}
+
+both_registries!(users_and_groups_round_trip, users_api);
+async fn users_api(settings: pushbridge::settings::Settings) {
+    let server = server::start(settings).await;
+    let addr = server.http_addr;
+    assert_eq!(get(addr, "/v1/users/9").await.status, 404);
+    let body = json!({"token": "00ff", "ident": "com.x", "version": "produce"}).to_string();
+    assert_eq!(
+        request(addr, "PUT", "/v1/users/9", None, Some(body.as_bytes()))
+            .await
+            .status,
+        204
+    );
+    let got = get(addr, "/v1/users/9").await;
+    assert_eq!(
+        got.json(),
+        json!({"id": "9", "token": "00ff", "ident": "com.x", "version": "produce", "focus": false})
+    );
+    // The same record the router reads.
+    let rec = server
+        .registry
+        .users(&[Id::from(9)])
+        .await
+        .unwrap()
+        .remove(0)
+        .unwrap();
+    assert_eq!(rec.app_token.as_deref(), Some("00ff"));
+
+    assert_eq!(
+        request(addr, "PUT", "/v1/groups/3/ios-members/9", None, None)
+            .await
+            .status,
+        204
+    );
+    let members = server
+        .registry
+        .group_apple_members(&[Id::from(3)])
+        .await
+        .unwrap();
+    assert_eq!(members, vec![vec![Id::from(9)]]);
+    assert_eq!(
+        request(addr, "DELETE", "/v1/groups/3/ios-members/9", None, None)
+            .await
+            .status,
+        204
+    );
+    let members = server
+        .registry
+        .group_apple_members(&[Id::from(3)])
+        .await
+        .unwrap();
+    assert_eq!(members, vec![Vec::<Id>::new()]);
+
+    assert_eq!(
+        request(addr, "DELETE", "/v1/users/9", None, None)
+            .await
+            .status,
+        204
+    );
+    assert_eq!(
+        request(addr, "DELETE", "/v1/users/9", None, None)
+            .await
+            .status,
+        404
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn bad_requests_get_4xx_with_a_message() {
+    let server = server::start(server::settings(None)).await;
+    let addr = server.http_addr;
+    let cases = [
+        ("POST", "/v1/push", "{not json", "bad request body"),
+        (
+            "POST",
+            "/v1/push",
+            r#"{"notifications": []}"#,
+            "between 1 and 100",
+        ),
+        (
+            "POST",
+            "/v1/push",
+            r#"{"notifications": [{"data": {}}]}"#,
+            "notifications[0]",
+        ),
+        (
+            "POST",
+            "/v1/push",
+            r#"{"notifications": [{"user": 1, "group": 2, "data": {}}]}"#,
+            "exactly one",
+        ),
+        (
+            "POST",
+            "/v1/push",
+            r#"{"notifications": [{"user": 1.5, "data": {}}]}"#,
+            "bad id",
+        ),
+        (
+            "POST",
+            "/v1/push",
+            r#"{"notifications": [{"user": "a/b", "data": {}}]}"#,
+            "bad id",
+        ),
+        (
+            "POST",
+            "/v1/push",
+            r#"{"notifications": [{"user": 1, "data": []}]}"#,
+            "bad request body",
+        ),
+        (
+            "POST",
+            "/v1/push",
+            r#"{"notifications": [{"user": 1, "data": {}, "x": 1}]}"#,
+            "unknown field",
+        ),
+        ("PUT", "/v1/users/1", r#"{"token": "not hex"}"#, "hex"),
+        ("PUT", "/v1/users/1", r#"{"tokn": "00"}"#, "unknown field"),
+        ("GET", "/v1/users/%23", "", "bad id"),
+    ];
+    for (method, path, body, want) in cases {
+        let reply = request(addr, method, path, None, Some(body.as_bytes())).await;
+        assert_eq!(
+            reply.status,
+            400,
+            "{method} {path} {body}: {}",
+            reply.text()
+        );
+        let err = reply.json()["error"].as_str().unwrap().to_string();
+        assert!(err.contains(want), "{method} {path} {body}: {err}");
+    }
+    let too_many: Vec<_> = (0..101).map(|i| json!({"user": i, "data": {}})).collect();
+    let reply = post_json(addr, "/v1/push", &json!({"notifications": too_many})).await;
+    assert_eq!(reply.status, 400);
+    assert_eq!(server.stats.http_pushes.get(), 0);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn token_required_when_set() {
+    let mut settings = server::settings(None);
+    settings.http.token = Some("s3cret".into());
+    let server = server::start(settings).await;
+    let addr = server.http_addr;
+    let body = json!({"notifications": [{"user": 1, "data": {}}]}).to_string();
+    for token in [None, Some("wrong")] {
+        let reply = request(addr, "POST", "/v1/push", token, Some(body.as_bytes())).await;
+        assert_eq!(reply.status, 401);
+        assert_eq!(
+            request(addr, "GET", "/metrics", token, None).await.status,
+            401
+        );
+    }
+    let reply = request(
+        addr,
+        "POST",
+        "/v1/push",
+        Some("s3cret"),
+        Some(body.as_bytes()),
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(get(addr, "/healthz").await.status, 200);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn ops_endpoints() {
+    let redis = RedisServer::start();
+    let server = server::start(server::settings(Some(&redis.url))).await;
+    let addr = server.http_addr;
+    assert_eq!(get(addr, "/healthz").await.text(), "ok\n");
+    assert_eq!(get(addr, "/readyz").await.status, 200);
+
+    post_json(
+        addr,
+        "/v1/push",
+        &json!({"notifications": [{"user": 1, "data": {}}]}),
+    )
+    .await;
+    let metrics = get(addr, "/metrics").await;
+    assert_eq!(
+        metrics.content_type.as_deref(),
+        Some("text/plain; version=0.0.4")
+    );
+    let text = metrics.text();
+    assert!(
+        text.contains("# TYPE pushbridge_http_pushes_total counter"),
+        "{text}"
+    );
+    assert!(
+        text.lines().any(|l| l == "pushbridge_http_pushes_total 1"),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l == "pushbridge_mqtt_published_total 1"),
+        "{text}"
+    );
+    let stats = get(addr, "/v1/stats").await.json();
+    assert_eq!(stats["totals"]["http_pushes"], 1);
+
+    // The OpenAPI document lists every route the server answers.
+    let doc = get(addr, "/openapi.json").await.json();
+    assert_eq!(doc["openapi"], "3.0.3");
+    for path in [
+        "/v1/push",
+        "/v1/users/{id}",
+        "/v1/groups/{gid}/ios-members/{uid}",
+        "/v1/stats",
+        "/metrics",
+        "/openapi.json",
+        "/healthz",
+        "/readyz",
+    ] {
+        assert!(
+            doc["paths"].get(path).is_some(),
+            "{path} missing from openapi.json"
+        );
+    }
+
+    // Redis gone: not ready, with the reason.
+    drop(redis);
+    let ready = get(addr, "/readyz").await;
+    assert_eq!(ready.status, 503);
+    assert!(ready.text().contains("registry"), "{}", ready.text());
+    server.stop().await;
+}
