@@ -271,7 +271,10 @@ impl Settings {
             && self.auth.jwt_secret.is_none()
             && self.auth.jwt_public_key.is_none()
         {
-            return bad("auth.mode", "jwt needs auth.jwt_secret or auth.jwt_public_key");
+            return bad(
+                "auth.mode",
+                "jwt needs auth.jwt_secret or auth.jwt_public_key",
+            );
         }
         Ok(())
     }

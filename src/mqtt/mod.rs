@@ -19,7 +19,11 @@ pub enum MqttError {
 #[derive(Debug, Clone)]
 pub enum BrokerEvent {
     /// A client published on `<prefix>/app/status`.
-    Status { conn: u64, client_id: Arc<str>, payload: Bytes },
+    Status {
+        conn: u64,
+        client_id: Arc<str>,
+        payload: Bytes,
+    },
     /// A client's connection ended (any reason, including takeover).
     Disconnected { conn: u64, client_id: Arc<str> },
 }
