@@ -13,7 +13,7 @@ use rustls_pki_types::{
 use serde::Deserialize;
 
 use super::jwt::TokenSigner;
-use super::{pem, ApnsError};
+use super::{legacy, pem, ApnsError};
 use crate::router::Environment;
 
 /// One app's entry as written in config.json.
@@ -178,24 +178,24 @@ fn read_pem(
     let mut certs = Vec::new();
     let mut key = None;
     for block in pem::blocks(text)? {
-        let legacy = || {
-            format!(
-                "{} uses legacy OpenSSL encryption (Proc-Type: 4,ENCRYPTED), which is not supported; \
-                 convert it with `openssl pkcs8 -topk8 -v2 aes-256-cbc -in old.pem -out key.pem`",
-                block.label
-            )
-        };
-        let found = match block.label.as_str() {
-            "CERTIFICATE" => {
+        let found = match (block.label.as_str(), &block.legacy_encrypted) {
+            ("CERTIFICATE", _) => {
                 certs.push(CertificateDer::from(block.der));
                 continue;
             }
-            "PRIVATE KEY" => PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(block.der)),
-            "RSA PRIVATE KEY" if block.legacy_encrypted => return Err(legacy()),
-            "EC PRIVATE KEY" if block.legacy_encrypted => return Err(legacy()),
-            "RSA PRIVATE KEY" => PrivateKeyDer::Pkcs1(PrivatePkcs1KeyDer::from(block.der)),
-            "EC PRIVATE KEY" => PrivateKeyDer::Sec1(PrivateSec1KeyDer::from(block.der)),
-            "ENCRYPTED PRIVATE KEY" => decrypt_pkcs8(&block.der, password)?,
+            ("RSA PRIVATE KEY" | "EC PRIVATE KEY", Some(dek_info)) => {
+                let password = password
+                    .ok_or("the private key is encrypted but config.json gives no password")?;
+                let der = legacy::decrypt(dek_info, password, &block.der)?;
+                match block.label.as_str() {
+                    "RSA PRIVATE KEY" => PrivateKeyDer::Pkcs1(PrivatePkcs1KeyDer::from(der)),
+                    _ => PrivateKeyDer::Sec1(PrivateSec1KeyDer::from(der)),
+                }
+            }
+            ("PRIVATE KEY", _) => PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(block.der)),
+            ("RSA PRIVATE KEY", None) => PrivateKeyDer::Pkcs1(PrivatePkcs1KeyDer::from(block.der)),
+            ("EC PRIVATE KEY", None) => PrivateKeyDer::Sec1(PrivateSec1KeyDer::from(block.der)),
+            ("ENCRYPTED PRIVATE KEY", _) => decrypt_pkcs8(&block.der, password)?,
             _ => continue,
         };
         if key.replace(found).is_some() {
@@ -233,15 +233,17 @@ fn check_identity(
         .key_provider
         .load_private_key(key.clone_key())
         .map_err(|e| format!("unreadable private key (or wrong password): {e}"))?;
-    let leaf = chain
-        .iter()
-        .position(|c| {
-            CertifiedKey::new(vec![c.clone()], Arc::clone(&signer))
-                .keys_match()
-                .is_ok()
-        })
-        .ok_or("the private key does not match the certificate")?;
-    chain.swap(0, leaf);
+    if signer.public_key().is_some() {
+        let leaf = chain
+            .iter()
+            .position(|c| {
+                CertifiedKey::new(vec![c.clone()], Arc::clone(&signer))
+                    .keys_match()
+                    .is_ok()
+            })
+            .ok_or("the private key does not match the certificate")?;
+        chain.swap(0, leaf);
+    }
     let (subject, not_after, expired) = describe(&chain[0])?;
     if expired {
         return Err(format!("certificate {subject} expired on {not_after}"));
@@ -277,4 +279,85 @@ pub(crate) fn load_token(
 /// The crypto provider every APNs TLS config uses.
 pub(crate) fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn testdata(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("src/apns/testdata")
+            .join(name)
+    }
+
+    /// Real-world shapes made by `openssl` 3: an RSA key, PKCS#12 with
+    /// AES (default) and RC2/3DES (`-legacy`), legacy-encrypted PEM keys.
+    #[test]
+    fn openssl_made_files_load() {
+        for (file, password) in [
+            ("rsa.pem", None),
+            ("rsa.p12", Some("secret")),
+            ("rsa-legacy.p12", Some("secret")),
+            ("rsa-legacy-enc.pem", Some("secret")),
+            ("rsa-legacy-des.pem", Some("secret")),
+        ] {
+            let id =
+                load_identity(&testdata(file), password).unwrap_or_else(|e| panic!("{file}: {e}"));
+            assert!(
+                id.subject.contains("com.example.rsa"),
+                "{file}: {}",
+                id.subject
+            );
+        }
+    }
+
+    #[test]
+    fn wrong_or_missing_password_is_named() {
+        for file in ["rsa.p12", "rsa-legacy-enc.pem", "rsa-legacy-des.pem"] {
+            let err = load_identity(&testdata(file), Some("wrong"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(file), "{err}");
+            assert!(err.contains("wrong password"), "{err}");
+        }
+        let err = load_identity(&testdata("rsa-legacy-enc.pem"), None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("gives no password"), "{err}");
+    }
+
+    #[test]
+    fn config_entries() {
+        let dir = Path::new("/etc/pb");
+        let cfg = Path::new("/etc/pb/config.json");
+        let ok = |v: serde_json::Value| parse_entry(cfg, dir, "a", v);
+        match ok(serde_json::json!({"develop": "d.pem", "password": "p"})).unwrap() {
+            c @ AppConfig::Certificate { .. } => {
+                assert_eq!(
+                    c.cert_path(Environment::Sandbox),
+                    Some(Path::new("/etc/pb/d.pem"))
+                );
+                assert_eq!(c.cert_path(Environment::Production), None);
+                assert_eq!(c.password(), Some("p"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            ok(serde_json::json!({"key": "k.p8", "key_id": "K", "team_id": "T"})).unwrap(),
+            AppConfig::Token { .. }
+        ));
+        for bad in [
+            serde_json::json!({}),
+            serde_json::json!({"key": "k.p8"}),
+            serde_json::json!({"develop": "d.pem", "key": "k", "key_id": "K", "team_id": "T"}),
+            serde_json::json!({"develop": "d.pem", "typo": 1}),
+        ] {
+            let err = ok(bad.clone()).unwrap_err().to_string();
+            assert!(
+                err.starts_with("/etc/pb/config.json: app a: "),
+                "{bad}: {err}"
+            );
+        }
+    }
 }

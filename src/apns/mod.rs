@@ -9,6 +9,7 @@ mod check;
 mod connection;
 mod credentials;
 mod jwt;
+mod legacy;
 mod outcome;
 mod payload;
 mod pem;

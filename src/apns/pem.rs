@@ -1,14 +1,15 @@
 //! A small PEM reader that, unlike rustls-pemfile, keeps `ENCRYPTED PRIVATE
-//! KEY` blocks and notices legacy `Proc-Type: 4,ENCRYPTED` headers, so both
-//! can get a precise message.
+//! KEY` blocks and the `Proc-Type`/`DEK-Info` headers of OpenSSL's legacy
+//! key encryption.
 
 use base64::Engine;
 
 /// One `-----BEGIN <label>-----` block.
 pub(crate) struct Block {
     pub label: String,
-    /// A `Proc-Type: 4,ENCRYPTED` header: OpenSSL's legacy key encryption.
-    pub legacy_encrypted: bool,
+    /// `DEK-Info` of a `Proc-Type: 4,ENCRYPTED` block: OpenSSL's legacy
+    /// key encryption, e.g. `AES-256-CBC,<iv hex>`.
+    pub legacy_encrypted: Option<String>,
     pub der: Vec<u8>,
 }
 
@@ -27,11 +28,15 @@ pub(crate) fn blocks(text: &str) -> Result<Vec<Block>, String> {
         let body_end = body_start
             .find(&end_marker)
             .ok_or_else(|| format!("PEM block {label} has no END line"))?;
-        let mut legacy_encrypted = false;
+        let (mut encrypted, mut dek_info) = (false, None);
         let mut b64 = String::new();
         for line in body_start[..body_end].lines().map(str::trim) {
-            if line.contains(':') {
-                legacy_encrypted |= line.starts_with("Proc-Type:") && line.contains("ENCRYPTED");
+            if let Some((name, value)) = line.split_once(':') {
+                match name.trim() {
+                    "Proc-Type" => encrypted = value.contains("ENCRYPTED"),
+                    "DEK-Info" => dek_info = Some(value.trim().to_owned()),
+                    _ => {}
+                }
             } else {
                 b64.push_str(line);
             }
@@ -39,6 +44,7 @@ pub(crate) fn blocks(text: &str) -> Result<Vec<Block>, String> {
         let der = base64::engine::general_purpose::STANDARD
             .decode(b64.as_bytes())
             .map_err(|e| format!("PEM block {label} is not valid base64: {e}"))?;
+        let legacy_encrypted = encrypted.then(|| dek_info.unwrap_or_default());
         out.push(Block {
             label,
             legacy_encrypted,
@@ -63,9 +69,9 @@ mod tests {
             (b[0].label.as_str(), b[0].der.as_slice()),
             ("CERTIFICATE", &[1u8, 2, 3][..])
         );
-        assert!(!b[0].legacy_encrypted);
+        assert_eq!(b[0].legacy_encrypted, None);
         assert_eq!(b[1].label, "RSA PRIVATE KEY");
-        assert!(b[1].legacy_encrypted);
+        assert_eq!(b[1].legacy_encrypted.as_deref(), Some("AES-256-CBC,00"));
         assert_eq!(b[1].der, vec![4, 5]);
     }
 
