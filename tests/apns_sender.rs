@@ -44,6 +44,10 @@ struct Running {
 
 impl Running {
     fn start(settings: &ApnsSettings) -> Running {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("pushbridge=debug")
+            .with_test_writer()
+            .try_init();
         let stats = Arc::new(Stats::default());
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
@@ -391,6 +395,44 @@ async fn reconnects_when_the_connection_dies() {
     assert_eq!((r.path.as_str(), r.connection), ("/3/device/aa12", 2));
     wait_count(&run.stats.apns_delivered, 2).await;
     assert_eq!(run.stats.apns_failed.get(), 0);
+    run.stop().await;
+}
+
+#[tokio::test]
+async fn no_answer_within_the_request_timeout_is_a_failure() {
+    let server = ApnsServer::start().await;
+    server.hold_answers_until(usize::MAX);
+    let creds = TestCredentials::new();
+    let (config, _) = token_app(&creds);
+    let mut s = settings(config, &server, &server);
+    s.request_timeout_secs = 1;
+    let run = Running::start(&s);
+    run.send("aa11", APP, Environment::Production, json!({"alert": "x"}))
+        .await;
+    server.next_request(WAIT).await;
+    wait_count(&run.stats.apns_failed, 1).await;
+    assert_eq!(run.stats.apns_delivered.get(), 0);
+    run.stop().await;
+}
+
+#[tokio::test]
+async fn unreachable_or_untrusted_apple_is_a_failure_not_a_panic() {
+    let server = ApnsServer::start().await;
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let closed_url = format!("https://localhost:{}", closed.local_addr().unwrap().port());
+    drop(closed);
+    let creds = TestCredentials::new();
+    let (config, _) = token_app(&creds);
+    let mut s = settings(config, &server, &server);
+    s.sandbox_url = closed_url;
+    s.ca_file = None;
+    let run = Running::start(&s);
+    run.send("aa11", APP, Environment::Sandbox, json!({"alert": "x"}))
+        .await;
+    run.send("aa11", APP, Environment::Production, json!({"alert": "x"}))
+        .await;
+    wait_count(&run.stats.apns_failed, 2).await;
+    assert!(server.try_next_request(Duration::ZERO).await.is_none());
     run.stop().await;
 }
 

@@ -49,9 +49,6 @@ pub enum ApnsError {
     /// A request that got no answer: connection lost, timeout, bad request.
     #[error("request: {0}")]
     Request(String),
-    /// The JWT for token auth could not be signed.
-    #[error("token for {key_id}: {problem}")]
-    Token { key_id: String, problem: String },
 }
 
 impl ApnsError {

@@ -282,25 +282,27 @@ impl Shared {
         _permit: OwnedSemaphorePermit,
     ) {
         let d = &job.delivery;
-        let (status, outcome) = match self.request(&endpoint, &job, payload) {
-            Err(reason) => (None, Outcome::Rejected { reason }),
+        let (status, apns_id, outcome) = match self.request(&endpoint, &job, payload) {
+            Err(reason) => (None, None, Outcome::Rejected { reason }),
             Ok(req) => match endpoint.conn.send(req).await {
                 Ok(resp) => {
                     let reason = apple_reason(resp.body());
-                    (
-                        Some(resp.status()),
-                        Outcome::classify(resp.status(), &reason),
-                    )
+                    let apns_id = resp
+                        .headers()
+                        .get("apns-id")
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned);
+                    let outcome = Outcome::classify(resp.status(), &reason);
+                    (Some(resp.status()), apns_id, outcome)
                 }
-                Err(e) => (
-                    None,
-                    Outcome::Retry {
-                        reason: e.to_string(),
-                    },
-                ),
+                Err(e) => {
+                    let reason = e.to_string();
+                    (None, None, Outcome::Retry { reason })
+                }
             },
         };
         let status = status.map_or_else(|| "none".to_owned(), |s| s.as_u16().to_string());
+        let apns_id = apns_id.unwrap_or_default();
         match outcome {
             Outcome::Delivered => {
                 self.stats.apns_delivered.inc();
@@ -308,14 +310,15 @@ impl Shared {
             }
             Outcome::DeadToken { reason } => {
                 self.stats.apns_failed.inc();
-                info!(user = %d.user, app = %d.app_ident, status, reason,
+                info!(user = %d.user, app = %d.app_ident, status, reason, apns_id,
                     "APNs: device token no longer valid");
             }
             Outcome::ExpiredProviderToken { reason }
             | Outcome::Retry { reason }
             | Outcome::Rejected { reason } => {
                 self.stats.apns_failed.inc();
-                warn!(user = %d.user, app = %d.app_ident, status, reason, "APNs: not delivered");
+                warn!(user = %d.user, app = %d.app_ident, status, reason, apns_id,
+                    "APNs: not delivered");
             }
         }
     }

@@ -117,6 +117,7 @@ struct State {
     received: watch::Sender<usize>,
     hold_until: AtomicUsize,
     kick: Mutex<CancellationToken>,
+    shutdown: CancellationToken,
 }
 
 /// The running server; stops when dropped.
@@ -178,8 +179,9 @@ impl ApnsServer {
             received: watch::channel(0).0,
             hold_until: AtomicUsize::new(0),
             kick: Mutex::new(CancellationToken::new()),
+            shutdown: CancellationToken::new(),
         });
-        let shutdown = CancellationToken::new();
+        let shutdown = state.shutdown.clone();
         tokio::spawn(accept_loop(
             listener,
             acceptor,
@@ -323,7 +325,10 @@ async fn handle(
     state.received.send_modify(|n| *n += 1);
     let hold = state.hold_until.load(Ordering::SeqCst);
     let mut received = state.received.subscribe();
-    let _ = received.wait_for(|n| *n >= hold).await;
+    tokio::select! {
+        _ = received.wait_for(|n| *n >= hold) => {}
+        _ = state.shutdown.cancelled() => {}
+    }
     let apns_id = format!("00000000-0000-0000-0000-{:012}", *received.borrow());
     let resp = Response::builder()
         .status(reply.status())
