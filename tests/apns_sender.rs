@@ -185,11 +185,19 @@ async fn token_auth_jwt_verifies_with_the_p8_public_key() {
         .await;
     run.send("aa12", APP, Environment::Production, json!({"alert": "y"}))
         .await;
+    run.send("aa13", APP, Environment::Sandbox, json!({"alert": "z"}))
+        .await;
     let first = server.next_request(WAIT).await;
     let second = server.next_request(WAIT).await;
+    let sandbox = server.next_request(WAIT).await;
     assert_eq!(first.client_subject, None);
     let auth = first.header("authorization").unwrap();
     assert_eq!(second.header("authorization"), Some(auth), "token reused");
+    assert_eq!(
+        sandbox.header("authorization"),
+        Some(auth),
+        "one token per app"
+    );
     let jwt = auth.strip_prefix("bearer ").expect("bearer scheme");
     let parts: Vec<&str> = jwt.split('.').collect();
     assert_eq!(parts.len(), 3, "{jwt}");

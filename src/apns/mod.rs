@@ -2,8 +2,8 @@
 //!
 //! `credentials` reads config.json and the certificates or keys it names,
 //! `payload` builds the body and headers apps expect, `connection` keeps one
-//! HTTP/2 connection per (app, environment), `sender` runs the queue, and
-//! `check` backs `pushbridge check-config`.
+//! HTTP/2 connection per (app, environment) over `tls`, `sender` runs the
+//! queue, and `check` backs `pushbridge check-config`.
 
 mod check;
 mod connection;
@@ -14,6 +14,7 @@ mod outcome;
 mod payload;
 mod pem;
 mod sender;
+mod tls;
 
 use std::sync::Arc;
 

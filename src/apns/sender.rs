@@ -1,25 +1,23 @@
 //! The queue between the router and Apple, and the task that drains it.
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::Request;
 use http_body_util::Full;
-use rustls::{ClientConfig, RootCertStore};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use super::connection::{BaseUrl, Connection};
-use super::credentials::{self, AppConfig, Identity};
+use super::credentials::{self, AppConfig};
 use super::jwt::{unix_now, TokenSigner};
 use super::outcome::Outcome;
 use super::payload::{Payload, PayloadError};
-use super::{pem, ApnsError, ApnsJob};
+use super::{tls, ApnsError, ApnsJob};
 use crate::router::Environment;
 use crate::settings::ApnsSettings;
 use crate::stats::Stats;
@@ -62,7 +60,7 @@ impl ApnsSender {
     ) -> Result<ApnsSender, ApnsError> {
         let production = BaseUrl::parse("production_url", &settings.production_url)?;
         let sandbox = BaseUrl::parse("sandbox_url", &settings.sandbox_url)?;
-        let roots = Arc::new(root_store(settings.ca_file.as_deref())?);
+        let roots = Arc::new(tls::root_store(settings.ca_file.as_deref())?);
         let timeout = Duration::from_secs(settings.request_timeout_secs.max(1));
         let apps = match credentials::read_config(&settings.config)? {
             Some(apps) => apps,
@@ -84,9 +82,23 @@ impl ApnsSender {
                     continue;
                 }
             };
+            let token = match &config {
+                AppConfig::Token {
+                    key,
+                    key_id,
+                    team_id,
+                } => match credentials::load_token(key, key_id, team_id) {
+                    Ok(signer) => Some(Arc::new(signer)),
+                    Err(e) => {
+                        error!("APNs app {app} disabled: {e}");
+                        continue;
+                    }
+                },
+                AppConfig::Certificate { .. } => None,
+            };
             for env in [Environment::Sandbox, Environment::Production] {
-                let (tls, token) = match auth_for(&config, env, &roots) {
-                    Ok(Some(a)) => a,
+                let tls = match tls::for_app(&config, env, &roots) {
+                    Ok(Some(tls)) => tls,
                     Ok(None) => continue,
                     Err(e) => {
                         error!("APNs app {app} ({env:?}) disabled: {e}");
@@ -100,6 +112,7 @@ impl ApnsSender {
                 let span = info_span!("apns", app = %app, env = ?env, host = %url.host);
                 let conn =
                     Connection::new(url, tls, span, tracker.clone(), shutdown.clone(), timeout);
+                let token = token.clone();
                 endpoints.insert((app.clone(), env), Arc::new(Endpoint { conn, token }));
             }
         }
@@ -134,80 +147,6 @@ impl ApnsSender {
     pub fn configured(&self) -> &[(String, Environment)] {
         &self.configured
     }
-}
-
-/// The TLS config and token for one environment; `None` when the app has
-/// no credentials for it.
-type Auth = (Arc<ClientConfig>, Option<Arc<TokenSigner>>);
-
-fn auth_for(
-    config: &AppConfig,
-    env: Environment,
-    roots: &Arc<RootCertStore>,
-) -> Result<Option<Auth>, ApnsError> {
-    match config {
-        AppConfig::Token {
-            key,
-            key_id,
-            team_id,
-        } => {
-            let signer = credentials::load_token(key, key_id, team_id)?;
-            Ok(Some((tls_config(roots, None)?, Some(Arc::new(signer)))))
-        }
-        AppConfig::Certificate { .. } => match config.cert_path(env) {
-            None => Ok(None),
-            Some(path) => {
-                let identity = credentials::load_identity(path, config.password())?;
-                let tls = tls_config(roots, Some(identity))
-                    .map_err(|e| ApnsError::file(path, e.to_string()))?;
-                Ok(Some((tls, None)))
-            }
-        },
-    }
-}
-
-fn tls_config(
-    roots: &Arc<RootCertStore>,
-    identity: Option<Identity>,
-) -> Result<Arc<ClientConfig>, ApnsError> {
-    let tls_err = |e: rustls::Error| ApnsError::Setting {
-        key: "tls",
-        problem: e.to_string(),
-    };
-    let builder = ClientConfig::builder_with_provider(credentials::provider())
-        .with_safe_default_protocol_versions()
-        .map_err(tls_err)?
-        .with_root_certificates(Arc::clone(roots));
-    let mut config = match identity {
-        Some(id) => builder
-            .with_client_auth_cert(id.chain, id.key)
-            .map_err(tls_err)?,
-        None => builder.with_no_client_auth(),
-    };
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(Arc::new(config))
-}
-
-/// The public web roots plus `ca_file`, so tests (or a proxy) can be trusted.
-fn root_store(ca_file: Option<&Path>) -> Result<RootCertStore, ApnsError> {
-    let mut roots = RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    let Some(path) = ca_file else {
-        return Ok(roots);
-    };
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| ApnsError::file(path, format!("cannot read CA file: {e}")))?;
-    let blocks = pem::blocks(&text).map_err(|p| ApnsError::file(path, p))?;
-    let mut added = 0;
-    for block in blocks.into_iter().filter(|b| b.label == "CERTIFICATE") {
-        roots
-            .add(block.der.into())
-            .map_err(|e| ApnsError::file(path, format!("unusable CA certificate: {e}")))?;
-        added += 1;
-    }
-    if added == 0 {
-        return Err(ApnsError::file(path, "no CERTIFICATE in CA file"));
-    }
-    Ok(roots)
 }
 
 /// Drains the queue: checks each job, then sends it on its own task so
