@@ -24,7 +24,7 @@ use crate::router::ApnsDelivery;
 
 pub use check::{check_config, AppReport, Credential};
 pub use outcome::Outcome;
-pub use payload::{Payload, PushType, MAX_PAYLOAD};
+pub use payload::{Payload, PayloadError, PushType, MAX_PAYLOAD};
 pub use sender::ApnsSender;
 
 /// Everything that can go wrong in the APNs module; messages name the file,

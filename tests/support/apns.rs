@@ -551,7 +551,7 @@ impl TestCredentials {
 
     /// An `AuthKey_*.p8` (PKCS#8 P-256) and the public key to verify JWTs with.
     pub fn p8(&self, name: &str) -> (String, p256::ecdsa::VerifyingKey) {
-        use p256::pkcs8::{EncodePrivateKey, LineEnding};
+        use p256::pkcs8::{DecodePrivateKey, EncodePrivateKey, LineEnding};
         let key = KeyPair::generate().expect("p8 key");
         let signing =
             p256::ecdsa::SigningKey::from_pkcs8_der(&key.serialize_der()).expect("p256 key");
@@ -567,5 +567,3 @@ impl TestCredentials {
         path
     }
 }
-
-use p256::pkcs8::DecodePrivateKey as _;
