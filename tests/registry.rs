@@ -32,13 +32,16 @@ async fn exercise(r: &impl UserStore) {
 
     r.set_focus(&a, true).await.unwrap();
     assert!(
-        r.users(&[a.clone()]).await.unwrap()[0]
+        r.users(std::slice::from_ref(&a)).await.unwrap()[0]
             .as_ref()
             .unwrap()
             .app_focus
     );
     r.set_focus(&a, false).await.unwrap();
-    assert_eq!(r.users(&[a.clone()]).await.unwrap()[0], Some(ios("aa")));
+    assert_eq!(
+        r.users(std::slice::from_ref(&a)).await.unwrap()[0],
+        Some(ios("aa"))
+    );
 
     let (g, h) = (Id::from("7"), Id::from("8"));
     r.add_group_apple_member(&g, &a).await.unwrap();
@@ -53,7 +56,10 @@ async fn exercise(r: &impl UserStore) {
 
     r.remove_group_apple_member(&g, &a).await.unwrap();
     r.remove_group_apple_member(&h, &a).await.unwrap();
-    let members = r.group_apple_members(&[g.clone()]).await.unwrap();
+    let members = r
+        .group_apple_members(std::slice::from_ref(&g))
+        .await
+        .unwrap();
     assert_eq!(members, vec![vec![c.clone()]]);
 
     assert!(r.delete_user(&a).await.unwrap());

@@ -1,19 +1,64 @@
-//! APNs sender (stub: replaced by the APNs work).
+//! APNs sender: turns routed deliveries into HTTP/2 requests to Apple.
+//!
+//! `credentials` reads config.json and the certificates or keys it names,
+//! `payload` builds the body and headers apps expect, `connection` keeps one
+//! HTTP/2 connection per (app, environment) over `tls`, `sender` runs the
+//! queue, and `check` backs `pushbridge check-config`.
+
+mod check;
+mod connection;
+mod credentials;
+mod jwt;
+mod legacy;
+mod outcome;
+mod payload;
+mod pem;
+mod sender;
+mod tls;
 
 use std::sync::Arc;
 
 use serde_json::{Map, Value};
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::router::ApnsDelivery;
-use crate::settings::ApnsSettings;
-use crate::stats::Stats;
 
+pub use check::{check_config, AppReport, Credential};
+pub use outcome::Outcome;
+pub use payload::{Payload, PayloadError, PushType, MAX_PAYLOAD};
+pub use sender::ApnsSender;
+
+/// Everything that can go wrong in the APNs module; messages name the file,
+/// app or host and the problem, since operators read them in logs.
 #[derive(Debug, thiserror::Error)]
 pub enum ApnsError {
+    /// A credentials file (or config.json itself) that cannot be used.
     #[error("{path}: {problem}")]
-    Config { path: String, problem: String },
+    File { path: String, problem: String },
+    /// An app entry in config.json that is malformed.
+    #[error("{path}: app {app}: {problem}")]
+    App {
+        path: String,
+        app: String,
+        problem: String,
+    },
+    /// An `[apns]` setting that cannot be used.
+    #[error("settings: apns.{key}: {problem}")]
+    Setting { key: &'static str, problem: String },
+    /// Reaching Apple failed: TCP, TLS or the HTTP/2 handshake.
+    #[error("{host}: {problem}")]
+    Connect { host: String, problem: String },
+    /// A request that got no answer: connection lost, timeout, bad request.
+    #[error("request: {0}")]
+    Request(String),
+}
+
+impl ApnsError {
+    pub(crate) fn file(path: &std::path::Path, problem: impl Into<String>) -> Self {
+        ApnsError::File {
+            path: path.display().to_string(),
+            problem: problem.into(),
+        }
+    }
 }
 
 /// One notification waiting for Apple.
@@ -23,33 +68,9 @@ pub struct ApnsJob {
     pub data: Arc<Map<String, Value>>,
 }
 
-#[derive(Clone)]
-pub struct ApnsSender {}
-
-impl ApnsSender {
-    pub fn start(
-        _settings: &ApnsSettings,
-        _stats: Arc<Stats>,
-        _shutdown: CancellationToken,
-        _tracker: &TaskTracker,
-    ) -> Result<ApnsSender, ApnsError> {
-        Ok(ApnsSender {})
+impl ApnsJob {
+    /// A push with an `alert` key is shown to the user; without one it is silent.
+    pub fn is_alert(&self) -> bool {
+        self.data.contains_key("alert")
     }
-
-    /// Queues a notification, waiting while the queue is full.
-    pub async fn send(&self, _job: ApnsJob) {}
-}
-
-/// One app's credentials, as `check-config` reports them.
-#[derive(Debug, Clone)]
-pub struct AppReport(pub String);
-
-impl std::fmt::Display for AppReport {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-pub fn check_config(_settings: &ApnsSettings) -> Result<Vec<AppReport>, ApnsError> {
-    Ok(Vec::new())
 }

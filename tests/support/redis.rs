@@ -26,6 +26,8 @@ impl RedisServer {
             .map(|a| a.port())
             .ok()?;
         let dir = tempfile::tempdir().ok()?;
+        let url = format!("redis://127.0.0.1:{port}/");
+        let client = ::redis::Client::open(url.as_str()).ok()?;
         let mut child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--dir"])
@@ -34,8 +36,6 @@ impl RedisServer {
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server not found: run scripts/test.sh, which installs it");
-        let url = format!("redis://127.0.0.1:{port}/");
-        let client = ::redis::Client::open(url.as_str()).ok()?;
         let deadline = Instant::now() + super::WAIT;
         while Instant::now() < deadline {
             if let Ok(Some(_)) = child.try_wait() {
@@ -53,6 +53,7 @@ impl RedisServer {
             std::thread::sleep(Duration::from_millis(20));
         }
         let _ = child.kill();
+        let _ = child.wait();
         None
     }
 

@@ -1,0 +1,98 @@
+//! `pushbridge check-config`: open every credential file now, so a wrong
+//! password or an expired certificate shows up before the first push.
+
+use std::fmt;
+
+use super::credentials::{self, AppConfig};
+use super::ApnsError;
+use crate::router::Environment;
+use crate::settings::ApnsSettings;
+
+/// What check-config found for one app.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppReport {
+    pub app: String,
+    pub credential: Credential,
+    pub environments: Vec<Environment>,
+}
+
+/// The kind of credential, with what identifies it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Credential {
+    /// One client certificate per environment: (environment, subject, expiry).
+    Certificate(Vec<(Environment, String, String)>),
+    Token {
+        key_id: String,
+        team_id: String,
+    },
+}
+
+fn env_name(env: Environment) -> &'static str {
+    match env {
+        Environment::Sandbox => "sandbox",
+        Environment::Production => "production",
+    }
+}
+
+impl fmt::Display for AppReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let envs: Vec<&str> = self.environments.iter().map(|e| env_name(*e)).collect();
+        match &self.credential {
+            Credential::Token { key_id, team_id } => write!(
+                f,
+                "{}: token auth (key {key_id}, team {team_id}); {}",
+                self.app,
+                envs.join(", ")
+            ),
+            Credential::Certificate(certs) => {
+                write!(f, "{}: certificate; {}", self.app, envs.join(", "))?;
+                for (env, subject, expiry) in certs {
+                    write!(f, "; {}: {subject}, expires {expiry}", env_name(*env))?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Loads config.json and opens every certificate and key. Ok: one report
+/// per app; Err: the first problem, naming the file (missing file, wrong
+/// password, unreadable key, key not matching certificate, expired
+/// certificate).
+pub fn check_config(settings: &ApnsSettings) -> Result<Vec<AppReport>, ApnsError> {
+    let path = &settings.config;
+    let apps = credentials::read_config(path)?.ok_or_else(|| ApnsError::file(path, "not found"))?;
+    let mut reports = Vec::with_capacity(apps.len());
+    for (app, config) in apps {
+        let report = match config? {
+            AppConfig::Token {
+                key,
+                key_id,
+                team_id,
+            } => {
+                credentials::load_token(&key, &key_id, &team_id)?;
+                AppReport {
+                    app,
+                    credential: Credential::Token { key_id, team_id },
+                    environments: vec![Environment::Sandbox, Environment::Production],
+                }
+            }
+            config @ AppConfig::Certificate { .. } => {
+                let mut certs = Vec::new();
+                for env in [Environment::Sandbox, Environment::Production] {
+                    if let Some(path) = config.cert_path(env) {
+                        let id = credentials::load_identity(path, config.password())?;
+                        certs.push((env, id.subject, id.not_after));
+                    }
+                }
+                AppReport {
+                    app,
+                    environments: certs.iter().map(|c| c.0).collect(),
+                    credential: Credential::Certificate(certs),
+                }
+            }
+        };
+        reports.push(report);
+    }
+    Ok(reports)
+}

@@ -1,0 +1,126 @@
+//! The JSON body and the headers that depend on it: the contract with the
+//! existing iOS apps, which read `aps` and the original map under `data`.
+
+use bytes::Bytes;
+use serde_json::{json, Map, Value};
+
+/// Apple refuses larger payloads; refusing them here saves a round trip
+/// and gives a log line that names the user.
+pub const MAX_PAYLOAD: usize = 4096;
+
+/// Whether the app shows the notification or is woken up silently.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PushType {
+    Alert,
+    Background,
+}
+
+impl PushType {
+    /// `apns-push-type`.
+    pub fn header(self) -> &'static str {
+        match self {
+            PushType::Alert => "alert",
+            PushType::Background => "background",
+        }
+    }
+
+    /// `apns-priority`: Apple requires 5 for background pushes.
+    pub fn priority(self) -> &'static str {
+        match self {
+            PushType::Alert => "10",
+            PushType::Background => "5",
+        }
+    }
+}
+
+/// A body ready to send, at most `MAX_PAYLOAD` bytes.
+#[derive(Debug, Clone)]
+pub struct Payload {
+    pub push_type: PushType,
+    pub body: Bytes,
+}
+
+/// Why no payload could be built.
+#[derive(Debug, thiserror::Error)]
+pub enum PayloadError {
+    #[error("payload is {size} bytes, APNs allows {MAX_PAYLOAD}")]
+    TooLarge { size: usize },
+    #[error("payload does not encode: {0}")]
+    Encode(#[from] serde_json::Error),
+}
+
+impl Payload {
+    /// `aps` gets `alert`, `sound` and `badge` from `data`; a push without
+    /// `alert` is silent and gets `content-available: 1`. All of `data`
+    /// also goes under `"data"`.
+    pub fn build(data: &Map<String, Value>) -> Result<Payload, PayloadError> {
+        let mut aps = Map::new();
+        for key in ["alert", "sound", "badge"] {
+            if let Some(v) = data.get(key) {
+                aps.insert(key.into(), v.clone());
+            }
+        }
+        let push_type = if data.contains_key("alert") {
+            PushType::Alert
+        } else {
+            aps.insert("content-available".into(), json!(1));
+            PushType::Background
+        };
+        let body = serde_json::to_vec(&json!({ "aps": aps, "data": data }))?;
+        if body.len() > MAX_PAYLOAD {
+            return Err(PayloadError::TooLarge { size: body.len() });
+        }
+        Ok(Payload {
+            push_type,
+            body: body.into(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(v: Value) -> Map<String, Value> {
+        v.as_object().cloned().unwrap_or_default()
+    }
+
+    #[test]
+    fn alert_copies_alert_sound_badge() {
+        let data = map(json!({"alert": "hi", "sound": "ding", "badge": 3, "n": 1}));
+        let p = Payload::build(&data).unwrap();
+        assert_eq!(p.push_type, PushType::Alert);
+        let body: Value = serde_json::from_slice(&p.body).unwrap();
+        assert_eq!(
+            body,
+            json!({"aps": {"alert": "hi", "sound": "ding", "badge": 3},
+                   "data": {"alert": "hi", "sound": "ding", "badge": 3, "n": 1}})
+        );
+    }
+
+    #[test]
+    fn silent_is_content_available() {
+        let p = Payload::build(&map(json!({"n": 1}))).unwrap();
+        assert_eq!(p.push_type, PushType::Background);
+        assert_eq!(
+            (p.push_type.header(), p.push_type.priority()),
+            ("background", "5")
+        );
+        let body: Value = serde_json::from_slice(&p.body).unwrap();
+        assert_eq!(
+            body,
+            json!({"aps": {"content-available": 1}, "data": {"n": 1}})
+        );
+    }
+
+    #[test]
+    fn too_large_is_refused_with_size() {
+        let data = map(json!({"alert": "x".repeat(2100)}));
+        match Payload::build(&data) {
+            Err(PayloadError::TooLarge { size }) => assert!(size > MAX_PAYLOAD),
+            other => panic!("{other:?}"),
+        }
+        let just_fits = map(json!({"alert": "x".repeat(2000)}));
+        assert!(Payload::build(&just_fits).is_ok());
+    }
+}

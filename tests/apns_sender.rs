@@ -1,0 +1,631 @@
+//! The APNs sender against a local HTTP/2 TLS server answering as Apple does.
+
+#[path = "support/apns.rs"]
+mod apns_server;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use apns_server::{ApnsServer, ClientCert, Reply, ServerOptions, TestCredentials};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use p256::ecdsa::signature::Verifier;
+use pushbridge::apns::{check_config, ApnsJob, ApnsSender};
+use pushbridge::router::{ApnsDelivery, Environment};
+use pushbridge::settings::ApnsSettings;
+use pushbridge::stats::{Counter, Stats};
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+const WAIT: Duration = Duration::from_secs(10);
+const APP: &str = "com.example.app";
+
+fn settings(config: PathBuf, production: &ApnsServer, sandbox: &ApnsServer) -> ApnsSettings {
+    ApnsSettings {
+        config,
+        production_url: production.url(),
+        sandbox_url: sandbox.url(),
+        ca_file: Some(production.ca_path()),
+        expiration_secs: 3600,
+        queue: 16,
+        request_timeout_secs: 10,
+    }
+}
+
+/// A started sender with what it needs to stop.
+struct Running {
+    sender: ApnsSender,
+    stats: Arc<Stats>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl Running {
+    fn start(settings: &ApnsSettings) -> Running {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("pushbridge=debug")
+            .with_test_writer()
+            .try_init();
+        let stats = Arc::new(Stats::default());
+        let shutdown = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let sender = ApnsSender::start(settings, Arc::clone(&stats), shutdown.clone(), &tracker)
+            .expect("sender starts");
+        Running {
+            sender,
+            stats,
+            shutdown,
+            tracker,
+        }
+    }
+
+    async fn send(&self, token: &str, app: &str, env: Environment, data: Value) {
+        let data = Arc::new(data.as_object().cloned().expect("data is an object"));
+        let delivery = ApnsDelivery {
+            user: "42".into(),
+            token: token.into(),
+            app_ident: app.into(),
+            env,
+        };
+        self.sender.send(ApnsJob { delivery, data }).await;
+    }
+
+    /// Stops the sender and waits for all its tasks.
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.tracker.close();
+        tokio::time::timeout(WAIT, self.tracker.wait())
+            .await
+            .expect("sender tasks stop on shutdown");
+    }
+}
+
+/// Waits until `counter` reaches `n`; the timeout only bounds a failure.
+async fn wait_count(counter: &Counter, n: u64) {
+    let reached = tokio::time::timeout(WAIT, async {
+        while counter.get() < n {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert!(
+        reached.is_ok(),
+        "counter stuck at {} (want {n})",
+        counter.get()
+    );
+}
+
+fn token_app(creds: &TestCredentials) -> (PathBuf, p256::ecdsa::VerifyingKey) {
+    let (key, public) = creds.p8("AuthKey_ABC123.p8");
+    let config = creds.config(&json!({
+        APP: { "key": key, "key_id": "ABC123", "team_id": "TEAM456" }
+    }));
+    (config, public)
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs()
+}
+
+#[tokio::test]
+async fn alert_and_silent_push_on_the_wire() {
+    let server = ApnsServer::start().await;
+    let creds = TestCredentials::new();
+    let (config, _) = token_app(&creds);
+    let run = Running::start(&settings(config, &server, &server));
+
+    let before = unix_now();
+    run.send(
+        "aa11",
+        APP,
+        Environment::Production,
+        json!({"alert": "hello", "sound": "default", "badge": 2, "room": 7}),
+    )
+    .await;
+    let r = server.next_request(WAIT).await;
+    let after = unix_now();
+    assert_eq!(r.method, http::Method::POST);
+    assert_eq!(r.path, "/3/device/aa11");
+    assert_eq!(r.header("apns-topic"), Some(APP));
+    assert_eq!(r.header("apns-push-type"), Some("alert"));
+    assert_eq!(r.header("apns-priority"), Some("10"));
+    let exp: u64 = r.header("apns-expiration").unwrap().parse().unwrap();
+    assert!((before + 3600..=after + 3600).contains(&exp), "{exp}");
+    assert!(r.header("authorization").unwrap().starts_with("bearer "));
+    assert_eq!(
+        r.body,
+        json!({"aps": {"alert": "hello", "sound": "default", "badge": 2},
+               "data": {"alert": "hello", "sound": "default", "badge": 2, "room": 7}})
+    );
+
+    run.send("bb22", APP, Environment::Production, json!({"room": 7}))
+        .await;
+    let r = server.next_request(WAIT).await;
+    assert_eq!(r.path, "/3/device/bb22");
+    assert_eq!(r.header("apns-topic"), Some(APP));
+    assert_eq!(r.header("apns-push-type"), Some("background"));
+    assert_eq!(r.header("apns-priority"), Some("5"));
+    assert_eq!(
+        r.body,
+        json!({"aps": {"content-available": 1}, "data": {"room": 7}})
+    );
+    wait_count(&run.stats.apns_delivered, 2).await;
+    assert_eq!(run.stats.apns_queued.get(), 2);
+    assert_eq!(run.stats.apns_failed.get(), 0);
+    run.stop().await;
+}
+
+#[tokio::test]
+async fn zero_expiration_is_sent_as_zero() {
+    let server = ApnsServer::start().await;
+    let creds = TestCredentials::new();
+    let (config, _) = token_app(&creds);
+    let mut s = settings(config, &server, &server);
+    s.expiration_secs = 0;
+    let run = Running::start(&s);
+    run.send("aa11", APP, Environment::Sandbox, json!({"alert": "x"}))
+        .await;
+    let r = server.next_request(WAIT).await;
+    assert_eq!(r.header("apns-expiration"), Some("0"));
+    run.stop().await;
+}
+
+#[tokio::test]
+async fn token_auth_jwt_verifies_with_the_p8_public_key() {
+    let server = ApnsServer::start().await;
+    let creds = TestCredentials::new();
+    let (config, public) = token_app(&creds);
+    let run = Running::start(&settings(config, &server, &server));
+    run.send("aa11", APP, Environment::Production, json!({"alert": "x"}))
+        .await;
+    run.send("aa12", APP, Environment::Production, json!({"alert": "y"}))
+        .await;
+    run.send("aa13", APP, Environment::Sandbox, json!({"alert": "z"}))
+        .await;
+    let first = server.next_request(WAIT).await;
+    let second = server.next_request(WAIT).await;
+    let sandbox = server.next_request(WAIT).await;
+    assert_eq!(first.client_subject, None);
+    let auth = first.header("authorization").unwrap();
+    assert_eq!(second.header("authorization"), Some(auth), "token reused");
+    assert_eq!(
+        sandbox.header("authorization"),
+        Some(auth),
+        "one token per app"
+    );
+    let jwt = auth.strip_prefix("bearer ").expect("bearer scheme");
+    let parts: Vec<&str> = jwt.split('.').collect();
+    assert_eq!(parts.len(), 3, "{jwt}");
+    let decode = |p: &str| -> Value {
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(p).expect("base64url")).expect("json")
+    };
+    assert_eq!(decode(parts[0]), json!({"alg": "ES256", "kid": "ABC123"}));
+    let claims = decode(parts[1]);
+    assert_eq!(claims["iss"], "TEAM456");
+    let iat = claims["iat"].as_u64().expect("iat");
+    assert!(iat <= unix_now() && iat + 3600 > unix_now(), "{iat}");
+    let sig = p256::ecdsa::Signature::from_slice(&URL_SAFE_NO_PAD.decode(parts[2]).unwrap())
+        .expect("64-byte ES256 signature");
+    public
+        .verify(format!("{}.{}", parts[0], parts[1]).as_bytes(), &sig)
+        .expect("signature verifies with the .p8 public key");
+    run.stop().await;
+}
+
+#[tokio::test]
+async fn sandbox_and_production_go_to_their_hosts_with_their_certificates() {
+    let production = ApnsServer::start_with(ServerOptions {
+        require_client_cert: true,
+    })
+    .await;
+    let sandbox = ApnsServer::start_with(ServerOptions {
+        require_client_cert: true,
+    })
+    .await;
+    let creds = TestCredentials::new();
+    let dev = ClientCert::new("app develop");
+    let prod = ClientCert::new("app produce");
+    let config = creds.config(&json!({ APP: {
+        "develop": creds.pem("develop.pem", &dev, None),
+        "produce": creds.pem("produce.pem", &prod, None),
+    }}));
+    let run = Running::start(&settings(config, &production, &sandbox));
+
+    run.send("5a11", APP, Environment::Sandbox, json!({"alert": "s"}))
+        .await;
+    let r = sandbox.next_request(WAIT).await;
+    assert_eq!(r.path, "/3/device/5a11");
+    assert_eq!(r.client_subject.as_deref(), Some(dev.subject.as_str()));
+    assert_eq!(r.header("authorization"), None);
+
+    run.send("9a11", APP, Environment::Production, json!({"alert": "p"}))
+        .await;
+    let r = production.next_request(WAIT).await;
+    assert_eq!(r.path, "/3/device/9a11");
+    assert_eq!(r.client_subject.as_deref(), Some(prod.subject.as_str()));
+
+    wait_count(&run.stats.apns_delivered, 2).await;
+    assert!(sandbox.try_next_request(Duration::ZERO).await.is_none());
+    assert!(production.try_next_request(Duration::ZERO).await.is_none());
+    run.stop().await;
+}
+
+#[tokio::test]
+async fn pem_encrypted_pem_and_p12_present_the_client_certificate() {
+    let server = ApnsServer::start_with(ServerOptions {
+        require_client_cert: true,
+    })
+    .await;
+    let creds = TestCredentials::new();
+    let plain = ClientCert::new("plain pem");
+    let encrypted = ClientCert::new("encrypted pem");
+    let p12 = ClientCert::new("pkcs12");
+    let config = creds.config(&json!({
+        "app.plain": { "develop": creds.pem("plain.pem", &plain, None) },
+        "app.encrypted": {
+            "develop": creds.pem("enc.pem", &encrypted, Some("secret")),
+            "password": "secret",
+        },
+        "app.p12": { "develop": creds.p12("cert.p12", &p12, "secret"), "password": "secret" },
+    }));
+    let run = Running::start(&settings(config, &server, &server));
+    assert_eq!(run.sender.configured().len(), 3);
+    for (app, cert) in [
+        ("app.plain", &plain),
+        ("app.encrypted", &encrypted),
+        ("app.p12", &p12),
+    ] {
+        run.send("aa11", app, Environment::Sandbox, json!({"alert": app}))
+            .await;
+        let r = server.next_request(WAIT).await;
+        assert_eq!(r.header("apns-topic"), Some(app));
+        assert_eq!(
+            r.client_subject.as_deref(),
+            Some(cert.subject.as_str()),
+            "{app}"
+        );
+    }
+    wait_count(&run.stats.apns_delivered, 3).await;
+    run.stop().await;
+}
+
+#[tokio::test]
+async fn payload_over_4096_bytes_is_counted_and_not_sent() {
+    let server = ApnsServer::start().await;
+    let creds = TestCredentials::new();
+    let (config, _) = token_app(&creds);
+    let run = Running::start(&settings(config, &server, &server));
+    run.send(
+        "b1a5",
+        APP,
+        Environment::Production,
+        json!({"alert": "x".repeat(3000)}),
+    )
+    .await;
+    run.send(
+        "5a11",
+        APP,
+        Environment::Production,
+        json!({"alert": "small"}),
+    )
+    .await;
+    let r = server.next_request(WAIT).await;
+    assert_eq!(r.path, "/3/device/5a11", "the large one was not sent");
+    assert_eq!(run.stats.apns_too_large.get(), 1);
+    wait_count(&run.stats.apns_delivered, 1).await;
+    assert_eq!(run.stats.apns_failed.get(), 0);
+    run.stop().await;
+}
+
+#[tokio::test]
+async fn error_answers_are_failures_and_the_sender_keeps_working() {
+    let server = ApnsServer::start().await;
+    server.reply_to(
+        "dead",
+        Reply::Unregistered {
+            timestamp: 1_700_000_000_000,
+        },
+    );
+    server.reply_to("bad", Reply::BadDeviceToken);
+    server.reply_to("oops", Reply::InternalServerError);
+    server.reply_to("busy", Reply::TooManyRequests);
+    let creds = TestCredentials::new();
+    let (config, _) = token_app(&creds);
+    let run = Running::start(&settings(config, &server, &server));
+    for token in ["dead", "bad", "oops", "busy"] {
+        run.send(token, APP, Environment::Production, json!({"alert": token}))
+            .await;
+        server.next_request(WAIT).await;
+    }
+    wait_count(&run.stats.apns_failed, 4).await;
+    run.send("a11e", APP, Environment::Production, json!({"alert": "ok"}))
+        .await;
+    assert_eq!(server.next_request(WAIT).await.path, "/3/device/a11e");
+    wait_count(&run.stats.apns_delivered, 1).await;
+    assert_eq!(run.stats.apns_failed.get(), 4);
+    assert_eq!(server.connections(), 1, "errors do not cost the connection");
+    run.stop().await;
+}
+
+#[tokio::test]
+async fn hundred_concurrent_notifications_share_one_connection() {
+    let server = ApnsServer::start().await;
+    // No answer until all 100 are in flight: one-at-a-time sending never finishes.
+    server.hold_answers_until(100);
+    let creds = TestCredentials::new();
+    let (config, _) = token_app(&creds);
+    let mut s = settings(config, &server, &server);
+    s.queue = 128;
+    let run = Running::start(&s);
+    for i in 0..100 {
+        run.send(
+            &format!("d{i:03}"),
+            APP,
+            Environment::Production,
+            json!({"n": i}),
+        )
+        .await;
+    }
+    let mut paths = Vec::new();
+    for _ in 0..100 {
+        let r = server.next_request(WAIT).await;
+        assert_eq!(r.connection, 1);
+        paths.push(r.path);
+    }
+    paths.sort();
+    let want: Vec<String> = (0..100).map(|i| format!("/3/device/d{i:03}")).collect();
+    assert_eq!(paths, want);
+    wait_count(&run.stats.apns_delivered, 100).await;
+    assert_eq!(server.connections(), 1);
+    run.stop().await;
+}
+
+#[tokio::test]
+async fn reconnects_when_the_connection_dies() {
+    let server = ApnsServer::start().await;
+    let creds = TestCredentials::new();
+    let (config, _) = token_app(&creds);
+    let run = Running::start(&settings(config, &server, &server));
+    run.send("aa11", APP, Environment::Production, json!({"alert": "1"}))
+        .await;
+    assert_eq!(server.next_request(WAIT).await.connection, 1);
+    wait_count(&run.stats.apns_delivered, 1).await;
+
+    server.close_connections().await;
+    run.send("aa12", APP, Environment::Production, json!({"alert": "2"}))
+        .await;
+    let r = server.next_request(WAIT).await;
+    assert_eq!((r.path.as_str(), r.connection), ("/3/device/aa12", 2));
+    wait_count(&run.stats.apns_delivered, 2).await;
+    assert_eq!(run.stats.apns_failed.get(), 0);
+    run.stop().await;
+}
+
+#[tokio::test]
+async fn no_answer_within_the_request_timeout_is_a_failure() {
+    let server = ApnsServer::start().await;
+    server.hold_answers_until(usize::MAX);
+    let creds = TestCredentials::new();
+    let (config, _) = token_app(&creds);
+    let mut s = settings(config, &server, &server);
+    s.request_timeout_secs = 1;
+    let run = Running::start(&s);
+    run.send("aa11", APP, Environment::Production, json!({"alert": "x"}))
+        .await;
+    server.next_request(WAIT).await;
+    wait_count(&run.stats.apns_failed, 1).await;
+    assert_eq!(run.stats.apns_delivered.get(), 0);
+    run.stop().await;
+}
+
+#[tokio::test]
+async fn unreachable_or_untrusted_apple_is_a_failure_not_a_panic() {
+    let server = ApnsServer::start().await;
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let closed_url = format!("https://localhost:{}", closed.local_addr().unwrap().port());
+    drop(closed);
+    let creds = TestCredentials::new();
+    let (config, _) = token_app(&creds);
+    let mut s = settings(config, &server, &server);
+    s.sandbox_url = closed_url;
+    s.ca_file = None;
+    let run = Running::start(&s);
+    run.send("aa11", APP, Environment::Sandbox, json!({"alert": "x"}))
+        .await;
+    run.send("aa11", APP, Environment::Production, json!({"alert": "x"}))
+        .await;
+    wait_count(&run.stats.apns_failed, 2).await;
+    assert!(server.try_next_request(Duration::ZERO).await.is_none());
+    run.stop().await;
+}
+
+#[tokio::test]
+async fn unknown_app_or_environment_is_counted_as_no_credentials() {
+    let server = ApnsServer::start().await;
+    let creds = TestCredentials::new();
+    let dev = ClientCert::new("dev only");
+    let config = creds.config(&json!({ APP: { "develop": creds.pem("d.pem", &dev, None) }}));
+    let run = Running::start(&settings(config, &server, &server));
+    run.send(
+        "aa11",
+        "com.unknown",
+        Environment::Sandbox,
+        json!({"alert": "x"}),
+    )
+    .await;
+    run.send("aa11", APP, Environment::Production, json!({"alert": "x"}))
+        .await;
+    run.send("aa11", APP, Environment::Sandbox, json!({"alert": "x"}))
+        .await;
+    assert_eq!(
+        server.next_request(WAIT).await.header("apns-topic"),
+        Some(APP)
+    );
+    assert_eq!(run.stats.apns_no_credentials.get(), 2);
+    run.stop().await;
+}
+
+#[tokio::test]
+async fn a_broken_app_does_not_stop_the_others() {
+    let server = ApnsServer::start().await;
+    let creds = TestCredentials::new();
+    let good = ClientCert::new("good");
+    let config = creds.config(&json!({
+        "app.broken": { "develop": "missing.pem" },
+        "app.badjson": { "develop": 5 },
+        "app.good": { "develop": creds.pem("good.pem", &good, None) },
+    }));
+    let run = Running::start(&settings(config, &server, &server));
+    assert_eq!(
+        run.sender.configured(),
+        &[("app.good".to_string(), Environment::Sandbox)]
+    );
+    run.send(
+        "aa11",
+        "app.good",
+        Environment::Sandbox,
+        json!({"alert": "x"}),
+    )
+    .await;
+    assert_eq!(
+        server.next_request(WAIT).await.client_subject,
+        Some(good.subject)
+    );
+    run.stop().await;
+}
+
+#[tokio::test]
+async fn missing_config_json_starts_with_no_apps() {
+    let server = ApnsServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let s = settings(dir.path().join("config.json"), &server, &server);
+    let run = Running::start(&s);
+    assert!(run.sender.configured().is_empty());
+    run.send("aa11", APP, Environment::Production, json!({"alert": "x"}))
+        .await;
+    wait_count(&run.stats.apns_no_credentials, 1).await;
+    run.stop().await;
+    let err = check_config(&s).unwrap_err().to_string();
+    assert!(
+        err.contains("config.json") && err.contains("not found"),
+        "{err}"
+    );
+}
+
+/// check_config's error for `apps`, which must name `file` and `problem`.
+fn check_fails(creds: &TestCredentials, apps: Value, file: &str, problem: &str) {
+    let s = ApnsSettings {
+        config: creds.config(&apps),
+        ..ApnsSettings::default()
+    };
+    let err = check_config(&s)
+        .expect_err("check_config fails")
+        .to_string();
+    assert!(err.contains(file), "{err:?} should name {file}");
+    assert!(err.contains(problem), "{err:?} should say {problem:?}");
+}
+
+#[test]
+fn check_config_reports_every_app() {
+    let creds = TestCredentials::new();
+    let dev = ClientCert::new("report develop");
+    let prod = ClientCert::new("report produce");
+    let (key, _) = creds.p8("AuthKey_ABC123.p8");
+    let s = ApnsSettings {
+        config: creds.config(&json!({
+            "app.cert": {
+                "develop": creds.pem("d.pem", &dev, Some("pw")),
+                "produce": creds.p12("p.p12", &prod, "pw"),
+                "password": "pw",
+            },
+            "app.token": { "key": key, "key_id": "ABC123", "team_id": "TEAM456" },
+        })),
+        ..ApnsSettings::default()
+    };
+    let reports = check_config(&s).expect("config is fine");
+    let lines: Vec<String> = reports.iter().map(ToString::to_string).collect();
+    assert_eq!(lines.len(), 2);
+    assert!(
+        lines[0].starts_with("app.cert: certificate; sandbox, production"),
+        "{}",
+        lines[0]
+    );
+    assert!(lines[0].contains("CN=report develop") && lines[0].contains("CN=report produce"));
+    assert!(lines[0].contains("expires"));
+    assert_eq!(
+        lines[1],
+        "app.token: token auth (key ABC123, team TEAM456); sandbox, production"
+    );
+}
+
+#[test]
+fn check_config_names_file_and_problem() {
+    let creds = TestCredentials::new();
+    let cert = ClientCert::new("c");
+    let other = ClientCert::new("other");
+    check_fails(
+        &creds,
+        json!({ APP: { "develop": "nope.pem" } }),
+        "nope.pem",
+        "No such file",
+    );
+    let enc = creds.pem("enc.pem", &cert, Some("right"));
+    check_fails(
+        &creds,
+        json!({ APP: { "develop": enc, "password": "wrong" } }),
+        "enc.pem",
+        "wrong password",
+    );
+    let p12 = creds.p12("c.p12", &cert, "right");
+    check_fails(
+        &creds,
+        json!({ APP: { "produce": p12, "password": "wrong" } }),
+        "c.p12",
+        "wrong password",
+    );
+    let mismatched = creds.mismatched_pem("mismatch.pem", &cert, &other);
+    check_fails(
+        &creds,
+        json!({ APP: { "develop": mismatched } }),
+        "mismatch.pem",
+        "does not match the certificate",
+    );
+    let expired = creds.pem("old.pem", &ClientCert::expired("old"), None);
+    check_fails(
+        &creds,
+        json!({ APP: { "develop": expired } }),
+        "old.pem",
+        "expired",
+    );
+    let garbage = creds.write("garbage.p8", "not a key");
+    check_fails(
+        &creds,
+        json!({ APP: { "key": garbage, "key_id": "K", "team_id": "T" } }),
+        "garbage.p8",
+        "not a PKCS#8 P-256",
+    );
+    let legacy = creds.write(
+        "legacy.pem",
+        format!(
+            "{}-----BEGIN RSA PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\nDEK-Info: BF-CBC,0001020304050607\n\nAAAA\n-----END RSA PRIVATE KEY-----\n",
+            cert.cert_pem
+        ),
+    );
+    check_fails(
+        &creds,
+        json!({ APP: { "develop": legacy, "password": "x" } }),
+        "legacy.pem",
+        "openssl pkcs8 -topk8",
+    );
+    check_fails(
+        &creds,
+        json!({ APP: { "key": "k.p8" } }),
+        "config.json",
+        "needs all of key, key_id and team_id",
+    );
+}
