@@ -92,7 +92,7 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
     let mqtt_addr = mqtt_listener.local_addr().expect("bound");
 
     let apns = ApnsSender::start(&settings.apns, stats.clone(), stop.clone(), &tracker)?;
-    let (broker, events) = Broker::new(&settings.mqtt);
+    let (broker, events) = Broker::with_stats(&settings.mqtt, stats.clone());
     tracker.spawn(
         broker
             .clone()

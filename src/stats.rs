@@ -71,6 +71,16 @@ counters! {
     status_updates,
     /// Pushes accepted over HTTP.
     http_pushes,
+    /// MQTT CONNECTs accepted.
+    mqtt_connects,
+    /// MQTT connections closed for a malformed or oversize packet or a protocol error.
+    mqtt_malformed,
+    /// MQTT connections closed for silence: no CONNECT in time, or keep-alive expired.
+    mqtt_timeouts,
+    /// MQTT messages dropped: a session's queue was full, or too large for the client.
+    mqtt_dropped,
+    /// Persistent MQTT sessions removed because they expired offline.
+    mqtt_sessions_expired,
 }
 
 #[cfg(test)]
