@@ -701,3 +701,78 @@ async fn v5_session_expiry_zero_ends_with_the_connection() {
         other => panic!("expected CONNACK, got {other:?}"),
     }
 }
+
+/// mosquitto's own clients (another implementation than rumqttc) in both versions.
+#[tokio::test]
+async fn mosquitto_clients_work_in_both_versions() {
+    use std::process::Stdio;
+    use tokio::io::AsyncBufReadExt;
+    use tokio::process::Command;
+    let mut srv = start_default().await;
+    let port = srv.addr.port().to_string();
+    for (version, id) in [("mqttv311", "mosq-4"), ("mqttv5", "mosq-5")] {
+        let topic = format!("push/user/{id}");
+        // stdbuf: mosquitto_sub block-buffers a pipe, hiding the SUBACK line.
+        let mut sub = Command::new("stdbuf")
+            .args([
+                "-oL",
+                "mosquitto_sub",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-V",
+                version,
+                "-i",
+                id,
+            ])
+            .args(["-q", "1", "-C", "1", "-d", "-t", &topic])
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("mosquitto_sub is installed");
+        let mut lines = tokio::io::BufReader::new(sub.stdout.take().unwrap()).lines();
+        loop {
+            let line = tokio::time::timeout(WAIT, lines.next_line()).await.unwrap();
+            if line
+                .unwrap()
+                .expect("mosquitto_sub ended")
+                .contains("received SUBACK")
+            {
+                break;
+            }
+        }
+        assert_eq!(srv.broker.publish(&topic, Bytes::from_static(b"hello")), 1);
+        let mut got = false;
+        while let Some(line) = tokio::time::timeout(WAIT, lines.next_line())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            got |= line == "hello";
+        }
+        assert!(got, "{version}: payload printed");
+        let status = tokio::time::timeout(WAIT, sub.wait())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(status.success(), "{version}: {status}");
+        srv.disconnected(id).await;
+
+        let status = Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &port, "-V", version, "-i", id])
+            .args(["-q", "2", "-t", "push/app/status", "-m", "foreground"])
+            .status();
+        let status = tokio::time::timeout(WAIT, status).await.unwrap().unwrap();
+        assert!(status.success(), "{version}: {status}");
+        match srv.event().await {
+            BrokerEvent::Status {
+                client_id, payload, ..
+            } => {
+                assert_eq!((&*client_id, &payload[..]), (id, &b"foreground"[..]));
+            }
+            other => panic!("expected Status, got {other:?}"),
+        }
+        srv.disconnected(id).await;
+    }
+}

@@ -428,7 +428,8 @@ fn to_v5(out: &Out<'_>) -> v5::Packet {
             properties: Some(v5::ConnAckProperties {
                 session_expiry_interval: *session_expiry,
                 receive_max: None,
-                max_qos: Some(1),
+                // Inbound QoS 2 is accepted; only subscriptions are capped (in SUBACK).
+                max_qos: None,
                 retain_available: Some(0),
                 max_packet_size: Some(*max_packet),
                 assigned_client_identifier: assigned_id.map(str::to_owned),

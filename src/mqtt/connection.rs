@@ -162,7 +162,7 @@ async fn handle(inner: Arc<Inner>, mut stream: TcpStream, conn: u64, shutdown: C
             .min(receive_max.unwrap_or(u16::MAX).into())
             .max(1),
         client_max: max_packet.map_or(usize::MAX, |m| m as usize),
-        client_id: client_id.into(),
+        client_id: attached.session.client_id.clone(),
         inner,
         stream,
         proto,
@@ -361,6 +361,9 @@ impl Conn {
                 if let Some(i) = st.inflight.iter().position(|m| m.pkid == pkid) {
                     st.inflight.remove(i);
                 }
+                if st.inflight.is_empty() && st.inflight.capacity() > 4 {
+                    st.inflight = Default::default();
+                }
             }
             // The server never sends QoS 2, so these acknowledge nothing.
             In::PubRec(_) | In::PubComp(_) => {}
@@ -459,7 +462,7 @@ impl Conn {
                 });
             }
         }
-        if st.queue.is_empty() && st.queue.capacity() > 16 {
+        if st.queue.is_empty() && st.queue.capacity() > 4 {
             st.queue = Default::default();
         }
         Ok(())
@@ -562,5 +565,31 @@ impl Encoder<'_> {
             self.inner.stats.mqtt_dropped.inc();
         }
         ok
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mqtt::Broker;
+    use crate::settings::MqttSettings;
+
+    /// An idle connection is mostly this future; keep it well under the 4 KiB budget.
+    #[tokio::test]
+    async fn connection_task_is_small() {
+        let (broker, _rx) = Broker::new(&MqttSettings::default());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap());
+        let (client, accepted) = tokio::join!(client, listener.accept());
+        let (stream, peer) = accepted.unwrap();
+        let permit = Arc::new(tokio::sync::Semaphore::new(1))
+            .acquire_owned()
+            .await
+            .unwrap();
+        let task = run(broker.inner, stream, peer, CancellationToken::new(), permit);
+        let size = std::mem::size_of_val(&task);
+        println!("connection future: {size} bytes");
+        assert!(size < 2048, "connection future grew to {size} bytes");
+        drop(client);
     }
 }
