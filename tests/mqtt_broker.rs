@@ -9,6 +9,7 @@ use pushbridge::mqtt::{Broker, BrokerEvent};
 use pushbridge::settings::MqttSettings;
 use rumqttc::mqttbytes::v4;
 use rumqttc::v5::mqttbytes::v5;
+use rumqttc::v5::mqttbytes::QoS as QoS5;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -489,12 +490,47 @@ async fn last_will_on_abrupt_close_but_not_on_disconnect() {
     let (c, _) = Raw::connect_with(srv.addr, with_will("c")).await;
     drop(c);
     srv.disconnected("c").await;
+    // v5, short DISCONNECTs: reason 0x00 (no will), then 0x04 (will wanted).
+    for (id, reason) in [("e", 0x00), ("d", 0x04)] {
+        let mut v5c = Raw::open(srv.addr).await;
+        let will = v5::LastWill::new(format!("will/{id}"), "x", QoS5::AtLeastOnce, false, None);
+        let v5::Packet::Connect(connect, _, _) = v5_connect(id, true, None) else {
+            unreachable!()
+        };
+        v5c.send5(v5::Packet::Connect(connect, Some(will), None))
+            .await;
+        assert!(matches!(v5c.recv5().await, Some(v5::Packet::ConnAck(_))));
+        v5c.stream.write_all(&[0xe0, 0x01, reason]).await.unwrap();
+        srv.disconnected(id).await;
+    }
     assert_eq!(watcher.publish().await.topic, "will/a");
-    assert_eq!(
-        watcher.publish().await.topic,
-        "will/c",
-        "no will after DISCONNECT"
-    );
+    let next = watcher.publish().await.topic;
+    assert_eq!(next, "will/c", "no will after DISCONNECT");
+    assert_eq!(watcher.publish().await.topic, "will/d");
+}
+
+#[tokio::test]
+async fn full_queue_drops_and_counts() {
+    let mut srv = start(MqttSettings {
+        max_queued: 2,
+        ..MqttSettings::default()
+    })
+    .await;
+    let (mut a, _) = Raw::connect(srv.addr, "full", false, 60).await;
+    a.subscribe("push/user/6", rumqttc::QoS::AtLeastOnce).await;
+    drop(a);
+    srv.disconnected("full").await;
+    let sent: Vec<usize> = (0..3)
+        .map(|i| {
+            srv.broker
+                .publish("push/user/6", Bytes::from(format!("m{i}")))
+        })
+        .collect();
+    assert_eq!(sent, vec![1, 1, 0]);
+    assert_eq!(srv.broker.stats().mqtt_dropped.get(), 1);
+    let (mut b, _) = Raw::connect(srv.addr, "full", false, 60).await;
+    assert_eq!(&b.publish().await.payload[..], b"m0");
+    assert_eq!(&b.publish().await.payload[..], b"m1");
 }
 
 #[tokio::test]

@@ -164,10 +164,11 @@ pub fn parse(proto: Proto, buf: &mut BytesMut, len: usize) -> Result<In, CodecEr
             from_v4(p)
         }
         Proto::V5 => {
-            // rumqttc refuses the legal two-byte DISCONNECT (reason 0 implied).
-            if frame.len() == 2 && frame[0] == 0xe0 {
+            // rumqttc refuses the legal short DISCONNECTs: no reason (0 implied),
+            // or a reason without properties.
+            if frame.len() <= 3 && frame[0] == 0xe0 {
                 return Ok(In::Disconnect {
-                    reason: 0,
+                    reason: frame.get(2).copied().unwrap_or(0),
                     session_expiry: None,
                 });
             }
