@@ -812,3 +812,29 @@ async fn mosquitto_clients_work_in_both_versions() {
         srv.disconnected(id).await;
     }
 }
+
+#[tokio::test]
+async fn a_client_that_never_reads_stalls_nobody() {
+    let srv = start(MqttSettings {
+        max_queued: 8,
+        ..MqttSettings::default()
+    })
+    .await;
+    let (mut slow, _) = Raw::connect(srv.addr, "slow", true, 0).await;
+    slow.subscribe("push/group/1", rumqttc::QoS::AtMostOnce)
+        .await;
+    let (_good, mut rx) = rumq4(srv.addr, "good", "push/user/1").await;
+    // 64 MiB for the slow client: far beyond what socket buffers can absorb.
+    let big = Bytes::from(vec![7u8; 64 * 1024]);
+    for i in 0..1000u32 {
+        srv.broker.publish("push/group/1", big.clone());
+        srv.broker
+            .publish("push/user/1", Bytes::from(i.to_string()));
+        assert_eq!(next(&mut rx).await.payload, Bytes::from(i.to_string()));
+    }
+    assert!(
+        srv.broker.stats().mqtt_dropped.get() > 0,
+        "the slow session overflowed"
+    );
+    drop(slow);
+}

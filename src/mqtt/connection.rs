@@ -1,7 +1,7 @@
-//! One task per client: the CONNECT handshake, then a single `select!` loop
-//! that reads, writes, moves queued messages to the socket and watches
-//! keep-alive, takeover and shutdown. One task (not one per direction) and
-//! buffers that are freed when empty keep an idle connection small.
+//! One task per client: the CONNECT handshake, then a single loop that
+//! reads, writes, moves queued messages to the socket and watches keep-alive,
+//! takeover and shutdown. One task (not one per direction), no futures kept
+//! per direction, and buffers freed when empty keep an idle connection small.
 
 use std::future::Future;
 use std::io;
@@ -13,25 +13,26 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use rumqttc::mqttbytes::valid_filter;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, OwnedSemaphorePermit};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, Instrument};
 
-use super::codec::{self, Check, CodecError, ConnCode, Connect, In, Out, Proto};
-use super::session::{Inflight, Msg, Owner, Session};
+use super::codec::{self, Check, CodecError, In, Out, Proto};
+use super::handshake;
+use super::session::{Inflight, Msg, Session};
 use super::{BrokerEvent, Inner};
 
 /// Smallest read reservation; most MQTT packets of a push service are smaller.
-const READ_CHUNK: usize = 512;
+pub(super) const READ_CHUNK: usize = 512;
 /// Largest single read reservation, so a header claiming a big packet costs nothing until sent.
-const READ_MAX: usize = 64 * 1024;
+pub(super) const READ_MAX: usize = 64 * 1024;
 /// Stop producing output (and reading input) while this much waits for the socket.
 const WRITE_HIGH: usize = 64 * 1024;
 /// Bound on the last write (DISCONNECT, unflushed acks) of a closing connection.
-const FINAL_WRITE: Duration = Duration::from_secs(1);
+pub(super) const FINAL_WRITE: Duration = Duration::from_secs(1);
 
 /// What woke the connection loop.
 enum Event {
@@ -88,7 +89,7 @@ pub(super) async fn run(
 
 async fn handle(inner: Arc<Inner>, stream: TcpStream, conn: u64, shutdown: CancellationToken) {
     // Boxed: the handshake's state is dropped before the long idle phase.
-    let Some(mut c) = Box::pin(handshake(inner, stream, conn, &shutdown)).await else {
+    let Some(mut c) = Box::pin(handshake::handshake(inner, stream, conn, &shutdown)).await else {
         return;
     };
     let wake = c.wake.clone();
@@ -96,195 +97,26 @@ async fn handle(inner: Arc<Inner>, stream: TcpStream, conn: u64, shutdown: Cance
     Box::pin(c.finish(end)).await;
 }
 
-/// Reads the CONNECT, attaches the session and queues the CONNACK.
-async fn handshake(
-    inner: Arc<Inner>,
-    mut stream: TcpStream,
-    conn: u64,
-    shutdown: &CancellationToken,
-) -> Option<Conn> {
-    let mut rbuf = BytesMut::new();
-    let max = inner.settings.max_packet_size;
-    let limit = Duration::from_secs(inner.settings.connect_timeout_secs);
-    let first = tokio::select! {
-        _ = shutdown.cancelled() => return None,
-        r = tokio::time::timeout(limit, read_connect(&mut stream, &mut rbuf, max)) => r,
-    };
-    let connect = match first {
-        Ok(Ok(c)) => c,
-        Err(_) => {
-            inner.stats.mqtt_timeouts.inc();
-            debug!("no CONNECT within {limit:?}");
-            return None;
-        }
-        Ok(Err(Handshake::Level(level))) => {
-            debug!("unsupported protocol level {level}");
-            let mut out = BytesMut::new();
-            let ack = connack(ConnCode::BadProtocol, false, None, None, max);
-            codec::encode(Proto::V4, &ack, &mut out, usize::MAX);
-            let _ = tokio::time::timeout(FINAL_WRITE, stream.write_all(&out)).await;
-            return None;
-        }
-        Ok(Err(Handshake::Io(e))) => {
-            debug!("closed before CONNECT: {e}");
-            return None;
-        }
-        Ok(Err(Handshake::Codec(e))) => {
-            inner.stats.mqtt_malformed.inc();
-            info!("bad CONNECT: {e}");
-            return None;
-        }
-    };
-    let Connect {
-        proto,
-        client_id,
-        clean,
-        keep_alive,
-        will,
-        session_expiry,
-        max_packet,
-        receive_max,
-    } = *connect;
-
-    let (client_id, assigned) = match client_id.is_empty() {
-        false => (client_id, false),
-        true if proto == Proto::V4 && !clean => {
-            let mut out = BytesMut::new();
-            let ack = connack(ConnCode::BadClientId, false, None, None, max);
-            codec::encode(proto, &ack, &mut out, usize::MAX);
-            let _ = tokio::time::timeout(FINAL_WRITE, stream.write_all(&out)).await;
-            return None;
-        }
-        true => (format!("pb-{conn:x}-{:08x}", rand::random::<u32>()), true),
-    };
-    tracing::Span::current().record("client_id", client_id.as_str());
-
-    let cap = u32::try_from(inner.settings.session_expiry_secs).unwrap_or(u32::MAX);
-    let expiry = match proto {
-        Proto::V4 if clean => 0,
-        Proto::V4 => cap,
-        Proto::V5 => session_expiry.unwrap_or(0).min(cap),
-    };
-    let wake = Arc::new(Notify::new());
-    let owner = Owner {
-        conn,
-        wake: wake.clone(),
-    };
-    let attached = inner.registry().attach(&client_id, clean, expiry, owner);
-    inner.stats.mqtt_connects.inc();
-    debug!(proto = ?proto, clean, present = attached.present, "connected");
-
-    let granted = (proto == Proto::V5 && session_expiry.unwrap_or(0) != expiry).then_some(expiry);
-    let ack = connack(
-        ConnCode::Accepted,
-        attached.present,
-        assigned.then_some(client_id.as_str()),
-        granted,
-        max,
-    );
-    let mut wbuf = BytesMut::new();
-    codec::encode(proto, &ack, &mut wbuf, usize::MAX);
-    let c = Conn {
-        window: inner
-            .settings
-            .max_inflight
-            .min(receive_max.unwrap_or(u16::MAX).into())
-            .max(1),
-        client_max: max_packet.map_or(usize::MAX, |m| m as usize),
-        client_id: attached.session.client_id.clone(),
-        inner,
-        stream,
-        proto,
-        conn,
-        session: attached.session,
-        rbuf,
-        wbuf,
-        need: 0,
-        keep_alive,
-        will,
-        wake,
-    };
-    Some(c)
-}
-
-/// Why no CONNECT was obtained.
-enum Handshake {
-    Io(io::Error),
-    Codec(CodecError),
-    Level(u8),
-}
-
-async fn read_connect(
-    stream: &mut TcpStream,
-    rbuf: &mut BytesMut,
-    max: usize,
-) -> Result<Box<Connect>, Handshake> {
-    loop {
-        match codec::check(rbuf, max).map_err(Handshake::Codec)? {
-            Check::Frame(len) => {
-                if rbuf[0] >> 4 != 1 {
-                    return Err(Handshake::Codec(CodecError::Malformed(
-                        "first packet is not CONNECT".into(),
-                    )));
-                }
-                let proto = match codec::connect_level(&rbuf[..len]).map_err(Handshake::Codec)? {
-                    4 => Proto::V4,
-                    5 => Proto::V5,
-                    level => return Err(Handshake::Level(level)),
-                };
-                return match codec::parse(proto, rbuf, len).map_err(Handshake::Codec)? {
-                    In::Connect(c) => Ok(c),
-                    _ => Err(Handshake::Codec(CodecError::Malformed(
-                        "first packet is not CONNECT".into(),
-                    ))),
-                };
-            }
-            Check::Incomplete(n) => {
-                rbuf.reserve(n.clamp(READ_CHUNK, READ_MAX));
-                if stream.read_buf(rbuf).await.map_err(Handshake::Io)? == 0 {
-                    return Err(Handshake::Io(io::ErrorKind::UnexpectedEof.into()));
-                }
-            }
-        }
-    }
-}
-
-fn connack<'a>(
-    code: ConnCode,
-    session_present: bool,
-    assigned_id: Option<&'a str>,
-    session_expiry: Option<u32>,
-    max: usize,
-) -> Out<'a> {
-    Out::ConnAck {
-        code,
-        session_present,
-        assigned_id,
-        session_expiry,
-        max_packet: u32::try_from(max).unwrap_or(u32::MAX),
-    }
-}
-
 /// A connected client.
-struct Conn {
-    inner: Arc<Inner>,
-    stream: TcpStream,
-    proto: Proto,
-    conn: u64,
-    client_id: Arc<str>,
-    session: Arc<Session>,
-    rbuf: BytesMut,
-    wbuf: BytesMut,
+pub(super) struct Conn {
+    pub(super) inner: Arc<Inner>,
+    pub(super) stream: TcpStream,
+    pub(super) proto: Proto,
+    pub(super) conn: u64,
+    pub(super) client_id: Arc<str>,
+    pub(super) session: Arc<Session>,
+    pub(super) rbuf: BytesMut,
+    pub(super) wbuf: BytesMut,
     /// Bytes still missing for the next frame (from `check`).
-    need: usize,
+    pub(super) need: usize,
     /// Outbound QoS 1 messages allowed unacknowledged.
-    window: usize,
+    pub(super) window: usize,
     /// Largest packet the client accepts (v5).
-    client_max: usize,
-    keep_alive: u16,
-    will: Option<codec::Will>,
+    pub(super) client_max: usize,
+    pub(super) keep_alive: u16,
+    pub(super) will: Option<codec::Will>,
     /// Notified when the session has messages, or was taken over.
-    wake: Arc<Notify>,
+    pub(super) wake: Arc<Notify>,
 }
 
 impl Conn {

@@ -6,6 +6,7 @@
 
 mod codec;
 mod connection;
+mod handshake;
 mod listener;
 mod session;
 mod topics;
