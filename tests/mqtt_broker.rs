@@ -838,3 +838,48 @@ async fn a_client_that_never_reads_stalls_nobody() {
     );
     drop(slow);
 }
+
+#[tokio::test]
+async fn v5_keep_alive_expiry_says_why() {
+    let srv = start_default().await;
+    let mut a = Raw::open(srv.addr).await;
+    let v5::Packet::Connect(mut connect, _, _) = v5_connect("sleepy5", true, None) else {
+        unreachable!()
+    };
+    connect.keep_alive = 1;
+    a.send5(v5::Packet::Connect(connect, None, None)).await;
+    assert!(matches!(a.recv5().await, Some(v5::Packet::ConnAck(_))));
+    match a.recv5().await {
+        Some(v5::Packet::Disconnect(d)) => {
+            assert_eq!(d.reason_code, v5::DisconnectReasonCode::KeepAliveTimeout)
+        }
+        other => panic!("expected DISCONNECT, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn offline_sessions_expire() {
+    let mut srv = start(MqttSettings {
+        session_expiry_secs: 1,
+        ..MqttSettings::default()
+    })
+    .await;
+    let (mut a, _) = Raw::connect(srv.addr, "brief", false, 60).await;
+    a.subscribe("push/user/1", rumqttc::QoS::AtLeastOnce).await;
+    drop(a);
+    srv.disconnected("brief").await;
+    assert_eq!(srv.broker.session_count(), 1);
+    // Polls the sweeper's effect; the timeout only bounds a failure.
+    tokio::time::timeout(WAIT, async {
+        while srv.broker.session_count() > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("session expired");
+    assert_eq!(
+        srv.broker.publish("push/user/1", Bytes::from_static(b"x")),
+        0
+    );
+    assert_eq!(srv.broker.stats().mqtt_sessions_expired.get(), 1);
+}
