@@ -373,7 +373,7 @@ impl Conn {
         Ok(())
     }
 
-    /// Says goodbye (v5), releases the session, publishes the will, reports the end.
+    /// Releases the session, publishes the will, reports the end, says goodbye (v5).
     async fn finish(mut self, end: End) {
         match &end {
             End::Malformed(e) => {
@@ -391,13 +391,8 @@ impl Conn {
             End::Io(e) => debug!("closing: io error: {e}"),
             other => debug!("closing: {other:?}"),
         }
-        if !matches!(end, End::Io(_) | End::Closed) {
-            if let (Proto::V5, Some(code)) = (self.proto, end.reason()) {
-                self.send(&Out::Disconnect(code));
-            }
-            let _ = tokio::time::timeout(FINAL_WRITE, self.stream.write_all(&self.wbuf)).await;
-        }
-        drop(self.stream);
+        // Session, will and event first: a takeover or the status consumer
+        // must not wait on a goodbye to a peer that may not be reading.
         self.inner.registry().detach(&self.session, self.conn);
         if let Some(w) = self.will.take().filter(|_| end.sends_will()) {
             if !w.topic.is_empty() && !w.topic.contains(['+', '#']) {
@@ -407,9 +402,15 @@ impl Conn {
         }
         let event = BrokerEvent::Disconnected {
             conn: self.conn,
-            client_id: self.client_id,
+            client_id: self.client_id.clone(),
         };
         let _ = self.inner.events.send(event).await;
+        if !matches!(end, End::Io(_) | End::Closed) {
+            if let (Proto::V5, Some(code)) = (self.proto, end.reason()) {
+                self.send(&Out::Disconnect(code));
+            }
+            let _ = tokio::time::timeout(FINAL_WRITE, self.stream.write_all(&self.wbuf)).await;
+        }
     }
 }
 
