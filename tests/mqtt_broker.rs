@@ -285,6 +285,14 @@ async fn wildcard_subscribers_and_client_publishes_are_routed() {
         (p.topic.as_str(), &p.payload[..]),
         ("push/group/7", &b"g7"[..])
     );
+    let (_c, mut crx) = rumq4(srv.addr, "exact", "push/group/7").await;
+    assert_eq!(
+        srv.broker
+            .publish("push/group/7", Bytes::from_static(b"both")),
+        2
+    );
+    assert_eq!(&next(&mut rx).await.payload[..], b"both");
+    assert_eq!(&next(&mut crx).await.payload[..], b"both");
 }
 
 #[tokio::test]
@@ -882,4 +890,28 @@ async fn offline_sessions_expire() {
         0
     );
     assert_eq!(srv.broker.stats().mqtt_sessions_expired.get(), 1);
+}
+
+#[tokio::test]
+async fn inflight_window_holds_back_until_acknowledged() {
+    let srv = start(MqttSettings {
+        max_inflight: 2,
+        ..MqttSettings::default()
+    })
+    .await;
+    let (mut a, _) = Raw::connect(srv.addr, "win", true, 60).await;
+    a.subscribe("push/user/1", rumqttc::QoS::AtLeastOnce).await;
+    // Queued together (no await in between), so one pass would send all three.
+    for i in 0..3 {
+        srv.broker
+            .publish("push/user/1", Bytes::from(format!("m{i}")));
+    }
+    let first = a.publish().await;
+    assert_eq!(&first.payload[..], b"m0");
+    assert_eq!(&a.publish().await.payload[..], b"m1");
+    a.send(v4::Packet::PingReq).await;
+    assert_eq!(a.recv().await, Some(v4::Packet::PingResp), "m2 waits");
+    a.send(v4::Packet::PubAck(v4::PubAck::new(first.pkid)))
+        .await;
+    assert_eq!(&a.publish().await.payload[..], b"m2");
 }
