@@ -9,6 +9,7 @@ use pushbridge::mqtt::{Broker, BrokerEvent};
 use pushbridge::settings::MqttSettings;
 use rumqttc::mqttbytes::v4;
 use rumqttc::v5::mqttbytes::v5;
+use rumqttc::v5::mqttbytes::QoS as QoS5;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -284,6 +285,14 @@ async fn wildcard_subscribers_and_client_publishes_are_routed() {
         (p.topic.as_str(), &p.payload[..]),
         ("push/group/7", &b"g7"[..])
     );
+    let (_c, mut crx) = rumq4(srv.addr, "exact", "push/group/7").await;
+    assert_eq!(
+        srv.broker
+            .publish("push/group/7", Bytes::from_static(b"both")),
+        2
+    );
+    assert_eq!(&next(&mut rx).await.payload[..], b"both");
+    assert_eq!(&next(&mut crx).await.payload[..], b"both");
 }
 
 #[tokio::test]
@@ -489,12 +498,47 @@ async fn last_will_on_abrupt_close_but_not_on_disconnect() {
     let (c, _) = Raw::connect_with(srv.addr, with_will("c")).await;
     drop(c);
     srv.disconnected("c").await;
+    // v5, short DISCONNECTs: reason 0x00 (no will), then 0x04 (will wanted).
+    for (id, reason) in [("e", 0x00), ("d", 0x04)] {
+        let mut v5c = Raw::open(srv.addr).await;
+        let will = v5::LastWill::new(format!("will/{id}"), "x", QoS5::AtLeastOnce, false, None);
+        let v5::Packet::Connect(connect, _, _) = v5_connect(id, true, None) else {
+            unreachable!()
+        };
+        v5c.send5(v5::Packet::Connect(connect, Some(will), None))
+            .await;
+        assert!(matches!(v5c.recv5().await, Some(v5::Packet::ConnAck(_))));
+        v5c.stream.write_all(&[0xe0, 0x01, reason]).await.unwrap();
+        srv.disconnected(id).await;
+    }
     assert_eq!(watcher.publish().await.topic, "will/a");
-    assert_eq!(
-        watcher.publish().await.topic,
-        "will/c",
-        "no will after DISCONNECT"
-    );
+    let next = watcher.publish().await.topic;
+    assert_eq!(next, "will/c", "no will after DISCONNECT");
+    assert_eq!(watcher.publish().await.topic, "will/d");
+}
+
+#[tokio::test]
+async fn full_queue_drops_and_counts() {
+    let mut srv = start(MqttSettings {
+        max_queued: 2,
+        ..MqttSettings::default()
+    })
+    .await;
+    let (mut a, _) = Raw::connect(srv.addr, "full", false, 60).await;
+    a.subscribe("push/user/6", rumqttc::QoS::AtLeastOnce).await;
+    drop(a);
+    srv.disconnected("full").await;
+    let sent: Vec<usize> = (0..3)
+        .map(|i| {
+            srv.broker
+                .publish("push/user/6", Bytes::from(format!("m{i}")))
+        })
+        .collect();
+    assert_eq!(sent, vec![1, 1, 0]);
+    assert_eq!(srv.broker.stats().mqtt_dropped.get(), 1);
+    let (mut b, _) = Raw::connect(srv.addr, "full", false, 60).await;
+    assert_eq!(&b.publish().await.payload[..], b"m0");
+    assert_eq!(&b.publish().await.payload[..], b"m1");
 }
 
 #[tokio::test]
@@ -700,4 +744,174 @@ async fn v5_session_expiry_zero_ends_with_the_connection() {
         Some(v5::Packet::ConnAck(ack)) => assert!(ack.session_present),
         other => panic!("expected CONNACK, got {other:?}"),
     }
+}
+
+/// mosquitto's own clients (another implementation than rumqttc) in both versions.
+#[tokio::test]
+async fn mosquitto_clients_work_in_both_versions() {
+    use std::process::Stdio;
+    use tokio::io::AsyncBufReadExt;
+    use tokio::process::Command;
+    let mut srv = start_default().await;
+    let port = srv.addr.port().to_string();
+    for (version, id) in [("mqttv311", "mosq-4"), ("mqttv5", "mosq-5")] {
+        let topic = format!("push/user/{id}");
+        // stdbuf: mosquitto_sub block-buffers a pipe, hiding the SUBACK line.
+        let mut sub = Command::new("stdbuf")
+            .args([
+                "-oL",
+                "mosquitto_sub",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-V",
+                version,
+                "-i",
+                id,
+            ])
+            .args(["-q", "1", "-C", "1", "-d", "-t", &topic])
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("mosquitto_sub is installed");
+        let mut lines = tokio::io::BufReader::new(sub.stdout.take().unwrap()).lines();
+        loop {
+            let line = tokio::time::timeout(WAIT, lines.next_line()).await.unwrap();
+            if line
+                .unwrap()
+                .expect("mosquitto_sub ended")
+                .contains("received SUBACK")
+            {
+                break;
+            }
+        }
+        assert_eq!(srv.broker.publish(&topic, Bytes::from_static(b"hello")), 1);
+        let mut got = false;
+        while let Some(line) = tokio::time::timeout(WAIT, lines.next_line())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            got |= line == "hello";
+        }
+        assert!(got, "{version}: payload printed");
+        let status = tokio::time::timeout(WAIT, sub.wait())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(status.success(), "{version}: {status}");
+        srv.disconnected(id).await;
+
+        let status = Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &port, "-V", version, "-i", id])
+            .args(["-q", "2", "-t", "push/app/status", "-m", "foreground"])
+            .status();
+        let status = tokio::time::timeout(WAIT, status).await.unwrap().unwrap();
+        assert!(status.success(), "{version}: {status}");
+        match srv.event().await {
+            BrokerEvent::Status {
+                client_id, payload, ..
+            } => {
+                assert_eq!((&*client_id, &payload[..]), (id, &b"foreground"[..]));
+            }
+            other => panic!("expected Status, got {other:?}"),
+        }
+        srv.disconnected(id).await;
+    }
+}
+
+#[tokio::test]
+async fn a_client_that_never_reads_stalls_nobody() {
+    let srv = start(MqttSettings {
+        max_queued: 8,
+        ..MqttSettings::default()
+    })
+    .await;
+    let (mut slow, _) = Raw::connect(srv.addr, "slow", true, 0).await;
+    slow.subscribe("push/group/1", rumqttc::QoS::AtMostOnce)
+        .await;
+    let (_good, mut rx) = rumq4(srv.addr, "good", "push/user/1").await;
+    // 64 MiB for the slow client: far beyond what socket buffers can absorb.
+    let big = Bytes::from(vec![7u8; 64 * 1024]);
+    for i in 0..1000u32 {
+        srv.broker.publish("push/group/1", big.clone());
+        srv.broker
+            .publish("push/user/1", Bytes::from(i.to_string()));
+        assert_eq!(next(&mut rx).await.payload, Bytes::from(i.to_string()));
+    }
+    assert!(
+        srv.broker.stats().mqtt_dropped.get() > 0,
+        "the slow session overflowed"
+    );
+    drop(slow);
+}
+
+#[tokio::test]
+async fn v5_keep_alive_expiry_says_why() {
+    let srv = start_default().await;
+    let mut a = Raw::open(srv.addr).await;
+    let v5::Packet::Connect(mut connect, _, _) = v5_connect("sleepy5", true, None) else {
+        unreachable!()
+    };
+    connect.keep_alive = 1;
+    a.send5(v5::Packet::Connect(connect, None, None)).await;
+    assert!(matches!(a.recv5().await, Some(v5::Packet::ConnAck(_))));
+    match a.recv5().await {
+        Some(v5::Packet::Disconnect(d)) => {
+            assert_eq!(d.reason_code, v5::DisconnectReasonCode::KeepAliveTimeout)
+        }
+        other => panic!("expected DISCONNECT, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn offline_sessions_expire() {
+    let mut srv = start(MqttSettings {
+        session_expiry_secs: 1,
+        ..MqttSettings::default()
+    })
+    .await;
+    let (mut a, _) = Raw::connect(srv.addr, "brief", false, 60).await;
+    a.subscribe("push/user/1", rumqttc::QoS::AtLeastOnce).await;
+    drop(a);
+    srv.disconnected("brief").await;
+    assert_eq!(srv.broker.session_count(), 1);
+    // Polls the sweeper's effect; the timeout only bounds a failure.
+    tokio::time::timeout(WAIT, async {
+        while srv.broker.session_count() > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("session expired");
+    assert_eq!(
+        srv.broker.publish("push/user/1", Bytes::from_static(b"x")),
+        0
+    );
+    assert_eq!(srv.broker.stats().mqtt_sessions_expired.get(), 1);
+}
+
+#[tokio::test]
+async fn inflight_window_holds_back_until_acknowledged() {
+    let srv = start(MqttSettings {
+        max_inflight: 2,
+        ..MqttSettings::default()
+    })
+    .await;
+    let (mut a, _) = Raw::connect(srv.addr, "win", true, 60).await;
+    a.subscribe("push/user/1", rumqttc::QoS::AtLeastOnce).await;
+    // Queued together (no await in between), so one pass would send all three.
+    for i in 0..3 {
+        srv.broker
+            .publish("push/user/1", Bytes::from(format!("m{i}")));
+    }
+    let first = a.publish().await;
+    assert_eq!(&first.payload[..], b"m0");
+    assert_eq!(&a.publish().await.payload[..], b"m1");
+    a.send(v4::Packet::PingReq).await;
+    assert_eq!(a.recv().await, Some(v4::Packet::PingResp), "m2 waits");
+    a.send(v4::Packet::PubAck(v4::PubAck::new(first.pkid)))
+        .await;
+    assert_eq!(&a.publish().await.payload[..], b"m2");
 }

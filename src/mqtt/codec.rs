@@ -164,10 +164,11 @@ pub fn parse(proto: Proto, buf: &mut BytesMut, len: usize) -> Result<In, CodecEr
             from_v4(p)
         }
         Proto::V5 => {
-            // rumqttc refuses the legal two-byte DISCONNECT (reason 0 implied).
-            if frame.len() == 2 && frame[0] == 0xe0 {
+            // rumqttc refuses the legal short DISCONNECTs: no reason (0 implied),
+            // or a reason without properties.
+            if frame.len() <= 3 && frame.first() == Some(&0xe0) {
                 return Ok(In::Disconnect {
-                    reason: 0,
+                    reason: frame.get(2).copied().unwrap_or(0),
                     session_expiry: None,
                 });
             }
@@ -428,7 +429,8 @@ fn to_v5(out: &Out<'_>) -> v5::Packet {
             properties: Some(v5::ConnAckProperties {
                 session_expiry_interval: *session_expiry,
                 receive_max: None,
-                max_qos: Some(1),
+                // Inbound QoS 2 is accepted; only subscriptions are capped (in SUBACK).
+                max_qos: None,
                 retain_available: Some(0),
                 max_packet_size: Some(*max_packet),
                 assigned_client_identifier: assigned_id.map(str::to_owned),

@@ -123,15 +123,15 @@ fn garbage_is_refused() {
 }
 
 #[test]
-fn v5_short_disconnect_is_normal() {
-    let got = parse_all(Proto::V5, BytesMut::from(&[0xe0, 0x00][..]), 1024).unwrap();
-    assert_eq!(
-        got,
-        vec![In::Disconnect {
-            reason: 0,
-            session_expiry: None
-        }]
-    );
+fn v5_short_disconnects_are_legal() {
+    for (bytes, reason) in [(&[0xe0, 0x00][..], 0), (&[0xe0, 0x01, 0x04][..], 4)] {
+        let got = parse_all(Proto::V5, BytesMut::from(bytes), 1024).unwrap();
+        let want = In::Disconnect {
+            reason,
+            session_expiry: None,
+        };
+        assert_eq!(got, vec![want]);
+    }
 }
 
 #[test]
