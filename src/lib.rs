@@ -98,7 +98,12 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
             .clone()
             .serve(mqtt_listener, stop.clone(), tracker.clone()),
     );
-    tracker.spawn(status::run(events, registry.clone(), stats.clone()));
+    tracker.spawn(status::run(
+        events,
+        registry.clone(),
+        stats.clone(),
+        stop.clone(),
+    ));
 
     let (intake_tx, intake_rx) = mpsc::channel(settings.proxy.queue);
     let dispatcher = Arc::new(Dispatcher {

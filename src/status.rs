@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use serde_json::Value;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::mqtt::BrokerEvent;
@@ -31,11 +32,19 @@ pub fn parse(payload: &[u8]) -> Option<(Id, bool)> {
     Some((user, focus))
 }
 
-/// Applies status events until the broker is gone.
-pub async fn run(mut events: mpsc::Receiver<BrokerEvent>, registry: Registry, stats: Arc<Stats>) {
+/// Applies status events until the broker is gone or `stop`.
+pub async fn run(
+    mut events: mpsc::Receiver<BrokerEvent>,
+    registry: Registry,
+    stats: Arc<Stats>,
+    stop: CancellationToken,
+) {
     // Users each connection has put in focus.
     let mut focused: HashMap<u64, HashSet<Id>> = HashMap::new();
-    while let Some(event) = events.recv().await {
+    while let Some(event) = tokio::select! {
+        event = events.recv() => event,
+        _ = stop.cancelled() => None,
+    } {
         match event {
             BrokerEvent::Status {
                 conn,

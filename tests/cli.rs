@@ -12,15 +12,25 @@ fn settings_file(dir: &tempfile::TempDir, extra: &str) -> std::path::PathBuf {
     let path = dir.path().join("setting.toml");
     let text = format!(
         "[proxy]\nlisten = \"127.0.0.1:0\"\n[mqtt]\nlisten = \"127.0.0.1:0\"\n\
-         [apns]\nconfig = \"{}\"\n{extra}",
+         [http]\nlisten = \"127.0.0.1:0\"\n[apns]\nconfig = \"{}\"\n{extra}",
         dir.path().join("config.json").display()
     );
     std::fs::write(&path, text).unwrap();
     path
 }
 
+/// A child process killed when the test ends, passing or not.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Starts `pushbridge serve` and reads its start-up line for the bound ports.
-fn serve(config: &std::path::Path) -> (Child, String, String) {
+fn serve(config: &std::path::Path) -> (Running, String, String) {
     let mut child = Command::new(BIN)
         .args(["serve", "--config"])
         .arg(config)
@@ -31,6 +41,7 @@ fn serve(config: &std::path::Path) -> (Child, String, String) {
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let child = Running(child);
     let started = lines
         .by_ref()
         .map(|l| l.unwrap())
@@ -62,26 +73,31 @@ fn serve_send_and_a_standard_client_receives() {
     let (mut server, proxy, mqtt) = serve(&settings_file(&dir, ""));
     let (host, port) = mqtt.rsplit_once(':').unwrap();
 
-    let mut sub = Command::new("mosquitto_sub")
-        .args([
-            "-h",
-            host,
-            "-p",
-            port,
-            "-t",
-            "push/user/42",
-            "-q",
-            "1",
-            "-C",
-            "1",
-            "-W",
-            "30",
-            "-d",
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("mosquitto_sub (scripts/test.sh installs mosquitto-clients)");
-    let mut out = BufReader::new(sub.stdout.take().unwrap()).lines();
+    // stdbuf: mosquitto_sub block-buffers a pipe, hiding its SUBACK line.
+    let mut sub = Running(
+        Command::new("stdbuf")
+            .args([
+                "-oL",
+                "mosquitto_sub",
+                "-h",
+                host,
+                "-p",
+                port,
+                "-t",
+                "push/user/42",
+                "-q",
+                "1",
+                "-C",
+                "1",
+                "-W",
+                "30",
+                "-d",
+            ])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("mosquitto_sub (scripts/test.sh installs mosquitto-clients)"),
+    );
+    let mut out = BufReader::new(sub.0.stdout.take().unwrap()).lines();
     out.by_ref()
         .map(|l| l.unwrap())
         .find(|l| l.contains("SUBACK"))
@@ -101,7 +117,7 @@ fn serve_send_and_a_standard_client_receives() {
         serde_json::from_str::<serde_json::Value>(&payload).unwrap(),
         serde_json::json!({"alert":"hi","n":1})
     );
-    assert!(sub.wait().unwrap().success());
+    assert!(sub.0.wait().unwrap().success());
 
     for args in [
         &["--users", "1,2,3", "{}"][..],
@@ -112,8 +128,8 @@ fn serve_send_and_a_standard_client_receives() {
     }
 
     // SIGTERM: a clean stop with exit 0.
-    unsafe { libc::kill(server.id() as i32, libc::SIGTERM) };
-    assert!(server.wait().unwrap().success());
+    unsafe { libc::kill(server.0.id() as i32, libc::SIGTERM) };
+    assert!(server.0.wait().unwrap().success());
 }
 
 #[test]
