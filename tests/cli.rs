@@ -1,6 +1,8 @@
 //! The binary as ops and backends use it: `serve`, `send`, `check-config`,
 //! and a standard MQTT client (mosquitto_sub) receiving what `send` sent.
 
+#[path = "support/apns.rs"]
+mod apns_server;
 mod support;
 
 use std::io::{BufRead, BufReader};
@@ -169,5 +171,58 @@ fn bad_settings_name_the_key() {
             let err = String::from_utf8_lossy(&out.stderr);
             assert!(err.contains(key), "{cmd}: {err}");
         }
+    }
+}
+
+#[test]
+fn check_config_reports_apps_and_names_bad_files() {
+    let creds = apns_server::TestCredentials::new();
+    let (key, _) = creds.p8("AuthKey_K1.p8");
+    let cert = apns_server::ClientCert::new("com.example.app");
+    let pem = creds.pem("develop.pem", &cert, Some("pw"));
+    let config = creds.config(&serde_json::json!({
+        "com.example.token": {"key": key, "key_id": "K1", "team_id": "T1"},
+        "com.example.app": {"develop": pem, "password": "pw"},
+    }));
+    let settings = creds.dir().join("setting.toml");
+    std::fs::write(
+        &settings,
+        format!("[apns]\nconfig = \"{}\"\n", config.display()),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&settings)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("com.example.token"), "{text}");
+    assert!(text.contains("com.example.app"), "{text}");
+
+    // A wrong password and a missing file: non-zero, naming the file.
+    for (entry, file) in [
+        (
+            serde_json::json!({"develop": "develop.pem", "password": "wrong"}),
+            "develop.pem",
+        ),
+        (
+            serde_json::json!({"produce": "gone.p12", "password": "pw"}),
+            "gone.p12",
+        ),
+    ] {
+        creds.config(&serde_json::json!({ "com.example.app": entry }));
+        let out = Command::new(BIN)
+            .args(["check-config", "--config"])
+            .arg(&settings)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(file), "{err}");
     }
 }

@@ -227,3 +227,45 @@ async fn wait_for(cond: impl Fn() -> bool) {
 }
 
 use tokio::io::AsyncWriteExt;
+
+/// Many backends at once: every accepted push reaches its device, once.
+#[tokio::test]
+async fn many_concurrent_backends() {
+    const BACKENDS: u64 = 20;
+    const EACH: u64 = 25;
+    const USERS: u64 = 5;
+    let server = server::start(server::settings(None)).await;
+    let mut devices = Vec::new();
+    for u in 0..USERS {
+        let mut d = Device::connect(server.mqtt_addr, &format!("c{u}"), true).await;
+        d.subscribe(&format!("push/user/{u}")).await;
+        devices.push(d);
+    }
+    let mut senders = tokio::task::JoinSet::new();
+    for b in 0..BACKENDS {
+        let addr = server.proxy_addr;
+        senders.spawn(async move {
+            let mut backend = Backend::connect(addr).await;
+            for i in 0..EACH {
+                let n = b * EACH + i;
+                assert_eq!(
+                    backend.push(2, Mp::from(n % USERS), &json!({"n": n})).await,
+                    0
+                );
+            }
+        });
+    }
+    senders.join_all().await;
+    for (u, d) in devices.iter_mut().enumerate() {
+        let mut got: Vec<u64> = Vec::new();
+        for _ in 0..BACKENDS * EACH / USERS {
+            got.push(d.next_json().await["n"].as_u64().unwrap());
+        }
+        got.sort();
+        let want: Vec<u64> = (0..BACKENDS * EACH)
+            .filter(|n| n % USERS == u as u64)
+            .collect();
+        assert_eq!(got, want, "device {u}");
+    }
+    server.stop().await;
+}
