@@ -47,9 +47,9 @@ pub enum Error {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("registry: {0}")]
+    #[error(transparent)]
     Registry(#[from] registry::RegistryError),
-    #[error("apns: {0}")]
+    #[error(transparent)]
     Apns(#[from] apns::ApnsError),
 }
 
