@@ -3,6 +3,7 @@
 
 #[path = "support/apns.rs"]
 mod apns_server;
+#[macro_use]
 mod support;
 
 use apns_server::{ApnsServer, SeenRequest, TestCredentials};
@@ -13,7 +14,6 @@ use rmpv::Value as Mp;
 use serde_json::json;
 use support::mqtt::Device;
 use support::proxy::Backend;
-use support::redis::RedisServer;
 use support::{server, WAIT};
 
 const APP: &str = "com.example.app";
@@ -77,23 +77,6 @@ fn assert_notification(req: &SeenRequest, token: &str, alert: bool, data: serde_
     assert_eq!(req.body, json!({"aps": aps, "data": data}));
 }
 
-macro_rules! both_registries {
-    ($name:ident, $body:ident) => {
-        mod $name {
-            use super::*;
-            #[tokio::test]
-            async fn memory() {
-                $body(server::settings(None)).await;
-            }
-            #[tokio::test]
-            async fn redis() {
-                let redis = RedisServer::start();
-                $body(server::settings(Some(&redis.url))).await;
-            }
-        }
-    };
-}
-
 both_registries!(alert_and_silent_follow_app_version, alert_and_silent);
 async fn alert_and_silent(mut settings: Settings) {
     let apple = apple(&mut settings).await;
@@ -148,7 +131,7 @@ async fn focus_routing(mut settings: Settings) {
     // In focus: silent over MQTT, alerts still over APNs.
     app.publish("push/app/status", br#"{"user_id": 60, "focus": true}"#)
         .await;
-    wait_for_focus(&server, 60, true).await;
+    support::wait_for_focus(&server, "60", true).await;
     assert_eq!(backend.push(2, Mp::from(60), &json!({"s": 1})).await, 0);
     assert_eq!(app.next_json().await, json!({"s": 1}));
     assert_eq!(
@@ -160,7 +143,7 @@ async fn focus_routing(mut settings: Settings) {
 
     // The app's connection drops: focus is cleared, silent goes to APNs.
     drop(app);
-    wait_for_focus(&server, 60, false).await;
+    support::wait_for_focus(&server, "60", false).await;
     assert_eq!(backend.push(2, Mp::from(60), &json!({"s": 2})).await, 0);
     let req = apple.production.next_request(WAIT).await;
     assert_notification(&req, "cc60", false, json!({"s": 2}));
@@ -216,18 +199,6 @@ async fn group_push(mut settings: Settings) {
     let req = apple.production.next_request(WAIT).await;
     assert_notification(&req, "dd71", true, json!({"alert": "sentinel"}));
     server.stop().await;
-}
-
-async fn wait_for_focus(server: &pushbridge::Server, uid: u64, focus: bool) {
-    let registry = server.registry.clone();
-    support::wait_until(move || {
-        let registry = registry.clone();
-        async move {
-            let rec = registry.users(&[Id::from(uid)]).await.unwrap();
-            rec[0].as_ref().is_some_and(|r| r.app_focus) == focus
-        }
-    })
-    .await;
 }
 
 async fn wait_until_delivered(server: &pushbridge::Server, n: u64) {

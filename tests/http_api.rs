@@ -1,5 +1,6 @@
 //! The HTTP API over real HTTP: pushes, the registry, ops endpoints, auth.
 
+#[macro_use]
 mod support;
 
 use pushbridge::push::Id;
@@ -9,23 +10,6 @@ use support::http::{get, post_json, request};
 use support::mqtt::Device;
 use support::redis::RedisServer;
 use support::server;
-
-macro_rules! both_registries {
-    ($name:ident, $body:ident) => {
-        mod $name {
-            use super::*;
-            #[tokio::test]
-            async fn memory() {
-                $body(server::settings(None)).await;
-            }
-            #[tokio::test]
-            async fn redis() {
-                let redis = RedisServer::start();
-                $body(server::settings(Some(&redis.url))).await;
-            }
-        }
-    };
-}
 
 both_registries!(push_answers_per_notification, push_api);
 async fn push_api(settings: pushbridge::settings::Settings) {

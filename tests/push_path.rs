@@ -1,35 +1,15 @@
 //! End to end over real sockets: raw proxy frames in, real MQTT clients out,
 //! with both registries.
 
+#[macro_use]
 mod support;
 
-use pushbridge::push::{Id, UserRecord};
-use pushbridge::registry::UserStore;
 use rmpv::Value as Mp;
 use rumqttc::QoS;
 use serde_json::json;
 use support::mqtt::Device;
 use support::proxy::{frame, msgpack, Backend};
-use support::redis::RedisServer;
 use support::server;
-
-/// Runs `test` once with the in-memory registry and once with Redis.
-macro_rules! both_registries {
-    ($name:ident, $body:ident) => {
-        mod $name {
-            use super::*;
-            #[tokio::test]
-            async fn memory() {
-                $body(server::settings(None)).await;
-            }
-            #[tokio::test]
-            async fn redis() {
-                let redis = RedisServer::start();
-                $body(server::settings(Some(&redis.url))).await;
-            }
-        }
-    };
-}
 
 both_registries!(user_pushes_reach_user_topics, user_pushes);
 async fn user_pushes(settings: pushbridge::settings::Settings) {
@@ -179,21 +159,20 @@ async fn persistent_session(settings: pushbridge::settings::Settings) {
 both_registries!(status_topic_sets_and_clears_focus, status_focus);
 async fn status_focus(settings: pushbridge::settings::Settings) {
     let server = server::start(settings).await;
-    let uid = Id::from(77);
     let mut app = Device::connect(server.mqtt_addr, "app-77", true).await;
     app.publish("push/app/status", br#"{"user_id": 77, "focus": true}"#)
         .await;
-    wait_for_focus(&server, &uid, true).await;
+    support::wait_for_focus(&server, "77", true).await;
     app.publish("push/app/status", br#"{"user_id": "77", "focus": false}"#)
         .await;
-    wait_for_focus(&server, &uid, false).await;
+    support::wait_for_focus(&server, "77", false).await;
 
     // Focus set, then the connection drops: focus is cleared.
     app.publish("push/app/status", br#"{"user_id": 77, "focus": true}"#)
         .await;
-    wait_for_focus(&server, &uid, true).await;
+    support::wait_for_focus(&server, "77", true).await;
     drop(app);
-    wait_for_focus(&server, &uid, false).await;
+    support::wait_for_focus(&server, "77", false).await;
     server.stop().await;
 }
 
@@ -206,20 +185,6 @@ async fn idle_backend(mut settings: pushbridge::settings::Settings) {
     silent.write(&[0, 0]).await;
     assert_eq!(silent.status().await, None);
     server.stop().await;
-}
-
-async fn wait_for_focus(server: &pushbridge::Server, uid: &Id, focus: bool) {
-    let registry = server.registry.clone();
-    let uid = uid.clone();
-    support::wait_until(move || {
-        let registry = registry.clone();
-        let uid = uid.clone();
-        async move {
-            let rec = registry.users(std::slice::from_ref(&uid)).await.unwrap();
-            rec[0].as_ref().is_some_and(|r: &UserRecord| r.app_focus) == focus
-        }
-    })
-    .await;
 }
 
 async fn wait_for(cond: impl Fn() -> bool) {

@@ -29,3 +29,38 @@ where
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
+
+/// Runs `$body(settings)` as two tests: with the in-memory registry and with
+/// a real redis-server.
+#[macro_export]
+macro_rules! both_registries {
+    ($name:ident, $body:ident) => {
+        mod $name {
+            #[tokio::test]
+            async fn memory() {
+                super::$body($crate::support::server::settings(None)).await;
+            }
+            #[tokio::test]
+            async fn redis() {
+                let redis = $crate::support::redis::RedisServer::start();
+                super::$body($crate::support::server::settings(Some(&redis.url))).await;
+            }
+        }
+    };
+}
+
+/// Waits until the registry's `app_focus` for `uid` is `focus`.
+pub async fn wait_for_focus(server: &pushbridge::Server, uid: &str, focus: bool) {
+    use pushbridge::registry::UserStore;
+    let registry = server.registry.clone();
+    let uid = pushbridge::push::Id::from(uid);
+    wait_until(move || {
+        let registry = registry.clone();
+        let uid = uid.clone();
+        async move {
+            let rec = registry.users(std::slice::from_ref(&uid)).await.unwrap();
+            rec[0].as_ref().is_some_and(|r| r.app_focus) == focus
+        }
+    })
+    .await;
+}
