@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info_span, warn, Instrument};
+use tracing::{debug, info_span, warn, Instrument};
 
 use crate::push::Push;
 use crate::settings::ProxySettings;
@@ -79,6 +79,11 @@ pub async fn serve(
                 }
             },
         };
+        // Status bytes are tiny replies: without this, the last ones of a
+        // burst wait for the backend's delayed ACK (~40 ms).
+        if let Err(e) = socket.set_nodelay(true) {
+            debug!(%peer, error = %e, "set_nodelay failed");
+        }
         let shared = shared.clone();
         tracker.spawn(
             async move {
