@@ -41,4 +41,14 @@ pub struct Stats {
     pub apns_no_credentials: Counter,
     /// Status messages applied to the registry.
     pub status_updates: Counter,
+    /// MQTT CONNECTs accepted.
+    pub mqtt_connects: Counter,
+    /// MQTT connections closed for a malformed or oversize packet or a protocol error.
+    pub mqtt_malformed: Counter,
+    /// MQTT connections closed for silence: no CONNECT in time, or keep-alive expired.
+    pub mqtt_timeouts: Counter,
+    /// MQTT messages dropped: a session's queue was full, or too large for the client.
+    pub mqtt_dropped: Counter,
+    /// Persistent MQTT sessions removed because they expired offline.
+    pub mqtt_sessions_expired: Counter,
 }

@@ -1,54 +1,155 @@
-//! Embedded MQTT broker (stub: replaced by the broker work).
+//! Embedded MQTT broker (3.1.1 and 5) that delivers pushes to devices.
+//!
+//! Built for many mostly idle connections: one small task per connection,
+//! buffers that grow only while data moves, and a routing index whose publish
+//! cost depends on the matching subscribers only.
+
+mod codec;
+mod connection;
+mod listener;
+mod session;
+mod topics;
+
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
-use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::settings::MqttSettings;
+use crate::stats::Stats;
+use session::{Msg, Registry};
+
+pub use codec::CodecError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MqttError {
     #[error("mqtt io: {0}")]
     Io(#[from] std::io::Error),
+    #[error("mqtt codec: {0}")]
+    Codec(#[from] CodecError),
 }
 
 /// What the broker tells the rest of pushbridge.
 #[derive(Debug, Clone)]
 pub enum BrokerEvent {
-    /// A client published on `<prefix>/app/status`.
+    /// A client published on `<prefix>/app/status` (the message is also routed to subscribers as usual).
     Status {
         conn: u64,
         client_id: Arc<str>,
         payload: Bytes,
     },
-    /// A client's connection ended (any reason, including takeover).
+    /// A client's connection ended (any reason: disconnect, error, keep-alive timeout, takeover, shutdown).
+    /// Sent once for every connection whose CONNECT was accepted, and last.
     Disconnected { conn: u64, client_id: Arc<str> },
 }
 
+/// Handle on the broker; cheap to clone.
 #[derive(Clone)]
-pub struct Broker {}
+pub struct Broker {
+    inner: Arc<Inner>,
+}
+
+/// State shared by the accept loop, the connection tasks and `publish`.
+struct Inner {
+    settings: MqttSettings,
+    status_topic: String,
+    registry: Mutex<Registry>,
+    events: mpsc::Sender<BrokerEvent>,
+    next_conn: AtomicU64,
+    stats: Arc<Stats>,
+}
+
+impl Inner {
+    fn registry(&self) -> MutexGuard<'_, Registry> {
+        self.registry.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Hands a message to every matching session without waiting; returns how many took it.
+    fn route(&self, topic: &str, payload: Bytes, max_qos: u8) -> usize {
+        let targets = self.registry().route(topic);
+        if targets.is_empty() {
+            return 0;
+        }
+        let topic: Arc<str> = topic.into();
+        let mut delivered = 0;
+        for (_, session, qos) in targets {
+            let msg = Msg {
+                topic: topic.clone(),
+                payload: payload.clone(),
+                qos: qos.min(max_qos),
+            };
+            if session.push(msg, self.settings.max_queued) {
+                delivered += 1;
+            } else {
+                self.stats.mqtt_dropped.inc();
+            }
+        }
+        delivered
+    }
+}
 
 impl Broker {
-    pub fn new(_settings: &MqttSettings) -> (Broker, mpsc::Receiver<BrokerEvent>) {
-        let (_tx, rx) = mpsc::channel(1024);
-        (Broker {}, rx)
+    pub fn new(settings: &MqttSettings) -> (Broker, mpsc::Receiver<BrokerEvent>) {
+        Self::with_stats(settings, Arc::default())
     }
 
-    /// Publishes with QoS 1 to every matching session; never blocks.
-    pub fn publish(&self, _topic: &str, _payload: Bytes) -> usize {
-        0
+    /// Like `new`, counting into the process-wide `stats`.
+    pub fn with_stats(
+        settings: &MqttSettings,
+        stats: Arc<Stats>,
+    ) -> (Broker, mpsc::Receiver<BrokerEvent>) {
+        let (tx, rx) = mpsc::channel(1024);
+        let inner = Inner {
+            settings: settings.clone(),
+            status_topic: format!("{}/app/status", settings.prefix),
+            registry: Mutex::default(),
+            events: tx,
+            next_conn: AtomicU64::new(1),
+            stats,
+        };
+        let broker = Broker {
+            inner: Arc::new(inner),
+        };
+        (broker, rx)
     }
 
+    /// Server-originated publish, QoS 1 to every matching session; never blocks, never awaits.
+    /// Returns the number of sessions it was delivered or queued to.
+    pub fn publish(&self, topic: &str, payload: Bytes) -> usize {
+        self.inner.route(topic, payload, 1)
+    }
+
+    /// Accept loop; returns when `shutdown` is cancelled. Connection tasks are spawned on `tracker`.
     pub async fn serve(
         self,
-        _listener: TcpListener,
+        listener: TcpListener,
         shutdown: CancellationToken,
-        _tracker: TaskTracker,
+        tracker: TaskTracker,
     ) -> Result<(), MqttError> {
-        shutdown.cancelled().await;
-        Ok(())
+        listener::serve(self.inner, listener, shutdown, tracker).await
+    }
+
+    /// Sessions currently kept (connected, or persistent and not yet expired).
+    pub fn session_count(&self) -> usize {
+        self.inner.registry().len()
+    }
+
+    pub fn stats(&self) -> &Arc<Stats> {
+        &self.inner.stats
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publish_without_subscribers_reaches_nobody() {
+        let (broker, _rx) = Broker::new(&MqttSettings::default());
+        assert_eq!(broker.publish("push/user/1", Bytes::from_static(b"x")), 0);
     }
 }

@@ -1,0 +1,283 @@
+//! Subscription index: which subscribers want a topic.
+//!
+//! Exists so the cost of a publish depends on the number of matching
+//! subscribers, not on the number of sessions: exact filters (nearly all of
+//! them: `push/user/<id>`) live in a hash map keyed by topic; filters with
+//! `+` or `#` live in a trie walked level by level, skipped when empty.
+
+use std::collections::HashMap;
+
+/// Subscribers of one filter, by subscriber id: (handle, granted QoS).
+type Subs<S> = HashMap<u64, (S, u8)>;
+
+/// Exact map plus wildcard trie; `S` is the subscriber handle returned by `matches`.
+pub struct Index<S> {
+    exact: HashMap<Box<str>, Subs<S>>,
+    wild: Node<S>,
+    wild_filters: usize,
+}
+
+struct Node<S> {
+    children: HashMap<Box<str>, Node<S>>,
+    /// Filters ending at this level.
+    here: Subs<S>,
+    /// Filters ending with `#` after this level.
+    hash: Subs<S>,
+}
+
+impl<S> Default for Node<S> {
+    fn default() -> Self {
+        Node {
+            children: HashMap::new(),
+            here: HashMap::new(),
+            hash: HashMap::new(),
+        }
+    }
+}
+
+impl<S> Node<S> {
+    fn is_empty(&self) -> bool {
+        self.children.is_empty() && self.here.is_empty() && self.hash.is_empty()
+    }
+}
+
+impl<S> Default for Index<S> {
+    fn default() -> Self {
+        Index {
+            exact: HashMap::new(),
+            wild: Node::default(),
+            wild_filters: 0,
+        }
+    }
+}
+
+fn is_wild(filter: &str) -> bool {
+    filter.contains(['+', '#'])
+}
+
+impl<S: Clone> Index<S> {
+    /// Adds or replaces subscriber `id`'s subscription to `filter` (assumed valid).
+    pub fn subscribe(&mut self, filter: &str, id: u64, handle: S, qos: u8) {
+        if !is_wild(filter) {
+            self.exact
+                .entry(filter.into())
+                .or_default()
+                .insert(id, (handle, qos));
+            return;
+        }
+        let mut levels: Vec<&str> = filter.split('/').collect();
+        let hash = levels.last() == Some(&"#");
+        if hash {
+            levels.pop();
+        }
+        let mut node = &mut self.wild;
+        for level in levels {
+            node = node.children.entry(level.into()).or_default();
+        }
+        let subs = if hash { &mut node.hash } else { &mut node.here };
+        if subs.insert(id, (handle, qos)).is_none() {
+            self.wild_filters += 1;
+        }
+    }
+
+    /// Removes subscriber `id` from `filter`; true if it was subscribed.
+    pub fn unsubscribe(&mut self, filter: &str, id: u64) -> bool {
+        if !is_wild(filter) {
+            let Some(subs) = self.exact.get_mut(filter) else {
+                return false;
+            };
+            let found = subs.remove(&id).is_some();
+            if subs.is_empty() {
+                self.exact.remove(filter);
+            }
+            return found;
+        }
+        let mut levels: Vec<&str> = filter.split('/').collect();
+        let hash = levels.last() == Some(&"#");
+        if hash {
+            levels.pop();
+        }
+        let found = remove(&mut self.wild, &levels, hash, id);
+        if found {
+            self.wild_filters -= 1;
+        }
+        found
+    }
+
+    /// Appends every subscriber matching `topic` to `out` as (id, handle, qos),
+    /// once per subscriber (highest QoS wins when several filters match).
+    pub fn matches(&self, topic: &str, out: &mut Vec<(u64, S, u8)>) {
+        let start = out.len();
+        if let Some(subs) = self.exact.get(topic) {
+            out.extend(subs.iter().map(|(id, (h, q))| (*id, h.clone(), *q)));
+        }
+        if self.wild_filters == 0 {
+            return;
+        }
+        let levels: Vec<&str> = topic.split('/').collect();
+        walk(&self.wild, &levels, 0, topic.starts_with('$'), out);
+        let tail = &mut out[start..];
+        tail.sort_by(|a, b| a.0.cmp(&b.0).then(b.2.cmp(&a.2)));
+        let mut seen = start;
+        for i in start..out.len() {
+            if i == start || out[i].0 != out[seen - 1].0 {
+                out.swap(seen, i);
+                seen += 1;
+            }
+        }
+        out.truncate(seen);
+    }
+
+    /// Number of (filter, subscriber) pairs.
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.exact.values().map(HashMap::len).sum::<usize>() + self.wild_filters
+    }
+
+    #[cfg(test)]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn walk<S: Clone>(
+    node: &Node<S>,
+    levels: &[&str],
+    i: usize,
+    dollar: bool,
+    out: &mut Vec<(u64, S, u8)>,
+) {
+    // `$` topics are not matched by a leading wildcard.
+    let wild_ok = !(i == 0 && dollar);
+    if wild_ok {
+        out.extend(node.hash.iter().map(|(id, (h, q))| (*id, h.clone(), *q)));
+    }
+    let Some(level) = levels.get(i) else {
+        out.extend(node.here.iter().map(|(id, (h, q))| (*id, h.clone(), *q)));
+        return;
+    };
+    if let Some(child) = node.children.get(*level) {
+        walk(child, levels, i + 1, dollar, out);
+    }
+    if wild_ok && *level != "+" {
+        if let Some(child) = node.children.get("+") {
+            walk(child, levels, i + 1, dollar, out);
+        }
+    }
+}
+
+fn remove<S>(node: &mut Node<S>, levels: &[&str], hash: bool, id: u64) -> bool {
+    let Some((first, rest)) = levels.split_first() else {
+        let subs = if hash { &mut node.hash } else { &mut node.here };
+        return subs.remove(&id).is_some();
+    };
+    let Some(child) = node.children.get_mut(*first) else {
+        return false;
+    };
+    let found = remove(child, rest, hash, id);
+    if child.is_empty() {
+        node.children.remove(*first);
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(index: &Index<()>, topic: &str) -> Vec<(u64, u8)> {
+        let mut out = Vec::new();
+        index.matches(topic, &mut out);
+        let mut v: Vec<(u64, u8)> = out.into_iter().map(|(id, _, q)| (id, q)).collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn exact_match_only_same_topic() {
+        let mut ix = Index::default();
+        ix.subscribe("push/user/1", 1, (), 1);
+        ix.subscribe("push/user/2", 2, (), 0);
+        assert_eq!(ids(&ix, "push/user/1"), vec![(1, 1)]);
+        assert_eq!(ids(&ix, "push/user/2"), vec![(2, 0)]);
+        assert!(ids(&ix, "push/user/3").is_empty());
+        assert!(ids(&ix, "push/user").is_empty());
+        assert!(ids(&ix, "push/user/1/x").is_empty());
+    }
+
+    #[test]
+    fn plus_matches_one_level() {
+        let mut ix = Index::default();
+        ix.subscribe("push/+/1", 7, (), 1);
+        assert_eq!(ids(&ix, "push/user/1"), vec![(7, 1)]);
+        assert_eq!(ids(&ix, "push/group/1"), vec![(7, 1)]);
+        assert_eq!(ids(&ix, "push//1"), vec![(7, 1)]);
+        assert!(ids(&ix, "push/user/2").is_empty());
+        assert!(ids(&ix, "push/a/b/1").is_empty());
+        assert!(ids(&ix, "push/user").is_empty());
+    }
+
+    #[test]
+    fn hash_matches_parent_and_descendants() {
+        let mut ix = Index::default();
+        ix.subscribe("push/#", 3, (), 1);
+        assert_eq!(ids(&ix, "push"), vec![(3, 1)]);
+        assert_eq!(ids(&ix, "push/user/1"), vec![(3, 1)]);
+        assert!(ids(&ix, "other/user").is_empty());
+        ix.subscribe("#", 4, (), 0);
+        assert_eq!(ids(&ix, "other/user"), vec![(4, 0)]);
+        assert_eq!(ids(&ix, "push/x"), vec![(3, 1), (4, 0)]);
+    }
+
+    #[test]
+    fn dollar_topics_skip_leading_wildcards() {
+        let mut ix = Index::default();
+        ix.subscribe("#", 1, (), 0);
+        ix.subscribe("+/sys", 2, (), 0);
+        ix.subscribe("$SYS/#", 3, (), 0);
+        ix.subscribe("$SYS/sys", 4, (), 0);
+        assert_eq!(ids(&ix, "$SYS/sys"), vec![(3, 0), (4, 0)]);
+        assert_eq!(ids(&ix, "a/sys"), vec![(1, 0), (2, 0)]);
+    }
+
+    #[test]
+    fn one_delivery_per_subscriber_with_highest_qos() {
+        let mut ix = Index::default();
+        ix.subscribe("a/b", 1, (), 0);
+        ix.subscribe("a/+", 1, (), 1);
+        ix.subscribe("#", 1, (), 0);
+        ix.subscribe("a/#", 2, (), 0);
+        assert_eq!(ids(&ix, "a/b"), vec![(1, 1), (2, 0)]);
+    }
+
+    #[test]
+    fn resubscribe_replaces_qos() {
+        let mut ix = Index::default();
+        ix.subscribe("a", 1, (), 0);
+        ix.subscribe("a", 1, (), 1);
+        ix.subscribe("a/+", 1, (), 0);
+        ix.subscribe("a/+", 1, (), 1);
+        assert_eq!(ix.len(), 2);
+        assert_eq!(ids(&ix, "a"), vec![(1, 1)]);
+        assert_eq!(ids(&ix, "a/x"), vec![(1, 1)]);
+    }
+
+    #[test]
+    fn unsubscribe_removes_and_prunes() {
+        let mut ix = Index::default();
+        ix.subscribe("a/b", 1, (), 1);
+        ix.subscribe("a/b", 2, (), 1);
+        ix.subscribe("a/+/c", 1, (), 1);
+        ix.subscribe("a/#", 2, (), 1);
+        assert!(ix.unsubscribe("a/b", 1));
+        assert!(!ix.unsubscribe("a/b", 1));
+        assert!(!ix.unsubscribe("x/+", 1));
+        assert_eq!(ids(&ix, "a/b"), vec![(2, 1)]);
+        assert!(ix.unsubscribe("a/+/c", 1));
+        assert!(ix.unsubscribe("a/#", 2));
+        assert!(ix.unsubscribe("a/b", 2));
+        assert!(ix.is_empty());
+        assert!(ix.exact.is_empty());
+        assert!(ix.wild.is_empty());
+    }
+}
