@@ -100,8 +100,8 @@ struct Cli {
     /// Source addresses 127.0.0.2 … for device connections.
     #[arg(long, default_value_t = 16)]
     sources: u8,
-    /// Devices handshaking at once.
-    #[arg(long, default_value_t = 256)]
+    /// Devices handshaking at once (more overflows SYN queues: 1 s retries).
+    #[arg(long, default_value_t = 64)]
     connect_concurrency: usize,
     /// Upper bound on each phase (connect, deliver, ingest), in seconds.
     #[arg(long, default_value_t = 120)]
@@ -218,6 +218,8 @@ fn specs(cli: &Cli) -> anyhow::Result<Vec<Spec>> {
                         bin.display()
                     );
                 }
+                // The server runs in its own scratch directory.
+                let bin = std::fs::canonicalize(&bin)?;
                 Ok(Spec::Spawn {
                     kind: Kind::Pushbridge,
                     bin,
@@ -232,7 +234,7 @@ fn specs(cli: &Cli) -> anyhow::Result<Vec<Spec>> {
                 }
                 Ok(Spec::Spawn {
                     kind: Kind::Mosquitto,
-                    bin: cli.mosquitto_bin.clone(),
+                    bin: std::fs::canonicalize(&cli.mosquitto_bin)?,
                 })
             }
             other => bail!("unknown target {other:?} (pushbridge, mosquitto)"),

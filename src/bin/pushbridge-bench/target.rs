@@ -205,7 +205,7 @@ impl Server {
         Sample::of(self.pid)
     }
 
-    /// SIGTERM, up to 15 s for a clean stop, then SIGKILL.
+    /// SIGTERM, up to 3 s for a clean stop, then SIGKILL (the benchmark needs no drain).
     pub async fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             // SAFETY: kill(2) on our own child's pid.
@@ -213,7 +213,7 @@ impl Server {
                 libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
             }
             let start = Instant::now();
-            while start.elapsed() < Duration::from_secs(15) {
+            while start.elapsed() < Duration::from_secs(3) {
                 if !matches!(child.try_wait(), Ok(None)) {
                     break;
                 }
