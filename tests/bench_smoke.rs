@@ -72,7 +72,7 @@ fn smoke_against_mosquitto_delivers_everything() {
     }
     let rows = csv_rows(out.path());
     let workloads: Vec<&str> = rows.iter().map(|r| r["workload"].as_str()).collect();
-    assert_eq!(workloads, ["idle", "p2p", "fanout"]);
+    assert_eq!(workloads, ["idle", "p2p", "p2p", "fanout"]);
     for r in &rows {
         assert_eq!(r["lost"], "0", "{r:?}");
         let num = |k: &str| r[k].parse::<u64>().unwrap();

@@ -73,6 +73,9 @@ struct Cli {
     /// Connected devices for idle and p2p.
     #[arg(long, value_delimiter = ',', default_value = "1000,5000,15000")]
     devices: Vec<u64>,
+    /// Paced send rates for p2p, msg/s in all; 0 = as fast as acknowledgements allow.
+    #[arg(long, value_delimiter = ',', default_value = "0,20000")]
+    p2p_rates: Vec<u64>,
     /// Pushes per p2p run.
     #[arg(long, default_value_t = 100_000)]
     messages: u64,
@@ -142,6 +145,7 @@ impl Cli {
         if self.smoke {
             self.devices = vec![20];
             self.messages = 200;
+            self.p2p_rates = vec![0, 2000];
             self.groups = vec![20];
             self.fanout_pushes = 2;
             self.ingest_conns = vec![1, 4];
@@ -492,20 +496,24 @@ async fn devices_run(cli: &Cli, spec: &Spec, n: u64) -> Vec<Row> {
         });
     }
     if cli.wants("p2p") {
-        let row = if ready.is_empty() || set.note.contains("failed") {
-            Row {
-                workload: "p2p",
-                target: name.clone(),
-                param: n,
-                messages: cli.messages,
-                lost: cli.messages,
-                note: join_note(&["not run: devices did not connect".into(), set.note.clone()]),
-                ..Row::default()
-            }
-        } else {
-            p2p(cli, &name, &mut server, &set, &ready, n).await
-        };
-        rows.push(row);
+        for &rate in &cli.p2p_rates {
+            let offered = (rate > 0).then_some(rate as f64);
+            let row = if ready.is_empty() || set.note.contains("failed") {
+                Row {
+                    workload: "p2p",
+                    target: name.clone(),
+                    param: n,
+                    offered,
+                    messages: cli.messages,
+                    lost: cli.messages,
+                    note: join_note(&["not run: devices did not connect".into(), set.note.clone()]),
+                    ..Row::default()
+                }
+            } else {
+                p2p(cli, &name, &mut server, &set, &ready, n, offered).await
+            };
+            rows.push(row);
+        }
     }
     set.close().await;
     if !server.alive() {
@@ -542,10 +550,11 @@ async fn p2p(
     set: &DeviceSet,
     ready: &[u32],
     n: u64,
+    offered: Option<f64>,
 ) -> Row {
     let m = cli.messages;
     // The same pseudo-random users for every target.
-    let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed ^ n);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed ^ n ^ offered.unwrap_or(0.0) as u64);
     let msgs: Vec<Msg> = (0..m)
         .map(|seq| Msg {
             to: To::User(ready[rng.random_range(0..ready.len())]),
@@ -559,10 +568,9 @@ async fn p2p(
     let deadline = Instant::now() + cli.phase_limit();
     let via = via(server);
     let (senders, window) = (cli.senders, cli.window);
-    let sender =
-        tokio::spawn(
-            async move { send::send_all(via, &msgs, senders, window, &pad, deadline).await },
-        );
+    let sender = tokio::spawn(async move {
+        send::send_all(via, &msgs, senders, window, &pad, deadline, offered).await
+    });
     wait_deliveries(cli, &phase, m, deadline).await;
     let sent = sender.await.unwrap_or_default();
     let s1 = server.sample();
@@ -577,6 +585,7 @@ async fn p2p(
         workload: "p2p",
         target: name.into(),
         param: n,
+        offered,
         messages: m,
         delivered,
         lost: m - delivered.min(m),
@@ -645,7 +654,7 @@ async fn fanout_run(cli: &Cli, spec: &Spec, g: u64) -> Row {
             to: To::Group(1),
             seq: r,
         }];
-        let sent = send::send_all(via, &msg, 1, 1, &pad, deadline).await;
+        let sent = send::send_all(via, &msg, 1, 1, &pad, deadline, None).await;
         first_ns.get_or_insert(sent.first_ns);
         notes.push(sent_note(&sent));
         if sent.accepted == 0 {
@@ -745,6 +754,7 @@ async fn ingest_run(cli: &Cli, spec: &Spec, conns: u64) -> Row {
         cli.window,
         &pad,
         deadline,
+        None,
     )
     .await;
     let s1 = server.sample();

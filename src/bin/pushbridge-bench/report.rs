@@ -10,6 +10,8 @@ pub struct Row {
     /// Devices (idle, p2p), group size (fanout) or backend connections (ingest).
     pub param: u64,
     pub messages: u64,
+    /// p2p: the paced send rate, msg/s; none: as fast as acknowledgements allow.
+    pub offered: Option<f64>,
     pub delivered: u64,
     pub lost: u64,
     pub duplicates: u64,
@@ -29,6 +31,9 @@ pub struct Row {
 
 impl Row {
     pub fn rss_per_conn_kib(&self) -> Option<f64> {
+        if self.workload != "idle" {
+            return None;
+        }
         let (a, b) = (self.rss_before_kib?, self.rss_after_kib?);
         (self.param > 0).then(|| (b as f64 - a as f64) / self.param as f64)
     }
@@ -102,10 +107,10 @@ pub fn markdown(rows: &[Row]) -> String {
                 ),
             ),
             "p2p" => (
-                "| target | devices | pushes | delivered | lost | msg/s | p50 ms | p99 ms | max ms | server CPU s | CPU µs/msg | RSS MiB | note |\n|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
+                "| target | devices | offered msg/s | pushes | delivered | lost | msg/s | p50 ms | p99 ms | max ms | server CPU s | CPU µs/msg | RSS MiB | note |\n|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
                 |r| format!(
-                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-                    r.target, r.param, r.messages, r.delivered, r.lost, num(r.rate), ms(r.p50_ms), ms(r.p99_ms),
+                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                    r.target, r.param, r.offered.map_or("max".into(), num), r.messages, r.delivered, r.lost, num(r.rate), ms(r.p50_ms), ms(r.p99_ms),
                     ms(r.max_ms), opt(r.cpu_secs, 2), opt(r.cpu_us_per_msg(), 1), mib(r.rss_after_kib), r.note
                 ),
             ),
@@ -135,16 +140,17 @@ pub fn markdown(rows: &[Row]) -> String {
     out
 }
 
-pub const CSV_HEADER: &str = "workload,target,param,messages,delivered,lost,duplicates,secs,rate_per_s,p50_ms,p99_ms,max_ms,to_last_p50_ms,to_last_max_ms,server_cpu_s,rss_before_kib,rss_after_kib,rss_per_conn_kib,note";
+pub const CSV_HEADER: &str = "workload,target,param,offered_per_s,messages,delivered,lost,duplicates,secs,rate_per_s,p50_ms,p99_ms,max_ms,to_last_p50_ms,to_last_max_ms,server_cpu_s,rss_before_kib,rss_after_kib,rss_per_conn_kib,note";
 
 pub fn csv_line(r: &Row) -> String {
     let f = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.4}"));
     let u = |v: Option<u64>| v.map_or(String::new(), |v| v.to_string());
     format!(
-        "{},{},{},{},{},{},{},{:.4},{:.1},{},{},{},{},{},{},{},{},{},\"{}\"",
+        "{},{},{},{},{},{},{},{},{:.4},{:.1},{},{},{},{},{},{},{},{},{},\"{}\"",
         r.workload,
         r.target,
         r.param,
+        f(r.offered),
         r.messages,
         r.delivered,
         r.lost,
@@ -299,7 +305,10 @@ mod tests {
             ..Row::default()
         };
         let md = markdown(std::slice::from_ref(&row));
-        assert!(md.contains("| mosquitto | 20 | 200 | 200 | 0 |"), "{md}");
+        assert!(
+            md.contains("| mosquitto | 20 | max | 200 | 200 | 0 |"),
+            "{md}"
+        );
         assert!(svg("p2p", std::slice::from_ref(&row))
             .unwrap()
             .contains("<rect"));

@@ -85,7 +85,8 @@ pub fn topic(to: To) -> String {
 }
 
 /// Sends `msgs` over `conns` connections (message `i` on connection
-/// `i % conns`), each with up to `window` unacknowledged, stopping at `deadline`.
+/// `i % conns`), each with up to `window` unacknowledged, stopping at `deadline`;
+/// paced to `rate` messages/s in all when given, else as fast as acks allow.
 pub async fn send_all(
     via: Via,
     msgs: &[Msg],
@@ -93,15 +94,17 @@ pub async fn send_all(
     window: usize,
     pad: &str,
     deadline: Instant,
+    rate: Option<f64>,
 ) -> Sent {
     let conns = conns.max(1);
+    let per_conn = rate.filter(|r| *r > 0.0).map(|r| r / conns as f64);
     let pad: Arc<str> = Arc::from(pad);
     let mut tasks = Vec::with_capacity(conns);
     for c in 0..conns {
         let mine: Vec<Msg> = msgs.iter().skip(c).step_by(conns).copied().collect();
         let pad = pad.clone();
         tasks.push(tokio::spawn(async move {
-            connection(via, c, mine, window, pad, deadline).await
+            connection(via, c, mine, window, pad, deadline, per_conn).await
         }));
     }
     let mut total = Sent {
@@ -136,6 +139,7 @@ async fn connection(
     window: usize,
     pad: Arc<str>,
     deadline: Instant,
+    rate: Option<f64>,
 ) -> io::Result<Sent> {
     let local = IpAddr::V4(Ipv4Addr::LOCALHOST);
     let mut leftover = BytesMut::with_capacity(4096);
@@ -171,7 +175,23 @@ async fn connection(
     let mut first_ns = u64::MAX;
     let mut errors = Vec::new();
     let topics: Vec<Vec<u8>> = msgs.iter().map(|m| topic(m.to).into_bytes()).collect();
+    let start = Instant::now();
     while i < msgs.len() {
+        // Pacing: no more than `rate * elapsed` sent so far.
+        let mut allowed = 64;
+        if let Some(rate) = rate {
+            let due = (start.elapsed().as_secs_f64() * rate) as usize;
+            if due <= i {
+                let next = start + std::time::Duration::from_secs_f64((i + 1) as f64 / rate);
+                if next > deadline {
+                    errors.push(format!("sender {index}: pacing ran past the deadline"));
+                    break;
+                }
+                tokio::time::sleep_until(next).await;
+                continue;
+            }
+            allowed = (due - i).min(64);
+        }
         match timeout_at(deadline, credit.acquire()).await {
             Ok(Ok(p)) => p.forget(),
             _ => {
@@ -182,7 +202,7 @@ async fn connection(
             }
         }
         let mut k = 1;
-        while k < 64 && i + k < msgs.len() {
+        while k < allowed && i + k < msgs.len() {
             match credit.try_acquire() {
                 Ok(p) => {
                     p.forget();
