@@ -285,6 +285,14 @@ async fn wildcard_subscribers_and_client_publishes_are_routed() {
         (p.topic.as_str(), &p.payload[..]),
         ("push/group/7", &b"g7"[..])
     );
+    let (_c, mut crx) = rumq4(srv.addr, "exact", "push/group/7").await;
+    assert_eq!(
+        srv.broker
+            .publish("push/group/7", Bytes::from_static(b"both")),
+        2
+    );
+    assert_eq!(&next(&mut rx).await.payload[..], b"both");
+    assert_eq!(&next(&mut crx).await.payload[..], b"both");
 }
 
 #[tokio::test]
@@ -811,4 +819,99 @@ async fn mosquitto_clients_work_in_both_versions() {
         }
         srv.disconnected(id).await;
     }
+}
+
+#[tokio::test]
+async fn a_client_that_never_reads_stalls_nobody() {
+    let srv = start(MqttSettings {
+        max_queued: 8,
+        ..MqttSettings::default()
+    })
+    .await;
+    let (mut slow, _) = Raw::connect(srv.addr, "slow", true, 0).await;
+    slow.subscribe("push/group/1", rumqttc::QoS::AtMostOnce)
+        .await;
+    let (_good, mut rx) = rumq4(srv.addr, "good", "push/user/1").await;
+    // 64 MiB for the slow client: far beyond what socket buffers can absorb.
+    let big = Bytes::from(vec![7u8; 64 * 1024]);
+    for i in 0..1000u32 {
+        srv.broker.publish("push/group/1", big.clone());
+        srv.broker
+            .publish("push/user/1", Bytes::from(i.to_string()));
+        assert_eq!(next(&mut rx).await.payload, Bytes::from(i.to_string()));
+    }
+    assert!(
+        srv.broker.stats().mqtt_dropped.get() > 0,
+        "the slow session overflowed"
+    );
+    drop(slow);
+}
+
+#[tokio::test]
+async fn v5_keep_alive_expiry_says_why() {
+    let srv = start_default().await;
+    let mut a = Raw::open(srv.addr).await;
+    let v5::Packet::Connect(mut connect, _, _) = v5_connect("sleepy5", true, None) else {
+        unreachable!()
+    };
+    connect.keep_alive = 1;
+    a.send5(v5::Packet::Connect(connect, None, None)).await;
+    assert!(matches!(a.recv5().await, Some(v5::Packet::ConnAck(_))));
+    match a.recv5().await {
+        Some(v5::Packet::Disconnect(d)) => {
+            assert_eq!(d.reason_code, v5::DisconnectReasonCode::KeepAliveTimeout)
+        }
+        other => panic!("expected DISCONNECT, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn offline_sessions_expire() {
+    let mut srv = start(MqttSettings {
+        session_expiry_secs: 1,
+        ..MqttSettings::default()
+    })
+    .await;
+    let (mut a, _) = Raw::connect(srv.addr, "brief", false, 60).await;
+    a.subscribe("push/user/1", rumqttc::QoS::AtLeastOnce).await;
+    drop(a);
+    srv.disconnected("brief").await;
+    assert_eq!(srv.broker.session_count(), 1);
+    // Polls the sweeper's effect; the timeout only bounds a failure.
+    tokio::time::timeout(WAIT, async {
+        while srv.broker.session_count() > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("session expired");
+    assert_eq!(
+        srv.broker.publish("push/user/1", Bytes::from_static(b"x")),
+        0
+    );
+    assert_eq!(srv.broker.stats().mqtt_sessions_expired.get(), 1);
+}
+
+#[tokio::test]
+async fn inflight_window_holds_back_until_acknowledged() {
+    let srv = start(MqttSettings {
+        max_inflight: 2,
+        ..MqttSettings::default()
+    })
+    .await;
+    let (mut a, _) = Raw::connect(srv.addr, "win", true, 60).await;
+    a.subscribe("push/user/1", rumqttc::QoS::AtLeastOnce).await;
+    // Queued together (no await in between), so one pass would send all three.
+    for i in 0..3 {
+        srv.broker
+            .publish("push/user/1", Bytes::from(format!("m{i}")));
+    }
+    let first = a.publish().await;
+    assert_eq!(&first.payload[..], b"m0");
+    assert_eq!(&a.publish().await.payload[..], b"m1");
+    a.send(v4::Packet::PingReq).await;
+    assert_eq!(a.recv().await, Some(v4::Packet::PingResp), "m2 waits");
+    a.send(v4::Packet::PubAck(v4::PubAck::new(first.pkid)))
+        .await;
+    assert_eq!(&a.publish().await.payload[..], b"m2");
 }

@@ -166,7 +166,7 @@ pub fn parse(proto: Proto, buf: &mut BytesMut, len: usize) -> Result<In, CodecEr
         Proto::V5 => {
             // rumqttc refuses the legal short DISCONNECTs: no reason (0 implied),
             // or a reason without properties.
-            if frame.len() <= 3 && frame[0] == 0xe0 {
+            if frame.len() <= 3 && frame.first() == Some(&0xe0) {
                 return Ok(In::Disconnect {
                     reason: frame.get(2).copied().unwrap_or(0),
                     session_expiry: None,

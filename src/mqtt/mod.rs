@@ -6,6 +6,7 @@
 
 mod codec;
 mod connection;
+mod handshake;
 mod listener;
 mod session;
 mod topics;
@@ -93,6 +94,8 @@ impl Inner {
 }
 
 impl Broker {
+    /// A broker with its own counters; events arrive on the returned receiver,
+    /// which must be drained (connection tasks wait on it when full).
     pub fn new(settings: &MqttSettings) -> (Broker, mpsc::Receiver<BrokerEvent>) {
         Self::with_stats(settings, Arc::default())
     }
@@ -117,8 +120,10 @@ impl Broker {
         (broker, rx)
     }
 
-    /// Server-originated publish, QoS 1 to every matching session; never blocks, never awaits.
-    /// Returns the number of sessions it was delivered or queued to.
+    /// Server-originated publish, QoS 1 to every matching session (QoS 0 where
+    /// the subscription asked for 0); never blocks, never awaits.
+    /// Returns the number of sessions it was delivered or queued to;
+    /// sessions whose queue is full drop it (counted in `mqtt_dropped`).
     pub fn publish(&self, topic: &str, payload: Bytes) -> usize {
         self.inner.route(topic, payload, 1)
     }
@@ -138,6 +143,7 @@ impl Broker {
         self.inner.registry().len()
     }
 
+    /// The counters this broker bumps (shared when built `with_stats`).
     pub fn stats(&self) -> &Arc<Stats> {
         &self.inner.stats
     }

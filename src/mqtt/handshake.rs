@@ -1,0 +1,188 @@
+//! The CONNECT handshake: first packet, protocol version, client id,
+//! session attach and CONNACK. Runs in the connection task, never in the
+//! accept loop, and is bounded by `connect_timeout_secs`.
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info};
+
+use super::codec::{self, Check, CodecError, ConnCode, Connect, In, Out, Proto};
+use super::connection::{Conn, FINAL_WRITE, READ_CHUNK, READ_MAX};
+use super::session::Owner;
+use super::Inner;
+
+/// Reads the CONNECT, attaches the session and queues the CONNACK.
+pub(super) async fn handshake(
+    inner: Arc<Inner>,
+    mut stream: TcpStream,
+    conn: u64,
+    shutdown: &CancellationToken,
+) -> Option<Conn> {
+    let mut rbuf = BytesMut::new();
+    let max = inner.settings.max_packet_size;
+    let limit = Duration::from_secs(inner.settings.connect_timeout_secs);
+    let first = tokio::select! {
+        _ = shutdown.cancelled() => return None,
+        r = tokio::time::timeout(limit, read_connect(&mut stream, &mut rbuf, max)) => r,
+    };
+    let connect = match first {
+        Ok(Ok(c)) => c,
+        Err(_) => {
+            inner.stats.mqtt_timeouts.inc();
+            debug!("no CONNECT within {limit:?}");
+            return None;
+        }
+        Ok(Err(Handshake::Level(level))) => {
+            debug!("unsupported protocol level {level}");
+            let mut out = BytesMut::new();
+            let ack = connack(ConnCode::BadProtocol, false, None, None, max);
+            codec::encode(Proto::V4, &ack, &mut out, usize::MAX);
+            let _ = tokio::time::timeout(FINAL_WRITE, stream.write_all(&out)).await;
+            return None;
+        }
+        Ok(Err(Handshake::Io(e))) => {
+            debug!("closed before CONNECT: {e}");
+            return None;
+        }
+        Ok(Err(Handshake::Codec(e))) => {
+            inner.stats.mqtt_malformed.inc();
+            info!("bad CONNECT: {e}");
+            return None;
+        }
+    };
+    let Connect {
+        proto,
+        client_id,
+        clean,
+        keep_alive,
+        will,
+        session_expiry,
+        max_packet,
+        receive_max,
+    } = *connect;
+
+    let (client_id, assigned) = match client_id.is_empty() {
+        false => (client_id, false),
+        true if proto == Proto::V4 && !clean => {
+            let mut out = BytesMut::new();
+            let ack = connack(ConnCode::BadClientId, false, None, None, max);
+            codec::encode(proto, &ack, &mut out, usize::MAX);
+            let _ = tokio::time::timeout(FINAL_WRITE, stream.write_all(&out)).await;
+            return None;
+        }
+        true => (format!("pb-{conn:x}-{:08x}", rand::random::<u32>()), true),
+    };
+    tracing::Span::current().record("client_id", client_id.as_str());
+
+    let cap = u32::try_from(inner.settings.session_expiry_secs).unwrap_or(u32::MAX);
+    let expiry = match proto {
+        Proto::V4 if clean => 0,
+        Proto::V4 => cap,
+        Proto::V5 => session_expiry.unwrap_or(0).min(cap),
+    };
+    let wake = Arc::new(Notify::new());
+    let owner = Owner {
+        conn,
+        wake: wake.clone(),
+    };
+    let attached = inner.registry().attach(&client_id, clean, expiry, owner);
+    inner.stats.mqtt_connects.inc();
+    debug!(proto = ?proto, clean, present = attached.present, "connected");
+
+    let granted = (proto == Proto::V5 && session_expiry.unwrap_or(0) != expiry).then_some(expiry);
+    let ack = connack(
+        ConnCode::Accepted,
+        attached.present,
+        assigned.then_some(client_id.as_str()),
+        granted,
+        max,
+    );
+    let mut wbuf = BytesMut::new();
+    codec::encode(proto, &ack, &mut wbuf, usize::MAX);
+    let c = Conn {
+        window: inner
+            .settings
+            .max_inflight
+            .min(receive_max.unwrap_or(u16::MAX).into())
+            .max(1),
+        client_max: max_packet.map_or(usize::MAX, |m| m as usize),
+        client_id: attached.session.client_id.clone(),
+        inner,
+        stream,
+        proto,
+        conn,
+        session: attached.session,
+        rbuf,
+        wbuf,
+        need: 0,
+        keep_alive,
+        will,
+        wake,
+    };
+    Some(c)
+}
+
+/// Why no CONNECT was obtained.
+enum Handshake {
+    Io(io::Error),
+    Codec(CodecError),
+    Level(u8),
+}
+
+async fn read_connect(
+    stream: &mut TcpStream,
+    rbuf: &mut BytesMut,
+    max: usize,
+) -> Result<Box<Connect>, Handshake> {
+    loop {
+        match codec::check(rbuf, max).map_err(Handshake::Codec)? {
+            Check::Frame(len) => {
+                if rbuf[0] >> 4 != 1 {
+                    return Err(Handshake::Codec(CodecError::Malformed(
+                        "first packet is not CONNECT".into(),
+                    )));
+                }
+                let proto = match codec::connect_level(&rbuf[..len]).map_err(Handshake::Codec)? {
+                    4 => Proto::V4,
+                    5 => Proto::V5,
+                    level => return Err(Handshake::Level(level)),
+                };
+                return match codec::parse(proto, rbuf, len).map_err(Handshake::Codec)? {
+                    In::Connect(c) => Ok(c),
+                    _ => Err(Handshake::Codec(CodecError::Malformed(
+                        "first packet is not CONNECT".into(),
+                    ))),
+                };
+            }
+            Check::Incomplete(n) => {
+                rbuf.reserve(n.clamp(READ_CHUNK, READ_MAX));
+                if stream.read_buf(rbuf).await.map_err(Handshake::Io)? == 0 {
+                    return Err(Handshake::Io(io::ErrorKind::UnexpectedEof.into()));
+                }
+            }
+        }
+    }
+}
+
+fn connack<'a>(
+    code: ConnCode,
+    session_present: bool,
+    assigned_id: Option<&'a str>,
+    session_expiry: Option<u32>,
+    max: usize,
+) -> Out<'a> {
+    Out::ConnAck {
+        code,
+        session_present,
+        assigned_id,
+        session_expiry,
+        max_packet: u32::try_from(max).unwrap_or(u32::MAX),
+    }
+}
