@@ -4,6 +4,7 @@
 # pushbridge-bench, and leaves the tables, CSV and SVG charts in
 # target/bench-results/ (or $BENCH_OUT). Extra arguments go to the tool,
 # e.g. `scripts/bench.sh --workloads ingest` or `scripts/bench.sh --smoke`.
+# BENCH_REPEAT (default 3): interleaved runs; the tables show median runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,6 +33,7 @@ timeout --signal=INT --kill-after=30 900 \
     --pushbridge-bin target/release/pushbridge \
     --mosquitto-bin "$MOSQUITTO" \
     --out "$OUT" \
+    --repeat "${BENCH_REPEAT:-3}" \
     "$@" | tee "$OUT/stdout.md"
 
 echo "results: $OUT/results.md, $OUT/results.csv, $OUT/*.svg"

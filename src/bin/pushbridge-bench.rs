@@ -115,6 +115,9 @@ struct Cli {
     /// Wait after the devices are connected before reading the server's RSS, ms.
     #[arg(long, default_value_t = 1000)]
     settle_ms: u64,
+    /// Runs of the whole sequence, interleaved; tables show each measurement's median run.
+    #[arg(long, default_value_t = 1)]
+    repeat: u32,
     /// Broker setting on both servers: messages queued per session.
     #[arg(long, default_value_t = 10_000)]
     max_queued: usize,
@@ -269,42 +272,49 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         rows.append(&mut new);
     };
 
-    if cli.wants("idle") || cli.wants("p2p") {
-        for &n in &cli.devices {
-            if n > max_devices {
-                eprintln!("skipping {n} devices: over the open-file limit of {fd_limit}");
-                continue;
-            }
-            for spec in &specs {
-                eprintln!("[{}] {n} devices", spec.name());
-                record(devices_run(&cli, spec, n).await);
-            }
-        }
-    }
-    if cli.wants("fanout") {
-        for &g in &cli.groups {
-            if g > max_devices {
-                eprintln!("skipping a group of {g}: over the open-file limit of {fd_limit}");
-                continue;
-            }
-            for spec in &specs {
-                eprintln!("[{}] fanout to {g}", spec.name());
-                record(vec![fanout_run(&cli, spec, g).await]);
+    for run in 1..=cli.repeat.max(1) {
+        if cli.wants("idle") || cli.wants("p2p") {
+            for &n in &cli.devices {
+                if n > max_devices {
+                    eprintln!("skipping {n} devices: over the open-file limit of {fd_limit}");
+                    continue;
+                }
+                for spec in &specs {
+                    eprintln!("[run {run}/{}] [{}] {n} devices", cli.repeat, spec.name());
+                    record(devices_run(&cli, spec, n).await);
+                }
             }
         }
-    }
-    if cli.wants("ingest") {
-        for &c in &cli.ingest_conns {
-            for spec in specs.iter().filter(|s| s.has_proxy()) {
-                eprintln!("[{}] ingest over {c} connections", spec.name());
-                record(vec![ingest_run(&cli, spec, c).await]);
+        if cli.wants("fanout") {
+            for &g in &cli.groups {
+                if g > max_devices {
+                    eprintln!("skipping a group of {g}: over the open-file limit of {fd_limit}");
+                    continue;
+                }
+                for spec in &specs {
+                    eprintln!("[run {run}/{}] [{}] fanout to {g}", cli.repeat, spec.name());
+                    record(vec![fanout_run(&cli, spec, g).await]);
+                }
+            }
+        }
+        if cli.wants("ingest") {
+            for &c in &cli.ingest_conns {
+                for spec in specs.iter().filter(|s| s.has_proxy()) {
+                    eprintln!(
+                        "[run {run}/{}] [{}] ingest over {c} connections",
+                        cli.repeat,
+                        spec.name()
+                    );
+                    record(vec![ingest_run(&cli, spec, c).await]);
+                }
             }
         }
     }
 
-    let tables = report::markdown(&rows);
+    let summary = report::medians(&rows);
+    let tables = report::markdown(&summary);
     println!("{tables}");
-    write_results(&cli, &rows, &tables)?;
+    write_results(&cli, &summary, &rows, &tables)?;
     let bad = rows
         .iter()
         .any(|r| r.lost > 0 || r.note.contains("failed") || r.delivered == 0);
@@ -839,17 +849,19 @@ fn utc_now() -> String {
     )
 }
 
-fn write_results(cli: &Cli, rows: &[Row], tables: &str) -> anyhow::Result<()> {
+fn write_results(cli: &Cli, rows: &[Row], runs: &[Row], tables: &str) -> anyhow::Result<()> {
     let command: Vec<String> = std::env::args().collect();
     let header = format!(
         "# pushbridge-bench results\n\n\
          - date: {}\n- machine: {}\n- command: `{}`\n- mosquitto: {}\n\
+         - runs: {} (tables show the median run of each measurement; every run is in runs.csv)\n\
          - broker limits on both: max_queued {}, max_inflight {}; payload ≈{} bytes JSON; \
          {} sender connections × window {}\n\n",
         utc_now(),
         machine(),
         command.join(" "),
         mosquitto_version(&cli.mosquitto_bin),
+        cli.repeat.max(1),
         cli.max_queued,
         cli.max_inflight,
         cli.payload,
@@ -866,6 +878,13 @@ fn write_results(cli: &Cli, rows: &[Row], tables: &str) -> anyhow::Result<()> {
         csv.push('\n');
     }
     std::fs::write(cli.out.join("results.csv"), csv)?;
+    let mut csv = String::from(report::CSV_HEADER);
+    csv.push('\n');
+    for r in runs {
+        csv.push_str(&report::csv_line(r));
+        csv.push('\n');
+    }
+    std::fs::write(cli.out.join("runs.csv"), csv)?;
     if !cli.no_svg {
         for w in report::WORKLOADS {
             if let Some(svg) = report::svg(w, rows) {

@@ -88,6 +88,60 @@ pub fn title(workload: &str) -> &'static str {
     }
 }
 
+/// The value runs are ranked by (the one each chart shows).
+fn rank(r: &Row) -> f64 {
+    metric(r.workload).1(r).unwrap_or(0.0)
+}
+
+/// One row per measurement (workload, target, parameter, rate): the median
+/// run by the workload's metric, noting the range and any run with loss.
+pub fn medians(rows: &[Row]) -> Vec<Row> {
+    type Key = (&'static str, String, u64, Option<u64>);
+    let key = |r: &Row| -> Key {
+        (
+            r.workload,
+            r.target.clone(),
+            r.param,
+            r.offered.map(|o| o as u64),
+        )
+    };
+    let mut keys: Vec<Key> = Vec::new();
+    for r in rows {
+        if !keys.contains(&key(r)) {
+            keys.push(key(r));
+        }
+    }
+    keys.into_iter()
+        .map(|k| {
+            let mut runs: Vec<&Row> = rows.iter().filter(|r| key(r) == k).collect();
+            if runs.len() == 1 {
+                return runs[0].clone();
+            }
+            runs.sort_by(|a, b| rank(a).total_cmp(&rank(b)));
+            let mut m = runs[runs.len() / 2].clone();
+            let lossy = runs.iter().filter(|r| r.lost > 0).count();
+            let (lo, hi) = (rank(runs[0]), rank(runs[runs.len() - 1]));
+            let fmt = |v: f64| {
+                if v >= 100.0 {
+                    format!("{v:.0}")
+                } else {
+                    format!("{v:.1}")
+                }
+            };
+            let mut note = format!("median of {}; range {}–{}", runs.len(), fmt(lo), fmt(hi));
+            if lossy > 0 {
+                note.push_str(&format!("; loss in {lossy} runs"));
+                m.lost = m.lost.max(1);
+            }
+            if !m.note.is_empty() {
+                note = format!("{}; {note}", m.note);
+            }
+            m.note = note;
+            m
+        })
+        .collect()
+}
+
 /// A markdown table per workload present in `rows`.
 pub fn markdown(rows: &[Row]) -> String {
     let mut out = String::new();
