@@ -575,6 +575,7 @@ async fn p2p(
     set.shared.set_phase(Some(phase.clone()));
     let pad = send::pad_for(cli.payload);
     let s0 = server.sample();
+    let me0 = Sample::of(Some(std::process::id()));
     let deadline = Instant::now() + cli.phase_limit();
     let via = via(server);
     let (senders, window) = (cli.senders, cli.window);
@@ -584,6 +585,7 @@ async fn p2p(
     wait_deliveries(cli, &phase, m, deadline).await;
     let sent = sender.await.unwrap_or_default();
     let s1 = server.sample();
+    let me1 = Sample::of(Some(std::process::id()));
     set.shared.set_phase(None);
     let mut lat = phase.take_latencies();
     lat.sort_unstable();
@@ -610,6 +612,7 @@ async fn p2p(
         p99_ms: report::percentile_ms(&lat, 0.99),
         max_ms: report::percentile_ms(&lat, 1.0),
         cpu_secs: cpu_delta(s0, s1),
+        tool_cpu_secs: cpu_delta(me0, me1),
         rss_before_kib: s0.rss_kib,
         rss_after_kib: s1.rss_kib,
         note: join_note(&[
@@ -654,6 +657,7 @@ async fn fanout_run(cli: &Cli, spec: &Spec, g: u64) -> Row {
     set.shared.set_phase(Some(phase.clone()));
     let pad = send::pad_for(cli.payload);
     let s0 = server.sample();
+    let me0 = Sample::of(Some(std::process::id()));
     let via = via(&server);
     let mut to_last = Vec::new();
     let mut notes = vec![set.note.clone()];
@@ -687,6 +691,7 @@ async fn fanout_run(cli: &Cli, spec: &Spec, g: u64) -> Row {
         );
     }
     let s1 = server.sample();
+    let me1 = Sample::of(Some(std::process::id()));
     set.shared.set_phase(None);
     let mut lat = phase.take_latencies();
     lat.sort_unstable();
@@ -713,6 +718,7 @@ async fn fanout_run(cli: &Cli, spec: &Spec, g: u64) -> Row {
     row.last_p50_ms = report::percentile_ms(&to_last, 0.5);
     row.last_max_ms = report::percentile_ms(&to_last, 1.0);
     row.cpu_secs = cpu_delta(s0, s1);
+    row.tool_cpu_secs = cpu_delta(me0, me1);
     row.rss_before_kib = s0.rss_kib;
     row.rss_after_kib = s1.rss_kib;
     row.note = join_note(&notes);
@@ -756,6 +762,7 @@ async fn ingest_run(cli: &Cli, spec: &Spec, conns: u64) -> Row {
         .collect();
     let pad = send::pad_for(cli.payload);
     let s0 = server.sample();
+    let me0 = Sample::of(Some(std::process::id()));
     let deadline = Instant::now() + cli.phase_limit();
     let mut sent = send::send_all(
         Via::Proxy(proxy),
@@ -768,6 +775,7 @@ async fn ingest_run(cli: &Cli, spec: &Spec, conns: u64) -> Row {
     )
     .await;
     let s1 = server.sample();
+    let me1 = Sample::of(Some(std::process::id()));
     sent.ack_latencies.sort_unstable();
     let secs = sent.last_ack_ns.saturating_sub(sent.first_ns) as f64 / 1e9;
     row.delivered = sent.accepted;
@@ -782,6 +790,7 @@ async fn ingest_run(cli: &Cli, spec: &Spec, conns: u64) -> Row {
     row.p99_ms = report::percentile_ms(&sent.ack_latencies, 0.99);
     row.max_ms = report::percentile_ms(&sent.ack_latencies, 1.0);
     row.cpu_secs = cpu_delta(s0, s1);
+    row.tool_cpu_secs = cpu_delta(me0, me1);
     row.rss_before_kib = s0.rss_kib;
     row.rss_after_kib = s1.rss_kib;
     row.note = sent_note(&sent);

@@ -24,6 +24,8 @@ pub struct Row {
     pub last_p50_ms: Option<f64>,
     pub last_max_ms: Option<f64>,
     pub cpu_secs: Option<f64>,
+    /// This tool's own CPU time over the same span: it shares the cores.
+    pub tool_cpu_secs: Option<f64>,
     pub rss_before_kib: Option<u64>,
     pub rss_after_kib: Option<u64>,
     pub note: String,
@@ -161,27 +163,27 @@ pub fn markdown(rows: &[Row]) -> String {
                 ),
             ),
             "p2p" => (
-                "| target | devices | offered msg/s | pushes | delivered | lost | msg/s | p50 ms | p99 ms | max ms | server CPU s | CPU µs/msg | RSS MiB | note |\n|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
+                "| target | devices | offered msg/s | pushes | delivered | lost | msg/s | p50 ms | p99 ms | max ms | server CPU s | CPU µs/msg | bench CPU s | RSS MiB | note |\n|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
                 |r| format!(
-                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                     r.target, r.param, r.offered.map_or("max".into(), num), r.messages, r.delivered, r.lost, num(r.rate), ms(r.p50_ms), ms(r.p99_ms),
-                    ms(r.max_ms), opt(r.cpu_secs, 2), opt(r.cpu_us_per_msg(), 1), mib(r.rss_after_kib), r.note
+                    ms(r.max_ms), opt(r.cpu_secs, 2), opt(r.cpu_us_per_msg(), 1), opt(r.tool_cpu_secs, 2), mib(r.rss_after_kib), r.note
                 ),
             ),
             "fanout" => (
-                "| target | group size | pushes | deliveries | lost | to last p50 ms | to last max ms | latency p50 ms | p99 ms | deliveries/s | server CPU s | RSS MiB | note |\n|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
+                "| target | group size | pushes | deliveries | lost | to last p50 ms | to last max ms | latency p50 ms | p99 ms | deliveries/s | server CPU s | bench CPU s | RSS MiB | note |\n|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
                 |r| format!(
-                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                     r.target, r.param, r.messages, r.delivered, r.lost, ms(r.last_p50_ms), ms(r.last_max_ms),
-                    ms(r.p50_ms), ms(r.p99_ms), num(r.rate), opt(r.cpu_secs, 2), mib(r.rss_after_kib), r.note
+                    ms(r.p50_ms), ms(r.p99_ms), num(r.rate), opt(r.cpu_secs, 2), opt(r.tool_cpu_secs, 2), mib(r.rss_after_kib), r.note
                 ),
             ),
             _ => (
-                "| target | backend conns | frames | accepted | refused/lost | frames/s | ack p50 ms | ack p99 ms | ack max ms | server CPU s | CPU µs/frame | RSS MiB | note |\n|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
+                "| target | backend conns | frames | accepted | refused/lost | frames/s | ack p50 ms | ack p99 ms | ack max ms | server CPU s | CPU µs/frame | bench CPU s | RSS MiB | note |\n|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
                 |r| format!(
-                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                     r.target, r.param, r.messages, r.delivered, r.lost, num(r.rate), ms(r.p50_ms), ms(r.p99_ms),
-                    ms(r.max_ms), opt(r.cpu_secs, 2), opt(r.cpu_us_per_msg(), 2), mib(r.rss_after_kib), r.note
+                    ms(r.max_ms), opt(r.cpu_secs, 2), opt(r.cpu_us_per_msg(), 2), opt(r.tool_cpu_secs, 2), mib(r.rss_after_kib), r.note
                 ),
             ),
         };
@@ -194,13 +196,13 @@ pub fn markdown(rows: &[Row]) -> String {
     out
 }
 
-pub const CSV_HEADER: &str = "workload,target,param,offered_per_s,messages,delivered,lost,duplicates,secs,rate_per_s,p50_ms,p99_ms,max_ms,to_last_p50_ms,to_last_max_ms,server_cpu_s,rss_before_kib,rss_after_kib,rss_per_conn_kib,note";
+pub const CSV_HEADER: &str = "workload,target,param,offered_per_s,messages,delivered,lost,duplicates,secs,rate_per_s,p50_ms,p99_ms,max_ms,to_last_p50_ms,to_last_max_ms,server_cpu_s,bench_cpu_s,rss_before_kib,rss_after_kib,rss_per_conn_kib,note";
 
 pub fn csv_line(r: &Row) -> String {
     let f = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.4}"));
     let u = |v: Option<u64>| v.map_or(String::new(), |v| v.to_string());
     format!(
-        "{},{},{},{},{},{},{},{},{:.4},{:.1},{},{},{},{},{},{},{},{},{},\"{}\"",
+        "{},{},{},{},{},{},{},{},{:.4},{:.1},{},{},{},{},{},{},{},{},{},{},\"{}\"",
         r.workload,
         r.target,
         r.param,
@@ -217,6 +219,7 @@ pub fn csv_line(r: &Row) -> String {
         f(r.last_p50_ms),
         f(r.last_max_ms),
         f(r.cpu_secs),
+        f(r.tool_cpu_secs),
         u(r.rss_before_kib),
         u(r.rss_after_kib),
         f(r.rss_per_conn_kib()),
