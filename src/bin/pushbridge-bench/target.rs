@@ -85,13 +85,19 @@ fn scratch_dir(kind: Kind) -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
-pub fn pushbridge_settings(proxy: SocketAddr, mqtt: SocketAddr, limits: Limits) -> String {
+pub fn pushbridge_settings(
+    proxy: SocketAddr,
+    mqtt: SocketAddr,
+    http: SocketAddr,
+    limits: Limits,
+) -> String {
     format!(
         "# written by pushbridge-bench\n\
          [proxy]\nlisten = \"{proxy}\"\nmax_connections = 1024\n\n\
          [mqtt]\nlisten = \"{mqtt}\"\nmax_connections = 19000\n\
          max_queued = {q}\nmax_inflight = {i}\n\n\
          [apns]\nconfig = \"/nonexistent\"\n\n\
+         [http]\nlisten = \"{http}\"\n\n\
          [log]\nlevel = \"warn\"\n",
         q = limits.max_queued,
         i = limits.max_inflight,
@@ -142,7 +148,9 @@ impl Server {
             Kind::Pushbridge => {
                 let proxy: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
                 let conf = dir.join("setting.toml");
-                std::fs::write(&conf, pushbridge_settings(proxy, mqtt, limits))?;
+                // Every listener on a port of its own: instances never collide.
+                let http: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+                std::fs::write(&conf, pushbridge_settings(proxy, mqtt, http, limits))?;
                 cmd.arg("serve").arg("--config").arg(&conf);
                 cmd.env_remove("RUST_LOG").env("NO_COLOR", "1");
                 Some(proxy)
