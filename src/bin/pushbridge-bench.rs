@@ -189,7 +189,16 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(cli)) {
+    // On Ctrl-C or SIGTERM the run is dropped, and with it every server it started.
+    let outcome = rt.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            r = run(cli) => r,
+            _ = tokio::signal::ctrl_c() => bail!("interrupted"),
+            _ = term.recv() => bail!("terminated"),
+        }
+    });
+    match outcome {
         Ok(code) => code,
         Err(e) => {
             eprintln!("pushbridge-bench: {e:#}");
@@ -266,6 +275,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
     let mut rows: Vec<Row> = Vec::new();
     let mut record = |mut new: Vec<Row>| {
+        for r in &mut new {
+            // One table cell: the whole text went to stderr already.
+            if r.note.contains(['\n', '|']) || r.note.len() > 300 {
+                eprintln!("  note: {}", r.note);
+                let flat = r.note.replace(['\n', '|'], " ");
+                r.note = flat.chars().take(300).collect();
+            }
+        }
         for r in &new {
             eprintln!("  {}", report::csv_line(r));
         }

@@ -239,10 +239,13 @@ async fn connection(
         }
     }
     let acks = reader.await.unwrap_or_default();
-    if is_mqtt {
-        let _ = wr.write_all(&mqtt::DISCONNECT).await;
-    }
-    let _ = wr.shutdown().await;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+        if is_mqtt {
+            let _ = wr.write_all(&mqtt::DISCONNECT).await;
+        }
+        let _ = wr.shutdown().await;
+    })
+    .await;
     Ok(Sent {
         sent: i as u64,
         accepted: acks.accepted,

@@ -110,6 +110,7 @@ pub fn mosquitto_conf(mqtt: SocketAddr, limits: Limits) -> String {
          listener {port} {ip}\n\
          allow_anonymous true\n\
          persistence false\n\
+         {user}\
          max_queued_messages {q}\n\
          max_inflight_messages {i}\n\
          max_connections -1\n\
@@ -120,6 +121,14 @@ pub fn mosquitto_conf(mqtt: SocketAddr, limits: Limits) -> String {
          connection_messages false\n",
         port = mqtt.port(),
         ip = mqtt.ip(),
+        // As root, mosquitto switches to its own user, which clears the
+        // parent-death signal: stay root (only root can switch at all).
+        // SAFETY: geteuid has no preconditions.
+        user = if unsafe { libc::geteuid() } == 0 {
+            "user root\n"
+        } else {
+            ""
+        },
         q = limits.max_queued,
         i = limits.max_inflight,
     )
@@ -162,13 +171,28 @@ impl Server {
                 None
             }
         };
+        // The server dies with the tool, however the tool ends.
+        // SAFETY: prctl is async-signal-safe and touches only this child.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
         let child = cmd
             .current_dir(&dir)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
+            .spawn();
+        let child = match child {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e).with_context(|| format!("starting {}", bin.display()));
+            }
+        };
         let mut server = Server {
             mqtt,
             proxy,
