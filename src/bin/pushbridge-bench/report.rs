@@ -1,0 +1,377 @@
+//! Results: one row per measurement, written as markdown tables, CSV, and a
+//! small SVG bar chart per workload (no plotting dependency).
+
+use std::fmt::Write as _;
+
+#[derive(Debug, Clone, Default)]
+pub struct Row {
+    pub workload: &'static str,
+    pub target: String,
+    /// Devices (idle, p2p), group size (fanout) or backend connections (ingest).
+    pub param: u64,
+    pub messages: u64,
+    /// p2p: the paced send rate, msg/s; none: as fast as acknowledgements allow.
+    pub offered: Option<f64>,
+    pub delivered: u64,
+    pub lost: u64,
+    pub duplicates: u64,
+    pub secs: f64,
+    pub rate: f64,
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+    pub max_ms: Option<f64>,
+    /// Fan-out: time from send until the last device had it, per push.
+    pub last_p50_ms: Option<f64>,
+    pub last_max_ms: Option<f64>,
+    pub cpu_secs: Option<f64>,
+    /// This tool's own CPU time over the same span: it shares the cores.
+    pub tool_cpu_secs: Option<f64>,
+    pub rss_before_kib: Option<u64>,
+    pub rss_after_kib: Option<u64>,
+    pub note: String,
+}
+
+impl Row {
+    pub fn rss_per_conn_kib(&self) -> Option<f64> {
+        if self.workload != "idle" {
+            return None;
+        }
+        let (a, b) = (self.rss_before_kib?, self.rss_after_kib?);
+        (self.param > 0).then(|| (b as f64 - a as f64) / self.param as f64)
+    }
+
+    pub fn cpu_us_per_msg(&self) -> Option<f64> {
+        (self.delivered > 0).then(|| self.cpu_secs.map(|c| c * 1e6 / self.delivered as f64))?
+    }
+}
+
+/// Nearest-rank percentile of nanosecond samples, in ms.
+pub fn percentile_ms(sorted: &[u64], q: f64) -> Option<f64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    Some(sorted[rank - 1] as f64 / 1e6)
+}
+
+fn ms(v: Option<f64>) -> String {
+    match v {
+        Some(v) if v >= 100.0 => format!("{v:.0}"),
+        Some(v) if v >= 10.0 => format!("{v:.1}"),
+        Some(v) => format!("{v:.2}"),
+        None => "–".into(),
+    }
+}
+
+fn num(v: f64) -> String {
+    if v >= 100.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.1}")
+    }
+}
+
+fn mib(v: Option<u64>) -> String {
+    v.map_or("–".into(), |k| format!("{:.1}", k as f64 / 1024.0))
+}
+
+fn opt(v: Option<f64>, digits: usize) -> String {
+    v.map_or("–".into(), |v| format!("{v:.digits$}"))
+}
+
+pub const WORKLOADS: [&str; 4] = ["idle", "p2p", "fanout", "ingest"];
+
+pub fn title(workload: &str) -> &'static str {
+    match workload {
+        "idle" => "idle: devices connected and subscribed, server memory",
+        "p2p" => "p2p: pushes to random connected users (QoS 1)",
+        "fanout" => "fanout: one push to a group, until the last device has it",
+        _ => "ingest: frames accepted by the proxy (no devices)",
+    }
+}
+
+/// The value runs are ranked by (the one each chart shows).
+fn rank(r: &Row) -> f64 {
+    metric(r.workload).1(r).unwrap_or(0.0)
+}
+
+/// One row per measurement (workload, target, parameter, rate): the median
+/// run by the workload's metric, noting the range and any run with loss.
+pub fn medians(rows: &[Row]) -> Vec<Row> {
+    type Key = (&'static str, String, u64, Option<u64>);
+    let key = |r: &Row| -> Key {
+        (
+            r.workload,
+            r.target.clone(),
+            r.param,
+            r.offered.map(|o| o as u64),
+        )
+    };
+    let mut keys: Vec<Key> = Vec::new();
+    for r in rows {
+        if !keys.contains(&key(r)) {
+            keys.push(key(r));
+        }
+    }
+    keys.into_iter()
+        .map(|k| {
+            let mut runs: Vec<&Row> = rows.iter().filter(|r| key(r) == k).collect();
+            if runs.len() == 1 {
+                return runs[0].clone();
+            }
+            runs.sort_by(|a, b| rank(a).total_cmp(&rank(b)));
+            let mut m = runs[runs.len() / 2].clone();
+            let lossy = runs.iter().filter(|r| r.lost > 0).count();
+            let (lo, hi) = (rank(runs[0]), rank(runs[runs.len() - 1]));
+            let fmt = |v: f64| {
+                if v >= 100.0 {
+                    format!("{v:.0}")
+                } else {
+                    format!("{v:.1}")
+                }
+            };
+            let mut note = format!("median of {}; range {}–{}", runs.len(), fmt(lo), fmt(hi));
+            if lossy > 0 {
+                note.push_str(&format!("; loss in {lossy} runs"));
+                m.lost = m.lost.max(1);
+            }
+            if !m.note.is_empty() {
+                note = format!("{}; {note}", m.note);
+            }
+            m.note = note;
+            m
+        })
+        .collect()
+}
+
+/// A markdown table per workload present in `rows`.
+pub fn markdown(rows: &[Row]) -> String {
+    let mut out = String::new();
+    for w in WORKLOADS {
+        let rows: Vec<&Row> = rows.iter().filter(|r| r.workload == w).collect();
+        if rows.is_empty() {
+            continue;
+        }
+        let _ = writeln!(out, "### {}\n", title(w));
+        let (head, cells): (&str, fn(&Row) -> String) = match w {
+            "idle" => (
+                "| target | devices | connected | connect s | RSS before MiB | RSS after MiB | RSS/conn KiB | server CPU s | note |\n|---|--:|--:|--:|--:|--:|--:|--:|---|",
+                |r| format!(
+                    "| {} | {} | {} | {:.2} | {} | {} | {} | {} | {} |",
+                    r.target, r.param, r.delivered, r.secs, mib(r.rss_before_kib), mib(r.rss_after_kib),
+                    opt(r.rss_per_conn_kib(), 1), opt(r.cpu_secs, 2), r.note
+                ),
+            ),
+            "p2p" => (
+                "| target | devices | offered msg/s | pushes | delivered | lost | msg/s | p50 ms | p99 ms | max ms | server CPU s | CPU µs/msg | bench CPU s | RSS MiB | note |\n|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
+                |r| format!(
+                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                    r.target, r.param, r.offered.map_or("max".into(), num), r.messages, r.delivered, r.lost, num(r.rate), ms(r.p50_ms), ms(r.p99_ms),
+                    ms(r.max_ms), opt(r.cpu_secs, 2), opt(r.cpu_us_per_msg(), 1), opt(r.tool_cpu_secs, 2), mib(r.rss_after_kib), r.note
+                ),
+            ),
+            "fanout" => (
+                "| target | group size | pushes | deliveries | lost | to last p50 ms | to last max ms | latency p50 ms | p99 ms | deliveries/s | server CPU s | bench CPU s | RSS MiB | note |\n|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
+                |r| format!(
+                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                    r.target, r.param, r.messages, r.delivered, r.lost, ms(r.last_p50_ms), ms(r.last_max_ms),
+                    ms(r.p50_ms), ms(r.p99_ms), num(r.rate), opt(r.cpu_secs, 2), opt(r.tool_cpu_secs, 2), mib(r.rss_after_kib), r.note
+                ),
+            ),
+            _ => (
+                "| target | backend conns | frames | accepted | refused/lost | frames/s | ack p50 ms | ack p99 ms | ack max ms | server CPU s | CPU µs/frame | bench CPU s | RSS MiB | note |\n|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
+                |r| format!(
+                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                    r.target, r.param, r.messages, r.delivered, r.lost, num(r.rate), ms(r.p50_ms), ms(r.p99_ms),
+                    ms(r.max_ms), opt(r.cpu_secs, 2), opt(r.cpu_us_per_msg(), 2), opt(r.tool_cpu_secs, 2), mib(r.rss_after_kib), r.note
+                ),
+            ),
+        };
+        let _ = writeln!(out, "{head}");
+        for r in rows {
+            let _ = writeln!(out, "{}", cells(r).replace("|  |", "| |"));
+        }
+        out.push('\n');
+    }
+    out
+}
+
+pub const CSV_HEADER: &str = "workload,target,param,offered_per_s,messages,delivered,lost,duplicates,secs,rate_per_s,p50_ms,p99_ms,max_ms,to_last_p50_ms,to_last_max_ms,server_cpu_s,bench_cpu_s,rss_before_kib,rss_after_kib,rss_per_conn_kib,note";
+
+pub fn csv_line(r: &Row) -> String {
+    let f = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.4}"));
+    let u = |v: Option<u64>| v.map_or(String::new(), |v| v.to_string());
+    format!(
+        "{},{},{},{},{},{},{},{},{:.4},{:.1},{},{},{},{},{},{},{},{},{},{},\"{}\"",
+        r.workload,
+        r.target,
+        r.param,
+        f(r.offered),
+        r.messages,
+        r.delivered,
+        r.lost,
+        r.duplicates,
+        r.secs,
+        r.rate,
+        f(r.p50_ms),
+        f(r.p99_ms),
+        f(r.max_ms),
+        f(r.last_p50_ms),
+        f(r.last_max_ms),
+        f(r.cpu_secs),
+        f(r.tool_cpu_secs),
+        u(r.rss_before_kib),
+        u(r.rss_after_kib),
+        f(r.rss_per_conn_kib()),
+        r.note.replace('"', "'"),
+    )
+}
+
+/// The metric each workload's chart shows.
+fn metric(w: &str) -> (&'static str, fn(&Row) -> Option<f64>) {
+    match w {
+        "idle" => ("server RSS per connection (KiB, lower is better)", |r| {
+            r.rss_per_conn_kib()
+        }),
+        "p2p" => ("delivered msg/s (higher is better)", |r| Some(r.rate)),
+        "fanout" => (
+            "time until the last device has it, median (ms, lower is better)",
+            |r| r.last_p50_ms,
+        ),
+        _ => ("accepted frames/s (higher is better)", |r| Some(r.rate)),
+    }
+}
+
+const COLORS: [&str; 4] = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728"];
+
+/// Grouped bars: one group per parameter value, one bar per target.
+pub fn svg(workload: &str, rows: &[Row]) -> Option<String> {
+    let rows: Vec<&Row> = rows.iter().filter(|r| r.workload == workload).collect();
+    if rows.is_empty() {
+        return None;
+    }
+    let (label, value) = metric(workload);
+    let mut params: Vec<u64> = rows.iter().map(|r| r.param).collect();
+    params.dedup();
+    params.sort_unstable();
+    params.dedup();
+    let mut targets: Vec<String> = Vec::new();
+    for r in &rows {
+        if !targets.contains(&r.target) {
+            targets.push(r.target.clone());
+        }
+    }
+    let max = rows
+        .iter()
+        .filter_map(|r| value(r))
+        .fold(0.0f64, f64::max)
+        .max(1e-9);
+    let (w, h, left, top, bottom) = (640.0, 320.0, 60.0, 40.0, 50.0);
+    let plot_h = h - top - bottom;
+    let group_w = (w - left - 20.0) / params.len() as f64;
+    let bar_w = (group_w * 0.8) / targets.len() as f64;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"11\">"
+    );
+    let _ = writeln!(s, "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>");
+    let _ = writeln!(
+        s,
+        "<text x=\"{left}\" y=\"16\" font-size=\"13\">{workload}: {label}</text>"
+    );
+    let _ = writeln!(
+        s,
+        "<line x1=\"{left}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>",
+        h - bottom,
+        w - 10.0,
+        h - bottom
+    );
+    for (gi, p) in params.iter().enumerate() {
+        let gx = left + gi as f64 * group_w + group_w * 0.1;
+        let _ = writeln!(
+            s,
+            "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{p}</text>",
+            gx + group_w * 0.4,
+            h - bottom + 15.0
+        );
+        for (ti, t) in targets.iter().enumerate() {
+            let Some(v) = rows
+                .iter()
+                .find(|r| r.param == *p && &r.target == t)
+                .and_then(|r| value(r))
+            else {
+                continue;
+            };
+            let bh = (v.max(0.0) / max) * plot_h;
+            let x = gx + ti as f64 * bar_w;
+            let _ = writeln!(
+                s,
+                "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{bh:.1}\" fill=\"{}\"/>",
+                h - bottom - bh,
+                bar_w * 0.95,
+                COLORS[ti % COLORS.len()]
+            );
+            let _ =
+                writeln!(
+                s,
+                "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" font-size=\"9\">{}</text>",
+                x + bar_w * 0.47,
+                h - bottom - bh - 3.0,
+                if v >= 100.0 { format!("{v:.0}") } else { format!("{v:.1}") }
+            );
+        }
+    }
+    for (ti, t) in targets.iter().enumerate() {
+        let x = left + ti as f64 * 140.0;
+        let _ = writeln!(
+            s,
+            "<rect x=\"{x}\" y=\"{}\" width=\"10\" height=\"10\" fill=\"{}\"/><text x=\"{}\" y=\"{}\">{t}</text>",
+            h - 18.0,
+            COLORS[ti % COLORS.len()],
+            x + 14.0,
+            h - 9.0
+        );
+    }
+    s.push_str("</svg>\n");
+    Some(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        let v: Vec<u64> = (1..=100).map(|i| i * 1_000_000).collect();
+        assert_eq!(percentile_ms(&v, 0.5), Some(50.0));
+        assert_eq!(percentile_ms(&v, 0.99), Some(99.0));
+        assert_eq!(percentile_ms(&v, 1.0), Some(100.0));
+        assert_eq!(percentile_ms(&[], 0.5), None);
+    }
+
+    #[test]
+    fn tables_and_charts_render() {
+        let row = Row {
+            workload: "p2p",
+            target: "mosquitto".into(),
+            param: 20,
+            messages: 200,
+            delivered: 200,
+            rate: 12345.0,
+            ..Row::default()
+        };
+        let md = markdown(std::slice::from_ref(&row));
+        assert!(
+            md.contains("| mosquitto | 20 | max | 200 | 200 | 0 |"),
+            "{md}"
+        );
+        assert!(svg("p2p", std::slice::from_ref(&row))
+            .unwrap()
+            .contains("<rect"));
+        assert_eq!(
+            csv_line(&row).split(',').count(),
+            CSV_HEADER.split(',').count()
+        );
+    }
+}

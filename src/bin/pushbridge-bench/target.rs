@@ -1,0 +1,386 @@
+//! The server under test: a spawned pushbridge or Mosquitto with ports chosen
+//! here, or a server already running; its CPU time and RSS from /proc.
+
+use std::fmt;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Pushbridge,
+    Mosquitto,
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Kind::Pushbridge => "pushbridge",
+            Kind::Mosquitto => "mosquitto",
+        })
+    }
+}
+
+/// How to start or reach a target.
+#[derive(Debug, Clone)]
+pub enum Spec {
+    Spawn {
+        kind: Kind,
+        bin: PathBuf,
+    },
+    External {
+        mqtt: SocketAddr,
+        proxy: Option<SocketAddr>,
+        pid: Option<u32>,
+    },
+}
+
+impl Spec {
+    pub fn name(&self) -> String {
+        match self {
+            Spec::Spawn { kind, .. } => kind.to_string(),
+            Spec::External { mqtt, .. } => format!("external {mqtt}"),
+        }
+    }
+
+    /// Pushes go through the proxy when there is one; otherwise as MQTT publishes.
+    pub fn has_proxy(&self) -> bool {
+        match self {
+            Spec::Spawn { kind, .. } => *kind == Kind::Pushbridge,
+            Spec::External { proxy, .. } => proxy.is_some(),
+        }
+    }
+}
+
+/// Broker limits the tool sets on both servers alike.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_queued: usize,
+    pub max_inflight: usize,
+}
+
+pub struct Server {
+    pub mqtt: SocketAddr,
+    pub proxy: Option<SocketAddr>,
+    pub pid: Option<u32>,
+    child: Option<Child>,
+    dir: Option<PathBuf>,
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn scratch_dir(kind: Kind) -> anyhow::Result<PathBuf> {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!(
+        "pushbridge-bench-{}-{kind}-{n}",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}
+
+pub fn pushbridge_settings(
+    proxy: SocketAddr,
+    mqtt: SocketAddr,
+    http: SocketAddr,
+    limits: Limits,
+) -> String {
+    format!(
+        "# written by pushbridge-bench\n\
+         [proxy]\nlisten = \"{proxy}\"\nmax_connections = 1024\n\n\
+         [mqtt]\nlisten = \"{mqtt}\"\nmax_connections = 19000\n\
+         max_queued = {q}\nmax_inflight = {i}\n\n\
+         [apns]\nconfig = \"/nonexistent\"\n\n\
+         [http]\nlisten = \"{http}\"\n\n\
+         [log]\nlevel = \"warn\"\n",
+        q = limits.max_queued,
+        i = limits.max_inflight,
+    )
+}
+
+pub fn mosquitto_conf(mqtt: SocketAddr, limits: Limits) -> String {
+    format!(
+        "# written by pushbridge-bench\n\
+         listener {port} {ip}\n\
+         allow_anonymous true\n\
+         persistence false\n\
+         {user}\
+         max_queued_messages {q}\n\
+         max_inflight_messages {i}\n\
+         max_connections -1\n\
+         set_tcp_nodelay true\n\
+         log_dest stderr\n\
+         log_type error\n\
+         log_type warning\n\
+         connection_messages false\n",
+        port = mqtt.port(),
+        ip = mqtt.ip(),
+        // As root, mosquitto switches to its own user, which clears the
+        // parent-death signal: stay root (only root can switch at all).
+        // SAFETY: geteuid has no preconditions.
+        user = if unsafe { libc::geteuid() } == 0 {
+            "user root\n"
+        } else {
+            ""
+        },
+        q = limits.max_queued,
+        i = limits.max_inflight,
+    )
+}
+
+impl Server {
+    pub async fn start(spec: &Spec, limits: Limits) -> anyhow::Result<Server> {
+        let (kind, bin) = match spec {
+            Spec::External { mqtt, proxy, pid } => {
+                wait_listening(*mqtt, Duration::from_secs(5), None).await?;
+                return Ok(Server {
+                    mqtt: *mqtt,
+                    proxy: *proxy,
+                    pid: *pid,
+                    child: None,
+                    dir: None,
+                });
+            }
+            Spec::Spawn { kind, bin } => (*kind, bin),
+        };
+        let dir = scratch_dir(kind)?;
+        let mqtt: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        let log = std::fs::File::create(dir.join("server.log"))?;
+        let mut cmd = Command::new(bin);
+        let proxy = match kind {
+            Kind::Pushbridge => {
+                let proxy: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+                let conf = dir.join("setting.toml");
+                // Every listener on a port of its own: instances never collide.
+                let http: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+                std::fs::write(&conf, pushbridge_settings(proxy, mqtt, http, limits))?;
+                cmd.arg("serve").arg("--config").arg(&conf);
+                cmd.env_remove("RUST_LOG").env("NO_COLOR", "1");
+                Some(proxy)
+            }
+            Kind::Mosquitto => {
+                let conf = dir.join("mosquitto.conf");
+                std::fs::write(&conf, mosquitto_conf(mqtt, limits))?;
+                cmd.arg("-c").arg(&conf);
+                None
+            }
+        };
+        // The server dies with the tool, however the tool ends.
+        // SAFETY: prctl is async-signal-safe and touches only this child.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let child = cmd
+            .current_dir(&dir)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn();
+        let child = match child {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e).with_context(|| format!("starting {}", bin.display()));
+            }
+        };
+        let mut server = Server {
+            mqtt,
+            proxy,
+            pid: Some(child.id()),
+            child: Some(child),
+            dir: Some(dir),
+        };
+        let deadline = Duration::from_secs(10);
+        let ready = async {
+            wait_listening(mqtt, deadline, server.child.as_mut()).await?;
+            if let Some(p) = proxy {
+                wait_listening(p, deadline, server.child.as_mut()).await?;
+            }
+            anyhow::Ok(())
+        }
+        .await;
+        if let Err(e) = ready {
+            let log = server.log_tail();
+            server.stop().await;
+            bail!("{kind} did not start: {e:#}\n{log}");
+        }
+        Ok(server)
+    }
+
+    pub fn log_tail(&self) -> String {
+        let Some(dir) = &self.dir else {
+            return String::new();
+        };
+        let text = std::fs::read_to_string(dir.join("server.log")).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+
+    pub fn alive(&mut self) -> bool {
+        match &mut self.child {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => true,
+        }
+    }
+
+    pub fn sample(&self) -> Sample {
+        Sample::of(self.pid)
+    }
+
+    /// SIGTERM, up to 3 s for a clean stop, then SIGKILL (the benchmark needs no drain).
+    pub async fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe {
+                libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+            }
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(3) {
+                if !matches!(child.try_wait(), Ok(None)) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            if matches!(child.try_wait(), Ok(None)) {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        if let Some(dir) = self.dir.take() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.child {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if let Some(dir) = &self.dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+async fn wait_listening(
+    addr: SocketAddr,
+    limit: Duration,
+    mut child: Option<&mut Child>,
+) -> anyhow::Result<()> {
+    let start = Instant::now();
+    loop {
+        if let Ok(Ok(_)) =
+            tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(addr)).await
+        {
+            return Ok(());
+        }
+        if let Some(c) = child.as_deref_mut() {
+            if let Ok(Some(status)) = c.try_wait() {
+                bail!("exited with {status}");
+            }
+        }
+        if start.elapsed() > limit {
+            bail!("nothing listening on {addr} after {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// CPU time (user + system) and resident memory of a process.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Sample {
+    pub cpu_secs: Option<f64>,
+    pub rss_kib: Option<u64>,
+}
+
+impl Sample {
+    pub fn of(pid: Option<u32>) -> Sample {
+        let Some(pid) = pid else {
+            return Sample::default();
+        };
+        Sample {
+            cpu_secs: cpu_secs(pid),
+            rss_kib: rss_kib(pid),
+        }
+    }
+}
+
+fn cpu_secs(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of stat(5); `rest` starts at field 3.
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf only reads a configuration value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    Some(ticks as f64 / if hz > 0 { hz as f64 } else { 100.0 })
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// The tool's own open-file limit: soft up to hard, as the server does.
+pub fn raise_fd_limit() -> u64 {
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed in.
+    unsafe {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 0;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        #[allow(clippy::unnecessary_cast)]
+        let cur = lim.rlim_cur as u64;
+        cur
+    }
+}
+
+pub fn default_pushbridge_bin() -> PathBuf {
+    if let Ok(exe) = std::env::current_exe() {
+        let sibling = exe.with_file_name("pushbridge");
+        if sibling.exists() {
+            return sibling;
+        }
+    }
+    Path::new("target/release/pushbridge").to_path_buf()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_process_has_cpu_and_rss() {
+        let s = Sample::of(Some(std::process::id()));
+        assert!(s.cpu_secs.is_some());
+        assert!(s.rss_kib.unwrap() > 0);
+    }
+}

@@ -1,0 +1,109 @@
+//! Keeps `pushbridge-bench` from rotting: its smoke mode (20 devices, 200
+//! pushes, a group of 20) against a real Mosquitto, and the proxy ingest
+//! workload against pushbridge. Only completion and zero loss are checked;
+//! timing never is.
+
+use std::path::Path;
+use std::process::Command;
+
+const BENCH: &str = env!("CARGO_BIN_EXE_pushbridge-bench");
+const PUSHBRIDGE: &str = env!("CARGO_BIN_EXE_pushbridge");
+const MOSQUITTO: &str = "/usr/sbin/mosquitto";
+
+fn run(out: &Path, args: &[&str]) -> String {
+    let output = Command::new(BENCH)
+        .args(["--smoke", "--fail-on-loss", "--no-svg"])
+        .arg("--out")
+        .arg(out)
+        .args(args)
+        .output()
+        .expect("pushbridge-bench runs");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "pushbridge-bench {args:?} failed ({}):\n{stdout}\n{stderr}",
+        output.status
+    );
+    stdout
+}
+
+/// Rows of results.csv as maps from column name to value.
+fn csv_rows(out: &Path) -> Vec<std::collections::HashMap<String, String>> {
+    let text = std::fs::read_to_string(out.join("results.csv")).expect("results.csv");
+    let mut lines = text.lines();
+    let header: Vec<String> = lines
+        .next()
+        .expect("header")
+        .split(',')
+        .map(str::to_string)
+        .collect();
+    lines
+        .map(|l| {
+            header
+                .iter()
+                .cloned()
+                .zip(l.split(',').map(str::to_string))
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn smoke_against_mosquitto_delivers_everything() {
+    assert!(
+        Path::new(MOSQUITTO).exists(),
+        "{MOSQUITTO} is missing: scripts/test.sh installs it (apt-get install mosquitto)"
+    );
+    let out = tempfile::tempdir().unwrap();
+    let stdout = run(
+        out.path(),
+        &[
+            "--target",
+            "mosquitto",
+            "--mosquitto-bin",
+            MOSQUITTO,
+            "--workloads",
+            "idle,p2p,fanout",
+        ],
+    );
+    for table in ["### idle", "### p2p", "### fanout"] {
+        assert!(stdout.contains(table), "no {table} table in:\n{stdout}");
+    }
+    let rows = csv_rows(out.path());
+    let workloads: Vec<&str> = rows.iter().map(|r| r["workload"].as_str()).collect();
+    assert_eq!(workloads, ["idle", "p2p", "p2p", "fanout"]);
+    for r in &rows {
+        assert_eq!(r["lost"], "0", "{r:?}");
+        let num = |k: &str| r[k].parse::<u64>().unwrap();
+        let want = match r["workload"].as_str() {
+            "fanout" => num("messages") * num("param"),
+            _ => num("messages"),
+        };
+        assert_eq!(num("delivered"), want, "{r:?}");
+    }
+    assert!(out.path().join("results.md").exists());
+}
+
+#[test]
+fn smoke_ingest_against_pushbridge_accepts_every_frame() {
+    let out = tempfile::tempdir().unwrap();
+    run(
+        out.path(),
+        &[
+            "--target",
+            "pushbridge",
+            "--pushbridge-bin",
+            PUSHBRIDGE,
+            "--workloads",
+            "ingest",
+        ],
+    );
+    let rows = csv_rows(out.path());
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    for r in &rows {
+        assert_eq!(r["workload"], "ingest");
+        assert_eq!(r["lost"], "0", "{r:?}");
+        assert_eq!(r["delivered"], "2000", "{r:?}");
+    }
+}
