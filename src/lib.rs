@@ -5,6 +5,7 @@
 //! calls: start, then serve until the shutdown token is cancelled.
 
 pub mod apns;
+pub mod auth;
 pub mod dispatch;
 pub mod http;
 pub mod mqtt;
@@ -28,10 +29,11 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::apns::ApnsSender;
+use crate::auth::Auth;
 use crate::dispatch::Dispatcher;
 use crate::mqtt::Broker;
 use crate::registry::Registry;
-use crate::settings::Settings;
+use crate::settings::{AuthMode, Settings};
 use crate::stats::Stats;
 
 /// How long a stopping server waits for queued pushes to be routed.
@@ -51,6 +53,8 @@ pub enum Error {
     Registry(#[from] registry::RegistryError),
     #[error(transparent)]
     Apns(#[from] apns::ApnsError),
+    #[error(transparent)]
+    Auth(#[from] auth::AuthError),
 }
 
 /// A running pushbridge.
@@ -92,7 +96,14 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
     let mqtt_addr = mqtt_listener.local_addr().expect("bound");
 
     let apns = ApnsSender::start(&settings.apns, stats.clone(), stop.clone(), &tracker)?;
-    let (broker, events) = Broker::with_stats(&settings.mqtt, stats.clone());
+    let auth = Auth::new(&settings.auth, &settings.mqtt.prefix)?;
+    if settings.auth.mode == AuthMode::None {
+        warn!(
+            "auth.mode = none: MQTT clients are not authenticated; any client may read any \
+             user's or group's topic (set auth.mode = jwt)"
+        );
+    }
+    let (broker, events) = Broker::with_auth(&settings.mqtt, auth, stats.clone());
     tracker.spawn(
         broker
             .clone()

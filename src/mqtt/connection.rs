@@ -20,10 +20,11 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, Instrument};
 
-use super::codec::{self, Check, CodecError, In, Out, Proto};
+use super::codec::{self, Check, CodecError, In, Out, Proto, SubCode};
 use super::handshake;
 use super::session::{Inflight, Msg, Session};
 use super::{BrokerEvent, Inner};
+use crate::auth::Identity;
 
 /// Smallest read reservation; most MQTT packets of a push service are smaller.
 pub(super) const READ_CHUNK: usize = 512;
@@ -37,7 +38,7 @@ pub(super) const FINAL_WRITE: Duration = Duration::from_secs(1);
 /// What woke the connection loop.
 enum Event {
     Shutdown,
-    KeepAlive,
+    Deadline,
     Woken,
     Readable(io::Result<()>),
     Writable(io::Result<()>),
@@ -54,6 +55,7 @@ enum End {
     Malformed(CodecError),
     Protocol(&'static str),
     TakenOver,
+    TokenExpired,
 }
 
 impl End {
@@ -69,6 +71,7 @@ impl End {
             End::Malformed(_) => Some(0x81),
             End::Protocol(_) => Some(0x82),
             End::TakenOver => Some(0x8e),
+            End::TokenExpired => Some(0x87),
             _ => None,
         }
     }
@@ -117,13 +120,24 @@ pub(super) struct Conn {
     pub(super) will: Option<codec::Will>,
     /// Notified when the session has messages, or was taken over.
     pub(super) wake: Arc<Notify>,
+    pub(super) identity: Box<Identity>,
+    /// When the token runs out; the connection is closed then.
+    pub(super) expires: Option<Instant>,
 }
 
 impl Conn {
     async fn run(&mut self, wake: &Notify, shutdown: &CancellationToken) -> End {
-        let keep_alive = self.keep_alive;
-        let ka = Duration::from_millis(u64::from(keep_alive) * 1500);
-        let sleep = tokio::time::sleep(ka);
+        let ka =
+            (self.keep_alive > 0).then(|| Duration::from_millis(u64::from(self.keep_alive) * 1500));
+        let expires = self.expires;
+        // Whichever comes first: keep-alive silence or the token's expiry.
+        let deadline = |now: Instant| match (ka.map(|ka| now + ka), expires) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let timed = deadline(Instant::now()).is_some();
+        let far = Instant::now() + Duration::from_secs(86400 * 365);
+        let sleep = tokio::time::sleep_until(deadline(Instant::now()).unwrap_or(far));
         let cancelled = shutdown.cancelled();
         let notified = wake.notified();
         tokio::pin!(sleep, cancelled, notified);
@@ -145,8 +159,8 @@ impl Conn {
                 if cancelled.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Event::Shutdown);
                 }
-                if keep_alive > 0 && sleep.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(Event::KeepAlive);
+                if timed && sleep.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Event::Deadline);
                 }
                 if notified.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Event::Woken);
@@ -166,7 +180,10 @@ impl Conn {
             .await;
             match event {
                 Event::Shutdown => return End::Shutdown,
-                Event::KeepAlive => return End::KeepAlive,
+                Event::Deadline if expires.is_some_and(|e| e <= Instant::now()) => {
+                    return End::TokenExpired
+                }
+                Event::Deadline => return End::KeepAlive,
                 Event::Woken => notified.set(wake.notified()),
                 Event::Readable(Err(e)) | Event::Writable(Err(e)) => return End::Io(e),
                 Event::Writable(Ok(())) => {}
@@ -179,7 +196,10 @@ impl Conn {
                     }
                     // Boxed: an idle connection does not carry the processing state.
                     match Box::pin(self.process()).await {
-                        Ok(true) => sleep.as_mut().reset(Instant::now() + ka),
+                        Ok(true) if timed => sleep
+                            .as_mut()
+                            .reset(deadline(Instant::now()).unwrap_or(far)),
+                        Ok(true) => {}
                         Ok(false) => {}
                         Err(end) => return end,
                     }
@@ -230,6 +250,17 @@ impl Conn {
                 if alias || topic.is_empty() || topic.contains(['+', '#']) {
                     return Err(End::Protocol("invalid topic name"));
                 }
+                let Some(payload) = self.inner.auth.may_publish(&self.identity, &topic, payload)
+                else {
+                    self.inner.stats.mqtt_denied.inc();
+                    debug!(%topic, "publish refused by the ACL");
+                    match qos {
+                        1 => self.send(&Out::PubAck(pkid, false)),
+                        2 => self.send(&Out::PubRec(pkid, false)),
+                        _ => {}
+                    }
+                    return Ok(());
+                };
                 let fresh = qos < 2 || {
                     let mut st = self.session.lock();
                     let fresh = !st.qos2_in.contains(&pkid);
@@ -242,8 +273,8 @@ impl Conn {
                     self.deliver(&topic, payload, qos).await;
                 }
                 match qos {
-                    1 => self.send(&Out::PubAck(pkid)),
-                    2 => self.send(&Out::PubRec(pkid)),
+                    1 => self.send(&Out::PubAck(pkid, true)),
+                    2 => self.send(&Out::PubRec(pkid, true)),
                     _ => {}
                 }
             }
@@ -264,14 +295,22 @@ impl Conn {
             }
             In::Subscribe { pkid, filters } => {
                 let mut codes = Vec::with_capacity(filters.len());
+                let max = self.inner.settings.max_subscriptions;
                 let mut registry = self.inner.registry();
                 for (filter, qos) in filters {
-                    if valid_filter(&filter) {
-                        registry.subscribe(&self.session, &filter, qos.min(1));
-                        codes.push(Some(qos.min(1)));
+                    let code = if !valid_filter(&filter) {
+                        SubCode::Invalid
+                    } else if !self.inner.auth.may_subscribe(&self.identity, &filter) {
+                        self.inner.stats.mqtt_denied.inc();
+                        debug!(%filter, "subscription refused by the ACL");
+                        SubCode::NotAuthorized
+                    } else if self.over_quota(&filter, max) {
+                        SubCode::Quota
                     } else {
-                        codes.push(None);
-                    }
+                        registry.subscribe(&self.session, &filter, qos.min(1));
+                        SubCode::Granted(qos.min(1))
+                    };
+                    codes.push(code);
                 }
                 drop(registry);
                 self.send(&Out::SubAck(pkid, codes));
@@ -299,6 +338,12 @@ impl Conn {
             }
         }
         Ok(())
+    }
+
+    /// Would subscribing to `filter` take the session past `max` filters?
+    fn over_quota(&self, filter: &str, max: usize) -> bool {
+        let st = self.session.lock();
+        st.filters.len() >= max && !st.filters.contains_key(filter)
     }
 
     async fn deliver(&self, topic: &str, payload: Bytes, qos: u8) {
@@ -388,6 +433,10 @@ impl Conn {
                 self.inner.stats.mqtt_timeouts.inc();
                 debug!("closing: keep-alive expired");
             }
+            End::TokenExpired => {
+                self.inner.stats.mqtt_tokens_expired.inc();
+                info!("closing: token expired");
+            }
             End::Io(e) => debug!("closing: io error: {e}"),
             other => debug!("closing: {other:?}"),
         }
@@ -395,9 +444,21 @@ impl Conn {
         // must not wait on a goodbye to a peer that may not be reading.
         self.inner.registry().detach(&self.session, self.conn);
         if let Some(w) = self.will.take().filter(|_| end.sends_will()) {
-            if !w.topic.is_empty() && !w.topic.contains(['+', '#']) {
-                let (conn, id) = (self.conn, &self.client_id);
-                publish_from(&self.inner, conn, id, &w.topic, w.payload, w.qos).await;
+            let valid = !w.topic.is_empty() && !w.topic.contains(['+', '#']);
+            let allowed = valid
+                .then(|| {
+                    self.inner
+                        .auth
+                        .may_publish(&self.identity, &w.topic, w.payload)
+                })
+                .flatten();
+            match allowed {
+                Some(payload) => {
+                    let (conn, id) = (self.conn, &self.client_id);
+                    publish_from(&self.inner, conn, id, &w.topic, payload, w.qos).await;
+                }
+                None if valid => self.inner.stats.mqtt_denied.inc(),
+                None => {}
             }
         }
         let event = BrokerEvent::Disconnected {

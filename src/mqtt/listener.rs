@@ -9,6 +9,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
+use tokio::time::Instant;
+
+use super::rate::Bucket;
 use super::{connection, Inner, MqttError};
 
 /// Pause after a failed accept (EMFILE and friends) so the loop does not spin.
@@ -23,8 +26,17 @@ pub(super) async fn serve(
     tracker: TaskTracker,
 ) -> Result<(), MqttError> {
     let limit = Arc::new(Semaphore::new(inner.settings.max_connections));
+    let (rate, burst) = (inner.settings.connect_rate, inner.settings.connect_burst);
+    let mut bucket = Bucket::new(rate, burst, Instant::now());
     tracker.spawn(sweep(inner.clone(), shutdown.clone()));
     loop {
+        // Over the rate, connections wait in the kernel's backlog.
+        while let Some(wait) = bucket.take(Instant::now()) {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
         // The permit is taken before accept, so over the cap nobody is accepted at all.
         let permit = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),

@@ -8,6 +8,7 @@ mod codec;
 mod connection;
 mod handshake;
 mod listener;
+mod rate;
 mod session;
 mod topics;
 
@@ -20,6 +21,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::Auth;
 use crate::settings::MqttSettings;
 use crate::stats::Stats;
 use session::{Msg, Registry};
@@ -62,6 +64,7 @@ struct Inner {
     events: mpsc::Sender<BrokerEvent>,
     next_conn: AtomicU64,
     stats: Arc<Stats>,
+    auth: Auth,
 }
 
 impl Inner {
@@ -100,9 +103,19 @@ impl Broker {
         Self::with_stats(settings, Arc::default())
     }
 
-    /// Like `new`, counting into the process-wide `stats`.
+    /// Like `new`, counting into the process-wide `stats`. No authentication
+    /// and no ACL: every client is trusted (see `with_auth`).
     pub fn with_stats(
         settings: &MqttSettings,
+        stats: Arc<Stats>,
+    ) -> (Broker, mpsc::Receiver<BrokerEvent>) {
+        Self::with_auth(settings, Auth::open(&settings.prefix), stats)
+    }
+
+    /// A broker that authenticates every CONNECT and applies the ACL.
+    pub fn with_auth(
+        settings: &MqttSettings,
+        auth: Auth,
         stats: Arc<Stats>,
     ) -> (Broker, mpsc::Receiver<BrokerEvent>) {
         let (tx, rx) = mpsc::channel(1024);
@@ -113,6 +126,7 @@ impl Broker {
             events: tx,
             next_conn: AtomicU64::new(1),
             stats,
+            auth,
         };
         let broker = Broker {
             inner: Arc::new(inner),
