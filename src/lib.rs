@@ -31,7 +31,7 @@ use tracing::{info, warn};
 use crate::apns::ApnsSender;
 use crate::auth::Auth;
 use crate::dispatch::Dispatcher;
-use crate::mqtt::Broker;
+use crate::mqtt::{Broker, TlsConfig, Transport};
 use crate::registry::Registry;
 use crate::settings::{AuthMode, Settings};
 use crate::stats::Stats;
@@ -55,12 +55,18 @@ pub enum Error {
     Apns(#[from] apns::ApnsError),
     #[error(transparent)]
     Auth(#[from] auth::AuthError),
+    #[error(transparent)]
+    Mqtt(#[from] mqtt::MqttError),
 }
 
 /// A running pushbridge.
 pub struct Server {
     pub proxy_addr: SocketAddr,
     pub mqtt_addr: SocketAddr,
+    /// MQTT over TLS, when `mqtt.tls_listen` is set.
+    pub mqtt_tls_addr: Option<SocketAddr>,
+    /// MQTT over WebSocket (path `/mqtt`), when `mqtt.ws_listen` is set.
+    pub mqtt_ws_addr: Option<SocketAddr>,
     pub http_addr: SocketAddr,
     pub registry: Registry,
     pub broker: Broker,
@@ -94,6 +100,23 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
     let http_addr = http_listener.local_addr().expect("bound");
     let proxy_addr = proxy_listener.local_addr().expect("bound");
     let mqtt_addr = mqtt_listener.local_addr().expect("bound");
+    let mut mqtt_listeners = vec![(mqtt_listener, Transport::Tcp)];
+    let (mut mqtt_tls_addr, mut mqtt_ws_addr) = (None, None);
+    if let (Some(addr), Some(cert), Some(key)) = (
+        settings.mqtt.tls_listen,
+        &settings.mqtt.tls_cert,
+        &settings.mqtt.tls_key,
+    ) {
+        let tls = Arc::new(TlsConfig::load(cert, key)?);
+        let listener = bind("mqtt.tls_listen", addr).await?;
+        mqtt_tls_addr = Some(listener.local_addr().expect("bound"));
+        mqtt_listeners.push((listener, Transport::Tls(tls)));
+    }
+    if let Some(addr) = settings.mqtt.ws_listen {
+        let listener = bind("mqtt.ws_listen", addr).await?;
+        mqtt_ws_addr = Some(listener.local_addr().expect("bound"));
+        mqtt_listeners.push((listener, Transport::WebSocket));
+    }
 
     let apns = ApnsSender::start(&settings.apns, stats.clone(), stop.clone(), &tracker)?;
     let auth = Auth::new(&settings.auth, &settings.mqtt.prefix)?;
@@ -107,7 +130,7 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
     tracker.spawn(
         broker
             .clone()
-            .serve(mqtt_listener, stop.clone(), tracker.clone()),
+            .serve_all(mqtt_listeners, stop.clone(), tracker.clone()),
     );
     tracker.spawn(status::run(
         events,
@@ -147,6 +170,8 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
     info!(
         proxy = %proxy_addr,
         mqtt = %mqtt_addr,
+        mqtt_tls = ?mqtt_tls_addr,
+        mqtt_ws = ?mqtt_ws_addr,
         http = %http_addr,
         registry = registry.describe(),
         prefix = %settings.mqtt.prefix,
@@ -155,6 +180,8 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
     Ok(Server {
         proxy_addr,
         mqtt_addr,
+        mqtt_tls_addr,
+        mqtt_ws_addr,
         http_addr,
         registry,
         broker,

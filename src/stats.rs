@@ -87,6 +87,8 @@ counters! {
     mqtt_denied,
     /// MQTT connections closed because their token expired.
     mqtt_tokens_expired,
+    /// TLS or WebSocket handshakes that failed or timed out.
+    mqtt_handshakes_failed,
 }
 
 #[cfg(test)]

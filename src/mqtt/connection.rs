@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use rumqttc::mqttbytes::valid_filter;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -23,6 +23,7 @@ use tracing::{debug, info, Instrument};
 use super::codec::{self, Check, CodecError, In, Out, Proto, SubCode};
 use super::handshake;
 use super::session::{Inflight, Msg, Session};
+use super::transport::{Stream, Transport};
 use super::{BrokerEvent, Inner};
 use crate::auth::Identity;
 
@@ -40,8 +41,8 @@ enum Event {
     Shutdown,
     Deadline,
     Woken,
-    Readable(io::Result<()>),
-    Writable(io::Result<()>),
+    Read(io::Result<usize>),
+    Written(io::Result<()>),
 }
 
 /// Why a connection ended; decides the v5 DISCONNECT reason and the last will.
@@ -79,18 +80,37 @@ impl End {
 
 pub(super) async fn run(
     inner: Arc<Inner>,
-    stream: TcpStream,
+    tcp: TcpStream,
     peer: SocketAddr,
+    transport: Transport,
     shutdown: CancellationToken,
     permit: OwnedSemaphorePermit,
 ) {
     let conn = inner.next_conn.fetch_add(1, Ordering::Relaxed);
     let span = tracing::info_span!("mqtt", %peer, conn, client_id = tracing::field::Empty);
-    handle(inner, stream, conn, shutdown).instrument(span).await;
+    handle(inner, tcp, transport, conn, shutdown)
+        .instrument(span)
+        .await;
     drop(permit);
 }
 
-async fn handle(inner: Arc<Inner>, stream: TcpStream, conn: u64, shutdown: CancellationToken) {
+async fn handle(
+    inner: Arc<Inner>,
+    tcp: TcpStream,
+    transport: Transport,
+    conn: u64,
+    shutdown: CancellationToken,
+) {
+    let limit = Duration::from_secs(inner.settings.connect_timeout_secs);
+    // Boxed, like the handshake: TLS state is large and short-lived.
+    let stream = tokio::select! {
+        _ = shutdown.cancelled() => return,
+        s = Box::pin(transport.upgrade(tcp, limit)) => s,
+    };
+    let Some(stream) = stream else {
+        inner.stats.mqtt_handshakes_failed.inc();
+        return;
+    };
     // Boxed: the handshake's state is dropped before the long idle phase.
     let Some(mut c) = Box::pin(handshake::handshake(inner, stream, conn, &shutdown)).await else {
         return;
@@ -103,7 +123,7 @@ async fn handle(inner: Arc<Inner>, stream: TcpStream, conn: u64, shutdown: Cance
 /// A connected client.
 pub(super) struct Conn {
     pub(super) inner: Arc<Inner>,
-    pub(super) stream: TcpStream,
+    pub(super) stream: Stream,
     pub(super) proto: Proto,
     pub(super) conn: u64,
     pub(super) client_id: Arc<str>,
@@ -152,8 +172,9 @@ impl Conn {
                 return End::Io(e);
             }
             let backlog = self.wbuf.len();
-            let stream = &self.stream;
-            // A hand-written select: socket readiness is polled in place, with no
+            let (stream, rbuf, wbuf, need) =
+                (&mut self.stream, &mut self.rbuf, &mut self.wbuf, self.need);
+            // A hand-written select: the transport is polled in place, with no
             // per-direction futures stored in the (long-lived) task.
             let event = std::future::poll_fn(|cx| {
                 if cancelled.as_mut().poll(cx).is_ready() {
@@ -166,13 +187,13 @@ impl Conn {
                     return Poll::Ready(Event::Woken);
                 }
                 if backlog < WRITE_HIGH {
-                    if let Poll::Ready(r) = stream.poll_read_ready(cx) {
-                        return Poll::Ready(Event::Readable(r));
+                    if let Poll::Ready(r) = stream.poll_fill(cx, rbuf, need) {
+                        return Poll::Ready(Event::Read(r));
                     }
                 }
-                if backlog > 0 {
-                    if let Poll::Ready(r) = stream.poll_write_ready(cx) {
-                        return Poll::Ready(Event::Writable(r));
+                if backlog > 0 || stream.dirty() {
+                    if let Poll::Ready(r) = stream.poll_drain(cx, wbuf) {
+                        return Poll::Ready(Event::Written(r));
                     }
                 }
                 Poll::Pending
@@ -185,15 +206,10 @@ impl Conn {
                 }
                 Event::Deadline => return End::KeepAlive,
                 Event::Woken => notified.set(wake.notified()),
-                Event::Readable(Err(e)) | Event::Writable(Err(e)) => return End::Io(e),
-                Event::Writable(Ok(())) => {}
-                Event::Readable(Ok(())) => {
-                    match self.read() {
-                        Ok(0) => return End::Closed,
-                        Ok(_) => {}
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                        Err(e) => return End::Io(e),
-                    }
+                Event::Read(Err(e)) | Event::Written(Err(e)) => return End::Io(e),
+                Event::Written(Ok(())) => {}
+                Event::Read(Ok(0)) => return End::Closed,
+                Event::Read(Ok(_)) => {
                     // Boxed: an idle connection does not carry the processing state.
                     match Box::pin(self.process()).await {
                         Ok(true) if timed => sleep
@@ -206,12 +222,6 @@ impl Conn {
                 }
             }
         }
-    }
-
-    fn read(&mut self) -> io::Result<usize> {
-        // Grow with the data actually arriving, not with what a header claims.
-        self.rbuf.reserve(self.need.clamp(READ_CHUNK, READ_MAX));
-        self.stream.try_read_buf(&mut self.rbuf)
     }
 
     /// Handles every whole frame buffered; true if there was at least one.
@@ -404,17 +414,12 @@ impl Conn {
         Ok(())
     }
 
-    /// Writes what the socket takes now, without waiting; frees the buffer once empty.
+    /// Writes what the transport takes now, without waiting; frees the buffer once empty.
     fn flush(&mut self) -> io::Result<()> {
-        while !self.wbuf.is_empty() {
-            match self.stream.try_write(&self.wbuf) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => self.wbuf.advance(n),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-                Err(e) => return Err(e),
-            }
+        self.stream.drain_now(&mut self.wbuf)?;
+        if self.wbuf.is_empty() {
+            self.wbuf = BytesMut::new();
         }
-        self.wbuf = BytesMut::new();
         Ok(())
     }
 
@@ -470,7 +475,12 @@ impl Conn {
             if let (Proto::V5, Some(code)) = (self.proto, end.reason()) {
                 self.send(&Out::Disconnect(code));
             }
-            let _ = tokio::time::timeout(FINAL_WRITE, self.stream.write_all(&self.wbuf)).await;
+            let (stream, wbuf) = (&mut self.stream, &self.wbuf);
+            let goodbye = async {
+                stream.write_all(wbuf).await?;
+                stream.shutdown().await
+            };
+            let _ = tokio::time::timeout(FINAL_WRITE, goodbye).await;
         }
     }
 }
@@ -539,7 +549,8 @@ mod tests {
             .acquire_owned()
             .await
             .unwrap();
-        let task = run(broker.inner, stream, peer, CancellationToken::new(), permit);
+        let shutdown = CancellationToken::new();
+        let task = run(broker.inner, stream, peer, Transport::Tcp, shutdown, permit);
         let size = std::mem::size_of_val(&task);
         println!("connection future: {size} bytes");
         assert!(size < 1536, "connection future grew to {size} bytes");

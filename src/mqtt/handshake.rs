@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -17,13 +16,14 @@ use tracing::{debug, info};
 use super::codec::{self, Check, CodecError, ConnCode, Connect, In, Out, Proto};
 use super::connection::{Conn, FINAL_WRITE, READ_CHUNK, READ_MAX};
 use super::session::Owner;
+use super::transport::Stream;
 use super::Inner;
 use crate::auth::{self, Refusal};
 
 /// Reads the CONNECT, attaches the session and queues the CONNACK.
 pub(super) async fn handshake(
     inner: Arc<Inner>,
-    mut stream: TcpStream,
+    mut stream: Stream,
     conn: u64,
     shutdown: &CancellationToken,
 ) -> Option<Conn> {
@@ -169,7 +169,7 @@ enum Handshake {
 }
 
 async fn read_connect(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     rbuf: &mut BytesMut,
     max: usize,
 ) -> Result<Box<Connect>, Handshake> {
@@ -204,15 +204,15 @@ async fn read_connect(
 }
 
 /// Answers a refused CONNECT with its code; the caller then closes.
-async fn refuse(stream: &mut TcpStream, proto: Proto, code: ConnCode, max: usize) {
+async fn refuse(stream: &mut Stream, proto: Proto, code: ConnCode, max: usize) {
     let mut out = BytesMut::new();
-    codec::encode(
-        proto,
-        &connack(code, false, None, None, max),
-        &mut out,
-        usize::MAX,
-    );
-    let _ = tokio::time::timeout(FINAL_WRITE, stream.write_all(&out)).await;
+    let ack = connack(code, false, None, None, max);
+    codec::encode(proto, &ack, &mut out, usize::MAX);
+    let goodbye = async {
+        stream.write_all(&out).await?;
+        stream.shutdown().await
+    };
+    let _ = tokio::time::timeout(FINAL_WRITE, goodbye).await;
 }
 
 fn connack<'a>(

@@ -10,7 +10,10 @@ mod handshake;
 mod listener;
 mod rate;
 mod session;
+mod tls;
 mod topics;
+mod transport;
+mod ws;
 
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -27,6 +30,8 @@ use crate::stats::Stats;
 use session::{Msg, Registry};
 
 pub use codec::CodecError;
+pub use tls::TlsConfig;
+pub use transport::Transport;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MqttError {
@@ -34,6 +39,11 @@ pub enum MqttError {
     Io(#[from] std::io::Error),
     #[error("mqtt codec: {0}")]
     Codec(#[from] CodecError),
+    #[error("mqtt tls: {path}: {problem}")]
+    Tls {
+        path: std::path::PathBuf,
+        problem: String,
+    },
 }
 
 /// What the broker tells the rest of pushbridge.
@@ -142,14 +152,27 @@ impl Broker {
         self.inner.route(topic, payload, 1)
     }
 
-    /// Accept loop; returns when `shutdown` is cancelled. Connection tasks are spawned on `tracker`.
+    /// Accept loop for plain TCP; returns when `shutdown` is cancelled.
+    /// Connection tasks are spawned on `tracker`.
     pub async fn serve(
         self,
         listener: TcpListener,
         shutdown: CancellationToken,
         tracker: TaskTracker,
     ) -> Result<(), MqttError> {
-        listener::serve(self.inner, listener, shutdown, tracker).await
+        self.serve_all(vec![(listener, Transport::Tcp)], shutdown, tracker)
+            .await
+    }
+
+    /// Accept loops for every listener, sharing one connection cap and one
+    /// connect rate; returns when `shutdown` is cancelled.
+    pub async fn serve_all(
+        self,
+        listeners: Vec<(TcpListener, Transport)>,
+        shutdown: CancellationToken,
+        tracker: TaskTracker,
+    ) -> Result<(), MqttError> {
+        listener::serve(self.inner, listeners, shutdown, tracker).await
     }
 
     /// Sessions currently kept (connected, or persistent and not yet expired).
