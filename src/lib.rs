@@ -7,6 +7,8 @@
 pub mod apns;
 pub mod auth;
 pub mod dispatch;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http;
 pub mod mqtt;
 pub mod proxy;
@@ -125,6 +127,9 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
             "auth.mode = none: MQTT clients are not authenticated; any client may read any \
              user's or group's topic (set auth.mode = jwt)"
         );
+        if !settings.auth.service_accounts.is_empty() {
+            warn!("auth.service_accounts is ignored with auth.mode = none");
+        }
     }
     let (broker, events) = Broker::with_auth(&settings.mqtt, auth, stats.clone());
     tracker.spawn(
@@ -223,8 +228,13 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     Ok(())
 }
 
-/// `pushbridge check-config`: the APNs credentials' report, or what is wrong.
+/// `pushbridge check-config`: the auth key and MQTT TLS files, then the
+/// APNs credentials' report, or what is wrong.
 pub fn check_config(settings: &Settings) -> Result<Vec<apns::AppReport>, Error> {
+    Auth::new(&settings.auth, &settings.mqtt.prefix)?;
+    if let (Some(cert), Some(key)) = (&settings.mqtt.tls_cert, &settings.mqtt.tls_key) {
+        TlsConfig::load(cert, key)?;
+    }
     Ok(apns::check_config(&settings.apns)?)
 }
 

@@ -4,7 +4,8 @@
 //! buffers that grow only while data moves, and a routing index whose publish
 //! cost depends on the matching subscribers only.
 
-mod codec;
+#[doc(hidden)]
+pub mod codec;
 mod connection;
 mod handshake;
 mod listener;
