@@ -289,4 +289,45 @@ mod tests {
             Err(JwtError::Algorithm("HS256".into()))
         );
     }
+
+    #[test]
+    fn rs256_token_verifies_against_the_public_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = |name: &str| dir.path().join(name);
+        let openssl = |args: &[&str]| {
+            let out = std::process::Command::new("openssl")
+                .args(args)
+                .current_dir(dir.path())
+                .output()
+                .expect("openssl (scripts/test.sh installs it)");
+            assert!(out.status.success(), "openssl {args:?}: {out:?}");
+        };
+        openssl(&[
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+            "k.pem",
+        ]);
+        openssl(&["pkey", "-in", "k.pem", "-pubout", "-out", "k.pub"]);
+        let h = URL_SAFE_NO_PAD.encode(br#"{"alg":"RS256","typ":"JWT"}"#);
+        let p = URL_SAFE_NO_PAD.encode(br#"{"sub":"42","groups":[7],"exp":50}"#);
+        let signed = format!("{h}.{p}");
+        std::fs::write(path("in"), &signed).unwrap();
+        openssl(&["dgst", "-sha256", "-sign", "k.pem", "-out", "sig", "in"]);
+        let sig = std::fs::read(path("sig")).unwrap();
+        let token = format!("{signed}.{}", URL_SAFE_NO_PAD.encode(&sig));
+        let v = Verifier::new(None, Some(&path("k.pub"))).unwrap();
+        let claims = v.verify(&token, 10).unwrap();
+        assert_eq!(
+            (claims.sub.as_str(), claims.groups),
+            ("42", vec!["7".to_string()])
+        );
+        let mut bad = sig.clone();
+        bad[0] ^= 1;
+        let forged = format!("{signed}.{}", URL_SAFE_NO_PAD.encode(&bad));
+        assert_eq!(v.verify(&forged, 10), Err(JwtError::Signature));
+    }
 }
