@@ -116,6 +116,10 @@ async fn bad_tokens_are_refused_with_the_right_code() {
     assert_eq!(server.stats.mqtt_auth_refused.get(), 8);
     // The listener survived all of it.
     Device::connect_as(addr, "after", "42", &token("42", &[])).await;
+    // An expiry too far off for a clock is simply no expiry.
+    let forever = jwt::mint_hs256(SECRET, "42", &[], u64::MAX);
+    let mut d = Device::connect_as(addr, "forever", "42", &forever).await;
+    d.subscribe("push/user/42").await;
 }
 
 #[tokio::test]

@@ -183,6 +183,11 @@ mod tests {
         assert_eq!(auth.login(None, Some(&bad)), Err(Refusal::BadCredentials));
         let old = jwt::mint_hs256("k", "42", &[], now() - 1);
         assert_eq!(auth.login(None, Some(&old)), Err(Refusal::NotAuthorized));
+        let forever = jwt::mint_hs256("k", "42", &[], u64::MAX);
+        assert_eq!(
+            auth.login(None, Some(&forever)).unwrap().expires,
+            Some(u64::MAX)
+        );
         let ops = jwt::mint_hs256("k", "ops", &[], now() + 60);
         assert_eq!(auth.login(None, Some(&ops)).unwrap().role, Role::Service);
     }

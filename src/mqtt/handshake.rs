@@ -153,9 +153,10 @@ pub(super) async fn handshake(
         keep_alive,
         will,
         wake,
-        expires: identity
-            .expires
-            .map(|at| Instant::now() + Duration::from_secs(at.saturating_sub(auth::now()))),
+        // An expiry too far away to represent is no expiry.
+        expires: identity.expires.and_then(|at| {
+            Instant::now().checked_add(Duration::from_secs(at.saturating_sub(auth::now())))
+        }),
         identity: Box::new(identity),
     };
     Some(c)
