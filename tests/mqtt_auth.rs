@@ -252,3 +252,38 @@ async fn mode_none_keeps_the_old_topics_but_no_wildcards() {
     d.publish("push/user/44", b"{}").await;
     wait_until(|| async { server.stats.mqtt_denied.get() == 4 }).await;
 }
+
+#[tokio::test]
+async fn a_kept_session_loses_groups_its_new_token_lacks() {
+    let server = server::start(jwt_settings()).await;
+    let persistent = |t: &str| {
+        let mut opts = Device::options(server.mqtt_addr, "tablet", false);
+        opts.set_credentials("42", t);
+        opts
+    };
+    let mut d = Device::connect_opts(persistent(&token("42", &["7"]))).await;
+    d.subscribe("push/group/7").await;
+    d.subscribe("push/user/42").await;
+    d.disconnect().await;
+    let mut d = Device::connect_opts(persistent(&token("42", &[]))).await;
+    server.broker.publish("push/group/7", "\"group\"".into());
+    server.broker.publish("push/user/42", "\"user\"".into());
+    assert_eq!(d.next_json().await, "user");
+}
+
+#[tokio::test]
+async fn v5_client_is_told_its_token_expired() {
+    let server = server::start(jwt_settings()).await;
+    let short = jwt::mint_hs256(SECRET, "42", &[], now() + 2);
+    let (_client, mut events) = v5_client(server.mqtt_addr, Some(&short)).await;
+    v5_until(&mut events, |p| matches!(p, mq5::Packet::ConnAck(_)))
+        .await
+        .unwrap();
+    // rumqttc reports a server DISCONNECT as the end of the connection.
+    match v5_until(&mut events, |p| matches!(p, mq5::Packet::Disconnect(_))).await {
+        Err(rumqttc::v5::ConnectionError::MqttState(
+            rumqttc::v5::StateError::ServerDisconnect { reason_code, .. },
+        )) => assert_eq!(reason_code, mq5::DisconnectReasonCode::NotAuthorized),
+        other => panic!("expected DISCONNECT, got {other:?}"),
+    }
+}
