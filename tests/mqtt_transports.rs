@@ -221,3 +221,27 @@ async fn websocket_client_receives_a_push() {
     let _ = tokio::time::timeout(WAIT, raw.read_to_end(&mut out)).await;
     assert!(!out.starts_with(&[0x20]), "CONNACK over a non-WebSocket");
 }
+
+/// `mqtt.max_connections` is one cap across transports.
+#[tokio::test]
+async fn connection_cap_is_shared_by_transports() {
+    let mut settings = server::settings(None);
+    settings.mqtt.ws_listen = Some("127.0.0.1:0".parse().unwrap());
+    settings.mqtt.max_connections = 1;
+    let server = server::start(settings).await;
+    let mut tcp = support::mqtt::Device::connect(server.mqtt_addr, "tcp", true).await;
+    let mut req = format!("ws://{}/mqtt", server.mqtt_ws_addr.unwrap())
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("Sec-WebSocket-Protocol", "mqtt".parse().unwrap());
+    let ws = tokio::spawn(tokio_tungstenite::connect_async(req));
+    // The server is responsive, yet the WebSocket is not served.
+    tcp.subscribe("push/user/1").await;
+    assert!(!ws.is_finished());
+    tcp.disconnect().await;
+    let upgraded = tokio::time::timeout(WAIT, ws)
+        .await
+        .expect("served once a slot is free");
+    assert!(upgraded.unwrap().is_ok());
+}
