@@ -5,7 +5,10 @@
 //! calls: start, then serve until the shutdown token is cancelled.
 
 pub mod apns;
+pub mod auth;
 pub mod dispatch;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http;
 pub mod mqtt;
 pub mod proxy;
@@ -28,10 +31,11 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::apns::ApnsSender;
+use crate::auth::Auth;
 use crate::dispatch::Dispatcher;
-use crate::mqtt::Broker;
+use crate::mqtt::{Broker, TlsConfig, Transport};
 use crate::registry::Registry;
-use crate::settings::Settings;
+use crate::settings::{AuthMode, Settings};
 use crate::stats::Stats;
 
 /// How long a stopping server waits for queued pushes to be routed.
@@ -51,12 +55,20 @@ pub enum Error {
     Registry(#[from] registry::RegistryError),
     #[error(transparent)]
     Apns(#[from] apns::ApnsError),
+    #[error(transparent)]
+    Auth(#[from] auth::AuthError),
+    #[error(transparent)]
+    Mqtt(#[from] mqtt::MqttError),
 }
 
 /// A running pushbridge.
 pub struct Server {
     pub proxy_addr: SocketAddr,
     pub mqtt_addr: SocketAddr,
+    /// MQTT over TLS, when `mqtt.tls_listen` is set.
+    pub mqtt_tls_addr: Option<SocketAddr>,
+    /// MQTT over WebSocket (path `/mqtt`), when `mqtt.ws_listen` is set.
+    pub mqtt_ws_addr: Option<SocketAddr>,
     pub http_addr: SocketAddr,
     pub registry: Registry,
     pub broker: Broker,
@@ -90,13 +102,40 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
     let http_addr = http_listener.local_addr().expect("bound");
     let proxy_addr = proxy_listener.local_addr().expect("bound");
     let mqtt_addr = mqtt_listener.local_addr().expect("bound");
+    let mut mqtt_listeners = vec![(mqtt_listener, Transport::Tcp)];
+    let (mut mqtt_tls_addr, mut mqtt_ws_addr) = (None, None);
+    if let (Some(addr), Some(cert), Some(key)) = (
+        settings.mqtt.tls_listen,
+        &settings.mqtt.tls_cert,
+        &settings.mqtt.tls_key,
+    ) {
+        let tls = Arc::new(TlsConfig::load(cert, key)?);
+        let listener = bind("mqtt.tls_listen", addr).await?;
+        mqtt_tls_addr = Some(listener.local_addr().expect("bound"));
+        mqtt_listeners.push((listener, Transport::Tls(tls)));
+    }
+    if let Some(addr) = settings.mqtt.ws_listen {
+        let listener = bind("mqtt.ws_listen", addr).await?;
+        mqtt_ws_addr = Some(listener.local_addr().expect("bound"));
+        mqtt_listeners.push((listener, Transport::WebSocket));
+    }
 
     let apns = ApnsSender::start(&settings.apns, stats.clone(), stop.clone(), &tracker)?;
-    let (broker, events) = Broker::with_stats(&settings.mqtt, stats.clone());
+    let auth = Auth::new(&settings.auth, &settings.mqtt.prefix)?;
+    if settings.auth.mode == AuthMode::None {
+        warn!(
+            "auth.mode = none: MQTT clients are not authenticated; any client may read any \
+             user's or group's topic (set auth.mode = jwt)"
+        );
+        if !settings.auth.service_accounts.is_empty() {
+            warn!("auth.service_accounts is ignored with auth.mode = none");
+        }
+    }
+    let (broker, events) = Broker::with_auth(&settings.mqtt, auth, stats.clone());
     tracker.spawn(
         broker
             .clone()
-            .serve(mqtt_listener, stop.clone(), tracker.clone()),
+            .serve_all(mqtt_listeners, stop.clone(), tracker.clone()),
     );
     tracker.spawn(status::run(
         events,
@@ -136,6 +175,8 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
     info!(
         proxy = %proxy_addr,
         mqtt = %mqtt_addr,
+        mqtt_tls = ?mqtt_tls_addr,
+        mqtt_ws = ?mqtt_ws_addr,
         http = %http_addr,
         registry = registry.describe(),
         prefix = %settings.mqtt.prefix,
@@ -144,6 +185,8 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
     Ok(Server {
         proxy_addr,
         mqtt_addr,
+        mqtt_tls_addr,
+        mqtt_ws_addr,
         http_addr,
         registry,
         broker,
@@ -185,8 +228,13 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     Ok(())
 }
 
-/// `pushbridge check-config`: the APNs credentials' report, or what is wrong.
+/// `pushbridge check-config`: the auth key and MQTT TLS files, then the
+/// APNs credentials' report, or what is wrong.
 pub fn check_config(settings: &Settings) -> Result<Vec<apns::AppReport>, Error> {
+    Auth::new(&settings.auth, &settings.mqtt.prefix)?;
+    if let (Some(cert), Some(key)) = (&settings.mqtt.tls_cert, &settings.mqtt.tls_key) {
+        TlsConfig::load(cert, key)?;
+    }
     Ok(apns::check_config(&settings.apns)?)
 }
 

@@ -24,6 +24,44 @@ enum Command {
     Send(SendArgs),
     /// Load the settings and config.json, open every certificate and key.
     CheckConfig(ConfigArg),
+    /// Mint an HS256 device token with auth.jwt_secret (tests, demos).
+    Token(TokenArgs),
+}
+
+#[derive(Args)]
+struct TokenArgs {
+    /// The user id (the token's `sub`).
+    #[arg(long)]
+    user: String,
+    /// Comma-separated group ids the device may read.
+    #[arg(long, value_delimiter = ',')]
+    groups: Vec<String>,
+    /// Lifetime: seconds, or a number with s, m, h or d.
+    #[arg(long, default_value = "1h", value_parser = parse_ttl)]
+    ttl: u64,
+    /// Settings file with auth.jwt_secret.
+    #[arg(long, default_value = "setting.toml")]
+    config: PathBuf,
+}
+
+/// `90`, `90s`, `15m`, `1h`, `7d` as seconds.
+fn parse_ttl(text: &str) -> Result<u64, String> {
+    let (digits, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => text.split_at(i),
+        None => (text, "s"),
+    };
+    let n: u64 = digits.parse().map_err(|_| format!("bad ttl {text:?}"))?;
+    let scale = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => return Err(format!("bad ttl unit in {text:?}: use s, m, h or d")),
+    };
+    match n.checked_mul(scale) {
+        Some(secs) if secs > 0 => Ok(secs),
+        _ => Err(format!("bad ttl {text:?}")),
+    }
 }
 
 #[derive(Args)]
@@ -94,6 +132,17 @@ async fn main() -> anyhow::Result<()> {
             for app in pushbridge::check_config(&settings)? {
                 println!("{app}");
             }
+        }
+        Command::Token(args) => {
+            let settings = Settings::load(&args.config)?;
+            let Some(secret) = settings.auth.jwt_secret.as_deref() else {
+                bail!("auth.jwt_secret is not set in {}", args.config.display());
+            };
+            let exp = pushbridge::auth::now() + args.ttl;
+            println!(
+                "{}",
+                pushbridge::auth::jwt::mint_hs256(secret, &args.user, &args.groups, exp)
+            );
         }
         Command::Send(args) => {
             let data: serde_json::Value =

@@ -78,6 +78,13 @@ pub struct MqttSettings {
     pub max_queued: usize,
     /// How long a disconnected persistent session is kept (v5 clients may ask for less).
     pub session_expiry_secs: u64,
+    /// Subscriptions one session may hold; more are refused in the SUBACK.
+    pub max_subscriptions: usize,
+    /// New connections accepted per second on average (token bucket); the
+    /// rest wait in the kernel's backlog.
+    pub connect_rate: u32,
+    /// Connections accepted at once before `connect_rate` applies.
+    pub connect_burst: u32,
 }
 
 impl Default for MqttSettings {
@@ -96,6 +103,9 @@ impl Default for MqttSettings {
             max_inflight: 32,
             max_queued: 1000,
             session_expiry_secs: 7 * 24 * 3600,
+            max_subscriptions: 64,
+            connect_rate: 500,
+            connect_burst: 1000,
         }
     }
 }
@@ -184,6 +194,8 @@ pub struct AuthSettings {
     pub mode: AuthMode,
     pub jwt_secret: Option<String>,
     pub jwt_public_key: Option<PathBuf>,
+    /// Token subjects that may subscribe to any topic (monitoring); `jwt` mode only.
+    pub service_accounts: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, Default, PartialEq, Eq)]
@@ -259,6 +271,12 @@ impl Settings {
         }
         if self.mqtt.max_inflight == 0 || self.mqtt.max_inflight > u16::MAX as usize {
             return bad("mqtt.max_inflight", "must be between 1 and 65535");
+        }
+        if self.mqtt.connect_rate == 0 {
+            return bad("mqtt.connect_rate", "must be at least 1");
+        }
+        if self.mqtt.connect_burst == 0 {
+            return bad("mqtt.connect_burst", "must be at least 1");
         }
         if self.mqtt.tls_listen.is_some()
             && (self.mqtt.tls_cert.is_none() || self.mqtt.tls_key.is_none())

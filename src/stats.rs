@@ -81,6 +81,14 @@ counters! {
     mqtt_dropped,
     /// Persistent MQTT sessions removed because they expired offline.
     mqtt_sessions_expired,
+    /// MQTT CONNECTs refused for missing, invalid or expired credentials.
+    mqtt_auth_refused,
+    /// MQTT subscriptions and publishes refused by the ACL.
+    mqtt_denied,
+    /// MQTT connections closed because their token expired.
+    mqtt_tokens_expired,
+    /// TLS or WebSocket handshakes that failed or timed out.
+    mqtt_handshakes_failed,
 }
 
 #[cfg(test)]

@@ -226,3 +226,77 @@ fn check_config_reports_apps_and_names_bad_files() {
         assert!(err.contains(file), "{err}");
     }
 }
+
+/// README's worked example: `pushbridge token`, then mosquitto_sub with it.
+#[test]
+fn token_command_and_mosquitto_sub_with_jwt() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = settings_file(&dir, "[auth]\nmode = \"jwt\"\njwt_secret = \"demo\"\n");
+    let token = Command::new(BIN)
+        .args([
+            "token", "--user", "42", "--groups", "7,9", "--ttl", "1h", "--config",
+        ])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(token.status.success(), "{token:?}");
+    let token = String::from_utf8(token.stdout).unwrap().trim().to_string();
+    assert_eq!(token.split('.').count(), 3, "{token}");
+
+    let (_server, proxy, mqtt) = serve(&config);
+    let (host, port) = mqtt.rsplit_once(':').unwrap();
+    let sub = |password: &str, topic: &str| {
+        Command::new("stdbuf")
+            .args([
+                "-oL",
+                "mosquitto_sub",
+                "-h",
+                host,
+                "-p",
+                port,
+                "-u",
+                "42",
+                "-P",
+            ])
+            .args([
+                password, "-t", topic, "-q", "1", "-C", "1", "-W", "30", "-d",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut ok = Running(sub(&token, "push/user/42"));
+    let mut out = BufReader::new(ok.0.stdout.take().unwrap()).lines();
+    out.by_ref()
+        .map(|l| l.unwrap())
+        .find(|l| l.contains("SUBACK"))
+        .expect("mosquitto_sub subscribed");
+    assert!(send(&proxy, &["--user", "42", r#"{"n":1}"#])
+        .status
+        .success());
+    let payload = out.map(|l| l.unwrap()).find(|l| l.starts_with('{'));
+    assert_eq!(payload.as_deref(), Some(r#"{"n":1}"#));
+    assert!(ok.0.wait().unwrap().success());
+
+    // Someone else's topic: the subscription is refused.
+    let other = sub(&token, "push/user/43").wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&other.stdout) + String::from_utf8_lossy(&other.stderr);
+    assert!(
+        text.contains("All subscription requests were denied"),
+        "{text}"
+    );
+    // A wrong password: refused at CONNECT.
+    let bad = sub("wrong", "push/user/42").wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&bad.stdout) + String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success(), "{text}");
+    assert!(text.contains("bad user name or password"), "{text}");
+
+    let missing = Command::new(BIN)
+        .args(["token", "--user", "42", "--config"])
+        .arg(settings_file(&dir, ""))
+        .output()
+        .unwrap();
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("auth.jwt_secret"));
+}

@@ -915,3 +915,49 @@ async fn inflight_window_holds_back_until_acknowledged() {
         .await;
     assert_eq!(&a.publish().await.payload[..], b"m2");
 }
+
+/// Many clients sending garbage at once: each is closed and counted, and a
+/// well-behaved subscriber gets every message, in order, meanwhile.
+#[tokio::test]
+async fn malformed_storm_leaves_other_deliveries_alone() {
+    let srv = start_default().await;
+    let (mut good, _) = Raw::connect(srv.addr, "good", true, 60).await;
+    good.subscribe("push/user/1", rumqttc::QoS::AtLeastOnce)
+        .await;
+    let mut connect = BytesMut::new();
+    v4::Packet::Connect(v4::Connect::new("junk"))
+        .write(&mut connect, usize::MAX)
+        .unwrap();
+    let attacks: Vec<Vec<u8>> = vec![
+        vec![0xff; 64],                                           // not MQTT at all
+        vec![0x10, 0xff, 0xff, 0xff, 0xff, 0x7f],                 // bad remaining length
+        [&connect[..], &[0xf0, 0x00]].concat(),                   // AUTH from a v3.1.1 client
+        [&connect[..], &[0x30, 0x03, 0xff, 0xff, 0x00]].concat(), // topic length past the end
+        [&connect[..], &[0x82, 0x02, 0x00, 0x01]].concat(),       // SUBSCRIBE without filters
+    ];
+    let rounds = 40;
+    let addr = srv.addr;
+    let storm: Vec<_> = (0..rounds)
+        .flat_map(|_| attacks.clone())
+        .map(|junk| {
+            tokio::spawn(async move {
+                let mut s = TcpStream::connect(addr).await.unwrap();
+                s.write_all(&junk).await.unwrap();
+                // Until the server closes it.
+                let mut sink = Vec::new();
+                let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut sink)).await;
+            })
+        })
+        .collect();
+    for n in 0..100u32 {
+        srv.broker.publish("push/user/1", n.to_string().into());
+        let p = good.publish().await;
+        assert_eq!(p.payload, n.to_string().as_bytes());
+        good.send(v4::Packet::PubAck(v4::PubAck::new(p.pkid))).await;
+    }
+    for attacker in storm {
+        attacker.await.unwrap();
+    }
+    let malformed = srv.broker.stats().mqtt_malformed.get();
+    assert_eq!(malformed, (rounds * attacks.len()) as u64);
+}

@@ -121,6 +121,8 @@ pub struct Connect {
     pub max_packet: Option<u32>,
     /// v5 only: the client's Receive Maximum.
     pub receive_max: Option<u16>,
+    pub username: Option<String>,
+    pub password: Option<String>,
 }
 
 /// A client-to-server packet, whichever version it came in.
@@ -201,6 +203,8 @@ fn from_v4(p: v4::Packet) -> Result<In, CodecError> {
             session_expiry: None,
             max_packet: None,
             receive_max: None,
+            username: c.login.as_ref().map(|l| l.username.clone()),
+            password: c.login.map(|l| l.password),
         })),
         v4::Packet::Publish(p) => In::Publish {
             topic: p.topic,
@@ -236,7 +240,7 @@ fn from_v4(p: v4::Packet) -> Result<In, CodecError> {
 
 fn from_v5(p: v5::Packet) -> Result<In, CodecError> {
     Ok(match p {
-        v5::Packet::Connect(c, will, _login) => {
+        v5::Packet::Connect(c, will, login) => {
             let props = c.properties.as_ref();
             let will = match will {
                 Some(w) => Some(Will {
@@ -256,6 +260,8 @@ fn from_v5(p: v5::Packet) -> Result<In, CodecError> {
                 max_packet: props.and_then(|p| p.max_packet_size),
                 receive_max: props.and_then(|p| p.receive_maximum),
                 client_id: c.client_id,
+                username: login.as_ref().map(|l| l.username.clone()),
+                password: login.map(|l| l.password),
             }))
         }
         v5::Packet::Publish(p) => In::Publish {
@@ -300,6 +306,19 @@ pub enum ConnCode {
     Accepted,
     BadProtocol,
     BadClientId,
+    /// Missing, malformed or wrongly signed credentials.
+    BadCredentials,
+    /// Credentials valid but not good enough (expired, user name not the token's subject).
+    NotAuthorized,
+}
+
+/// One SUBACK entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubCode {
+    Granted(u8),
+    Invalid,
+    NotAuthorized,
+    Quota,
 }
 
 /// A server-to-client packet.
@@ -321,11 +340,11 @@ pub enum Out<'a> {
         pkid: u16,
         dup: bool,
     },
-    PubAck(u16),
-    PubRec(u16),
+    /// Packet id and whether the publish was accepted (v5 says 0x87 when not).
+    PubAck(u16, bool),
+    PubRec(u16, bool),
     PubComp(u16),
-    /// Granted QoS per filter; `None` is a failure.
-    SubAck(u16, Vec<Option<u8>>),
+    SubAck(u16, Vec<SubCode>),
     UnsubAck(u16, usize),
     PingResp,
     /// v5 only (v3.1.1 has no server DISCONNECT): reason code.
@@ -370,6 +389,8 @@ fn to_v4(out: &Out<'_>) -> Option<v4::Packet> {
                 ConnCode::Accepted => v4::ConnectReturnCode::Success,
                 ConnCode::BadProtocol => v4::ConnectReturnCode::RefusedProtocolVersion,
                 ConnCode::BadClientId => v4::ConnectReturnCode::BadClientId,
+                ConnCode::BadCredentials => v4::ConnectReturnCode::BadUserNamePassword,
+                ConnCode::NotAuthorized => v4::ConnectReturnCode::NotAuthorized,
             },
             *session_present,
         )),
@@ -385,16 +406,16 @@ fn to_v4(out: &Out<'_>) -> Option<v4::Packet> {
             p.dup = *dup;
             v4::Packet::Publish(p)
         }
-        Out::PubAck(id) => v4::Packet::PubAck(v4::PubAck::new(*id)),
-        Out::PubRec(id) => v4::Packet::PubRec(v4::PubRec::new(*id)),
+        Out::PubAck(id, _) => v4::Packet::PubAck(v4::PubAck::new(*id)),
+        Out::PubRec(id, _) => v4::Packet::PubRec(v4::PubRec::new(*id)),
         Out::PubComp(id) => v4::Packet::PubComp(v4::PubComp::new(*id)),
         Out::SubAck(id, codes) => v4::Packet::SubAck(v4::SubAck::new(
             *id,
             codes
                 .iter()
                 .map(|c| match c {
-                    Some(g) => v4::SubscribeReasonCode::Success(q(*g)),
-                    None => v4::SubscribeReasonCode::Failure,
+                    SubCode::Granted(g) => v4::SubscribeReasonCode::Success(q(*g)),
+                    _ => v4::SubscribeReasonCode::Failure,
                 })
                 .collect(),
         )),
@@ -425,6 +446,8 @@ fn to_v5(out: &Out<'_>) -> v5::Packet {
                 ConnCode::Accepted => v5::ConnectReturnCode::Success,
                 ConnCode::BadProtocol => v5::ConnectReturnCode::UnsupportedProtocolVersion,
                 ConnCode::BadClientId => v5::ConnectReturnCode::ClientIdentifierNotValid,
+                ConnCode::BadCredentials => v5::ConnectReturnCode::BadUserNamePassword,
+                ConnCode::NotAuthorized => v5::ConnectReturnCode::NotAuthorized,
             },
             properties: Some(v5::ConnAckProperties {
                 session_expiry_interval: *session_expiry,
@@ -462,16 +485,30 @@ fn to_v5(out: &Out<'_>) -> v5::Packet {
             payload: (*payload).clone(),
             properties: None,
         }),
-        Out::PubAck(id) => v5::Packet::PubAck(v5::PubAck::new(*id, None)),
-        Out::PubRec(id) => v5::Packet::PubRec(v5::PubRec::new(*id, None)),
+        Out::PubAck(id, ok) => {
+            let mut a = v5::PubAck::new(*id, None);
+            if !ok {
+                a.reason = v5::PubAckReason::NotAuthorized;
+            }
+            v5::Packet::PubAck(a)
+        }
+        Out::PubRec(id, ok) => {
+            let mut r = v5::PubRec::new(*id, None);
+            if !ok {
+                r.reason = v5::PubRecReason::NotAuthorized;
+            }
+            v5::Packet::PubRec(r)
+        }
         Out::PubComp(id) => v5::Packet::PubComp(v5::PubComp::new(*id, None)),
         Out::SubAck(id, codes) => v5::Packet::SubAck(v5::SubAck {
             pkid: *id,
             return_codes: codes
                 .iter()
                 .map(|c| match c {
-                    Some(g) => v5::SubscribeReasonCode::Success(q(*g)),
-                    None => v5::SubscribeReasonCode::TopicFilterInvalid,
+                    SubCode::Granted(g) => v5::SubscribeReasonCode::Success(q(*g)),
+                    SubCode::Invalid => v5::SubscribeReasonCode::TopicFilterInvalid,
+                    SubCode::NotAuthorized => v5::SubscribeReasonCode::NotAuthorized,
+                    SubCode::Quota => v5::SubscribeReasonCode::QuotaExceeded,
                 })
                 .collect(),
             properties: None,

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use rumqttc::mqttbytes::valid_filter;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -20,10 +20,12 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, Instrument};
 
-use super::codec::{self, Check, CodecError, In, Out, Proto};
+use super::codec::{self, Check, CodecError, In, Out, Proto, SubCode};
 use super::handshake;
 use super::session::{Inflight, Msg, Session};
+use super::transport::{Stream, Transport};
 use super::{BrokerEvent, Inner};
+use crate::auth::Identity;
 
 /// Smallest read reservation; most MQTT packets of a push service are smaller.
 pub(super) const READ_CHUNK: usize = 512;
@@ -37,10 +39,10 @@ pub(super) const FINAL_WRITE: Duration = Duration::from_secs(1);
 /// What woke the connection loop.
 enum Event {
     Shutdown,
-    KeepAlive,
+    Deadline,
     Woken,
-    Readable(io::Result<()>),
-    Writable(io::Result<()>),
+    Read(io::Result<usize>),
+    Written(io::Result<()>),
 }
 
 /// Why a connection ended; decides the v5 DISCONNECT reason and the last will.
@@ -54,6 +56,7 @@ enum End {
     Malformed(CodecError),
     Protocol(&'static str),
     TakenOver,
+    TokenExpired,
 }
 
 impl End {
@@ -69,6 +72,7 @@ impl End {
             End::Malformed(_) => Some(0x81),
             End::Protocol(_) => Some(0x82),
             End::TakenOver => Some(0x8e),
+            End::TokenExpired => Some(0x87),
             _ => None,
         }
     }
@@ -76,18 +80,37 @@ impl End {
 
 pub(super) async fn run(
     inner: Arc<Inner>,
-    stream: TcpStream,
+    tcp: TcpStream,
     peer: SocketAddr,
+    transport: Transport,
     shutdown: CancellationToken,
     permit: OwnedSemaphorePermit,
 ) {
     let conn = inner.next_conn.fetch_add(1, Ordering::Relaxed);
     let span = tracing::info_span!("mqtt", %peer, conn, client_id = tracing::field::Empty);
-    handle(inner, stream, conn, shutdown).instrument(span).await;
+    handle(inner, tcp, transport, conn, shutdown)
+        .instrument(span)
+        .await;
     drop(permit);
 }
 
-async fn handle(inner: Arc<Inner>, stream: TcpStream, conn: u64, shutdown: CancellationToken) {
+async fn handle(
+    inner: Arc<Inner>,
+    tcp: TcpStream,
+    transport: Transport,
+    conn: u64,
+    shutdown: CancellationToken,
+) {
+    let limit = Duration::from_secs(inner.settings.connect_timeout_secs);
+    // Boxed, like the handshake: TLS state is large and short-lived.
+    let stream = tokio::select! {
+        _ = shutdown.cancelled() => return,
+        s = Box::pin(transport.upgrade(tcp, limit)) => s,
+    };
+    let Some(stream) = stream else {
+        inner.stats.mqtt_handshakes_failed.inc();
+        return;
+    };
     // Boxed: the handshake's state is dropped before the long idle phase.
     let Some(mut c) = Box::pin(handshake::handshake(inner, stream, conn, &shutdown)).await else {
         return;
@@ -100,7 +123,7 @@ async fn handle(inner: Arc<Inner>, stream: TcpStream, conn: u64, shutdown: Cance
 /// A connected client.
 pub(super) struct Conn {
     pub(super) inner: Arc<Inner>,
-    pub(super) stream: TcpStream,
+    pub(super) stream: Stream,
     pub(super) proto: Proto,
     pub(super) conn: u64,
     pub(super) client_id: Arc<str>,
@@ -117,13 +140,24 @@ pub(super) struct Conn {
     pub(super) will: Option<codec::Will>,
     /// Notified when the session has messages, or was taken over.
     pub(super) wake: Arc<Notify>,
+    pub(super) identity: Box<Identity>,
+    /// When the token runs out; the connection is closed then.
+    pub(super) expires: Option<Instant>,
 }
 
 impl Conn {
     async fn run(&mut self, wake: &Notify, shutdown: &CancellationToken) -> End {
-        let keep_alive = self.keep_alive;
-        let ka = Duration::from_millis(u64::from(keep_alive) * 1500);
-        let sleep = tokio::time::sleep(ka);
+        let ka =
+            (self.keep_alive > 0).then(|| Duration::from_millis(u64::from(self.keep_alive) * 1500));
+        let expires = self.expires;
+        // Whichever comes first: keep-alive silence or the token's expiry.
+        let deadline = |now: Instant| match (ka.map(|ka| now + ka), expires) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let timed = deadline(Instant::now()).is_some();
+        let far = Instant::now() + Duration::from_secs(86400 * 365);
+        let sleep = tokio::time::sleep_until(deadline(Instant::now()).unwrap_or(far));
         let cancelled = shutdown.cancelled();
         let notified = wake.notified();
         tokio::pin!(sleep, cancelled, notified);
@@ -138,27 +172,28 @@ impl Conn {
                 return End::Io(e);
             }
             let backlog = self.wbuf.len();
-            let stream = &self.stream;
-            // A hand-written select: socket readiness is polled in place, with no
+            let (stream, rbuf, wbuf, need) =
+                (&mut self.stream, &mut self.rbuf, &mut self.wbuf, self.need);
+            // A hand-written select: the transport is polled in place, with no
             // per-direction futures stored in the (long-lived) task.
             let event = std::future::poll_fn(|cx| {
                 if cancelled.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Event::Shutdown);
                 }
-                if keep_alive > 0 && sleep.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(Event::KeepAlive);
+                if timed && sleep.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Event::Deadline);
                 }
                 if notified.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Event::Woken);
                 }
                 if backlog < WRITE_HIGH {
-                    if let Poll::Ready(r) = stream.poll_read_ready(cx) {
-                        return Poll::Ready(Event::Readable(r));
+                    if let Poll::Ready(r) = stream.poll_fill(cx, rbuf, need) {
+                        return Poll::Ready(Event::Read(r));
                     }
                 }
-                if backlog > 0 {
-                    if let Poll::Ready(r) = stream.poll_write_ready(cx) {
-                        return Poll::Ready(Event::Writable(r));
+                if backlog > 0 || stream.dirty() {
+                    if let Poll::Ready(r) = stream.poll_drain(cx, wbuf) {
+                        return Poll::Ready(Event::Written(r));
                     }
                 }
                 Poll::Pending
@@ -166,32 +201,27 @@ impl Conn {
             .await;
             match event {
                 Event::Shutdown => return End::Shutdown,
-                Event::KeepAlive => return End::KeepAlive,
+                Event::Deadline if expires.is_some_and(|e| e <= Instant::now()) => {
+                    return End::TokenExpired
+                }
+                Event::Deadline => return End::KeepAlive,
                 Event::Woken => notified.set(wake.notified()),
-                Event::Readable(Err(e)) | Event::Writable(Err(e)) => return End::Io(e),
-                Event::Writable(Ok(())) => {}
-                Event::Readable(Ok(())) => {
-                    match self.read() {
-                        Ok(0) => return End::Closed,
-                        Ok(_) => {}
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                        Err(e) => return End::Io(e),
-                    }
+                Event::Read(Err(e)) | Event::Written(Err(e)) => return End::Io(e),
+                Event::Written(Ok(())) => {}
+                Event::Read(Ok(0)) => return End::Closed,
+                Event::Read(Ok(_)) => {
                     // Boxed: an idle connection does not carry the processing state.
                     match Box::pin(self.process()).await {
-                        Ok(true) => sleep.as_mut().reset(Instant::now() + ka),
+                        Ok(true) if timed => sleep
+                            .as_mut()
+                            .reset(deadline(Instant::now()).unwrap_or(far)),
+                        Ok(true) => {}
                         Ok(false) => {}
                         Err(end) => return end,
                     }
                 }
             }
         }
-    }
-
-    fn read(&mut self) -> io::Result<usize> {
-        // Grow with the data actually arriving, not with what a header claims.
-        self.rbuf.reserve(self.need.clamp(READ_CHUNK, READ_MAX));
-        self.stream.try_read_buf(&mut self.rbuf)
     }
 
     /// Handles every whole frame buffered; true if there was at least one.
@@ -230,6 +260,17 @@ impl Conn {
                 if alias || topic.is_empty() || topic.contains(['+', '#']) {
                     return Err(End::Protocol("invalid topic name"));
                 }
+                let Some(payload) = self.inner.auth.may_publish(&self.identity, &topic, payload)
+                else {
+                    self.inner.stats.mqtt_denied.inc();
+                    debug!(%topic, "publish refused by the ACL");
+                    match qos {
+                        1 => self.send(&Out::PubAck(pkid, false)),
+                        2 => self.send(&Out::PubRec(pkid, false)),
+                        _ => {}
+                    }
+                    return Ok(());
+                };
                 let fresh = qos < 2 || {
                     let mut st = self.session.lock();
                     let fresh = !st.qos2_in.contains(&pkid);
@@ -242,8 +283,8 @@ impl Conn {
                     self.deliver(&topic, payload, qos).await;
                 }
                 match qos {
-                    1 => self.send(&Out::PubAck(pkid)),
-                    2 => self.send(&Out::PubRec(pkid)),
+                    1 => self.send(&Out::PubAck(pkid, true)),
+                    2 => self.send(&Out::PubRec(pkid, true)),
                     _ => {}
                 }
             }
@@ -264,14 +305,22 @@ impl Conn {
             }
             In::Subscribe { pkid, filters } => {
                 let mut codes = Vec::with_capacity(filters.len());
+                let max = self.inner.settings.max_subscriptions;
                 let mut registry = self.inner.registry();
                 for (filter, qos) in filters {
-                    if valid_filter(&filter) {
-                        registry.subscribe(&self.session, &filter, qos.min(1));
-                        codes.push(Some(qos.min(1)));
+                    let code = if !valid_filter(&filter) {
+                        SubCode::Invalid
+                    } else if !self.inner.auth.may_subscribe(&self.identity, &filter) {
+                        self.inner.stats.mqtt_denied.inc();
+                        debug!(%filter, "subscription refused by the ACL");
+                        SubCode::NotAuthorized
+                    } else if self.over_quota(&filter, max) {
+                        SubCode::Quota
                     } else {
-                        codes.push(None);
-                    }
+                        registry.subscribe(&self.session, &filter, qos.min(1));
+                        SubCode::Granted(qos.min(1))
+                    };
+                    codes.push(code);
                 }
                 drop(registry);
                 self.send(&Out::SubAck(pkid, codes));
@@ -299,6 +348,12 @@ impl Conn {
             }
         }
         Ok(())
+    }
+
+    /// Would subscribing to `filter` take the session past `max` filters?
+    fn over_quota(&self, filter: &str, max: usize) -> bool {
+        let st = self.session.lock();
+        st.filters.len() >= max && !st.filters.contains_key(filter)
     }
 
     async fn deliver(&self, topic: &str, payload: Bytes, qos: u8) {
@@ -359,17 +414,12 @@ impl Conn {
         Ok(())
     }
 
-    /// Writes what the socket takes now, without waiting; frees the buffer once empty.
+    /// Writes what the transport takes now, without waiting; frees the buffer once empty.
     fn flush(&mut self) -> io::Result<()> {
-        while !self.wbuf.is_empty() {
-            match self.stream.try_write(&self.wbuf) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => self.wbuf.advance(n),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-                Err(e) => return Err(e),
-            }
+        self.stream.drain_now(&mut self.wbuf)?;
+        if self.wbuf.is_empty() {
+            self.wbuf = BytesMut::new();
         }
-        self.wbuf = BytesMut::new();
         Ok(())
     }
 
@@ -388,6 +438,10 @@ impl Conn {
                 self.inner.stats.mqtt_timeouts.inc();
                 debug!("closing: keep-alive expired");
             }
+            End::TokenExpired => {
+                self.inner.stats.mqtt_tokens_expired.inc();
+                info!("closing: token expired");
+            }
             End::Io(e) => debug!("closing: io error: {e}"),
             other => debug!("closing: {other:?}"),
         }
@@ -395,9 +449,21 @@ impl Conn {
         // must not wait on a goodbye to a peer that may not be reading.
         self.inner.registry().detach(&self.session, self.conn);
         if let Some(w) = self.will.take().filter(|_| end.sends_will()) {
-            if !w.topic.is_empty() && !w.topic.contains(['+', '#']) {
-                let (conn, id) = (self.conn, &self.client_id);
-                publish_from(&self.inner, conn, id, &w.topic, w.payload, w.qos).await;
+            let valid = !w.topic.is_empty() && !w.topic.contains(['+', '#']);
+            let allowed = valid
+                .then(|| {
+                    self.inner
+                        .auth
+                        .may_publish(&self.identity, &w.topic, w.payload)
+                })
+                .flatten();
+            match allowed {
+                Some(payload) => {
+                    let (conn, id) = (self.conn, &self.client_id);
+                    publish_from(&self.inner, conn, id, &w.topic, payload, w.qos).await;
+                }
+                None if valid => self.inner.stats.mqtt_denied.inc(),
+                None => {}
             }
         }
         let event = BrokerEvent::Disconnected {
@@ -409,7 +475,12 @@ impl Conn {
             if let (Proto::V5, Some(code)) = (self.proto, end.reason()) {
                 self.send(&Out::Disconnect(code));
             }
-            let _ = tokio::time::timeout(FINAL_WRITE, self.stream.write_all(&self.wbuf)).await;
+            let (stream, wbuf) = (&mut self.stream, &self.wbuf);
+            let goodbye = async {
+                stream.write_all(wbuf).await?;
+                stream.shutdown().await
+            };
+            let _ = tokio::time::timeout(FINAL_WRITE, goodbye).await;
         }
     }
 }
@@ -478,7 +549,8 @@ mod tests {
             .acquire_owned()
             .await
             .unwrap();
-        let task = run(broker.inner, stream, peer, CancellationToken::new(), permit);
+        let shutdown = CancellationToken::new();
+        let task = run(broker.inner, stream, peer, Transport::Tcp, shutdown, permit);
         let size = std::mem::size_of_val(&task);
         println!("connection future: {size} bytes");
         assert!(size < 1536, "connection future grew to {size} bytes");

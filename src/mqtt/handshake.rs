@@ -8,20 +8,22 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::Notify;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 use super::codec::{self, Check, CodecError, ConnCode, Connect, In, Out, Proto};
 use super::connection::{Conn, FINAL_WRITE, READ_CHUNK, READ_MAX};
 use super::session::Owner;
+use super::transport::Stream;
 use super::Inner;
+use crate::auth::{self, Refusal};
 
 /// Reads the CONNECT, attaches the session and queues the CONNACK.
 pub(super) async fn handshake(
     inner: Arc<Inner>,
-    mut stream: TcpStream,
+    mut stream: Stream,
     conn: u64,
     shutdown: &CancellationToken,
 ) -> Option<Conn> {
@@ -41,10 +43,7 @@ pub(super) async fn handshake(
         }
         Ok(Err(Handshake::Level(level))) => {
             debug!("unsupported protocol level {level}");
-            let mut out = BytesMut::new();
-            let ack = connack(ConnCode::BadProtocol, false, None, None, max);
-            codec::encode(Proto::V4, &ack, &mut out, usize::MAX);
-            let _ = tokio::time::timeout(FINAL_WRITE, stream.write_all(&out)).await;
+            refuse(&mut stream, Proto::V4, ConnCode::BadProtocol, max).await;
             return None;
         }
         Ok(Err(Handshake::Io(e))) => {
@@ -66,15 +65,28 @@ pub(super) async fn handshake(
         session_expiry,
         max_packet,
         receive_max,
+        username,
+        password,
     } = *connect;
+
+    let identity = match inner.auth.login(username.as_deref(), password.as_deref()) {
+        Ok(id) => id,
+        Err(refusal) => {
+            inner.stats.mqtt_auth_refused.inc();
+            info!(?refusal, user = username.as_deref(), "CONNECT refused");
+            let code = match refusal {
+                Refusal::BadCredentials => ConnCode::BadCredentials,
+                Refusal::NotAuthorized => ConnCode::NotAuthorized,
+            };
+            refuse(&mut stream, proto, code, max).await;
+            return None;
+        }
+    };
 
     let (client_id, assigned) = match client_id.is_empty() {
         false => (client_id, false),
         true if proto == Proto::V4 && !clean => {
-            let mut out = BytesMut::new();
-            let ack = connack(ConnCode::BadClientId, false, None, None, max);
-            codec::encode(proto, &ack, &mut out, usize::MAX);
-            let _ = tokio::time::timeout(FINAL_WRITE, stream.write_all(&out)).await;
+            refuse(&mut stream, proto, ConnCode::BadClientId, max).await;
             return None;
         }
         true => (format!("pb-{conn:x}-{:08x}", rand::random::<u32>()), true),
@@ -92,7 +104,23 @@ pub(super) async fn handshake(
         conn,
         wake: wake.clone(),
     };
-    let attached = inner.registry().attach(&client_id, clean, expiry, owner);
+    // Sessions are per user: another user reusing a client id never sees this one's messages.
+    let key = match &identity.user {
+        Some(user) => format!("{user}/{client_id}"),
+        None => client_id.clone(),
+    };
+    let attached = {
+        let mut registry = inner.registry();
+        let attached = registry.attach(&key, clean, expiry, owner);
+        // A new token may carry fewer groups than the one that subscribed.
+        let kept: Vec<Box<str>> = attached.session.lock().filters.keys().cloned().collect();
+        for filter in kept {
+            if !inner.auth.may_subscribe(&identity, &filter) {
+                registry.unsubscribe(&attached.session, &filter);
+            }
+        }
+        attached
+    };
     inner.stats.mqtt_connects.inc();
     debug!(proto = ?proto, clean, present = attached.present, "connected");
 
@@ -125,6 +153,11 @@ pub(super) async fn handshake(
         keep_alive,
         will,
         wake,
+        // An expiry too far away to represent is no expiry.
+        expires: identity.expires.and_then(|at| {
+            Instant::now().checked_add(Duration::from_secs(at.saturating_sub(auth::now())))
+        }),
+        identity: Box::new(identity),
     };
     Some(c)
 }
@@ -137,7 +170,7 @@ enum Handshake {
 }
 
 async fn read_connect(
-    stream: &mut TcpStream,
+    stream: &mut Stream,
     rbuf: &mut BytesMut,
     max: usize,
 ) -> Result<Box<Connect>, Handshake> {
@@ -169,6 +202,18 @@ async fn read_connect(
             }
         }
     }
+}
+
+/// Answers a refused CONNECT with its code; the caller then closes.
+async fn refuse(stream: &mut Stream, proto: Proto, code: ConnCode, max: usize) {
+    let mut out = BytesMut::new();
+    let ack = connack(code, false, None, None, max);
+    codec::encode(proto, &ack, &mut out, usize::MAX);
+    let goodbye = async {
+        stream.write_all(&out).await?;
+        stream.shutdown().await
+    };
+    let _ = tokio::time::timeout(FINAL_WRITE, goodbye).await;
 }
 
 fn connack<'a>(

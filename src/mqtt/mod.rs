@@ -4,12 +4,17 @@
 //! buffers that grow only while data moves, and a routing index whose publish
 //! cost depends on the matching subscribers only.
 
-mod codec;
+#[doc(hidden)]
+pub mod codec;
 mod connection;
 mod handshake;
 mod listener;
+mod rate;
 mod session;
+mod tls;
 mod topics;
+mod transport;
+mod ws;
 
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -20,11 +25,14 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::Auth;
 use crate::settings::MqttSettings;
 use crate::stats::Stats;
 use session::{Msg, Registry};
 
 pub use codec::CodecError;
+pub use tls::TlsConfig;
+pub use transport::Transport;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MqttError {
@@ -32,6 +40,11 @@ pub enum MqttError {
     Io(#[from] std::io::Error),
     #[error("mqtt codec: {0}")]
     Codec(#[from] CodecError),
+    #[error("mqtt tls: {path}: {problem}")]
+    Tls {
+        path: std::path::PathBuf,
+        problem: String,
+    },
 }
 
 /// What the broker tells the rest of pushbridge.
@@ -62,6 +75,7 @@ struct Inner {
     events: mpsc::Sender<BrokerEvent>,
     next_conn: AtomicU64,
     stats: Arc<Stats>,
+    auth: Auth,
 }
 
 impl Inner {
@@ -100,9 +114,19 @@ impl Broker {
         Self::with_stats(settings, Arc::default())
     }
 
-    /// Like `new`, counting into the process-wide `stats`.
+    /// Like `new`, counting into the process-wide `stats`. No authentication
+    /// and no ACL: every client is trusted (see `with_auth`).
     pub fn with_stats(
         settings: &MqttSettings,
+        stats: Arc<Stats>,
+    ) -> (Broker, mpsc::Receiver<BrokerEvent>) {
+        Self::with_auth(settings, Auth::open(&settings.prefix), stats)
+    }
+
+    /// A broker that authenticates every CONNECT and applies the ACL.
+    pub fn with_auth(
+        settings: &MqttSettings,
+        auth: Auth,
         stats: Arc<Stats>,
     ) -> (Broker, mpsc::Receiver<BrokerEvent>) {
         let (tx, rx) = mpsc::channel(1024);
@@ -113,6 +137,7 @@ impl Broker {
             events: tx,
             next_conn: AtomicU64::new(1),
             stats,
+            auth,
         };
         let broker = Broker {
             inner: Arc::new(inner),
@@ -128,14 +153,27 @@ impl Broker {
         self.inner.route(topic, payload, 1)
     }
 
-    /// Accept loop; returns when `shutdown` is cancelled. Connection tasks are spawned on `tracker`.
+    /// Accept loop for plain TCP; returns when `shutdown` is cancelled.
+    /// Connection tasks are spawned on `tracker`.
     pub async fn serve(
         self,
         listener: TcpListener,
         shutdown: CancellationToken,
         tracker: TaskTracker,
     ) -> Result<(), MqttError> {
-        listener::serve(self.inner, listener, shutdown, tracker).await
+        self.serve_all(vec![(listener, Transport::Tcp)], shutdown, tracker)
+            .await
+    }
+
+    /// Accept loops for every listener, sharing one connection cap and one
+    /// connect rate; returns when `shutdown` is cancelled.
+    pub async fn serve_all(
+        self,
+        listeners: Vec<(TcpListener, Transport)>,
+        shutdown: CancellationToken,
+        tracker: TaskTracker,
+    ) -> Result<(), MqttError> {
+        listener::serve(self.inner, listeners, shutdown, tracker).await
     }
 
     /// Sessions currently kept (connected, or persistent and not yet expired).

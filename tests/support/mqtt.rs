@@ -13,9 +13,24 @@ pub struct Device {
 
 impl Device {
     pub async fn connect(addr: SocketAddr, id: &str, clean: bool) -> Device {
+        Device::connect_opts(Device::options(addr, id, clean)).await
+    }
+
+    /// Connects with a user name and a token as the password.
+    pub async fn connect_as(addr: SocketAddr, id: &str, user: &str, token: &str) -> Device {
+        let mut opts = Device::options(addr, id, true);
+        opts.set_credentials(user, token);
+        Device::connect_opts(opts).await
+    }
+
+    pub fn options(addr: SocketAddr, id: &str, clean: bool) -> MqttOptions {
         let mut opts = MqttOptions::new(id, addr.ip().to_string(), addr.port());
         opts.set_clean_session(clean);
         opts.set_keep_alive(std::time::Duration::from_secs(30));
+        opts
+    }
+
+    pub async fn connect_opts(opts: MqttOptions) -> Device {
         let (client, events) = AsyncClient::new(opts, 64);
         let mut device = Device { client, events };
         device.until(|p| matches!(p, Packet::ConnAck(_))).await;
@@ -39,11 +54,23 @@ impl Device {
     }
 
     pub async fn subscribe(&mut self, topic: &str) {
+        let granted = self.try_subscribe(topic).await;
+        assert!(granted, "subscription to {topic} refused");
+    }
+
+    /// Subscribes; true if the SUBACK grants it.
+    pub async fn try_subscribe(&mut self, topic: &str) -> bool {
         self.client
             .subscribe(topic, QoS::AtLeastOnce)
             .await
             .expect("queue subscribe");
-        self.until(|p| matches!(p, Packet::SubAck(_))).await;
+        match self.until(|p| matches!(p, Packet::SubAck(_))).await {
+            Packet::SubAck(ack) => matches!(
+                ack.return_codes[..],
+                [rumqttc::SubscribeReasonCode::Success(_)]
+            ),
+            _ => unreachable!(),
+        }
     }
 
     /// The next PUBLISH's topic, payload and QoS.

@@ -1,0 +1,186 @@
+//! The byte streams MQTT runs over. Plain TCP is polled by readiness, so an
+//! idle connection holds no buffers; TLS and WebSocket go through
+//! `AsyncRead`/`AsyncWrite`. Their handshakes run in the connection task,
+//! bounded by `connect_timeout_secs`.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll, Waker};
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tracing::debug;
+
+use super::connection::{READ_CHUNK, READ_MAX};
+use super::tls::TlsConfig;
+use super::ws;
+
+/// What a listener speaks.
+#[derive(Clone)]
+pub enum Transport {
+    Tcp,
+    Tls(Arc<TlsConfig>),
+    WebSocket,
+}
+
+impl Transport {
+    /// Turns an accepted socket into an MQTT byte stream; `None` if the
+    /// handshake failed or took longer than `limit`.
+    pub(super) async fn upgrade(&self, tcp: TcpStream, limit: Duration) -> Option<Stream> {
+        let upgraded = match self {
+            Transport::Tcp => return Some(Stream::Tcp(tcp)),
+            Transport::Tls(config) => {
+                let accept = tokio_rustls::TlsAcceptor::from(config.current()).accept(tcp);
+                match tokio::time::timeout(limit, accept).await {
+                    Ok(Ok(s)) => Ok(Stream::other(s)),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err("timed out".into()),
+                }
+            }
+            Transport::WebSocket => match tokio::time::timeout(limit, ws::accept(tcp)).await {
+                Ok(Ok(s)) => Ok(Stream::other(s)),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err("timed out".into()),
+            },
+        };
+        upgraded.map_err(|e| debug!("handshake failed: {e}")).ok()
+    }
+}
+
+pub(super) trait Io: AsyncRead + AsyncWrite + Send + Sync {}
+impl<T: AsyncRead + AsyncWrite + Send + Sync> Io for T {}
+
+pub(super) enum Stream {
+    Tcp(TcpStream),
+    Other {
+        io: Pin<Box<dyn Io>>,
+        /// Written but maybe not flushed (TLS records, WebSocket frames).
+        dirty: bool,
+    },
+}
+
+impl Stream {
+    fn other(io: impl AsyncRead + AsyncWrite + Send + Sync + 'static) -> Stream {
+        Stream::Other {
+            io: Box::pin(io),
+            dirty: false,
+        }
+    }
+
+    /// Output is waiting inside the transport and needs flushing.
+    pub(super) fn dirty(&self) -> bool {
+        matches!(self, Stream::Other { dirty: true, .. })
+    }
+
+    /// Reads what has arrived into `rbuf`; `Ready(Ok(0))` is the end of the stream.
+    pub(super) fn poll_fill(
+        &mut self,
+        cx: &mut Context<'_>,
+        rbuf: &mut BytesMut,
+        need: usize,
+    ) -> Poll<io::Result<usize>> {
+        match self {
+            Stream::Tcp(s) => loop {
+                ready!(s.poll_read_ready(cx))?;
+                // Grow with the data actually arriving, not with what a header claims.
+                rbuf.reserve(need.clamp(READ_CHUNK, READ_MAX));
+                match s.try_read_buf(rbuf) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    r => return Poll::Ready(r),
+                }
+            },
+            Stream::Other { io, .. } => {
+                rbuf.reserve(need.clamp(READ_CHUNK, READ_MAX));
+                tokio_util::io::poll_read_buf(io.as_mut(), cx, rbuf)
+            }
+        }
+    }
+
+    /// Writes `wbuf` out and flushes; `Pending` (with `cx` registered) while the peer is slow.
+    pub(super) fn poll_drain(
+        &mut self,
+        cx: &mut Context<'_>,
+        wbuf: &mut BytesMut,
+    ) -> Poll<io::Result<()>> {
+        while !wbuf.is_empty() {
+            let n = match self {
+                Stream::Tcp(s) => {
+                    ready!(s.poll_write_ready(cx))?;
+                    match s.try_write(wbuf) {
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                        r => r?,
+                    }
+                }
+                Stream::Other { io, dirty } => {
+                    let n = ready!(io.as_mut().poll_write(cx, wbuf))?;
+                    *dirty = true;
+                    n
+                }
+            };
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            wbuf.advance(n);
+        }
+        if let Stream::Other {
+            io,
+            dirty: dirty @ true,
+        } = self
+        {
+            ready!(io.as_mut().poll_flush(cx))?;
+            *dirty = false;
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// `poll_drain` without waiting: whatever the transport takes now.
+    pub(super) fn drain_now(&mut self, wbuf: &mut BytesMut) -> io::Result<()> {
+        match self.poll_drain(&mut Context::from_waker(Waker::noop()), wbuf) {
+            Poll::Ready(r) => r,
+            Poll::Pending => Ok(()),
+        }
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Other { io, .. } => io.as_mut().poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Other { io, .. } => io.as_mut().poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Stream::Other { io, .. } => io.as_mut().poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Other { io, .. } => io.as_mut().poll_shutdown(cx),
+        }
+    }
+}

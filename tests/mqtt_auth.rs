@@ -1,0 +1,289 @@
+//! Device authentication and the ACL, with real MQTT clients (rumqttc v3.1.1
+//! and v5) against the whole server over real sockets.
+
+mod support;
+
+use pushbridge::auth::{jwt, now};
+use pushbridge::settings::{AuthMode, Settings};
+use rumqttc::v5::mqttbytes::v5 as mq5;
+use rumqttc::{ConnectReturnCode, ConnectionError, Event, Packet};
+use support::mqtt::Device;
+use support::{server, wait_for_focus, wait_until, WAIT};
+
+const SECRET: &str = "test-secret";
+
+fn jwt_settings() -> Settings {
+    let mut s = server::settings(None);
+    s.auth.mode = AuthMode::Jwt;
+    s.auth.jwt_secret = Some(SECRET.into());
+    s.auth.service_accounts = vec!["monitor".into()];
+    s
+}
+
+fn token(user: &str, groups: &[&str]) -> String {
+    let groups: Vec<String> = groups.iter().map(|g| g.to_string()).collect();
+    jwt::mint_hs256(SECRET, user, &groups, now() + 3600)
+}
+
+/// The CONNACK refusal a v3.1.1 client gets, or None if it was accepted.
+async fn v4_refusal(
+    addr: std::net::SocketAddr,
+    password: Option<&str>,
+) -> Option<ConnectReturnCode> {
+    let mut opts = Device::options(addr, "refused", true);
+    if let Some(p) = password {
+        opts.set_credentials("42", p);
+    }
+    let (_client, mut events) = rumqttc::AsyncClient::new(opts, 8);
+    let polled = tokio::time::timeout(WAIT, events.poll())
+        .await
+        .expect("CONNACK in time");
+    match polled {
+        Ok(Event::Incoming(Packet::ConnAck(_))) => None,
+        Err(ConnectionError::ConnectionRefused(code)) => Some(code),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+async fn v5_client(
+    addr: std::net::SocketAddr,
+    password: Option<&str>,
+) -> (rumqttc::v5::AsyncClient, rumqttc::v5::EventLoop) {
+    let mut opts = rumqttc::v5::MqttOptions::new("v5dev", addr.ip().to_string(), addr.port());
+    if let Some(p) = password {
+        opts.set_credentials("42", p);
+    }
+    rumqttc::v5::AsyncClient::new(opts, 8)
+}
+
+/// The next v5 packet matching `want`; panics on errors or after WAIT.
+async fn v5_until(
+    events: &mut rumqttc::v5::EventLoop,
+    want: impl Fn(&mq5::Packet) -> bool,
+) -> Result<mq5::Packet, rumqttc::v5::ConnectionError> {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            if let rumqttc::v5::Event::Incoming(p) = events.poll().await? {
+                if want(&p) {
+                    return Ok(p);
+                }
+            }
+        }
+    })
+    .await
+    .expect("v5 packet in time")
+}
+
+#[tokio::test]
+async fn bad_tokens_are_refused_with_the_right_code() {
+    let server = server::start(jwt_settings()).await;
+    let addr = server.mqtt_addr;
+    let expired = jwt::mint_hs256(SECRET, "42", &[], now() - 10);
+    let forged = jwt::mint_hs256("not-the-secret", "42", &[], now() + 3600);
+    let cases = [
+        (None, ConnectReturnCode::BadUserNamePassword),
+        (Some("not a jwt"), ConnectReturnCode::BadUserNamePassword),
+        (
+            Some(forged.as_str()),
+            ConnectReturnCode::BadUserNamePassword,
+        ),
+        (Some(expired.as_str()), ConnectReturnCode::NotAuthorized),
+    ];
+    for (password, code) in cases {
+        assert_eq!(v4_refusal(addr, password).await, Some(code), "{password:?}");
+    }
+    // The user name, when given, must be the token's subject.
+    assert_eq!(
+        v4_refusal(addr, Some(&token("43", &[]))).await,
+        Some(ConnectReturnCode::NotAuthorized)
+    );
+    assert_eq!(v4_refusal(addr, Some(&token("42", &[]))).await, None);
+
+    use rumqttc::v5::mqttbytes::v5::ConnectReturnCode as Code5;
+    for (password, code) in [
+        (None, Code5::BadUserNamePassword),
+        (Some(forged.as_str()), Code5::BadUserNamePassword),
+        (Some(expired.as_str()), Code5::NotAuthorized),
+    ] {
+        let (_c, mut events) = v5_client(addr, password).await;
+        match v5_until(&mut events, |_| true).await {
+            Err(rumqttc::v5::ConnectionError::ConnectionRefused(got)) => {
+                assert_eq!(got, code, "{password:?}")
+            }
+            other => panic!("{password:?}: expected a refusal, got {other:?}"),
+        }
+    }
+    assert_eq!(server.stats.mqtt_auth_refused.get(), 8);
+    // The listener survived all of it.
+    Device::connect_as(addr, "after", "42", &token("42", &[])).await;
+    // An expiry too far off for a clock is simply no expiry.
+    let forever = jwt::mint_hs256(SECRET, "42", &[], u64::MAX);
+    let mut d = Device::connect_as(addr, "forever", "42", &forever).await;
+    d.subscribe("push/user/42").await;
+}
+
+#[tokio::test]
+async fn a_device_reads_only_its_own_topics() {
+    let server = server::start(jwt_settings()).await;
+    let addr = server.mqtt_addr;
+    let mut d42 = Device::connect_as(addr, "phone", "42", &token("42", &["7"])).await;
+    for refused in [
+        "push/user/43",
+        "#",
+        "push/user/+",
+        "push/group/8",
+        "push/app/status",
+    ] {
+        assert!(!d42.try_subscribe(refused).await, "{refused}");
+    }
+    d42.subscribe("push/user/42").await;
+    d42.subscribe("push/group/7").await;
+    // User 43 reusing the client id gets its own session, not 42's.
+    let mut d43 = Device::connect_as(addr, "phone", "43", &token("43", &[])).await;
+    d43.subscribe("push/user/43").await;
+    let mut monitor = Device::connect_as(addr, "mon", "monitor", &token("monitor", &[])).await;
+    monitor.subscribe("push/#").await;
+
+    for topic in [
+        "push/user/43",
+        "push/group/8",
+        "push/group/7",
+        "push/user/42",
+    ] {
+        server
+            .broker
+            .publish(topic, format!("\"{topic}\"").into_bytes().into());
+    }
+    // 42 sees only its own two, in order: nothing for 43 or group 8 came first.
+    assert_eq!(d42.next_json().await, "push/group/7");
+    assert_eq!(d42.next_json().await, "push/user/42");
+    assert_eq!(d43.next_json().await, "push/user/43");
+    for topic in [
+        "push/user/43",
+        "push/group/8",
+        "push/group/7",
+        "push/user/42",
+    ] {
+        assert_eq!(monitor.next_json().await, topic);
+    }
+    assert_eq!(server.stats.mqtt_denied.get(), 5);
+}
+
+#[tokio::test]
+async fn status_only_about_oneself() {
+    let server = server::start(jwt_settings()).await;
+    let addr = server.mqtt_addr;
+    let mut d42 = Device::connect_as(addr, "phone", "42", &token("42", &[])).await;
+    d42.publish("push/app/status", br#"{"user_id":43,"focus":true}"#)
+        .await;
+    d42.publish("push/user/43", b"{}").await;
+    // No user_id: taken from the token.
+    d42.publish("push/app/status", br#"{"focus":true}"#).await;
+    wait_for_focus(&server, "42", true).await;
+    // Status events are applied in order, so 43's would have been applied by now.
+    wait_for_focus(&server, "43", false).await;
+    assert_eq!(server.stats.mqtt_denied.get(), 2);
+    assert_eq!(server.stats.status_updates.get(), 1);
+
+    // v5 says why in the PUBACK.
+    let t = token("42", &[]);
+    let (client, mut events) = v5_client(addr, Some(&t)).await;
+    v5_until(&mut events, |p| matches!(p, mq5::Packet::ConnAck(_)))
+        .await
+        .unwrap();
+    let qos = rumqttc::v5::mqttbytes::QoS::AtLeastOnce;
+    client
+        .publish(
+            "push/app/status",
+            qos,
+            false,
+            r#"{"user_id":"43","focus":true}"#,
+        )
+        .await
+        .unwrap();
+    match v5_until(&mut events, |p| matches!(p, mq5::Packet::PubAck(_))).await {
+        Ok(mq5::Packet::PubAck(ack)) => assert_eq!(ack.reason, mq5::PubAckReason::NotAuthorized),
+        other => panic!("expected PUBACK, got {other:?}"),
+    }
+    client.subscribe("push/user/43", qos).await.unwrap();
+    match v5_until(&mut events, |p| matches!(p, mq5::Packet::SubAck(_))).await {
+        Ok(mq5::Packet::SubAck(ack)) => {
+            assert_eq!(ack.return_codes, [mq5::SubscribeReasonCode::NotAuthorized])
+        }
+        other => panic!("expected SUBACK, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_connection_ends_with_its_token() {
+    let server = server::start(jwt_settings()).await;
+    let short = jwt::mint_hs256(SECRET, "42", &[], now() + 2);
+    let mut d = Device::connect_as(server.mqtt_addr, "phone", "42", &short).await;
+    d.subscribe("push/user/42").await;
+    let closed = tokio::time::timeout(WAIT, async {
+        loop {
+            if d.events.poll().await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "connection outlived its token");
+    assert_eq!(server.stats.mqtt_tokens_expired.get(), 1);
+}
+
+#[tokio::test]
+async fn mode_none_keeps_the_old_topics_but_no_wildcards() {
+    let mut settings = server::settings(None);
+    settings.mqtt.max_subscriptions = 2;
+    let server = server::start(settings).await;
+    let mut d = Device::connect(server.mqtt_addr, "anon", true).await;
+    assert!(!d.try_subscribe("push/#").await);
+    assert!(!d.try_subscribe("push/user/+").await);
+    assert!(!d.try_subscribe("elsewhere/x").await);
+    d.subscribe("push/user/43").await;
+    d.subscribe("push/group/1").await;
+    // Over max_subscriptions.
+    assert!(!d.try_subscribe("push/user/44").await);
+    d.subscribe("push/user/43").await;
+    d.publish("push/app/status", br#"{"user_id":43,"focus":true}"#)
+        .await;
+    wait_for_focus(&server, "43", true).await;
+    d.publish("push/user/44", b"{}").await;
+    wait_until(|| async { server.stats.mqtt_denied.get() == 4 }).await;
+}
+
+#[tokio::test]
+async fn a_kept_session_loses_groups_its_new_token_lacks() {
+    let server = server::start(jwt_settings()).await;
+    let persistent = |t: &str| {
+        let mut opts = Device::options(server.mqtt_addr, "tablet", false);
+        opts.set_credentials("42", t);
+        opts
+    };
+    let mut d = Device::connect_opts(persistent(&token("42", &["7"]))).await;
+    d.subscribe("push/group/7").await;
+    d.subscribe("push/user/42").await;
+    d.disconnect().await;
+    let mut d = Device::connect_opts(persistent(&token("42", &[]))).await;
+    server.broker.publish("push/group/7", "\"group\"".into());
+    server.broker.publish("push/user/42", "\"user\"".into());
+    assert_eq!(d.next_json().await, "user");
+}
+
+#[tokio::test]
+async fn v5_client_is_told_its_token_expired() {
+    let server = server::start(jwt_settings()).await;
+    let short = jwt::mint_hs256(SECRET, "42", &[], now() + 2);
+    let (_client, mut events) = v5_client(server.mqtt_addr, Some(&short)).await;
+    v5_until(&mut events, |p| matches!(p, mq5::Packet::ConnAck(_)))
+        .await
+        .unwrap();
+    // rumqttc reports a server DISCONNECT as the end of the connection.
+    match v5_until(&mut events, |p| matches!(p, mq5::Packet::Disconnect(_))).await {
+        Err(rumqttc::v5::ConnectionError::MqttState(
+            rumqttc::v5::StateError::ServerDisconnect { reason_code, .. },
+        )) => assert_eq!(reason_code, mq5::DisconnectReasonCode::NotAuthorized),
+        other => panic!("expected DISCONNECT, got {other:?}"),
+    }
+}

@@ -1,0 +1,247 @@
+//! MQTT over TLS (a standard client: mosquitto_sub --cafile) and over
+//! WebSocket (a raw WebSocket client speaking MQTT bytes), and their
+//! handshakes failing without harm.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use futures_util::{SinkExt, StreamExt};
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+use rumqttc::mqttbytes::v4;
+use rumqttc::QoS;
+use support::{server, wait_until, WAIT};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+/// A CA and a server certificate for 127.0.0.1 it signed, as PEM files.
+struct Pki {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+fn pki(dir: &Path, name: &str) -> Pki {
+    let ca_key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(DnType::CommonName, format!("{name} CA"));
+    let ca = params.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "localhost");
+    let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+    let p = Pki {
+        ca: dir.join(format!("{name}-ca.pem")),
+        cert: dir.join(format!("{name}-cert.pem")),
+        key: dir.join(format!("{name}-key.pem")),
+    };
+    std::fs::write(&p.ca, ca.pem()).unwrap();
+    std::fs::write(&p.cert, cert.pem()).unwrap();
+    std::fs::write(&p.key, key.serialize_pem()).unwrap();
+    p
+}
+
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn mosquitto_sub_over_tls_receives_a_push() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path(), "a");
+    let mut settings = server::settings(None);
+    settings.mqtt.tls_listen = Some("127.0.0.1:0".parse().unwrap());
+    settings.mqtt.tls_cert = Some(pki.cert.clone());
+    settings.mqtt.tls_key = Some(pki.key.clone());
+    let server = server::start(settings).await;
+    let port = server.mqtt_tls_addr.unwrap().port().to_string();
+
+    // stdbuf: mosquitto_sub block-buffers a pipe, hiding its SUBACK line.
+    let mut sub = Running(
+        Command::new("stdbuf")
+            .args(["-oL", "mosquitto_sub", "-h", "127.0.0.1", "-p", &port])
+            .arg("--cafile")
+            .arg(&pki.ca)
+            .args(["-t", "push/user/42", "-q", "1", "-C", "1", "-W", "30", "-d"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("mosquitto_sub (scripts/test.sh installs mosquitto-clients)"),
+    );
+    let mut lines = BufReader::new(sub.0.stdout.take().unwrap()).lines();
+    let subscribed = tokio::task::spawn_blocking(move || {
+        let found = lines
+            .by_ref()
+            .map(|l| l.unwrap())
+            .any(|l| l.contains("SUBACK"));
+        (found, lines)
+    });
+    let (found, lines) = subscribed.await.unwrap();
+    assert!(found, "mosquitto_sub subscribed over TLS");
+    assert_eq!(
+        server.broker.publish("push/user/42", r#"{"tls":1}"#.into()),
+        1
+    );
+    let payload =
+        tokio::task::spawn_blocking(move || lines.map(|l| l.unwrap()).find(|l| l.starts_with('{')));
+    assert_eq!(payload.await.unwrap().as_deref(), Some(r#"{"tls":1}"#));
+    assert!(sub.0.wait().unwrap().success());
+}
+
+fn tls_client(ca: &Path) -> tokio_rustls::TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut &std::fs::read(ca).unwrap()[..]) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
+#[tokio::test]
+async fn tls_certificate_is_reloaded_and_silent_handshakes_time_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let (old, new) = (pki(dir.path(), "old"), pki(dir.path(), "new"));
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::copy(&old.cert, &cert).unwrap();
+    std::fs::copy(&old.key, &key).unwrap();
+    let mut settings = server::settings(None);
+    settings.mqtt.tls_listen = Some("127.0.0.1:0".parse().unwrap());
+    settings.mqtt.tls_cert = Some(cert.clone());
+    settings.mqtt.tls_key = Some(key.clone());
+    settings.mqtt.connect_timeout_secs = 1;
+    let server = server::start(settings).await;
+    let addr = server.mqtt_tls_addr.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let handshake = |ca: &Path| {
+        let connector = tls_client(ca);
+        let name = name.clone();
+        async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            connector.connect(name, tcp).await.is_ok()
+        }
+    };
+    assert!(handshake(&old.ca).await);
+    assert!(!handshake(&new.ca).await);
+
+    // A client that never starts TLS is dropped after connect_timeout_secs.
+    let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(WAIT, silent.read(&mut byte)).await;
+    assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "{read:?}");
+
+    std::fs::copy(&new.key, &key).unwrap();
+    std::fs::copy(&new.cert, &cert).unwrap();
+    let new_ca = new.ca.clone();
+    wait_until(|| handshake(&new_ca)).await;
+    assert!(server.stats.mqtt_handshakes_failed.get() >= 2);
+}
+
+fn v4_bytes(p: v4::Packet) -> Vec<u8> {
+    let mut b = BytesMut::new();
+    p.write(&mut b, usize::MAX).unwrap();
+    b.to_vec()
+}
+
+#[tokio::test]
+async fn websocket_client_receives_a_push() {
+    let mut settings = server::settings(None);
+    settings.mqtt.ws_listen = Some("127.0.0.1:0".parse().unwrap());
+    let server = server::start(settings).await;
+    let addr = server.mqtt_ws_addr.unwrap();
+
+    let mut wrong = format!("ws://{addr}/other").into_client_request().unwrap();
+    wrong
+        .headers_mut()
+        .insert("Sec-WebSocket-Protocol", "mqtt".parse().unwrap());
+    assert!(tokio_tungstenite::connect_async(wrong).await.is_err());
+
+    let mut req = format!("ws://{addr}/mqtt").into_client_request().unwrap();
+    req.headers_mut()
+        .insert("Sec-WebSocket-Protocol", "mqtt".parse().unwrap());
+    let (mut ws, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
+    assert_eq!(resp.headers()["Sec-WebSocket-Protocol"], "mqtt");
+
+    // CONNECT and SUBSCRIBE in one message: the stream is bytes, not packets.
+    let mut bytes = v4_bytes(v4::Packet::Connect(v4::Connect::new("ws-42")));
+    let mut s = v4::Subscribe::new("push/user/42", QoS::AtLeastOnce);
+    s.pkid = 1;
+    bytes.extend(v4_bytes(v4::Packet::Subscribe(s)));
+    ws.send(Message::Binary(bytes.into())).await.unwrap();
+
+    let mut buf = BytesMut::new();
+    let mut next = async || loop {
+        match v4::Packet::read(&mut buf, usize::MAX) {
+            Ok(p) => return p,
+            Err(rumqttc::Error::InsufficientBytes(_)) => {}
+            Err(e) => panic!("bad packet: {e}"),
+        }
+        match tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("in time")
+        {
+            Some(Ok(Message::Binary(b))) => buf.extend_from_slice(&b),
+            Some(Ok(_)) => {}
+            other => panic!("websocket ended: {other:?}"),
+        }
+    };
+    assert!(matches!(next().await, v4::Packet::ConnAck(_)));
+    assert!(matches!(next().await, v4::Packet::SubAck(_)));
+    assert_eq!(server.broker.publish("push/user/42", "ws".into()), 1);
+    match next().await {
+        v4::Packet::Publish(p) => assert_eq!(&p.payload[..], b"ws"),
+        other => panic!("expected PUBLISH, got {other:?}"),
+    }
+    let _ = ws.close(None).await;
+
+    // A plain TCP client on the WebSocket port gets no MQTT.
+    let mut raw = tokio::net::TcpStream::connect(addr).await.unwrap();
+    raw.write_all(&v4_bytes(v4::Packet::Connect(v4::Connect::new("raw"))))
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(WAIT, raw.read_to_end(&mut out)).await;
+    assert!(!out.starts_with(&[0x20]), "CONNACK over a non-WebSocket");
+}
+
+/// `mqtt.max_connections` is one cap across transports.
+#[tokio::test]
+async fn connection_cap_is_shared_by_transports() {
+    let mut settings = server::settings(None);
+    settings.mqtt.ws_listen = Some("127.0.0.1:0".parse().unwrap());
+    settings.mqtt.max_connections = 1;
+    let server = server::start(settings).await;
+    let mut tcp = support::mqtt::Device::connect(server.mqtt_addr, "tcp", true).await;
+    let mut req = format!("ws://{}/mqtt", server.mqtt_ws_addr.unwrap())
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("Sec-WebSocket-Protocol", "mqtt".parse().unwrap());
+    let ws = tokio::spawn(tokio_tungstenite::connect_async(req));
+    // The server is responsive, yet the WebSocket is not served.
+    tcp.subscribe("push/user/1").await;
+    assert!(!ws.is_finished());
+    tcp.disconnect().await;
+    let upgraded = tokio::time::timeout(WAIT, ws)
+        .await
+        .expect("served once a slot is free");
+    assert!(upgraded.unwrap().is_ok());
+}
