@@ -91,8 +91,13 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
     let proxy_addr = proxy_listener.local_addr().expect("bound");
     let mqtt_addr = mqtt_listener.local_addr().expect("bound");
 
-    let apns = ApnsSender::start(&settings.apns, stats.clone(), stop.clone(), &tracker)?;
     let (broker, events) = Broker::with_stats(&settings.mqtt, stats.clone());
+    let sinks = apns::Sinks {
+        stats: stats.clone(),
+        registry: registry.clone(),
+        feedback: apns::Feedback::new(broker.clone(), settings.feedback_topic()),
+    };
+    let apns = ApnsSender::start(&settings.apns, sinks, stop.clone(), &tracker)?;
     tracker.spawn(
         broker
             .clone()

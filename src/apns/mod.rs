@@ -3,16 +3,19 @@
 //! `credentials` reads config.json and the certificates or keys it names,
 //! `payload` builds the body and headers apps expect, `connection` keeps one
 //! HTTP/2 connection per (app, environment) over `tls`, `sender` runs the
-//! queue, and `check` backs `pushbridge check-config`.
+//! queue and acts on each `outcome` (`retry` says when to try again,
+//! `feedback` tells backends), and `check` backs `pushbridge check-config`.
 
 mod check;
 mod connection;
 mod credentials;
+mod feedback;
 mod jwt;
 mod legacy;
 mod outcome;
 mod payload;
 mod pem;
+mod retry;
 mod sender;
 mod tls;
 
@@ -23,9 +26,10 @@ use serde_json::{Map, Value};
 use crate::router::ApnsDelivery;
 
 pub use check::{check_config, AppReport, Credential};
+pub use feedback::Feedback;
 pub use outcome::Outcome;
 pub use payload::{Payload, PayloadError, PushType, MAX_PAYLOAD};
-pub use sender::ApnsSender;
+pub use sender::{ApnsSender, Sinks};
 
 /// Everything that can go wrong in the APNs module; messages name the file,
 /// app or host and the problem, since operators read them in logs.

@@ -2,11 +2,12 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::Request;
+use http::{Request, StatusCode};
 use http_body_util::Full;
+use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -14,24 +15,33 @@ use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use super::connection::{BaseUrl, Connection};
 use super::credentials::{self, AppConfig};
-use super::jwt::{unix_now, TokenSigner};
+use super::feedback::Feedback;
+use super::jwt::{unix_now, Renewal, TokenSigner};
 use super::outcome::Outcome;
 use super::payload::{Payload, PayloadError};
+use super::retry::RetryPolicy;
 use super::{tls, ApnsError, ApnsJob};
+use crate::registry::{Registry, UserStore};
 use crate::router::Environment;
-use crate::settings::ApnsSettings;
+use crate::settings::{ApnsSettings, QueueFull};
 use crate::stats::Stats;
-
-/// Requests waiting for Apple's answer at once, over all connections.
-/// HTTP/2 multiplexes them; this only bounds memory.
-const MAX_IN_FLIGHT: usize = 1000;
 
 /// Hands notifications to the sender task; cheap to clone.
 #[derive(Clone)]
 pub struct ApnsSender {
     queue: mpsc::Sender<ApnsJob>,
+    queue_full: QueueFull,
     stats: Arc<Stats>,
     configured: Arc<Vec<(String, Environment)>>,
+}
+
+/// Where the sender reports besides its logs: counters, the registry
+/// (dead tokens are removed) and the feedback topic.
+#[derive(Clone)]
+pub struct Sinks {
+    pub stats: Arc<Stats>,
+    pub registry: Registry,
+    pub feedback: Feedback,
 }
 
 /// One (app, environment) Apple can be reached for.
@@ -43,8 +53,27 @@ struct Endpoint {
 
 struct Shared {
     endpoints: HashMap<(String, Environment), Arc<Endpoint>>,
-    stats: Arc<Stats>,
+    sinks: Sinks,
     expiration_secs: u64,
+    retry: RetryPolicy,
+    jwt_refresh_min: Duration,
+    shutdown: CancellationToken,
+}
+
+/// What one attempt got back.
+struct Answer {
+    status: Option<StatusCode>,
+    apns_id: String,
+    /// The provider token the request carried.
+    jwt: Option<String>,
+    outcome: Outcome,
+}
+
+impl Answer {
+    fn status(&self) -> String {
+        self.status
+            .map_or_else(|| "none".to_owned(), |s| s.as_u16().to_string())
+    }
 }
 
 impl ApnsSender {
@@ -54,7 +83,7 @@ impl ApnsSender {
     /// which stops on `shutdown`.
     pub fn start(
         settings: &ApnsSettings,
-        stats: Arc<Stats>,
+        sinks: Sinks,
         shutdown: CancellationToken,
         tracker: &TaskTracker,
     ) -> Result<ApnsSender, ApnsError> {
@@ -118,29 +147,55 @@ impl ApnsSender {
         }
         let mut configured: Vec<_> = endpoints.keys().cloned().collect();
         configured.sort_by_key(|(app, env)| (app.clone(), *env == Environment::Production));
-        info!(endpoints = configured.len(), "APNs sender ready");
+        info!(endpoints = configured.len(), feedback = %sinks.feedback.topic(), "APNs sender ready");
 
         let (tx, rx) = mpsc::channel(settings.queue.max(1));
+        let stats = Arc::clone(&sinks.stats);
         let shared = Arc::new(Shared {
             endpoints,
-            stats: Arc::clone(&stats),
+            sinks,
             expiration_secs: settings.expiration_secs,
+            retry: RetryPolicy::new(settings),
+            jwt_refresh_min: Duration::from_secs(settings.jwt_refresh_min_secs),
+            shutdown: shutdown.clone(),
         });
-        tracker.spawn(run(shared, rx, shutdown, tracker.clone()));
+        let in_flight = settings.max_in_flight.max(1);
+        tracker.spawn(run(shared, rx, in_flight, shutdown, tracker.clone()));
         Ok(ApnsSender {
             queue: tx,
+            queue_full: settings.queue_full,
             stats,
             configured: Arc::new(configured),
         })
     }
 
-    /// Queues a notification (bounded queue of `settings.queue`), waiting
-    /// while the queue is full.
+    /// Queues a notification (bounded queue of `settings.queue`). When the
+    /// queue is full it waits, or with `queue_full = "drop"` drops it (counted).
     pub async fn send(&self, job: ApnsJob) {
-        match self.queue.send(job).await {
+        let result = match self.queue_full {
+            QueueFull::Wait => self.queue.send(job).await.map_err(|_| false),
+            QueueFull::Drop => self.queue.try_send(job).map_err(|e| match e {
+                TrySendError::Full(_) => true,
+                TrySendError::Closed(_) => false,
+            }),
+        };
+        match result {
             Ok(()) => self.stats.apns_queued.inc(),
-            Err(_) => debug!("APNs sender stopped; notification dropped"),
+            Err(true) => {
+                self.stats.apns_queue_dropped.inc();
+                let dropped = self.stats.apns_queue_dropped.get();
+                // Every drop is counted; the log says so at 1, 2, 4, 8, ...
+                if dropped.is_power_of_two() {
+                    warn!(dropped, "APNs queue full; notifications dropped");
+                }
+            }
+            Err(false) => debug!("APNs sender stopped; notification dropped"),
         }
+    }
+
+    /// Notifications waiting in the queue now.
+    pub fn queued(&self) -> usize {
+        self.queue.max_capacity() - self.queue.capacity()
     }
 
     /// The (app, environment) pairs with usable credentials, sorted by app.
@@ -154,10 +209,11 @@ impl ApnsSender {
 async fn run(
     shared: Arc<Shared>,
     mut rx: mpsc::Receiver<ApnsJob>,
+    max_in_flight: usize,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+    let in_flight = Arc::new(Semaphore::new(max_in_flight));
     loop {
         let job = tokio::select! {
             biased;
@@ -191,8 +247,9 @@ impl Shared {
     /// The endpoint and payload for `job`, or `None` after counting why not.
     fn prepare(&self, job: &ApnsJob) -> Option<(Arc<Endpoint>, Payload)> {
         let d = &job.delivery;
+        let stats = &self.sinks.stats;
         let Some(endpoint) = self.endpoints.get(&(d.app_ident.clone(), d.env)) else {
-            self.stats.apns_no_credentials.inc();
+            stats.apns_no_credentials.inc();
             warn!(user = %d.user, app = %d.app_ident, env = ?d.env,
                 "APNs: no credentials for this app and environment; notification dropped");
             return None;
@@ -200,19 +257,21 @@ impl Shared {
         match Payload::build(&job.data) {
             Ok(p) => Some((Arc::clone(endpoint), p)),
             Err(PayloadError::TooLarge { size }) => {
-                self.stats.apns_too_large.inc();
+                stats.apns_too_large.inc();
                 warn!(user = %d.user, app = %d.app_ident, size,
                     "APNs: payload of {size} bytes is over 4096; notification dropped");
                 None
             }
             Err(e) => {
-                self.stats.apns_failed.inc();
+                stats.apns_failed.inc();
                 warn!(user = %d.user, app = %d.app_ident, "APNs: {e}");
                 None
             }
         }
     }
 
+    /// Sends `job` until Apple settles it: delivered, dead token, refused,
+    /// or out of retries.
     async fn deliver(
         self: Arc<Self>,
         endpoint: Arc<Endpoint>,
@@ -221,54 +280,170 @@ impl Shared {
         _permit: OwnedSemaphorePermit,
     ) {
         let d = &job.delivery;
-        let (status, apns_id, outcome) = match self.request(&endpoint, &job, payload) {
-            Err(reason) => (None, None, Outcome::Rejected { reason }),
-            Ok(req) => match endpoint.conn.send(req).await {
-                Ok(resp) => {
-                    let reason = apple_reason(resp.body());
-                    let apns_id = resp
-                        .headers()
-                        .get("apns-id")
-                        .and_then(|v| v.to_str().ok())
-                        .map(str::to_owned);
-                    let outcome = Outcome::classify(resp.status(), &reason);
-                    (Some(resp.status()), apns_id, outcome)
+        let stats = &self.sinks.stats;
+        let started = Instant::now();
+        let mut attempt = 1;
+        let mut renewed = false;
+        loop {
+            let answer = self.attempt(&endpoint, &job, payload.clone()).await;
+            let reason = match &answer.outcome {
+                Outcome::Delivered => {
+                    stats.apns_delivered.inc();
+                    debug!(user = %d.user, attempt, "APNs delivered");
+                    return;
                 }
-                Err(e) => {
-                    let reason = e.to_string();
-                    (None, None, Outcome::Retry { reason })
+                Outcome::DeadToken { reason } => {
+                    self.dead_token(&job, &answer, reason).await;
+                    return;
                 }
-            },
+                Outcome::ExpiredProviderToken { reason } => {
+                    if !renewed && self.renew_jwt(&endpoint, &answer, reason) {
+                        renewed = true;
+                        continue;
+                    }
+                    stats.apns_rejected.inc();
+                    format!("{reason}: provider token refused")
+                }
+                Outcome::Rejected { reason } => {
+                    stats.apns_rejected.inc();
+                    reason.clone()
+                }
+                Outcome::Retry { reason } => {
+                    let Some(wait) = self.retry.delay(attempt + 1, started.elapsed()) else {
+                        stats.apns_retries_exhausted.inc();
+                        self.fail(
+                            &job,
+                            &answer,
+                            &format!("{reason} (after {attempt} attempts)"),
+                        );
+                        return;
+                    };
+                    stats.apns_retried.inc();
+                    debug!(user = %d.user, attempt, status = answer.status(), reason,
+                        ?wait, "APNs: retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = self.shutdown.cancelled() => {
+                            self.fail(&job, &answer, &format!("{reason} (shutting down)"));
+                            return;
+                        }
+                    }
+                    attempt += 1;
+                    continue;
+                }
+            };
+            self.fail(&job, &answer, &reason);
+            return;
+        }
+    }
+
+    /// One request and its classified answer.
+    async fn attempt(&self, endpoint: &Endpoint, job: &ApnsJob, payload: Payload) -> Answer {
+        let (req, jwt) = match self.request(endpoint, job, payload) {
+            Ok(r) => r,
+            Err(reason) => {
+                return Answer {
+                    status: None,
+                    apns_id: String::new(),
+                    jwt: None,
+                    outcome: Outcome::Rejected { reason },
+                }
+            }
         };
-        let status = status.map_or_else(|| "none".to_owned(), |s| s.as_u16().to_string());
-        let apns_id = apns_id.unwrap_or_default();
-        match outcome {
-            Outcome::Delivered => {
-                self.stats.apns_delivered.inc();
-                debug!(user = %d.user, "APNs delivered");
+        match endpoint.conn.send(req).await {
+            Ok(resp) => {
+                let reason = apple_reason(resp.body());
+                let apns_id = resp
+                    .headers()
+                    .get("apns-id")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_owned();
+                Answer {
+                    status: Some(resp.status()),
+                    apns_id,
+                    jwt,
+                    outcome: Outcome::classify(resp.status(), &reason),
+                }
             }
-            Outcome::DeadToken { reason } => {
-                self.stats.apns_failed.inc();
-                info!(user = %d.user, app = %d.app_ident, status, reason, apns_id,
-                    "APNs: device token no longer valid");
+            Err(e) => Answer {
+                status: None,
+                apns_id: String::new(),
+                jwt,
+                outcome: Outcome::Retry {
+                    reason: e.to_string(),
+                },
+            },
+        }
+    }
+
+    /// After a 403 on the provider token: whether to retry with a new one.
+    fn renew_jwt(&self, endpoint: &Endpoint, answer: &Answer, reason: &str) -> bool {
+        let (Some(signer), Some(jwt)) = (&endpoint.token, &answer.jwt) else {
+            return false;
+        };
+        match signer.renew(jwt, self.jwt_refresh_min) {
+            Renewal::Minted => {
+                self.sinks.stats.apns_jwt_renewed.inc();
+                info!(reason, "APNs: provider token refused; minted a new one");
+                true
             }
-            Outcome::ExpiredProviderToken { reason }
-            | Outcome::Retry { reason }
-            | Outcome::Rejected { reason } => {
-                self.stats.apns_failed.inc();
-                warn!(user = %d.user, app = %d.app_ident, status, reason, apns_id,
-                    "APNs: not delivered");
+            Renewal::AlreadyNew => true,
+            Renewal::TooSoon => {
+                warn!(
+                    reason,
+                    "APNs: provider token refused, but it is younger than \
+                    apns.jwt_refresh_min_secs; not minting another"
+                );
+                false
             }
         }
     }
 
-    /// The HTTP/2 request for `job`; `Err` for a token that cannot be a path.
+    /// Apple says the token is dead: remove it if the user still has it,
+    /// tell the backends.
+    async fn dead_token(&self, job: &ApnsJob, answer: &Answer, reason: &str) {
+        let d = &job.delivery;
+        let stats = &self.sinks.stats;
+        stats.apns_dead_tokens.inc();
+        stats.apns_failed.inc();
+        let deleted = match self.sinks.registry.delete_token_if(&d.user, &d.token).await {
+            Ok(deleted) => deleted,
+            Err(e) => {
+                warn!(user = %d.user, error = %e, "APNs: could not remove a dead token");
+                false
+            }
+        };
+        if deleted {
+            stats.apns_tokens_deleted.inc();
+        }
+        info!(user = %d.user, app = %d.app_ident, status = answer.status(), reason,
+            apns_id = answer.apns_id, deleted, "APNs: device token no longer valid");
+        self.feedback(d, reason);
+    }
+
+    /// A notification that will not be delivered: counted, logged, reported.
+    fn fail(&self, job: &ApnsJob, answer: &Answer, reason: &str) {
+        let d = &job.delivery;
+        self.sinks.stats.apns_failed.inc();
+        warn!(user = %d.user, app = %d.app_ident, status = answer.status(), reason,
+            apns_id = answer.apns_id, "APNs: not delivered");
+        self.feedback(d, reason);
+    }
+
+    fn feedback(&self, d: &crate::router::ApnsDelivery, reason: &str) {
+        self.sinks.feedback.publish(d, reason);
+        self.sinks.stats.apns_feedback.inc();
+    }
+
+    /// The HTTP/2 request for `job` and the provider token it carries;
+    /// `Err` for a token that cannot be a path.
     fn request(
         &self,
         endpoint: &Endpoint,
         job: &ApnsJob,
         payload: Payload,
-    ) -> Result<Request<Full<Bytes>>, String> {
+    ) -> Result<(Request<Full<Bytes>>, Option<String>), String> {
         let token = &job.delivery.token;
         if token.is_empty() || !token.bytes().all(|b| b.is_ascii_alphanumeric()) {
             return Err("malformed device token".into());
@@ -283,10 +458,12 @@ impl Shared {
             .header("apns-priority", payload.push_type.priority())
             .header("apns-expiration", expiration.to_string())
             .header("content-type", "application/json");
-        if let Some(signer) = &endpoint.token {
-            req = req.header("authorization", format!("bearer {}", signer.token()));
+        let jwt = endpoint.token.as_ref().map(|s| s.token());
+        if let Some(jwt) = &jwt {
+            req = req.header("authorization", format!("bearer {jwt}"));
         }
         req.body(Full::new(payload.body))
+            .map(|r| (r, jwt))
             .map_err(|e| format!("cannot build request: {e}"))
     }
 }

@@ -3,7 +3,7 @@
 //! config.json. Include with `#[path = "support/apns.rs"] mod apns_server;`.
 #![allow(dead_code)]
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -33,6 +33,8 @@ use tokio_util::sync::CancellationToken;
 pub struct ServerOptions {
     /// Refuse TLS handshakes without a client certificate.
     pub require_client_cert: bool,
+    /// SETTINGS_MAX_CONCURRENT_STREAMS the server announces (unset: hyper's default).
+    pub max_concurrent_streams: Option<u32>,
 }
 
 /// An answer Apple can give, by device token.
@@ -111,6 +113,8 @@ impl SeenRequest {
 
 struct State {
     replies: Mutex<HashMap<String, Reply>>,
+    scripts: Mutex<HashMap<String, VecDeque<Reply>>>,
+    max_streams: Option<u32>,
     requests: mpsc::UnboundedSender<SeenRequest>,
     connections: AtomicUsize,
     open: watch::Sender<usize>,
@@ -173,6 +177,8 @@ impl ApnsServer {
         let (tx, rx) = mpsc::unbounded_channel();
         let state = Arc::new(State {
             replies: Mutex::new(HashMap::new()),
+            scripts: Mutex::new(HashMap::new()),
+            max_streams: options.max_concurrent_streams,
             requests: tx,
             connections: AtomicUsize::new(0),
             open: watch::channel(0).0,
@@ -209,6 +215,15 @@ impl ApnsServer {
     /// Answers requests for `token` with `reply` from now on (default: 200).
     pub fn reply_to(&self, token: &str, reply: Reply) {
         lock(&self.state.replies).insert(token.to_owned(), reply);
+    }
+
+    /// Answers the next requests for `token` with `replies`, in order; after
+    /// them the `reply_to` answer (default: 200) applies again.
+    pub fn script(&self, token: &str, replies: impl IntoIterator<Item = Reply>) {
+        lock(&self.state.scripts)
+            .entry(token.to_owned())
+            .or_default()
+            .extend(replies);
     }
 
     /// Holds every answer until `n` requests have arrived in total, so a
@@ -284,8 +299,11 @@ async fn accept_loop(
             let service_state = Arc::clone(&state);
             let service =
                 service_fn(move |req| handle(req, id, subject.clone(), Arc::clone(&service_state)));
-            let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(tls), service);
+            let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+            if let Some(n) = state.max_streams {
+                builder.max_concurrent_streams(n);
+            }
+            let conn = builder.serve_connection(TokioIo::new(tls), service);
             tokio::select! {
                 _ = conn => {}
                 _ = kick.cancelled() => {}
@@ -310,10 +328,15 @@ async fn handle(
         .unwrap_or_default();
     let path = parts.uri.path().to_owned();
     let token = path.strip_prefix("/3/device/").unwrap_or_default();
-    let reply = lock(&state.replies)
-        .get(token)
-        .cloned()
-        .unwrap_or(Reply::Ok);
+    let scripted = lock(&state.scripts)
+        .get_mut(token)
+        .and_then(VecDeque::pop_front);
+    let reply = scripted.unwrap_or_else(|| {
+        lock(&state.replies)
+            .get(token)
+            .cloned()
+            .unwrap_or(Reply::Ok)
+    });
     let _ = state.requests.send(SeenRequest {
         method: parts.method,
         path: path.clone(),
