@@ -139,6 +139,9 @@ pub struct ApnsSettings {
     /// What a full `queue` does to a new notification: wait, or drop it (counted).
     pub queue_full: QueueFull,
     pub request_timeout_secs: u64,
+    /// Most HTTP/2 connections per (app, environment); another is opened only
+    /// while every open one uses all the streams the server allows.
+    pub max_connections: usize,
     /// Most sending attempts per notification for answers worth retrying
     /// (429, 5xx, no answer), the first included.
     pub retry_attempts: u32,
@@ -176,6 +179,7 @@ impl Default for ApnsSettings {
             max_in_flight: 1000,
             queue_full: QueueFull::Wait,
             request_timeout_secs: 10,
+            max_connections: 4,
             retry_attempts: 5,
             retry_base_ms: 500,
             retry_max_secs: 60,
@@ -295,6 +299,9 @@ impl Settings {
         }
         if self.apns.max_in_flight == 0 {
             return bad("apns.max_in_flight", "must be at least 1");
+        }
+        if self.apns.max_connections == 0 {
+            return bad("apns.max_connections", "must be at least 1");
         }
         if self.apns.retry_attempts == 0 {
             return bad("apns.retry_attempts", "must be at least 1");

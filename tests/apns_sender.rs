@@ -887,7 +887,7 @@ async fn full_queue_drops_with_the_drop_policy() {
 }
 
 #[tokio::test]
-async fn one_stream_per_connection_still_delivers_everything() {
+async fn one_stream_per_connection_opens_more_connections_up_to_the_limit() {
     let server = ApnsServer::start_with(ServerOptions {
         max_concurrent_streams: Some(1),
         ..Default::default()
@@ -897,8 +897,27 @@ async fn one_stream_per_connection_still_delivers_everything() {
     let (config, _) = token_app(&creds);
     let mut s = settings(config, &server, &server);
     s.queue = 64;
+    s.max_connections = 3;
     let run = Running::start(&s);
-    for i in 0..50 {
+    // The first answer teaches the sender the server's limit of 1 stream.
+    run.send("e00", APP, Environment::Production, json!({"n": 0}))
+        .await;
+    wait_count(&run.stats.apns_delivered, 1).await;
+    // Answers are held until 3 more requests are in: only 3 connections get there.
+    server.hold_answers_until(4);
+    for i in 1..=3 {
+        run.send(
+            &format!("e{i:02}"),
+            APP,
+            Environment::Production,
+            json!({"n": i}),
+        )
+        .await;
+    }
+    wait_count(&run.stats.apns_delivered, 4).await;
+    assert_eq!(server.connections(), 3);
+    // More than the connections can carry at once: they wait for a stream.
+    for i in 4..50 {
         run.send(
             &format!("e{i:02}"),
             APP,
@@ -908,6 +927,75 @@ async fn one_stream_per_connection_still_delivers_everything() {
         .await;
     }
     wait_count(&run.stats.apns_delivered, 50).await;
+    assert_eq!(server.connections(), 3, "never more than max_connections");
+    assert_eq!(run.stats.apns_failed.get(), 0);
+    run.stop().await;
+}
+
+#[tokio::test]
+async fn goaway_loses_nothing_and_moves_to_a_new_connection() {
+    let server = ApnsServer::start().await;
+    // The first answer is held until the second request is in.
+    server.hold_answers_until(2);
+    let creds = TestCredentials::new();
+    let (config, _) = token_app(&creds);
+    let run = Running::start(&settings(config, &server, &server));
+    run.send("90a1", APP, Environment::Production, json!({"alert": "1"}))
+        .await;
+    assert_eq!(server.next_request(WAIT).await.connection, 1);
+    server.goaway();
+    // Sent while the server is going away: answered there, or re-sent.
+    run.send("90a2", APP, Environment::Production, json!({"alert": "2"}))
+        .await;
+    wait_count(&run.stats.apns_delivered, 2).await;
+    run.send("90a3", APP, Environment::Production, json!({"alert": "3"}))
+        .await;
+    let last = loop {
+        let r = server.next_request(WAIT).await;
+        if r.path == "/3/device/90a3" {
+            break r;
+        }
+    };
+    assert_eq!(last.connection, 2);
+    wait_count(&run.stats.apns_delivered, 3).await;
+    assert_eq!(run.stats.apns_failed.get(), 0);
+    run.stop().await;
+}
+
+#[tokio::test]
+async fn a_killed_and_restarted_apple_loses_nothing_within_the_retry_window() {
+    let server = ApnsServer::start().await;
+    let addr = server.addr();
+    let creds = TestCredentials::new();
+    let (config, _) = token_app(&creds);
+    let mut s = settings(config, &server, &server);
+    s.retry_attempts = 12;
+    s.retry_base_ms = 20;
+    s.retry_max_secs = 60;
+    let run = Running::start(&s);
+    run.send("4b11", APP, Environment::Production, json!({"alert": "1"}))
+        .await;
+    wait_count(&run.stats.apns_delivered, 1).await;
+
+    server.kill().await;
+    for token in ["4b12", "4b13"] {
+        run.send(token, APP, Environment::Production, json!({"alert": token}))
+            .await;
+    }
+    // Both have failed against the dead server at least once.
+    wait_count(&run.stats.apns_retried, 2).await;
+    let server = ApnsServer::start_with(ServerOptions {
+        addr: Some(addr),
+        ..Default::default()
+    })
+    .await;
+    let mut paths = vec![
+        server.next_request(WAIT).await.path,
+        server.next_request(WAIT).await.path,
+    ];
+    paths.sort();
+    assert_eq!(paths, ["/3/device/4b12", "/3/device/4b13"]);
+    wait_count(&run.stats.apns_delivered, 3).await;
     assert_eq!(run.stats.apns_failed.get(), 0);
     run.stop().await;
 }

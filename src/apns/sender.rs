@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
-use super::connection::{BaseUrl, Connection};
+use super::connection::{BaseUrl, Connection, Transport};
 use super::credentials::{self, AppConfig};
 use super::feedback::Feedback;
 use super::jwt::{unix_now, Renewal, TokenSigner};
@@ -90,7 +90,12 @@ impl ApnsSender {
         let production = BaseUrl::parse("production_url", &settings.production_url)?;
         let sandbox = BaseUrl::parse("sandbox_url", &settings.sandbox_url)?;
         let roots = Arc::new(tls::root_store(settings.ca_file.as_deref())?);
-        let timeout = Duration::from_secs(settings.request_timeout_secs.max(1));
+        let transport = Transport {
+            tracker: tracker.clone(),
+            shutdown: shutdown.clone(),
+            timeout: Duration::from_secs(settings.request_timeout_secs.max(1)),
+            max_connections: settings.max_connections,
+        };
         let apps = match credentials::read_config(&settings.config)? {
             Some(apps) => apps,
             None => {
@@ -139,8 +144,7 @@ impl ApnsSender {
                     Environment::Production => production.clone(),
                 };
                 let span = info_span!("apns", app = %app, env = ?env, host = %url.host);
-                let conn =
-                    Connection::new(url, tls, span, tracker.clone(), shutdown.clone(), timeout);
+                let conn = Connection::new(url, tls, span, transport.clone());
                 let token = token.clone();
                 endpoints.insert((app.clone(), env), Arc::new(Endpoint { conn, token }));
             }
@@ -350,7 +354,12 @@ impl Shared {
                 }
             }
         };
-        match endpoint.conn.send(req).await {
+        let sent = tokio::select! {
+            r = endpoint.conn.send(req) => r,
+            // Stopping abandons requests Apple has not answered yet.
+            _ = self.shutdown.cancelled() => Err(ApnsError::Request("shutting down".into())),
+        };
+        match sent {
             Ok(resp) => {
                 let reason = apple_reason(resp.body());
                 let apns_id = resp

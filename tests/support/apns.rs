@@ -27,6 +27,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// How the server is set up.
 #[derive(Debug, Clone, Default)]
@@ -35,6 +36,8 @@ pub struct ServerOptions {
     pub require_client_cert: bool,
     /// SETTINGS_MAX_CONCURRENT_STREAMS the server announces (unset: hyper's default).
     pub max_concurrent_streams: Option<u32>,
+    /// Listen here (a restarted server takes its predecessor's port); unset: a free port.
+    pub addr: Option<SocketAddr>,
 }
 
 /// An answer Apple can give, by device token.
@@ -121,7 +124,9 @@ struct State {
     received: watch::Sender<usize>,
     hold_until: AtomicUsize,
     kick: Mutex<CancellationToken>,
+    goaway: Mutex<CancellationToken>,
     shutdown: CancellationToken,
+    tasks: TaskTracker,
 }
 
 /// The running server; stops when dropped.
@@ -172,7 +177,10 @@ impl ApnsServer {
         config.alpn_protocols = vec![b"h2".to_vec()];
         let acceptor = TlsAcceptor::from(Arc::new(config));
 
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let bind_to = options
+            .addr
+            .unwrap_or_else(|| "127.0.0.1:0".parse().unwrap());
+        let listener = TcpListener::bind(bind_to).await.expect("bind");
         let addr = listener.local_addr().expect("local addr");
         let (tx, rx) = mpsc::unbounded_channel();
         let state = Arc::new(State {
@@ -185,10 +193,12 @@ impl ApnsServer {
             received: watch::channel(0).0,
             hold_until: AtomicUsize::new(0),
             kick: Mutex::new(CancellationToken::new()),
+            goaway: Mutex::new(CancellationToken::new()),
             shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
         });
         let shutdown = state.shutdown.clone();
-        tokio::spawn(accept_loop(
+        state.tasks.spawn(accept_loop(
             listener,
             acceptor,
             Arc::clone(&state),
@@ -253,6 +263,25 @@ impl ApnsServer {
         self.state.connections.load(Ordering::SeqCst)
     }
 
+    /// The address it listens on, for a restart on the same port.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Kills the server: listener and connections closed abruptly, and
+    /// returns once they are all gone, so the port can be taken again.
+    pub async fn kill(self) {
+        self.state.shutdown.cancel();
+        self.state.tasks.close();
+        self.state.tasks.wait().await;
+    }
+
+    /// Sends GOAWAY on every open connection: requests already sent are
+    /// still answered, new ones must go to a new connection.
+    pub fn goaway(&self) {
+        std::mem::replace(&mut *lock(&self.state.goaway), CancellationToken::new()).cancel();
+    }
+
     /// Drops every open connection abruptly and waits until they are gone.
     pub async fn close_connections(&self) {
         let old = std::mem::replace(&mut *lock(&self.state.kick), CancellationToken::new());
@@ -283,7 +312,8 @@ async fn accept_loop(
         let acceptor = acceptor.clone();
         let state = Arc::clone(&state);
         let shutdown = shutdown.clone();
-        tokio::spawn(async move {
+        let tasks = state.tasks.clone();
+        tasks.spawn(async move {
             let Ok(tls) = acceptor.accept(tcp).await else {
                 return;
             };
@@ -295,6 +325,7 @@ async fn accept_loop(
                 .and_then(|c| subject_of(c));
             let id = state.connections.fetch_add(1, Ordering::SeqCst) + 1;
             let kick = lock(&state.kick).clone();
+            let goaway = lock(&state.goaway).clone();
             state.open.send_modify(|n| *n += 1);
             let service_state = Arc::clone(&state);
             let service =
@@ -303,11 +334,20 @@ async fn accept_loop(
             if let Some(n) = state.max_streams {
                 builder.max_concurrent_streams(n);
             }
-            let conn = builder.serve_connection(TokioIo::new(tls), service);
+            let mut conn = std::pin::pin!(builder.serve_connection(TokioIo::new(tls), service));
             tokio::select! {
-                _ = conn => {}
+                _ = conn.as_mut() => {}
                 _ = kick.cancelled() => {}
                 _ = shutdown.cancelled() => {}
+                _ = goaway.cancelled() => {
+                    // GOAWAY: streams already open are still answered.
+                    conn.as_mut().graceful_shutdown();
+                    tokio::select! {
+                        _ = conn.as_mut() => {}
+                        _ = kick.cancelled() => {}
+                        _ = shutdown.cancelled() => {}
+                    }
+                }
             }
             state.open.send_modify(|n| *n -= 1);
         });
