@@ -152,6 +152,9 @@ pub struct ApnsSettings {
     /// Shortest time between two provider tokens (JWTs) for one key; Apple
     /// answers 429 TooManyProviderTokenUpdates to more frequent ones.
     pub jwt_refresh_min_secs: u64,
+    /// How often config.json and its files are checked for changes, in
+    /// milliseconds; 0: only SIGHUP reloads.
+    pub reload_poll_ms: u64,
     /// MQTT topic for dead tokens and final failures; unset: `<mqtt.prefix>/feedback`.
     pub feedback_topic: Option<String>,
 }
@@ -184,6 +187,7 @@ impl Default for ApnsSettings {
             retry_base_ms: 500,
             retry_max_secs: 60,
             jwt_refresh_min_secs: 20 * 60,
+            reload_poll_ms: 5000,
             feedback_topic: None,
         }
     }

@@ -81,6 +81,10 @@ counters! {
     apns_rejected,
     /// Notifications dropped because the sender's queue was full (apns.queue_full = "drop").
     apns_queue_dropped,
+    /// Credential reloads applied (SIGHUP or a changed config.json or credential file).
+    apns_reloads,
+    /// Reloads refused, or apps whose new credentials were refused (the old ones stay).
+    apns_reloads_refused,
     /// Feedback messages (dead tokens, final failures) published for backends.
     apns_feedback,
     /// Status messages applied to the registry.

@@ -999,3 +999,93 @@ async fn a_killed_and_restarted_apple_loses_nothing_within_the_retry_window() {
     assert_eq!(run.stats.apns_failed.get(), 0);
     run.stop().await;
 }
+
+/// The `kid` of the provider token a request carried.
+fn jwt_kid(r: &apns_server::SeenRequest) -> Value {
+    let jwt = r.header("authorization").unwrap().strip_prefix("bearer ");
+    let header = jwt.unwrap().split('.').next().unwrap();
+    let header: Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(header).unwrap()).unwrap();
+    header["kid"].clone()
+}
+
+#[tokio::test]
+async fn changed_credentials_are_reloaded_without_dropping_what_is_in_flight() {
+    let server = ApnsServer::start().await;
+    // The first answer is held until a request with the new key is in.
+    server.hold_answers_until(2);
+    let creds = TestCredentials::new();
+    let (config, _) = token_app(&creds);
+    let mut s = settings(config, &server, &server);
+    s.reload_poll_ms = 20;
+    let run = Running::start(&s);
+    run.send("7e11", APP, Environment::Production, json!({"alert": "1"}))
+        .await;
+    assert_eq!(jwt_kid(&server.next_request(WAIT).await), "ABC123");
+
+    let (key, public) = creds.p8("AuthKey_NEW456.p8");
+    creds.config(&json!({ APP: { "key": key, "key_id": "NEW456", "team_id": "TEAM456" } }));
+    wait_count(&run.stats.apns_reloads, 1).await;
+    run.send("7e12", APP, Environment::Production, json!({"alert": "2"}))
+        .await;
+    let r = server.next_request(WAIT).await;
+    assert_eq!(jwt_kid(&r), "NEW456");
+    let jwt = r.header("authorization").unwrap().strip_prefix("bearer ");
+    let parts: Vec<&str> = jwt.unwrap().split('.').collect();
+    let sig = p256::ecdsa::Signature::from_slice(&URL_SAFE_NO_PAD.decode(parts[2]).unwrap())
+        .expect("signature");
+    public
+        .verify(format!("{}.{}", parts[0], parts[1]).as_bytes(), &sig)
+        .expect("signed with the new key");
+    wait_count(&run.stats.apns_delivered, 2).await;
+    assert_eq!(run.stats.apns_failed.get(), 0);
+    assert_eq!(run.stats.apns_reloads_refused.get(), 0);
+    run.stop().await;
+}
+
+#[tokio::test]
+async fn broken_new_credentials_are_refused_and_the_old_ones_kept() {
+    let server = ApnsServer::start().await;
+    let creds = TestCredentials::new();
+    let (config, _) = token_app(&creds);
+    let mut s = settings(config.clone(), &server, &server);
+    s.reload_poll_ms = 20;
+    let run = Running::start(&s);
+
+    creds.write("AuthKey_ABC123.p8", "not a key any more");
+    wait_count(&run.stats.apns_reloads_refused, 1).await;
+    run.send("b0c1", APP, Environment::Production, json!({"alert": "1"}))
+        .await;
+    assert_eq!(jwt_kid(&server.next_request(WAIT).await), "ABC123");
+
+    std::fs::write(&config, "{ not json").unwrap();
+    wait_count(&run.stats.apns_reloads_refused, 2).await;
+    run.send("b0c2", APP, Environment::Production, json!({"alert": "2"}))
+        .await;
+    assert_eq!(jwt_kid(&server.next_request(WAIT).await), "ABC123");
+    wait_count(&run.stats.apns_delivered, 2).await;
+    assert_eq!(run.sender.configured().len(), 2);
+    run.stop().await;
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_credentials() {
+    let server = ApnsServer::start().await;
+    let creds = TestCredentials::new();
+    let (config, _) = token_app(&creds);
+    let mut s = settings(config, &server, &server);
+    s.reload_poll_ms = 0;
+    let run = Running::start(&s);
+    // Nothing reloads before the signal: the first request still uses the old key.
+    let (key, _) = creds.p8("AuthKey_HUP789.p8");
+    creds.config(&json!({ APP: { "key": key, "key_id": "HUP789", "team_id": "TEAM456" } }));
+    run.send("5191", APP, Environment::Production, json!({"alert": "1"}))
+        .await;
+    assert_eq!(jwt_kid(&server.next_request(WAIT).await), "ABC123");
+    // SAFETY: signals this test process; the sender has a SIGHUP handler.
+    assert_eq!(unsafe { libc::kill(libc::getpid(), libc::SIGHUP) }, 0);
+    wait_count(&run.stats.apns_reloads, 1).await;
+    run.send("5192", APP, Environment::Production, json!({"alert": "2"}))
+        .await;
+    assert_eq!(jwt_kid(&server.next_request(WAIT).await), "HUP789");
+    run.stop().await;
+}

@@ -53,6 +53,20 @@ impl AppConfig {
         }
     }
 
+    /// Every file the entry names.
+    pub fn files(&self) -> Vec<&Path> {
+        match self {
+            AppConfig::Certificate {
+                develop, produce, ..
+            } => develop
+                .iter()
+                .chain(produce)
+                .map(PathBuf::as_path)
+                .collect(),
+            AppConfig::Token { key, .. } => vec![key.as_path()],
+        }
+    }
+
     pub fn password(&self) -> Option<&str> {
         match self {
             AppConfig::Certificate { password, .. } => password.as_deref(),

@@ -1,6 +1,8 @@
 //! APNs sender: turns routed deliveries into HTTP/2 requests to Apple.
 //!
 //! `credentials` reads config.json and the certificates or keys it names,
+//! `endpoints` builds what each (app, environment) sends with and `reload`
+//! rebuilds it on SIGHUP or when the files change,
 //! `payload` builds the body and headers apps expect, `connection` keeps one
 //! HTTP/2 connection per (app, environment) over `tls`, `sender` runs the
 //! queue and acts on each `outcome` (`retry` says when to try again,
@@ -9,12 +11,14 @@
 mod check;
 mod connection;
 mod credentials;
+mod endpoints;
 mod feedback;
 mod jwt;
 mod legacy;
 mod outcome;
 mod payload;
 mod pem;
+mod reload;
 mod retry;
 mod sender;
 mod tls;

@@ -1,6 +1,5 @@
 //! The queue between the router and Apple, and the task that drains it.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,16 +10,17 @@ use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, error, info, info_span, warn, Instrument};
+use tracing::{debug, info, warn, Instrument};
 
-use super::connection::{BaseUrl, Connection, Transport};
-use super::credentials::{self, AppConfig};
+use super::connection::Transport;
+use super::endpoints::{Builder, Endpoint};
 use super::feedback::Feedback;
-use super::jwt::{unix_now, Renewal, TokenSigner};
+use super::jwt::{unix_now, Renewal};
 use super::outcome::Outcome;
 use super::payload::{Payload, PayloadError};
+use super::reload::{self, Credentials};
 use super::retry::RetryPolicy;
-use super::{tls, ApnsError, ApnsJob};
+use super::{ApnsError, ApnsJob};
 use crate::registry::{Registry, UserStore};
 use crate::router::Environment;
 use crate::settings::{ApnsSettings, QueueFull};
@@ -32,7 +32,7 @@ pub struct ApnsSender {
     queue: mpsc::Sender<ApnsJob>,
     queue_full: QueueFull,
     stats: Arc<Stats>,
-    configured: Arc<Vec<(String, Environment)>>,
+    credentials: Arc<Credentials>,
 }
 
 /// Where the sender reports besides its logs: counters, the registry
@@ -44,15 +44,8 @@ pub struct Sinks {
     pub feedback: Feedback,
 }
 
-/// One (app, environment) Apple can be reached for.
-struct Endpoint {
-    conn: Connection,
-    /// Token auth; `None` means the TLS client certificate authenticates.
-    token: Option<Arc<TokenSigner>>,
-}
-
 struct Shared {
-    endpoints: HashMap<(String, Environment), Arc<Endpoint>>,
+    credentials: Arc<Credentials>,
     sinks: Sinks,
     expiration_secs: u64,
     retry: RetryPolicy,
@@ -87,76 +80,34 @@ impl ApnsSender {
         shutdown: CancellationToken,
         tracker: &TaskTracker,
     ) -> Result<ApnsSender, ApnsError> {
-        let production = BaseUrl::parse("production_url", &settings.production_url)?;
-        let sandbox = BaseUrl::parse("sandbox_url", &settings.sandbox_url)?;
-        let roots = Arc::new(tls::root_store(settings.ca_file.as_deref())?);
         let transport = Transport {
             tracker: tracker.clone(),
             shutdown: shutdown.clone(),
             timeout: Duration::from_secs(settings.request_timeout_secs.max(1)),
             max_connections: settings.max_connections,
         };
-        let apps = match credentials::read_config(&settings.config)? {
-            Some(apps) => apps,
-            None => {
-                warn!(
-                    "{}: not found; APNs starts with no apps",
-                    settings.config.display()
-                );
-                Default::default()
-            }
-        };
-
-        let mut endpoints = HashMap::new();
-        for (app, config) in apps {
-            let config = match config {
-                Ok(c) => c,
-                Err(e) => {
-                    error!("APNs app {app} disabled: {e}");
-                    continue;
-                }
-            };
-            let token = match &config {
-                AppConfig::Token {
-                    key,
-                    key_id,
-                    team_id,
-                } => match credentials::load_token(key, key_id, team_id) {
-                    Ok(signer) => Some(Arc::new(signer)),
-                    Err(e) => {
-                        error!("APNs app {app} disabled: {e}");
-                        continue;
-                    }
-                },
-                AppConfig::Certificate { .. } => None,
-            };
-            for env in [Environment::Sandbox, Environment::Production] {
-                let tls = match tls::for_app(&config, env, &roots) {
-                    Ok(Some(tls)) => tls,
-                    Ok(None) => continue,
-                    Err(e) => {
-                        error!("APNs app {app} ({env:?}) disabled: {e}");
-                        continue;
-                    }
-                };
-                let url = match env {
-                    Environment::Sandbox => sandbox.clone(),
-                    Environment::Production => production.clone(),
-                };
-                let span = info_span!("apns", app = %app, env = ?env, host = %url.host);
-                let conn = Connection::new(url, tls, span, transport.clone());
-                let token = token.clone();
-                endpoints.insert((app.clone(), env), Arc::new(Endpoint { conn, token }));
-            }
-        }
-        let mut configured: Vec<_> = endpoints.keys().cloned().collect();
-        configured.sort_by_key(|(app, env)| (app.clone(), *env == Environment::Production));
-        info!(endpoints = configured.len(), feedback = %sinks.feedback.topic(), "APNs sender ready");
+        let builder = Builder::new(settings, transport)?;
+        // Taken first: a change made while loading still triggers a reload.
+        let stamp = builder.stamp();
+        let endpoints = builder.initial()?;
+        info!(endpoints = endpoints.map.len(), feedback = %sinks.feedback.topic(), "APNs sender ready");
+        let credentials = Arc::new(Credentials::new(
+            builder,
+            endpoints,
+            Arc::clone(&sinks.stats),
+        ));
+        tracker.spawn(reload::watch(
+            Arc::clone(&credentials),
+            stamp,
+            reload::sighup(),
+            Duration::from_millis(settings.reload_poll_ms),
+            shutdown.clone(),
+        ));
 
         let (tx, rx) = mpsc::channel(settings.queue.max(1));
         let stats = Arc::clone(&sinks.stats);
         let shared = Arc::new(Shared {
-            endpoints,
+            credentials: Arc::clone(&credentials),
             sinks,
             expiration_secs: settings.expiration_secs,
             retry: RetryPolicy::new(settings),
@@ -169,7 +120,7 @@ impl ApnsSender {
             queue: tx,
             queue_full: settings.queue_full,
             stats,
-            configured: Arc::new(configured),
+            credentials,
         })
     }
 
@@ -203,8 +154,13 @@ impl ApnsSender {
     }
 
     /// The (app, environment) pairs with usable credentials, sorted by app.
-    pub fn configured(&self) -> &[(String, Environment)] {
-        &self.configured
+    pub fn configured(&self) -> Vec<(String, Environment)> {
+        self.credentials.current().configured()
+    }
+
+    /// Reloads the credentials now, as SIGHUP does.
+    pub fn reload(&self) {
+        self.credentials.reload();
     }
 }
 
@@ -252,7 +208,8 @@ impl Shared {
     fn prepare(&self, job: &ApnsJob) -> Option<(Arc<Endpoint>, Payload)> {
         let d = &job.delivery;
         let stats = &self.sinks.stats;
-        let Some(endpoint) = self.endpoints.get(&(d.app_ident.clone(), d.env)) else {
+        let endpoints = self.credentials.current();
+        let Some(endpoint) = endpoints.map.get(&(d.app_ident.clone(), d.env)) else {
             stats.apns_no_credentials.inc();
             warn!(user = %d.user, app = %d.app_ident, env = ?d.env,
                 "APNs: no credentials for this app and environment; notification dropped");
