@@ -581,10 +581,45 @@ fn check_config_reports_every_app() {
         lines[0]
     );
     assert!(lines[0].contains("CN=report develop") && lines[0].contains("CN=report produce"));
+    assert!(lines[0].contains("key matches certificate"), "{}", lines[0]);
     assert!(lines[0].contains("expires"));
+    assert!(!lines[0].contains("WARNING"), "{}", lines[0]);
     assert_eq!(
         lines[1],
         "app.token: token auth (key ABC123, team TEAM456); sandbox, production"
+    );
+}
+
+#[test]
+fn check_config_warns_of_a_certificate_expiring_within_30_days() {
+    let creds = TestCredentials::new();
+    let soon = ClientCert::expiring_in("soon", 10);
+    let later = ClientCert::expiring_in("later", 90);
+    let s = ApnsSettings {
+        config: creds.config(&json!({
+            "app.soon": { "develop": creds.pem("soon.pem", &soon, None) },
+            "app.later": { "produce": creds.pem("later.pem", &later, None) },
+        })),
+        ..ApnsSettings::default()
+    };
+    let reports = check_config(&s).expect("expiring is not expired");
+    let line = |app: &str| {
+        reports
+            .iter()
+            .find(|r| r.app == app)
+            .map(ToString::to_string)
+            .unwrap()
+    };
+    let soon = line("app.soon");
+    assert!(soon.contains("WARNING: expires in under 30 days"), "{soon}");
+    assert!(
+        soon.contains("(in 9 days)") || soon.contains("(in 10 days)"),
+        "{soon}"
+    );
+    assert!(
+        !line("app.later").contains("WARNING"),
+        "{}",
+        line("app.later")
     );
 }
 

@@ -514,21 +514,31 @@ pub struct ClientCert {
 
 impl ClientCert {
     pub fn new(cn: &str) -> ClientCert {
-        Self::build(cn, false)
+        Self::build(cn, None)
     }
 
     /// A certificate whose validity ended in 2020.
     pub fn expired(cn: &str) -> ClientCert {
-        Self::build(cn, true)
+        Self::build(cn, Some((2020, 1, 1)))
     }
 
-    fn build(cn: &str, expired: bool) -> ClientCert {
+    /// A certificate valid until `days` days from today (UTC).
+    pub fn expiring_in(cn: &str, days: i64) -> ClientCert {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock after 1970")
+            .as_secs() as i64;
+        Self::build(cn, Some(civil_from_days(now / 86400 + days)))
+    }
+
+    /// `not_after`: (year, month, day), the end of validity; `None`: far away.
+    fn build(cn: &str, not_after: Option<(i32, u8, u8)>) -> ClientCert {
         let key = KeyPair::generate().expect("client key");
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("client params");
         params.distinguished_name.push(DnType::CommonName, cn);
-        if expired {
+        if let Some((y, m, d)) = not_after {
             params.not_before = rcgen::date_time_ymd(2019, 1, 1);
-            params.not_after = rcgen::date_time_ymd(2020, 1, 1);
+            params.not_after = rcgen::date_time_ymd(y, m, d);
         }
         let cert = params.self_signed(&key).expect("client cert");
         ClientCert {
@@ -565,6 +575,20 @@ impl ClientCert {
             }
         }
     }
+}
+
+/// (year, month, day) of a day count since 1970-01-01 (H. Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i32, u8, u8) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y as i32, m as u8, d as u8)
 }
 
 impl Default for TestCredentials {
