@@ -5,12 +5,13 @@
 //! rebuilds it on SIGHUP or when the files change,
 //! `payload` builds the body and headers apps expect, `connection` keeps one
 //! HTTP/2 connection per (app, environment) over `tls`, `sender` runs the
-//! queue and acts on each `outcome` (`retry` says when to try again,
+//! queue, `deliver` acts on each `outcome` (`retry` says when to try again,
 //! `feedback` tells backends), and `check` backs `pushbridge check-config`.
 
 mod check;
 mod connection;
 mod credentials;
+mod deliver;
 mod endpoints;
 mod feedback;
 mod jwt;
