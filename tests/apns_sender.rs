@@ -1124,3 +1124,46 @@ async fn sighup_reloads_the_credentials() {
     assert_eq!(jwt_kid(&server.next_request(WAIT).await), "HUP789");
     run.stop().await;
 }
+
+#[tokio::test]
+async fn one_broken_certificate_leaves_the_other_environment_working() {
+    let server = ApnsServer::start_with(ServerOptions {
+        require_client_cert: true,
+        ..Default::default()
+    })
+    .await;
+    let creds = TestCredentials::new();
+    let dev = ClientCert::new("dev v1");
+    let prod = ClientCert::new("prod v1");
+    let config = creds.config(&json!({ APP: {
+        "develop": creds.pem("d.pem", &dev, None),
+        "produce": creds.pem("p.pem", &prod, None),
+    }}));
+    let mut s = settings(config, &server, &server);
+    s.reload_poll_ms = 20;
+    let run = Running::start(&s);
+    assert_eq!(run.sender.configured().len(), 2);
+
+    // The new production certificate is good, the new sandbox file is not.
+    let prod2 = ClientCert::new("prod v2");
+    creds.pem("p.pem", &prod2, None);
+    creds.write("d.pem", "garbage");
+    wait_count(&run.stats.apns_reloads_refused, 1).await;
+    run.send("d1", APP, Environment::Sandbox, json!({"alert": "s"}))
+        .await;
+    let r = server.next_request(WAIT).await;
+    assert_eq!(r.client_subject.as_deref(), Some(dev.subject.as_str()));
+    run.send("p1", APP, Environment::Production, json!({"alert": "p"}))
+        .await;
+    let r = server.next_request(WAIT).await;
+    assert_eq!(r.client_subject.as_deref(), Some(prod2.subject.as_str()));
+    run.stop().await;
+
+    // At start, the broken environment is disabled, the other one works.
+    let run = Running::start(&s);
+    assert_eq!(
+        run.sender.configured(),
+        &[(APP.to_string(), Environment::Production)]
+    );
+    run.stop().await;
+}

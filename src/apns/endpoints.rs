@@ -97,12 +97,25 @@ impl Builder {
             let built = config.and_then(|config| {
                 let fingerprint = fingerprint(&config);
                 if previous.built_from.get(&app) == Some(&fingerprint) {
-                    return Ok((previous.of(&app), fingerprint));
+                    return Ok((previous.of(&app), Vec::new(), fingerprint));
                 }
-                self.app(&app, &config).map(|e| (e, fingerprint))
+                let (built, failed) = self.app(&app, &config)?;
+                Ok((built, failed, fingerprint))
             });
             match built {
-                Ok((endpoints, fingerprint)) => {
+                Ok((endpoints, failed, fingerprint)) => {
+                    // One environment's file is broken: the other still works.
+                    for (env, e) in failed {
+                        refused += 1;
+                        let key = (app.clone(), env);
+                        match previous.map.get(&key) {
+                            Some(old) => {
+                                error!("APNs app {app} ({env:?}): new credentials refused, keeping the old: {e}");
+                                next.map.insert(key, Arc::clone(old));
+                            }
+                            None => error!("APNs app {app} ({env:?}) disabled: {e}"),
+                        }
+                    }
                     next.map.extend(endpoints);
                     next.built_from.insert(app, fingerprint);
                 }
@@ -122,8 +135,13 @@ impl Builder {
         Ok((next, refused))
     }
 
-    /// An app's endpoints; `Err` if any of its files cannot be used.
-    fn app(&self, app: &str, config: &AppConfig) -> Result<Keyed, ApnsError> {
+    /// An app's endpoints and the environments whose certificate cannot be
+    /// used; `Err` if its key cannot be used.
+    fn app(
+        &self,
+        app: &str,
+        config: &AppConfig,
+    ) -> Result<(Keyed, Vec<(Environment, ApnsError)>), ApnsError> {
         let token = match config {
             AppConfig::Token {
                 key,
@@ -133,9 +151,15 @@ impl Builder {
             AppConfig::Certificate { .. } => None,
         };
         let mut out = Vec::new();
+        let mut failed = Vec::new();
         for env in [Environment::Sandbox, Environment::Production] {
-            let Some(tls) = tls::for_app(config, env, &self.roots)? else {
-                continue;
+            let tls = match tls::for_app(config, env, &self.roots) {
+                Ok(Some(tls)) => tls,
+                Ok(None) => continue,
+                Err(e) => {
+                    failed.push((env, e));
+                    continue;
+                }
             };
             let url = match env {
                 Environment::Sandbox => self.sandbox.clone(),
@@ -146,7 +170,7 @@ impl Builder {
             let token = token.clone();
             out.push(((app.to_owned(), env), Arc::new(Endpoint { conn, token })));
         }
-        Ok(out)
+        Ok((out, failed))
     }
 
     /// config.json's and its files' modification times and sizes: a reload
