@@ -964,6 +964,7 @@ async fn one_stream_per_connection_opens_more_connections_up_to_the_limit() {
     wait_count(&run.stats.apns_delivered, 50).await;
     assert_eq!(server.connections(), 3, "never more than max_connections");
     assert_eq!(run.stats.apns_failed.get(), 0);
+    assert_eq!(run.stats.apns_retried.get(), 0, "no stream was refused");
     run.stop().await;
 }
 

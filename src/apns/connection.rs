@@ -5,7 +5,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -82,6 +82,9 @@ struct Link {
     sender: SendRequest<Full<Bytes>>,
     /// Requests sent on it and not yet fully answered.
     in_flight: Arc<AtomicUsize>,
+    /// Set by the first answer: the server's SETTINGS precede it, so its
+    /// stream limit is known from then on.
+    settled: Arc<AtomicBool>,
     /// Shared with the task driving it, to read the server's current
     /// SETTINGS_MAX_CONCURRENT_STREAMS, which may change at any time;
     /// `None` once the connection has ended.
@@ -93,7 +96,13 @@ impl Link {
         self.in_flight.load(Ordering::Relaxed)
     }
 
+    /// Whether every stream the server allows is taken. Before the first
+    /// answer the limit is unknown: requests wait on this connection rather
+    /// than open others in a burst the server may refuse.
     fn saturated(&self) -> bool {
+        if !self.settled.load(Ordering::Relaxed) {
+            return false;
+        }
         let limit = lock(&self.driver)
             .as_ref()
             .map_or(0, |d| d.current_max_send_streams());
@@ -174,6 +183,7 @@ impl Connection {
                 let (link, mut sender, _lease) = self.sender().await?;
                 match sender.try_send_request(req).await {
                     Ok(resp) => {
+                        link.settled.store(true, Ordering::Relaxed);
                         let (parts, body) = resp.into_parts();
                         let body = Limited::new(body, MAX_RESPONSE_BODY)
                             .collect()
@@ -260,6 +270,9 @@ impl Connection {
         let (sender, conn) =
             hyper::client::conn::http2::Builder::new(TrackerExec(self.tracker.clone()))
                 .timer(TokioTimer::new())
+                // One stream until the server's SETTINGS say more: a burst
+                // sent before them may be refused (Apple starts low, too).
+                .initial_max_send_streams(1)
                 .keep_alive_interval(Duration::from_secs(60))
                 .keep_alive_timeout(Duration::from_secs(20))
                 .keep_alive_while_idle(true)
@@ -300,6 +313,7 @@ impl Connection {
         Ok(Link {
             sender,
             in_flight: Arc::default(),
+            settled: Arc::default(),
             driver,
         })
     }
