@@ -75,6 +75,9 @@ impl Shared {
                     stats.apns_rejected.inc();
                     reason.clone()
                 }
+                Outcome::Retry { reason } if self.shutdown.is_cancelled() => {
+                    format!("{reason} (shutting down)")
+                }
                 Outcome::Retry { reason } => {
                     let Some(wait) = self.retry.delay(attempt + 1, started.elapsed()) else {
                         stats.apns_retries_exhausted.inc();
