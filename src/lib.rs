@@ -120,7 +120,6 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
         mqtt_listeners.push((listener, Transport::WebSocket));
     }
 
-    let apns = ApnsSender::start(&settings.apns, stats.clone(), stop.clone(), &tracker)?;
     let auth = Auth::new(&settings.auth, &settings.mqtt.prefix)?;
     if settings.auth.mode == AuthMode::None {
         warn!(
@@ -132,6 +131,12 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
         }
     }
     let (broker, events) = Broker::with_auth(&settings.mqtt, auth, stats.clone());
+    let sinks = apns::Sinks {
+        stats: stats.clone(),
+        registry: registry.clone(),
+        feedback: apns::Feedback::new(broker.clone(), settings.feedback_topic()),
+    };
+    let apns = ApnsSender::start(&settings.apns, sinks, stop.clone(), &tracker)?;
     tracker.spawn(
         broker
             .clone()

@@ -143,7 +143,41 @@ pub struct ApnsSettings {
     pub expiration_secs: u64,
     /// Notifications waiting for the sender.
     pub queue: usize,
+    /// Requests awaiting Apple's answer (or a retry) at once; beyond it
+    /// notifications wait in `queue`.
+    pub max_in_flight: usize,
+    /// What a full `queue` does to a new notification: wait, or drop it (counted).
+    pub queue_full: QueueFull,
     pub request_timeout_secs: u64,
+    /// Most HTTP/2 connections per (app, environment); another is opened only
+    /// while every open one uses all the streams the server allows.
+    pub max_connections: usize,
+    /// Most sending attempts per notification for answers worth retrying
+    /// (429, 5xx, no answer), the first included.
+    pub retry_attempts: u32,
+    /// First backoff delay; it doubles per attempt, with jitter.
+    pub retry_base_ms: u64,
+    /// A notification still not delivered this long after its first attempt is dropped.
+    pub retry_max_secs: u64,
+    /// Shortest time between two provider tokens (JWTs) for one key; Apple
+    /// answers 429 TooManyProviderTokenUpdates to more frequent ones.
+    pub jwt_refresh_min_secs: u64,
+    /// How often config.json and its files are checked for changes, in
+    /// milliseconds; 0: only SIGHUP reloads.
+    pub reload_poll_ms: u64,
+    /// MQTT topic for dead tokens and final failures; unset: `<mqtt.prefix>/feedback`.
+    pub feedback_topic: Option<String>,
+}
+
+/// `apns.queue_full`: backpressure or load shedding in front of the sender.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueFull {
+    /// The router waits for room, and so, eventually, do the backends.
+    #[default]
+    Wait,
+    /// The notification is dropped and counted in `apns_queue_dropped`.
+    Drop,
 }
 
 impl Default for ApnsSettings {
@@ -155,7 +189,16 @@ impl Default for ApnsSettings {
             ca_file: None,
             expiration_secs: 86400,
             queue: 65536,
+            max_in_flight: 1000,
+            queue_full: QueueFull::Wait,
             request_timeout_secs: 10,
+            max_connections: 4,
+            retry_attempts: 5,
+            retry_base_ms: 500,
+            retry_max_secs: 60,
+            jwt_refresh_min_secs: 20 * 60,
+            reload_poll_ms: 5000,
+            feedback_topic: None,
         }
     }
 }
@@ -246,6 +289,14 @@ impl Settings {
         Ok(settings)
     }
 
+    /// Where the APNs sender publishes feedback for backends.
+    pub fn feedback_topic(&self) -> String {
+        self.apns
+            .feedback_topic
+            .clone()
+            .unwrap_or_else(|| format!("{}/feedback", self.mqtt.prefix))
+    }
+
     fn check(&self) -> Result<(), SettingsError> {
         let bad = |key, problem: &str| {
             Err(SettingsError::Check {
@@ -261,6 +312,23 @@ impl Settings {
         }
         if self.apns.queue == 0 {
             return bad("apns.queue", "must be at least 1");
+        }
+        if self.apns.max_in_flight == 0 {
+            return bad("apns.max_in_flight", "must be at least 1");
+        }
+        if self.apns.max_connections == 0 {
+            return bad("apns.max_connections", "must be at least 1");
+        }
+        if self.apns.retry_attempts == 0 {
+            return bad("apns.retry_attempts", "must be at least 1");
+        }
+        if let Some(t) = &self.apns.feedback_topic {
+            if t.is_empty() || t.contains(['+', '#', '\0']) {
+                return bad(
+                    "apns.feedback_topic",
+                    "must be a non-empty topic without wildcards",
+                );
+            }
         }
         let p = &self.mqtt.prefix;
         if p.is_empty() || p.contains(['+', '#', '\0']) || p.ends_with('/') {
@@ -393,6 +461,18 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn feedback_topic_follows_the_prefix() {
+        let s = Settings::from_toml("[mqtt]\nprefix = \"app\"\n").unwrap();
+        assert_eq!(s.feedback_topic(), "app/feedback");
+        let s = Settings::from_toml("[apns]\nfeedback_topic = \"ops/apns\"\n").unwrap();
+        assert_eq!(s.feedback_topic(), "ops/apns");
+        let err = Settings::from_toml("[apns]\nfeedback_topic = \"a/#\"\n").unwrap_err();
+        assert!(err.to_string().contains("apns.feedback_topic"), "{err}");
+        let err = Settings::from_toml("[apns]\nqueue_full = \"shed\"\n").unwrap_err();
+        assert!(err.to_string().contains("queue_full"), "{err}");
     }
 
     #[test]

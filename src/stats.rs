@@ -67,6 +67,26 @@ counters! {
     apns_too_large,
     /// Notifications for an app or environment with no usable credentials.
     apns_no_credentials,
+    /// Requests sent again after a 429, a 5xx or no answer (each retry counts).
+    apns_retried,
+    /// Notifications dropped after their last retry: attempts or time used up.
+    apns_retries_exhausted,
+    /// Answers saying the device token is dead (410, 400 BadDeviceToken or DeviceTokenNotForTopic).
+    apns_dead_tokens,
+    /// Dead tokens removed from the registry (only while still the user's token).
+    apns_tokens_deleted,
+    /// Provider tokens (JWTs) minted anew after a 403 Expired/InvalidProviderToken.
+    apns_jwt_renewed,
+    /// Notifications Apple refused for good (413, other 4xx, provider token refused again); not retried.
+    apns_rejected,
+    /// Notifications dropped because the sender's queue was full (apns.queue_full = "drop").
+    apns_queue_dropped,
+    /// Credential reloads applied (SIGHUP or a changed config.json or credential file).
+    apns_reloads,
+    /// Reloads refused, or apps whose new credentials were refused (the old ones stay).
+    apns_reloads_refused,
+    /// Feedback messages (dead tokens, final failures) published for backends.
+    apns_feedback,
     /// Status messages applied to the registry.
     status_updates,
     /// Pushes accepted over HTTP.

@@ -6,7 +6,7 @@ mod apns_server;
 #[macro_use]
 mod support;
 
-use apns_server::{ApnsServer, SeenRequest, TestCredentials};
+use apns_server::{ApnsServer, Reply, SeenRequest, TestCredentials};
 use pushbridge::push::{Id, UserRecord};
 use pushbridge::registry::UserStore;
 use pushbridge::settings::Settings;
@@ -198,6 +198,104 @@ async fn group_push(mut settings: Settings) {
     );
     let req = apple.production.next_request(WAIT).await;
     assert_notification(&req, "dd71", true, json!({"alert": "sentinel"}));
+    server.stop().await;
+}
+
+both_registries!(dead_tokens_go_and_backends_hear_of_it, dead_tokens);
+async fn dead_tokens(mut settings: Settings) {
+    settings.apns.retry_attempts = 2;
+    settings.apns.retry_base_ms = 5;
+    let apple = apple(&mut settings).await;
+    let gone = Reply::Unregistered {
+        timestamp: 1_700_000_000_000,
+    };
+    apple.production.reply_to("a81", gone.clone());
+    apple.production.reply_to("b82", gone);
+    apple.production.reply_to("c83", Reply::InternalServerError);
+    let server = server::start(settings).await;
+    let r = &server.registry;
+    for (uid, token) in [(81, "a81"), (82, "b82"), (83, "c83")] {
+        r.put_user(&Id::from(uid), &ios(token, "produce"))
+            .await
+            .unwrap();
+    }
+    let mut ops = Device::connect(server.mqtt_addr, "backend-feedback", true).await;
+    ops.subscribe("push/feedback").await;
+    let mut backend = Backend::connect(server.proxy_addr).await;
+
+    // 81's token is dead and still its own: removed, reported.
+    assert_eq!(
+        backend.push(2, Mp::from(81), &json!({"alert": "a"})).await,
+        0
+    );
+    let fb = ops.next_json().await;
+    assert_eq!(
+        (
+            &fb["user_id"],
+            &fb["token"],
+            &fb["app_ident"],
+            &fb["reason"]
+        ),
+        (
+            &json!(81),
+            &json!("a81"),
+            &json!(APP),
+            &json!("Unregistered")
+        )
+    );
+    assert!(fb["at"].as_u64().unwrap() > 1_700_000_000);
+    let rec = r.users(&[Id::from(81)]).await.unwrap().remove(0).unwrap();
+    assert_eq!(rec.app_token, None);
+
+    // 82 re-registers while Apple answers for its old token: the new one stays.
+    apple.production.hold_answers_until(3);
+    assert_eq!(
+        backend.push(2, Mp::from(82), &json!({"alert": "b"})).await,
+        0
+    );
+    assert_eq!(
+        apple.production.next_request(WAIT).await.path,
+        "/3/device/a81"
+    );
+    assert_eq!(
+        apple.production.next_request(WAIT).await.path,
+        "/3/device/b82"
+    );
+    r.put_user(&Id::from(82), &ios("new82", "produce"))
+        .await
+        .unwrap();
+    // A third request releases the held answers.
+    r.put_user(&Id::from(50), &ios("d50", "produce"))
+        .await
+        .unwrap();
+    assert_eq!(
+        backend.push(2, Mp::from(50), &json!({"alert": "c"})).await,
+        0
+    );
+    let fb = ops.next_json().await;
+    assert_eq!((&fb["user_id"], &fb["token"]), (&json!(82), &json!("b82")));
+    let rec = r.users(&[Id::from(82)]).await.unwrap().remove(0).unwrap();
+    assert_eq!(rec.app_token.as_deref(), Some("new82"));
+
+    // 83 keeps failing: retried, dropped, reported.
+    assert_eq!(
+        backend.push(2, Mp::from(83), &json!({"alert": "d"})).await,
+        0
+    );
+    let fb = ops.next_json().await;
+    assert_eq!((&fb["user_id"], &fb["token"]), (&json!(83), &json!("c83")));
+    assert!(
+        fb["reason"]
+            .as_str()
+            .unwrap()
+            .contains("InternalServerError"),
+        "{fb}"
+    );
+    let stats = &server.stats;
+    assert_eq!(stats.apns_dead_tokens.get(), 2);
+    assert_eq!(stats.apns_tokens_deleted.get(), 1);
+    assert_eq!(stats.apns_retries_exhausted.get(), 1);
+    assert_eq!(stats.apns_feedback.get(), 3);
     server.stop().await;
 }
 

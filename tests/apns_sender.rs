@@ -11,9 +11,12 @@ use apns_server::{ApnsServer, ClientCert, Reply, ServerOptions, TestCredentials}
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use p256::ecdsa::signature::Verifier;
-use pushbridge::apns::{check_config, ApnsJob, ApnsSender};
+use pushbridge::apns::{check_config, ApnsJob, ApnsSender, Feedback, Sinks};
+use pushbridge::mqtt::Broker;
+use pushbridge::push::{Id, UserRecord};
+use pushbridge::registry::{MemoryRegistry, Registry, UserStore};
 use pushbridge::router::{ApnsDelivery, Environment};
-use pushbridge::settings::ApnsSettings;
+use pushbridge::settings::{ApnsSettings, MqttSettings, QueueFull};
 use pushbridge::stats::{Counter, Stats};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
@@ -31,6 +34,10 @@ fn settings(config: PathBuf, production: &ApnsServer, sandbox: &ApnsServer) -> A
         expiration_secs: 3600,
         queue: 16,
         request_timeout_secs: 10,
+        retry_attempts: 3,
+        retry_base_ms: 5,
+        retry_max_secs: 10,
+        ..ApnsSettings::default()
     }
 }
 
@@ -38,6 +45,7 @@ fn settings(config: PathBuf, production: &ApnsServer, sandbox: &ApnsServer) -> A
 struct Running {
     sender: ApnsSender,
     stats: Arc<Stats>,
+    registry: Registry,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 }
@@ -51,11 +59,19 @@ impl Running {
         let stats = Arc::new(Stats::default());
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
-        let sender = ApnsSender::start(settings, Arc::clone(&stats), shutdown.clone(), &tracker)
-            .expect("sender starts");
+        let registry = Registry::Memory(MemoryRegistry::default());
+        let (broker, _events) = Broker::new(&MqttSettings::default());
+        let sinks = Sinks {
+            stats: Arc::clone(&stats),
+            registry: registry.clone(),
+            feedback: Feedback::new(broker, "push/feedback".into()),
+        };
+        let sender =
+            ApnsSender::start(settings, sinks, shutdown.clone(), &tracker).expect("sender starts");
         Running {
             sender,
             stats,
+            registry,
             shutdown,
             tracker,
         }
@@ -221,10 +237,12 @@ async fn token_auth_jwt_verifies_with_the_p8_public_key() {
 async fn sandbox_and_production_go_to_their_hosts_with_their_certificates() {
     let production = ApnsServer::start_with(ServerOptions {
         require_client_cert: true,
+        ..Default::default()
     })
     .await;
     let sandbox = ApnsServer::start_with(ServerOptions {
         require_client_cert: true,
+        ..Default::default()
     })
     .await;
     let creds = TestCredentials::new();
@@ -259,6 +277,7 @@ async fn sandbox_and_production_go_to_their_hosts_with_their_certificates() {
 async fn pem_encrypted_pem_and_p12_present_the_client_certificate() {
     let server = ApnsServer::start_with(ServerOptions {
         require_client_cert: true,
+        ..Default::default()
     })
     .await;
     let creds = TestCredentials::new();
@@ -336,7 +355,9 @@ async fn error_answers_are_failures_and_the_sender_keeps_working() {
     server.reply_to("busy", Reply::TooManyRequests);
     let creds = TestCredentials::new();
     let (config, _) = token_app(&creds);
-    let run = Running::start(&settings(config, &server, &server));
+    let mut s = settings(config, &server, &server);
+    s.retry_attempts = 1;
+    let run = Running::start(&s);
     for token in ["dead", "bad", "oops", "busy"] {
         run.send(token, APP, Environment::Production, json!({"alert": token}))
             .await;
@@ -348,6 +369,9 @@ async fn error_answers_are_failures_and_the_sender_keeps_working() {
     assert_eq!(server.next_request(WAIT).await.path, "/3/device/a11e");
     wait_count(&run.stats.apns_delivered, 1).await;
     assert_eq!(run.stats.apns_failed.get(), 4);
+    assert_eq!(run.stats.apns_dead_tokens.get(), 2);
+    assert_eq!(run.stats.apns_retries_exhausted.get(), 2);
+    assert_eq!(run.stats.apns_retried.get(), 0);
     assert_eq!(server.connections(), 1, "errors do not cost the connection");
     run.stop().await;
 }
@@ -414,6 +438,7 @@ async fn no_answer_within_the_request_timeout_is_a_failure() {
     let (config, _) = token_app(&creds);
     let mut s = settings(config, &server, &server);
     s.request_timeout_secs = 1;
+    s.retry_attempts = 1;
     let run = Running::start(&s);
     run.send("aa11", APP, Environment::Production, json!({"alert": "x"}))
         .await;
@@ -556,10 +581,45 @@ fn check_config_reports_every_app() {
         lines[0]
     );
     assert!(lines[0].contains("CN=report develop") && lines[0].contains("CN=report produce"));
+    assert!(lines[0].contains("key matches certificate"), "{}", lines[0]);
     assert!(lines[0].contains("expires"));
+    assert!(!lines[0].contains("WARNING"), "{}", lines[0]);
     assert_eq!(
         lines[1],
         "app.token: token auth (key ABC123, team TEAM456); sandbox, production"
+    );
+}
+
+#[test]
+fn check_config_warns_of_a_certificate_expiring_within_30_days() {
+    let creds = TestCredentials::new();
+    let soon = ClientCert::expiring_in("soon", 10);
+    let later = ClientCert::expiring_in("later", 90);
+    let s = ApnsSettings {
+        config: creds.config(&json!({
+            "app.soon": { "develop": creds.pem("soon.pem", &soon, None) },
+            "app.later": { "produce": creds.pem("later.pem", &later, None) },
+        })),
+        ..ApnsSettings::default()
+    };
+    let reports = check_config(&s).expect("expiring is not expired");
+    let line = |app: &str| {
+        reports
+            .iter()
+            .find(|r| r.app == app)
+            .map(ToString::to_string)
+            .unwrap()
+    };
+    let soon = line("app.soon");
+    assert!(soon.contains("WARNING: expires in under 30 days"), "{soon}");
+    assert!(
+        soon.contains("(in 9 days)") || soon.contains("(in 10 days)"),
+        "{soon}"
+    );
+    assert!(
+        !line("app.later").contains("WARNING"),
+        "{}",
+        line("app.later")
     );
 }
 
@@ -628,4 +688,483 @@ fn check_config_names_file_and_problem() {
         "config.json",
         "needs all of key, key_id and team_id",
     );
+}
+
+/// Sends `token` and returns once the server has seen `n` requests for it;
+/// a sentinel sent afterwards must be the next request, so no more came.
+async fn requests_for(server: &ApnsServer, token: &str, n: usize) {
+    for i in 0..n {
+        let r = server.next_request(WAIT).await;
+        assert_eq!(r.path, format!("/3/device/{token}"), "request {i}");
+    }
+}
+
+async fn no_more_requests_than_the_sentinel(run: &Running, server: &ApnsServer) {
+    run.send("5e471", APP, Environment::Production, json!({"alert": "s"}))
+        .await;
+    assert_eq!(server.next_request(WAIT).await.path, "/3/device/5e471");
+}
+
+#[tokio::test]
+async fn busy_or_failing_apple_is_retried_until_it_delivers() {
+    let server = ApnsServer::start().await;
+    server.script(
+        "f1a4",
+        [
+            Reply::ServiceUnavailable,
+            Reply::TooManyRequests,
+            Reply::InternalServerError,
+        ],
+    );
+    let creds = TestCredentials::new();
+    let (config, _) = token_app(&creds);
+    let mut s = settings(config, &server, &server);
+    s.retry_attempts = 4;
+    let run = Running::start(&s);
+    run.send("f1a4", APP, Environment::Production, json!({"alert": "x"}))
+        .await;
+    requests_for(&server, "f1a4", 4).await;
+    wait_count(&run.stats.apns_delivered, 1).await;
+    assert_eq!(run.stats.apns_retried.get(), 3);
+    assert_eq!(run.stats.apns_failed.get(), 0);
+    run.stop().await;
+}
+
+#[tokio::test]
+async fn retries_are_bounded_then_the_drop_is_counted() {
+    let server = ApnsServer::start().await;
+    server.reply_to("d0e5", Reply::ServiceUnavailable);
+    let creds = TestCredentials::new();
+    let (config, _) = token_app(&creds);
+    let run = Running::start(&settings(config, &server, &server));
+    run.send("d0e5", APP, Environment::Production, json!({"alert": "x"}))
+        .await;
+    requests_for(&server, "d0e5", 3).await;
+    wait_count(&run.stats.apns_retries_exhausted, 1).await;
+    assert_eq!(run.stats.apns_retried.get(), 2);
+    assert_eq!(run.stats.apns_failed.get(), 1);
+    assert_eq!(run.stats.apns_feedback.get(), 1);
+    no_more_requests_than_the_sentinel(&run, &server).await;
+    run.stop().await;
+}
+
+#[tokio::test]
+async fn a_reset_connection_is_retried_on_a_new_one() {
+    let server = ApnsServer::start().await;
+    // The first request's answer is held; the connection dies under it.
+    server.hold_answers_until(2);
+    let creds = TestCredentials::new();
+    let (config, _) = token_app(&creds);
+    let run = Running::start(&settings(config, &server, &server));
+    run.send("e5e7", APP, Environment::Production, json!({"alert": "x"}))
+        .await;
+    assert_eq!(server.next_request(WAIT).await.connection, 1);
+    server.close_connections().await;
+    let again = server.next_request(WAIT).await;
+    assert_eq!(
+        (again.path.as_str(), again.connection),
+        ("/3/device/e5e7", 2)
+    );
+    wait_count(&run.stats.apns_delivered, 1).await;
+    assert_eq!(run.stats.apns_retried.get(), 1);
+    assert_eq!(run.stats.apns_failed.get(), 0);
+    run.stop().await;
+}
+
+#[tokio::test]
+async fn refused_provider_token_is_reminted_and_retried_once() {
+    let server = ApnsServer::start().await;
+    server.script("a0e1", [Reply::ExpiredProviderToken]);
+    server.reply_to("a0e2", Reply::ExpiredProviderToken);
+    let creds = TestCredentials::new();
+    let (config, _) = token_app(&creds);
+    let mut s = settings(config, &server, &server);
+    s.jwt_refresh_min_secs = 0;
+    let run = Running::start(&s);
+
+    run.send("a0e1", APP, Environment::Production, json!({"alert": "x"}))
+        .await;
+    requests_for(&server, "a0e1", 2).await;
+    wait_count(&run.stats.apns_delivered, 1).await;
+    assert_eq!(run.stats.apns_jwt_renewed.get(), 1);
+
+    // Refused again after the new token: given up, not retried for ever.
+    run.send("a0e2", APP, Environment::Production, json!({"alert": "y"}))
+        .await;
+    requests_for(&server, "a0e2", 2).await;
+    wait_count(&run.stats.apns_rejected, 1).await;
+    assert_eq!(run.stats.apns_jwt_renewed.get(), 2);
+    assert_eq!(run.stats.apns_failed.get(), 1);
+    no_more_requests_than_the_sentinel(&run, &server).await;
+    run.stop().await;
+}
+
+#[tokio::test]
+async fn provider_token_is_not_reminted_within_twenty_minutes() {
+    let server = ApnsServer::start().await;
+    server.script("a0e3", [Reply::ExpiredProviderToken]);
+    let creds = TestCredentials::new();
+    let (config, _) = token_app(&creds);
+    let run = Running::start(&settings(config, &server, &server));
+    run.send("a0e3", APP, Environment::Production, json!({"alert": "x"}))
+        .await;
+    requests_for(&server, "a0e3", 1).await;
+    wait_count(&run.stats.apns_rejected, 1).await;
+    assert_eq!(run.stats.apns_jwt_renewed.get(), 0);
+    no_more_requests_than_the_sentinel(&run, &server).await;
+    run.stop().await;
+}
+
+#[tokio::test]
+async fn payload_too_large_and_other_4xx_are_not_retried() {
+    let server = ApnsServer::start().await;
+    server.reply_to(
+        "b1",
+        Reply::Other {
+            status: 413,
+            reason: "PayloadTooLarge".into(),
+        },
+    );
+    server.reply_to(
+        "b2",
+        Reply::Other {
+            status: 400,
+            reason: "BadTopic".into(),
+        },
+    );
+    let creds = TestCredentials::new();
+    let (config, _) = token_app(&creds);
+    let run = Running::start(&settings(config, &server, &server));
+    for token in ["b1", "b2"] {
+        run.send(token, APP, Environment::Production, json!({"alert": "x"}))
+            .await;
+        requests_for(&server, token, 1).await;
+    }
+    wait_count(&run.stats.apns_rejected, 2).await;
+    assert_eq!(run.stats.apns_failed.get(), 2);
+    assert_eq!(run.stats.apns_retried.get(), 0);
+    assert_eq!(run.stats.apns_dead_tokens.get(), 0);
+    no_more_requests_than_the_sentinel(&run, &server).await;
+    run.stop().await;
+}
+
+#[tokio::test]
+async fn dead_token_is_removed_from_the_registry() {
+    let server = ApnsServer::start().await;
+    server.reply_to(
+        "dead",
+        Reply::Unregistered {
+            timestamp: 1_700_000_000_000,
+        },
+    );
+    let creds = TestCredentials::new();
+    let (config, _) = token_app(&creds);
+    let run = Running::start(&settings(config, &server, &server));
+    let user = Id::from("42");
+    let record = UserRecord {
+        app_token: Some("dead".into()),
+        app_ident: Some(APP.into()),
+        app_version: Some("produce".into()),
+        app_focus: false,
+    };
+    run.registry.put_user(&user, &record).await.unwrap();
+    run.send("dead", APP, Environment::Production, json!({"alert": "x"}))
+        .await;
+    requests_for(&server, "dead", 1).await;
+    wait_count(&run.stats.apns_tokens_deleted, 1).await;
+    let left = run
+        .registry
+        .users(&[user])
+        .await
+        .unwrap()
+        .remove(0)
+        .unwrap();
+    assert_eq!(left.app_token, None);
+    assert_eq!(left.app_ident.as_deref(), Some(APP));
+    assert_eq!(run.stats.apns_dead_tokens.get(), 1);
+    assert_eq!(run.stats.apns_retried.get(), 0);
+    run.stop().await;
+}
+
+#[tokio::test]
+async fn full_queue_drops_with_the_drop_policy() {
+    let server = ApnsServer::start().await;
+    server.hold_answers_until(usize::MAX);
+    let creds = TestCredentials::new();
+    let (config, _) = token_app(&creds);
+    let mut s = settings(config, &server, &server);
+    s.queue = 1;
+    s.max_in_flight = 1;
+    s.queue_full = QueueFull::Drop;
+    let run = Running::start(&s);
+    // 1 is in flight (answer held); 2 is taken off the queue, waiting for room.
+    run.send("c1", APP, Environment::Production, json!({"n": 1}))
+        .await;
+    server.next_request(WAIT).await;
+    run.send("c2", APP, Environment::Production, json!({"n": 2}))
+        .await;
+    let sender = run.sender.clone();
+    tokio::time::timeout(WAIT, async {
+        while sender.queued() > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the sender takes the second notification");
+    // 3 fills the queue; 4 and 5 find it full.
+    for token in ["c3", "c4", "c5"] {
+        run.send(token, APP, Environment::Production, json!({"n": 3}))
+            .await;
+    }
+    assert_eq!(run.stats.apns_queue_dropped.get(), 2);
+    assert_eq!(run.stats.apns_queued.get(), 3);
+    run.stop().await;
+}
+
+#[tokio::test]
+async fn one_stream_per_connection_opens_more_connections_up_to_the_limit() {
+    let server = ApnsServer::start_with(ServerOptions {
+        max_concurrent_streams: Some(1),
+        ..Default::default()
+    })
+    .await;
+    let creds = TestCredentials::new();
+    let (config, _) = token_app(&creds);
+    let mut s = settings(config, &server, &server);
+    s.queue = 64;
+    s.max_connections = 3;
+    let run = Running::start(&s);
+    // The first answer teaches the sender the server's limit of 1 stream.
+    run.send("e00", APP, Environment::Production, json!({"n": 0}))
+        .await;
+    wait_count(&run.stats.apns_delivered, 1).await;
+    // Answers are held until 3 more requests are in: only 3 connections get there.
+    server.hold_answers_until(4);
+    for i in 1..=3 {
+        run.send(
+            &format!("e{i:02}"),
+            APP,
+            Environment::Production,
+            json!({"n": i}),
+        )
+        .await;
+    }
+    wait_count(&run.stats.apns_delivered, 4).await;
+    assert_eq!(server.connections(), 3);
+    // More than the connections can carry at once: they wait for a stream.
+    for i in 4..50 {
+        run.send(
+            &format!("e{i:02}"),
+            APP,
+            Environment::Production,
+            json!({"n": i}),
+        )
+        .await;
+    }
+    wait_count(&run.stats.apns_delivered, 50).await;
+    assert_eq!(server.connections(), 3, "never more than max_connections");
+    assert_eq!(run.stats.apns_failed.get(), 0);
+    assert_eq!(run.stats.apns_retried.get(), 0, "no stream was refused");
+    run.stop().await;
+}
+
+#[tokio::test]
+async fn goaway_loses_nothing_and_moves_to_a_new_connection() {
+    let server = ApnsServer::start().await;
+    // The first answer is held until the second request is in.
+    server.hold_answers_until(2);
+    let creds = TestCredentials::new();
+    let (config, _) = token_app(&creds);
+    let run = Running::start(&settings(config, &server, &server));
+    run.send("90a1", APP, Environment::Production, json!({"alert": "1"}))
+        .await;
+    assert_eq!(server.next_request(WAIT).await.connection, 1);
+    server.goaway();
+    // Sent while the server is going away: answered there, or re-sent.
+    run.send("90a2", APP, Environment::Production, json!({"alert": "2"}))
+        .await;
+    wait_count(&run.stats.apns_delivered, 2).await;
+    run.send("90a3", APP, Environment::Production, json!({"alert": "3"}))
+        .await;
+    let last = loop {
+        let r = server.next_request(WAIT).await;
+        if r.path == "/3/device/90a3" {
+            break r;
+        }
+    };
+    assert_eq!(last.connection, 2);
+    wait_count(&run.stats.apns_delivered, 3).await;
+    assert_eq!(run.stats.apns_failed.get(), 0);
+    run.stop().await;
+}
+
+#[tokio::test]
+async fn a_killed_and_restarted_apple_loses_nothing_within_the_retry_window() {
+    let server = ApnsServer::start().await;
+    let addr = server.addr();
+    let creds = TestCredentials::new();
+    let (config, _) = token_app(&creds);
+    let mut s = settings(config, &server, &server);
+    s.retry_attempts = 12;
+    s.retry_base_ms = 20;
+    s.retry_max_secs = 60;
+    let run = Running::start(&s);
+    run.send("4b11", APP, Environment::Production, json!({"alert": "1"}))
+        .await;
+    wait_count(&run.stats.apns_delivered, 1).await;
+
+    server.kill().await;
+    for token in ["4b12", "4b13"] {
+        run.send(token, APP, Environment::Production, json!({"alert": token}))
+            .await;
+    }
+    // Both have failed against the dead server at least once.
+    wait_count(&run.stats.apns_retried, 2).await;
+    let server = ApnsServer::start_with(ServerOptions {
+        addr: Some(addr),
+        ..Default::default()
+    })
+    .await;
+    let mut paths = vec![
+        server.next_request(WAIT).await.path,
+        server.next_request(WAIT).await.path,
+    ];
+    paths.sort();
+    assert_eq!(paths, ["/3/device/4b12", "/3/device/4b13"]);
+    wait_count(&run.stats.apns_delivered, 3).await;
+    assert_eq!(run.stats.apns_failed.get(), 0);
+    run.stop().await;
+}
+
+/// The `kid` of the provider token a request carried.
+fn jwt_kid(r: &apns_server::SeenRequest) -> Value {
+    let jwt = r.header("authorization").unwrap().strip_prefix("bearer ");
+    let header = jwt.unwrap().split('.').next().unwrap();
+    let header: Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(header).unwrap()).unwrap();
+    header["kid"].clone()
+}
+
+#[tokio::test]
+async fn changed_credentials_are_reloaded_without_dropping_what_is_in_flight() {
+    let server = ApnsServer::start().await;
+    // The first answer is held until a request with the new key is in.
+    server.hold_answers_until(2);
+    let creds = TestCredentials::new();
+    let (config, _) = token_app(&creds);
+    let mut s = settings(config, &server, &server);
+    s.reload_poll_ms = 20;
+    let run = Running::start(&s);
+    run.send("7e11", APP, Environment::Production, json!({"alert": "1"}))
+        .await;
+    assert_eq!(jwt_kid(&server.next_request(WAIT).await), "ABC123");
+
+    let (key, public) = creds.p8("AuthKey_NEW456.p8");
+    creds.config(&json!({ APP: { "key": key, "key_id": "NEW456", "team_id": "TEAM456" } }));
+    wait_count(&run.stats.apns_reloads, 1).await;
+    run.send("7e12", APP, Environment::Production, json!({"alert": "2"}))
+        .await;
+    let r = server.next_request(WAIT).await;
+    assert_eq!(jwt_kid(&r), "NEW456");
+    let jwt = r.header("authorization").unwrap().strip_prefix("bearer ");
+    let parts: Vec<&str> = jwt.unwrap().split('.').collect();
+    let sig = p256::ecdsa::Signature::from_slice(&URL_SAFE_NO_PAD.decode(parts[2]).unwrap())
+        .expect("signature");
+    public
+        .verify(format!("{}.{}", parts[0], parts[1]).as_bytes(), &sig)
+        .expect("signed with the new key");
+    wait_count(&run.stats.apns_delivered, 2).await;
+    assert_eq!(run.stats.apns_failed.get(), 0);
+    assert_eq!(run.stats.apns_reloads_refused.get(), 0);
+    run.stop().await;
+}
+
+#[tokio::test]
+async fn broken_new_credentials_are_refused_and_the_old_ones_kept() {
+    let server = ApnsServer::start().await;
+    let creds = TestCredentials::new();
+    let (config, _) = token_app(&creds);
+    let mut s = settings(config.clone(), &server, &server);
+    s.reload_poll_ms = 20;
+    let run = Running::start(&s);
+
+    creds.write("AuthKey_ABC123.p8", "not a key any more");
+    wait_count(&run.stats.apns_reloads_refused, 1).await;
+    run.send("b0c1", APP, Environment::Production, json!({"alert": "1"}))
+        .await;
+    assert_eq!(jwt_kid(&server.next_request(WAIT).await), "ABC123");
+
+    std::fs::write(&config, "{ not json").unwrap();
+    wait_count(&run.stats.apns_reloads_refused, 2).await;
+    run.send("b0c2", APP, Environment::Production, json!({"alert": "2"}))
+        .await;
+    assert_eq!(jwt_kid(&server.next_request(WAIT).await), "ABC123");
+    wait_count(&run.stats.apns_delivered, 2).await;
+    assert_eq!(run.sender.configured().len(), 2);
+    run.stop().await;
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_credentials() {
+    let server = ApnsServer::start().await;
+    let creds = TestCredentials::new();
+    let (config, _) = token_app(&creds);
+    let mut s = settings(config, &server, &server);
+    s.reload_poll_ms = 0;
+    let run = Running::start(&s);
+    // Nothing reloads before the signal: the first request still uses the old key.
+    let (key, _) = creds.p8("AuthKey_HUP789.p8");
+    creds.config(&json!({ APP: { "key": key, "key_id": "HUP789", "team_id": "TEAM456" } }));
+    run.send("5191", APP, Environment::Production, json!({"alert": "1"}))
+        .await;
+    assert_eq!(jwt_kid(&server.next_request(WAIT).await), "ABC123");
+    // SAFETY: signals this test process; the sender has a SIGHUP handler.
+    assert_eq!(unsafe { libc::kill(libc::getpid(), libc::SIGHUP) }, 0);
+    wait_count(&run.stats.apns_reloads, 1).await;
+    run.send("5192", APP, Environment::Production, json!({"alert": "2"}))
+        .await;
+    assert_eq!(jwt_kid(&server.next_request(WAIT).await), "HUP789");
+    run.stop().await;
+}
+
+#[tokio::test]
+async fn one_broken_certificate_leaves_the_other_environment_working() {
+    let server = ApnsServer::start_with(ServerOptions {
+        require_client_cert: true,
+        ..Default::default()
+    })
+    .await;
+    let creds = TestCredentials::new();
+    let dev = ClientCert::new("dev v1");
+    let prod = ClientCert::new("prod v1");
+    let config = creds.config(&json!({ APP: {
+        "develop": creds.pem("d.pem", &dev, None),
+        "produce": creds.pem("p.pem", &prod, None),
+    }}));
+    let mut s = settings(config, &server, &server);
+    s.reload_poll_ms = 20;
+    let run = Running::start(&s);
+    assert_eq!(run.sender.configured().len(), 2);
+
+    // The new production certificate is good, the new sandbox file is not.
+    let prod2 = ClientCert::new("prod v2");
+    creds.pem("p.pem", &prod2, None);
+    creds.write("d.pem", "garbage");
+    wait_count(&run.stats.apns_reloads_refused, 1).await;
+    run.send("d1", APP, Environment::Sandbox, json!({"alert": "s"}))
+        .await;
+    let r = server.next_request(WAIT).await;
+    assert_eq!(r.client_subject.as_deref(), Some(dev.subject.as_str()));
+    run.send("p1", APP, Environment::Production, json!({"alert": "p"}))
+        .await;
+    let r = server.next_request(WAIT).await;
+    assert_eq!(r.client_subject.as_deref(), Some(prod2.subject.as_str()));
+    run.stop().await;
+
+    // At start, the broken environment is disabled, the other one works.
+    let run = Running::start(&s);
+    assert_eq!(
+        run.sender.configured(),
+        &[(APP.to_string(), Environment::Production)]
+    );
+    run.stop().await;
 }

@@ -62,6 +62,17 @@ async fn exercise(r: &impl UserStore) {
         .unwrap();
     assert_eq!(members, vec![vec![c.clone()]]);
 
+    // A dead token goes only while it is still the user's token.
+    assert!(!r.delete_token_if(&c, "other").await.unwrap());
+    assert!(!r.delete_token_if(&b, "cc").await.unwrap());
+    assert!(r.delete_token_if(&c, "cc").await.unwrap());
+    assert!(!r.delete_token_if(&c, "cc").await.unwrap());
+    let left = r.users(std::slice::from_ref(&c)).await.unwrap().remove(0);
+    let left = left.expect("the record stays");
+    assert_eq!(left.app_token, None);
+    assert_eq!(left.app_ident.as_deref(), Some("com.example.app"));
+    r.put_user(&c, &ios("cc")).await.unwrap();
+
     assert!(r.delete_user(&a).await.unwrap());
     assert!(!r.delete_user(&a).await.unwrap());
     assert_eq!(

@@ -16,11 +16,31 @@ pub struct AppReport {
     pub environments: Vec<Environment>,
 }
 
+/// Certificates expiring sooner than this are reported with a warning.
+pub const EXPIRY_WARNING_DAYS: i64 = 30;
+
+/// One client certificate, checked: it loaded, so its key matches it and it
+/// has not expired.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertReport {
+    pub env: Environment,
+    pub subject: String,
+    pub expires: String,
+    pub days_left: i64,
+}
+
+impl CertReport {
+    /// Whether ops should renew it now.
+    pub fn expires_soon(&self) -> bool {
+        self.days_left < EXPIRY_WARNING_DAYS
+    }
+}
+
 /// The kind of credential, with what identifies it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Credential {
-    /// One client certificate per environment: (environment, subject, expiry).
-    Certificate(Vec<(Environment, String, String)>),
+    /// One client certificate per environment.
+    Certificate(Vec<CertReport>),
     Token {
         key_id: String,
         team_id: String,
@@ -46,8 +66,18 @@ impl fmt::Display for AppReport {
             ),
             Credential::Certificate(certs) => {
                 write!(f, "{}: certificate; {}", self.app, envs.join(", "))?;
-                for (env, subject, expiry) in certs {
-                    write!(f, "; {}: {subject}, expires {expiry}", env_name(*env))?;
+                for c in certs {
+                    write!(
+                        f,
+                        "; {}: {}, key matches certificate, expires {} (in {} days)",
+                        env_name(c.env),
+                        c.subject,
+                        c.expires,
+                        c.days_left
+                    )?;
+                    if c.expires_soon() {
+                        write!(f, " WARNING: expires in under {EXPIRY_WARNING_DAYS} days")?;
+                    }
                 }
                 Ok(())
             }
@@ -56,7 +86,8 @@ impl fmt::Display for AppReport {
 }
 
 /// Loads config.json and opens every certificate and key. Ok: one report
-/// per app; Err: the first problem, naming the file (missing file, wrong
+/// per app (type, environments, and per certificate its subject, expiry and
+/// a warning under 30 days left); Err: the first problem, naming the file (missing file, wrong
 /// password, unreadable key, key not matching certificate, expired
 /// certificate).
 pub fn check_config(settings: &ApnsSettings) -> Result<Vec<AppReport>, ApnsError> {
@@ -82,12 +113,17 @@ pub fn check_config(settings: &ApnsSettings) -> Result<Vec<AppReport>, ApnsError
                 for env in [Environment::Sandbox, Environment::Production] {
                     if let Some(path) = config.cert_path(env) {
                         let id = credentials::load_identity(path, config.password())?;
-                        certs.push((env, id.subject, id.not_after));
+                        certs.push(CertReport {
+                            env,
+                            subject: id.subject,
+                            expires: id.not_after,
+                            days_left: id.days_left,
+                        });
                     }
                 }
                 AppReport {
                     app,
-                    environments: certs.iter().map(|c| c.0).collect(),
+                    environments: certs.iter().map(|c| c.env).collect(),
                     credential: Credential::Certificate(certs),
                 }
             }

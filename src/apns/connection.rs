@@ -1,7 +1,12 @@
-//! One long-lived HTTP/2 connection per (app, environment), shared by all
-//! concurrent requests and re-opened when it dies.
+//! Long-lived HTTP/2 connections per (app, environment), shared by all
+//! concurrent requests: one, plus more (up to `apns.max_connections`) while
+//! every open one uses all the streams the server allows; re-opened when
+//! they die.
 
-use std::sync::Arc;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -64,6 +69,66 @@ where
     }
 }
 
+/// hyper's handle on one connection; it knows the server's settings.
+type Driver = hyper::client::conn::http2::Connection<
+    TokioIo<tokio_rustls::client::TlsStream<TcpStream>>,
+    Full<Bytes>,
+    TrackerExec,
+>;
+
+/// One open HTTP/2 connection and how busy it is.
+#[derive(Clone)]
+struct Link {
+    sender: SendRequest<Full<Bytes>>,
+    /// Requests sent on it and not yet fully answered.
+    in_flight: Arc<AtomicUsize>,
+    /// Set by the first answer: the server's SETTINGS precede it, so its
+    /// stream limit is known from then on.
+    settled: Arc<AtomicBool>,
+    /// Shared with the task driving it, to read the server's current
+    /// SETTINGS_MAX_CONCURRENT_STREAMS, which may change at any time;
+    /// `None` once the connection has ended.
+    driver: Arc<Mutex<Option<Pin<Box<Driver>>>>>,
+}
+
+impl Link {
+    fn load(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Whether every stream the server allows is taken. Before the first
+    /// answer the limit is unknown: requests wait on this connection rather
+    /// than open others in a burst the server may refuse.
+    fn saturated(&self) -> bool {
+        if !self.settled.load(Ordering::Relaxed) {
+            return false;
+        }
+        let limit = lock(&self.driver)
+            .as_ref()
+            .map_or(0, |d| d.current_max_send_streams());
+        self.load() >= limit.max(1)
+    }
+
+    fn is(&self, other: &Link) -> bool {
+        Arc::ptr_eq(&self.in_flight, &other.in_flight)
+    }
+
+    fn lease(&self) -> (Link, SendRequest<Full<Bytes>>, Lease) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        let lease = Lease(Arc::clone(&self.in_flight));
+        (self.clone(), self.sender.clone(), lease)
+    }
+}
+
+/// A request's share of a link; dropped when its answer is read (or lost).
+struct Lease(Arc<AtomicUsize>);
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Where and how to connect for one (app, environment).
 pub(crate) struct Connection {
     url: BaseUrl,
@@ -72,26 +137,31 @@ pub(crate) struct Connection {
     tracker: TaskTracker,
     shutdown: CancellationToken,
     timeout: Duration,
-    slot: tokio::sync::Mutex<Option<SendRequest<Full<Bytes>>>>,
+    max_links: usize,
+    links: tokio::sync::Mutex<Vec<Link>>,
+}
+
+/// How requests reach Apple, the same for every (app, environment).
+#[derive(Clone)]
+pub(crate) struct Transport {
+    pub tracker: TaskTracker,
+    pub shutdown: CancellationToken,
+    pub timeout: Duration,
+    /// Most connections per (app, environment).
+    pub max_connections: usize,
 }
 
 impl Connection {
-    pub fn new(
-        url: BaseUrl,
-        tls: Arc<ClientConfig>,
-        span: Span,
-        tracker: TaskTracker,
-        shutdown: CancellationToken,
-        timeout: Duration,
-    ) -> Self {
+    pub fn new(url: BaseUrl, tls: Arc<ClientConfig>, span: Span, transport: Transport) -> Self {
         Connection {
             url,
             tls: TlsConnector::from(tls),
             span,
-            tracker,
-            shutdown,
-            timeout,
-            slot: tokio::sync::Mutex::new(None),
+            tracker: transport.tracker,
+            shutdown: transport.shutdown,
+            timeout: transport.timeout,
+            max_links: transport.max_connections.max(1),
+            links: tokio::sync::Mutex::new(Vec::new()),
         }
     }
 
@@ -110,9 +180,10 @@ impl Connection {
         let work = async {
             let mut req = req;
             for attempt in 0..2 {
-                let mut sender = self.sender().await?;
+                let (link, mut sender, _lease) = self.sender().await?;
                 match sender.try_send_request(req).await {
                     Ok(resp) => {
+                        link.settled.store(true, Ordering::Relaxed);
                         let (parts, body) = resp.into_parts();
                         let body = Limited::new(body, MAX_RESPONSE_BODY)
                             .collect()
@@ -124,11 +195,11 @@ impl Connection {
                     Err(mut e) => match e.take_message() {
                         Some(unsent) if attempt == 0 => {
                             debug!("connection was gone before sending: {}", e.error());
-                            self.forget().await;
+                            self.forget(&link).await;
                             req = unsent;
                         }
                         _ => {
-                            self.forget().await;
+                            self.forget(&link).await;
                             return Err(ApnsError::Request(e.into_error().to_string()));
                         }
                     },
@@ -141,26 +212,42 @@ impl Connection {
             .map_err(|_| ApnsError::Request(format!("no answer within {:?}", self.timeout)))?
     }
 
-    /// The live connection, opening one if there is none or it has closed.
-    async fn sender(&self) -> Result<SendRequest<Full<Bytes>>, ApnsError> {
-        let mut slot = self.slot.lock().await;
-        if let Some(s) = slot.as_ref().filter(|s| !s.is_closed()) {
-            return Ok(s.clone());
+    /// The least busy live connection with a free stream; a new one when
+    /// all are saturated and there is room for another; else the least busy
+    /// (hyper queues the request until a stream frees).
+    async fn sender(&self) -> Result<(Link, SendRequest<Full<Bytes>>, Lease), ApnsError> {
+        let mut links = self.links.lock().await;
+        links.retain(|l| !l.sender.is_closed());
+        let least = |links: &[Link]| links.iter().min_by_key(|l| l.load()).cloned();
+        if let Some(link) = least(&links).filter(|l| !l.saturated()) {
+            return Ok(link.lease());
         }
-        let s = self.connect().instrument(self.span.clone()).await?;
-        *slot = Some(s.clone());
-        Ok(s)
+        if links.len() < self.max_links {
+            let link = self.connect().instrument(self.span.clone()).await?;
+            links.push(link.clone());
+            if links.len() > 1 {
+                debug!(
+                    connections = links.len(),
+                    "all connections busy; opened another"
+                );
+            }
+            return Ok(link.lease());
+        }
+        let link = least(&links).expect("max_links is at least 1");
+        Ok(link.lease())
     }
 
-    /// Drops a connection that failed, so the next request opens a new one.
-    async fn forget(&self) {
-        let mut slot = self.slot.lock().await;
-        if slot.as_ref().is_some_and(|s| s.is_closed()) {
-            *slot = None;
-        }
+    /// Stops using a connection a request failed on (it may be going away
+    /// without having closed yet), so the next request opens a new one.
+    /// Requests still on it finish there.
+    async fn forget(&self, failed: &Link) {
+        self.links
+            .lock()
+            .await
+            .retain(|l| !l.is(failed) && !l.sender.is_closed());
     }
 
-    async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, ApnsError> {
+    async fn connect(&self) -> Result<Link, ApnsError> {
         let url = &self.url;
         let fail = |problem: String| ApnsError::Connect {
             host: format!("{}:{}", url.host, url.port),
@@ -183,6 +270,9 @@ impl Connection {
         let (sender, conn) =
             hyper::client::conn::http2::Builder::new(TrackerExec(self.tracker.clone()))
                 .timer(TokioTimer::new())
+                // One stream until the server's SETTINGS say more: a burst
+                // sent before them may be refused (Apple starts low, too).
+                .initial_max_send_streams(1)
                 .keep_alive_interval(Duration::from_secs(60))
                 .keep_alive_timeout(Duration::from_secs(20))
                 .keep_alive_while_idle(true)
@@ -190,7 +280,22 @@ impl Connection {
                 .await
                 .map_err(|e| fail(format!("HTTP/2 handshake: {e}")))?;
         info!("connected");
+        let driver = Arc::new(Mutex::new(Some(Box::pin(conn))));
+        let driven = Arc::clone(&driver);
+        let conn = std::future::poll_fn(move |cx| {
+            let mut slot = lock(&driven);
+            let Some(conn) = slot.as_mut() else {
+                return std::task::Poll::Ready(Ok(()));
+            };
+            let r = conn.as_mut().poll(cx);
+            if r.is_ready() {
+                // Dropping hyper's half closes the senders (`is_closed`).
+                *slot = None;
+            }
+            r
+        });
         let shutdown = self.shutdown.clone();
+        let ended = Arc::clone(&driver);
         self.tracker.spawn(
             async move {
                 tokio::select! {
@@ -200,11 +305,22 @@ impl Connection {
                     },
                     _ = shutdown.cancelled() => debug!("connection closed for shutdown"),
                 }
+                // Requests still waiting on it fail now, not at their timeout.
+                *lock(&ended) = None;
             }
             .instrument(self.span.clone()),
         );
-        Ok(sender)
+        Ok(Link {
+            sender,
+            in_flight: Arc::default(),
+            settled: Arc::default(),
+            driver,
+        })
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]

@@ -53,6 +53,20 @@ impl AppConfig {
         }
     }
 
+    /// Every file the entry names.
+    pub fn files(&self) -> Vec<&Path> {
+        match self {
+            AppConfig::Certificate {
+                develop, produce, ..
+            } => develop
+                .iter()
+                .chain(produce)
+                .map(PathBuf::as_path)
+                .collect(),
+            AppConfig::Token { key, .. } => vec![key.as_path()],
+        }
+    }
+
     pub fn password(&self) -> Option<&str> {
         match self {
             AppConfig::Certificate { password, .. } => password.as_deref(),
@@ -129,6 +143,8 @@ pub(crate) struct Identity {
     pub key: PrivateKeyDer<'static>,
     pub subject: String,
     pub not_after: String,
+    /// Whole days until the certificate expires.
+    pub days_left: i64,
 }
 
 /// Loads a `.p12`/`.pfx` (by extension) or PEM certificate and key.
@@ -244,8 +260,8 @@ fn check_identity(
             .ok_or("the private key does not match the certificate")?;
         chain.swap(0, leaf);
     }
-    let (subject, not_after, expired) = describe(&chain[0])?;
-    if expired {
+    let (subject, not_after, seconds_left) = describe(&chain[0])?;
+    if seconds_left < 0 {
         return Err(format!("certificate {subject} expired on {not_after}"));
     }
     Ok(Identity {
@@ -253,16 +269,17 @@ fn check_identity(
         key,
         subject,
         not_after,
+        days_left: seconds_left / 86400,
     })
 }
 
-/// Subject, expiry and whether it has passed.
-fn describe(cert: &CertificateDer<'_>) -> Result<(String, String, bool), String> {
+/// Subject, expiry and the seconds until then (negative: expired).
+fn describe(cert: &CertificateDer<'_>) -> Result<(String, String, i64), String> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
         .map_err(|e| format!("unreadable certificate: {e}"))?;
     let not_after = parsed.validity().not_after;
-    let expired = not_after.timestamp() < x509_parser::time::ASN1Time::now().timestamp();
-    Ok((parsed.subject().to_string(), not_after.to_string(), expired))
+    let left = not_after.timestamp() - x509_parser::time::ASN1Time::now().timestamp();
+    Ok((parsed.subject().to_string(), not_after.to_string(), left))
 }
 
 /// Loads the `.p8` key for token auth.

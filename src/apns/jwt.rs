@@ -57,10 +57,18 @@ impl TokenSigner {
         token
     }
 
-    /// Forgets the cached token, for when Apple says it expired.
-    #[allow(dead_code)]
-    pub fn invalidate(&self) {
-        *self.cached.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    /// Apple refused `rejected`: mints a new token unless the current one is
+    /// younger than `min_age` (Apple throttles frequent updates) or another
+    /// request has already replaced it.
+    pub fn renew(&self, rejected: &str, min_age: Duration) -> Renewal {
+        let mut cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
+        match cached.as_ref() {
+            Some((token, _)) if token != rejected => return Renewal::AlreadyNew,
+            Some((_, at)) if at.elapsed() < min_age => return Renewal::TooSoon,
+            _ => {}
+        }
+        *cached = Some((self.mint(unix_now()), Instant::now()));
+        Renewal::Minted
     }
 
     fn mint(&self, iat: u64) -> String {
@@ -74,6 +82,16 @@ impl TokenSigner {
         let sig: Signature = self.key.sign(signing_input.as_bytes());
         format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(sig.to_bytes()))
     }
+}
+
+/// What `renew` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Renewal {
+    Minted,
+    /// Another request renewed it; retry with the current token.
+    AlreadyNew,
+    /// The refused token is too young to replace.
+    TooSoon,
 }
 
 pub(crate) fn unix_now() -> u64 {
@@ -116,14 +134,29 @@ mod tests {
     }
 
     #[test]
-    fn token_is_reused_until_invalidated() {
+    fn token_is_reused_until_renewed() {
         let s = signer();
         let a = s.token();
         assert_eq!(s.token(), a);
         *s.cached.lock().unwrap() = Some(("old".into(), Instant::now()));
         assert_eq!(s.token(), "old");
-        s.invalidate();
+        assert_eq!(s.renew("old", Duration::ZERO), Renewal::Minted);
         assert_ne!(s.token(), "old");
+    }
+
+    #[test]
+    fn renewal_waits_twenty_minutes_and_happens_once() {
+        let twenty = Duration::from_secs(20 * 60);
+        let s = signer();
+        *s.cached.lock().unwrap() = Some(("young".into(), Instant::now()));
+        assert_eq!(s.renew("young", twenty), Renewal::TooSoon);
+        assert_eq!(s.token(), "young");
+        let old = Instant::now().checked_sub(twenty + Duration::from_secs(1));
+        if let Some(old) = old {
+            *s.cached.lock().unwrap() = Some(("aged".into(), old));
+            assert_eq!(s.renew("aged", twenty), Renewal::Minted);
+            assert_eq!(s.renew("aged", twenty), Renewal::AlreadyNew);
+        }
     }
 
     #[test]

@@ -1,18 +1,26 @@
 //! APNs sender: turns routed deliveries into HTTP/2 requests to Apple.
 //!
 //! `credentials` reads config.json and the certificates or keys it names,
+//! `endpoints` builds what each (app, environment) sends with and `reload`
+//! rebuilds it on SIGHUP or when the files change,
 //! `payload` builds the body and headers apps expect, `connection` keeps one
 //! HTTP/2 connection per (app, environment) over `tls`, `sender` runs the
-//! queue, and `check` backs `pushbridge check-config`.
+//! queue, `deliver` acts on each `outcome` (`retry` says when to try again,
+//! `feedback` tells backends), and `check` backs `pushbridge check-config`.
 
 mod check;
 mod connection;
 mod credentials;
+mod deliver;
+mod endpoints;
+mod feedback;
 mod jwt;
 mod legacy;
 mod outcome;
 mod payload;
 mod pem;
+mod reload;
+mod retry;
 mod sender;
 mod tls;
 
@@ -22,10 +30,11 @@ use serde_json::{Map, Value};
 
 use crate::router::ApnsDelivery;
 
-pub use check::{check_config, AppReport, Credential};
+pub use check::{check_config, AppReport, CertReport, Credential, EXPIRY_WARNING_DAYS};
+pub use feedback::Feedback;
 pub use outcome::Outcome;
 pub use payload::{Payload, PayloadError, PushType, MAX_PAYLOAD};
-pub use sender::ApnsSender;
+pub use sender::{ApnsSender, Sinks};
 
 /// Everything that can go wrong in the APNs module; messages name the file,
 /// app or host and the problem, since operators read them in logs.

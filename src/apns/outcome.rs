@@ -2,9 +2,8 @@
 
 use http::StatusCode;
 
-/// The classification of one response. Today every non-`Delivered` outcome
-/// is counted as failed; retries, dead-token cleanup and JWT re-minting act
-/// on it later.
+/// The classification of one response, which the sender acts on: retry,
+/// remove the token, mint a new provider token, or give up.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     Delivered,

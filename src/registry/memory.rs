@@ -93,6 +93,18 @@ impl UserStore for MemoryRegistry {
         Ok(())
     }
 
+    async fn delete_token_if(&self, id: &Id, token: &str) -> Result<bool, RegistryError> {
+        let mut inner = self.write();
+        let Some(user) = inner.users.get_mut(id) else {
+            return Ok(false);
+        };
+        if user.app_token.as_deref() != Some(token) {
+            return Ok(false);
+        }
+        user.app_token = None;
+        Ok(true)
+    }
+
     async fn delete_user(&self, id: &Id) -> Result<bool, RegistryError> {
         Ok(self.write().users.remove(id).is_some())
     }

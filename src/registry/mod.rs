@@ -66,6 +66,15 @@ pub trait UserStore: Send + Sync {
         user: &Id,
     ) -> impl Future<Output = Result<(), RegistryError>> + Send;
 
+    /// Deletes the user's `app_token` only if it is still `token`; true if
+    /// it was deleted. Apple said `token` is dead, but the app may have
+    /// registered a new one meanwhile, which must survive.
+    fn delete_token_if(
+        &self,
+        id: &Id,
+        token: &str,
+    ) -> impl Future<Output = Result<bool, RegistryError>> + Send;
+
     /// Deletes a user's record; true if there was one.
     fn delete_user(&self, id: &Id) -> impl Future<Output = Result<bool, RegistryError>> + Send;
 
@@ -125,6 +134,9 @@ impl UserStore for Registry {
     }
     async fn remove_group_apple_member(&self, group: &Id, user: &Id) -> Result<(), RegistryError> {
         delegate!(self, r => r.remove_group_apple_member(group, user))
+    }
+    async fn delete_token_if(&self, id: &Id, token: &str) -> Result<bool, RegistryError> {
+        delegate!(self, r => r.delete_token_if(id, token))
     }
     async fn delete_user(&self, id: &Id) -> Result<bool, RegistryError> {
         delegate!(self, r => r.delete_user(id))

@@ -57,6 +57,20 @@ impl RedisRegistry {
     }
 }
 
+/// Compare-and-delete in one step, so a token the app re-registered
+/// between Apple's answer and this call is never removed.
+fn delete_token_script() -> &'static redis::Script {
+    static SCRIPT: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
+    SCRIPT.get_or_init(|| {
+        redis::Script::new(
+            r"if redis.call('HGET', KEYS[1], 'app_token') == ARGV[1] then
+                return redis.call('HDEL', KEYS[1], 'app_token')
+            end
+            return 0",
+        )
+    })
+}
+
 fn record(mut hash: HashMap<String, String>) -> Option<UserRecord> {
     if hash.is_empty() {
         return None;
@@ -147,6 +161,15 @@ impl UserStore for RedisRegistry {
             .srem(self.group_key(group), user.as_str())
             .await?;
         Ok(())
+    }
+
+    async fn delete_token_if(&self, id: &Id, token: &str) -> Result<bool, RegistryError> {
+        let deleted: i64 = delete_token_script()
+            .key(self.user_key(id))
+            .arg(token)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(deleted == 1)
     }
 
     async fn delete_user(&self, id: &Id) -> Result<bool, RegistryError> {

@@ -3,7 +3,7 @@
 //! config.json. Include with `#[path = "support/apns.rs"] mod apns_server;`.
 #![allow(dead_code)]
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -27,12 +27,17 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// How the server is set up.
 #[derive(Debug, Clone, Default)]
 pub struct ServerOptions {
     /// Refuse TLS handshakes without a client certificate.
     pub require_client_cert: bool,
+    /// SETTINGS_MAX_CONCURRENT_STREAMS the server announces (unset: hyper's default).
+    pub max_concurrent_streams: Option<u32>,
+    /// Listen here (a restarted server takes its predecessor's port); unset: a free port.
+    pub addr: Option<SocketAddr>,
 }
 
 /// An answer Apple can give, by device token.
@@ -111,13 +116,17 @@ impl SeenRequest {
 
 struct State {
     replies: Mutex<HashMap<String, Reply>>,
+    scripts: Mutex<HashMap<String, VecDeque<Reply>>>,
+    max_streams: Option<u32>,
     requests: mpsc::UnboundedSender<SeenRequest>,
     connections: AtomicUsize,
     open: watch::Sender<usize>,
     received: watch::Sender<usize>,
     hold_until: AtomicUsize,
     kick: Mutex<CancellationToken>,
+    goaway: Mutex<CancellationToken>,
     shutdown: CancellationToken,
+    tasks: TaskTracker,
 }
 
 /// The running server; stops when dropped.
@@ -168,21 +177,28 @@ impl ApnsServer {
         config.alpn_protocols = vec![b"h2".to_vec()];
         let acceptor = TlsAcceptor::from(Arc::new(config));
 
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let bind_to = options
+            .addr
+            .unwrap_or_else(|| "127.0.0.1:0".parse().unwrap());
+        let listener = TcpListener::bind(bind_to).await.expect("bind");
         let addr = listener.local_addr().expect("local addr");
         let (tx, rx) = mpsc::unbounded_channel();
         let state = Arc::new(State {
             replies: Mutex::new(HashMap::new()),
+            scripts: Mutex::new(HashMap::new()),
+            max_streams: options.max_concurrent_streams,
             requests: tx,
             connections: AtomicUsize::new(0),
             open: watch::channel(0).0,
             received: watch::channel(0).0,
             hold_until: AtomicUsize::new(0),
             kick: Mutex::new(CancellationToken::new()),
+            goaway: Mutex::new(CancellationToken::new()),
             shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
         });
         let shutdown = state.shutdown.clone();
-        tokio::spawn(accept_loop(
+        state.tasks.spawn(accept_loop(
             listener,
             acceptor,
             Arc::clone(&state),
@@ -211,6 +227,15 @@ impl ApnsServer {
         lock(&self.state.replies).insert(token.to_owned(), reply);
     }
 
+    /// Answers the next requests for `token` with `replies`, in order; after
+    /// them the `reply_to` answer (default: 200) applies again.
+    pub fn script(&self, token: &str, replies: impl IntoIterator<Item = Reply>) {
+        lock(&self.state.scripts)
+            .entry(token.to_owned())
+            .or_default()
+            .extend(replies);
+    }
+
     /// Holds every answer until `n` requests have arrived in total, so a
     /// client sending one request at a time never gets there.
     pub fn hold_answers_until(&self, n: usize) {
@@ -236,6 +261,25 @@ impl ApnsServer {
     /// TLS connections accepted so far.
     pub fn connections(&self) -> usize {
         self.state.connections.load(Ordering::SeqCst)
+    }
+
+    /// The address it listens on, for a restart on the same port.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Kills the server: listener and connections closed abruptly, and
+    /// returns once they are all gone, so the port can be taken again.
+    pub async fn kill(self) {
+        self.state.shutdown.cancel();
+        self.state.tasks.close();
+        self.state.tasks.wait().await;
+    }
+
+    /// Sends GOAWAY on every open connection: requests already sent are
+    /// still answered, new ones must go to a new connection.
+    pub fn goaway(&self) {
+        std::mem::replace(&mut *lock(&self.state.goaway), CancellationToken::new()).cancel();
     }
 
     /// Drops every open connection abruptly and waits until they are gone.
@@ -268,7 +312,8 @@ async fn accept_loop(
         let acceptor = acceptor.clone();
         let state = Arc::clone(&state);
         let shutdown = shutdown.clone();
-        tokio::spawn(async move {
+        let tasks = state.tasks.clone();
+        tasks.spawn(async move {
             let Ok(tls) = acceptor.accept(tcp).await else {
                 return;
             };
@@ -280,16 +325,29 @@ async fn accept_loop(
                 .and_then(|c| subject_of(c));
             let id = state.connections.fetch_add(1, Ordering::SeqCst) + 1;
             let kick = lock(&state.kick).clone();
+            let goaway = lock(&state.goaway).clone();
             state.open.send_modify(|n| *n += 1);
             let service_state = Arc::clone(&state);
             let service =
                 service_fn(move |req| handle(req, id, subject.clone(), Arc::clone(&service_state)));
-            let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(tls), service);
+            let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+            if let Some(n) = state.max_streams {
+                builder.max_concurrent_streams(n);
+            }
+            let mut conn = std::pin::pin!(builder.serve_connection(TokioIo::new(tls), service));
             tokio::select! {
-                _ = conn => {}
+                _ = conn.as_mut() => {}
                 _ = kick.cancelled() => {}
                 _ = shutdown.cancelled() => {}
+                _ = goaway.cancelled() => {
+                    // GOAWAY: streams already open are still answered.
+                    conn.as_mut().graceful_shutdown();
+                    tokio::select! {
+                        _ = conn.as_mut() => {}
+                        _ = kick.cancelled() => {}
+                        _ = shutdown.cancelled() => {}
+                    }
+                }
             }
             state.open.send_modify(|n| *n -= 1);
         });
@@ -310,10 +368,15 @@ async fn handle(
         .unwrap_or_default();
     let path = parts.uri.path().to_owned();
     let token = path.strip_prefix("/3/device/").unwrap_or_default();
-    let reply = lock(&state.replies)
-        .get(token)
-        .cloned()
-        .unwrap_or(Reply::Ok);
+    let scripted = lock(&state.scripts)
+        .get_mut(token)
+        .and_then(VecDeque::pop_front);
+    let reply = scripted.unwrap_or_else(|| {
+        lock(&state.replies)
+            .get(token)
+            .cloned()
+            .unwrap_or(Reply::Ok)
+    });
     let _ = state.requests.send(SeenRequest {
         method: parts.method,
         path: path.clone(),
@@ -451,21 +514,31 @@ pub struct ClientCert {
 
 impl ClientCert {
     pub fn new(cn: &str) -> ClientCert {
-        Self::build(cn, false)
+        Self::build(cn, None)
     }
 
     /// A certificate whose validity ended in 2020.
     pub fn expired(cn: &str) -> ClientCert {
-        Self::build(cn, true)
+        Self::build(cn, Some((2020, 1, 1)))
     }
 
-    fn build(cn: &str, expired: bool) -> ClientCert {
+    /// A certificate valid until `days` days from today (UTC).
+    pub fn expiring_in(cn: &str, days: i64) -> ClientCert {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock after 1970")
+            .as_secs() as i64;
+        Self::build(cn, Some(civil_from_days(now / 86400 + days)))
+    }
+
+    /// `not_after`: (year, month, day), the end of validity; `None`: far away.
+    fn build(cn: &str, not_after: Option<(i32, u8, u8)>) -> ClientCert {
         let key = KeyPair::generate().expect("client key");
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("client params");
         params.distinguished_name.push(DnType::CommonName, cn);
-        if expired {
+        if let Some((y, m, d)) = not_after {
             params.not_before = rcgen::date_time_ymd(2019, 1, 1);
-            params.not_after = rcgen::date_time_ymd(2020, 1, 1);
+            params.not_after = rcgen::date_time_ymd(y, m, d);
         }
         let cert = params.self_signed(&key).expect("client cert");
         ClientCert {
@@ -502,6 +575,20 @@ impl ClientCert {
             }
         }
     }
+}
+
+/// (year, month, day) of a day count since 1970-01-01 (H. Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i32, u8, u8) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y as i32, m as u8, d as u8)
 }
 
 impl Default for TestCredentials {

@@ -1,0 +1,271 @@
+//! One notification's way to Apple: send, read the answer, and act on it
+//! as Apple documents (retry, renew the provider token, remove a dead
+//! token, give up), counting and reporting each outcome.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::Full;
+use tokio::sync::OwnedSemaphorePermit;
+use tracing::{debug, info, warn};
+
+use super::endpoints::Endpoint;
+use super::jwt::{unix_now, Renewal};
+use super::outcome::Outcome;
+use super::payload::Payload;
+use super::sender::Shared;
+use super::{ApnsError, ApnsJob};
+use crate::registry::UserStore;
+use crate::router::ApnsDelivery;
+
+/// What one attempt got back.
+struct Answer {
+    status: Option<StatusCode>,
+    apns_id: String,
+    /// The provider token the request carried.
+    jwt: Option<String>,
+    outcome: Outcome,
+}
+
+impl Answer {
+    fn status(&self) -> String {
+        self.status
+            .map_or_else(|| "none".to_owned(), |s| s.as_u16().to_string())
+    }
+}
+
+impl Shared {
+    /// Sends `job` until Apple settles it: delivered, dead token, refused,
+    /// or out of retries.
+    pub(super) async fn deliver(
+        self: Arc<Self>,
+        endpoint: Arc<Endpoint>,
+        job: ApnsJob,
+        payload: Payload,
+        _permit: OwnedSemaphorePermit,
+    ) {
+        let d = &job.delivery;
+        let stats = &self.sinks.stats;
+        let started = Instant::now();
+        let mut attempt = 1;
+        let mut renewed = false;
+        loop {
+            let answer = self.attempt(&endpoint, &job, payload.clone()).await;
+            let reason = match &answer.outcome {
+                Outcome::Delivered => {
+                    stats.apns_delivered.inc();
+                    debug!(user = %d.user, attempt, "APNs delivered");
+                    return;
+                }
+                Outcome::DeadToken { reason } => {
+                    self.dead_token(&job, &answer, reason).await;
+                    return;
+                }
+                Outcome::ExpiredProviderToken { reason } => {
+                    if !renewed && self.renew_jwt(&endpoint, &answer, reason) {
+                        renewed = true;
+                        continue;
+                    }
+                    stats.apns_rejected.inc();
+                    format!("{reason}: provider token refused")
+                }
+                Outcome::Rejected { reason } => {
+                    stats.apns_rejected.inc();
+                    reason.clone()
+                }
+                Outcome::Retry { reason } if self.shutdown.is_cancelled() => {
+                    format!("{reason} (shutting down)")
+                }
+                Outcome::Retry { reason } => {
+                    let Some(wait) = self.retry.delay(attempt + 1, started.elapsed()) else {
+                        stats.apns_retries_exhausted.inc();
+                        self.fail(
+                            &job,
+                            &answer,
+                            &format!("{reason} (after {attempt} attempts)"),
+                        );
+                        return;
+                    };
+                    stats.apns_retried.inc();
+                    debug!(user = %d.user, attempt, status = answer.status(), reason,
+                        ?wait, "APNs: retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = self.shutdown.cancelled() => {
+                            self.fail(&job, &answer, &format!("{reason} (shutting down)"));
+                            return;
+                        }
+                    }
+                    attempt += 1;
+                    continue;
+                }
+            };
+            self.fail(&job, &answer, &reason);
+            return;
+        }
+    }
+
+    /// One request and its classified answer.
+    async fn attempt(&self, endpoint: &Endpoint, job: &ApnsJob, payload: Payload) -> Answer {
+        let (req, jwt) = match self.request(endpoint, job, payload) {
+            Ok(r) => r,
+            Err(reason) => {
+                return Answer {
+                    status: None,
+                    apns_id: String::new(),
+                    jwt: None,
+                    outcome: Outcome::Rejected { reason },
+                }
+            }
+        };
+        let sent = tokio::select! {
+            r = endpoint.conn.send(req) => r,
+            // Stopping abandons requests Apple has not answered yet.
+            _ = self.shutdown.cancelled() => Err(ApnsError::Request("shutting down".into())),
+        };
+        match sent {
+            Ok(resp) => {
+                let reason = apple_reason(resp.body());
+                let apns_id = resp
+                    .headers()
+                    .get("apns-id")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_owned();
+                Answer {
+                    status: Some(resp.status()),
+                    apns_id,
+                    jwt,
+                    outcome: Outcome::classify(resp.status(), &reason),
+                }
+            }
+            Err(e) => Answer {
+                status: None,
+                apns_id: String::new(),
+                jwt,
+                outcome: Outcome::Retry {
+                    reason: e.to_string(),
+                },
+            },
+        }
+    }
+
+    /// After a 403 on the provider token: whether to retry with a new one.
+    fn renew_jwt(&self, endpoint: &Endpoint, answer: &Answer, reason: &str) -> bool {
+        let (Some(signer), Some(jwt)) = (&endpoint.token, &answer.jwt) else {
+            return false;
+        };
+        match signer.renew(jwt, self.jwt_refresh_min) {
+            Renewal::Minted => {
+                self.sinks.stats.apns_jwt_renewed.inc();
+                info!(reason, "APNs: provider token refused; minted a new one");
+                true
+            }
+            Renewal::AlreadyNew => true,
+            Renewal::TooSoon => {
+                warn!(
+                    reason,
+                    "APNs: provider token refused, but it is younger than \
+                    apns.jwt_refresh_min_secs; not minting another"
+                );
+                false
+            }
+        }
+    }
+
+    /// Apple says the token is dead: remove it if the user still has it,
+    /// tell the backends.
+    async fn dead_token(&self, job: &ApnsJob, answer: &Answer, reason: &str) {
+        let d = &job.delivery;
+        let stats = &self.sinks.stats;
+        stats.apns_dead_tokens.inc();
+        stats.apns_failed.inc();
+        let deleted = match self.sinks.registry.delete_token_if(&d.user, &d.token).await {
+            Ok(deleted) => deleted,
+            Err(e) => {
+                warn!(user = %d.user, error = %e, "APNs: could not remove a dead token");
+                false
+            }
+        };
+        if deleted {
+            stats.apns_tokens_deleted.inc();
+        }
+        info!(user = %d.user, app = %d.app_ident, status = answer.status(), reason,
+            apns_id = answer.apns_id, deleted, "APNs: device token no longer valid");
+        self.feedback(d, reason);
+    }
+
+    /// A notification that will not be delivered: counted, logged, reported.
+    fn fail(&self, job: &ApnsJob, answer: &Answer, reason: &str) {
+        let d = &job.delivery;
+        self.sinks.stats.apns_failed.inc();
+        warn!(user = %d.user, app = %d.app_ident, status = answer.status(), reason,
+            apns_id = answer.apns_id, "APNs: not delivered");
+        self.feedback(d, reason);
+    }
+
+    fn feedback(&self, d: &ApnsDelivery, reason: &str) {
+        self.sinks.feedback.publish(d, reason);
+        self.sinks.stats.apns_feedback.inc();
+    }
+
+    /// The HTTP/2 request for `job` and the provider token it carries;
+    /// `Err` for a token that cannot be a path.
+    fn request(
+        &self,
+        endpoint: &Endpoint,
+        job: &ApnsJob,
+        payload: Payload,
+    ) -> Result<(Request<Full<Bytes>>, Option<String>), String> {
+        let token = &job.delivery.token;
+        if token.is_empty() || !token.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            return Err("malformed device token".into());
+        }
+        let expiration = match self.expiration_secs {
+            0 => 0,
+            secs => unix_now() + secs,
+        };
+        let mut req = Request::post(format!("{}/3/device/{token}", endpoint.conn.base()))
+            .header("apns-topic", &job.delivery.app_ident)
+            .header("apns-push-type", payload.push_type.header())
+            .header("apns-priority", payload.push_type.priority())
+            .header("apns-expiration", expiration.to_string())
+            .header("content-type", "application/json");
+        let jwt = endpoint.token.as_ref().map(|s| s.token());
+        if let Some(jwt) = &jwt {
+            req = req.header("authorization", format!("bearer {jwt}"));
+        }
+        req.body(Full::new(payload.body))
+            .map(|r| (r, jwt))
+            .map_err(|e| format!("cannot build request: {e}"))
+    }
+}
+
+/// Apple's `{"reason": "..."}`, or an empty reason.
+fn apple_reason(body: &Bytes) -> String {
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        reason: String,
+    }
+    serde_json::from_slice::<Answer>(body)
+        .map(|a| a.reason)
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reason_from_body() {
+        assert_eq!(
+            apple_reason(&Bytes::from_static(
+                br#"{"reason":"Unregistered","timestamp":1}"#
+            )),
+            "Unregistered"
+        );
+        assert_eq!(apple_reason(&Bytes::new()), "");
+    }
+}
