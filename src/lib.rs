@@ -120,7 +120,8 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
         mqtt_listeners.push((listener, Transport::WebSocket));
     }
 
-    let auth = Auth::new(&settings.auth, &settings.mqtt.prefix)?;
+    let auth = Auth::new(&settings.auth, &settings.mqtt.prefix)?
+        .with_feedback_topic(settings.feedback_topic());
     if settings.auth.mode == AuthMode::None {
         warn!(
             "auth.mode = none: MQTT clients are not authenticated; any client may read any \

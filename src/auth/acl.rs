@@ -4,7 +4,7 @@
 //! |---|---|---|
 //! | Device | `<prefix>/user/<own id>`, `<prefix>/group/<gid>` for the token's groups | `<prefix>/app/status` about itself |
 //! | Service | any valid filter, wildcards included | as Device |
-//! | Anonymous (`auth.mode = none`) | any `<prefix>/user/<id>`, `<prefix>/group/<id>`, no wildcards | `<prefix>/app/status`, any user |
+//! | Anonymous (`auth.mode = none`) | any `<prefix>/user/<id>`, `<prefix>/group/<id>`, the APNs feedback topic, no wildcards | `<prefix>/app/status`, any user |
 //! | Open (no auth) | anything | anything |
 
 use bytes::Bytes;
@@ -21,6 +21,9 @@ impl Auth {
         }
         if filter.contains(['+', '#']) {
             return false;
+        }
+        if who.role == Role::Anonymous && self.feedback_topic.as_deref() == Some(filter) {
+            return true;
         }
         let Some(rest) = filter
             .strip_prefix(self.prefix.as_str())
@@ -70,6 +73,18 @@ impl Auth {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn feedback_topic_is_readable_anonymously_only_when_named() {
+        let none = crate::settings::AuthSettings::default();
+        let auth = Auth::new(&none, "push").unwrap();
+        let anon = who(Role::Anonymous, None, &[]);
+        assert!(!auth.may_subscribe(&anon, "push/feedback"));
+        let auth = auth.with_feedback_topic("push/feedback".into());
+        assert!(auth.may_subscribe(&anon, "push/feedback"));
+        assert!(!auth.may_subscribe(&who(Role::Device, Some("1"), &[]), "push/feedback"));
+        assert!(!auth.may_subscribe(&anon, "push/feedback/#"));
+    }
 
     fn who(role: Role, user: Option<&str>, groups: &[&str]) -> Identity {
         Identity {

@@ -74,6 +74,8 @@ pub struct Auth {
     service_accounts: HashSet<String>,
     prefix: String,
     status_topic: String,
+    /// APNs feedback for backends; anonymous clients may read it (see acl).
+    feedback_topic: Option<String>,
 }
 
 impl std::fmt::Debug for Auth {
@@ -109,7 +111,15 @@ impl Auth {
             service_accounts,
             prefix: prefix.into(),
             status_topic: format!("{prefix}/app/status"),
+            feedback_topic: None,
         }
+    }
+
+    /// Names the APNs feedback topic, which backends read without a token
+    /// under `auth.mode = none` (under `jwt`, service accounts read it).
+    pub fn with_feedback_topic(mut self, topic: String) -> Auth {
+        self.feedback_topic = Some(topic);
+        self
     }
 
     /// The identity behind a CONNECT's user name and password.
