@@ -38,9 +38,6 @@ use crate::registry::Registry;
 use crate::settings::{AuthMode, Settings};
 use crate::stats::Stats;
 
-/// How long a stopping server waits for queued pushes to be routed.
-const DRAIN: Duration = Duration::from_secs(10);
-
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
@@ -79,6 +76,7 @@ pub struct Server {
     ingress: TaskTracker,
     tracker: TaskTracker,
     dispatcher: JoinHandle<()>,
+    drain: Duration,
 }
 
 async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, Error> {
@@ -202,6 +200,7 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
         ingress,
         tracker,
         dispatcher,
+        drain: Duration::from_secs(settings.proxy.drain_secs),
     })
 }
 
@@ -212,8 +211,14 @@ impl Server {
         self.shutdown.cancelled().await;
         self.ingress.close();
         self.ingress.wait().await;
-        if tokio::time::timeout(DRAIN, self.dispatcher).await.is_err() {
-            warn!(secs = DRAIN.as_secs(), "queued pushes not drained in time");
+        if tokio::time::timeout(self.drain, self.dispatcher)
+            .await
+            .is_err()
+        {
+            warn!(
+                secs = self.drain.as_secs(),
+                "queued pushes not drained in time"
+            );
         }
         self.stop.cancel();
         self.tracker.close();

@@ -43,6 +43,8 @@ pub struct ProxySettings {
     pub max_connections: usize,
     /// Accepted pushes waiting for routing; when full, backends wait.
     pub queue: usize,
+    /// On shutdown, how long queued pushes may take to be routed.
+    pub drain_secs: u64,
 }
 
 impl Default for ProxySettings {
@@ -53,6 +55,7 @@ impl Default for ProxySettings {
             idle_timeout_secs: 900,
             max_connections: 1024,
             queue: 65536,
+            drain_secs: 10,
         }
     }
 }

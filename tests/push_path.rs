@@ -234,3 +234,35 @@ async fn many_concurrent_backends() {
     }
     server.stop().await;
 }
+
+/// A stopping server is not held by a backend waiting on a full queue: the
+/// backend is told 0x08 and the stop completes (registry gone, so nothing drains).
+#[tokio::test]
+async fn stop_with_a_full_queue() {
+    let redis = support::redis::RedisServer::start();
+    let mut settings = server::settings(Some(&redis.url));
+    settings.proxy.queue = 1;
+    settings.proxy.drain_secs = 1;
+    let server = server::start(settings).await;
+    drop(redis);
+    let mut backend = Backend::connect(server.proxy_addr).await;
+    let mut frames = Vec::new();
+    for n in 0..4 {
+        let data = json!({"n": n});
+        frames.extend(pushbridge::proxy::frame::encode(
+            2,
+            &Mp::from(n),
+            &pushbridge::proxy::client::json_to_msgpack(&data),
+        ));
+    }
+    backend.write(&frames).await;
+    // The dispatcher holds one push retrying the registry and the queue holds
+    // one more; the third waits for room.
+    assert_eq!(backend.status().await, Some(0x00));
+    assert_eq!(backend.status().await, Some(0x00));
+    tokio::time::timeout(3 * support::WAIT, server.stop())
+        .await
+        .expect("stop completes");
+    assert_eq!(backend.status().await, Some(0x08));
+    assert_eq!(backend.status().await, None);
+}

@@ -8,8 +8,11 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::{debug, info};
 
+use tokio::sync::mpsc::error::TrySendError;
+
 use super::frame::{self, FrameError, Status};
 use super::Shared;
+use crate::push::Push;
 
 /// Read size for a connection with nothing buffered; grown to fit a frame.
 const READ_CHUNK: usize = 4096;
@@ -41,7 +44,7 @@ pub(crate) async fn handle(mut socket: TcpStream, shared: Shared) {
             Ok(Ok(n)) => n,
         };
         let eof = n == 0;
-        let (keep, frames) = process(&mut buf, &mut replies, &shared).await;
+        let (keep, frames) = process(&mut buf, &mut replies, &mut socket, &shared).await;
         if frames > 0 {
             deadline = Instant::now() + idle;
         }
@@ -68,7 +71,12 @@ pub(crate) async fn handle(mut socket: TcpStream, shared: Shared) {
 /// Handles every whole frame in `buf`, pushing one status byte per frame
 /// (none for keep-alives). Returns whether the connection stays open and
 /// how many frames were handled.
-async fn process(buf: &mut BytesMut, replies: &mut Vec<u8>, shared: &Shared) -> (bool, usize) {
+async fn process(
+    buf: &mut BytesMut,
+    replies: &mut Vec<u8>,
+    socket: &mut TcpStream,
+    shared: &Shared,
+) -> (bool, usize) {
     let mut frames = 0;
     loop {
         let len = match frame::check(buf, shared.settings.max_frame) {
@@ -86,7 +94,7 @@ async fn process(buf: &mut BytesMut, replies: &mut Vec<u8>, shared: &Shared) -> 
         }
         match frame::parse(&body) {
             Ok(push) => {
-                if shared.intake.send(push).await.is_err() {
+                if !queue(push, replies, socket, shared).await {
                     replies.push(Status::ShuttingDown as u8);
                     return (false, frames);
                 }
@@ -95,6 +103,24 @@ async fn process(buf: &mut BytesMut, replies: &mut Vec<u8>, shared: &Shared) -> 
             }
             Err(e) => reject(&e, replies, shared),
         }
+    }
+}
+
+/// Queues a push. With the queue full, the backend first gets the answers
+/// so far, then waits for room; a stopping server does not wait (false).
+async fn queue(push: Push, replies: &mut Vec<u8>, socket: &mut TcpStream, shared: &Shared) -> bool {
+    let push = match shared.intake.try_send(push) {
+        Ok(()) => return true,
+        Err(TrySendError::Closed(_)) => return false,
+        Err(TrySendError::Full(push)) => push,
+    };
+    if socket.write_all(replies).await.is_err() {
+        return false;
+    }
+    replies.clear();
+    tokio::select! {
+        sent = shared.intake.send(push) => sent.is_ok(),
+        _ = shared.shutdown.cancelled() => false,
     }
 }
 
