@@ -125,3 +125,30 @@ fn smoke_core_routes_every_publish_in_process() {
         );
     }
 }
+
+#[test]
+fn smoke_p2p_with_redis_registry_routes_every_push() {
+    let out = tempfile::tempdir().unwrap();
+    run(
+        out.path(),
+        &[
+            "--target",
+            "pushbridge-redis",
+            "--pushbridge-bin",
+            PUSHBRIDGE,
+            "--workloads",
+            "p2p",
+        ],
+    );
+    let rows = csv_rows(out.path());
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    for r in &rows {
+        assert_eq!(
+            (r["workload"].as_str(), r["lost"].as_str()),
+            ("p2p", "0"),
+            "{r:?}"
+        );
+        assert_eq!(r["delivered"], r["messages"], "{r:?}");
+        assert!(r["note"].contains("to devices"), "{r:?}");
+    }
+}

@@ -714,7 +714,7 @@ async fn p2p(
         note: join_note(&[
             if redis {
                 format!(
-                    "{} to devices, {apns} of {to_apns} to APNs (no credentials: failed)",
+                    "{} to devices, {apns} of {to_apns} to APNs (no app credentials: dropped, apns_no_credentials)",
                     phase.received()
                 )
             } else {

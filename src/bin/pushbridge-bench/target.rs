@@ -333,24 +333,32 @@ impl Server {
 
     /// A counter from pushbridge's `/metrics` (plain HTTP/1.1, no client library).
     pub async fn metric(&self, name: &str) -> Option<u64> {
+        match self.metric_text().await {
+            Ok(body) => body
+                .lines()
+                .filter(|l| !l.starts_with('#'))
+                .find_map(|l| {
+                    let (k, v) = l.split_once(' ')?;
+                    (k == format!("pushbridge_{name}_total"))
+                        .then(|| v.trim().parse::<f64>().ok())?
+                })
+                .map(|v| v as u64),
+            Err(e) => {
+                eprintln!("  /metrics: {e:#}");
+                None
+            }
+        }
+    }
+
+    async fn metric_text(&self) -> anyhow::Result<String> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let http = self.http?;
-        let mut s = tokio::net::TcpStream::connect(http).await.ok()?;
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .await
-            .ok()?;
-        let mut body = String::new();
-        tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut body))
-            .await
-            .ok()?
-            .ok()?;
-        body.lines()
-            .filter(|l| !l.starts_with('#'))
-            .find_map(|l| {
-                let (k, v) = l.split_once(' ')?;
-                (k == format!("pushbridge_{name}_total")).then(|| v.trim().parse::<f64>().ok())?
-            })
-            .map(|v| v as u64)
+        let http = self.http.context("no HTTP listener")?;
+        let mut s = tokio::net::TcpStream::connect(http).await?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut body = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut body)).await??;
+        Ok(String::from_utf8_lossy(&body).into_owned())
     }
 }
 
