@@ -71,6 +71,21 @@ pub fn run(sessions: u64, publishes: u64, payload: usize) -> Row {
     }
     let secs = t0.elapsed().as_secs_f64();
     let cpu = thread_cpu() - c0;
+    // Control: a bare hash lookup of the same topics in a map of S boxed keys,
+    // to tell memory latency (grows with S for anything) from the broker's own work.
+    let map: std::collections::HashMap<Box<str>, u32> = (0..s as u32)
+        .map(|i| (format!("push/user/{i}").into_boxed_str(), i))
+        .collect();
+    let mut sum = 0u64;
+    let c1 = thread_cpu();
+    for &i in &picks {
+        topic.clear();
+        let _ = write!(topic, "push/user/{i}");
+        sum += u64::from(*map.get(topic.as_str()).unwrap_or(&0));
+    }
+    let control_ns = (thread_cpu() - c1) * 1e9 / publishes.max(1) as f64;
+    std::hint::black_box(sum);
+    drop(map);
     let dropped = broker.stats().mqtt_dropped.get();
     let per = |b: i64| b as f64 / s as f64;
     let rss_per = match (rss0, rss2) {
@@ -97,10 +112,13 @@ pub fn run(sessions: u64, publishes: u64, payload: usize) -> Row {
         heap_per_item: Some(per(heap1 - heap0)),
         heap_per_item_warm: Some(per(heap2 - heap0)),
         rss_per_item: rss_per,
-        note: if dropped > 0 {
-            format!("{dropped} dropped at the queue bound")
-        } else {
-            String::new()
+        note: {
+            let control = format!("control: bare HashMap lookup {control_ns:.0} ns");
+            if dropped > 0 {
+                format!("{dropped} dropped at the queue bound; {control}")
+            } else {
+                control
+            }
         },
         ..Row::default()
     }
