@@ -1,6 +1,6 @@
 //! Keeps `pushbridge-bench` from rotting: its smoke mode (20 devices, 200
 //! pushes, a group of 20) against a real Mosquitto, and the proxy ingest
-//! workload against pushbridge. Only completion and zero loss are checked;
+//! workload against pushbridge, and the in-process routing core. Only completion and zero loss are checked;
 //! timing never is.
 
 use std::path::Path;
@@ -105,5 +105,50 @@ fn smoke_ingest_against_pushbridge_accepts_every_frame() {
         assert_eq!(r["workload"], "ingest");
         assert_eq!(r["lost"], "0", "{r:?}");
         assert_eq!(r["delivered"], "2000", "{r:?}");
+    }
+}
+
+#[test]
+fn smoke_core_routes_every_publish_in_process() {
+    let out = tempfile::tempdir().unwrap();
+    let stdout = run(out.path(), &["--workloads", "core"]);
+    assert!(stdout.contains("### core"), "no core table in:\n{stdout}");
+    let rows = csv_rows(out.path());
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    for r in &rows {
+        assert_eq!(r["workload"], "core");
+        assert_eq!(r["lost"], "0", "{r:?}");
+        assert_eq!(r["delivered"], r["messages"], "{r:?}");
+        assert!(
+            r["heap_bytes_per_item"].parse::<f64>().unwrap() > 0.0,
+            "{r:?}"
+        );
+    }
+}
+
+#[test]
+fn smoke_p2p_with_redis_registry_routes_every_push() {
+    let out = tempfile::tempdir().unwrap();
+    run(
+        out.path(),
+        &[
+            "--target",
+            "pushbridge-redis",
+            "--pushbridge-bin",
+            PUSHBRIDGE,
+            "--workloads",
+            "p2p",
+        ],
+    );
+    let rows = csv_rows(out.path());
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    for r in &rows {
+        assert_eq!(
+            (r["workload"].as_str(), r["lost"].as_str()),
+            ("p2p", "0"),
+            "{r:?}"
+        );
+        assert_eq!(r["delivered"], r["messages"], "{r:?}");
+        assert!(r["note"].contains("to devices"), "{r:?}");
     }
 }

@@ -10,6 +10,8 @@
 mod mqtt;
 #[path = "pushbridge-bench/report.rs"]
 mod report;
+#[path = "pushbridge-bench/routing.rs"]
+mod routing;
 #[path = "pushbridge-bench/send.rs"]
 mod send;
 #[path = "pushbridge-bench/target.rs"]
@@ -54,7 +56,9 @@ pub mod clock {
     about = "Benchmark pushbridge against Mosquitto with real MQTT devices and proxy backends over loopback"
 )]
 struct Cli {
-    /// Targets to spawn, comma-separated: pushbridge, mosquitto.
+    /// Targets to spawn, comma-separated: pushbridge, pushbridge-redis (Redis
+    /// registry with a record for every device's user, odd users iOS: their
+    /// pushes go to APNs, which has no credentials here and fails them), mosquitto.
     #[arg(long, value_delimiter = ',', default_value = "pushbridge,mosquitto")]
     target: Vec<String>,
     /// Benchmark an already running server instead: its MQTT address (loopback only).
@@ -67,8 +71,12 @@ struct Cli {
     /// With --target-addr: the server's pid, for CPU time and RSS.
     #[arg(long, requires = "target_addr")]
     target_pid: Option<u32>,
-    /// Workloads, comma-separated: idle, p2p, fanout, ingest.
-    #[arg(long, value_delimiter = ',', default_value = "idle,p2p,fanout,ingest")]
+    /// Workloads, comma-separated: idle, p2p, fanout, ingest, core (in-process routing, no server).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "idle,p2p,fanout,ingest,core"
+    )]
     workloads: Vec<String>,
     /// Connected devices for idle and p2p.
     #[arg(long, value_delimiter = ',', default_value = "1000,5000,15000")]
@@ -91,6 +99,12 @@ struct Cli {
     /// Frames per ingest run.
     #[arg(long, default_value_t = 200_000)]
     ingest_frames: u64,
+    /// Sessions for core (in-process routing).
+    #[arg(long, value_delimiter = ',', default_value = "1000,100000,1000000")]
+    core_sessions: Vec<u64>,
+    /// Publishes per core run.
+    #[arg(long, default_value_t = 2_000_000)]
+    core_publishes: u64,
     /// Sender connections for p2p (proxy backends or MQTT publishers).
     #[arg(long, default_value_t = 4)]
     senders: usize,
@@ -153,6 +167,8 @@ impl Cli {
             self.fanout_pushes = 2;
             self.ingest_conns = vec![1, 4];
             self.ingest_frames = 2000;
+            self.core_sessions = vec![100, 1000];
+            self.core_publishes = 2000;
             self.settle_ms = 50;
             self.phase_timeout = self.phase_timeout.min(30);
             self.stall_timeout = self.stall_timeout.min(10);
@@ -241,6 +257,17 @@ fn specs(cli: &Cli) -> anyhow::Result<Vec<Spec>> {
                     bin,
                 })
             }
+            "pushbridge-redis" => {
+                let bin = cli
+                    .pushbridge_bin
+                    .clone()
+                    .unwrap_or_else(target::default_pushbridge_bin);
+                Ok(Spec::Spawn {
+                    kind: Kind::PushbridgeRedis,
+                    bin: std::fs::canonicalize(&bin)
+                        .with_context(|| format!("{} not found", bin.display()))?,
+                })
+            }
             "mosquitto" => {
                 if !cli.mosquitto_bin.exists() {
                     bail!(
@@ -253,7 +280,7 @@ fn specs(cli: &Cli) -> anyhow::Result<Vec<Spec>> {
                     bin: std::fs::canonicalize(&cli.mosquitto_bin)?,
                 })
             }
-            other => bail!("unknown target {other:?} (pushbridge, mosquitto)"),
+            other => bail!("unknown target {other:?} (pushbridge, pushbridge-redis, mosquitto)"),
         })
         .collect()
 }
@@ -261,7 +288,7 @@ fn specs(cli: &Cli) -> anyhow::Result<Vec<Spec>> {
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     for w in &cli.workloads {
         if !report::WORKLOADS.contains(&w.as_str()) {
-            bail!("unknown workload {w:?} (idle, p2p, fanout, ingest)");
+            bail!("unknown workload {w:?} (idle, p2p, fanout, ingest, core)");
         }
     }
     let fd_limit = target::raise_fd_limit();
@@ -290,6 +317,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     };
 
     for run in 1..=cli.repeat.max(1) {
+        if cli.wants("core") {
+            for &n in &cli.core_sessions {
+                eprintln!("[run {run}/{}] [core] {n} sessions", cli.repeat);
+                let (p, size) = (cli.core_publishes, cli.payload);
+                let row = tokio::task::spawn_blocking(move || routing::run(n, p, size))
+                    .await
+                    .context("core workload")?;
+                record(vec![row]);
+            }
+        }
         if cli.wants("idle") || cli.wants("p2p") {
             for &n in &cli.devices {
                 if n > max_devices {
@@ -465,6 +502,18 @@ fn cpu_delta(a: Sample, b: Sample) -> Option<f64> {
     Some(b.cpu_secs? - a.cpu_secs?)
 }
 
+/// Pushes pushbridge's APNs side has finished with (delivered, failed, or no credentials).
+async fn apns_handled(server: &Server, redis: bool) -> u64 {
+    if !redis {
+        return 0;
+    }
+    let mut n = 0;
+    for c in ["apns_delivered", "apns_failed", "apns_no_credentials"] {
+        n += server.metric(c).await.unwrap_or(0);
+    }
+    n
+}
+
 fn via(server: &Server) -> Via {
     match server.proxy {
         Some(p) => Via::Proxy(p),
@@ -499,6 +548,13 @@ async fn devices_run(cli: &Cli, spec: &Spec, n: u64) -> Vec<Row> {
         Ok(s) => s,
         Err(e) => return failed_rows(cli, &name, n, format!("start failed: {e:#}")),
     };
+    match server.fill_redis(n).await {
+        Ok(_) => {}
+        Err(e) => {
+            server.stop().await;
+            return failed_rows(cli, &name, n, format!("filling redis failed: {e:#}"));
+        }
+    }
     let before = server.sample();
     let set = DeviceSet::connect(cli, server.mqtt, n, |i| format!("push/user/{i}")).await;
     tokio::time::sleep(Duration::from_millis(cli.settle_ms)).await;
@@ -588,7 +644,18 @@ async fn p2p(
             seq,
         })
         .collect();
-    let phase = Phase::new(m, false, n);
+    // pushbridge-redis: pushes to iOS users go to APNs, not to the devices.
+    let redis = server.redis_url.is_some();
+    let to_apns = if redis {
+        msgs.iter()
+            .filter(|m| matches!(m.to, To::User(u) if target::is_ios(u.into())))
+            .count() as u64
+    } else {
+        0
+    };
+    let expected = m - to_apns;
+    let apns0 = apns_handled(server, redis).await;
+    let phase = Phase::with_keys(m, expected, false, n);
     set.shared.set_phase(Some(phase.clone()));
     let pad = send::pad_for(cli.payload);
     let s0 = server.sample();
@@ -599,14 +666,26 @@ async fn p2p(
     let sender = tokio::spawn(async move {
         send::send_all(via, &msgs, senders, window, &pad, deadline, offered).await
     });
-    wait_deliveries(cli, &phase, m, deadline).await;
+    wait_deliveries(cli, &phase, expected, deadline).await;
     let sent = sender.await.unwrap_or_default();
     let s1 = server.sample();
+    let mut apns = 0;
+    if redis {
+        // The APNs hand-offs are counted by pushbridge; give the last ones a moment.
+        let until = Instant::now() + Duration::from_secs(5);
+        loop {
+            apns = apns_handled(server, redis).await.saturating_sub(apns0);
+            if apns >= to_apns || Instant::now() > until {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
     let me1 = Sample::of(Some(std::process::id()));
     set.shared.set_phase(None);
     let mut lat = phase.take_latencies();
     lat.sort_unstable();
-    let delivered = phase.received();
+    let delivered = phase.received().min(expected) + apns.min(to_apns);
     let last = phase.last_ns.load(Ordering::Relaxed);
     let secs = last.saturating_sub(sent.first_ns) as f64 / 1e9;
     let dropped = set.shared.dropped.load(Ordering::Relaxed);
@@ -633,6 +712,14 @@ async fn p2p(
         rss_before_kib: s0.rss_kib,
         rss_after_kib: s1.rss_kib,
         note: join_note(&[
+            if redis {
+                format!(
+                    "{} to devices, {apns} of {to_apns} to APNs (no app credentials: dropped, apns_no_credentials)",
+                    phase.received()
+                )
+            } else {
+                String::new()
+            },
             sent_note(&sent),
             if dropped > 0 {
                 format!("{dropped} devices disconnected")

@@ -185,6 +185,55 @@ impl Broker {
     pub fn stats(&self) -> &Arc<Stats> {
         &self.inner.stats
     }
+
+    /// Benchmark support, no sockets: registers `n` offline sessions
+    /// `bench-<i>`, each subscribed with QoS 1 to `<prefix>/user/<i>`, with
+    /// no connection and no expiry clock (they live as long as the broker).
+    /// `publish` queues to them as to any offline session, up to `max_queued`;
+    /// the returned handle empties a queue the way a connection would.
+    #[doc(hidden)]
+    pub fn attach_bench_sessions(&self, n: usize) -> BenchSessions {
+        let prefix = &self.inner.settings.prefix;
+        let wake = Arc::new(tokio::sync::Notify::new());
+        let mut reg = self.inner.registry();
+        let sessions = (0..n)
+            .map(|i| {
+                let owner = session::Owner {
+                    conn: 0,
+                    wake: wake.clone(),
+                };
+                let session = reg.attach(&format!("bench-{i}"), true, 0, owner).session;
+                reg.subscribe(&session, &format!("{prefix}/user/{i}"), 1);
+                session.lock().owner = None;
+                session
+            })
+            .collect();
+        BenchSessions { sessions }
+    }
+}
+
+/// Sessions made by [`Broker::attach_bench_sessions`], by index.
+#[doc(hidden)]
+pub struct BenchSessions {
+    sessions: Vec<Arc<session::Session>>,
+}
+
+impl BenchSessions {
+    /// Takes every message queued for session `i`; returns how many there were.
+    pub fn drain(&self, i: usize) -> usize {
+        let mut st = self.sessions[i].lock();
+        let n = st.queue.len();
+        st.queue.clear();
+        n
+    }
+
+    pub fn len(&self) -> usize {
+        self.sessions.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sessions.is_empty()
+    }
 }
 
 #[cfg(test)]
@@ -195,5 +244,23 @@ mod tests {
     fn publish_without_subscribers_reaches_nobody() {
         let (broker, _rx) = Broker::new(&MqttSettings::default());
         assert_eq!(broker.publish("push/user/1", Bytes::from_static(b"x")), 0);
+    }
+
+    #[test]
+    fn bench_sessions_take_publishes_and_drain() {
+        let settings = MqttSettings {
+            max_queued: 2,
+            ..MqttSettings::default()
+        };
+        let (broker, _rx) = Broker::new(&settings);
+        let s = broker.attach_bench_sessions(3);
+        assert_eq!((s.len(), broker.session_count()), (3, 3));
+        let x = || Bytes::from_static(b"x");
+        assert_eq!(broker.publish("push/user/2", x()), 1);
+        assert_eq!(broker.publish("push/user/2", x()), 1);
+        assert_eq!(broker.publish("push/user/2", x()), 0, "queue bound");
+        assert_eq!(broker.stats().mqtt_dropped.get(), 1);
+        assert_eq!((s.drain(2), s.drain(2), s.drain(0)), (2, 0, 0));
+        assert_eq!(broker.publish("push/user/2", x()), 1);
     }
 }

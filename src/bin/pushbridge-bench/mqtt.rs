@@ -196,13 +196,16 @@ pub struct Phase {
 impl Phase {
     /// `expected` deliveries; keys are `seq` (p2p) or `seq * devices + device` (fan-out).
     pub fn new(expected: u64, per_device: bool, devices: u64) -> Arc<Phase> {
+        Self::with_keys(expected, expected, per_device, devices)
+    }
+
+    /// Keys below `keys`, of which only `expected` are to reach a device (p2p with APNs users).
+    pub fn with_keys(keys: u64, expected: u64, per_device: bool, devices: u64) -> Arc<Phase> {
         Arc::new(Phase {
             per_device,
             devices,
-            seen: (0..expected.div_ceil(64))
-                .map(|_| AtomicU64::new(0))
-                .collect(),
-            expected,
+            seen: (0..keys.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            expected: keys,
             received: AtomicU64::new(0),
             duplicates: AtomicU64::new(0),
             stray: AtomicU64::new(0),

@@ -28,6 +28,14 @@ pub struct Row {
     pub tool_cpu_secs: Option<f64>,
     pub rss_before_kib: Option<u64>,
     pub rss_after_kib: Option<u64>,
+    /// core: seconds to attach the sessions.
+    pub setup_secs: Option<f64>,
+    /// core: heap bytes per session (glibc in-use delta / sessions) after attaching.
+    pub heap_per_item: Option<f64>,
+    /// core: the same after one message to each session.
+    pub heap_per_item_warm: Option<f64>,
+    /// core: RSS delta per session after one message to each.
+    pub rss_per_item: Option<f64>,
     pub note: String,
 }
 
@@ -38,6 +46,11 @@ impl Row {
         }
         let (a, b) = (self.rss_before_kib?, self.rss_after_kib?);
         (self.param > 0).then(|| (b as f64 - a as f64) / self.param as f64)
+    }
+
+    /// core: ns of this thread's CPU per publish.
+    pub fn cpu_ns_per_op(&self) -> Option<f64> {
+        (self.messages > 0).then(|| self.cpu_secs.map(|c| c * 1e9 / self.messages as f64))?
     }
 
     pub fn cpu_us_per_msg(&self) -> Option<f64> {
@@ -79,13 +92,14 @@ fn opt(v: Option<f64>, digits: usize) -> String {
     v.map_or("–".into(), |v| format!("{v:.digits$}"))
 }
 
-pub const WORKLOADS: [&str; 4] = ["idle", "p2p", "fanout", "ingest"];
+pub const WORKLOADS: [&str; 5] = ["idle", "p2p", "fanout", "ingest", "core"];
 
 pub fn title(workload: &str) -> &'static str {
     match workload {
         "idle" => "idle: devices connected and subscribed, server memory",
         "p2p" => "p2p: pushes to random connected users (QoS 1)",
         "fanout" => "fanout: one push to a group, until the last device has it",
+        "core" => "core: in-process routing, publish to one of S exact-topic sessions (no sockets)",
         _ => "ingest: frames accepted by the proxy (no devices)",
     }
 }
@@ -153,6 +167,10 @@ pub fn markdown(rows: &[Row]) -> String {
             continue;
         }
         let _ = writeln!(out, "### {}\n", title(w));
+        if w == "core" {
+            core_table(&mut out, &rows);
+            continue;
+        }
         let (head, cells): (&str, fn(&Row) -> String) = match w {
             "idle" => (
                 "| target | devices | connected | connect s | RSS before MiB | RSS after MiB | RSS/conn KiB | server CPU s | note |\n|---|--:|--:|--:|--:|--:|--:|--:|---|",
@@ -196,13 +214,48 @@ pub fn markdown(rows: &[Row]) -> String {
     out
 }
 
-pub const CSV_HEADER: &str = "workload,target,param,offered_per_s,messages,delivered,lost,duplicates,secs,rate_per_s,p50_ms,p99_ms,max_ms,to_last_p50_ms,to_last_max_ms,server_cpu_s,bench_cpu_s,rss_before_kib,rss_after_kib,rss_per_conn_kib,note";
+/// ns per publish against the smallest S of the same target: the scaling ratio.
+fn core_table(out: &mut String, rows: &[&Row]) {
+    let _ = writeln!(out, "| target | sessions | publishes | routed | dropped | ns/publish (wall) | ns/publish (thread CPU) | × smallest S (CPU) | attach s | heap B/session | heap B/session after 1 msg each | RSS B/session | note |\n|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|");
+    for r in rows {
+        let base = rows
+            .iter()
+            .filter(|b| b.target == r.target)
+            .min_by_key(|b| b.param)
+            .and_then(|b| b.cpu_ns_per_op());
+        let ratio = match (r.cpu_ns_per_op(), base) {
+            (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+            _ => None,
+        };
+        let wall = (r.messages > 0).then(|| r.secs * 1e9 / r.messages as f64);
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            r.target,
+            r.param,
+            r.messages,
+            r.delivered,
+            r.lost,
+            opt(wall, 0),
+            opt(r.cpu_ns_per_op(), 0),
+            opt(ratio, 2),
+            opt(r.setup_secs, 2),
+            opt(r.heap_per_item, 0),
+            opt(r.heap_per_item_warm, 0),
+            opt(r.rss_per_item, 0),
+            r.note
+        );
+    }
+    out.push('\n');
+}
+
+pub const CSV_HEADER: &str = "workload,target,param,offered_per_s,messages,delivered,lost,duplicates,secs,rate_per_s,p50_ms,p99_ms,max_ms,to_last_p50_ms,to_last_max_ms,server_cpu_s,bench_cpu_s,rss_before_kib,rss_after_kib,rss_per_conn_kib,setup_s,heap_bytes_per_item,heap_bytes_per_item_warm,rss_bytes_per_item,note";
 
 pub fn csv_line(r: &Row) -> String {
     let f = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.4}"));
     let u = |v: Option<u64>| v.map_or(String::new(), |v| v.to_string());
     format!(
-        "{},{},{},{},{},{},{},{},{:.4},{:.1},{},{},{},{},{},{},{},{},{},{},\"{}\"",
+        "{},{},{},{},{},{},{},{},{:.4},{:.1},{},{},{},{},{},{},{},{},{},{},{},{},{},{},\"{}\"",
         r.workload,
         r.target,
         r.param,
@@ -223,6 +276,10 @@ pub fn csv_line(r: &Row) -> String {
         u(r.rss_before_kib),
         u(r.rss_after_kib),
         f(r.rss_per_conn_kib()),
+        f(r.setup_secs),
+        f(r.heap_per_item),
+        f(r.heap_per_item_warm),
+        f(r.rss_per_item),
         r.note.replace('"', "'"),
     )
 }
@@ -238,6 +295,9 @@ fn metric(w: &str) -> (&'static str, fn(&Row) -> Option<f64>) {
             "time until the last device has it, median (ms, lower is better)",
             |r| r.last_p50_ms,
         ),
+        "core" => ("ns of CPU per publish (lower is better)", |r| {
+            r.cpu_ns_per_op()
+        }),
         _ => ("accepted frames/s (higher is better)", |r| Some(r.rate)),
     }
 }

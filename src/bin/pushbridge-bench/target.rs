@@ -12,6 +12,8 @@ use anyhow::{bail, Context};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     Pushbridge,
+    /// pushbridge with the Redis registry: a redis-server of its own, user records filled by the tool.
+    PushbridgeRedis,
     Mosquitto,
 }
 
@@ -19,6 +21,7 @@ impl fmt::Display for Kind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Kind::Pushbridge => "pushbridge",
+            Kind::PushbridgeRedis => "pushbridge-redis",
             Kind::Mosquitto => "mosquitto",
         })
     }
@@ -49,7 +52,7 @@ impl Spec {
     /// Pushes go through the proxy when there is one; otherwise as MQTT publishes.
     pub fn has_proxy(&self) -> bool {
         match self {
-            Spec::Spawn { kind, .. } => *kind == Kind::Pushbridge,
+            Spec::Spawn { kind, .. } => *kind != Kind::Mosquitto,
             Spec::External { proxy, .. } => proxy.is_some(),
         }
     }
@@ -66,6 +69,11 @@ pub struct Server {
     pub mqtt: SocketAddr,
     pub proxy: Option<SocketAddr>,
     pub pid: Option<u32>,
+    /// pushbridge-redis: the registry's redis-server and its URL.
+    pub redis_url: Option<String>,
+    /// pushbridge: its HTTP listener (metrics).
+    pub http: Option<SocketAddr>,
+    redis: Option<Child>,
     child: Option<Child>,
     dir: Option<PathBuf>,
 }
@@ -90,9 +98,13 @@ pub fn pushbridge_settings(
     mqtt: SocketAddr,
     http: SocketAddr,
     limits: Limits,
+    redis_url: Option<&str>,
 ) -> String {
+    let registry = redis_url.map_or(String::new(), |u| {
+        format!("[registry]\nredis_url = \"{u}\"\n\n")
+    });
     format!(
-        "# written by pushbridge-bench\n\
+        "# written by pushbridge-bench\n{registry}\
          [proxy]\nlisten = \"{proxy}\"\nmax_connections = 1024\n\n\
          [mqtt]\nlisten = \"{mqtt}\"\nmax_connections = 19000\n\
          max_queued = {q}\nmax_inflight = {i}\n\n\
@@ -143,6 +155,9 @@ impl Server {
                     mqtt: *mqtt,
                     proxy: *proxy,
                     pid: *pid,
+                    redis_url: None,
+                    http: None,
+                    redis: None,
                     child: None,
                     dir: None,
                 });
@@ -153,13 +168,23 @@ impl Server {
         let mqtt: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
         let log = std::fs::File::create(dir.join("server.log"))?;
         let mut cmd = Command::new(bin);
+        let (mut redis, mut redis_url, mut http_addr) = (None, None, None);
         let proxy = match kind {
-            Kind::Pushbridge => {
+            Kind::Pushbridge | Kind::PushbridgeRedis => {
+                if kind == Kind::PushbridgeRedis {
+                    let (child, url) = start_redis(&dir).await?;
+                    redis = Some(child);
+                    redis_url = Some(url);
+                }
                 let proxy: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
                 let conf = dir.join("setting.toml");
                 // Every listener on a port of its own: instances never collide.
                 let http: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
-                std::fs::write(&conf, pushbridge_settings(proxy, mqtt, http, limits))?;
+                http_addr = Some(http);
+                std::fs::write(
+                    &conf,
+                    pushbridge_settings(proxy, mqtt, http, limits, redis_url.as_deref()),
+                )?;
                 cmd.arg("serve").arg("--config").arg(&conf);
                 cmd.env_remove("RUST_LOG").env("NO_COLOR", "1");
                 Some(proxy)
@@ -189,6 +214,10 @@ impl Server {
         let child = match child {
             Ok(c) => c,
             Err(e) => {
+                if let Some(mut r) = redis {
+                    let _ = r.kill();
+                    let _ = r.wait();
+                }
                 let _ = std::fs::remove_dir_all(&dir);
                 return Err(e).with_context(|| format!("starting {}", bin.display()));
             }
@@ -197,6 +226,9 @@ impl Server {
             mqtt,
             proxy,
             pid: Some(child.id()),
+            redis_url,
+            http: http_addr,
+            redis,
             child: Some(child),
             dir: Some(dir),
         };
@@ -256,14 +288,122 @@ impl Server {
                 let _ = child.wait();
             }
         }
+        if let Some(mut r) = self.redis.take() {
+            let _ = r.kill();
+            let _ = r.wait();
+        }
         if let Some(dir) = self.dir.take() {
             let _ = std::fs::remove_dir_all(dir);
         }
     }
+
+    /// pushbridge-redis: `User:<i>` for every i < n, pipelined; odd users are
+    /// iOS (APNs token and app_ident: routed to APNs), even ones have no
+    /// token (routed to MQTT). Returns false when this server has no Redis.
+    pub async fn fill_redis(&self, n: u64) -> anyhow::Result<bool> {
+        let Some(url) = self.redis_url.clone() else {
+            return Ok(false);
+        };
+        let client = redis::Client::open(url.as_str())?;
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        let mut i = 0;
+        while i < n {
+            let mut pipe = redis::pipe();
+            for u in i..(i + 10_000).min(n) {
+                let key = format!("User:{u}");
+                if is_ios(u) {
+                    pipe.hset_multiple(
+                        key,
+                        &[
+                            ("app_token", format!("{u:064x}")),
+                            ("app_ident", "com.example.bench".into()),
+                            ("app_version", "produce".into()),
+                        ],
+                    )
+                    .ignore();
+                } else {
+                    pipe.hset(key, "app_version", "produce").ignore();
+                }
+            }
+            let _: () = pipe.query_async(&mut conn).await?;
+            i = (i + 10_000).min(n);
+        }
+        Ok(true)
+    }
+
+    /// A counter from pushbridge's `/metrics` (plain HTTP/1.1, no client library).
+    pub async fn metric(&self, name: &str) -> Option<u64> {
+        match self.metric_text().await {
+            Ok(body) => body
+                .lines()
+                .filter(|l| !l.starts_with('#'))
+                .find_map(|l| {
+                    let (k, v) = l.split_once(' ')?;
+                    (k == format!("pushbridge_{name}_total"))
+                        .then(|| v.trim().parse::<f64>().ok())?
+                })
+                .map(|v| v as u64),
+            Err(e) => {
+                eprintln!("  /metrics: {e:#}");
+                None
+            }
+        }
+    }
+
+    async fn metric_text(&self) -> anyhow::Result<String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let http = self.http.context("no HTTP listener")?;
+        let mut s = tokio::net::TcpStream::connect(http).await?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut body = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut body)).await??;
+        Ok(String::from_utf8_lossy(&body).into_owned())
+    }
+}
+
+/// pushbridge-redis: users whose record carries an APNs token.
+pub fn is_ios(user: u64) -> bool {
+    user % 2 == 1
+}
+
+/// A redis-server on a free loopback port, no persistence, dying with the tool.
+async fn start_redis(dir: &Path) -> anyhow::Result<(Child, String)> {
+    let port = free_port()?;
+    let url = format!("redis://127.0.0.1:{port}/");
+    let mut cmd = Command::new("redis-server");
+    cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no", "--dir"])
+        .arg(dir);
+    // SAFETY: prctl is async-signal-safe and touches only this child.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting redis-server (apt-get install redis-server)")?;
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    if let Err(e) = wait_listening(addr, Duration::from_secs(10), Some(&mut child)).await {
+        let _ = child.kill();
+        let _ = child.wait();
+        bail!("redis-server did not start: {e:#}");
+    }
+    Ok((child, url))
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
+        if let Some(r) = &mut self.redis {
+            let _ = r.kill();
+            let _ = r.wait();
+        }
         if let Some(child) = &mut self.child {
             let _ = child.kill();
             let _ = child.wait();
