@@ -201,8 +201,10 @@ impl Shared {
     fn fail(&self, job: &ApnsJob, answer: &Answer, reason: &str) {
         let d = &job.delivery;
         self.sinks.stats.apns_failed.inc();
-        warn!(user = %d.user, app = %d.app_ident, status = answer.status(), reason,
-            apns_id = answer.apns_id, "APNs: not delivered");
+        if let Some(skipped) = self.failure_log.take(std::time::Instant::now()) {
+            warn!(user = %d.user, app = %d.app_ident, status = answer.status(), reason,
+                apns_id = answer.apns_id, skipped, "APNs: not delivered");
+        }
         self.feedback(d, reason);
     }
 

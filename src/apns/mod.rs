@@ -16,6 +16,7 @@ mod endpoints;
 mod feedback;
 mod jwt;
 mod legacy;
+mod log_budget;
 mod outcome;
 mod payload;
 mod pem;

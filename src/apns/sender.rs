@@ -12,6 +12,7 @@ use tracing::{debug, info, warn, Instrument};
 use super::connection::Transport;
 use super::endpoints::{Builder, Endpoint};
 use super::feedback::Feedback;
+use super::log_budget::LogBudget;
 use super::payload::{Payload, PayloadError};
 use super::reload::{self, Credentials};
 use super::retry::RetryPolicy;
@@ -47,6 +48,8 @@ pub(super) struct Shared {
     pub retry: RetryPolicy,
     pub jwt_refresh_min: Duration,
     pub shutdown: CancellationToken,
+    /// "not delivered" warnings: at most 10 a second (`skipped` counts the rest).
+    pub failure_log: LogBudget,
 }
 
 impl ApnsSender {
@@ -93,6 +96,7 @@ impl ApnsSender {
             retry: RetryPolicy::new(settings),
             jwt_refresh_min: Duration::from_secs(settings.jwt_refresh_min_secs),
             shutdown: shutdown.clone(),
+            failure_log: LogBudget::new(10, Duration::from_secs(1)),
         });
         let in_flight = settings.max_in_flight.max(1);
         tracker.spawn(run(shared, rx, in_flight, shutdown, tracker.clone()));
