@@ -43,7 +43,7 @@ fn bench(c: &mut Criterion) {
             target: Target::User(Id::from(42u64)),
             data: data(alert),
         };
-        let one_users = vec![(Id::from(42u64), None)];
+        let one_users = vec![(Id::from(42u64), None::<UserRecord>)];
         g.bench_function(format!("route user push ({kind}, no record)"), |b| {
             b.iter(|| route("push", black_box(&one), black_box(&one_users)))
         });

@@ -114,10 +114,10 @@ impl Dispatcher {
             Target::Group(g) => records.members.get(g).cloned().unwrap_or_default(),
             target => router::user_targets(target),
         };
-        let users: Vec<(Id, Option<UserRecord>)> = ids
+        let users: Vec<(Id, Option<&UserRecord>)> = ids
             .into_iter()
             .map(|id| {
-                let record = records.users.get(&id).cloned().flatten();
+                let record = records.users.get(&id).and_then(Option::as_ref);
                 (id, record)
             })
             .collect();

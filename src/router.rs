@@ -5,6 +5,8 @@
 //! publish on `<prefix>/group/<gid>`, plus APNs for each iOS member the user
 //! rule sends to APNs.
 
+use std::borrow::Borrow;
+
 use crate::push::{Id, Push, Target, UserRecord};
 
 /// Which APNs host a device token belongs to.
@@ -63,8 +65,13 @@ pub fn group_topic(prefix: &str, id: &Id) -> String {
 
 /// Routes `push` given the records of its users: for a user push, of
 /// `user_targets(&push.target)`; for a group push, of the group's iOS members.
-/// A user with no record is treated as one with no token.
-pub fn route(prefix: &str, push: &Push, users: &[(Id, Option<UserRecord>)]) -> Routing {
+/// A user with no record is treated as one with no token. Records may be
+/// owned or borrowed, so callers need not copy them.
+pub fn route<R: Borrow<UserRecord>>(
+    prefix: &str,
+    push: &Push,
+    users: &[(Id, Option<R>)],
+) -> Routing {
     let alert = push.is_alert();
     let mut routing = Routing::default();
     let group = match &push.target {
@@ -75,7 +82,7 @@ pub fn route(prefix: &str, push: &Push, users: &[(Id, Option<UserRecord>)]) -> R
         Target::User(_) | Target::Users(_) => false,
     };
     for (id, record) in users {
-        match apns_for(alert, id, record.as_ref()) {
+        match apns_for(alert, id, record.as_ref().map(Borrow::borrow)) {
             Some(delivery) => routing.apns.push(delivery),
             None if !group => routing.mqtt_topics.push(user_topic(prefix, id)),
             None => {}
@@ -162,7 +169,7 @@ mod tests {
     fn no_record_goes_to_mqtt() {
         for alert in [true, false] {
             let p = push(Target::User("9".into()), alert);
-            let r = route("pfx", &p, &[("9".into(), None)]);
+            let r = route::<UserRecord>("pfx", &p, &[("9".into(), None)]);
             assert_eq!(r.mqtt_topics, vec!["pfx/user/9"]);
             assert!(r.apns.is_empty());
         }
@@ -224,7 +231,7 @@ mod tests {
     #[test]
     fn group_without_ios_members_is_one_publish() {
         let p = push(Target::Group("5".into()), true);
-        let r = route("push", &p, &[]);
+        let r = route::<UserRecord>("push", &p, &[]);
         assert_eq!(r.mqtt_topics, vec!["push/group/5"]);
         assert!(r.apns.is_empty());
     }

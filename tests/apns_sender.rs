@@ -235,16 +235,8 @@ async fn token_auth_jwt_verifies_with_the_p8_public_key() {
 
 #[tokio::test]
 async fn sandbox_and_production_go_to_their_hosts_with_their_certificates() {
-    let production = ApnsServer::start_with(ServerOptions {
-        require_client_cert: true,
-        ..Default::default()
-    })
-    .await;
-    let sandbox = ApnsServer::start_with(ServerOptions {
-        require_client_cert: true,
-        ..Default::default()
-    })
-    .await;
+    let production = ApnsServer::start_requiring_client_cert().await;
+    let sandbox = ApnsServer::start_requiring_client_cert().await;
     let creds = TestCredentials::new();
     let dev = ClientCert::new("app develop");
     let prod = ClientCert::new("app produce");
@@ -275,11 +267,7 @@ async fn sandbox_and_production_go_to_their_hosts_with_their_certificates() {
 
 #[tokio::test]
 async fn pem_encrypted_pem_and_p12_present_the_client_certificate() {
-    let server = ApnsServer::start_with(ServerOptions {
-        require_client_cert: true,
-        ..Default::default()
-    })
-    .await;
+    let server = ApnsServer::start_requiring_client_cert().await;
     let creds = TestCredentials::new();
     let plain = ClientCert::new("plain pem");
     let encrypted = ClientCert::new("encrypted pem");
@@ -1128,11 +1116,7 @@ async fn sighup_reloads_the_credentials() {
 
 #[tokio::test]
 async fn one_broken_certificate_leaves_the_other_environment_working() {
-    let server = ApnsServer::start_with(ServerOptions {
-        require_client_cert: true,
-        ..Default::default()
-    })
-    .await;
+    let server = ApnsServer::start_requiring_client_cert().await;
     let creds = TestCredentials::new();
     let dev = ClientCert::new("dev v1");
     let prod = ClientCert::new("prod v1");

@@ -61,6 +61,20 @@ fn serve(config: &std::path::Path) -> (Running, String, String) {
     (child, field("proxy"), field("mqtt"))
 }
 
+/// `mosquitto_sub -d` for one QoS 1 message on `topic`, giving up after 30 s.
+/// Run under `stdbuf -oL`: it block-buffers a pipe, hiding its SUBACK line.
+fn mosquitto_sub(addr: &str, extra: &[&str], topic: &str) -> Child {
+    let (host, port) = addr.rsplit_once(':').unwrap();
+    Command::new("stdbuf")
+        .args(["-oL", "mosquitto_sub", "-h", host, "-p", port])
+        .args(extra)
+        .args(["-t", topic, "-q", "1", "-C", "1", "-W", "30", "-d"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("mosquitto_sub (scripts/test.sh installs mosquitto-clients)")
+}
+
 fn send(proxy: &str, args: &[&str]) -> std::process::Output {
     Command::new(BIN)
         .args(["send", "--addr", proxy])
@@ -73,32 +87,8 @@ fn send(proxy: &str, args: &[&str]) -> std::process::Output {
 fn serve_send_and_a_standard_client_receives() {
     let dir = tempfile::tempdir().unwrap();
     let (mut server, proxy, mqtt) = serve(&settings_file(&dir, ""));
-    let (host, port) = mqtt.rsplit_once(':').unwrap();
 
-    // stdbuf: mosquitto_sub block-buffers a pipe, hiding its SUBACK line.
-    let mut sub = Running(
-        Command::new("stdbuf")
-            .args([
-                "-oL",
-                "mosquitto_sub",
-                "-h",
-                host,
-                "-p",
-                port,
-                "-t",
-                "push/user/42",
-                "-q",
-                "1",
-                "-C",
-                "1",
-                "-W",
-                "30",
-                "-d",
-            ])
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("mosquitto_sub (scripts/test.sh installs mosquitto-clients)"),
-    );
+    let mut sub = Running(mosquitto_sub(&mqtt, &[], "push/user/42"));
     let mut out = BufReader::new(sub.0.stdout.take().unwrap()).lines();
     out.by_ref()
         .map(|l| l.unwrap())
@@ -244,28 +234,8 @@ fn token_command_and_mosquitto_sub_with_jwt() {
     assert_eq!(token.split('.').count(), 3, "{token}");
 
     let (_server, proxy, mqtt) = serve(&config);
-    let (host, port) = mqtt.rsplit_once(':').unwrap();
-    let sub = |password: &str, topic: &str| {
-        Command::new("stdbuf")
-            .args([
-                "-oL",
-                "mosquitto_sub",
-                "-h",
-                host,
-                "-p",
-                port,
-                "-u",
-                "42",
-                "-P",
-            ])
-            .args([
-                password, "-t", topic, "-q", "1", "-C", "1", "-W", "30", "-d",
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
-    };
+    let sub =
+        |password: &str, topic: &str| mosquitto_sub(&mqtt, &["-u", "42", "-P", password], topic);
     let mut ok = Running(sub(&token, "push/user/42"));
     let mut out = BufReader::new(ok.0.stdout.take().unwrap()).lines();
     out.by_ref()

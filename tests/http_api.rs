@@ -81,30 +81,16 @@ async fn users_api(settings: pushbridge::settings::Settings) {
         .unwrap();
     assert_eq!(rec.app_token.as_deref(), Some("00ff"));
 
-    assert_eq!(
-        request(addr, "PUT", "/v1/groups/3/ios-members/9", None, None)
+    for (method, want) in [("PUT", vec![Id::from(9)]), ("DELETE", vec![])] {
+        let path = "/v1/groups/3/ios-members/9";
+        assert_eq!(request(addr, method, path, None, None).await.status, 204);
+        let members = server
+            .registry
+            .group_apple_members(&[Id::from(3)])
             .await
-            .status,
-        204
-    );
-    let members = server
-        .registry
-        .group_apple_members(&[Id::from(3)])
-        .await
-        .unwrap();
-    assert_eq!(members, vec![vec![Id::from(9)]]);
-    assert_eq!(
-        request(addr, "DELETE", "/v1/groups/3/ios-members/9", None, None)
-            .await
-            .status,
-        204
-    );
-    let members = server
-        .registry
-        .group_apple_members(&[Id::from(3)])
-        .await
-        .unwrap();
-    assert_eq!(members, vec![Vec::<Id>::new()]);
+            .unwrap();
+        assert_eq!(members, vec![want], "after {method}");
+    }
 
     assert_eq!(
         request(addr, "DELETE", "/v1/users/9", None, None)

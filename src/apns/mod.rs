@@ -77,10 +77,3 @@ pub struct ApnsJob {
     pub delivery: ApnsDelivery,
     pub data: Arc<Map<String, Value>>,
 }
-
-impl ApnsJob {
-    /// A push with an `alert` key is shown to the user; without one it is silent.
-    pub fn is_alert(&self) -> bool {
-        self.data.contains_key("alert")
-    }
-}

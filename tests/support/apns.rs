@@ -148,6 +148,15 @@ impl ApnsServer {
         Self::start_with(ServerOptions::default()).await
     }
 
+    /// A server that refuses TLS handshakes without a client certificate.
+    pub async fn start_requiring_client_cert() -> ApnsServer {
+        Self::start_with(ServerOptions {
+            require_client_cert: true,
+            ..Default::default()
+        })
+        .await
+    }
+
     pub async fn start_with(options: ServerOptions) -> ApnsServer {
         let ca = test_ca();
         let key = KeyPair::generate().expect("server key");
