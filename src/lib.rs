@@ -71,11 +71,15 @@ pub struct Server {
     pub broker: Broker,
     pub stats: Arc<Stats>,
     shutdown: CancellationToken,
-    /// Cancelled after intake has drained: stops the broker and the senders.
+    /// Cancelled once queued pushes are routed and sent: stops the broker.
+    stop_mqtt: CancellationToken,
+    /// Cancelled once the devices are gone: stops everything else.
     stop: CancellationToken,
     ingress: TaskTracker,
+    mqtt: TaskTracker,
     tracker: TaskTracker,
     dispatcher: JoinHandle<()>,
+    apns: ApnsSender,
     drain: Duration,
 }
 
@@ -90,9 +94,8 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
     raise_fd_limit();
     let stats = Arc::new(Stats::default());
     let registry = Registry::open(&settings.registry).await?;
-    let stop = CancellationToken::new();
-    let tracker = TaskTracker::new();
-    let ingress = TaskTracker::new();
+    let (stop, stop_mqtt) = (CancellationToken::new(), CancellationToken::new());
+    let (tracker, ingress, mqtt) = (TaskTracker::new(), TaskTracker::new(), TaskTracker::new());
 
     let proxy_listener = bind("proxy.listen", settings.proxy.listen).await?;
     let mqtt_listener = bind("mqtt.listen", settings.mqtt.listen).await?;
@@ -136,10 +139,10 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
         feedback: apns::Feedback::new(broker.clone(), settings.feedback_topic()),
     };
     let apns = ApnsSender::start(&settings.apns, sinks, stop.clone(), &tracker)?;
-    tracker.spawn(
+    mqtt.spawn(
         broker
             .clone()
-            .serve_all(mqtt_listeners, stop.clone(), tracker.clone()),
+            .serve_all(mqtt_listeners, stop_mqtt.clone(), mqtt.clone()),
     );
     tracker.spawn(status::run(
         events,
@@ -152,7 +155,7 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
     let dispatcher = Arc::new(Dispatcher {
         registry: registry.clone(),
         broker: broker.clone(),
-        apns,
+        apns: apns.clone(),
         prefix: settings.mqtt.prefix.clone(),
         stats: stats.clone(),
     });
@@ -196,33 +199,52 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
         broker,
         stats,
         shutdown,
+        stop_mqtt,
         stop,
         ingress,
+        mqtt,
         tracker,
         dispatcher,
+        apns,
         drain: Duration::from_secs(settings.proxy.drain_secs),
     })
 }
 
 impl Server {
-    /// Waits for the shutdown token, then stops: intake first, queued pushes
-    /// routed (bounded by a drain timeout), then the broker and senders.
+    /// Waits for the shutdown token, then stops: intake first; queued pushes
+    /// routed and queued notifications answered by Apple (together bounded by
+    /// `proxy.drain_secs`); devices sent what their sessions hold, then
+    /// disconnected; the focus they leave written; then everything else.
     pub async fn wait(self) {
         self.shutdown.cancelled().await;
+        let deadline = tokio::time::Instant::now() + self.drain;
         self.ingress.close();
         self.ingress.wait().await;
-        if tokio::time::timeout(self.drain, self.dispatcher)
+        if tokio::time::timeout_at(deadline, self.dispatcher)
             .await
             .is_err()
         {
             warn!(
                 secs = self.drain.as_secs(),
-                "queued pushes not drained in time"
+                "queued pushes not routed in time"
             );
         }
+        if tokio::time::timeout_at(deadline, self.apns.drain())
+            .await
+            .is_err()
+        {
+            warn!(
+                secs = self.drain.as_secs(),
+                "queued APNs notifications not sent in time"
+            );
+        }
+        self.stop_mqtt.cancel();
+        self.mqtt.close();
+        self.mqtt.wait().await;
         self.stop.cancel();
         self.tracker.close();
         self.tracker.wait().await;
+        self.apns.drain().await;
         info!("pushbridge stopped");
     }
 

@@ -43,7 +43,8 @@ pub struct ProxySettings {
     pub max_connections: usize,
     /// Accepted pushes waiting for routing; when full, backends wait.
     pub queue: usize,
-    /// On shutdown, how long queued pushes may take to be routed.
+    /// On shutdown, how long queued pushes may take to be routed and queued
+    /// APNs notifications to be answered.
     pub drain_secs: u64,
 }
 

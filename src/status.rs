@@ -32,7 +32,8 @@ pub fn parse(payload: &[u8]) -> Option<(Id, bool)> {
     Some((user, focus))
 }
 
-/// Applies status events until the broker is gone or `stop`.
+/// Applies status events until the broker is gone, or `stop` and no event is
+/// left (so devices disconnected by a shutdown still leave focus).
 pub async fn run(
     mut events: mpsc::Receiver<BrokerEvent>,
     registry: Registry,
@@ -42,8 +43,9 @@ pub async fn run(
     // Users each connection has put in focus.
     let mut focused: HashMap<u64, HashSet<Id>> = HashMap::new();
     while let Some(event) = tokio::select! {
+        biased;
         event = events.recv() => event,
-        _ = stop.cancelled() => None,
+        _ = stop.cancelled() => events.try_recv().ok(),
     } {
         match event {
             BrokerEvent::Status {

@@ -29,6 +29,10 @@ pub struct ApnsSender {
     queue_full: QueueFull,
     stats: Arc<Stats>,
     credentials: Arc<Credentials>,
+    /// Cancelled by `drain`: the queue task takes no new jobs, finishes the queued ones.
+    draining: CancellationToken,
+    /// The queue task and every delivery it started.
+    tasks: TaskTracker,
 }
 
 /// Where the sender reports besides its logs: counters, the registry
@@ -99,12 +103,15 @@ impl ApnsSender {
             failure_log: LogBudget::new(10, Duration::from_secs(1)),
         });
         let in_flight = settings.max_in_flight.max(1);
-        tracker.spawn(run(shared, rx, in_flight, shutdown, tracker.clone()));
+        let (draining, tasks) = (CancellationToken::new(), TaskTracker::new());
+        tasks.spawn(run(shared, rx, in_flight, draining.clone(), tasks.clone()));
         Ok(ApnsSender {
             queue: tx,
             queue_full: settings.queue_full,
             stats,
             credentials,
+            draining,
+            tasks,
         })
     }
 
@@ -128,8 +135,20 @@ impl ApnsSender {
                     warn!(dropped, "APNs queue full; notifications dropped");
                 }
             }
-            Err(false) => debug!("APNs sender stopped; notification dropped"),
+            Err(false) => {
+                self.stats.apns_failed.inc();
+                warn!("APNs sender stopped; notification dropped");
+            }
         }
+    }
+
+    /// For shutdown: stops taking notifications and returns once every queued
+    /// one has been answered or has failed for good. Bound it with a timeout;
+    /// the shutdown token then fails what is left (counted).
+    pub async fn drain(&self) {
+        self.draining.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
     }
 
     /// Notifications waiting in the queue now.
@@ -149,19 +168,27 @@ impl ApnsSender {
 }
 
 /// Drains the queue: checks each job, then sends it on its own task so
-/// requests share connections concurrently.
+/// requests share connections concurrently. Once `draining`, the queue is
+/// closed and emptied; on shutdown what is still queued fails (counted).
 async fn run(
     shared: Arc<Shared>,
     mut rx: mpsc::Receiver<ApnsJob>,
     max_in_flight: usize,
-    shutdown: CancellationToken,
+    draining: CancellationToken,
     tracker: TaskTracker,
 ) {
     let in_flight = Arc::new(Semaphore::new(max_in_flight));
+    let shutdown = shared.shutdown.clone();
+    let (mut left, mut closed) = (0, false);
     loop {
         let job = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
+            _ = draining.cancelled(), if !closed => {
+                rx.close();
+                closed = true;
+                continue;
+            }
             job = rx.recv() => match job {
                 Some(job) => job,
                 None => break,
@@ -171,7 +198,10 @@ async fn run(
             continue;
         };
         let permit = tokio::select! {
-            _ = shutdown.cancelled() => break,
+            _ = shutdown.cancelled() => {
+                left += 1;
+                break;
+            }
             p = Arc::clone(&in_flight).acquire_owned() => match p {
                 Ok(p) => p,
                 Err(_) => break,
@@ -182,6 +212,17 @@ async fn run(
             Arc::clone(&shared)
                 .deliver(endpoint, job, payload, permit)
                 .instrument(span),
+        );
+    }
+    rx.close();
+    while rx.try_recv().is_ok() {
+        left += 1;
+    }
+    if left > 0 {
+        shared.sinks.stats.apns_failed.add(left);
+        warn!(
+            notifications = left,
+            "APNs: still queued at shutdown; not delivered"
         );
     }
     debug!("APNs sender stopped");

@@ -35,6 +35,9 @@ pub(super) const READ_MAX: usize = 64 * 1024;
 const WRITE_HIGH: usize = 64 * 1024;
 /// Bound on the last write (DISCONNECT, unflushed acks) of a closing connection.
 pub(super) const FINAL_WRITE: Duration = Duration::from_secs(1);
+/// On shutdown, how long a connection keeps delivering its session's queue
+/// (and waiting for the PUBACKs) before it says goodbye.
+const SHUTDOWN_FLUSH: Duration = Duration::from_secs(5);
 
 /// What woke the connection loop.
 enum Event {
@@ -155,7 +158,8 @@ impl Conn {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        let timed = deadline(Instant::now()).is_some();
+        let mut timed = deadline(Instant::now()).is_some();
+        let mut draining = false;
         let far = Instant::now() + Duration::from_secs(86400 * 365);
         let sleep = tokio::time::sleep_until(deadline(Instant::now()).unwrap_or(far));
         let cancelled = shutdown.cancelled();
@@ -171,13 +175,16 @@ impl Conn {
             if let Err(e) = self.flush() {
                 return End::Io(e);
             }
+            if draining && self.wbuf.is_empty() && self.session.lock().is_idle() {
+                return End::Shutdown;
+            }
             let backlog = self.wbuf.len();
             let (stream, rbuf, wbuf, need) =
                 (&mut self.stream, &mut self.rbuf, &mut self.wbuf, self.need);
             // A hand-written select: the transport is polled in place, with no
             // per-direction futures stored in the (long-lived) task.
             let event = std::future::poll_fn(|cx| {
-                if cancelled.as_mut().poll(cx).is_ready() {
+                if !draining && cancelled.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Event::Shutdown);
                 }
                 if timed && sleep.as_mut().poll(cx).is_ready() {
@@ -200,7 +207,12 @@ impl Conn {
             })
             .await;
             match event {
-                Event::Shutdown => return End::Shutdown,
+                Event::Shutdown => {
+                    draining = true;
+                    timed = true;
+                    sleep.as_mut().reset(Instant::now() + SHUTDOWN_FLUSH);
+                }
+                Event::Deadline if draining => return End::Shutdown,
                 Event::Deadline if expires.is_some_and(|e| e <= Instant::now()) => {
                     return End::TokenExpired
                 }
@@ -212,7 +224,7 @@ impl Conn {
                 Event::Read(Ok(_)) => {
                     // Boxed: an idle connection does not carry the processing state.
                     match Box::pin(self.process()).await {
-                        Ok(true) if timed => sleep
+                        Ok(true) if timed && !draining => sleep
                             .as_mut()
                             .reset(deadline(Instant::now()).unwrap_or(far)),
                         Ok(true) => {}

@@ -67,6 +67,11 @@ impl State {
         }
     }
 
+    /// Nothing left to send, nothing waiting for an acknowledgement.
+    pub fn is_idle(&self) -> bool {
+        self.queue.is_empty() && self.inflight.is_empty()
+    }
+
     /// Is `conn` (still) the connection this session belongs to?
     pub fn owned_by(&self, conn: u64) -> bool {
         !self.gone && self.owner.as_ref().is_some_and(|o| o.conn == conn)
