@@ -32,6 +32,51 @@ pub fn parse(payload: &[u8]) -> Option<(Id, bool)> {
     Some((user, focus))
 }
 
+/// Which connections hold each user in focus: the registry's flag stays true
+/// while at least one does (one user, two devices).
+#[derive(Debug, Default)]
+struct Holders {
+    by_conn: HashMap<u64, HashSet<Id>>,
+    by_user: HashMap<Id, HashSet<u64>>,
+}
+
+impl Holders {
+    /// Records `conn`'s report; the flag to write, if any.
+    fn report(&mut self, conn: u64, user: &Id, focus: bool) -> Option<bool> {
+        if focus {
+            self.by_conn.entry(conn).or_default().insert(user.clone());
+            self.by_user.entry(user.clone()).or_default().insert(conn);
+            return Some(true);
+        }
+        if let Some(users) = self.by_conn.get_mut(&conn) {
+            users.remove(user);
+        }
+        self.release(conn, user).then_some(false)
+    }
+
+    /// Forgets `conn`; the users no connection holds in focus any more.
+    fn disconnected(&mut self, conn: u64) -> Vec<Id> {
+        let users = self.by_conn.remove(&conn).unwrap_or_default();
+        users
+            .into_iter()
+            .filter(|user| self.release(conn, user))
+            .collect()
+    }
+
+    /// Drops `conn` from `user`'s holders; true if none is left.
+    fn release(&mut self, conn: u64, user: &Id) -> bool {
+        let Some(conns) = self.by_user.get_mut(user) else {
+            return true;
+        };
+        conns.remove(&conn);
+        if conns.is_empty() {
+            self.by_user.remove(user);
+            return true;
+        }
+        false
+    }
+}
+
 /// Applies status events until the broker is gone, or `stop` and no event is
 /// left (so devices disconnected by a shutdown still leave focus).
 pub async fn run(
@@ -40,8 +85,7 @@ pub async fn run(
     stats: Arc<Stats>,
     stop: CancellationToken,
 ) {
-    // Users each connection has put in focus.
-    let mut focused: HashMap<u64, HashSet<Id>> = HashMap::new();
+    let mut holders = Holders::default();
     while let Some(event) = tokio::select! {
         biased;
         event = events.recv() => event,
@@ -57,16 +101,13 @@ pub async fn run(
                     debug!(%client_id, "ignored malformed status message");
                     continue;
                 };
-                let set = focused.entry(conn).or_default();
-                if focus {
-                    set.insert(user.clone());
-                } else {
-                    set.remove(&user);
+                match holders.report(conn, &user, focus) {
+                    Some(flag) => apply(&registry, &stats, &user, flag).await,
+                    None => debug!(%user, "focus kept: another connection holds it"),
                 }
-                apply(&registry, &stats, &user, focus).await;
             }
             BrokerEvent::Disconnected { conn, .. } => {
-                for user in focused.remove(&conn).unwrap_or_default() {
+                for user in holders.disconnected(conn) {
                     apply(&registry, &stats, &user, false).await;
                 }
             }
@@ -87,6 +128,24 @@ async fn apply(registry: &Registry, stats: &Stats, user: &Id, focus: bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn focus_stays_while_any_connection_holds_it() {
+        let mut h = Holders::default();
+        let (u, v) = (Id::from("7"), Id::from("8"));
+        assert_eq!(h.report(1, &u, true), Some(true));
+        assert_eq!(h.report(2, &u, true), Some(true));
+        assert_eq!(h.report(2, &v, true), Some(true));
+        assert_eq!(h.disconnected(1), Vec::<Id>::new());
+        assert_eq!(h.report(2, &u, false), Some(false));
+        assert_eq!(h.report(3, &u, true), Some(true));
+        assert_eq!(h.report(4, &u, false), None);
+        assert_eq!(h.disconnected(2), vec![v.clone()]);
+        assert_eq!(h.disconnected(3), vec![u.clone()]);
+        assert_eq!(h.report(5, &u, false), Some(false), "nobody holds it");
+        assert_eq!(h.disconnected(9), Vec::<Id>::new());
+        assert!(h.by_conn.is_empty() && h.by_user.is_empty());
+    }
 
     #[test]
     fn parses_status_messages() {

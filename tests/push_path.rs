@@ -176,6 +176,30 @@ async fn status_focus(settings: pushbridge::settings::Settings) {
     server.stop().await;
 }
 
+/// One user on two devices: focus stays while either holds it.
+both_registries!(focus_held_by_two_devices, two_devices_focus);
+async fn two_devices_focus(settings: pushbridge::settings::Settings) {
+    let server = server::start(settings).await;
+    let mut phone = Device::connect(server.mqtt_addr, "phone-78", true).await;
+    let mut tablet = Device::connect(server.mqtt_addr, "tablet-78", true).await;
+    let mut other = Device::connect(server.mqtt_addr, "app-79", true).await;
+    for d in [&mut phone, &mut tablet] {
+        d.publish("push/app/status", br#"{"user_id": 78, "focus": true}"#)
+            .await;
+    }
+    support::wait_for_focus(&server, "78", true).await;
+    phone.disconnect().await;
+    // Status events are handled in order: once 79's is applied, so is the disconnect.
+    other
+        .publish("push/app/status", br#"{"user_id": 79, "focus": true}"#)
+        .await;
+    support::wait_for_focus(&server, "79", true).await;
+    support::wait_for_focus(&server, "78", true).await;
+    tablet.disconnect().await;
+    support::wait_for_focus(&server, "78", false).await;
+    server.stop().await;
+}
+
 both_registries!(idle_backend_is_closed, idle_backend);
 async fn idle_backend(mut settings: pushbridge::settings::Settings) {
     settings.proxy.idle_timeout_secs = 1;
