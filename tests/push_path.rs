@@ -176,7 +176,7 @@ async fn status_focus(settings: pushbridge::settings::Settings) {
     server.stop().await;
 }
 
-/// One user on two devices: focus stays while either holds it.
+// One user on two devices: focus stays while either holds it.
 both_registries!(focus_held_by_two_devices, two_devices_focus);
 async fn two_devices_focus(settings: pushbridge::settings::Settings) {
     let server = server::start(settings).await;
