@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Installs what the tests need (redis-server, mosquitto clients) when missing,
-# then runs the whole test suite. CI runs exactly this.
+# Installs what the tests need (redis-server, mosquitto clients, openssl,
+# chromium and chromedriver for the dashboard test) when missing, then runs
+# the whole test suite. CI runs exactly this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,6 +10,8 @@ command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v mosquitto_sub >/dev/null 2>&1 || need+=(mosquitto-clients)
 [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
+[ -x /usr/bin/chromium ] || need+=(chromium)
+[ -x /usr/bin/chromedriver ] || need+=(chromium-driver)
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"

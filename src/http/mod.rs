@@ -1,7 +1,9 @@
 //! The HTTP side: `POST /v1/push` for backends that prefer JSON, the device
 //! registry so backends need no Redis code, and what ops scrape
-//! (`/metrics`, `/healthz`, `/readyz`, `/v1/stats`, `/openapi.json`).
+//! (`/metrics`, `/healthz`, `/readyz`, `/v1/stats`, `/openapi.json`), and
+//! the operators' dashboard at `/`.
 
+mod dashboard;
 mod ops;
 mod push;
 mod users;
@@ -82,6 +84,7 @@ fn routes(state: HttpState) -> Router {
         .route("/openapi.json", get(ops::openapi))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
+        .route("/", get(dashboard::page))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .merge(api)

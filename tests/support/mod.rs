@@ -1,7 +1,9 @@
 //! Shared test harness: a real redis-server, the whole pushbridge in-process
-//! on 127.0.0.1:0, raw proxy frames and real MQTT clients.
+//! on 127.0.0.1:0, raw proxy frames, real MQTT clients and a real headless
+//! Chromium.
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod http;
 pub mod mqtt;
 pub mod proxy;
