@@ -32,6 +32,7 @@ use serde_json::{Map, Value};
 use crate::router::ApnsDelivery;
 
 pub use check::{check_config, AppReport, CertReport, Credential, EXPIRY_WARNING_DAYS};
+pub use endpoints::LoadedApp;
 pub use feedback::Feedback;
 pub use outcome::Outcome;
 pub use payload::{Payload, PayloadError, PushType, MAX_PAYLOAD};

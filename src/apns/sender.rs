@@ -10,7 +10,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 
 use super::connection::Transport;
-use super::endpoints::{Builder, Endpoint};
+use super::endpoints::{Builder, Endpoint, LoadedApp};
 use super::feedback::Feedback;
 use super::log_budget::LogBudget;
 use super::payload::{Payload, PayloadError};
@@ -140,6 +140,11 @@ impl ApnsSender {
     /// The (app, environment) pairs with usable credentials, sorted by app.
     pub fn configured(&self) -> Vec<(String, Environment)> {
         self.credentials.current().configured()
+    }
+
+    /// The credentials in use, with certificate expiry (`/v1/apps`).
+    pub fn loaded(&self) -> Vec<LoadedApp> {
+        self.credentials.current().loaded()
     }
 
     /// Reloads the credentials now, as SIGHUP does.
