@@ -141,6 +141,7 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
             .clone()
             .serve_all(mqtt_listeners, stop.clone(), tracker.clone()),
     );
+    tracker.spawn(stats::series::sample(stats.clone(), stop.clone()));
     tracker.spawn(status::run(
         events,
         registry.clone(),
@@ -164,6 +165,7 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
             stats: stats.clone(),
             token: settings.http.token.as_deref().map(Arc::from),
             max_notifications: settings.http.max_notifications,
+            intake: intake_tx.downgrade(),
         },
         shutdown.clone(),
     ));

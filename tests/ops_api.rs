@@ -8,8 +8,12 @@ mod apns_server;
 mod support;
 
 use apns_server::{ApnsServer, ClientCert, TestCredentials};
-use serde_json::json;
-use support::http::{get, request};
+use rmpv::Value as Mp;
+use serde_json::{json, Value};
+use support::http::{get, post_json, request};
+use support::mqtt::Device;
+use support::proxy::Backend;
+use support::redis::RedisServer;
 use support::server;
 
 #[tokio::test]
@@ -69,5 +73,156 @@ async fn apps_list_credentials_with_expiry() {
         "{metrics}"
     );
     assert!(!metrics.contains("app=\"com.example.token\""), "{metrics}");
+    server.stop().await;
+}
+
+/// The sum of one field over a series' buckets.
+fn total(stats: &Value, series: &str, field: &str) -> u64 {
+    stats[series]
+        .as_array()
+        .unwrap_or_else(|| panic!("{series} missing: {stats}"))
+        .iter()
+        .map(|b| b[field].as_u64().unwrap())
+        .sum()
+}
+
+#[tokio::test]
+async fn connections_and_series_count_what_happened() {
+    let server = server::start(server::settings(None)).await;
+    let addr = server.http_addr;
+    let stats = || async move { get(addr, "/v1/stats").await.json() };
+
+    let mut a = Device::connect(server.mqtt_addr, "a", true).await;
+    a.subscribe("push/user/1").await;
+    let b = Device::connect(server.mqtt_addr, "b", true).await;
+    let s = stats().await;
+    assert_eq!(s["connections"], json!({"now": 2, "peak": 2}));
+
+    // 3 over HTTP, 2 over the proxy: 5 accepted, 5 MQTT publishes.
+    let http = json!({"notifications": [
+        {"user": 1, "data": {"n": 1}}, {"user": 2, "data": {}}, {"group": 3, "data": {}},
+    ]});
+    assert_eq!(post_json(addr, "/v1/push", &http).await.status, 200);
+    let mut backend = Backend::connect(server.proxy_addr).await;
+    for n in [2, 3] {
+        assert_eq!(backend.push(2, Mp::from(1), &json!({ "n": n })).await, 0);
+    }
+    for n in 1..=3 {
+        assert_eq!(a.next_json().await, json!({ "n": n }));
+    }
+    b.disconnect().await;
+    let stats_now = stats;
+    support::wait_until(|| async move {
+        let s = stats_now().await;
+        s["connections"]["now"] == 1 && total(&s, "per_minute", "mqtt") == 5
+    })
+    .await;
+
+    let s = stats().await;
+    assert_eq!(s["connections"], json!({"now": 1, "peak": 2}));
+    let (minutes, hours, days) = (
+        s["per_minute"].as_array().unwrap(),
+        s["per_hour"].as_array().unwrap(),
+        s["per_day"].as_array().unwrap(),
+    );
+    assert_eq!((minutes.len(), hours.len(), days.len()), (60, 48, 30));
+    for series in ["per_minute", "per_hour", "per_day"] {
+        assert_eq!(total(&s, series, "accepted"), 5, "{series}");
+        assert_eq!(total(&s, series, "mqtt"), 5, "{series}");
+        assert_eq!(total(&s, series, "apns"), 0, "{series}");
+    }
+    assert_eq!(s["totals"]["mqtt_published"], 5);
+    let today = days.last().unwrap();
+    assert_eq!(today["start"].as_u64().unwrap() % 86400, 0);
+    assert_eq!(today["failed"]["registry"], 0);
+    assert_eq!(today["failed"].as_object().unwrap().len(), 8, "{today}");
+    let starts: Vec<u64> = minutes
+        .iter()
+        .map(|b| b["start"].as_u64().unwrap())
+        .collect();
+    assert!(starts.windows(2).all(|w| w[1] - w[0] == 60), "{starts:?}");
+
+    let metrics = get(addr, "/metrics").await.text();
+    for line in [
+        "pushbridge_mqtt_connections 1",
+        "pushbridge_mqtt_connections_peak 2",
+        "pushbridge_intake_queued 0",
+        "pushbridge_apns_queued 0",
+        "# TYPE pushbridge_mqtt_connections gauge",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line}: {metrics}");
+    }
+    a.disconnect().await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn registry_errors_are_counted() {
+    let redis = RedisServer::start();
+    let server = server::start(server::settings(Some(&redis.url))).await;
+    let addr = server.http_addr;
+    drop(redis);
+    let reply = get(addr, "/v1/users/1").await;
+    assert_eq!(reply.status, 503, "{}", reply.text());
+    assert!(reply.json()["error"].as_str().unwrap().contains("registry"));
+    assert!(server.stats.registry_errors.get() >= 1);
+    let stats = get(addr, "/v1/stats").await.json();
+    assert!(stats["totals"]["registry_errors"].as_u64().unwrap() >= 1);
+    server.stop().await;
+}
+
+/// A production APNs and token credentials for `APP`.
+async fn apple(settings: &mut pushbridge::settings::Settings) -> (ApnsServer, TestCredentials) {
+    let apple = ApnsServer::start().await;
+    let creds = TestCredentials::new();
+    let (key, _) = creds.p8("AuthKey_K1.p8");
+    settings.apns.config =
+        creds.config(&json!({APP: {"key": key, "key_id": "K1", "team_id": "T1"}}));
+    settings.apns.production_url = apple.url();
+    settings.apns.sandbox_url = apple.url();
+    settings.apns.ca_file = Some(apple.ca_path());
+    (apple, creds)
+}
+
+const APP: &str = "com.example.app";
+
+async fn put_ios_user(addr: std::net::SocketAddr, uid: u32, token: &str) {
+    let body = json!({"token": token, "ident": APP, "version": "produce"}).to_string();
+    let path = format!("/v1/users/{uid}");
+    let reply = request(addr, "PUT", &path, None, Some(body.as_bytes())).await;
+    assert_eq!(reply.status, 204, "{}", reply.text());
+}
+
+#[tokio::test]
+async fn apns_requests_show_in_the_latency_histogram_and_series() {
+    let mut settings = server::settings(None);
+    let (apple, _creds) = apple(&mut settings).await;
+    let server = server::start(settings).await;
+    let addr = server.http_addr;
+    put_ios_user(addr, 7, "aa07").await;
+    let push = json!({"notifications": [{"user": 7, "data": {"alert": "hi"}}]});
+    assert_eq!(post_json(addr, "/v1/push", &push).await.status, 200);
+    apple.next_request(support::WAIT).await;
+    let stats = server.stats.clone();
+    support::wait_until(|| {
+        let stats = stats.clone();
+        async move { stats.apns_delivered.get() == 1 }
+    })
+    .await;
+
+    let metrics = get(addr, "/metrics").await.text();
+    let name = "pushbridge_apns_request_duration_seconds";
+    for line in [
+        format!("# TYPE {name} histogram"),
+        format!("{name}_bucket{{le=\"+Inf\"}} 1"),
+        format!("{name}_bucket{{le=\"10\"}} 1"),
+        format!("{name}_count 1"),
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line}: {metrics}");
+    }
+    assert!(metrics.contains(&format!("{name}_sum ")), "{metrics}");
+    let s = get(addr, "/v1/stats").await.json();
+    assert_eq!(total(&s, "per_minute", "apns"), 1);
+    assert_eq!(total(&s, "per_day", "accepted"), 1);
     server.stop().await;
 }

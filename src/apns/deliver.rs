@@ -120,11 +120,15 @@ impl Shared {
                 }
             }
         };
+        let sent_at = Instant::now();
         let sent = tokio::select! {
             r = endpoint.conn.send(req) => r,
             // Stopping abandons requests Apple has not answered yet.
             _ = self.shutdown.cancelled() => Err(ApnsError::Request("shutting down".into())),
         };
+        if sent.is_ok() {
+            self.sinks.stats.apns_latency.observe(sent_at.elapsed());
+        }
         match sent {
             Ok(resp) => {
                 let reason = apple_reason(resp.body());
@@ -185,6 +189,7 @@ impl Shared {
         let deleted = match self.sinks.registry.delete_token_if(&d.user, &d.token).await {
             Ok(deleted) => deleted,
             Err(e) => {
+                stats.registry_errors.inc();
                 warn!(user = %d.user, error = %e, "APNs: could not remove a dead token");
                 false
             }

@@ -55,6 +55,24 @@ pub struct HttpState {
     pub stats: Arc<Stats>,
     pub token: Option<Arc<str>>,
     pub max_notifications: usize,
+    /// The proxy's intake queue, to report its depth; weak, so it does not
+    /// keep the dispatcher running after the proxy stops.
+    pub intake: tokio::sync::mpsc::WeakSender<crate::push::Push>,
+}
+
+impl HttpState {
+    /// A registry call failed: counted, and answered 503.
+    fn registry_failed(&self, e: crate::registry::RegistryError) -> HttpError {
+        self.stats.registry_errors.inc();
+        HttpError::Registry(e)
+    }
+
+    /// Pushes waiting in the proxy's intake queue.
+    fn intake_queued(&self) -> usize {
+        self.intake
+            .upgrade()
+            .map_or(0, |tx| tx.max_capacity() - tx.capacity())
+    }
 }
 
 /// Parses an id from a path segment or a JSON string.

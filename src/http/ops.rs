@@ -12,6 +12,7 @@ use super::{rfc3339, HttpState};
 use crate::apns::LoadedApp;
 use crate::registry::UserStore;
 use crate::router::Environment;
+use crate::stats::{Bucket, FAILURE_REASONS};
 
 pub(super) async fn healthz() -> &'static str {
     "ok\n"
@@ -25,13 +26,42 @@ pub(super) async fn readyz(State(state): State<HttpState>) -> impl IntoResponse 
 }
 
 pub(super) async fn stats(State(state): State<HttpState>) -> Json<Value> {
-    let totals: Map<String, Value> = state
-        .stats
+    let stats = &state.stats;
+    let totals: Map<String, Value> = stats
         .samples()
         .into_iter()
         .map(|s| (s.name.to_string(), s.value.into()))
         .collect();
-    Json(serde_json::json!({ "totals": totals }))
+    // Counted up to now, not up to the sampler's last tick.
+    let now = crate::auth::now();
+    stats.series.observe(now, stats.tally());
+    let series = stats.series.snapshot(now);
+    let buckets = |b: &[Bucket]| -> Value { b.iter().map(bucket).collect() };
+    Json(serde_json::json!({
+        "totals": totals,
+        "connections": {
+            "now": stats.mqtt_connections.now(),
+            "peak": stats.mqtt_connections.peak(),
+        },
+        "per_minute": buckets(&series.per_minute),
+        "per_hour": buckets(&series.per_hour),
+        "per_day": buckets(&series.per_day),
+    }))
+}
+
+fn bucket(b: &Bucket) -> Value {
+    let failed: Map<String, Value> = FAILURE_REASONS
+        .iter()
+        .zip(b.failed)
+        .map(|(reason, n)| (reason.to_string(), n.into()))
+        .collect();
+    serde_json::json!({
+        "start": b.start,
+        "accepted": b.accepted,
+        "mqtt": b.mqtt,
+        "apns": b.apns,
+        "failed": failed,
+    })
 }
 
 /// Prometheus text exposition format, version 0.0.4.
@@ -42,6 +72,54 @@ pub(super) async fn metrics(State(state): State<HttpState>) -> impl IntoResponse
         let _ = writeln!(out, "# TYPE pushbridge_{}_total counter", s.name);
         let _ = writeln!(out, "pushbridge_{}_total {}", s.name, s.value);
     }
+    let connections = &state.stats.mqtt_connections;
+    let dispatcher = &state.dispatcher;
+    let gauges = [
+        (
+            "mqtt_connections",
+            "MQTT connections open now.",
+            connections.now(),
+        ),
+        (
+            "mqtt_connections_peak",
+            "Most MQTT connections open at once since start.",
+            connections.peak(),
+        ),
+        (
+            "mqtt_sessions",
+            "MQTT sessions kept: connected, or persistent and not yet expired.",
+            dispatcher.broker.session_count() as u64,
+        ),
+        (
+            "intake_queued",
+            "Accepted pushes waiting in the intake queue for the dispatcher.",
+            state.intake_queued() as u64,
+        ),
+        (
+            "apns_queued",
+            "Notifications waiting in the APNs sender's queue.",
+            dispatcher.apns.queued() as u64,
+        ),
+    ];
+    for (name, help, value) in gauges {
+        let _ = writeln!(out, "# HELP pushbridge_{name} {help}");
+        let _ = writeln!(out, "# TYPE pushbridge_{name} gauge");
+        let _ = writeln!(out, "pushbridge_{name} {value}");
+    }
+    let h = state.stats.apns_latency.snapshot();
+    let name = "pushbridge_apns_request_duration_seconds";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Seconds from sending an APNs request to reading Apple's answer."
+    );
+    let _ = writeln!(out, "# TYPE {name} histogram");
+    for (le, n) in &h.buckets {
+        let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {n}");
+    }
+    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", h.count);
+    let _ = writeln!(out, "{name}_sum {}", h.sum_secs);
+    let _ = writeln!(out, "{name}_count {}", h.count);
+
     let now = crate::auth::now() as i64;
     let _ = writeln!(
         out,

@@ -34,7 +34,8 @@ pub(super) async fn get(
     let record = state
         .registry
         .users(std::slice::from_ref(&uid))
-        .await?
+        .await
+        .map_err(|e| state.registry_failed(e))?
         .pop()
         .flatten()
         .ok_or(HttpError::NotFound)?;
@@ -66,7 +67,11 @@ pub(super) async fn put(
         app_version: body.version,
         app_focus: false,
     };
-    state.registry.put_user(&uid, &record).await?;
+    state
+        .registry
+        .put_user(&uid, &record)
+        .await
+        .map_err(|e| state.registry_failed(e))?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -74,7 +79,12 @@ pub(super) async fn delete(
     State(state): State<HttpState>,
     Path(uid): Path<String>,
 ) -> Result<StatusCode, HttpError> {
-    match state.registry.delete_user(&id(&uid)?).await? {
+    match state
+        .registry
+        .delete_user(&id(&uid)?)
+        .await
+        .map_err(|e| state.registry_failed(e))?
+    {
         true => Ok(StatusCode::NO_CONTENT),
         false => Err(HttpError::NotFound),
     }
@@ -87,7 +97,8 @@ pub(super) async fn add_member(
     state
         .registry
         .add_group_apple_member(&id(&gid)?, &id(&uid)?)
-        .await?;
+        .await
+        .map_err(|e| state.registry_failed(e))?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -98,6 +109,7 @@ pub(super) async fn remove_member(
     state
         .registry
         .remove_group_apple_member(&id(&gid)?, &id(&uid)?)
-        .await?;
+        .await
+        .map_err(|e| state.registry_failed(e))?;
     Ok(StatusCode::NO_CONTENT)
 }

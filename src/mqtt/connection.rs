@@ -448,6 +448,7 @@ impl Conn {
         // Session, will and event first: a takeover or the status consumer
         // must not wait on a goodbye to a peer that may not be reading.
         self.inner.registry().detach(&self.session, self.conn);
+        self.inner.stats.mqtt_connections.down();
         if let Some(w) = self.will.take().filter(|_| end.sends_will()) {
             let valid = !w.topic.is_empty() && !w.topic.contains(['+', '#']);
             let allowed = valid

@@ -122,6 +122,7 @@ pub(super) async fn handshake(
         attached
     };
     inner.stats.mqtt_connects.inc();
+    inner.stats.mqtt_connections.up();
     debug!(proto = ?proto, clean, present = attached.present, "connected");
 
     let granted = (proto == Proto::V5 && session_expiry.unwrap_or(0) != expiry).then_some(expiry);
