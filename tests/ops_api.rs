@@ -226,3 +226,80 @@ async fn apns_requests_show_in_the_latency_histogram_and_series() {
     assert_eq!(total(&s, "per_day", "accepted"), 1);
     server.stop().await;
 }
+
+/// `GET /v1/users/{uid}/presence`, polled until `want` holds.
+async fn presence_until(
+    addr: std::net::SocketAddr,
+    uid: &str,
+    want: impl Fn(&Value) -> bool,
+) -> Value {
+    let path = format!("/v1/users/{uid}/presence");
+    let (path, want) = (&path, &want);
+    support::wait_until(|| async move { want(&get(addr, path).await.json()) }).await;
+    get(addr, path).await.json()
+}
+
+#[tokio::test]
+async fn presence_follows_token_connections() {
+    use pushbridge::auth::{jwt, now};
+    let mut settings = server::settings(None);
+    settings.auth.mode = pushbridge::settings::AuthMode::Jwt;
+    settings.auth.jwt_secret = Some("s".into());
+    let server = server::start(settings).await;
+    let addr = server.http_addr;
+
+    let offline =
+        json!({"user": "42", "connected": false, "since": null, "client_ids": [], "focus": false});
+    assert_eq!(get(addr, "/v1/users/42/presence").await.json(), offline);
+    let token = jwt::mint_hs256("s", "42", &[], now() + 3600);
+    let phone = Device::connect_as(server.mqtt_addr, "phone", "42", &token).await;
+    let p = presence_until(addr, "42", |p| p["connected"] == true).await;
+    assert_eq!(p["client_ids"], json!(["phone"]));
+    let since = p["since"].as_str().unwrap();
+    assert!(since.len() == 20 && since.ends_with('Z'), "{since}");
+    let tablet = Device::connect_as(server.mqtt_addr, "tablet", "42", &token).await;
+    let p = presence_until(addr, "42", |p| {
+        p["client_ids"].as_array().unwrap().len() == 2
+    })
+    .await;
+    assert_eq!(p["client_ids"], json!(["phone", "tablet"]));
+
+    phone.disconnect().await;
+    let p = presence_until(addr, "42", |p| p["client_ids"] == json!(["tablet"])).await;
+    assert_eq!(p["connected"], true);
+    tablet.disconnect().await;
+    presence_until(addr, "42", |p| *p == offline).await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn presence_without_tokens_and_bad_ids() {
+    let server = server::start(server::settings(None)).await;
+    let addr = server.http_addr;
+    let mut app = Device::connect(server.mqtt_addr, "app-5", true).await;
+    app.subscribe("push/user/5").await;
+    let p = presence_until(addr, "5", |p| p["connected"] == true).await;
+    assert_eq!(p["client_ids"], json!(["app-5"]));
+    assert_eq!(p["focus"], false);
+    app.publish("push/app/status", br#"{"user_id": 5, "focus": true}"#)
+        .await;
+    presence_until(addr, "5", |p| p["focus"] == true).await;
+
+    let unknown = get(addr, "/v1/users/nobody/presence").await;
+    assert_eq!(unknown.status, 200);
+    assert_eq!(unknown.json()["connected"], false);
+    let bad = get(addr, "/v1/users/a%2Bb/presence").await;
+    assert_eq!(bad.status, 400);
+    assert!(
+        bad.json()["error"].as_str().unwrap().contains("bad id"),
+        "{}",
+        bad.text()
+    );
+
+    app.disconnect().await;
+    presence_until(addr, "5", |p| {
+        p["connected"] == false && p["focus"] == false
+    })
+    .await;
+    server.stop().await;
+}

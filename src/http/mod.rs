@@ -91,6 +91,7 @@ fn routes(state: HttpState) -> Router {
             "/v1/users/{id}",
             get(users::get).put(users::put).delete(users::delete),
         )
+        .route("/v1/users/{id}/presence", get(users::presence))
         .route(
             "/v1/groups/{gid}/ios-members/{uid}",
             put(users::add_member).delete(users::remove_member),

@@ -5,7 +5,7 @@ use axum::http::StatusCode;
 use axum::Json;
 use serde::{Deserialize, Serialize};
 
-use super::{id, HttpError, HttpState};
+use super::{id, rfc3339, HttpError, HttpState};
 use crate::push::UserRecord;
 use crate::registry::UserStore;
 
@@ -112,4 +112,30 @@ pub(super) async fn remove_member(
         .await
         .map_err(|e| state.registry_failed(e))?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Whether a user's app is connected to the embedded broker now, and since
+/// when; and whether it last said it is in the foreground.
+pub(super) async fn presence(
+    State(state): State<HttpState>,
+    Path(uid): Path<String>,
+) -> Result<Json<serde_json::Value>, HttpError> {
+    let uid = id(&uid)?;
+    let seen = state.dispatcher.broker.presence(uid.as_str());
+    let focus = state
+        .registry
+        .users(std::slice::from_ref(&uid))
+        .await
+        .map_err(|e| state.registry_failed(e))?
+        .pop()
+        .flatten()
+        .is_some_and(|r| r.app_focus);
+    let client_ids: Vec<&str> = seen.iter().map(|s| &*s.client_id).collect();
+    Ok(Json(serde_json::json!({
+        "user": uid.as_str(),
+        "connected": !seen.is_empty(),
+        "since": seen.first().map(|s| rfc3339(s.since as i64)),
+        "client_ids": client_ids,
+        "focus": focus,
+    })))
 }
