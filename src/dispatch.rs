@@ -138,6 +138,7 @@ impl Dispatcher {
                 .send(ApnsJob {
                     delivery: delivery.clone(),
                     data: push.data.clone(),
+                    options: push.apns.clone(),
                 })
                 .await;
         }

@@ -204,7 +204,7 @@ impl Shared {
                 "APNs: no credentials for this app and environment; notification dropped");
             return None;
         };
-        match Payload::build(&job.data) {
+        match Payload::with_options(&job.data, job.options.as_deref()) {
             Ok(p) => Some((Arc::clone(endpoint), p)),
             Err(PayloadError::TooLarge { size }) => {
                 stats.apns_too_large.inc();

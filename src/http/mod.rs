@@ -2,6 +2,7 @@
 //! registry so backends need no Redis code, and what ops scrape
 //! (`/metrics`, `/healthz`, `/readyz`, `/v1/stats`, `/openapi.json`).
 
+mod apns_options;
 mod ops;
 mod push;
 mod users;
