@@ -6,7 +6,7 @@ pub mod series;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-pub use instruments::{Gauge, Histogram, HistogramSnapshot, LATENCY_BOUNDS};
+pub use instruments::{Gauge, Histogram, HistogramSnapshot, Listeners, Up, LATENCY_BOUNDS};
 pub use series::{Bucket, Series, SeriesSnapshot, FAILURE_REASONS};
 
 /// One monotonically increasing count.
@@ -46,6 +46,8 @@ macro_rules! counters {
             pub apns_latency: Histogram,
             /// Per-minute, per-hour and per-day counts (`/v1/stats`).
             pub series: Series,
+            /// Which listeners are serving (`/readyz`).
+            pub listeners: Listeners,
         }
 
         impl Stats {

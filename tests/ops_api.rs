@@ -303,3 +303,31 @@ async fn presence_without_tokens_and_bad_ids() {
     .await;
     server.stop().await;
 }
+
+#[tokio::test]
+async fn readyz_lists_each_check() {
+    let server = server::start(server::settings(None)).await;
+    let ready = get(server.http_addr, "/readyz").await;
+    assert_eq!(ready.status, 200, "{}", ready.text());
+    assert_eq!(
+        ready.text(),
+        "registry: ok\nmqtt.listen: ok\nhttp.listen: ok\nproxy.listen: ok\napns: ok\n"
+    );
+    server.stop().await;
+
+    // config.json names an app, but its certificate is missing: not ready.
+    let creds = TestCredentials::new();
+    let mut settings = server::settings(None);
+    settings.apns.config = creds.config(&json!({APP: {"produce": "missing.pem"}}));
+    let server = server::start(settings).await;
+    let ready = get(server.http_addr, "/readyz").await;
+    assert_eq!(ready.status, 503, "{}", ready.text());
+    let text = ready.text();
+    assert!(text.contains("registry: ok\n"), "{text}");
+    assert!(
+        text.contains("apns: ")
+            && text.contains("config.json lists 1 app(s) but none has usable credentials"),
+        "{text}"
+    );
+    server.stop().await;
+}

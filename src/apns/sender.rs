@@ -147,6 +147,24 @@ impl ApnsSender {
         self.credentials.current().loaded()
     }
 
+    /// Ready when some app has usable credentials, or config.json lists
+    /// none (APNs unused); otherwise why not.
+    pub fn ready(&self) -> Result<(), String> {
+        if !self.credentials.current().map.is_empty() {
+            return Ok(());
+        }
+        let path = self.credentials.config();
+        match super::credentials::read_config(path) {
+            Ok(Some(apps)) if !apps.is_empty() => Err(format!(
+                "{} lists {} app(s) but none has usable credentials",
+                path.display(),
+                apps.len()
+            )),
+            Ok(_) => Ok(()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
     /// Reloads the credentials now, as SIGHUP does.
     pub fn reload(&self) {
         self.credentials.reload();

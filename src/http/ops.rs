@@ -18,11 +18,38 @@ pub(super) async fn healthz() -> &'static str {
     "ok\n"
 }
 
+/// Ready: the registry answers, every listener is serving, and APNs has
+/// credentials for at least one app when config.json lists apps. The body
+/// has one `name: ok|reason` line per check.
 pub(super) async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
-    match state.registry.ping().await {
-        Ok(()) => (StatusCode::OK, "ready\n".to_string()),
-        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("registry: {e}\n")),
+    let mut checks: Vec<(String, Result<(), String>)> = Vec::new();
+    let registry = state.registry.ping().await.map_err(|e| {
+        state.stats.registry_errors.inc();
+        e.to_string()
+    });
+    checks.push(("registry".into(), registry));
+    for (name, up) in state.stats.listeners.states() {
+        let check = if up {
+            Ok(())
+        } else {
+            Err("not serving".into())
+        };
+        checks.push((name.into(), check));
     }
+    checks.push(("apns".into(), state.dispatcher.apns.ready()));
+    let ready = checks.iter().all(|(_, c)| c.is_ok());
+    let body: String = checks
+        .iter()
+        .map(|(name, c)| match c {
+            Ok(()) => format!("{name}: ok\n"),
+            Err(reason) => format!("{name}: {reason}\n"),
+        })
+        .collect();
+    let status = match ready {
+        true => StatusCode::OK,
+        false => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    (status, body)
 }
 
 pub(super) async fn stats(State(state): State<HttpState>) -> Json<Value> {

@@ -1,6 +1,7 @@
 //! Instruments besides counters: a gauge with its peak, a latency histogram.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// A level that goes up and down (open connections), with the highest it
@@ -117,6 +118,67 @@ mod tests {
         assert_eq!(
             (at(0.005), at(0.01), at(0.05), at(1.0), at(10.0)),
             (2, 2, 3, 4, 4)
+        );
+    }
+}
+
+/// Which listeners are serving, for `/readyz`: each is marked up when its
+/// task is spawned and down when the task ends, by dropping its [`Up`].
+#[derive(Debug, Default)]
+pub struct Listeners(Arc<Mutex<Vec<(&'static str, bool)>>>);
+
+/// Marks a listener down when dropped.
+#[derive(Debug)]
+pub struct Up {
+    all: Arc<Mutex<Vec<(&'static str, bool)>>>,
+    name: &'static str,
+}
+
+fn set(all: &Mutex<Vec<(&'static str, bool)>>, name: &'static str, up: bool) {
+    let mut all = all.lock().unwrap_or_else(|e| e.into_inner());
+    match all.iter_mut().find(|(n, _)| *n == name) {
+        Some(entry) => entry.1 = up,
+        None => all.push((name, up)),
+    }
+}
+
+impl Listeners {
+    /// Marks `name` (a settings key such as `proxy.listen`) up until the guard drops.
+    pub fn up(&self, name: &'static str) -> Up {
+        set(&self.0, name, true);
+        Up {
+            all: Arc::clone(&self.0),
+            name,
+        }
+    }
+
+    /// Every listener ever marked, in order, and whether it is up.
+    pub fn states(&self) -> Vec<(&'static str, bool)> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        set(&self.all, self.name, false);
+    }
+}
+
+#[cfg(test)]
+mod listener_tests {
+    use super::*;
+
+    #[test]
+    fn listeners_go_down_with_their_guard() {
+        let l = Listeners::default();
+        let proxy = l.up("proxy.listen");
+        let mqtt = l.up("mqtt.listen");
+        drop(mqtt);
+        assert_eq!(l.states(), [("proxy.listen", true), ("mqtt.listen", false)]);
+        drop(proxy);
+        assert_eq!(
+            l.states(),
+            [("proxy.listen", false), ("mqtt.listen", false)]
         );
     }
 }
