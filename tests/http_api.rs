@@ -273,8 +273,10 @@ async fn ops_endpoints() {
     for path in [
         "/v1/push",
         "/v1/users/{id}",
+        "/v1/users/{id}/presence",
         "/v1/groups/{gid}/ios-members/{uid}",
         "/v1/stats",
+        "/v1/apps",
         "/metrics",
         "/openapi.json",
         "/healthz",

@@ -9,6 +9,10 @@ use super::credentials::{self, AppConfig, Identity};
 use super::{pem, ApnsError};
 use crate::router::Environment;
 
+/// A client TLS config and, for certificate auth, the certificate's expiry
+/// (Unix seconds).
+pub(crate) type AppTls = (Arc<ClientConfig>, Option<i64>);
+
 /// The client TLS config for an app in `env` and, for certificate auth,
 /// when the certificate expires (Unix seconds); `None` when a certificate
 /// app has no certificate for it. Token apps need no client certificate.
@@ -16,7 +20,7 @@ pub(crate) fn for_app(
     config: &AppConfig,
     env: Environment,
     roots: &Arc<RootCertStore>,
-) -> Result<Option<(Arc<ClientConfig>, Option<i64>)>, ApnsError> {
+) -> Result<Option<AppTls>, ApnsError> {
     match config {
         AppConfig::Token { .. } => Ok(Some((client_config(roots, None)?, None))),
         AppConfig::Certificate { .. } => match config.cert_path(env) {
