@@ -132,6 +132,23 @@ mod tests {
     }
 
     #[test]
+    fn options_override_sound_and_badge_in_aps_only() {
+        let data = map(json!({"alert": "hi", "sound": "a.caf", "badge": 1}));
+        let options = ApnsOptions {
+            sound: Some(json!({"critical": 1, "name": "b.caf"})),
+            badge: Some(0),
+            ..ApnsOptions::default()
+        };
+        let p = Payload::with_options(&data, Some(&options)).unwrap();
+        let body: Value = serde_json::from_slice(&p.body).unwrap();
+        assert_eq!(
+            body,
+            json!({"aps": {"alert": "hi", "sound": {"critical": 1, "name": "b.caf"}, "badge": 0},
+                   "data": {"alert": "hi", "sound": "a.caf", "badge": 1}})
+        );
+    }
+
+    #[test]
     fn too_large_is_refused_with_size() {
         let data = map(json!({"alert": "x".repeat(2100)}));
         match Payload::build(&data) {
