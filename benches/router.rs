@@ -42,6 +42,7 @@ fn bench(c: &mut Criterion) {
         let one = Push {
             target: Target::User(Id::from(42u64)),
             data: data(alert),
+            apns: None,
         };
         let one_users = vec![(Id::from(42u64), None::<UserRecord>)];
         g.bench_function(format!("route user push ({kind}, no record)"), |b| {
@@ -51,6 +52,7 @@ fn bench(c: &mut Criterion) {
         let list = Push {
             target: Target::Users(ids),
             data: data(alert),
+            apns: None,
         };
         let users: Vec<(Id, Option<UserRecord>)> = user_targets(&list.target)
             .into_iter()

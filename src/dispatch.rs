@@ -68,7 +68,8 @@ impl Dispatcher {
         let mut delay = Duration::from_millis(50);
         let mut attempt = 1;
         loop {
-            match self.lookup(batch).await {
+            let found = self.lookup(batch).await;
+            match found.inspect_err(|_| self.stats.registry_errors.inc()) {
                 Ok(r) => return Ok(r),
                 Err(e) if attempt < ATTEMPTS => {
                     warn!(error = %e, attempt, "registry lookup failed; retrying");
@@ -137,6 +138,7 @@ impl Dispatcher {
                 .send(ApnsJob {
                     delivery: delivery.clone(),
                     data: push.data.clone(),
+                    options: push.apns.clone(),
                 })
                 .await;
         }

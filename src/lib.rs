@@ -139,11 +139,16 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
         feedback: apns::Feedback::new(broker.clone(), settings.feedback_topic()),
     };
     let apns = ApnsSender::start(&settings.apns, sinks, stop.clone(), &tracker)?;
-    mqtt.spawn(
+    let mut mqtt_up = vec![stats.listeners.up("mqtt.listen")];
+    mqtt_up.extend(mqtt_tls_addr.map(|_| stats.listeners.up("mqtt.tls_listen")));
+    mqtt_up.extend(mqtt_ws_addr.map(|_| stats.listeners.up("mqtt.ws_listen")));
+    mqtt.spawn(while_up(
+        mqtt_up,
         broker
             .clone()
             .serve_all(mqtt_listeners, stop_mqtt.clone(), mqtt.clone()),
-    );
+    ));
+    tracker.spawn(stats::series::sample(stats.clone(), stop.clone()));
     tracker.spawn(status::run(
         events,
         registry.clone(),
@@ -159,25 +164,34 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
         prefix: settings.mqtt.prefix.clone(),
         stats: stats.clone(),
     });
-    ingress.spawn(http::serve(
-        http_listener,
-        http::HttpState {
-            dispatcher: dispatcher.clone(),
-            registry: registry.clone(),
-            stats: stats.clone(),
-            token: settings.http.token.as_deref().map(Arc::from),
-            max_notifications: settings.http.max_notifications,
-        },
-        shutdown.clone(),
+    let http_up = vec![stats.listeners.up("http.listen")];
+    ingress.spawn(while_up(
+        http_up,
+        http::serve(
+            http_listener,
+            http::HttpState {
+                dispatcher: dispatcher.clone(),
+                registry: registry.clone(),
+                stats: stats.clone(),
+                token: settings.http.token.as_deref().map(Arc::from),
+                max_notifications: settings.http.max_notifications,
+                intake: intake_tx.downgrade(),
+            },
+            shutdown.clone(),
+        ),
     ));
     let dispatcher = tokio::spawn(dispatcher.run(intake_rx));
-    ingress.spawn(proxy::serve(
-        proxy_listener,
-        settings.proxy.clone(),
-        intake_tx,
-        stats.clone(),
-        shutdown.clone(),
-        ingress.clone(),
+    let proxy_up = vec![stats.listeners.up("proxy.listen")];
+    ingress.spawn(while_up(
+        proxy_up,
+        proxy::serve(
+            proxy_listener,
+            settings.proxy.clone(),
+            intake_tx,
+            stats.clone(),
+            shutdown.clone(),
+            ingress.clone(),
+        ),
     ));
     info!(
         proxy = %proxy_addr,
@@ -253,6 +267,13 @@ impl Server {
         self.shutdown.cancel();
         self.wait().await;
     }
+}
+
+/// Runs a listener's task; its listeners read as down (`/readyz`) once it ends.
+async fn while_up<F: std::future::Future>(up: Vec<stats::Up>, task: F) -> F::Output {
+    let out = task.await;
+    drop(up);
+    out
 }
 
 /// The binary's entry: run until `shutdown` is cancelled.

@@ -53,6 +53,26 @@ pub enum Target {
 pub struct Push {
     pub target: Target,
     pub data: Arc<Map<String, Value>>,
+    /// APNs overrides given over HTTP; the proxy's wire format has none.
+    pub apns: Option<Arc<ApnsOptions>>,
+}
+
+/// Per-notification APNs request settings a backend may set over HTTP;
+/// each `None` keeps what pushbridge derives from `data` and the settings.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ApnsOptions {
+    /// `apns-priority`: 5 or 10.
+    pub priority: Option<u8>,
+    /// `apns-expiration`: Unix seconds; 0 = deliver once, do not store.
+    pub expiration: Option<u64>,
+    /// `apns-collapse-id`: at most 64 bytes.
+    pub collapse_id: Option<String>,
+    /// `apns-push-type`: "alert", "background", ...
+    pub push_type: Option<String>,
+    /// `aps.sound`: a name, or a critical-alert dictionary.
+    pub sound: Option<Value>,
+    /// `aps.badge`.
+    pub badge: Option<u64>,
 }
 
 impl Push {

@@ -118,6 +118,7 @@ mod tests {
         Push {
             target,
             data: Arc::new(data.as_object().unwrap().clone()),
+            apns: None,
         }
     }
 

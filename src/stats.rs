@@ -1,6 +1,13 @@
-//! Counters every part bumps and ops read (`/metrics`, `/v1/stats`, logs).
+//! Counters every part bumps and ops read (`/metrics`, `/v1/stats`, logs),
+//! plus the gauges, histogram and per-minute series built beside them.
+
+mod instruments;
+pub mod series;
 
 use std::sync::atomic::{AtomicU64, Ordering};
+
+pub use instruments::{Gauge, Histogram, HistogramSnapshot, Listeners, Up, LATENCY_BOUNDS};
+pub use series::{Bucket, Series, SeriesSnapshot, FAILURE_REASONS};
 
 /// One monotonically increasing count.
 #[derive(Debug, Default)]
@@ -33,6 +40,14 @@ macro_rules! counters {
         #[derive(Debug, Default)]
         pub struct Stats {
             $($(#[doc = $doc])+ pub $name: Counter,)+
+            /// MQTT connections whose CONNECT was accepted and that have not ended.
+            pub mqtt_connections: Gauge,
+            /// Seconds from sending an APNs request to reading Apple's answer.
+            pub apns_latency: Histogram,
+            /// Per-minute, per-hour and per-day counts (`/v1/stats`).
+            pub series: Series,
+            /// Which listeners are serving (`/readyz`).
+            pub listeners: Listeners,
         }
 
         impl Stats {
@@ -109,6 +124,8 @@ counters! {
     mqtt_tokens_expired,
     /// TLS or WebSocket handshakes that failed or timed out.
     mqtt_handshakes_failed,
+    /// Registry (Redis) calls that failed: lookups, writes, pings.
+    registry_errors,
 }
 
 #[cfg(test)]

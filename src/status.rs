@@ -121,7 +121,10 @@ async fn apply(registry: &Registry, stats: &Stats, user: &Id, focus: bool) {
             stats.status_updates.inc();
             debug!(%user, focus, "focus updated");
         }
-        Err(e) => warn!(%user, focus, error = %e, "could not update focus"),
+        Err(e) => {
+            stats.registry_errors.inc();
+            warn!(%user, focus, error = %e, "could not update focus");
+        }
     }
 }
 

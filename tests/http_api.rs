@@ -1,5 +1,7 @@
 //! The HTTP API over real HTTP: pushes, the registry, ops endpoints, auth.
 
+#[path = "support/apns.rs"]
+mod apns_server;
 #[macro_use]
 mod support;
 
@@ -158,6 +160,30 @@ async fn bad_requests_get_4xx_with_a_message() {
         ("PUT", "/v1/users/1", r#"{"token": "not hex"}"#, "hex"),
         ("PUT", "/v1/users/1", r#"{"tokn": "00"}"#, "unknown field"),
         ("GET", "/v1/users/%23", "", "bad id"),
+        (
+            "POST",
+            "/v1/push",
+            r#"{"notifications": [{"user": 1, "data": {}}, {"user": 1, "data": {}, "apns": {"priority": 7}}]}"#,
+            "notifications[1].apns.priority: must be 5 or 10",
+        ),
+        (
+            "POST",
+            "/v1/push",
+            r#"{"notifications": [{"user": 1, "data": {}, "apns": {"push_type": "loud"}}]}"#,
+            "apns.push_type: must be one of alert, background",
+        ),
+        (
+            "POST",
+            "/v1/push",
+            r#"{"notifications": [{"user": 1, "data": {}, "apns": {"badge": -1}}]}"#,
+            "apns.badge",
+        ),
+        (
+            "POST",
+            "/v1/push",
+            r#"{"notifications": [{"user": 1, "data": {}, "apns": {"expiry": 1}}]}"#,
+            "apns.expiry: unknown field",
+        ),
     ];
     for (method, path, body, want) in cases {
         let reply = request(addr, method, path, None, Some(body.as_bytes())).await;
@@ -247,8 +273,10 @@ async fn ops_endpoints() {
     for path in [
         "/v1/push",
         "/v1/users/{id}",
+        "/v1/users/{id}/presence",
         "/v1/groups/{gid}/ios-members/{uid}",
         "/v1/stats",
+        "/v1/apps",
         "/metrics",
         "/openapi.json",
         "/healthz",
@@ -265,5 +293,66 @@ async fn ops_endpoints() {
     let ready = get(addr, "/readyz").await;
     assert_eq!(ready.status, 503);
     assert!(ready.text().contains("registry"), "{}", ready.text());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn apns_overrides_reach_apple() {
+    use apns_server::{ApnsServer, TestCredentials};
+    const APP: &str = "com.example.app";
+    let apple = ApnsServer::start().await;
+    let creds = TestCredentials::new();
+    let (key, _) = creds.p8("AuthKey_K1.p8");
+    let mut settings = server::settings(None);
+    settings.apns.config =
+        creds.config(&json!({APP: {"key": key, "key_id": "K1", "team_id": "T1"}}));
+    settings.apns.production_url = apple.url();
+    settings.apns.sandbox_url = apple.url();
+    settings.apns.ca_file = Some(apple.ca_path());
+    let server = server::start(settings).await;
+    let addr = server.http_addr;
+    let collapse = "c".repeat(64);
+    for (uid, token) in [(1, "aa01"), (2, "aa02")] {
+        let body = json!({"token": token, "ident": APP, "version": "produce"}).to_string();
+        let path = format!("/v1/users/{uid}");
+        let put = request(addr, "PUT", &path, None, Some(body.as_bytes())).await;
+        assert_eq!(put.status, 204);
+    }
+    let reply = post_json(
+        addr,
+        "/v1/push",
+        &json!({"notifications": [
+            {"user": 1, "data": {"alert": "hi", "sound": "a.caf"},
+             "apns": {"priority": 5, "expiration": 0, "collapse_id": collapse,
+                      "push_type": "alert", "sound": "b.caf", "badge": 3}},
+            {"user": 2, "data": {"n": 1}, "apns": {"push_type": "background", "expiration": 2000000000}},
+        ]}),
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let mut seen = [
+        apple.next_request(support::WAIT).await,
+        apple.next_request(support::WAIT).await,
+    ];
+    seen.sort_by_key(|r| r.path.clone());
+    let [first, second] = seen;
+    assert_eq!(first.path, "/3/device/aa01");
+    assert_eq!(first.header("apns-priority"), Some("5"));
+    assert_eq!(first.header("apns-expiration"), Some("0"));
+    assert_eq!(first.header("apns-collapse-id"), Some(collapse.as_str()));
+    assert_eq!(first.header("apns-push-type"), Some("alert"));
+    assert_eq!(
+        first.body,
+        json!({"aps": {"alert": "hi", "sound": "b.caf", "badge": 3},
+               "data": {"alert": "hi", "sound": "a.caf"}})
+    );
+    assert_eq!(second.header("apns-push-type"), Some("background"));
+    assert_eq!(second.header("apns-priority"), Some("5"));
+    assert_eq!(second.header("apns-expiration"), Some("2000000000"));
+    assert_eq!(second.header("apns-collapse-id"), None);
+    assert_eq!(
+        second.body,
+        json!({"aps": {"content-available": 1}, "data": {"n": 1}})
+    );
     server.stop().await;
 }

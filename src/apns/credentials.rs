@@ -143,6 +143,8 @@ pub(crate) struct Identity {
     pub key: PrivateKeyDer<'static>,
     pub subject: String,
     pub not_after: String,
+    /// `not_after` as Unix seconds.
+    pub expires_at: i64,
     /// Whole days until the certificate expires.
     pub days_left: i64,
 }
@@ -260,7 +262,8 @@ fn check_identity(
             .ok_or("the private key does not match the certificate")?;
         chain.swap(0, leaf);
     }
-    let (subject, not_after, seconds_left) = describe(&chain[0])?;
+    let (subject, not_after, expires_at) = describe(&chain[0])?;
+    let seconds_left = expires_at - x509_parser::time::ASN1Time::now().timestamp();
     if seconds_left < 0 {
         return Err(format!("certificate {subject} expired on {not_after}"));
     }
@@ -269,17 +272,21 @@ fn check_identity(
         key,
         subject,
         not_after,
+        expires_at,
         days_left: seconds_left / 86400,
     })
 }
 
-/// Subject, expiry and the seconds until then (negative: expired).
+/// Subject, expiry as text and as Unix seconds.
 fn describe(cert: &CertificateDer<'_>) -> Result<(String, String, i64), String> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
         .map_err(|e| format!("unreadable certificate: {e}"))?;
     let not_after = parsed.validity().not_after;
-    let left = not_after.timestamp() - x509_parser::time::ASN1Time::now().timestamp();
-    Ok((parsed.subject().to_string(), not_after.to_string(), left))
+    Ok((
+        parsed.subject().to_string(),
+        not_after.to_string(),
+        not_after.timestamp(),
+    ))
 }
 
 /// Loads the `.p8` key for token auth.

@@ -120,11 +120,15 @@ impl Shared {
                 }
             }
         };
+        let sent_at = Instant::now();
         let sent = tokio::select! {
             r = endpoint.conn.send(req) => r,
             // Stopping abandons requests Apple has not answered yet.
             _ = self.shutdown.cancelled() => Err(ApnsError::Request("shutting down".into())),
         };
+        if sent.is_ok() {
+            self.sinks.stats.apns_latency.observe(sent_at.elapsed());
+        }
         match sent {
             Ok(resp) => {
                 let reason = apple_reason(resp.body());
@@ -185,6 +189,7 @@ impl Shared {
         let deleted = match self.sinks.registry.delete_token_if(&d.user, &d.token).await {
             Ok(deleted) => deleted,
             Err(e) => {
+                stats.registry_errors.inc();
                 warn!(user = %d.user, error = %e, "APNs: could not remove a dead token");
                 false
             }
@@ -225,16 +230,30 @@ impl Shared {
         if token.is_empty() || !token.bytes().all(|b| b.is_ascii_alphanumeric()) {
             return Err("malformed device token".into());
         }
-        let expiration = match self.expiration_secs {
-            0 => 0,
-            secs => unix_now() + secs,
+        let options = job.options.as_deref();
+        let expiration = match (options.and_then(|o| o.expiration), self.expiration_secs) {
+            (Some(at), _) => at,
+            (None, 0) => 0,
+            (None, secs) => unix_now() + secs,
+        };
+        let push_type = options
+            .and_then(|o| o.push_type.as_deref())
+            .unwrap_or(payload.push_type.header());
+        // Apple requires 5 for background pushes; 10 is immediate.
+        let priority = match options.and_then(|o| o.priority) {
+            Some(p) => p.to_string(),
+            None if push_type == "background" => "5".into(),
+            None => "10".into(),
         };
         let mut req = Request::post(format!("{}/3/device/{token}", endpoint.conn.base()))
             .header("apns-topic", &job.delivery.app_ident)
-            .header("apns-push-type", payload.push_type.header())
-            .header("apns-priority", payload.push_type.priority())
+            .header("apns-push-type", push_type)
+            .header("apns-priority", priority)
             .header("apns-expiration", expiration.to_string())
             .header("content-type", "application/json");
+        if let Some(id) = options.and_then(|o| o.collapse_id.as_deref()) {
+            req = req.header("apns-collapse-id", id);
+        }
         let jwt = endpoint.token.as_ref().map(|s| s.token());
         if let Some(jwt) = &jwt {
             req = req.header("authorization", format!("bearer {jwt}"));

@@ -22,6 +22,8 @@ pub(crate) struct Endpoint {
     pub conn: Connection,
     /// Token auth; `None` means the TLS client certificate authenticates.
     pub token: Option<Arc<TokenSigner>>,
+    /// When the client certificate expires (Unix seconds); `None` for token auth.
+    pub cert_expires: Option<i64>,
 }
 
 /// The endpoints of every usable app, and what each app was built from.
@@ -35,10 +37,33 @@ pub(crate) struct Endpoints {
 impl Endpoints {
     /// The (app, environment) pairs, sorted by app, sandbox first.
     pub fn configured(&self) -> Vec<(String, Environment)> {
-        let mut v: Vec<_> = self.map.keys().cloned().collect();
-        v.sort_by_key(|(app, env)| (app.clone(), *env == Environment::Production));
+        self.loaded().into_iter().map(|a| (a.app, a.env)).collect()
+    }
+
+    /// The loaded credentials, sorted by app, sandbox first.
+    pub fn loaded(&self) -> Vec<LoadedApp> {
+        let mut v: Vec<_> = self
+            .map
+            .iter()
+            .map(|((app, env), e)| LoadedApp {
+                app: app.clone(),
+                env: *env,
+                cert_expires: e.cert_expires,
+            })
+            .collect();
+        v.sort_by_key(|a| (a.app.clone(), a.env == Environment::Production));
         v
     }
+}
+
+/// One (app, environment) with usable credentials, as ops see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadedApp {
+    pub app: String,
+    pub env: Environment,
+    /// Certificate auth: when the certificate expires (Unix seconds);
+    /// `None`: token auth (a `.p8` key does not expire).
+    pub cert_expires: Option<i64>,
 }
 
 /// Endpoints keyed by (app, environment), as a list.
@@ -153,8 +178,8 @@ impl Builder {
         let mut out = Vec::new();
         let mut failed = Vec::new();
         for env in [Environment::Sandbox, Environment::Production] {
-            let tls = match tls::for_app(config, env, &self.roots) {
-                Ok(Some(tls)) => tls,
+            let (tls, cert_expires) = match tls::for_app(config, env, &self.roots) {
+                Ok(Some(found)) => found,
                 Ok(None) => continue,
                 Err(e) => {
                     failed.push((env, e));
@@ -168,7 +193,12 @@ impl Builder {
             let span = info_span!("apns", app = %app, env = ?env, host = %url.host);
             let conn = Connection::new(url, tls, span, self.transport.clone());
             let token = token.clone();
-            out.push(((app.to_owned(), env), Arc::new(Endpoint { conn, token })));
+            let endpoint = Endpoint {
+                conn,
+                token,
+                cert_expires,
+            };
+            out.push(((app.to_owned(), env), Arc::new(endpoint)));
         }
         Ok((out, failed))
     }

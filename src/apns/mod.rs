@@ -29,9 +29,11 @@ use std::sync::Arc;
 
 use serde_json::{Map, Value};
 
+use crate::push::ApnsOptions;
 use crate::router::ApnsDelivery;
 
 pub use check::{check_config, AppReport, CertReport, Credential, EXPIRY_WARNING_DAYS};
+pub use endpoints::LoadedApp;
 pub use feedback::Feedback;
 pub use outcome::Outcome;
 pub use payload::{Payload, PayloadError, PushType, MAX_PAYLOAD};
@@ -76,4 +78,6 @@ impl ApnsError {
 pub struct ApnsJob {
     pub delivery: ApnsDelivery,
     pub data: Arc<Map<String, Value>>,
+    /// Overrides from `POST /v1/push`; `None` on the proxy path.
+    pub options: Option<Arc<ApnsOptions>>,
 }

@@ -4,6 +4,8 @@
 use bytes::Bytes;
 use serde_json::{json, Map, Value};
 
+use crate::push::ApnsOptions;
+
 /// Apple refuses larger payloads; refusing them here saves a round trip
 /// and gives a log line that names the user.
 pub const MAX_PAYLOAD: usize = 4096;
@@ -54,10 +56,26 @@ impl Payload {
     /// `alert` is silent and gets `content-available: 1`. All of `data`
     /// also goes under `"data"`.
     pub fn build(data: &Map<String, Value>) -> Result<Payload, PayloadError> {
+        Payload::with_options(data, None)
+    }
+
+    /// Like `build`, with `sound` and `badge` from `options` over those of `data`.
+    pub fn with_options(
+        data: &Map<String, Value>,
+        options: Option<&ApnsOptions>,
+    ) -> Result<Payload, PayloadError> {
         let mut aps = Map::new();
         for key in ["alert", "sound", "badge"] {
             if let Some(v) = data.get(key) {
                 aps.insert(key.into(), v.clone());
+            }
+        }
+        if let Some(o) = options {
+            if let Some(sound) = &o.sound {
+                aps.insert("sound".into(), sound.clone());
+            }
+            if let Some(badge) = o.badge {
+                aps.insert("badge".into(), badge.into());
             }
         }
         let push_type = if data.contains_key("alert") {
@@ -110,6 +128,23 @@ mod tests {
         assert_eq!(
             body,
             json!({"aps": {"content-available": 1}, "data": {"n": 1}})
+        );
+    }
+
+    #[test]
+    fn options_override_sound_and_badge_in_aps_only() {
+        let data = map(json!({"alert": "hi", "sound": "a.caf", "badge": 1}));
+        let options = ApnsOptions {
+            sound: Some(json!({"critical": 1, "name": "b.caf"})),
+            badge: Some(0),
+            ..ApnsOptions::default()
+        };
+        let p = Payload::with_options(&data, Some(&options)).unwrap();
+        let body: Value = serde_json::from_slice(&p.body).unwrap();
+        assert_eq!(
+            body,
+            json!({"aps": {"alert": "hi", "sound": {"critical": 1, "name": "b.caf"}, "badge": 0},
+                   "data": {"alert": "hi", "sound": "a.caf", "badge": 1}})
         );
     }
 

@@ -28,6 +28,11 @@ impl Credentials {
         }
     }
 
+    /// config.json's path.
+    pub fn config(&self) -> &std::path::Path {
+        self.builder.config()
+    }
+
     /// The endpoints now; requests already sent keep the ones they started with.
     pub fn current(&self) -> Arc<Endpoints> {
         Arc::clone(&self.current.read().unwrap_or_else(|p| p.into_inner()))

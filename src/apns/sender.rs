@@ -10,7 +10,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 
 use super::connection::Transport;
-use super::endpoints::{Builder, Endpoint};
+use super::endpoints::{Builder, Endpoint, LoadedApp};
 use super::feedback::Feedback;
 use super::log_budget::LogBudget;
 use super::payload::{Payload, PayloadError};
@@ -161,6 +161,29 @@ impl ApnsSender {
         self.credentials.current().configured()
     }
 
+    /// The credentials in use, with certificate expiry (`/v1/apps`).
+    pub fn loaded(&self) -> Vec<LoadedApp> {
+        self.credentials.current().loaded()
+    }
+
+    /// Ready when some app has usable credentials, or config.json lists
+    /// none (APNs unused); otherwise why not.
+    pub fn ready(&self) -> Result<(), String> {
+        if !self.credentials.current().map.is_empty() {
+            return Ok(());
+        }
+        let path = self.credentials.config();
+        match super::credentials::read_config(path) {
+            Ok(Some(apps)) if !apps.is_empty() => Err(format!(
+                "{} lists {} app(s) but none has usable credentials",
+                path.display(),
+                apps.len()
+            )),
+            Ok(_) => Ok(()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
     /// Reloads the credentials now, as SIGHUP does.
     pub fn reload(&self) {
         self.credentials.reload();
@@ -240,7 +263,7 @@ impl Shared {
                 "APNs: no credentials for this app and environment; notification dropped");
             return None;
         };
-        match Payload::build(&job.data) {
+        match Payload::with_options(&job.data, job.options.as_deref()) {
             Ok(p) => Some((Arc::clone(endpoint), p)),
             Err(PayloadError::TooLarge { size }) => {
                 stats.apns_too_large.inc();

@@ -9,21 +9,27 @@ use super::credentials::{self, AppConfig, Identity};
 use super::{pem, ApnsError};
 use crate::router::Environment;
 
-/// The client TLS config for an app in `env`; `None` when a certificate
+/// A client TLS config and, for certificate auth, the certificate's expiry
+/// (Unix seconds).
+pub(crate) type AppTls = (Arc<ClientConfig>, Option<i64>);
+
+/// The client TLS config for an app in `env` and, for certificate auth,
+/// when the certificate expires (Unix seconds); `None` when a certificate
 /// app has no certificate for it. Token apps need no client certificate.
 pub(crate) fn for_app(
     config: &AppConfig,
     env: Environment,
     roots: &Arc<RootCertStore>,
-) -> Result<Option<Arc<ClientConfig>>, ApnsError> {
+) -> Result<Option<AppTls>, ApnsError> {
     match config {
-        AppConfig::Token { .. } => client_config(roots, None).map(Some),
+        AppConfig::Token { .. } => Ok(Some((client_config(roots, None)?, None))),
         AppConfig::Certificate { .. } => match config.cert_path(env) {
             None => Ok(None),
             Some(path) => {
                 let identity = credentials::load_identity(path, config.password())?;
+                let expires = identity.expires_at;
                 client_config(roots, Some(identity))
-                    .map(Some)
+                    .map(|c| Some((c, Some(expires))))
                     .map_err(|e| ApnsError::file(path, e.to_string()))
             }
         },

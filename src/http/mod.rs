@@ -3,6 +3,7 @@
 //! (`/metrics`, `/healthz`, `/readyz`, `/v1/stats`, `/openapi.json`), and
 //! the operators' dashboard at `/`.
 
+mod apns_options;
 mod dashboard;
 mod ops;
 mod push;
@@ -57,6 +58,24 @@ pub struct HttpState {
     pub stats: Arc<Stats>,
     pub token: Option<Arc<str>>,
     pub max_notifications: usize,
+    /// The proxy's intake queue, to report its depth; weak, so it does not
+    /// keep the dispatcher running after the proxy stops.
+    pub intake: tokio::sync::mpsc::WeakSender<crate::push::Push>,
+}
+
+impl HttpState {
+    /// A registry call failed: counted, and answered 503.
+    fn registry_failed(&self, e: crate::registry::RegistryError) -> HttpError {
+        self.stats.registry_errors.inc();
+        HttpError::Registry(e)
+    }
+
+    /// Pushes waiting in the proxy's intake queue.
+    fn intake_queued(&self) -> usize {
+        self.intake
+            .upgrade()
+            .map_or(0, |tx| tx.max_capacity() - tx.capacity())
+    }
 }
 
 /// Parses an id from a path segment or a JSON string.
@@ -75,11 +94,13 @@ fn routes(state: HttpState) -> Router {
             "/v1/users/{id}",
             get(users::get).put(users::put).delete(users::delete),
         )
+        .route("/v1/users/{id}/presence", get(users::presence))
         .route(
             "/v1/groups/{gid}/ios-members/{uid}",
             put(users::add_member).delete(users::remove_member),
         )
         .route("/v1/stats", get(ops::stats))
+        .route("/v1/apps", get(ops::apps))
         .route("/metrics", get(ops::metrics))
         .route("/openapi.json", get(ops::openapi))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
@@ -116,5 +137,40 @@ pub async fn serve(listener: TcpListener, state: HttpState, shutdown: Cancellati
         .await
     {
         tracing::error!(error = %e, "http server failed");
+    }
+}
+
+/// Unix seconds as RFC 3339 UTC (`2026-11-25T15:35:11Z`); civil date from
+/// days after Howard Hinnant's algorithm, so no date crate is needed.
+fn rfc3339(secs: i64) -> String {
+    let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rfc3339;
+
+    #[test]
+    fn rfc3339_dates() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_795_620_911), "2026-11-25T15:35:11Z");
+        assert_eq!(rfc3339(4_107_542_399), "2100-02-28T23:59:59Z");
+        assert_eq!(rfc3339(-1), "1969-12-31T23:59:59Z");
     }
 }

@@ -8,28 +8,87 @@ use axum::response::IntoResponse;
 use axum::Json;
 use serde_json::{Map, Value};
 
-use super::HttpState;
+use super::{rfc3339, HttpState};
+use crate::apns::LoadedApp;
 use crate::registry::UserStore;
+use crate::router::Environment;
+use crate::stats::{Bucket, FAILURE_REASONS};
 
 pub(super) async fn healthz() -> &'static str {
     "ok\n"
 }
 
+/// Ready: the registry answers, every listener is serving, and APNs has
+/// credentials for at least one app when config.json lists apps. The body
+/// has one `name: ok|reason` line per check.
 pub(super) async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
-    match state.registry.ping().await {
-        Ok(()) => (StatusCode::OK, "ready\n".to_string()),
-        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("registry: {e}\n")),
+    let mut checks: Vec<(String, Result<(), String>)> = Vec::new();
+    let registry = state.registry.ping().await.map_err(|e| {
+        state.stats.registry_errors.inc();
+        e.to_string()
+    });
+    checks.push(("registry".into(), registry));
+    for (name, up) in state.stats.listeners.states() {
+        let check = if up {
+            Ok(())
+        } else {
+            Err("not serving".into())
+        };
+        checks.push((name.into(), check));
     }
+    checks.push(("apns".into(), state.dispatcher.apns.ready()));
+    let ready = checks.iter().all(|(_, c)| c.is_ok());
+    let body: String = checks
+        .iter()
+        .map(|(name, c)| match c {
+            Ok(()) => format!("{name}: ok\n"),
+            Err(reason) => format!("{name}: {reason}\n"),
+        })
+        .collect();
+    let status = match ready {
+        true => StatusCode::OK,
+        false => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    (status, body)
 }
 
 pub(super) async fn stats(State(state): State<HttpState>) -> Json<Value> {
-    let totals: Map<String, Value> = state
-        .stats
+    let stats = &state.stats;
+    let totals: Map<String, Value> = stats
         .samples()
         .into_iter()
         .map(|s| (s.name.to_string(), s.value.into()))
         .collect();
-    Json(serde_json::json!({ "totals": totals }))
+    // Counted up to now, not up to the sampler's last tick.
+    let now = crate::auth::now();
+    stats.series.observe(now, stats.tally());
+    let series = stats.series.snapshot(now);
+    let buckets = |b: &[Bucket]| -> Value { b.iter().map(bucket).collect() };
+    Json(serde_json::json!({
+        "totals": totals,
+        "connections": {
+            "now": stats.mqtt_connections.now(),
+            "peak": stats.mqtt_connections.peak(),
+        },
+        "per_minute": buckets(&series.per_minute),
+        "per_hour": buckets(&series.per_hour),
+        "per_day": buckets(&series.per_day),
+    }))
+}
+
+fn bucket(b: &Bucket) -> Value {
+    let failed: Map<String, Value> = FAILURE_REASONS
+        .iter()
+        .zip(b.failed)
+        .map(|(reason, n)| (reason.to_string(), n.into()))
+        .collect();
+    serde_json::json!({
+        "start": b.start,
+        "accepted": b.accepted,
+        "mqtt": b.mqtt,
+        "apns": b.apns,
+        "failed": failed,
+    })
 }
 
 /// Prometheus text exposition format, version 0.0.4.
@@ -40,7 +99,112 @@ pub(super) async fn metrics(State(state): State<HttpState>) -> impl IntoResponse
         let _ = writeln!(out, "# TYPE pushbridge_{}_total counter", s.name);
         let _ = writeln!(out, "pushbridge_{}_total {}", s.name, s.value);
     }
+    let connections = &state.stats.mqtt_connections;
+    let dispatcher = &state.dispatcher;
+    let gauges = [
+        (
+            "mqtt_connections",
+            "MQTT connections open now.",
+            connections.now(),
+        ),
+        (
+            "mqtt_connections_peak",
+            "Most MQTT connections open at once since start.",
+            connections.peak(),
+        ),
+        (
+            "mqtt_sessions",
+            "MQTT sessions kept: connected, or persistent and not yet expired.",
+            dispatcher.broker.session_count() as u64,
+        ),
+        (
+            "intake_queued",
+            "Accepted pushes waiting in the intake queue for the dispatcher.",
+            state.intake_queued() as u64,
+        ),
+        (
+            "apns_queued",
+            "Notifications waiting in the APNs sender's queue.",
+            dispatcher.apns.queued() as u64,
+        ),
+    ];
+    for (name, help, value) in gauges {
+        let _ = writeln!(out, "# HELP pushbridge_{name} {help}");
+        let _ = writeln!(out, "# TYPE pushbridge_{name} gauge");
+        let _ = writeln!(out, "pushbridge_{name} {value}");
+    }
+    let h = state.stats.apns_latency.snapshot();
+    let name = "pushbridge_apns_request_duration_seconds";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Seconds from sending an APNs request to reading Apple's answer."
+    );
+    let _ = writeln!(out, "# TYPE {name} histogram");
+    for (le, n) in &h.buckets {
+        let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {n}");
+    }
+    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", h.count);
+    let _ = writeln!(out, "{name}_sum {}", h.sum_secs);
+    let _ = writeln!(out, "{name}_count {}", h.count);
+
+    let now = crate::auth::now() as i64;
+    let _ = writeln!(
+        out,
+        "# HELP pushbridge_apns_cert_days_left Whole days until an APNs client certificate expires."
+    );
+    let _ = writeln!(out, "# TYPE pushbridge_apns_cert_days_left gauge");
+    for app in state.dispatcher.apns.loaded() {
+        if let Some(days) = days_left(&app, now) {
+            let _ = writeln!(
+                out,
+                "pushbridge_apns_cert_days_left{{app=\"{}\",environment=\"{}\"}} {days}",
+                label(&app.app),
+                env_name(app.env)
+            );
+        }
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+}
+
+/// The loaded APNs credentials and when certificates expire, so ops renew
+/// them before Apple refuses the connection.
+pub(super) async fn apps(State(state): State<HttpState>) -> Json<Value> {
+    let now = crate::auth::now() as i64;
+    let apps: Vec<Value> = state
+        .dispatcher
+        .apns
+        .loaded()
+        .iter()
+        .map(|a| {
+            serde_json::json!({
+                "app": a.app,
+                "environment": env_name(a.env),
+                "kind": if a.cert_expires.is_some() { "certificate" } else { "token" },
+                "expires": a.cert_expires.map(rfc3339),
+                "days_left": days_left(a, now),
+            })
+        })
+        .collect();
+    Json(Value::Array(apps))
+}
+
+/// Whole days until the certificate expires (negative once it has).
+fn days_left(app: &LoadedApp, now: i64) -> Option<i64> {
+    app.cert_expires.map(|at| (at - now).div_euclid(86400))
+}
+
+pub(super) fn env_name(env: Environment) -> &'static str {
+    match env {
+        Environment::Sandbox => "sandbox",
+        Environment::Production => "production",
+    }
+}
+
+/// A Prometheus label value: backslash, quote and newline escaped.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 pub(super) async fn openapi() -> impl IntoResponse {

@@ -8,7 +8,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use std::sync::Arc;
 
-use super::{id, HttpError, HttpState};
+use super::{apns_options, id, HttpError, HttpState};
 use crate::dispatch::Delivered;
 use crate::push::{Id, Push, Target};
 use crate::router::Environment;
@@ -26,6 +26,7 @@ struct Notification {
     users: Option<Vec<Value>>,
     group: Option<Value>,
     data: Map<String, Value>,
+    apns: Option<Map<String, Value>>,
 }
 
 fn json_id(v: &Value) -> Result<Id, HttpError> {
@@ -56,9 +57,16 @@ impl Notification {
                 )))
             }
         };
+        let apns = match &self.apns {
+            Some(o) => Some(Arc::new(apns_options::parse(o).map_err(|e| {
+                HttpError::BadRequest(format!("notifications[{index}].{e}"))
+            })?)),
+            None => None,
+        };
         Ok(Push {
             target,
             data: Arc::new(self.data),
+            apns,
         })
     }
 }

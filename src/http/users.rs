@@ -5,7 +5,7 @@ use axum::http::StatusCode;
 use axum::Json;
 use serde::{Deserialize, Serialize};
 
-use super::{id, HttpError, HttpState};
+use super::{id, rfc3339, HttpError, HttpState};
 use crate::push::UserRecord;
 use crate::registry::UserStore;
 
@@ -34,7 +34,8 @@ pub(super) async fn get(
     let record = state
         .registry
         .users(std::slice::from_ref(&uid))
-        .await?
+        .await
+        .map_err(|e| state.registry_failed(e))?
         .pop()
         .flatten()
         .ok_or(HttpError::NotFound)?;
@@ -66,7 +67,11 @@ pub(super) async fn put(
         app_version: body.version,
         app_focus: false,
     };
-    state.registry.put_user(&uid, &record).await?;
+    state
+        .registry
+        .put_user(&uid, &record)
+        .await
+        .map_err(|e| state.registry_failed(e))?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -74,7 +79,12 @@ pub(super) async fn delete(
     State(state): State<HttpState>,
     Path(uid): Path<String>,
 ) -> Result<StatusCode, HttpError> {
-    match state.registry.delete_user(&id(&uid)?).await? {
+    match state
+        .registry
+        .delete_user(&id(&uid)?)
+        .await
+        .map_err(|e| state.registry_failed(e))?
+    {
         true => Ok(StatusCode::NO_CONTENT),
         false => Err(HttpError::NotFound),
     }
@@ -87,7 +97,8 @@ pub(super) async fn add_member(
     state
         .registry
         .add_group_apple_member(&id(&gid)?, &id(&uid)?)
-        .await?;
+        .await
+        .map_err(|e| state.registry_failed(e))?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -98,6 +109,33 @@ pub(super) async fn remove_member(
     state
         .registry
         .remove_group_apple_member(&id(&gid)?, &id(&uid)?)
-        .await?;
+        .await
+        .map_err(|e| state.registry_failed(e))?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Whether a user's app is connected to the embedded broker now, and since
+/// when; and whether it last said it is in the foreground.
+pub(super) async fn presence(
+    State(state): State<HttpState>,
+    Path(uid): Path<String>,
+) -> Result<Json<serde_json::Value>, HttpError> {
+    let uid = id(&uid)?;
+    let seen = state.dispatcher.broker.presence(uid.as_str());
+    let focus = state
+        .registry
+        .users(std::slice::from_ref(&uid))
+        .await
+        .map_err(|e| state.registry_failed(e))?
+        .pop()
+        .flatten()
+        .is_some_and(|r| r.app_focus);
+    let client_ids: Vec<&str> = seen.iter().map(|s| &*s.client_id).collect();
+    Ok(Json(serde_json::json!({
+        "user": uid.as_str(),
+        "connected": !seen.is_empty(),
+        "since": seen.first().map(|s| rfc3339(s.since as i64)),
+        "client_ids": client_ids,
+        "focus": focus,
+    })))
 }

@@ -22,6 +22,7 @@ use tracing::{debug, info, Instrument};
 
 use super::codec::{self, Check, CodecError, In, Out, Proto, SubCode};
 use super::handshake;
+use super::presence::{user_of_filter, Seen};
 use super::session::{Inflight, Msg, Session};
 use super::transport::{Stream, Transport};
 use super::{BrokerEvent, Inner};
@@ -319,22 +320,23 @@ impl Conn {
                 let mut codes = Vec::with_capacity(filters.len());
                 let max = self.inner.settings.max_subscriptions;
                 let mut registry = self.inner.registry();
-                for (filter, qos) in filters {
-                    let code = if !valid_filter(&filter) {
+                for (filter, qos) in filters.iter().map(|(f, q)| (f.as_str(), *q)) {
+                    let code = if !valid_filter(filter) {
                         SubCode::Invalid
-                    } else if !self.inner.auth.may_subscribe(&self.identity, &filter) {
+                    } else if !self.inner.auth.may_subscribe(&self.identity, filter) {
                         self.inner.stats.mqtt_denied.inc();
                         debug!(%filter, "subscription refused by the ACL");
                         SubCode::NotAuthorized
-                    } else if self.over_quota(&filter, max) {
+                    } else if self.over_quota(filter, max) {
                         SubCode::Quota
                     } else {
-                        registry.subscribe(&self.session, &filter, qos.min(1));
+                        registry.subscribe(&self.session, filter, qos.min(1));
                         SubCode::Granted(qos.min(1))
                     };
                     codes.push(code);
                 }
                 drop(registry);
+                self.note_own_topic(&codes, &filters);
                 self.send(&Out::SubAck(pkid, codes));
             }
             In::Unsubscribe { pkid, filters } => {
@@ -360,6 +362,24 @@ impl Conn {
             }
         }
         Ok(())
+    }
+
+    /// Without a token, subscribing to a user's own topic is what tells
+    /// whose connection this is (presence).
+    fn note_own_topic(&self, codes: &[SubCode], filters: &[(String, u8)]) {
+        if self.identity.user.is_some() {
+            return;
+        }
+        let prefix = &self.inner.settings.prefix;
+        for (code, (filter, _)) in codes.iter().zip(filters) {
+            if let (SubCode::Granted(_), Some(user)) = (code, user_of_filter(prefix, filter)) {
+                let seen = Seen {
+                    client_id: self.client_id.clone(),
+                    since: crate::auth::now(),
+                };
+                self.inner.presence().connect(self.conn, user, seen);
+            }
+        }
     }
 
     /// Would subscribing to `filter` take the session past `max` filters?
@@ -460,6 +480,8 @@ impl Conn {
         // Session, will and event first: a takeover or the status consumer
         // must not wait on a goodbye to a peer that may not be reading.
         self.inner.registry().detach(&self.session, self.conn);
+        self.inner.stats.mqtt_connections.down();
+        self.inner.presence().disconnect(self.conn);
         if let Some(w) = self.will.take().filter(|_| end.sends_will()) {
             let valid = !w.topic.is_empty() && !w.topic.contains(['+', '#']);
             let allowed = valid

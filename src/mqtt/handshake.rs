@@ -15,6 +15,7 @@ use tracing::{debug, info};
 
 use super::codec::{self, Check, CodecError, ConnCode, Connect, In, Out, Proto};
 use super::connection::{Conn, FINAL_WRITE, READ_CHUNK, READ_MAX};
+use super::presence::Seen;
 use super::session::Owner;
 use super::transport::Stream;
 use super::Inner;
@@ -122,6 +123,14 @@ pub(super) async fn handshake(
         attached
     };
     inner.stats.mqtt_connects.inc();
+    inner.stats.mqtt_connections.up();
+    if let Some(user) = &identity.user {
+        let seen = Seen {
+            client_id: client_id.as_str().into(),
+            since: auth::now(),
+        };
+        inner.presence().connect(conn, user, seen);
+    }
     debug!(proto = ?proto, clean, present = attached.present, "connected");
 
     let granted = (proto == Proto::V5 && session_expiry.unwrap_or(0) != expiry).then_some(expiry);

@@ -9,6 +9,7 @@ pub mod codec;
 mod connection;
 mod handshake;
 mod listener;
+mod presence;
 mod rate;
 mod session;
 mod tls;
@@ -31,6 +32,7 @@ use crate::stats::Stats;
 use session::{Msg, Registry};
 
 pub use codec::CodecError;
+pub use presence::Seen;
 pub use tls::TlsConfig;
 pub use transport::Transport;
 
@@ -72,6 +74,7 @@ struct Inner {
     settings: MqttSettings,
     status_topic: String,
     registry: Mutex<Registry>,
+    presence: Mutex<presence::Presence>,
     events: mpsc::Sender<BrokerEvent>,
     next_conn: AtomicU64,
     stats: Arc<Stats>,
@@ -81,6 +84,10 @@ struct Inner {
 impl Inner {
     fn registry(&self) -> MutexGuard<'_, Registry> {
         self.registry.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn presence(&self) -> MutexGuard<'_, presence::Presence> {
+        self.presence.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Hands a message to every matching session without waiting; returns how many took it.
@@ -134,6 +141,7 @@ impl Broker {
             settings: settings.clone(),
             status_topic: format!("{}/app/status", settings.prefix),
             registry: Mutex::default(),
+            presence: Mutex::default(),
             events: tx,
             next_conn: AtomicU64::new(1),
             stats,
@@ -179,6 +187,11 @@ impl Broker {
     /// Sessions currently kept (connected, or persistent and not yet expired).
     pub fn session_count(&self) -> usize {
         self.inner.registry().len()
+    }
+
+    /// `user`'s open connections, oldest first (see `presence`).
+    pub fn presence(&self, user: &str) -> Vec<Seen> {
+        self.inner.presence().of(user)
     }
 
     /// The counters this broker bumps (shared when built `with_stats`).

@@ -162,6 +162,7 @@ pub fn parse(body: &[u8]) -> Result<Push, FrameError> {
     Ok(Push {
         target,
         data: Arc::new(to_json_map(entries)),
+        apns: None,
     })
 }
 
