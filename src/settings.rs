@@ -70,7 +70,24 @@ pub struct MqttSettings {
     pub tls_key: Option<PathBuf>,
     /// Topic prefix: `<prefix>/user/<id>`, `<prefix>/group/<id>`, `<prefix>/app/status`.
     pub prefix: String,
+    /// `mqtt://host[:port]` or `mqtts://host[:port]`: publish to this broker
+    /// instead of serving devices from the embedded one.
     pub external_url: Option<String>,
+    /// Client id towards the external broker; unset: `pushbridge-<hostname>`.
+    /// Stable across restarts, since the session (and the status
+    /// subscription in it) is persistent.
+    pub external_client_id: Option<String>,
+    pub external_username: Option<String>,
+    pub external_password: Option<String>,
+    /// CA certificate(s) to trust for `mqtts://`, besides the public web roots.
+    pub external_ca_file: Option<PathBuf>,
+    /// Shared-subscription group for the status topic, so several instances
+    /// handle each status once; empty: a plain subscription.
+    pub external_shared_group: String,
+    /// External mode: QoS 1 publishes kept until the broker's PUBACK.
+    pub outbox: usize,
+    /// What a full outbox does to a new publish: wait, or drop it (counted).
+    pub outbox_full: QueueFull,
     /// CONNECT must arrive this soon after accept.
     pub connect_timeout_secs: u64,
     pub max_connections: usize,
@@ -100,6 +117,13 @@ impl Default for MqttSettings {
             tls_key: None,
             prefix: "push".into(),
             external_url: None,
+            external_client_id: None,
+            external_username: None,
+            external_password: None,
+            external_ca_file: None,
+            external_shared_group: "pushbridge".into(),
+            outbox: 100_000,
+            outbox_full: QueueFull::Wait,
             connect_timeout_secs: 5,
             max_connections: 19000,
             max_packet_size: 256 * 1024,
@@ -172,14 +196,15 @@ pub struct ApnsSettings {
     pub feedback_topic: Option<String>,
 }
 
-/// `apns.queue_full`: backpressure or load shedding in front of the sender.
+/// `apns.queue_full` and `mqtt.outbox_full`: backpressure or load shedding
+/// in front of a bounded queue.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, Default, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum QueueFull {
     /// The router waits for room, and so, eventually, do the backends.
     #[default]
     Wait,
-    /// The notification is dropped and counted in `apns_queue_dropped`.
+    /// The message is dropped and counted (`apns_queue_dropped`, `mqtt_outbox_dropped`).
     Drop,
 }
 
@@ -354,6 +379,7 @@ impl Settings {
         {
             return bad("mqtt.tls_listen", "needs mqtt.tls_cert and mqtt.tls_key");
         }
+        self.check_external()?;
         for (key, template) in [
             ("registry.user_key", &self.registry.user_key),
             ("registry.group_apple_key", &self.registry.group_apple_key),
@@ -381,6 +407,46 @@ impl Settings {
                 "auth.mode",
                 "jwt needs auth.jwt_secret or auth.jwt_public_key",
             );
+        }
+        Ok(())
+    }
+}
+
+impl Settings {
+    fn check_external(&self) -> Result<(), SettingsError> {
+        let m = &self.mqtt;
+        let bad = |key, problem: String| Err(SettingsError::Check { key, problem });
+        if m.outbox == 0 {
+            return bad("mqtt.outbox", "must be at least 1".into());
+        }
+        let g = &m.external_shared_group;
+        if g.contains(['+', '#', '/', '\0']) {
+            return bad(
+                "mqtt.external_shared_group",
+                "must be one topic level, without wildcards or '/'".into(),
+            );
+        }
+        let Some(url) = &m.external_url else {
+            return Ok(());
+        };
+        let endpoint = match crate::external::Endpoint::parse(url) {
+            Ok(e) => e,
+            Err(problem) => return bad("mqtt.external_url", problem),
+        };
+        if m.external_ca_file.is_some() && !endpoint.tls {
+            return bad(
+                "mqtt.external_ca_file",
+                "needs an mqtts:// mqtt.external_url".into(),
+            );
+        }
+        if m.external_password.is_some() && m.external_username.is_none() {
+            return bad(
+                "mqtt.external_password",
+                "needs mqtt.external_username".into(),
+            );
+        }
+        if m.external_client_id.as_deref() == Some("") {
+            return bad("mqtt.external_client_id", "must not be empty".into());
         }
         Ok(())
     }
@@ -476,6 +542,37 @@ mod tests {
         assert!(err.to_string().contains("apns.feedback_topic"), "{err}");
         let err = Settings::from_toml("[apns]\nqueue_full = \"shed\"\n").unwrap_err();
         assert!(err.to_string().contains("queue_full"), "{err}");
+    }
+
+    #[test]
+    fn external_broker_settings_are_checked() {
+        let s = Settings::from_toml("[mqtt]\nexternal_url = \"mqtts://b.example:8883\"\n").unwrap();
+        assert_eq!(
+            s.mqtt.external_url.as_deref(),
+            Some("mqtts://b.example:8883")
+        );
+        for (toml, key) in [
+            ("external_url = \"http://b:1\"", "mqtt.external_url"),
+            ("external_url = \"mqtt://\"", "mqtt.external_url"),
+            ("external_url = \"mqtt://b:x\"", "mqtt.external_url"),
+            (
+                "external_url = \"mqtt://b\"\nexternal_ca_file = \"ca.pem\"",
+                "mqtt.external_ca_file",
+            ),
+            (
+                "external_url = \"mqtt://b\"\nexternal_password = \"p\"",
+                "mqtt.external_password",
+            ),
+            ("outbox = 0", "mqtt.outbox"),
+            (
+                "external_shared_group = \"a/b\"",
+                "mqtt.external_shared_group",
+            ),
+            ("outbox_full = \"shed\"", "outbox_full"),
+        ] {
+            let err = Settings::from_toml(&format!("[mqtt]\n{toml}\n")).unwrap_err();
+            assert!(err.to_string().contains(key), "{toml}: {err}");
+        }
     }
 
     #[test]

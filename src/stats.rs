@@ -109,6 +109,14 @@ counters! {
     mqtt_tokens_expired,
     /// TLS or WebSocket handshakes that failed or timed out.
     mqtt_handshakes_failed,
+    /// Connections to the external broker established (CONNACK received).
+    mqtt_external_connects,
+    /// Publishes the external broker acknowledged (PUBACK): taken out of the outbox.
+    mqtt_external_acked,
+    /// Publishes sent to the external broker again after a reconnect.
+    mqtt_external_republished,
+    /// Publishes to the external broker dropped: outbox full (mqtt.outbox_full = "drop") or an unpublishable topic.
+    mqtt_outbox_dropped,
 }
 
 #[cfg(test)]

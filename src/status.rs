@@ -16,6 +16,11 @@ use crate::push::Id;
 use crate::registry::{Registry, UserStore};
 use crate::stats::Stats;
 
+/// The `conn` of status messages from an external broker: no connection to
+/// follow, so nothing to clear when it ends (the app's last will does that).
+/// The embedded broker numbers its connections from 1.
+pub const UNTRACKED: u64 = 0;
+
 /// `{"user_id": <uid>, "focus": true|false}`; `None` for anything else.
 pub fn parse(payload: &[u8]) -> Option<(Id, bool)> {
     let v: Value = serde_json::from_slice(payload).ok()?;
@@ -55,11 +60,13 @@ pub async fn run(
                     debug!(%client_id, "ignored malformed status message");
                     continue;
                 };
-                let set = focused.entry(conn).or_default();
-                if focus {
-                    set.insert(user.clone());
-                } else {
-                    set.remove(&user);
+                if conn != UNTRACKED {
+                    let set = focused.entry(conn).or_default();
+                    if focus {
+                        set.insert(user.clone());
+                    } else {
+                        set.remove(&user);
+                    }
                 }
                 apply(&registry, &stats, &user, focus).await;
             }
