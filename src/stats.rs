@@ -111,6 +111,8 @@ counters! {
     mqtt_handshakes_failed,
     /// Connections to the external broker established (CONNACK received).
     mqtt_external_connects,
+    /// Status subscriptions the external broker granted (one per connection).
+    mqtt_external_subscribed,
     /// Publishes the external broker acknowledged (PUBACK): taken out of the outbox.
     mqtt_external_acked,
     /// Publishes sent to the external broker again after a reconnect.

@@ -176,6 +176,7 @@ impl Link {
                          mqtt.external_shared_group = \"\")"
                     );
                 } else {
+                    self.stats.mqtt_external_subscribed.inc();
                     info!(filter = %self.filter, "subscribed to app status");
                 }
             }

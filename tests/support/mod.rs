@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod http;
+pub mod mosquitto;
 pub mod mqtt;
 pub mod proxy;
 pub mod redis;

@@ -1,0 +1,242 @@
+//! External broker mode against a real Mosquitto: pushes reach its
+//! subscribers, status published there sets focus, nothing accepted is lost
+//! to a broker restart, and a shared status subscription is handled once.
+
+mod support;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use pushbridge::stats::Stats;
+use rmpv::Value as Mp;
+use rumqttc::{AsyncClient, Event, Packet, QoS};
+use serde_json::json;
+use support::mosquitto::Mosquitto;
+use support::mqtt::Device;
+use support::proxy::Backend;
+use support::{server, wait_until};
+
+fn settings(
+    broker: &Mosquitto,
+    client_id: &str,
+    redis: Option<&str>,
+) -> pushbridge::settings::Settings {
+    let mut s = server::settings(redis);
+    s.mqtt.external_url = Some(broker.url());
+    s.mqtt.external_client_id = Some(client_id.into());
+    s
+}
+
+#[tokio::test]
+async fn push_reaches_a_client_of_the_external_broker() {
+    let broker = Mosquitto::start();
+    let server = server::start(settings(&broker, "pb-1", None)).await;
+    let mut device = Device::connect(broker.addr(), "d42", true).await;
+    device.subscribe("push/user/42").await;
+    let mut group = Device::connect(broker.addr(), "g7", true).await;
+    group.subscribe("push/group/7").await;
+
+    let mut backend = Backend::connect(server.proxy_addr).await;
+    assert_eq!(backend.push(2, Mp::from(42), &json!({"n": 1})).await, 0);
+    assert_eq!(backend.push(1, Mp::from("7"), &json!({"g": 1})).await, 0);
+    let (topic, payload, qos) = device.next_publish().await;
+    assert_eq!((topic.as_str(), qos), ("push/user/42", QoS::AtLeastOnce));
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&payload).unwrap(),
+        json!({"n": 1})
+    );
+    assert_eq!(group.next_json().await, json!({"g": 1}));
+    wait_for(&server.stats, |s| s.mqtt_external_acked.get() == 2).await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn status_on_the_external_broker_sets_focus() {
+    let broker = Mosquitto::start();
+    let server = server::start(settings(&broker, "pb-1", None)).await;
+    wait_for(&server.stats, |s| s.mqtt_external_subscribed.get() >= 1).await;
+    let mut app = Device::connect(broker.addr(), "app-77", true).await;
+    app.publish("push/app/status", br#"{"user_id": 77, "focus": true}"#)
+        .await;
+    support::wait_for_focus(&server, "77", true).await;
+    app.publish("push/app/status", br#"{"user_id": "77", "focus": false}"#)
+        .await;
+    support::wait_for_focus(&server, "77", false).await;
+    server.stop().await;
+}
+
+/// Pushes accepted before and while the broker is paused, then killed and
+/// started again with nothing remembered: each reaches a device (persistent
+/// session, resubscribing after the restart) at least once.
+#[tokio::test]
+async fn broker_restart_loses_no_accepted_push() {
+    const N: usize = 400;
+    let mut broker = Mosquitto::start();
+    let server = server::start(settings(&broker, "pb-restart", None)).await;
+    let stats = server.stats.clone();
+    wait_for(&stats, |s| s.mqtt_external_subscribed.get() >= 1).await;
+    let device = Collector::start(&broker, "dev-5", "push/user/5");
+    device.wait_subscribed(1).await;
+
+    let mut backend = Backend::connect(server.proxy_addr).await;
+    for n in 0..N / 2 {
+        assert_eq!(backend.push(2, Mp::from(5), &json!({"n": n})).await, 0);
+    }
+    // Paused: it reads and acknowledges nothing more; the rest pile up
+    // unacknowledged in pushbridge's outbox and rumqttc's socket.
+    broker.pause();
+    for n in N / 2..N {
+        assert_eq!(backend.push(2, Mp::from(5), &json!({"n": n})).await, 0);
+    }
+    // Whatever it did acknowledge was written to the device before its
+    // PUBACK (no inflight limit): let the device read it before the kill.
+    let (seen, acked) = (device.seen.clone(), stats.clone());
+    wait_until(|| {
+        let n = seen.lock().unwrap().len() as u64;
+        let acked = acked.mqtt_external_acked.get();
+        async move { n >= acked }
+    })
+    .await;
+    broker.kill();
+    // Only the device may connect until it has subscribed again, so that
+    // the republished pushes have a subscriber to reach.
+    broker.restart("clientid_prefixes dev");
+    device.wait_subscribed(2).await;
+    broker.write_config("");
+    broker.reload();
+
+    let seen = device.seen.clone();
+    wait_until(|| {
+        let n = seen.lock().unwrap().len();
+        async move { n == N }
+    })
+    .await;
+    let expected: HashSet<String> = (0..N).map(|n| json!({"n": n}).to_string()).collect();
+    assert_eq!(*device.seen.lock().unwrap(), expected);
+    assert_eq!(stats.pushes_accepted.get(), N as u64);
+    assert!(
+        stats.mqtt_external_republished.get() > 0,
+        "nothing was in flight"
+    );
+    assert!(stats.mqtt_external_connects.get() >= 2);
+    wait_for(&stats, |s| s.mqtt_external_acked.get() >= N as u64).await;
+    server.stop().await;
+}
+
+/// Two instances on one Redis and one broker: with the shared subscription
+/// each status message is applied once, by one of them; without it, twice.
+#[tokio::test]
+async fn shared_status_subscription_is_handled_once() {
+    assert_eq!(status_applications("pushbridge").await, (STATUSES, true));
+}
+
+#[tokio::test]
+async fn plain_status_subscription_is_handled_by_every_instance() {
+    assert_eq!(status_applications("").await, (2 * STATUSES, false));
+}
+
+const STATUSES: u64 = 10;
+
+/// Status updates applied by two instances in all, once every user is in
+/// focus; and whether each instance applied only some.
+async fn status_applications(group: &str) -> (u64, bool) {
+    let redis = support::redis::RedisServer::start();
+    let broker = Mosquitto::start();
+    let mut servers = Vec::new();
+    for id in ["pb-a", "pb-b"] {
+        let mut s = settings(&broker, id, Some(&redis.url));
+        s.mqtt.external_shared_group = group.into();
+        servers.push(server::start(s).await);
+    }
+    for s in &servers {
+        wait_for(&s.stats, |s| s.mqtt_external_subscribed.get() >= 1).await;
+    }
+    let mut app = Device::connect(broker.addr(), "app", true).await;
+    for user in 1..=STATUSES {
+        let status = json!({"user_id": user, "focus": true}).to_string();
+        app.publish("push/app/status", status.as_bytes()).await;
+    }
+    for user in 1..=STATUSES {
+        support::wait_for_focus(&servers[0], &user.to_string(), true).await;
+    }
+    let (a, b) = (servers[0].stats.clone(), servers[1].stats.clone());
+    let expected = if group.is_empty() { 2 } else { 1 } * STATUSES;
+    wait_until(|| {
+        let n = a.status_updates.get() + b.status_updates.get();
+        async move { n >= expected }
+    })
+    .await;
+    let (na, nb) = (a.status_updates.get(), b.status_updates.get());
+    for s in servers {
+        s.stop().await;
+    }
+    (na + nb, na < STATUSES && nb < STATUSES)
+}
+
+async fn wait_for(stats: &Arc<Stats>, cond: fn(&Stats) -> bool) {
+    let stats = stats.clone();
+    wait_until(move || {
+        let ok = cond(&stats);
+        async move { ok }
+    })
+    .await;
+}
+
+/// A device that keeps reconnecting (persistent session) and records every
+/// distinct payload it receives on `topic`, subscribing whenever the broker
+/// has no session for it.
+struct Collector {
+    seen: Arc<Mutex<HashSet<String>>>,
+    subacks: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Collector {
+    fn start(broker: &Mosquitto, id: &str, topic: &str) -> Collector {
+        let (client, mut events) = AsyncClient::new(Device::options(broker.addr(), id, false), 64);
+        let seen = Arc::new(Mutex::new(HashSet::new()));
+        let subacks = Arc::new(AtomicU64::new(0));
+        let (s, acks, topic) = (seen.clone(), subacks.clone(), topic.to_string());
+        let task = tokio::spawn(async move {
+            loop {
+                match events.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(ack))) if !ack.session_present => {
+                        client.try_subscribe(&topic, QoS::AtLeastOnce).unwrap();
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        acks.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let text = String::from_utf8_lossy(&p.payload).into_owned();
+                        s.lock().unwrap().insert(text);
+                    }
+                    Ok(_) => {}
+                    // Paces reconnect attempts while the broker is down.
+                    Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            }
+        });
+        Collector {
+            seen,
+            subacks,
+            task,
+        }
+    }
+
+    async fn wait_subscribed(&self, subacks: u64) {
+        let acks = self.subacks.clone();
+        wait_until(move || {
+            let n = acks.load(Ordering::SeqCst);
+            async move { n >= subacks }
+        })
+        .await;
+    }
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
