@@ -32,13 +32,19 @@ fn settings(
 #[tokio::test]
 async fn push_reaches_a_client_of_the_external_broker() {
     let broker = Mosquitto::start();
-    let server = server::start(settings(&broker, "pb-1", None)).await;
+    let mut s = settings(&broker, "pb-1", None);
+    s.mqtt.max_packet_size = 1024;
+    let server = server::start(s).await;
     let mut device = Device::connect(broker.addr(), "d42", true).await;
     device.subscribe("push/user/42").await;
     let mut group = Device::connect(broker.addr(), "g7", true).await;
     group.subscribe("push/group/7").await;
 
     let mut backend = Backend::connect(server.proxy_addr).await;
+    // Too large for mqtt.max_packet_size: dropped and counted, and it does
+    // not hold up what follows.
+    let big = json!({"big": "x".repeat(2000)});
+    assert_eq!(backend.push(2, Mp::from(42), &big).await, 0);
     assert_eq!(backend.push(2, Mp::from(42), &json!({"n": 1})).await, 0);
     assert_eq!(backend.push(1, Mp::from("7"), &json!({"g": 1})).await, 0);
     let (topic, payload, qos) = device.next_publish().await;
@@ -49,6 +55,7 @@ async fn push_reaches_a_client_of_the_external_broker() {
     );
     assert_eq!(group.next_json().await, json!({"g": 1}));
     wait_for(&server.stats, |s| s.mqtt_external_acked.get() == 2).await;
+    assert_eq!(server.stats.mqtt_outbox_dropped.get(), 1);
     server.stop().await;
 }
 

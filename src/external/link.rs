@@ -194,18 +194,22 @@ impl Link {
                     debug!("status handling has stopped");
                 }
             }
-            Event::Incoming(Packet::PubAck(ack)) => {
-                if self.outbox.acked(ack.pkid) {
-                    self.room.add_permits(1);
-                    self.stats.mqtt_external_acked.inc();
-                }
-            }
-            Event::Outgoing(Outgoing::Publish(pkid)) => {
-                if !self.outbox.written(pkid) {
-                    warn!(pkid, "rumqttc wrote a publish the outbox did not hand over");
-                }
-            }
+            Event::Incoming(Packet::PubAck(ack)) => self.on_puback(ack.pkid),
+            Event::Outgoing(Outgoing::Publish(pkid)) => self.on_written(pkid),
             _ => {}
+        }
+    }
+
+    fn on_puback(&mut self, pkid: u16) {
+        if self.outbox.acked(pkid) {
+            self.room.add_permits(1);
+            self.stats.mqtt_external_acked.inc();
+        }
+    }
+
+    fn on_written(&mut self, pkid: u16) {
+        if !self.outbox.written(pkid) {
+            warn!(pkid, "rumqttc wrote a publish the outbox did not hand over");
         }
     }
 

@@ -23,7 +23,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::mqtt::BrokerEvent;
 use crate::settings::{MqttSettings, QueueFull};
@@ -55,6 +55,9 @@ struct Shared {
     /// One permit per free outbox slot; the link gives it back at the PUBACK.
     room: Arc<Semaphore>,
     full: QueueFull,
+    /// `mqtt.max_packet_size`: rumqttc fails the whole connection on a
+    /// larger packet, which republishing would repeat forever.
+    max_packet: usize,
     stats: Arc<Stats>,
 }
 
@@ -99,6 +102,7 @@ impl ExternalBroker {
                 to_link,
                 room,
                 full: settings.outbox_full,
+                max_packet: settings.max_packet_size,
                 stats: cx.stats,
             }),
         })
@@ -133,7 +137,14 @@ impl ExternalBroker {
         let s = &self.inner;
         if topic.is_empty() || topic.contains(['+', '#', '\0']) {
             s.room.add_permits(1);
-            return self.dropped(topic, "not a topic one can publish to");
+            warn!(%topic, "external publish dropped: not a topic one can publish to");
+            return self.dropped(topic, "bad topic");
+        }
+        // Fixed header (5), topic length (2), packet id (2).
+        if topic.len() + payload.len() + 9 > s.max_packet {
+            s.room.add_permits(1);
+            warn!(%topic, bytes = payload.len(), "external publish dropped: larger than mqtt.max_packet_size");
+            return self.dropped(topic, "too large");
         }
         if s.to_link.send((topic.to_string(), payload)).is_err() {
             return self.dropped(topic, "the link is closed");
