@@ -190,9 +190,13 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
         shutdown.clone(),
         ingress.clone(),
     ));
+    let mqtt_shown = match external {
+        true => "external".to_string(),
+        false => mqtt_addr.to_string(),
+    };
     info!(
         proxy = %proxy_addr,
-        mqtt = if external { "external".to_string() } else { mqtt_addr.to_string() },
+        mqtt = %mqtt_shown,
         mqtt_tls = ?mqtt_tls_addr,
         mqtt_ws = ?mqtt_ws_addr,
         http = %http_addr,

@@ -5,11 +5,13 @@
 mod support;
 
 use std::collections::HashSet;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use pushbridge::stats::Stats;
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
 use rmpv::Value as Mp;
 use rumqttc::{AsyncClient, Event, Packet, QoS};
 use serde_json::json;
@@ -72,6 +74,54 @@ async fn status_on_the_external_broker_sets_focus() {
         .await;
     support::wait_for_focus(&server, "77", false).await;
     server.stop().await;
+}
+
+#[tokio::test]
+async fn mqtts_with_a_private_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = pki(dir.path());
+    let tls_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port();
+    let broker = Mosquitto::start_with(&format!(
+        "listener {tls_port} 127.0.0.1\ncertfile {}\nkeyfile {}",
+        cert.display(),
+        key.display()
+    ));
+    let mut s = settings(&broker, "pb-tls", None);
+    s.mqtt.external_url = Some(format!("mqtts://localhost:{tls_port}"));
+    s.mqtt.external_ca_file = Some(ca);
+    let server = server::start(s).await;
+    let mut device = Device::connect(broker.addr(), "d42", true).await;
+    device.subscribe("push/user/42").await;
+    let mut backend = Backend::connect(server.proxy_addr).await;
+    assert_eq!(backend.push(2, Mp::from(42), &json!({"tls": 1})).await, 0);
+    assert_eq!(device.next_json().await, json!({"tls": 1}));
+    server.stop().await;
+}
+
+/// A CA, and a certificate for localhost it signed: PEM files in `dir`.
+fn pki(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let ca_key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "test CA");
+    let ca = params.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let params = CertificateParams::new(vec!["localhost".into()]).unwrap();
+    let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+    let paths = (
+        dir.join("ca.pem"),
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+    );
+    std::fs::write(&paths.0, ca.pem()).unwrap();
+    std::fs::write(&paths.1, cert.pem()).unwrap();
+    std::fs::write(&paths.2, key.serialize_pem()).unwrap();
+    paths
 }
 
 /// Pushes accepted before and while the broker is paused, then killed and

@@ -18,6 +18,11 @@ impl Mosquitto {
     /// Anonymous clients, no persistence, no inflight limit towards
     /// subscribers (a message is written to them before its PUBACK).
     pub fn start() -> Mosquitto {
+        Self::start_with("")
+    }
+
+    /// Like `start`, with `extra` config lines (another listener, say).
+    pub fn start_with(extra: &str) -> Mosquitto {
         for _ in 0..5 {
             let port = TcpListener::bind("127.0.0.1:0")
                 .and_then(|l| l.local_addr())
@@ -28,7 +33,7 @@ impl Mosquitto {
                 port,
                 dir: tempfile::tempdir().expect("tempdir"),
             };
-            if m.try_run("") {
+            if m.try_run(extra) {
                 return m;
             }
         }
