@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use pushbridge::settings::QueueFull;
 use pushbridge::stats::Stats;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
 use rmpv::Value as Mp;
@@ -182,6 +183,42 @@ async fn broker_restart_loses_no_accepted_push() {
     server.stop().await;
 }
 
+/// A full outbox (the broker acknowledges nothing while paused): `drop`
+/// keeps the first `outbox` pushes and counts the rest; `wait` holds the
+/// router until PUBACKs make room, losing none.
+#[tokio::test]
+async fn full_outbox_drops_or_waits() {
+    for (full, delivered) in [(QueueFull::Drop, 5), (QueueFull::Wait, 10)] {
+        let broker = Mosquitto::start();
+        let mut s = settings(&broker, "pb-full", None);
+        s.mqtt.outbox = 5;
+        s.mqtt.outbox_full = full;
+        let server = server::start(s).await;
+        let stats = server.stats.clone();
+        wait_for(&stats, |s| s.mqtt_external_subscribed.get() >= 1).await;
+        let mut device = Device::connect(broker.addr(), "d42", true).await;
+        device.subscribe("push/user/42").await;
+        broker.pause();
+        let mut backend = Backend::connect(server.proxy_addr).await;
+        for n in 0..10 {
+            assert_eq!(backend.push(2, Mp::from(42), &json!({"n": n})).await, 0);
+        }
+        if full == QueueFull::Drop {
+            wait_for(&stats, |s| s.mqtt_outbox_dropped.get() == 5).await;
+        } else {
+            wait_for(&stats, |s| s.mqtt_published.get() == 5).await;
+        }
+        broker.resume();
+        for n in 0..delivered {
+            assert_eq!(device.next_json().await, json!({"n": n}), "{full:?}");
+        }
+        wait_for(&stats, move |s| s.mqtt_external_acked.get() == delivered).await;
+        let dropped = if full == QueueFull::Drop { 5 } else { 0 };
+        assert_eq!(stats.mqtt_outbox_dropped.get(), dropped);
+        server.stop().await;
+    }
+}
+
 /// Two instances on one Redis and one broker: with the shared subscription
 /// each status message is applied once, by one of them; without it, twice.
 #[tokio::test]
@@ -232,7 +269,7 @@ async fn status_applications(group: &str) -> (u64, bool) {
     (na + nb, na < STATUSES && nb < STATUSES)
 }
 
-async fn wait_for(stats: &Arc<Stats>, cond: fn(&Stats) -> bool) {
+async fn wait_for(stats: &Arc<Stats>, cond: impl Fn(&Stats) -> bool) {
     let stats = stats.clone();
     wait_until(move || {
         let ok = cond(&stats);

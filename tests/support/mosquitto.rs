@@ -111,6 +111,11 @@ impl Mosquitto {
         self.signal(libc::SIGSTOP);
     }
 
+    /// SIGCONT: after `pause`.
+    pub fn resume(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
     /// SIGHUP: re-reads the reloadable parts of the config file.
     pub fn reload(&self) {
         self.signal(libc::SIGHUP);
