@@ -75,6 +75,7 @@ pub struct Server {
     pub mqtt_ws_addr: Option<SocketAddr>,
     pub http_addr: SocketAddr,
     pub registry: Registry,
+    /// The embedded broker; idle (no listeners) with `mqtt.external_url`.
     pub broker: Broker,
     pub stats: Arc<Stats>,
     shutdown: CancellationToken,
