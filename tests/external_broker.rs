@@ -20,6 +20,8 @@ use support::mosquitto::Mosquitto;
 use support::mqtt::Device;
 use support::proxy::Backend;
 use support::{server, wait_until};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 fn settings(
     broker: &Mosquitto,
@@ -217,6 +219,42 @@ async fn full_outbox_drops_or_waits() {
         assert_eq!(stats.mqtt_outbox_dropped.get(), dropped);
         server.stop().await;
     }
+}
+
+/// For callers that acknowledge only delivered messages: the receiver
+/// resolves at the PUBACK, and fails at once for a dropped message.
+#[tokio::test]
+async fn publish_confirmed_resolves_at_the_puback() {
+    use pushbridge::external::{Context, ExternalBroker};
+    let broker = Mosquitto::start();
+    let mut s = settings(&broker, "pb-confirm", None);
+    s.mqtt.outbox = 1;
+    s.mqtt.outbox_full = QueueFull::Drop;
+    let stats = Arc::new(Stats::default());
+    let (events, _status) = tokio::sync::mpsc::channel(16);
+    let cx = Context {
+        events,
+        stats: stats.clone(),
+        drain: Duration::from_secs(1),
+    };
+    let (stop, tracker) = (CancellationToken::new(), TaskTracker::new());
+    let ext = ExternalBroker::start(&s.mqtt, cx, stop.clone(), &tracker).unwrap();
+    wait_for(&stats, |s| s.mqtt_external_subscribed.get() >= 1).await;
+
+    broker.pause();
+    let mut kept = ext.publish_confirmed("push/user/1", "a".into()).await;
+    let dropped = ext.publish_confirmed("push/user/1", "b".into()).await;
+    assert!(dropped.await.is_err(), "the outbox had no room");
+    assert!(kept.try_recv().is_err(), "no PUBACK from a paused broker");
+    broker.resume();
+    tokio::time::timeout(support::WAIT, kept)
+        .await
+        .expect("PUBACK in time")
+        .expect("confirmed");
+    assert_eq!(stats.mqtt_external_acked.get(), 1);
+    stop.cancel();
+    tracker.close();
+    tracker.wait().await;
 }
 
 /// Two instances on one Redis and one broker: with the shared subscription

@@ -5,7 +5,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, MqttState, Outgoing, Packet, QoS,
     SubscribeReasonCode,
@@ -16,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use super::outbox::Outbox;
+use super::Message;
 use crate::mqtt::BrokerEvent;
 use crate::stats::Stats;
 use crate::status;
@@ -38,7 +38,7 @@ pub(super) struct Link {
     eventloop: EventLoop,
     config: Config,
     filter: String,
-    from_handles: mpsc::UnboundedReceiver<(String, Bytes)>,
+    from_handles: mpsc::UnboundedReceiver<Message>,
     room: Arc<Semaphore>,
     outbox: Outbox,
     connected: bool,
@@ -51,7 +51,7 @@ impl Link {
     pub fn new(
         options: MqttOptions,
         config: Config,
-        from_handles: mpsc::UnboundedReceiver<(String, Bytes)>,
+        from_handles: mpsc::UnboundedReceiver<Message>,
         room: Arc<Semaphore>,
         events: mpsc::Sender<BrokerEvent>,
         stats: Arc<Stats>,
@@ -132,8 +132,8 @@ impl Link {
             }
             tokio::select! {
                 event = &mut poll => return Some(event),
-                Some((topic, payload)) = self.from_handles.recv() => {
-                    let seq = self.outbox.add(topic, payload);
+                Some(m) = self.from_handles.recv() => {
+                    let seq = self.outbox.add(m.topic, m.payload, m.ack);
                     if self.connected {
                         Self::hand_over(&self.client, &mut self.outbox, &self.stats, seq);
                     }
@@ -201,9 +201,12 @@ impl Link {
     }
 
     fn on_puback(&mut self, pkid: u16) {
-        if self.outbox.acked(pkid) {
+        if let Some(entry) = self.outbox.acked(pkid) {
             self.room.add_permits(1);
             self.stats.mqtt_external_acked.inc();
+            if let Some(ack) = entry.ack {
+                let _ = ack.send(());
+            }
         }
     }
 

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
@@ -51,7 +51,7 @@ pub struct ExternalBroker {
 }
 
 struct Shared {
-    to_link: mpsc::UnboundedSender<(String, Bytes)>,
+    to_link: mpsc::UnboundedSender<Message>,
     /// One permit per free outbox slot; the link gives it back at the PUBACK.
     room: Arc<Semaphore>,
     full: QueueFull,
@@ -59,6 +59,13 @@ struct Shared {
     /// larger packet, which republishing would repeat forever.
     max_packet: usize,
     stats: Arc<Stats>,
+}
+
+/// A publish on its way to the link's outbox.
+struct Message {
+    topic: String,
+    payload: Bytes,
+    ack: Option<oneshot::Sender<()>>,
 }
 
 /// What `start` needs besides the settings.
@@ -112,28 +119,45 @@ impl ExternalBroker {
     /// room or drops it (counted), per `mqtt.outbox_full`. Returns 1 when it
     /// was kept (the broker's subscribers are not known here), 0 when dropped.
     pub async fn publish(&self, topic: &str, payload: Bytes) -> usize {
+        self.keep(topic, payload, None).await
+    }
+
+    /// Like `publish`; the receiver resolves when the broker's PUBACK
+    /// arrives (for callers that acknowledge only what was delivered), and
+    /// fails if the message was dropped or pushbridge stopped first.
+    pub async fn publish_confirmed(&self, topic: &str, payload: Bytes) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        self.keep(topic, payload, Some(tx)).await;
+        rx
+    }
+
+    async fn keep(&self, topic: &str, payload: Bytes, ack: Option<oneshot::Sender<()>>) -> usize {
         let s = &self.inner;
         if s.full == QueueFull::Wait {
             match s.room.acquire().await {
                 Ok(permit) => permit.forget(),
                 Err(_) => return self.dropped(topic, "the link is closed"),
             }
-            return self.hand_over(topic, payload);
+            return self.hand_over(topic, payload, ack);
         }
-        self.try_publish(topic, payload)
+        self.try_keep(topic, payload, ack)
     }
 
     /// Like `publish`, but never waits: a full outbox drops the message
     /// (for callers that cannot wait, such as APNs feedback).
     pub fn try_publish(&self, topic: &str, payload: Bytes) -> usize {
+        self.try_keep(topic, payload, None)
+    }
+
+    fn try_keep(&self, topic: &str, payload: Bytes, ack: Option<oneshot::Sender<()>>) -> usize {
         match self.inner.room.try_acquire() {
             Ok(permit) => permit.forget(),
             Err(_) => return self.dropped(topic, "the outbox is full"),
         }
-        self.hand_over(topic, payload)
+        self.hand_over(topic, payload, ack)
     }
 
-    fn hand_over(&self, topic: &str, payload: Bytes) -> usize {
+    fn hand_over(&self, topic: &str, payload: Bytes, ack: Option<oneshot::Sender<()>>) -> usize {
         let s = &self.inner;
         if topic.is_empty() || topic.contains(['+', '#', '\0']) {
             s.room.add_permits(1);
@@ -146,7 +170,12 @@ impl ExternalBroker {
             warn!(%topic, bytes = payload.len(), "external publish dropped: larger than mqtt.max_packet_size");
             return self.dropped(topic, "too large");
         }
-        if s.to_link.send((topic.to_string(), payload)).is_err() {
+        let message = Message {
+            topic: topic.to_string(),
+            payload,
+            ack,
+        };
+        if s.to_link.send(message).is_err() {
             return self.dropped(topic, "the link is closed");
         }
         1

@@ -10,14 +10,17 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use bytes::Bytes;
+use tokio::sync::oneshot;
 
 /// One publish still owed to the broker.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub(crate) struct Entry {
     pub topic: String,
     pub payload: Bytes,
     /// Times it was handed to rumqttc (more than one: a republish).
     pub sends: u32,
+    /// Told when the PUBACK arrives, for callers that wait for it.
+    pub ack: Option<oneshot::Sender<()>>,
 }
 
 #[derive(Debug, Default)]
@@ -33,7 +36,7 @@ pub(crate) struct Outbox {
 
 impl Outbox {
     /// Keeps a new publish; returns its sequence number.
-    pub fn add(&mut self, topic: String, payload: Bytes) -> u64 {
+    pub fn add(&mut self, topic: String, payload: Bytes, ack: Option<oneshot::Sender<()>>) -> u64 {
         let seq = self.next;
         self.next += 1;
         self.entries.insert(
@@ -42,6 +45,7 @@ impl Outbox {
                 topic,
                 payload,
                 sends: 0,
+                ack,
             },
         );
         seq
@@ -70,13 +74,11 @@ impl Outbox {
         }
     }
 
-    /// The broker acknowledged `pkid`: the entry is done. False for an id
-    /// this connection has no publish under.
-    pub fn acked(&mut self, pkid: u16) -> bool {
-        match self.inflight.remove(&pkid) {
-            Some(seq) => self.entries.remove(&seq).is_some(),
-            None => false,
-        }
+    /// The broker acknowledged `pkid`: the entry is done and returned.
+    /// `None` for an id this connection has no publish under.
+    pub fn acked(&mut self, pkid: u16) -> Option<Entry> {
+        let seq = self.inflight.remove(&pkid)?;
+        self.entries.remove(&seq)
     }
 
     /// The connection is gone, and rumqttc's queue with it: every entry is
@@ -107,7 +109,7 @@ mod tests {
     fn outbox(n: usize) -> (Outbox, Vec<u64>) {
         let mut o = Outbox::default();
         let seqs = (0..n)
-            .map(|i| o.add(format!("t/{i}"), Bytes::from(i.to_string())))
+            .map(|i| o.add(format!("t/{i}"), Bytes::from(i.to_string()), None))
             .collect();
         (o, seqs)
     }
@@ -120,10 +122,22 @@ mod tests {
         }
         assert!(o.written(7) && o.written(8) && o.written(9));
         assert!(!o.written(10), "nothing else was queued");
-        assert!(o.acked(8));
-        assert!(!o.acked(8), "a second PUBACK for the same id");
-        assert!(!o.acked(42), "an id never used");
+        assert_eq!(o.acked(8).unwrap().topic, "t/1");
+        assert!(o.acked(8).is_none(), "a second PUBACK for the same id");
+        assert!(o.acked(42).is_none(), "an id never used");
         assert_eq!(o.pending(), vec![seqs[0], seqs[2]]);
+    }
+
+    #[test]
+    fn the_waiter_is_told_at_the_puback() {
+        let mut o = Outbox::default();
+        let (tx, mut rx) = oneshot::channel();
+        let seq = o.add("t".into(), Bytes::new(), Some(tx));
+        o.queued(seq);
+        o.written(1);
+        assert!(rx.try_recv().is_err(), "not before the PUBACK");
+        o.acked(1).unwrap().ack.unwrap().send(()).unwrap();
+        assert!(rx.try_recv().is_ok());
     }
 
     #[test]
@@ -137,7 +151,7 @@ mod tests {
         o.acked(1);
         o.connection_lost();
         // pkid 2 may be reused by the next connection for another publish.
-        assert!(!o.acked(2));
+        assert!(o.acked(2).is_none());
         assert_eq!(o.pending(), seqs[1..].to_vec());
         for s in o.pending() {
             o.queued(s).unwrap();
@@ -148,7 +162,7 @@ mod tests {
             o.written(pkid);
         }
         for pkid in [3, 1, 2] {
-            assert!(o.acked(pkid));
+            assert!(o.acked(pkid).is_some());
         }
         assert!(o.is_empty());
     }
