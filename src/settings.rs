@@ -412,46 +412,6 @@ impl Settings {
     }
 }
 
-impl Settings {
-    fn check_external(&self) -> Result<(), SettingsError> {
-        let m = &self.mqtt;
-        let bad = |key, problem: String| Err(SettingsError::Check { key, problem });
-        if m.outbox == 0 {
-            return bad("mqtt.outbox", "must be at least 1".into());
-        }
-        let g = &m.external_shared_group;
-        if g.contains(['+', '#', '/', '\0']) {
-            return bad(
-                "mqtt.external_shared_group",
-                "must be one topic level, without wildcards or '/'".into(),
-            );
-        }
-        let Some(url) = &m.external_url else {
-            return Ok(());
-        };
-        let endpoint = match crate::external::Endpoint::parse(url) {
-            Ok(e) => e,
-            Err(problem) => return bad("mqtt.external_url", problem),
-        };
-        if m.external_ca_file.is_some() && !endpoint.tls {
-            return bad(
-                "mqtt.external_ca_file",
-                "needs an mqtts:// mqtt.external_url".into(),
-            );
-        }
-        if m.external_password.is_some() && m.external_username.is_none() {
-            return bad(
-                "mqtt.external_password",
-                "needs mqtt.external_username".into(),
-            );
-        }
-        if m.external_client_id.as_deref() == Some("") {
-            return bad("mqtt.external_client_id", "must not be empty".into());
-        }
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -542,37 +502,6 @@ mod tests {
         assert!(err.to_string().contains("apns.feedback_topic"), "{err}");
         let err = Settings::from_toml("[apns]\nqueue_full = \"shed\"\n").unwrap_err();
         assert!(err.to_string().contains("queue_full"), "{err}");
-    }
-
-    #[test]
-    fn external_broker_settings_are_checked() {
-        let s = Settings::from_toml("[mqtt]\nexternal_url = \"mqtts://b.example:8883\"\n").unwrap();
-        assert_eq!(
-            s.mqtt.external_url.as_deref(),
-            Some("mqtts://b.example:8883")
-        );
-        for (toml, key) in [
-            ("external_url = \"http://b:1\"", "mqtt.external_url"),
-            ("external_url = \"mqtt://\"", "mqtt.external_url"),
-            ("external_url = \"mqtt://b:x\"", "mqtt.external_url"),
-            (
-                "external_url = \"mqtt://b\"\nexternal_ca_file = \"ca.pem\"",
-                "mqtt.external_ca_file",
-            ),
-            (
-                "external_url = \"mqtt://b\"\nexternal_password = \"p\"",
-                "mqtt.external_password",
-            ),
-            ("outbox = 0", "mqtt.outbox"),
-            (
-                "external_shared_group = \"a/b\"",
-                "mqtt.external_shared_group",
-            ),
-            ("outbox_full = \"shed\"", "outbox_full"),
-        ] {
-            let err = Settings::from_toml(&format!("[mqtt]\n{toml}\n")).unwrap_err();
-            assert!(err.to_string().contains(key), "{toml}: {err}");
-        }
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! Where the external broker is and how to log in: `mqtt.external_*` turned
-//! into rumqttc options, TLS included.
+//! Where the external broker is and how to log in: `mqtt.external_*`
+//! checked when settings load, then turned into rumqttc options, TLS included.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -9,7 +9,7 @@ use rumqttc::{MqttOptions, TlsConfiguration, Transport};
 use rustls::{ClientConfig, RootCertStore};
 
 use super::ExternalError;
-use crate::settings::MqttSettings;
+use crate::settings::{MqttSettings, Settings, SettingsError};
 
 /// `mqtt://host[:port]` or `mqtts://host[:port]`, parsed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,6 +81,47 @@ impl Endpoint {
             port,
             tls,
         })
+    }
+}
+
+impl Settings {
+    /// The `mqtt.external_*` and `mqtt.outbox` part of `Settings::check`.
+    pub(crate) fn check_external(&self) -> Result<(), SettingsError> {
+        let m = &self.mqtt;
+        let bad = |key, problem: String| Err(SettingsError::Check { key, problem });
+        if m.outbox == 0 {
+            return bad("mqtt.outbox", "must be at least 1".into());
+        }
+        let g = &m.external_shared_group;
+        if g.contains(['+', '#', '/', '\0']) {
+            return bad(
+                "mqtt.external_shared_group",
+                "must be one topic level, without wildcards or '/'".into(),
+            );
+        }
+        let Some(url) = &m.external_url else {
+            return Ok(());
+        };
+        let endpoint = match Endpoint::parse(url) {
+            Ok(e) => e,
+            Err(problem) => return bad("mqtt.external_url", problem),
+        };
+        if m.external_ca_file.is_some() && !endpoint.tls {
+            return bad(
+                "mqtt.external_ca_file",
+                "needs an mqtts:// mqtt.external_url".into(),
+            );
+        }
+        if m.external_password.is_some() && m.external_username.is_none() {
+            return bad(
+                "mqtt.external_password",
+                "needs mqtt.external_username".into(),
+            );
+        }
+        if m.external_client_id.as_deref() == Some("") {
+            return bad("mqtt.external_client_id", "must not be empty".into());
+        }
+        Ok(())
     }
 }
 
@@ -198,6 +239,37 @@ mod tests {
         ] {
             let err = Endpoint::parse(url).unwrap_err();
             assert!(err.contains(why), "{url}: {err}");
+        }
+    }
+
+    #[test]
+    fn external_broker_settings_are_checked() {
+        let s = Settings::from_toml("[mqtt]\nexternal_url = \"mqtts://b.example:8883\"\n").unwrap();
+        assert_eq!(
+            s.mqtt.external_url.as_deref(),
+            Some("mqtts://b.example:8883")
+        );
+        for (toml, key) in [
+            ("external_url = \"http://b:1\"", "mqtt.external_url"),
+            ("external_url = \"mqtt://\"", "mqtt.external_url"),
+            ("external_url = \"mqtt://b:x\"", "mqtt.external_url"),
+            (
+                "external_url = \"mqtt://b\"\nexternal_ca_file = \"ca.pem\"",
+                "mqtt.external_ca_file",
+            ),
+            (
+                "external_url = \"mqtt://b\"\nexternal_password = \"p\"",
+                "mqtt.external_password",
+            ),
+            ("outbox = 0", "mqtt.outbox"),
+            (
+                "external_shared_group = \"a/b\"",
+                "mqtt.external_shared_group",
+            ),
+            ("outbox_full = \"shed\"", "outbox_full"),
+        ] {
+            let err = Settings::from_toml(&format!("[mqtt]\n{toml}\n")).unwrap_err();
+            assert!(err.to_string().contains(key), "{toml}: {err}");
         }
     }
 
