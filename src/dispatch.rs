@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, error, warn};
 
 use crate::apns::{ApnsJob, ApnsSender};
-use crate::mqtt::Broker;
+use crate::publisher::MqttOut;
 use crate::push::{Id, Push, Target, UserRecord};
 use crate::registry::{Registry, RegistryError, UserStore};
 use crate::router;
@@ -23,7 +23,7 @@ const ATTEMPTS: u32 = 8;
 
 pub struct Dispatcher {
     pub registry: Registry,
-    pub broker: Broker,
+    pub broker: MqttOut,
     pub apns: ApnsSender,
     pub prefix: String,
     pub stats: Arc<Stats>,
@@ -127,7 +127,7 @@ impl Dispatcher {
         if !routing.mqtt_topics.is_empty() {
             let payload = push.json();
             for topic in &routing.mqtt_topics {
-                let reached = self.broker.publish(topic, payload.clone());
+                let reached = self.broker.publish(topic, payload.clone()).await;
                 debug!(%topic, sessions = reached, "published");
                 self.stats.mqtt_published.inc();
                 sessions.push(reached);

@@ -7,11 +7,13 @@
 pub mod apns;
 pub mod auth;
 pub mod dispatch;
+pub mod external;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod http;
 pub mod mqtt;
 pub mod proxy;
+pub mod publisher;
 pub mod push;
 pub mod registry;
 pub mod router;
@@ -33,9 +35,11 @@ use tracing::{info, warn};
 use crate::apns::ApnsSender;
 use crate::auth::Auth;
 use crate::dispatch::Dispatcher;
+use crate::external::ExternalBroker;
 use crate::mqtt::{Broker, TlsConfig, Transport};
+use crate::publisher::MqttOut;
 use crate::registry::Registry;
-use crate::settings::{AuthMode, Settings};
+use crate::settings::{AuthMode, MqttSettings, Settings};
 use crate::stats::Stats;
 
 #[derive(Debug, thiserror::Error)]
@@ -56,11 +60,14 @@ pub enum Error {
     Auth(#[from] auth::AuthError),
     #[error(transparent)]
     Mqtt(#[from] mqtt::MqttError),
+    #[error(transparent)]
+    External(#[from] external::ExternalError),
 }
 
 /// A running pushbridge.
 pub struct Server {
     pub proxy_addr: SocketAddr,
+    /// With `mqtt.external_url`: `mqtt.listen` as set, not listened on.
     pub mqtt_addr: SocketAddr,
     /// MQTT over TLS, when `mqtt.tls_listen` is set.
     pub mqtt_tls_addr: Option<SocketAddr>,
@@ -68,6 +75,7 @@ pub struct Server {
     pub mqtt_ws_addr: Option<SocketAddr>,
     pub http_addr: SocketAddr,
     pub registry: Registry,
+    /// The embedded broker; idle (no listeners) with `mqtt.external_url`.
     pub broker: Broker,
     pub stats: Arc<Stats>,
     shutdown: CancellationToken,
@@ -98,32 +106,20 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
     let (tracker, ingress, mqtt) = (TaskTracker::new(), TaskTracker::new(), TaskTracker::new());
 
     let proxy_listener = bind("proxy.listen", settings.proxy.listen).await?;
-    let mqtt_listener = bind("mqtt.listen", settings.mqtt.listen).await?;
+    let external = settings.mqtt.external_url.is_some();
+    let listeners = match external {
+        false => MqttListeners::bind(&settings.mqtt).await?,
+        true => MqttListeners::none(&settings.mqtt),
+    };
+    let (mqtt_addr, mqtt_tls_addr, mqtt_ws_addr) =
+        (listeners.addr, listeners.tls_addr, listeners.ws_addr);
     let http_listener = bind("http.listen", settings.http.listen).await?;
     let http_addr = http_listener.local_addr().expect("bound");
     let proxy_addr = proxy_listener.local_addr().expect("bound");
-    let mqtt_addr = mqtt_listener.local_addr().expect("bound");
-    let mut mqtt_listeners = vec![(mqtt_listener, Transport::Tcp)];
-    let (mut mqtt_tls_addr, mut mqtt_ws_addr) = (None, None);
-    if let (Some(addr), Some(cert), Some(key)) = (
-        settings.mqtt.tls_listen,
-        &settings.mqtt.tls_cert,
-        &settings.mqtt.tls_key,
-    ) {
-        let tls = Arc::new(TlsConfig::load(cert, key)?);
-        let listener = bind("mqtt.tls_listen", addr).await?;
-        mqtt_tls_addr = Some(listener.local_addr().expect("bound"));
-        mqtt_listeners.push((listener, Transport::Tls(tls)));
-    }
-    if let Some(addr) = settings.mqtt.ws_listen {
-        let listener = bind("mqtt.ws_listen", addr).await?;
-        mqtt_ws_addr = Some(listener.local_addr().expect("bound"));
-        mqtt_listeners.push((listener, Transport::WebSocket));
-    }
 
     let auth = Auth::new(&settings.auth, &settings.mqtt.prefix)?
         .with_feedback_topic(settings.feedback_topic());
-    if settings.auth.mode == AuthMode::None {
+    if settings.auth.mode == AuthMode::None && !external {
         warn!(
             "auth.mode = none: MQTT clients are not authenticated; any client may read any \
              user's or group's topic (set auth.mode = jwt)"
@@ -133,21 +129,41 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
         }
     }
     let (broker, events) = Broker::with_auth(&settings.mqtt, auth, stats.clone());
+    let (out, events) = match &settings.mqtt.external_url {
+        None => {
+            let mut up = vec![stats.listeners.up("mqtt.listen")];
+            up.extend(mqtt_tls_addr.map(|_| stats.listeners.up("mqtt.tls_listen")));
+            up.extend(mqtt_ws_addr.map(|_| stats.listeners.up("mqtt.ws_listen")));
+            mqtt.spawn(while_up(
+                up,
+                broker
+                    .clone()
+                    .serve_all(listeners.listeners, stop_mqtt.clone(), mqtt.clone()),
+            ));
+            (MqttOut::Embedded(broker.clone()), events)
+        }
+        Some(url) => {
+            let (tx, rx) = mpsc::channel(1024);
+            let cx = external::Context {
+                events: tx,
+                stats: stats.clone(),
+                drain: Duration::from_secs(settings.proxy.drain_secs),
+            };
+            let ext = ExternalBroker::start(&settings.mqtt, cx, stop.clone(), &tracker)?;
+            info!(
+                external_url = %url,
+                "mqtt.external_url is set: pushes go to the external broker; the embedded \
+                 broker's listeners are not started"
+            );
+            (MqttOut::External(ext), rx)
+        }
+    };
     let sinks = apns::Sinks {
         stats: stats.clone(),
         registry: registry.clone(),
-        feedback: apns::Feedback::new(broker.clone(), settings.feedback_topic()),
+        feedback: apns::Feedback::new(out.clone(), settings.feedback_topic()),
     };
     let apns = ApnsSender::start(&settings.apns, sinks, stop.clone(), &tracker)?;
-    let mut mqtt_up = vec![stats.listeners.up("mqtt.listen")];
-    mqtt_up.extend(mqtt_tls_addr.map(|_| stats.listeners.up("mqtt.tls_listen")));
-    mqtt_up.extend(mqtt_ws_addr.map(|_| stats.listeners.up("mqtt.ws_listen")));
-    mqtt.spawn(while_up(
-        mqtt_up,
-        broker
-            .clone()
-            .serve_all(mqtt_listeners, stop_mqtt.clone(), mqtt.clone()),
-    ));
     tracker.spawn(stats::series::sample(stats.clone(), stop.clone()));
     tracker.spawn(status::run(
         events,
@@ -159,7 +175,7 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
     let (intake_tx, intake_rx) = mpsc::channel(settings.proxy.queue);
     let dispatcher = Arc::new(Dispatcher {
         registry: registry.clone(),
-        broker: broker.clone(),
+        broker: out,
         apns: apns.clone(),
         prefix: settings.mqtt.prefix.clone(),
         stats: stats.clone(),
@@ -193,9 +209,13 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
             ingress.clone(),
         ),
     ));
+    let mqtt_shown = match external {
+        true => "external".to_string(),
+        false => mqtt_addr.to_string(),
+    };
     info!(
         proxy = %proxy_addr,
-        mqtt = %mqtt_addr,
+        mqtt = %mqtt_shown,
         mqtt_tls = ?mqtt_tls_addr,
         mqtt_ws = ?mqtt_ws_addr,
         http = %http_addr,
@@ -289,7 +309,54 @@ pub fn check_config(settings: &Settings) -> Result<Vec<apns::AppReport>, Error> 
     if let (Some(cert), Some(key)) = (&settings.mqtt.tls_cert, &settings.mqtt.tls_key) {
         TlsConfig::load(cert, key)?;
     }
+    if let Some(ca) = &settings.mqtt.external_ca_file {
+        external::check_ca_file(ca)?;
+    }
     Ok(apns::check_config(&settings.apns)?)
+}
+
+/// The embedded broker's listeners and their bound addresses.
+struct MqttListeners {
+    listeners: Vec<(TcpListener, Transport)>,
+    addr: SocketAddr,
+    tls_addr: Option<SocketAddr>,
+    ws_addr: Option<SocketAddr>,
+}
+
+impl MqttListeners {
+    async fn bind(m: &MqttSettings) -> Result<MqttListeners, Error> {
+        let listener = bind("mqtt.listen", m.listen).await?;
+        let addr = listener.local_addr().expect("bound");
+        let mut listeners = vec![(listener, Transport::Tcp)];
+        let (mut tls_addr, mut ws_addr) = (None, None);
+        if let (Some(addr), Some(cert), Some(key)) = (m.tls_listen, &m.tls_cert, &m.tls_key) {
+            let tls = Arc::new(TlsConfig::load(cert, key)?);
+            let listener = bind("mqtt.tls_listen", addr).await?;
+            tls_addr = Some(listener.local_addr().expect("bound"));
+            listeners.push((listener, Transport::Tls(tls)));
+        }
+        if let Some(addr) = m.ws_listen {
+            let listener = bind("mqtt.ws_listen", addr).await?;
+            ws_addr = Some(listener.local_addr().expect("bound"));
+            listeners.push((listener, Transport::WebSocket));
+        }
+        Ok(MqttListeners {
+            listeners,
+            addr,
+            tls_addr,
+            ws_addr,
+        })
+    }
+
+    /// External broker mode: nothing to listen on.
+    fn none(m: &MqttSettings) -> MqttListeners {
+        MqttListeners {
+            listeners: Vec::new(),
+            addr: m.listen,
+            tls_addr: None,
+            ws_addr: None,
+        }
+    }
 }
 
 /// Each device is a socket: lift the soft open-file limit to the hard one.

@@ -71,7 +71,24 @@ pub struct MqttSettings {
     pub tls_key: Option<PathBuf>,
     /// Topic prefix: `<prefix>/user/<id>`, `<prefix>/group/<id>`, `<prefix>/app/status`.
     pub prefix: String,
+    /// `mqtt://host[:port]` or `mqtts://host[:port]`: publish to this broker
+    /// instead of serving devices from the embedded one.
     pub external_url: Option<String>,
+    /// Client id towards the external broker; unset: `pushbridge-<hostname>`.
+    /// Stable across restarts, since the session (and the status
+    /// subscription in it) is persistent.
+    pub external_client_id: Option<String>,
+    pub external_username: Option<String>,
+    pub external_password: Option<String>,
+    /// CA certificate(s) to trust for `mqtts://`, besides the public web roots.
+    pub external_ca_file: Option<PathBuf>,
+    /// Shared-subscription group for the status topic, so several instances
+    /// handle each status once; empty: a plain subscription.
+    pub external_shared_group: String,
+    /// External mode: QoS 1 publishes kept until the broker's PUBACK.
+    pub outbox: usize,
+    /// What a full outbox does to a new publish: wait, or drop it (counted).
+    pub outbox_full: QueueFull,
     /// CONNECT must arrive this soon after accept.
     pub connect_timeout_secs: u64,
     pub max_connections: usize,
@@ -101,6 +118,13 @@ impl Default for MqttSettings {
             tls_key: None,
             prefix: "push".into(),
             external_url: None,
+            external_client_id: None,
+            external_username: None,
+            external_password: None,
+            external_ca_file: None,
+            external_shared_group: "pushbridge".into(),
+            outbox: 100_000,
+            outbox_full: QueueFull::Wait,
             connect_timeout_secs: 5,
             max_connections: 19000,
             max_packet_size: 256 * 1024,
@@ -173,14 +197,15 @@ pub struct ApnsSettings {
     pub feedback_topic: Option<String>,
 }
 
-/// `apns.queue_full`: backpressure or load shedding in front of the sender.
+/// `apns.queue_full` and `mqtt.outbox_full`: backpressure or load shedding
+/// in front of a bounded queue.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, Default, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum QueueFull {
     /// The router waits for room, and so, eventually, do the backends.
     #[default]
     Wait,
-    /// The notification is dropped and counted in `apns_queue_dropped`.
+    /// The message is dropped and counted (`apns_queue_dropped`, `mqtt_outbox_dropped`).
     Drop,
 }
 
@@ -355,6 +380,7 @@ impl Settings {
         {
             return bad("mqtt.tls_listen", "needs mqtt.tls_cert and mqtt.tls_key");
         }
+        self.check_external()?;
         for (key, template) in [
             ("registry.user_key", &self.registry.user_key),
             ("registry.group_apple_key", &self.registry.group_apple_key),

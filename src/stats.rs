@@ -126,6 +126,16 @@ counters! {
     mqtt_handshakes_failed,
     /// Registry (Redis) calls that failed: lookups, writes, pings.
     registry_errors,
+    /// Connections to the external broker established (CONNACK received).
+    mqtt_external_connects,
+    /// Status subscriptions the external broker granted (one per connection).
+    mqtt_external_subscribed,
+    /// Publishes the external broker acknowledged (PUBACK): taken out of the outbox.
+    mqtt_external_acked,
+    /// Publishes sent to the external broker again after a reconnect.
+    mqtt_external_republished,
+    /// Publishes to the external broker dropped: outbox full (mqtt.outbox_full = "drop") or an unpublishable topic.
+    mqtt_outbox_dropped,
 }
 
 #[cfg(test)]

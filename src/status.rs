@@ -16,6 +16,11 @@ use crate::push::Id;
 use crate::registry::{Registry, UserStore};
 use crate::stats::Stats;
 
+/// The `conn` of status messages from an external broker: no connection to
+/// follow, so nothing to clear when it ends (the app's last will does that).
+/// The embedded broker numbers its connections from 1.
+pub const UNTRACKED: u64 = 0;
+
 /// `{"user_id": <uid>, "focus": true|false}`; `None` for anything else.
 pub fn parse(payload: &[u8]) -> Option<(Id, bool)> {
     let v: Value = serde_json::from_slice(payload).ok()?;
@@ -101,7 +106,13 @@ pub async fn run(
                     debug!(%client_id, "ignored malformed status message");
                     continue;
                 };
-                match holders.report(conn, &user, focus) {
+                // External broker: no disconnect events; the app's last will clears focus.
+                let flag = if conn == UNTRACKED {
+                    Some(focus)
+                } else {
+                    holders.report(conn, &user, focus)
+                };
+                match flag {
                     Some(flag) => apply(&registry, &stats, &user, flag).await,
                     None => debug!(%user, "focus kept: another connection holds it"),
                 }

@@ -98,9 +98,7 @@ async fn dashboard_in_chromium_shows_live_counts_and_sends_a_test_push() {
     assert_eq!(device.next_json().await, json!({"n": 1}));
     browser.wait_text("total-accepted", |t| t == "2").await;
     browser.wait_text("total-mqtt", |t| t == "2").await;
-    browser
-        .wait_text("window-accepted", |t| t == "2")
-        .await;
+    browser.wait_text("window-accepted", |t| t == "2").await;
 
     // The form's push reaches the device, and the page shows the answer.
     browser.fill("push-user", "77").await;

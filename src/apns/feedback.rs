@@ -7,13 +7,13 @@ use serde_json::Value;
 use tracing::debug;
 
 use super::jwt::unix_now;
-use crate::mqtt::Broker;
+use crate::publisher::MqttOut;
 use crate::router::ApnsDelivery;
 
-/// Publishes on one topic of the embedded broker.
+/// Publishes on one topic of the embedded or external broker.
 #[derive(Clone)]
 pub struct Feedback {
-    broker: Broker,
+    broker: MqttOut,
     topic: String,
 }
 
@@ -28,18 +28,22 @@ struct Message<'a> {
 }
 
 impl Feedback {
-    pub fn new(broker: Broker, topic: String) -> Self {
-        Feedback { broker, topic }
+    pub fn new(broker: impl Into<MqttOut>, topic: String) -> Self {
+        Feedback {
+            broker: broker.into(),
+            topic,
+        }
     }
 
     pub fn topic(&self) -> &str {
         &self.topic
     }
 
-    /// Publishes what happened to `delivery`; returns the sessions reached.
+    /// Publishes what happened to `delivery`; returns the sessions reached
+    /// (external broker: 1 if kept in the outbox; never waits for room).
     pub(crate) fn publish(&self, delivery: &ApnsDelivery, reason: &str) -> usize {
         let body = message(delivery, reason, unix_now());
-        let reached = self.broker.publish(&self.topic, body);
+        let reached = self.broker.try_publish(&self.topic, body);
         debug!(topic = %self.topic, reached, "feedback published");
         reached
     }

@@ -36,6 +36,8 @@ pub enum HttpError {
     Unauthorized,
     #[error("registry unavailable: {0}")]
     Registry(#[from] crate::registry::RegistryError),
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl IntoResponse for HttpError {
@@ -45,6 +47,7 @@ impl IntoResponse for HttpError {
             HttpError::NotFound => StatusCode::NOT_FOUND,
             HttpError::Unauthorized => StatusCode::UNAUTHORIZED,
             HttpError::Registry(_) => StatusCode::SERVICE_UNAVAILABLE,
+            HttpError::Unavailable(_) => StatusCode::NOT_IMPLEMENTED,
         };
         (status, Json(json!({ "error": self.to_string() }))).into_response()
     }

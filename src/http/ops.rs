@@ -115,7 +115,10 @@ pub(super) async fn metrics(State(state): State<HttpState>) -> impl IntoResponse
         (
             "mqtt_sessions",
             "MQTT sessions kept: connected, or persistent and not yet expired.",
-            dispatcher.broker.session_count() as u64,
+            dispatcher
+                .broker
+                .embedded()
+                .map_or(0, |b| b.session_count() as u64),
         ),
         (
             "intake_queued",

@@ -121,7 +121,12 @@ pub(super) async fn presence(
     Path(uid): Path<String>,
 ) -> Result<Json<serde_json::Value>, HttpError> {
     let uid = id(&uid)?;
-    let seen = state.dispatcher.broker.presence(uid.as_str());
+    let Some(broker) = state.dispatcher.broker.embedded() else {
+        return Err(HttpError::Unavailable(
+            "presence is known to the embedded broker only (mqtt.external_url is set)".into(),
+        ));
+    };
+    let seen = broker.presence(uid.as_str());
     let focus = state
         .registry
         .users(std::slice::from_ref(&uid))

@@ -5,6 +5,7 @@
 
 pub mod browser;
 pub mod http;
+pub mod mosquitto;
 pub mod mqtt;
 pub mod proxy;
 pub mod redis;

@@ -1,0 +1,291 @@
+//! Where the external broker is and how to log in: `mqtt.external_*`
+//! checked when settings load, then turned into rumqttc options, TLS included.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rumqttc::{MqttOptions, TlsConfiguration, Transport};
+use rustls::{ClientConfig, RootCertStore};
+
+use super::ExternalError;
+use crate::settings::{MqttSettings, Settings, SettingsError};
+
+/// `mqtt://host[:port]` or `mqtts://host[:port]`, parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub host: String,
+    pub port: u16,
+    pub tls: bool,
+}
+
+impl Endpoint {
+    /// Parses `mqtt.external_url`; the error says what is wrong with it.
+    pub fn parse(url: &str) -> Result<Endpoint, String> {
+        let (tls, rest) = if let Some(rest) = url.strip_prefix("mqtts://") {
+            (true, rest)
+        } else if let Some(rest) = url.strip_prefix("mqtt://") {
+            (false, rest)
+        } else {
+            return Err(format!("{url:?}: must start with mqtt:// or mqtts://"));
+        };
+        let rest = rest.strip_suffix('/').unwrap_or(rest);
+        if rest.contains('@') {
+            return Err(format!(
+                "{url:?}: put credentials in mqtt.external_username and mqtt.external_password"
+            ));
+        }
+        if rest.contains(['/', '?', '#']) {
+            return Err(format!(
+                "{url:?}: no path or query allowed, only host and port"
+            ));
+        }
+        let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+            let (host, after) = v6
+                .split_once(']')
+                .ok_or_else(|| format!("{url:?}: unclosed '['"))?;
+            match after {
+                "" => (host, None),
+                a => match a.strip_prefix(':') {
+                    Some(p) => (host, Some(p)),
+                    None => return Err(format!("{url:?}: expected ':port' after ']'")),
+                },
+            }
+        } else if rest.matches(':').count() > 1 {
+            return Err(format!("{url:?}: put an IPv6 address in brackets"));
+        } else {
+            match rest.split_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (rest, None),
+            }
+        };
+        if host.is_empty() {
+            return Err(format!("{url:?}: no host"));
+        }
+        let port = match port {
+            None => {
+                if tls {
+                    8883
+                } else {
+                    1883
+                }
+            }
+            Some(p) => p
+                .parse::<u16>()
+                .ok()
+                .filter(|&p| p > 0)
+                .ok_or_else(|| format!("{url:?}: bad port {p:?}"))?,
+        };
+        Ok(Endpoint {
+            host: host.to_string(),
+            port,
+            tls,
+        })
+    }
+}
+
+impl Settings {
+    /// The `mqtt.external_*` and `mqtt.outbox` part of `Settings::check`.
+    pub(crate) fn check_external(&self) -> Result<(), SettingsError> {
+        let m = &self.mqtt;
+        let bad = |key, problem: String| Err(SettingsError::Check { key, problem });
+        if m.outbox == 0 {
+            return bad("mqtt.outbox", "must be at least 1".into());
+        }
+        let g = &m.external_shared_group;
+        if g.contains(['+', '#', '/', '\0']) {
+            return bad(
+                "mqtt.external_shared_group",
+                "must be one topic level, without wildcards or '/'".into(),
+            );
+        }
+        let Some(url) = &m.external_url else {
+            return Ok(());
+        };
+        let endpoint = match Endpoint::parse(url) {
+            Ok(e) => e,
+            Err(problem) => return bad("mqtt.external_url", problem),
+        };
+        if m.external_ca_file.is_some() && !endpoint.tls {
+            return bad(
+                "mqtt.external_ca_file",
+                "needs an mqtts:// mqtt.external_url".into(),
+            );
+        }
+        if m.external_password.is_some() && m.external_username.is_none() {
+            return bad(
+                "mqtt.external_password",
+                "needs mqtt.external_username".into(),
+            );
+        }
+        if m.external_client_id.as_deref() == Some("") {
+            return bad("mqtt.external_client_id", "must not be empty".into());
+        }
+        Ok(())
+    }
+}
+
+/// The client options: persistent session (the broker keeps the status
+/// subscription and queues status messages while pushbridge reconnects).
+pub(crate) fn options(
+    settings: &MqttSettings,
+    client_id: &str,
+) -> Result<MqttOptions, ExternalError> {
+    let url = settings.external_url.as_deref().unwrap_or_default();
+    let endpoint = Endpoint::parse(url).map_err(|problem| ExternalError::Setting {
+        key: "mqtt.external_url",
+        problem,
+    })?;
+    let mut opts = MqttOptions::new(client_id, endpoint.host.clone(), endpoint.port);
+    opts.set_clean_session(false);
+    opts.set_keep_alive(Duration::from_secs(30));
+    opts.set_max_packet_size(settings.max_packet_size, settings.max_packet_size);
+    if let Some(user) = &settings.external_username {
+        opts.set_credentials(
+            user.clone(),
+            settings.external_password.clone().unwrap_or_default(),
+        );
+    }
+    if endpoint.tls {
+        let config = tls_config(settings.external_ca_file.as_deref())?;
+        opts.set_transport(Transport::Tls(TlsConfiguration::Rustls(config)));
+    }
+    Ok(opts)
+}
+
+/// The client id: the setting, or `pushbridge-<hostname>`.
+pub(crate) fn client_id(settings: &MqttSettings) -> String {
+    settings
+        .external_client_id
+        .clone()
+        .unwrap_or_else(|| format!("pushbridge-{}", hostname()))
+}
+
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes into buf.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    let len = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    match std::str::from_utf8(&buf[..len]) {
+        Ok(h) if rc == 0 && !h.is_empty() => h.to_string(),
+        _ => "localhost".into(),
+    }
+}
+
+/// Public web roots plus `ca_file`.
+pub(crate) fn tls_config(ca_file: Option<&Path>) -> Result<Arc<ClientConfig>, ExternalError> {
+    let mut roots = RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = ca_file {
+        let file_err = |problem: String| ExternalError::File {
+            path: path.into(),
+            problem,
+        };
+        let text = std::fs::read(path).map_err(|e| file_err(format!("cannot read: {e}")))?;
+        let mut added = 0;
+        for cert in rustls_pemfile::certs(&mut text.as_slice()) {
+            let cert = cert.map_err(|e| file_err(format!("bad PEM: {e}")))?;
+            roots
+                .add(cert)
+                .map_err(|e| file_err(format!("unusable CA certificate: {e}")))?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err(file_err("no CERTIFICATE in CA file".into()));
+        }
+    }
+    let config =
+        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| ExternalError::Setting {
+                key: "mqtt.external_url",
+                problem: e.to_string(),
+            })?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(url: &str) -> (String, u16, bool) {
+        let e = Endpoint::parse(url).unwrap();
+        (e.host, e.port, e.tls)
+    }
+
+    #[test]
+    fn parses_urls() {
+        assert_eq!(ok("mqtt://b.example"), ("b.example".into(), 1883, false));
+        assert_eq!(ok("mqtts://b.example"), ("b.example".into(), 8883, true));
+        assert_eq!(
+            ok("mqtt://10.0.0.1:1999/"),
+            ("10.0.0.1".into(), 1999, false)
+        );
+        assert_eq!(ok("mqtts://[::1]:8884"), ("::1".into(), 8884, true));
+        assert_eq!(ok("mqtt://[::1]"), ("::1".into(), 1883, false));
+    }
+
+    #[test]
+    fn rejects_bad_urls_saying_why() {
+        for (url, why) in [
+            ("tcp://b:1883", "mqtt://"),
+            ("mqtt://", "no host"),
+            ("mqtt://:1883", "no host"),
+            ("mqtt://b:0", "bad port"),
+            ("mqtt://b:70000", "bad port"),
+            ("mqtt://u:p@b", "external_username"),
+            ("mqtt://b/topic", "no path"),
+        ] {
+            let err = Endpoint::parse(url).unwrap_err();
+            assert!(err.contains(why), "{url}: {err}");
+        }
+    }
+
+    #[test]
+    fn external_broker_settings_are_checked() {
+        let s = Settings::from_toml("[mqtt]\nexternal_url = \"mqtts://b.example:8883\"\n").unwrap();
+        assert_eq!(
+            s.mqtt.external_url.as_deref(),
+            Some("mqtts://b.example:8883")
+        );
+        for (toml, key) in [
+            ("external_url = \"http://b:1\"", "mqtt.external_url"),
+            ("external_url = \"mqtt://\"", "mqtt.external_url"),
+            ("external_url = \"mqtt://b:x\"", "mqtt.external_url"),
+            (
+                "external_url = \"mqtt://b\"\nexternal_ca_file = \"ca.pem\"",
+                "mqtt.external_ca_file",
+            ),
+            (
+                "external_url = \"mqtt://b\"\nexternal_password = \"p\"",
+                "mqtt.external_password",
+            ),
+            ("outbox = 0", "mqtt.outbox"),
+            (
+                "external_shared_group = \"a/b\"",
+                "mqtt.external_shared_group",
+            ),
+            ("outbox_full = \"shed\"", "outbox_full"),
+        ] {
+            let err = Settings::from_toml(&format!("[mqtt]\n{toml}\n")).unwrap_err();
+            assert!(err.to_string().contains(key), "{toml}: {err}");
+        }
+    }
+
+    #[test]
+    fn ca_file_problems_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ca.pem");
+        std::fs::write(&path, "not a certificate").unwrap();
+        let err = tls_config(Some(&path)).unwrap_err().to_string();
+        assert!(
+            err.contains("ca.pem") && err.contains("no CERTIFICATE"),
+            "{err}"
+        );
+        let err = tls_config(Some(&dir.path().join("missing.pem")))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("missing.pem"), "{err}");
+    }
+}

@@ -1,0 +1,54 @@
+//! Where pushbridge's own MQTT publishes (pushes, APNs feedback) go: the
+//! embedded broker or an external one, chosen once at start by
+//! `mqtt.external_url`.
+
+use bytes::Bytes;
+
+use crate::external::ExternalBroker;
+use crate::mqtt::Broker;
+
+/// An enum, not a trait object: the embedded path stays a direct call that
+/// never yields (its future is ready at the first poll).
+#[derive(Clone)]
+pub enum MqttOut {
+    Embedded(Broker),
+    External(ExternalBroker),
+}
+
+impl MqttOut {
+    /// QoS 1 publish. Embedded: the sessions reached. External: 1 when kept
+    /// in the outbox (a full one waits or drops per `mqtt.outbox_full`), 0
+    /// when dropped.
+    #[inline]
+    pub async fn publish(&self, topic: &str, payload: Bytes) -> usize {
+        match self {
+            MqttOut::Embedded(broker) => broker.publish(topic, payload),
+            MqttOut::External(external) => external.publish(topic, payload).await,
+        }
+    }
+
+    /// Like `publish`, but never waits: a full external outbox drops.
+    pub fn try_publish(&self, topic: &str, payload: Bytes) -> usize {
+        match self {
+            MqttOut::Embedded(broker) => broker.publish(topic, payload),
+            MqttOut::External(external) => external.try_publish(topic, payload),
+        }
+    }
+}
+
+impl MqttOut {
+    /// The embedded broker, which knows who is connected; `None` with an
+    /// external broker (presence lives there).
+    pub fn embedded(&self) -> Option<&Broker> {
+        match self {
+            MqttOut::Embedded(broker) => Some(broker),
+            MqttOut::External(_) => None,
+        }
+    }
+}
+
+impl From<Broker> for MqttOut {
+    fn from(broker: Broker) -> Self {
+        MqttOut::Embedded(broker)
+    }
+}
