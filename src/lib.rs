@@ -11,6 +11,7 @@ pub mod dispatch;
 pub mod fuzzing;
 pub mod http;
 pub mod mqtt;
+pub mod offline;
 pub mod proxy;
 pub mod push;
 pub mod registry;
@@ -70,6 +71,8 @@ pub struct Server {
     pub registry: Registry,
     pub broker: Broker,
     pub stats: Arc<Stats>,
+    /// Messages kept for offline users without APNs.
+    pub offline: offline::OfflineStore,
     shutdown: CancellationToken,
     /// Cancelled after intake has drained: stops the broker and the senders.
     stop: CancellationToken,
@@ -141,8 +144,18 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
             .clone()
             .serve_all(mqtt_listeners, stop.clone(), tracker.clone()),
     );
+    let offline = offline::OfflineStore::new(&registry, &settings.registry, &settings.offline);
+    let (status_tx, status_rx) = mpsc::channel(1024);
+    let replay = offline::Replay {
+        store: offline.clone(),
+        broker: broker.clone(),
+        user_prefix: format!("{}/user/", settings.mqtt.prefix),
+        stats: stats.clone(),
+        busy: Arc::default(),
+    };
+    tracker.spawn(offline::run(events, status_tx, replay, stop.clone()));
     tracker.spawn(status::run(
-        events,
+        status_rx,
         registry.clone(),
         stats.clone(),
         stop.clone(),
@@ -155,6 +168,7 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
         apns,
         prefix: settings.mqtt.prefix.clone(),
         stats: stats.clone(),
+        offline: offline.clone(),
     });
     ingress.spawn(http::serve(
         http_listener,
@@ -195,6 +209,7 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
         registry,
         broker,
         stats,
+        offline,
         shutdown,
         stop,
         ingress,

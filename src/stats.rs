@@ -109,6 +109,14 @@ counters! {
     mqtt_tokens_expired,
     /// TLS or WebSocket handshakes that failed or timed out.
     mqtt_handshakes_failed,
+    /// Messages kept for an offline user without APNs.
+    offline_kept,
+    /// Kept messages dropped: the user's list was full (oldest first), or the store failed.
+    offline_dropped,
+    /// Kept messages dropped unsent because they expired.
+    offline_expired,
+    /// Kept messages handed to a session of their user when it subscribed.
+    offline_delivered,
 }
 
 #[cfg(test)]

@@ -68,6 +68,7 @@ pub async fn run(
                     apply(&registry, &stats, &user, false).await;
                 }
             }
+            BrokerEvent::Subscribed { .. } => {}
         }
     }
 }

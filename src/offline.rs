@@ -1,0 +1,313 @@
+//! Messages for users who have no usable APNs token and no MQTT session
+//! (typically Android devices that are offline): without this they would be
+//! published to nobody and lost. They are kept per user, bounded and with an
+//! expiry, and handed to the user's topic when a device of the user
+//! subscribes to it, oldest first, then removed (at least once: removal
+//! follows the hand-over, so a crash in between repeats, never loses).
+//!
+//! Kept in Redis when Redis is the registry (a list per user, newest at the
+//! head, so it survives a restart and is shared by every instance), in
+//! memory otherwise. Group messages are not kept: a group topic has no single
+//! owner whose reconnect would replay it.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures_util::future::try_join_all;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, warn};
+
+use crate::mqtt::{Broker, BrokerEvent};
+use crate::push::Id;
+use crate::registry::{RedisConn, Registry};
+use crate::settings::{OfflineSettings, RegistrySettings};
+use crate::stats::Stats;
+
+#[derive(Debug, thiserror::Error)]
+pub enum OfflineError {
+    #[error("offline store: redis: {0}")]
+    Redis(#[from] redis::RedisError),
+}
+
+/// Where kept messages live; cheap to clone.
+#[derive(Clone)]
+pub struct OfflineStore {
+    backend: Backend,
+    max: usize,
+    ttl: Duration,
+}
+
+#[derive(Clone)]
+enum Backend {
+    /// Oldest first.
+    Memory(Arc<Mutex<HashMap<Id, VecDeque<Kept>>>>),
+    /// `key` is the template with `{id}`; entries are `<expiry unix ms> <payload>`.
+    Redis { conn: RedisConn, key: String },
+}
+
+#[derive(Clone)]
+struct Kept {
+    expires_ms: u64,
+    payload: Bytes,
+}
+
+/// A user's kept messages, oldest first, unexpired.
+#[derive(Debug, Default)]
+pub struct Pending {
+    /// Each message with how many of the oldest entries are consumed once
+    /// it has been handed over (expired entries before it included).
+    pub messages: Vec<(usize, Bytes)>,
+    /// Entries read, including expired ones after the last message.
+    pub read: usize,
+    pub expired: usize,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl OfflineStore {
+    /// In the registry's Redis when it has one, in memory otherwise.
+    pub fn new(registry: &Registry, keys: &RegistrySettings, settings: &OfflineSettings) -> Self {
+        let backend = match registry {
+            Registry::Redis(r) => Backend::Redis {
+                conn: r.conn().clone(),
+                key: keys.offline_key.clone(),
+            },
+            Registry::Memory(_) => Backend::Memory(Arc::default()),
+        };
+        OfflineStore {
+            backend,
+            max: settings.max_per_user,
+            ttl: Duration::from_secs(settings.ttl_secs),
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.max > 0
+    }
+
+    /// Keeps `payload` for each of `users`; returns how many older messages
+    /// were dropped to stay within the bound.
+    pub async fn keep(&self, users: &[Id], payload: &Bytes) -> Result<usize, OfflineError> {
+        if users.is_empty() || !self.enabled() {
+            return Ok(0);
+        }
+        let expires_ms = now_ms() + self.ttl.as_millis() as u64;
+        match &self.backend {
+            Backend::Memory(map) => {
+                let mut map = map.lock().unwrap_or_else(|e| e.into_inner());
+                let mut dropped = 0;
+                for user in users {
+                    let list = map.entry(user.clone()).or_default();
+                    list.push_back(Kept {
+                        expires_ms,
+                        payload: payload.clone(),
+                    });
+                    while list.len() > self.max {
+                        list.pop_front();
+                        dropped += 1;
+                    }
+                }
+                Ok(dropped)
+            }
+            Backend::Redis { conn, key } => {
+                let mut entry = format!("{expires_ms} ").into_bytes();
+                entry.extend_from_slice(payload);
+                let add = |pipe: &mut redis::Pipeline, user: &Id| {
+                    let key = key.replace("{id}", user.as_str());
+                    pipe.lpush(&key, &entry)
+                        .ltrim(&key, 0, self.max as isize - 1)
+                        .ignore()
+                        .expire(&key, self.ttl.as_secs() as i64)
+                        .ignore();
+                };
+                // Only LPUSH answers (the new length). On a cluster one
+                // pipeline per user (one key, one slot); one for all otherwise.
+                let lengths: Vec<usize> = if let RedisConn::Cluster(_) = conn {
+                    try_join_all(users.iter().map(|user| {
+                        let mut pipe = redis::pipe();
+                        add(&mut pipe, user);
+                        let mut conn = conn.clone();
+                        async move {
+                            let (len,): (usize,) = pipe.query_async(&mut conn).await?;
+                            Ok::<_, redis::RedisError>(len)
+                        }
+                    }))
+                    .await?
+                } else {
+                    let mut pipe = redis::pipe();
+                    for user in users {
+                        add(&mut pipe, user);
+                    }
+                    pipe.query_async(&mut conn.clone()).await?
+                };
+                Ok(lengths.iter().map(|n| n.saturating_sub(self.max)).sum())
+            }
+        }
+    }
+
+    /// The user's kept messages; `remove` them once handed over.
+    pub async fn pending(&self, user: &Id) -> Result<Pending, OfflineError> {
+        let now = now_ms();
+        let entries: Vec<Kept> = match &self.backend {
+            Backend::Memory(map) => {
+                let map = map.lock().unwrap_or_else(|e| e.into_inner());
+                map.get(user)
+                    .map(|l| l.iter().cloned().collect())
+                    .unwrap_or_default()
+            }
+            Backend::Redis { conn, key } => {
+                let key = key.replace("{id}", user.as_str());
+                let raw: Vec<Vec<u8>> = redis::cmd("LRANGE")
+                    .arg(&key)
+                    .arg(0)
+                    .arg(-1)
+                    .query_async(&mut conn.clone())
+                    .await?;
+                raw.into_iter().rev().map(parse_entry).collect()
+            }
+        };
+        let mut pending = Pending {
+            read: entries.len(),
+            ..Pending::default()
+        };
+        for (i, kept) in entries.into_iter().enumerate() {
+            if kept.expires_ms <= now {
+                pending.expired += 1;
+            } else {
+                pending.messages.push((i + 1, kept.payload));
+            }
+        }
+        Ok(pending)
+    }
+
+    /// Removes the user's `n` oldest entries (messages kept meanwhile stay).
+    pub async fn remove(&self, user: &Id, n: usize) -> Result<(), OfflineError> {
+        if n == 0 {
+            return Ok(());
+        }
+        match &self.backend {
+            Backend::Memory(map) => {
+                let mut map = map.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(list) = map.get_mut(user) {
+                    list.drain(..n.min(list.len()));
+                    if list.is_empty() {
+                        map.remove(user);
+                    }
+                }
+            }
+            Backend::Redis { conn, key } => {
+                let key = key.replace("{id}", user.as_str());
+                let _: () = redis::cmd("LTRIM")
+                    .arg(&key)
+                    .arg(0)
+                    .arg(-(n as i64) - 1)
+                    .query_async(&mut conn.clone())
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `<expiry unix ms> <payload>`; an unreadable entry counts as expired.
+fn parse_entry(raw: Vec<u8>) -> Kept {
+    let split = raw.iter().position(|b| *b == b' ');
+    let expires_ms = split
+        .and_then(|i| std::str::from_utf8(&raw[..i]).ok()?.parse().ok())
+        .unwrap_or(0);
+    let payload = Bytes::from(raw).slice(split.map_or(0, |i| i + 1)..);
+    Kept {
+        expires_ms,
+        payload,
+    }
+}
+
+/// Sits between the broker and the status consumer: replays kept messages
+/// when a client subscribes to a user topic, and passes every other event on.
+pub async fn run(
+    mut events: mpsc::Receiver<BrokerEvent>,
+    forward: mpsc::Sender<BrokerEvent>,
+    replay: Replay,
+    stop: CancellationToken,
+) {
+    let tracker = TaskTracker::new();
+    while let Some(event) = tokio::select! {
+        event = events.recv() => event,
+        _ = stop.cancelled() => None,
+    } {
+        match event {
+            BrokerEvent::Subscribed { topic } => {
+                let replay = replay.clone();
+                if replay.store.enabled() {
+                    tracker.spawn(async move { replay.user_topic(&topic).await });
+                }
+            }
+            other => {
+                if forward.send(other).await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    tracker.close();
+    tracker.wait().await;
+}
+
+/// What a replay needs; cheap to clone.
+#[derive(Clone)]
+pub struct Replay {
+    pub store: OfflineStore,
+    pub broker: Broker,
+    /// `<prefix>/user/`
+    pub user_prefix: String,
+    pub stats: Arc<Stats>,
+    /// Users being replayed now: a second subscriber of the same user gets
+    /// the running replay's publishes (they go to the topic), not a second copy.
+    pub busy: Arc<Mutex<HashSet<Id>>>,
+}
+
+impl Replay {
+    async fn user_topic(&self, topic: &str) {
+        let Some(user) = topic.strip_prefix(&self.user_prefix) else {
+            return;
+        };
+        let user = Id::from(user);
+        if !self.lock_busy().insert(user.clone()) {
+            return;
+        }
+        if let Err(e) = self.user(topic, &user).await {
+            warn!(%user, error = %e, "offline messages not replayed (kept for the next subscribe)");
+        }
+        self.lock_busy().remove(&user);
+    }
+
+    fn lock_busy(&self) -> std::sync::MutexGuard<'_, HashSet<Id>> {
+        self.busy.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn user(&self, topic: &str, user: &Id) -> Result<(), OfflineError> {
+        let pending = self.store.pending(user).await?;
+        self.stats.offline_expired.add(pending.expired as u64);
+        let mut consumed = pending.read;
+        let mut sent = 0;
+        for (through, payload) in pending.messages {
+            if self.broker.publish(topic, payload) == 0 {
+                // The subscriber left meanwhile: keep the rest.
+                consumed = through - 1;
+                break;
+            }
+            sent += 1;
+        }
+        self.stats.offline_delivered.add(sent);
+        debug!(%user, sent, "offline messages replayed");
+        self.store.remove(user, consumed).await
+    }
+}
