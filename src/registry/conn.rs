@@ -140,15 +140,24 @@ impl SentinelConn {
             .clone()
     }
 
-    /// After a failed request: if it looks like the master moved, asks the
+    /// After a request: if it failed in a way that says the master moved
+    /// (unreachable, or read-only because a failover demoted it), asks the
     /// sentinels again and switches when they name another address. The
-    /// failed request itself is not retried here; callers retry batches.
-    async fn after_error(&self, e: &RedisError) {
-        let moved = e.is_io_error()
-            || e.is_connection_refusal()
-            || e.is_connection_dropped()
-            || e.is_timeout()
-            || e.kind() == ErrorKind::ReadOnly;
+    /// request itself is not retried here; callers retry batches.
+    async fn check<T>(&self, result: &RedisResult<T>, replies: impl Fn(&T) -> Vec<&Value>) {
+        let moved = match result {
+            Err(e) => {
+                e.is_io_error()
+                    || e.is_connection_refusal()
+                    || e.is_connection_dropped()
+                    || e.is_timeout()
+                    || e.kind() == ErrorKind::ReadOnly
+            }
+            // Server errors arrive as values; READONLY is one.
+            Ok(v) => replies(v)
+                .into_iter()
+                .any(|v| matches!(v, Value::ServerError(e) if e.code() == "READONLY")),
+        };
         if !moved {
             return;
         }
@@ -178,9 +187,7 @@ impl ConnectionLike for RedisConn {
             RedisConn::Cluster(c) => c.req_packed_command(cmd),
             RedisConn::Sentinel(s) => async move {
                 let result = s.current().req_packed_command(cmd).await;
-                if let Err(e) = &result {
-                    s.after_error(e).await;
-                }
+                s.check(&result, |v| vec![v]).await;
                 result
             }
             .boxed(),
@@ -201,9 +208,7 @@ impl ConnectionLike for RedisConn {
                     .current()
                     .req_packed_commands(pipeline, offset, count)
                     .await;
-                if let Err(e) = &result {
-                    s.after_error(e).await;
-                }
+                s.check(&result, |v| v.iter().collect()).await;
                 result
             }
             .boxed(),

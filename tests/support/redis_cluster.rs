@@ -115,10 +115,13 @@ fn wait_for(port: u16, cmd: &str, args: &[&str], ok: impl Fn(&str) -> bool) -> O
     None
 }
 
-/// One master watched by one sentinel (quorum 1), named `mymaster`.
+/// One master with one replica, watched by one sentinel (quorum 1) as
+/// `mymaster`; `failover` promotes the replica.
 pub struct RedisSentinel {
     _nodes: Nodes,
     pub master_port: u16,
+    pub replica_port: u16,
+    pub sentinel_port: u16,
     /// `redis+sentinel://` naming the sentinel and the master name.
     pub url: String,
 }
@@ -141,6 +144,18 @@ impl RedisSentinel {
             children: vec![master],
             dir,
         };
+        let replica_port = free_port()?;
+        let master_addr = format!("127.0.0.1 {master_port}");
+        let replica = spawn(
+            replica_port,
+            &nodes.dir,
+            None,
+            &["--replicaof", &master_addr, "--dbfilename", "replica.rdb"],
+        )?;
+        nodes.children.push(replica);
+        wait_for(replica_port, "INFO", &["replication"], |v| {
+            v.contains("master_link_status:up")
+        })?;
         let sentinel_port = free_port()?;
         // Sentinel rewrites its configuration file, so it gets its own.
         let conf = nodes.dir.path().join("sentinel.conf");
@@ -148,7 +163,8 @@ impl RedisSentinel {
             &conf,
             format!(
                 "sentinel monitor mymaster 127.0.0.1 {master_port} 1\n\
-                 sentinel down-after-milliseconds mymaster 2000\n"
+                 sentinel down-after-milliseconds mymaster 2000\n\
+                 sentinel failover-timeout mymaster 5000\n"
             ),
         )
         .ok()?;
@@ -163,7 +179,43 @@ impl RedisSentinel {
         Some(RedisSentinel {
             _nodes: nodes,
             master_port,
+            replica_port,
+            sentinel_port,
             url: format!("redis+sentinel://127.0.0.1:{sentinel_port}/mymaster"),
         })
+    }
+
+    /// Has the sentinel promote the replica and demotes the old master;
+    /// returns once the sentinel names the replica master.
+    pub fn failover(&self) {
+        let port = self.replica_port.to_string();
+        // Refused (NOGOODSLAVE) until the sentinel has connected to the
+        // replica and heard from it; ask until it starts.
+        wait_for(
+            self.sentinel_port,
+            "SENTINEL",
+            &["FAILOVER", "mymaster"],
+            |v| v == "ok",
+        )
+        .expect("the sentinel starts a failover");
+        wait_for(
+            self.sentinel_port,
+            "SENTINEL",
+            &["get-master-addr-by-name", "mymaster"],
+            |v| v.contains(&port),
+        )
+        .expect("sentinel names the replica master");
+        wait_for(self.replica_port, "ROLE", &[], |v| v.contains("master"))
+            .expect("the replica is promoted");
+        // The sentinel demotes a still-running old master only after
+        // watching it for several seconds; do now what it would do then.
+        let mut old = ::redis::Client::open(format!("redis://127.0.0.1:{}/", self.master_port))
+            .and_then(|c| c.get_connection())
+            .expect("connect to the old master");
+        let _: () = ::redis::cmd("REPLICAOF")
+            .arg("127.0.0.1")
+            .arg(self.replica_port)
+            .query(&mut old)
+            .expect("demote the old master");
     }
 }
