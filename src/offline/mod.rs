@@ -10,22 +10,19 @@
 //! memory otherwise. Group messages are not kept: a group topic has no single
 //! owner whose reconnect would replay it.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+mod replay;
+
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use futures_util::future::try_join_all;
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-use tracing::{debug, warn};
 
-use crate::mqtt::{Broker, BrokerEvent};
+pub use self::replay::{run, Replay};
 use crate::push::Id;
 use crate::registry::{RedisConn, Registry};
 use crate::settings::{OfflineSettings, RegistrySettings};
-use crate::stats::Stats;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OfflineError {
@@ -153,6 +150,27 @@ impl OfflineStore {
         }
     }
 
+    /// Drops expired messages of users who never came back (Redis expires
+    /// its lists itself); returns how many.
+    pub fn sweep(&self) -> usize {
+        let Backend::Memory(map) = &self.backend else {
+            return 0;
+        };
+        let now = now_ms();
+        let mut dropped = 0;
+        map.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|_, list| {
+                // Kept in order, so every expired message is at the front.
+                while list.front().is_some_and(|k| k.expires_ms <= now) {
+                    list.pop_front();
+                    dropped += 1;
+                }
+                !list.is_empty()
+            });
+        dropped
+    }
+
     /// The user's kept messages; `remove` them once handed over.
     pub async fn pending(&self, user: &Id) -> Result<Pending, OfflineError> {
         let now = now_ms();
@@ -230,84 +248,64 @@ fn parse_entry(raw: Vec<u8>) -> Kept {
     }
 }
 
-/// Sits between the broker and the status consumer: replays kept messages
-/// when a client subscribes to a user topic, and passes every other event on.
-pub async fn run(
-    mut events: mpsc::Receiver<BrokerEvent>,
-    forward: mpsc::Sender<BrokerEvent>,
-    replay: Replay,
-    stop: CancellationToken,
-) {
-    let tracker = TaskTracker::new();
-    while let Some(event) = tokio::select! {
-        event = events.recv() => event,
-        _ = stop.cancelled() => None,
-    } {
-        match event {
-            BrokerEvent::Subscribed { topic } => {
-                let replay = replay.clone();
-                if replay.store.enabled() {
-                    tracker.spawn(async move { replay.user_topic(&topic).await });
-                }
-            }
-            other => {
-                if forward.send(other).await.is_err() {
-                    break;
-                }
-            }
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn memory(max: usize) -> OfflineStore {
+        OfflineStore {
+            backend: Backend::Memory(Arc::default()),
+            max,
+            ttl: Duration::from_secs(60),
         }
     }
-    tracker.close();
-    tracker.wait().await;
-}
 
-/// What a replay needs; cheap to clone.
-#[derive(Clone)]
-pub struct Replay {
-    pub store: OfflineStore,
-    pub broker: Broker,
-    /// `<prefix>/user/`
-    pub user_prefix: String,
-    pub stats: Arc<Stats>,
-    /// Users being replayed now: a second subscriber of the same user gets
-    /// the running replay's publishes (they go to the topic), not a second copy.
-    pub busy: Arc<Mutex<HashSet<Id>>>,
-}
-
-impl Replay {
-    async fn user_topic(&self, topic: &str) {
-        let Some(user) = topic.strip_prefix(&self.user_prefix) else {
-            return;
-        };
-        let user = Id::from(user);
-        if !self.lock_busy().insert(user.clone()) {
-            return;
+    #[tokio::test]
+    async fn memory_store_keeps_bounded_in_order_and_removes_the_oldest() {
+        let store = memory(2);
+        let (a, b) = (Id::from("a"), Id::from("b"));
+        for n in 0..3u8 {
+            let dropped = store
+                .keep(&[a.clone(), b.clone()], &Bytes::from(vec![n]))
+                .await;
+            assert_eq!(dropped.unwrap(), if n < 2 { 0 } else { 2 });
         }
-        if let Err(e) = self.user(topic, &user).await {
-            warn!(%user, error = %e, "offline messages not replayed (kept for the next subscribe)");
-        }
-        self.lock_busy().remove(&user);
+        let p = store.pending(&a).await.unwrap();
+        let got: Vec<_> = p.messages.iter().map(|(i, m)| (*i, m[0])).collect();
+        assert_eq!((got, p.read, p.expired), (vec![(1, 1), (2, 2)], 2, 0));
+        store.remove(&a, 1).await.unwrap();
+        store
+            .keep(std::slice::from_ref(&a), &Bytes::from_static(&[9]))
+            .await
+            .unwrap();
+        let p = store.pending(&a).await.unwrap();
+        assert_eq!(
+            p.messages.iter().map(|(_, m)| m[0]).collect::<Vec<_>>(),
+            [2, 9]
+        );
+        assert_eq!(store.pending(&b).await.unwrap().read, 2);
+        assert_eq!(store.sweep(), 0);
     }
 
-    fn lock_busy(&self) -> std::sync::MutexGuard<'_, HashSet<Id>> {
-        self.busy.lock().unwrap_or_else(|e| e.into_inner())
+    #[tokio::test]
+    async fn expired_messages_are_skipped_and_swept() {
+        let mut store = memory(5);
+        store.ttl = Duration::ZERO;
+        let a = Id::from("a");
+        store
+            .keep(std::slice::from_ref(&a), &Bytes::from_static(b"x"))
+            .await
+            .unwrap();
+        let p = store.pending(&a).await.unwrap();
+        assert_eq!((p.messages.len(), p.read, p.expired), (0, 1, 1));
+        assert_eq!(store.sweep(), 1);
+        assert_eq!(store.pending(&a).await.unwrap().read, 0);
     }
 
-    async fn user(&self, topic: &str, user: &Id) -> Result<(), OfflineError> {
-        let pending = self.store.pending(user).await?;
-        self.stats.offline_expired.add(pending.expired as u64);
-        let mut consumed = pending.read;
-        let mut sent = 0;
-        for (through, payload) in pending.messages {
-            if self.broker.publish(topic, payload) == 0 {
-                // The subscriber left meanwhile: keep the rest.
-                consumed = through - 1;
-                break;
-            }
-            sent += 1;
-        }
-        self.stats.offline_delivered.add(sent);
-        debug!(%user, sent, "offline messages replayed");
-        self.store.remove(user, consumed).await
+    #[test]
+    fn entries_parse_and_garbage_counts_as_expired() {
+        let k = parse_entry(b"123 {\"a\": 1}".to_vec());
+        assert_eq!((k.expires_ms, &k.payload[..]), (123, &b"{\"a\": 1}"[..]));
+        assert_eq!(parse_entry(b"garbage".to_vec()).expires_ms, 0);
     }
 }
