@@ -10,6 +10,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, error, warn};
 
 use crate::apns::{ApnsJob, ApnsSender};
+use crate::offline::OfflineStore;
 use crate::publisher::MqttOut;
 use crate::push::{Id, Push, Target, UserRecord};
 use crate::registry::{Registry, RegistryError, UserStore};
@@ -27,6 +28,8 @@ pub struct Dispatcher {
     pub apns: ApnsSender,
     pub prefix: String,
     pub stats: Arc<Stats>,
+    /// Keeps user messages that reached no session (see `crate::offline`).
+    pub offline: OfflineStore,
 }
 
 /// What one push turned into, for callers that answer per target (HTTP).
@@ -132,6 +135,8 @@ impl Dispatcher {
                 self.stats.mqtt_published.inc();
                 sessions.push(reached);
             }
+            self.keep_offline(push, &users, &routing.mqtt_topics, &sessions, &payload)
+                .await;
         }
         for delivery in &routing.apns {
             self.apns
@@ -149,6 +154,51 @@ impl Dispatcher {
                 .into_iter()
                 .filter_map(|(id, r)| r.is_none().then_some(id))
                 .collect(),
+        }
+    }
+}
+
+impl Dispatcher {
+    /// Keeps the message for each target user who has no way in but MQTT and
+    /// whose user topic reached no session (a persistent session that is
+    /// offline counts as reached: it queues, so keeping would deliver twice).
+    async fn keep_offline(
+        &self,
+        push: &Push,
+        users: &[(Id, Option<&UserRecord>)],
+        topics: &[String],
+        sessions: &[usize],
+        payload: &bytes::Bytes,
+    ) {
+        if matches!(push.target, Target::Group(_)) || !self.offline.enabled() {
+            return;
+        }
+        let unreached: std::collections::HashSet<&str> = topics
+            .iter()
+            .zip(sessions)
+            .filter(|(_, reached)| **reached == 0)
+            .map(|(topic, _)| topic.as_str())
+            .collect();
+        if unreached.is_empty() {
+            return;
+        }
+        let keep: Vec<Id> = users
+            .iter()
+            .filter(|(id, record)| {
+                !router::has_apns(*record)
+                    && unreached.contains(router::user_topic(&self.prefix, id).as_str())
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        match self.offline.keep(&keep, payload).await {
+            Ok(dropped) => {
+                self.stats.offline_kept.add(keep.len() as u64);
+                self.stats.offline_dropped.add(dropped as u64);
+            }
+            Err(e) => {
+                warn!(error = %e, users = keep.len(), "offline message not kept");
+                self.stats.offline_dropped.add(keep.len() as u64);
+            }
         }
     }
 }

@@ -12,6 +12,7 @@ pub mod external;
 pub mod fuzzing;
 pub mod http;
 pub mod mqtt;
+pub mod offline;
 pub mod proxy;
 pub mod publisher;
 pub mod push;
@@ -78,6 +79,8 @@ pub struct Server {
     /// The embedded broker; idle (no listeners) with `mqtt.external_url`.
     pub broker: Broker,
     pub stats: Arc<Stats>,
+    /// Messages kept for offline users without APNs.
+    pub offline: offline::OfflineStore,
     shutdown: CancellationToken,
     /// Cancelled once queued pushes are routed and sent: stops the broker.
     stop_mqtt: CancellationToken,
@@ -165,8 +168,18 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
     };
     let apns = ApnsSender::start(&settings.apns, sinks, stop.clone(), &tracker)?;
     tracker.spawn(stats::series::sample(stats.clone(), stop.clone()));
+    let offline = offline::OfflineStore::new(&registry, &settings.registry, &settings.offline);
+    let (status_tx, status_rx) = mpsc::channel(1024);
+    let replay = offline::Replay {
+        store: offline.clone(),
+        broker: broker.clone(),
+        user_prefix: format!("{}/user/", settings.mqtt.prefix),
+        stats: stats.clone(),
+        busy: Arc::default(),
+    };
+    tracker.spawn(offline::run(events, status_tx, replay, stop.clone()));
     tracker.spawn(status::run(
-        events,
+        status_rx,
         registry.clone(),
         stats.clone(),
         stop.clone(),
@@ -179,6 +192,7 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
         apns: apns.clone(),
         prefix: settings.mqtt.prefix.clone(),
         stats: stats.clone(),
+        offline: offline.clone(),
     });
     let http_up = vec![stats.listeners.up("http.listen")];
     ingress.spawn(while_up(
@@ -232,6 +246,7 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
         registry,
         broker,
         stats,
+        offline,
         shutdown,
         stop_mqtt,
         stop,

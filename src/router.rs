@@ -91,6 +91,16 @@ pub fn route<R: Borrow<UserRecord>>(
     routing
 }
 
+/// Whether the user can be reached over APNs at all (a token and an app
+/// ident); users who cannot get MQTT only, and their messages are kept
+/// while they are offline.
+pub fn has_apns(record: Option<&UserRecord>) -> bool {
+    record.is_some_and(|r| {
+        r.app_token.as_deref().is_some_and(|t| !t.is_empty())
+            && r.app_ident.as_deref().is_some_and(|i| !i.is_empty())
+    })
+}
+
 fn apns_for(alert: bool, id: &Id, record: Option<&UserRecord>) -> Option<ApnsDelivery> {
     let record = record?;
     let token = record.app_token.as_deref().filter(|t| !t.is_empty())?;

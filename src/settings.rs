@@ -25,6 +25,7 @@ pub struct Settings {
     pub proxy: ProxySettings,
     pub mqtt: MqttSettings,
     pub registry: RegistrySettings,
+    pub offline: OfflineSettings,
     pub apns: ApnsSettings,
     pub http: HttpSettings,
     pub auth: AuthSettings,
@@ -146,6 +147,8 @@ pub struct RegistrySettings {
     pub user_key: String,
     /// Key of a group's set of iOS members; `{id}` is replaced by the group id.
     pub group_apple_key: String,
+    /// Key of a user's list of messages kept while offline (see `offline`).
+    pub offline_key: String,
 }
 
 impl Default for RegistrySettings {
@@ -154,6 +157,28 @@ impl Default for RegistrySettings {
             redis_url: None,
             user_key: "User:{id}".into(),
             group_apple_key: "GroupAppleUser:{id}".into(),
+            offline_key: "Offline:{id}".into(),
+        }
+    }
+}
+
+/// Messages for users without a usable APNs token who have no MQTT session:
+/// kept (in Redis when Redis is the registry) and replayed when a device of
+/// the user subscribes to its user topic.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct OfflineSettings {
+    /// Messages kept per user; the oldest is dropped (counted) beyond it. 0: keep none.
+    pub max_per_user: usize,
+    /// A kept message is dropped this long after it was kept.
+    pub ttl_secs: u64,
+}
+
+impl Default for OfflineSettings {
+    fn default() -> Self {
+        Self {
+            max_per_user: 100,
+            ttl_secs: 86400,
         }
     }
 }
@@ -384,10 +409,14 @@ impl Settings {
         for (key, template) in [
             ("registry.user_key", &self.registry.user_key),
             ("registry.group_apple_key", &self.registry.group_apple_key),
+            ("registry.offline_key", &self.registry.offline_key),
         ] {
             if !template.contains("{id}") {
                 return bad(key, "must contain {id}");
             }
+        }
+        if self.offline.ttl_secs == 0 {
+            return bad("offline.ttl_secs", "must be at least 1");
         }
         if !self.http.listen.ip().is_loopback()
             && self.http.token.as_deref().unwrap_or("").is_empty()

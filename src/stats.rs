@@ -136,6 +136,14 @@ counters! {
     mqtt_external_republished,
     /// Publishes to the external broker dropped: outbox full (mqtt.outbox_full = "drop") or an unpublishable topic.
     mqtt_outbox_dropped,
+    /// Messages kept for an offline user without APNs.
+    offline_kept,
+    /// Kept messages dropped: the user's list was full (oldest first), or the store failed.
+    offline_dropped,
+    /// Kept messages dropped unsent because they expired.
+    offline_expired,
+    /// Kept messages handed to a session of their user when it subscribed.
+    offline_delivered,
 }
 
 #[cfg(test)]

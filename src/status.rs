@@ -122,6 +122,7 @@ pub async fn run(
                     apply(&registry, &stats, &user, false).await;
                 }
             }
+            BrokerEvent::Subscribed { .. } => {}
         }
     }
 }

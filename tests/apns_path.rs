@@ -150,7 +150,7 @@ async fn focus_routing(mut settings: Settings) {
     server.stop().await;
 }
 
-both_registries!(group_push_reaches_mqtt_and_ios_members, group_push);
+both_registries!(group_push_reaches_mqtt_and_ios_members, group_push, cluster);
 async fn group_push(mut settings: Settings) {
     let apple = apple(&mut settings).await;
     let server = server::start(settings).await;
@@ -201,7 +201,7 @@ async fn group_push(mut settings: Settings) {
     server.stop().await;
 }
 
-both_registries!(dead_tokens_go_and_backends_hear_of_it, dead_tokens);
+both_registries!(dead_tokens_go_and_backends_hear_of_it, dead_tokens, cluster);
 async fn dead_tokens(mut settings: Settings) {
     settings.apns.retry_attempts = 2;
     settings.apns.retry_base_ms = 5;

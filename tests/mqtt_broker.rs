@@ -354,6 +354,11 @@ async fn v5_client_subscribes_publishes_and_disconnects() {
         .unwrap();
     client.disconnect().await.unwrap();
     tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+    let subscribed = srv.event().await;
+    assert!(
+        matches!(&subscribed, BrokerEvent::Subscribed { topic } if &**topic == "push/user/5"),
+        "{subscribed:?}"
+    );
     match srv.event().await {
         BrokerEvent::Status {
             client_id, payload, ..
@@ -379,6 +384,11 @@ async fn status_and_disconnected_events() {
         )
         .await
         .unwrap();
+    let subscribed = srv.event().await;
+    assert!(
+        matches!(&subscribed, BrokerEvent::Subscribed { topic } if &**topic == "push/user/9"),
+        "{subscribed:?}"
+    );
     let status_conn = match srv.event().await {
         BrokerEvent::Status {
             conn,

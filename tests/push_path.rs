@@ -11,7 +11,7 @@ use support::mqtt::Device;
 use support::proxy::{frame, msgpack, Backend};
 use support::server;
 
-both_registries!(user_pushes_reach_user_topics, user_pushes);
+both_registries!(user_pushes_reach_user_topics, user_pushes, cluster);
 async fn user_pushes(settings: pushbridge::settings::Settings) {
     let server = server::start(settings).await;
     let mut backend = Backend::connect(server.proxy_addr).await;
@@ -156,7 +156,7 @@ async fn persistent_session(settings: pushbridge::settings::Settings) {
     server.stop().await;
 }
 
-both_registries!(status_topic_sets_and_clears_focus, status_focus);
+both_registries!(status_topic_sets_and_clears_focus, status_focus, cluster);
 async fn status_focus(settings: pushbridge::settings::Settings) {
     let server = server::start(settings).await;
     let mut app = Device::connect(server.mqtt_addr, "app-77", true).await;

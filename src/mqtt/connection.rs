@@ -317,27 +317,15 @@ impl Conn {
                 self.send(&Out::PubComp(pkid));
             }
             In::Subscribe { pkid, filters } => {
-                let mut codes = Vec::with_capacity(filters.len());
-                let max = self.inner.settings.max_subscriptions;
-                let mut registry = self.inner.registry();
-                for (filter, qos) in filters.iter().map(|(f, q)| (f.as_str(), *q)) {
-                    let code = if !valid_filter(filter) {
-                        SubCode::Invalid
-                    } else if !self.inner.auth.may_subscribe(&self.identity, filter) {
-                        self.inner.stats.mqtt_denied.inc();
-                        debug!(%filter, "subscription refused by the ACL");
-                        SubCode::NotAuthorized
-                    } else if self.over_quota(filter, max) {
-                        SubCode::Quota
-                    } else {
-                        registry.subscribe(&self.session, filter, qos.min(1));
-                        SubCode::Granted(qos.min(1))
-                    };
-                    codes.push(code);
-                }
-                drop(registry);
+                let (codes, user_topics) = self.subscribe(&filters);
                 self.note_own_topic(&codes, &filters);
                 self.send(&Out::SubAck(pkid, codes));
+                for topic in user_topics {
+                    let event = BrokerEvent::Subscribed {
+                        topic: topic.into(),
+                    };
+                    let _ = self.inner.events.send(event).await;
+                }
             }
             In::Unsubscribe { pkid, filters } => {
                 let mut registry = self.inner.registry();
@@ -380,6 +368,34 @@ impl Conn {
                 self.inner.presence().connect(self.conn, user, seen);
             }
         }
+    }
+
+    /// Applies a SUBSCRIBE: the SUBACK codes, and the granted filters that
+    /// are exactly one user's topic (their kept messages get replayed).
+    fn subscribe(&self, filters: &[(String, u8)]) -> (Vec<SubCode>, Vec<String>) {
+        let mut codes = Vec::with_capacity(filters.len());
+        let mut user_topics = Vec::new();
+        let max = self.inner.settings.max_subscriptions;
+        let mut registry = self.inner.registry();
+        for (filter, qos) in filters.iter().map(|(f, q)| (f.as_str(), *q)) {
+            let code = if !valid_filter(filter) {
+                SubCode::Invalid
+            } else if !self.inner.auth.may_subscribe(&self.identity, filter) {
+                self.inner.stats.mqtt_denied.inc();
+                debug!(%filter, "subscription refused by the ACL");
+                SubCode::NotAuthorized
+            } else if self.over_quota(filter, max) {
+                SubCode::Quota
+            } else {
+                registry.subscribe(&self.session, filter, qos.min(1));
+                if self.inner.is_user_topic(filter) {
+                    user_topics.push(filter.to_string());
+                }
+                SubCode::Granted(qos.min(1))
+            };
+            codes.push(code);
+        }
+        (codes, user_topics)
     }
 
     /// Would subscribing to `filter` take the session past `max` filters?

@@ -58,6 +58,10 @@ pub enum BrokerEvent {
         client_id: Arc<str>,
         payload: Bytes,
     },
+    /// A client was granted a subscription to one user's topic,
+    /// `<prefix>/user/<id>` exactly (no wildcard); sent after the SUBACK, when
+    /// a publish on the topic already reaches it.
+    Subscribed { topic: Arc<str> },
     /// A client's connection ended (any reason: disconnect, error, keep-alive timeout, takeover, shutdown).
     /// Sent once for every connection whose CONNECT was accepted, and last.
     Disconnected { conn: u64, client_id: Arc<str> },
@@ -73,6 +77,8 @@ pub struct Broker {
 struct Inner {
     settings: MqttSettings,
     status_topic: String,
+    /// `<prefix>/user/`, for `BrokerEvent::Subscribed`.
+    user_prefix: String,
     registry: Mutex<Registry>,
     presence: Mutex<presence::Presence>,
     events: mpsc::Sender<BrokerEvent>,
@@ -82,6 +88,13 @@ struct Inner {
 }
 
 impl Inner {
+    /// Whether `filter` is exactly one user's topic.
+    fn is_user_topic(&self, filter: &str) -> bool {
+        filter
+            .strip_prefix(&self.user_prefix)
+            .is_some_and(|id| !id.is_empty() && !id.contains(['/', '+', '#']))
+    }
+
     fn registry(&self) -> MutexGuard<'_, Registry> {
         self.registry.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -140,6 +153,7 @@ impl Broker {
         let inner = Inner {
             settings: settings.clone(),
             status_topic: format!("{}/app/status", settings.prefix),
+            user_prefix: format!("{}/user/", settings.prefix),
             registry: Mutex::default(),
             presence: Mutex::default(),
             events: tx,
@@ -252,6 +266,22 @@ impl BenchSessions {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_exact_user_topics_are_user_topics() {
+        let (broker, _rx) = Broker::new(&MqttSettings::default());
+        let inner = &broker.inner;
+        assert!(inner.is_user_topic("push/user/42"));
+        for not in [
+            "push/user/+",
+            "push/user/#",
+            "push/user/",
+            "push/user/1/x",
+            "push/group/1",
+        ] {
+            assert!(!inner.is_user_topic(not), "{not}");
+        }
+    }
 
     #[test]
     fn publish_without_subscribers_reaches_nobody() {

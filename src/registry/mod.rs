@@ -2,11 +2,13 @@
 //! memory (the embedded default). Both implement [`UserStore`], and the same
 //! tests run against both.
 
+mod conn;
 mod memory;
 mod redis;
 
 use std::future::Future;
 
+pub use self::conn::RedisConn;
 pub use self::memory::MemoryRegistry;
 pub use self::redis::RedisRegistry;
 use crate::push::{Id, UserRecord};
@@ -102,7 +104,7 @@ impl Registry {
     pub fn describe(&self) -> &'static str {
         match self {
             Registry::Memory(_) => "in-memory",
-            Registry::Redis(_) => "redis",
+            Registry::Redis(r) => r.conn().kind(),
         }
     }
 }

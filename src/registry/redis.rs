@@ -1,51 +1,43 @@
 //! The old service's Redis schema: `User:<uid>` hashes and
-//! `GroupAppleUser:<gid>` sets, read in pipelines (one round trip a batch).
+//! `GroupAppleUser:<gid>` sets, read in pipelines (one round trip a batch;
+//! on a cluster, one per node).
 
 use std::collections::HashMap;
-use std::time::Duration;
 
-use redis::aio::ConnectionManager;
 use redis::AsyncCommands;
 
+use super::conn::{redact, RedisConn};
 use super::{RegistryError, UserStore};
 use crate::push::{Id, UserRecord};
 use crate::settings::RegistrySettings;
 
 #[derive(Clone)]
 pub struct RedisRegistry {
-    conn: ConnectionManager,
+    conn: RedisConn,
     user_key: String,
     group_key: String,
 }
 
 impl RedisRegistry {
+    /// Connects to `url`: one server, a cluster or a sentinel-managed master
+    /// (see [`RedisConn`] for the URL forms).
     pub async fn connect(url: &str, settings: &RegistrySettings) -> Result<Self, RegistryError> {
-        let failed = |source| RegistryError::Connect {
-            url: url.to_owned(),
-            source,
-        };
-        let client = redis::Client::open(url).map_err(failed)?;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_number_of_retries(3)
-            .set_max_delay(1000)
-            .set_connection_timeout(Duration::from_secs(5))
-            .set_response_timeout(Duration::from_secs(5));
-        let conn = tokio::time::timeout(
-            Duration::from_secs(10),
-            ConnectionManager::new_with_config(client, config),
-        )
-        .await
-        .map_err(|_| {
-            failed(redis::RedisError::from(std::io::Error::from(
-                std::io::ErrorKind::TimedOut,
-            )))
-        })?
-        .map_err(failed)?;
+        let conn = RedisConn::open(url)
+            .await
+            .map_err(|source| RegistryError::Connect {
+                url: redact(url),
+                source,
+            })?;
         Ok(Self {
             conn,
             user_key: settings.user_key.clone(),
             group_key: settings.group_apple_key.clone(),
         })
+    }
+
+    /// The connection, shared with other Redis-backed stores (offline messages).
+    pub fn conn(&self) -> &RedisConn {
+        &self.conn
     }
 
     fn user_key(&self, id: &Id) -> String {
@@ -88,11 +80,8 @@ impl UserStore for RedisRegistry {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let mut pipe = redis::pipe();
-        for id in ids {
-            pipe.hgetall(self.user_key(id));
-        }
-        let hashes: Vec<HashMap<String, String>> = pipe.query_async(&mut self.conn.clone()).await?;
+        let cmds = ids.iter().map(|id| redis::Cmd::hgetall(self.user_key(id)));
+        let hashes: Vec<HashMap<String, String>> = self.conn.each(cmds.collect()).await?;
         Ok(hashes.into_iter().map(record).collect())
     }
 
@@ -100,11 +89,10 @@ impl UserStore for RedisRegistry {
         if groups.is_empty() {
             return Ok(Vec::new());
         }
-        let mut pipe = redis::pipe();
-        for g in groups {
-            pipe.smembers(self.group_key(g));
-        }
-        let sets: Vec<Vec<String>> = pipe.query_async(&mut self.conn.clone()).await?;
+        let cmds = groups
+            .iter()
+            .map(|g| redis::Cmd::smembers(self.group_key(g)));
+        let sets: Vec<Vec<String>> = self.conn.each(cmds.collect()).await?;
         Ok(sets
             .into_iter()
             .map(|members| members.iter().map(|m| Id::from(m.as_str())).collect())

@@ -9,6 +9,7 @@ pub mod mosquitto;
 pub mod mqtt;
 pub mod proxy;
 pub mod redis;
+pub mod redis_cluster;
 pub mod server;
 
 use std::time::Duration;
@@ -34,10 +35,24 @@ where
 }
 
 /// Runs `$body(settings)` as two tests: with the in-memory registry and with
-/// a real redis-server.
+/// a real redis-server; with `cluster`, also against a real three-master
+/// Redis Cluster (a few seconds more each, so only where routing touches the
+/// registry in a way a cluster could break).
 #[macro_export]
 macro_rules! both_registries {
     ($name:ident, $body:ident) => {
+        $crate::both_registries!($name, $body, {});
+    };
+    ($name:ident, $body:ident, cluster) => {
+        $crate::both_registries!($name, $body, {
+            #[tokio::test]
+            async fn redis_cluster() {
+                let redis = $crate::support::redis_cluster::RedisCluster::start();
+                super::$body($crate::support::server::settings(Some(&redis.url))).await;
+            }
+        });
+    };
+    ($name:ident, $body:ident, { $($extra:tt)* }) => {
         mod $name {
             #[tokio::test]
             async fn memory() {
@@ -48,6 +63,7 @@ macro_rules! both_registries {
                 let redis = $crate::support::redis::RedisServer::start();
                 super::$body($crate::support::server::settings(Some(&redis.url))).await;
             }
+            $($extra)*
         }
     };
 }

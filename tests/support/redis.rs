@@ -21,40 +21,14 @@ impl RedisServer {
     }
 
     fn try_start() -> Option<RedisServer> {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .ok()?;
+        let port = free_port()?;
         let dir = tempfile::tempdir().ok()?;
-        let url = format!("redis://127.0.0.1:{port}/");
-        let client = ::redis::Client::open(url.as_str()).ok()?;
-        let mut child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--dir"])
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server not found: run scripts/test.sh, which installs it");
-        let deadline = Instant::now() + super::WAIT;
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                return None; // exited: most likely the port was taken meanwhile
-            }
-            if let Ok(mut conn) = client.get_connection() {
-                if ::redis::cmd("PING").query::<String>(&mut conn).is_ok() {
-                    return Some(RedisServer {
-                        child,
-                        url,
-                        _dir: dir,
-                    });
-                }
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        None
+        let child = spawn(port, &dir, None, &[])?;
+        Some(RedisServer {
+            child,
+            url: format!("redis://127.0.0.1:{port}/"),
+            _dir: dir,
+        })
     }
 
     /// A plain connection, for writing data the way the old service did.
@@ -70,4 +44,48 @@ impl Drop for RedisServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+pub fn free_port() -> Option<u16> {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .ok()
+}
+
+/// Starts `redis-server` on `port` with its files in `dir`, the config file
+/// `conf` if any, and `extra` arguments; waits until it answers PING. `None`
+/// if it exited (most likely the port was taken meanwhile) or never answered.
+pub fn spawn(
+    port: u16,
+    dir: &tempfile::TempDir,
+    conf: Option<&std::path::Path>,
+    extra: &[&str],
+) -> Option<Child> {
+    let client = ::redis::Client::open(format!("redis://127.0.0.1:{port}/")).ok()?;
+    let mut child = Command::new("redis-server")
+        .args(conf)
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no", "--dir"])
+        .arg(dir.path())
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server not found: run scripts/test.sh, which installs it");
+    let deadline = Instant::now() + super::WAIT;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return None;
+        }
+        if let Ok(mut conn) = client.get_connection() {
+            if ::redis::cmd("PING").query::<String>(&mut conn).is_ok() {
+                return Some(child);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
 }

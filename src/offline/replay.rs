@@ -1,0 +1,113 @@
+//! Hands kept messages over when a device subscribes to its user topic.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, warn};
+
+use super::{OfflineError, OfflineStore};
+use crate::mqtt::{Broker, BrokerEvent};
+use crate::push::Id;
+use crate::stats::Stats;
+
+/// How often the memory store drops expired messages nobody came for.
+const SWEEP: Duration = Duration::from_secs(60);
+
+/// Sits between the broker and the status consumer: replays kept messages
+/// when a client subscribes to a user topic, and passes every other event on.
+/// Also sweeps expired messages out of the memory store.
+pub async fn run(
+    mut events: mpsc::Receiver<BrokerEvent>,
+    forward: mpsc::Sender<BrokerEvent>,
+    replay: Replay,
+    stop: CancellationToken,
+) {
+    let tracker = TaskTracker::new();
+    let mut sweep = tokio::time::interval(SWEEP);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        // On stop, events already sent still pass (the status task needs the
+        // disconnects of a shutdown).
+        let event = tokio::select! {
+            biased;
+            event = events.recv() => event,
+            _ = stop.cancelled() => events.try_recv().ok(),
+            _ = sweep.tick() => {
+                let expired = replay.store.sweep();
+                replay.stats.offline_expired.add(expired as u64);
+                continue;
+            }
+        };
+        let Some(event) = event else { break };
+        match event {
+            BrokerEvent::Subscribed { topic } => {
+                let replay = replay.clone();
+                if replay.store.enabled() {
+                    tracker.spawn(async move { replay.user_topic(&topic).await });
+                }
+            }
+            other => {
+                if forward.send(other).await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    tracker.close();
+    tracker.wait().await;
+}
+
+/// What a replay needs; cheap to clone.
+#[derive(Clone)]
+pub struct Replay {
+    pub store: OfflineStore,
+    pub broker: Broker,
+    /// `<prefix>/user/`
+    pub user_prefix: String,
+    pub stats: Arc<Stats>,
+    /// Users being replayed now: a second subscriber of the same user gets
+    /// the running replay's publishes (they go to the topic), not a second copy.
+    pub busy: Arc<Mutex<HashSet<Id>>>,
+}
+
+impl Replay {
+    async fn user_topic(&self, topic: &str) {
+        let Some(user) = topic.strip_prefix(&self.user_prefix) else {
+            return;
+        };
+        let user = Id::from(user);
+        if !self.lock_busy().insert(user.clone()) {
+            return;
+        }
+        if let Err(e) = self.user(topic, &user).await {
+            warn!(%user, error = %e, "offline messages not replayed (kept for the next subscribe)");
+        }
+        self.lock_busy().remove(&user);
+    }
+
+    fn lock_busy(&self) -> std::sync::MutexGuard<'_, HashSet<Id>> {
+        self.busy.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn user(&self, topic: &str, user: &Id) -> Result<(), OfflineError> {
+        let pending = self.store.pending(user).await?;
+        self.stats.offline_expired.add(pending.expired as u64);
+        let mut consumed = pending.read;
+        let mut sent = 0;
+        for (through, payload) in pending.messages {
+            if self.broker.publish(topic, payload) == 0 {
+                // The subscriber left meanwhile: keep the rest.
+                consumed = through - 1;
+                break;
+            }
+            sent += 1;
+        }
+        self.stats.offline_delivered.add(sent);
+        debug!(%user, sent, "offline messages replayed");
+        self.store.remove(user, consumed).await
+    }
+}

@@ -1,0 +1,380 @@
+//! One handle over the three ways Redis is deployed: a single server, a
+//! Redis Cluster, or a master found through Sentinel. The registry and the
+//! offline store talk to this, not to a concrete connection type.
+//!
+//! URL forms (`registry.redis_url`):
+//! - `redis://[user:pass@]host:port[/db]`: one server.
+//! - `redis+cluster://[user:pass@]host:port,host:port,...`: seed nodes of a
+//!   cluster; the rest of the topology is discovered.
+//! - `redis+sentinel://[user:pass@]host:port,host:port,.../<master-name>[/db]`:
+//!   sentinels to ask for the master of `<master-name>`; the credentials and
+//!   db are for the master (the sentinels are reached without a password).
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::future::{try_join_all, FutureExt};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
+use redis::{
+    Cmd, ConnectionAddr, ErrorKind, FromRedisValue, RedisConnectionInfo, RedisError, RedisFuture,
+    RedisResult, Value,
+};
+use tracing::{info, warn};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bounds the whole first connect (topology discovery, sentinel query).
+const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A Redis connection of any deployment; cheap to clone (clones share the
+/// underlying multiplexed connections).
+#[derive(Clone)]
+pub enum RedisConn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+    Sentinel(SentinelConn),
+}
+
+/// The master that the sentinels named last; asked again when the master
+/// stops answering or turns read-only (a failover demoted it).
+#[derive(Clone)]
+pub struct SentinelConn {
+    sentinel: Arc<tokio::sync::Mutex<SentinelClient>>,
+    master: Arc<Mutex<(ConnectionAddr, ConnectionManager)>>,
+}
+
+impl RedisConn {
+    /// Connects according to the URL's scheme (see the module docs).
+    pub async fn open(url: &str) -> RedisResult<RedisConn> {
+        let open = async {
+            match Target::parse(url)? {
+                Target::Single => {
+                    let client = redis::Client::open(url)?;
+                    Ok(RedisConn::Single(manager(client).await?))
+                }
+                Target::Cluster(nodes) => {
+                    let client = ClusterClient::builder(nodes)
+                        .connection_timeout(CONNECT_TIMEOUT)
+                        .response_timeout(RESPONSE_TIMEOUT)
+                        .retries(3)
+                        .build()?;
+                    Ok(RedisConn::Cluster(client.get_async_connection().await?))
+                }
+                Target::Sentinel {
+                    sentinels,
+                    master,
+                    node,
+                } => {
+                    let mut client = SentinelClient::build(
+                        sentinels,
+                        master,
+                        Some(node),
+                        SentinelServerType::Master,
+                    )?;
+                    let master = client.async_get_client().await?;
+                    let addr = master.get_connection_info().addr.clone();
+                    let conn = manager(master).await?;
+                    Ok(RedisConn::Sentinel(SentinelConn {
+                        sentinel: Arc::new(tokio::sync::Mutex::new(client)),
+                        master: Arc::new(Mutex::new((addr, conn))),
+                    }))
+                }
+            }
+        };
+        tokio::time::timeout(OPEN_TIMEOUT, open)
+            .await
+            .unwrap_or_else(|_| Err(std::io::Error::from(std::io::ErrorKind::TimedOut).into()))
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RedisConn::Single(_) => "redis",
+            RedisConn::Cluster(_) => "redis cluster",
+            RedisConn::Sentinel(_) => "redis sentinel",
+        }
+    }
+
+    /// Runs independent single-key commands in one round trip where the
+    /// deployment allows: a pipeline on one server; on a cluster, where a
+    /// pipeline must stay within one slot (redis-rs rejects cross-slot
+    /// pipelines), concurrent requests that the cluster connection
+    /// multiplexes per node. Results come back in the order of `cmds`.
+    pub async fn each<T: FromRedisValue>(&self, cmds: Vec<Cmd>) -> RedisResult<Vec<T>> {
+        match self {
+            RedisConn::Cluster(c) => {
+                try_join_all(cmds.iter().map(|cmd| {
+                    let mut c = c.clone();
+                    async move { cmd.query_async::<T>(&mut c).await }
+                }))
+                .await
+            }
+            _ => {
+                let mut pipe = redis::pipe();
+                for cmd in cmds {
+                    pipe.add_command(cmd);
+                }
+                pipe.query_async(&mut self.clone()).await
+            }
+        }
+    }
+}
+
+async fn manager(client: redis::Client) -> RedisResult<ConnectionManager> {
+    let config = ConnectionManagerConfig::new()
+        .set_number_of_retries(3)
+        .set_max_delay(1000)
+        .set_connection_timeout(CONNECT_TIMEOUT)
+        .set_response_timeout(RESPONSE_TIMEOUT);
+    ConnectionManager::new_with_config(client, config).await
+}
+
+impl SentinelConn {
+    fn current(&self) -> ConnectionManager {
+        self.master
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .1
+            .clone()
+    }
+
+    /// After a request: if it failed in a way that says the master moved
+    /// (unreachable, or read-only because a failover demoted it), asks the
+    /// sentinels again and switches when they name another address. The
+    /// request itself is not retried here; callers retry batches.
+    async fn check<T>(&self, result: &RedisResult<T>, replies: impl Fn(&T) -> Vec<&Value>) {
+        let moved = match result {
+            Err(e) => {
+                e.is_io_error()
+                    || e.is_connection_refusal()
+                    || e.is_connection_dropped()
+                    || e.is_timeout()
+                    || e.kind() == ErrorKind::ReadOnly
+            }
+            // Server errors arrive as values; READONLY is one.
+            Ok(v) => replies(v)
+                .into_iter()
+                .any(|v| matches!(v, Value::ServerError(e) if e.code() == "READONLY")),
+        };
+        if !moved {
+            return;
+        }
+        let mut sentinel = self.sentinel.lock().await;
+        let client = match sentinel.async_get_client().await {
+            Ok(c) => c,
+            Err(e) => return warn!(error = %e, "sentinels did not name a master"),
+        };
+        let addr = client.get_connection_info().addr.clone();
+        if self.master.lock().unwrap_or_else(|e| e.into_inner()).0 == addr {
+            return;
+        }
+        match manager(client).await {
+            Ok(conn) => {
+                info!(master = %addr, "sentinels named a new master; switched");
+                *self.master.lock().unwrap_or_else(|e| e.into_inner()) = (addr, conn);
+            }
+            Err(e) => warn!(master = %addr, error = %e, "cannot reach the new master"),
+        }
+    }
+}
+
+impl ConnectionLike for RedisConn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            RedisConn::Single(c) => c.req_packed_command(cmd),
+            RedisConn::Cluster(c) => c.req_packed_command(cmd),
+            RedisConn::Sentinel(s) => async move {
+                let result = s.current().req_packed_command(cmd).await;
+                s.check(&result, |v| vec![v]).await;
+                result
+            }
+            .boxed(),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            RedisConn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            RedisConn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+            RedisConn::Sentinel(s) => async move {
+                let result = s
+                    .current()
+                    .req_packed_commands(pipeline, offset, count)
+                    .await;
+                s.check(&result, |v| v.iter().collect()).await;
+                result
+            }
+            .boxed(),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            RedisConn::Single(c) => c.get_db(),
+            RedisConn::Cluster(c) => c.get_db(),
+            RedisConn::Sentinel(s) => s.current().get_db(),
+        }
+    }
+}
+
+/// What a `registry.redis_url` points at.
+enum Target {
+    Single,
+    Cluster(Vec<String>),
+    Sentinel {
+        sentinels: Vec<String>,
+        master: String,
+        node: SentinelNodeConnectionInfo,
+    },
+}
+
+fn invalid(url: &str, problem: &str) -> RedisError {
+    let url = redact(url);
+    RedisError::from((
+        ErrorKind::InvalidClientConfig,
+        "invalid redis url",
+        format!("{url}: {problem}"),
+    ))
+}
+
+/// The URL without its password, for messages.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let userinfo = &url[s + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}://{user}:***{}", &url[..s], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+impl Target {
+    fn parse(url: &str) -> RedisResult<Target> {
+        let (scheme, rest) = url
+            .split_once("://")
+            .ok_or_else(|| invalid(url, "no scheme"))?;
+        let cluster = match scheme {
+            "redis+cluster" => true,
+            "redis+sentinel" => false,
+            "rediss+cluster" | "rediss+sentinel" => {
+                return Err(invalid(url, "TLS is not supported for cluster or sentinel"))
+            }
+            _ => return Ok(Target::Single),
+        };
+        let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+        let (userinfo, hosts) = match authority.rsplit_once('@') {
+            Some((u, h)) => (Some(u), h),
+            None => (None, authority),
+        };
+        let hosts: Vec<&str> = hosts.split(',').map(str::trim).collect();
+        if hosts.iter().any(|h| h.is_empty()) {
+            return Err(invalid(url, "empty host in the host list"));
+        }
+        let path: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+        if cluster {
+            if !path.is_empty() {
+                return Err(invalid(url, "a cluster has no database number or path"));
+            }
+            let auth = userinfo.map(|u| format!("{u}@")).unwrap_or_default();
+            let nodes = hosts.iter().map(|h| format!("redis://{auth}{h}")).collect();
+            return Ok(Target::Cluster(nodes));
+        }
+        let (master, db) = match path.as_slice() {
+            [master] => (*master, 0),
+            [master, db] => (
+                *master,
+                db.parse()
+                    .map_err(|_| invalid(url, "the database must be a number"))?,
+            ),
+            _ => {
+                return Err(invalid(
+                    url,
+                    "expected /<master-name>[/<db>] after the hosts",
+                ))
+            }
+        };
+        let (username, password) = match userinfo {
+            Some(u) => match u.split_once(':') {
+                Some((user, pass)) => (
+                    Some(user).filter(|u| !u.is_empty()).map(str::to_owned),
+                    Some(pass.to_owned()),
+                ),
+                None => (Some(u.to_owned()), None),
+            },
+            None => (None, None),
+        };
+        let node = SentinelNodeConnectionInfo {
+            tls_mode: None,
+            redis_connection_info: Some(RedisConnectionInfo {
+                db,
+                username,
+                password,
+                ..Default::default()
+            }),
+        };
+        Ok(Target::Sentinel {
+            sentinels: hosts.iter().map(|h| format!("redis://{h}")).collect(),
+            master: master.to_owned(),
+            node,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_url_forms() {
+        assert!(matches!(Target::parse("redis://h:1/2"), Ok(Target::Single)));
+        let Ok(Target::Cluster(nodes)) = Target::parse("redis+cluster://u:p@a:1, b:2") else {
+            panic!("cluster url");
+        };
+        assert_eq!(nodes, ["redis://u:p@a:1", "redis://u:p@b:2"]);
+        let Ok(Target::Sentinel {
+            sentinels,
+            master,
+            node,
+        }) = Target::parse("redis+sentinel://:pw@s1:26379,s2:26379/mymaster/3")
+        else {
+            panic!("sentinel url");
+        };
+        assert_eq!(sentinels, ["redis://s1:26379", "redis://s2:26379"]);
+        assert_eq!(master, "mymaster");
+        let info = node.redis_connection_info.unwrap();
+        assert_eq!(
+            (info.db, info.username, info.password.as_deref()),
+            (3, None, Some("pw"))
+        );
+    }
+
+    #[test]
+    fn bad_urls_name_the_problem_without_the_password() {
+        for (url, problem) in [
+            ("redis+cluster://u:secret@a:1,,b:2", "empty host"),
+            ("redis+cluster://a:1/0", "no database"),
+            ("redis+sentinel://a:1", "master-name"),
+            ("redis+sentinel://a:1/m/x", "must be a number"),
+            ("rediss+cluster://a:1", "TLS"),
+        ] {
+            let Err(e) = Target::parse(url) else {
+                panic!("{url} accepted");
+            };
+            let msg = e.to_string();
+            assert!(msg.contains(problem), "{url}: {msg}");
+            assert!(!msg.contains("secret"), "{msg}");
+        }
+        assert_eq!(
+            redact("redis+cluster://u:secret@a:1"),
+            "redis+cluster://u:***@a:1"
+        );
+    }
+}

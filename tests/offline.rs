@@ -1,0 +1,156 @@
+//! Offline delivery for users without APNs: kept while no session takes the
+//! message, replayed in order when a device subscribes, then gone. Real MQTT
+//! clients, both registries (and a Redis Cluster), a restart with Redis.
+
+#[macro_use]
+mod support;
+
+use pushbridge::push::Id;
+use pushbridge::settings::Settings;
+use pushbridge::Server;
+use rmpv::Value as Mp;
+use serde_json::json;
+use support::mqtt::Device;
+use support::proxy::Backend;
+use support::server;
+
+async fn wait_for(cond: impl Fn() -> bool) {
+    support::wait_until(|| std::future::ready(cond())).await;
+}
+
+/// Subscribes a fresh device to `uid`'s topic and checks it receives exactly
+/// `want` (in order): a marker pushed afterwards must come next, not a copy.
+async fn expect_on_subscribe(server: &Server, uid: u64, client: &str, want: &[serde_json::Value]) {
+    let mut device = Device::connect(server.mqtt_addr, client, true).await;
+    device.subscribe(&format!("push/user/{uid}")).await;
+    for w in want {
+        assert_eq!(&device.next_json().await, w);
+    }
+    let mut backend = Backend::connect(server.proxy_addr).await;
+    assert_eq!(
+        backend
+            .push(2, Mp::from(uid), &json!({"marker": client}))
+            .await,
+        0x00
+    );
+    assert_eq!(device.next_json().await, json!({"marker": client}));
+    device.disconnect().await;
+}
+
+both_registries!(offline_user_gets_kept_messages_once, kept_in_order, cluster);
+async fn kept_in_order(settings: Settings) {
+    let server = server::start(settings).await;
+    // A persistent session that is offline queues in the broker: not kept twice.
+    let mut d = Device::connect(server.mqtt_addr, "persistent-78", false).await;
+    d.subscribe("push/user/78").await;
+    d.disconnect().await;
+
+    let mut backend = Backend::connect(server.proxy_addr).await;
+    for n in 0..3 {
+        assert_eq!(backend.push(2, Mp::from(77), &json!({"n": n})).await, 0x00);
+    }
+    assert_eq!(backend.push(2, Mp::from(78), &json!({"p": 1})).await, 0x00);
+    // A group message is never kept.
+    assert_eq!(backend.push(1, Mp::from(5), &json!({"g": 1})).await, 0x00);
+    wait_for(|| server.stats.mqtt_published.get() == 5).await;
+    assert_eq!(server.stats.offline_kept.get(), 3);
+
+    let want: Vec<_> = (0..3).map(|n| json!({"n": n})).collect();
+    expect_on_subscribe(&server, 77, "phone-77", &want).await;
+    wait_for(|| server.stats.offline_delivered.get() == 3).await;
+    let left = server.offline.pending(&Id::from(77)).await.unwrap();
+    assert!(left.messages.is_empty() && left.read == 0, "{left:?}");
+    // A second device later gets nothing again.
+    expect_on_subscribe(&server, 77, "tablet-77", &[]).await;
+    assert_eq!(server.stats.offline_delivered.get(), 3);
+    server.stop().await;
+}
+
+both_registries!(offline_bound_drops_oldest, bounded);
+async fn bounded(mut settings: Settings) {
+    settings.offline.max_per_user = 3;
+    let server = server::start(settings).await;
+    let mut backend = Backend::connect(server.proxy_addr).await;
+    for n in 0..5 {
+        assert_eq!(
+            backend.push(3, Mp::from("12"), &json!({"n": n})).await,
+            0x00
+        );
+    }
+    wait_for(|| server.stats.offline_kept.get() == 5).await;
+    assert_eq!(server.stats.offline_dropped.get(), 2);
+    let want: Vec<_> = (2..5).map(|n| json!({"n": n})).collect();
+    expect_on_subscribe(&server, 12, "phone-12", &want).await;
+    server.stop().await;
+}
+
+both_registries!(offline_messages_expire, expiring);
+async fn expiring(mut settings: Settings) {
+    settings.offline.ttl_secs = 1;
+    let redis_url = settings.registry.redis_url.clone();
+    let server = server::start(settings).await;
+    let mut backend = Backend::connect(server.proxy_addr).await;
+    for n in 0..2 {
+        assert_eq!(backend.push(2, Mp::from(31), &json!({"n": n})).await, 0x00);
+    }
+    wait_for(|| server.stats.offline_kept.get() == 2).await;
+    if let Some(url) = &redis_url {
+        // Redis drops the whole list too, once the last message expired.
+        let mut raw = redis::Client::open(url.as_str())
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        let ttl: i64 = redis::cmd("TTL").arg("Offline:31").query(&mut raw).unwrap();
+        assert!((0..=1).contains(&ttl), "TTL {ttl}");
+    }
+    let offline = server.offline.clone();
+    support::wait_until(|| {
+        let offline = offline.clone();
+        async move {
+            let p = offline.pending(&Id::from(31)).await.unwrap();
+            p.messages.is_empty()
+        }
+    })
+    .await;
+    expect_on_subscribe(&server, 31, "phone-31", &[]).await;
+    // Gone: dropped by the replay (memory) or expired by Redis itself.
+    support::wait_until(|| {
+        let offline = offline.clone();
+        async move { offline.pending(&Id::from(31)).await.unwrap().read == 0 }
+    })
+    .await;
+    assert_eq!(server.stats.offline_delivered.get(), 0);
+    if redis_url.is_none() {
+        assert_eq!(server.stats.offline_expired.get(), 2);
+    }
+    server.stop().await;
+}
+
+/// Kept in Redis, the messages outlive the process that kept them.
+#[tokio::test]
+async fn offline_messages_survive_a_restart() {
+    let redis = support::redis::RedisServer::start();
+    let server = server::start(server::settings(Some(&redis.url))).await;
+    let mut backend = Backend::connect(server.proxy_addr).await;
+    for n in 0..3 {
+        assert_eq!(backend.push(2, Mp::from(90), &json!({"n": n})).await, 0x00);
+    }
+    wait_for(|| server.stats.offline_kept.get() == 3).await;
+    server.stop().await;
+    let len: usize = redis::cmd("LLEN")
+        .arg("Offline:90")
+        .query(&mut redis.conn())
+        .unwrap();
+    assert_eq!(len, 3);
+
+    let server = server::start(server::settings(Some(&redis.url))).await;
+    let want: Vec<_> = (0..3).map(|n| json!({"n": n})).collect();
+    expect_on_subscribe(&server, 90, "phone-90", &want).await;
+    wait_for(|| server.stats.offline_delivered.get() == 3).await;
+    let exists: bool = redis::cmd("EXISTS")
+        .arg("Offline:90")
+        .query(&mut redis.conn())
+        .unwrap();
+    assert!(!exists, "delivered messages are removed");
+    server.stop().await;
+}
