@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
-use tracing::{debug, error, warn};
+use tokio::time::Instant;
+use tracing::{debug, error, info, warn};
 
 use crate::apns::{ApnsJob, ApnsSender};
 use crate::mqtt::Broker;
@@ -17,9 +18,10 @@ use crate::router;
 use crate::stats::Stats;
 
 /// Pushes routed together; bounds one pipeline's size.
-const BATCH: usize = 256;
-/// Registry attempts per batch before its pushes are dropped (counted, logged).
-const ATTEMPTS: u32 = 8;
+pub(crate) const BATCH: usize = 256;
+/// The longest pause between two registry attempts: a recovered Redis is
+/// noticed this soon.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
 pub struct Dispatcher {
     pub registry: Registry,
@@ -27,6 +29,9 @@ pub struct Dispatcher {
     pub apns: ApnsSender,
     pub prefix: String,
     pub stats: Arc<Stats>,
+    /// How long a batch waits for an unreachable registry before its pushes
+    /// are final failures (`registry.outage_wait_secs`).
+    pub outage_wait: Duration,
 }
 
 /// What one push turned into, for callers that answer per target (HTTP).
@@ -45,7 +50,9 @@ impl Dispatcher {
         let mut batch = Vec::with_capacity(BATCH);
         while intake.recv_many(&mut batch, BATCH).await > 0 {
             if let Err(e) = self.dispatch(&batch).await {
-                error!(error = %e, pushes = batch.len(), "registry unreachable; pushes dropped");
+                error!(error = %e, pushes = batch.len(), wait_secs = self.outage_wait.as_secs(),
+                    "registry unreachable for longer than registry.outage_wait_secs; \
+                    pushes not delivered (counted in pushes_failed_registry)");
                 self.stats.pushes_failed_registry.add(batch.len() as u64);
             }
             batch.clear();
@@ -54,9 +61,20 @@ impl Dispatcher {
     }
 
     /// Routes and delivers a batch in order, with one registry lookup for all
-    /// of it (retried with backoff while the registry is unreachable).
+    /// of it (retried with backoff while the registry is unreachable, for up
+    /// to `outage_wait`).
     pub async fn dispatch(&self, batch: &[Push]) -> Result<Vec<Delivered>, RegistryError> {
-        let records = self.lookup_with_retry(batch).await?;
+        self.dispatch_within(batch, self.outage_wait).await
+    }
+
+    /// `dispatch`, waiting at most `wait` for an unreachable registry (HTTP
+    /// callers cannot wait as long as the queue can).
+    pub async fn dispatch_within(
+        &self,
+        batch: &[Push],
+        wait: Duration,
+    ) -> Result<Vec<Delivered>, RegistryError> {
+        let records = self.lookup_with_retry(batch, wait).await?;
         let mut out = Vec::with_capacity(batch.len());
         for push in batch {
             out.push(self.deliver(push, &records).await);
@@ -64,16 +82,31 @@ impl Dispatcher {
         Ok(out)
     }
 
-    async fn lookup_with_retry(&self, batch: &[Push]) -> Result<Records, RegistryError> {
+    /// The batch's records; while the registry fails, retries with capped
+    /// backoff until `wait` has passed, then returns the last error.
+    async fn lookup_with_retry(
+        &self,
+        batch: &[Push],
+        wait: Duration,
+    ) -> Result<Records, RegistryError> {
+        let started = Instant::now();
         let mut delay = Duration::from_millis(50);
-        let mut attempt = 1;
+        let mut attempt: u32 = 1;
         loop {
             match self.lookup(batch).await {
-                Ok(r) => return Ok(r),
-                Err(e) if attempt < ATTEMPTS => {
-                    warn!(error = %e, attempt, "registry lookup failed; retrying");
+                Ok(r) => {
+                    if attempt > 1 {
+                        info!(attempt, pushes = batch.len(), "registry reachable again");
+                    }
+                    return Ok(r);
+                }
+                Err(e) if started.elapsed() + delay <= wait => {
+                    if attempt.is_power_of_two() {
+                        warn!(error = %e, attempt, pushes = batch.len(),
+                            "registry lookup failed; pushes wait and retry");
+                    }
                     tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(5));
+                    delay = (delay * 2).min(MAX_BACKOFF);
                     attempt += 1;
                 }
                 Err(e) => return Err(e),

@@ -155,6 +155,7 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
         apns,
         prefix: settings.mqtt.prefix.clone(),
         stats: stats.clone(),
+        outage_wait: Duration::from_secs(settings.registry.outage_wait_secs),
     });
     ingress.spawn(http::serve(
         http_listener,

@@ -121,6 +121,9 @@ pub struct RegistrySettings {
     pub user_key: String,
     /// Key of a group's set of iOS members; `{id}` is replaced by the group id.
     pub group_apple_key: String,
+    /// While Redis is unreachable, queued pushes wait and retry this long;
+    /// then they are counted and logged as final failures.
+    pub outage_wait_secs: u64,
 }
 
 impl Default for RegistrySettings {
@@ -129,6 +132,7 @@ impl Default for RegistrySettings {
             redis_url: None,
             user_key: "User:{id}".into(),
             group_apple_key: "GroupAppleUser:{id}".into(),
+            outage_wait_secs: 300,
         }
     }
 }

@@ -158,6 +158,7 @@ async fn key_formats_are_configurable() {
         redis_url: Some(redis.url.clone()),
         user_key: "app:{id}:user".into(),
         group_apple_key: "ios-group:{id}".into(),
+        ..RegistrySettings::default()
     };
     let r = RedisRegistry::connect(&redis.url, &settings).await.unwrap();
     r.put_user(&Id::from("5"), &ios("55")).await.unwrap();

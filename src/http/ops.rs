@@ -1,6 +1,7 @@
 //! What ops scrape: liveness, readiness, counters.
 
 use std::fmt::Write;
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -15,10 +16,26 @@ pub(super) async fn healthz() -> &'static str {
     "ok\n"
 }
 
+/// A ping slower than this counts as unreachable: probes have short timeouts.
+const PING_TIMEOUT: Duration = Duration::from_secs(2);
+
 pub(super) async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
-    match state.registry.ping().await {
-        Ok(()) => (StatusCode::OK, "ready\n".to_string()),
-        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("registry: {e}\n")),
+    match tokio::time::timeout(PING_TIMEOUT, state.registry.ping()).await {
+        Ok(Ok(())) => (StatusCode::OK, "ready\n".to_string()),
+        Ok(Err(e)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "registry ({}) unreachable: {e}\n",
+                state.registry.describe()
+            ),
+        ),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "registry ({}) unreachable: no answer within {PING_TIMEOUT:?}\n",
+                state.registry.describe()
+            ),
+        ),
     }
 }
 

@@ -7,11 +7,16 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::{id, HttpError, HttpState};
 use crate::dispatch::Delivered;
 use crate::push::{Id, Push, Target};
 use crate::router::Environment;
+
+/// How long a request waits for an unreachable registry before it is
+/// answered 503: an HTTP client cannot wait as long as the proxy's queue.
+const REGISTRY_WAIT: Duration = Duration::from_secs(10);
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -82,7 +87,10 @@ pub(super) async fn push(
         .enumerate()
         .map(|(i, n)| n.into_push(i))
         .collect::<Result<Vec<_>, _>>()?;
-    let delivered = state.dispatcher.dispatch(&pushes).await?;
+    let delivered = state
+        .dispatcher
+        .dispatch_within(&pushes, REGISTRY_WAIT)
+        .await?;
     state.stats.http_pushes.add(pushes.len() as u64);
     let results: Vec<Value> = delivered.iter().map(describe).collect();
     Ok(Json(json!({ "results": results })))

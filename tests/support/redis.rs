@@ -1,37 +1,67 @@
-//! A throwaway `redis-server` on a free loopback port, killed on drop.
+//! A throwaway `redis-server` on a free loopback port, killed on drop; it
+//! can be stopped and started again on the same port (outage tests).
 
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub struct RedisServer {
-    child: Child,
+    child: Option<Child>,
     pub url: String,
-    _dir: tempfile::TempDir,
+    port: u16,
+    /// Append-only file with an fsync per write: a restart keeps every
+    /// write Redis acknowledged.
+    persistent: bool,
+    dir: tempfile::TempDir,
 }
 
 impl RedisServer {
     pub fn start() -> RedisServer {
+        Self::start_with(false)
+    }
+
+    /// A server that keeps its data across `stop` and `restart`.
+    pub fn start_persistent() -> RedisServer {
+        Self::start_with(true)
+    }
+
+    fn start_with(persistent: bool) -> RedisServer {
         for _ in 0..5 {
-            if let Some(server) = Self::try_start() {
+            let Some(port) = TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map(|a| a.port())
+                .ok()
+            else {
+                continue;
+            };
+            let mut server = RedisServer {
+                child: None,
+                url: format!("redis://127.0.0.1:{port}/"),
+                port,
+                persistent,
+                dir: tempfile::tempdir().expect("temp dir"),
+            };
+            if server.spawn() {
                 return server;
             }
         }
         panic!("could not start redis-server (is it installed? scripts/test.sh installs it)");
     }
 
-    fn try_start() -> Option<RedisServer> {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .ok()?;
-        let dir = tempfile::tempdir().ok()?;
-        let url = format!("redis://127.0.0.1:{port}/");
-        let client = ::redis::Client::open(url.as_str()).ok()?;
+    /// Starts redis-server on `self.port`; false if it exited or never answered.
+    fn spawn(&mut self) -> bool {
+        let client = ::redis::Client::open(self.url.as_str()).expect("redis url");
+        let persistence: &[&str] = if self.persistent {
+            &["--appendonly", "yes", "--appendfsync", "always"]
+        } else {
+            &["--appendonly", "no"]
+        };
         let mut child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--dir"])
-            .arg(dir.path())
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", ""])
+            .args(persistence)
+            .arg("--dir")
+            .arg(self.dir.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -39,22 +69,37 @@ impl RedisServer {
         let deadline = Instant::now() + super::WAIT;
         while Instant::now() < deadline {
             if let Ok(Some(_)) = child.try_wait() {
-                return None; // exited: most likely the port was taken meanwhile
+                return false; // exited: most likely the port was taken meanwhile
             }
             if let Ok(mut conn) = client.get_connection() {
                 if ::redis::cmd("PING").query::<String>(&mut conn).is_ok() {
-                    return Some(RedisServer {
-                        child,
-                        url,
-                        _dir: dir,
-                    });
+                    self.child = Some(child);
+                    return true;
                 }
             }
             std::thread::sleep(Duration::from_millis(20));
         }
         let _ = child.kill();
         let _ = child.wait();
-        None
+        false
+    }
+
+    /// Kills the server (SIGKILL, no goodbye to clients).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port (and, if persistent, with its data).
+    pub fn restart(&mut self) {
+        self.stop();
+        assert!(
+            self.spawn(),
+            "redis-server did not come back on port {}",
+            self.port
+        );
     }
 
     /// A plain connection, for writing data the way the old service did.
@@ -67,7 +112,6 @@ impl RedisServer {
 
 impl Drop for RedisServer {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop();
     }
 }
