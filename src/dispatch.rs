@@ -11,6 +11,7 @@ use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
 use crate::apns::{ApnsJob, ApnsSender};
+use crate::intake::Ack;
 use crate::mqtt::Broker;
 use crate::push::{Id, Push, Target, UserRecord};
 use crate::registry::{Registry, RegistryError, UserStore};
@@ -77,9 +78,50 @@ impl Dispatcher {
         let records = self.lookup_with_retry(batch, wait).await?;
         let mut out = Vec::with_capacity(batch.len());
         for push in batch {
-            out.push(self.deliver(push, &records).await);
+            out.push(self.deliver(push, &records, None).await);
         }
         Ok(out)
+    }
+
+    /// Durable intake: routes and delivers a batch of stream entries, each
+    /// acknowledged once all its deliveries are final. When the registry
+    /// stays unreachable past `outage_wait`, nothing is settled: the
+    /// entries stay pending in the stream and are claimed again later.
+    pub async fn dispatch_acked(&self, batch: Vec<(Push, Ack)>) {
+        let (pushes, acks): (Vec<Push>, Vec<Ack>) = batch.into_iter().unzip();
+        let records = match self.lookup_with_retry(&pushes, self.outage_wait).await {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(error = %e, pushes = pushes.len(),
+                    "registry unreachable; stream entries left pending, to be claimed again");
+                return;
+            }
+        };
+        for (push, ack) in pushes.iter().zip(acks) {
+            self.deliver(push, &records, Some(&ack)).await;
+            ack.settle();
+        }
+    }
+
+    /// Routing only, for answering what pushes will become before a
+    /// consumer delivers them (HTTP with durable intake): `sessions` is empty.
+    pub async fn plan(
+        &self,
+        batch: &[Push],
+        wait: Duration,
+    ) -> Result<Vec<Delivered>, RegistryError> {
+        let records = self.lookup_with_retry(batch, wait).await?;
+        Ok(batch
+            .iter()
+            .map(|push| {
+                let (routing, unknown_users) = self.route(push, &records);
+                Delivered {
+                    routing,
+                    sessions: Vec::new(),
+                    unknown_users,
+                }
+            })
+            .collect())
     }
 
     /// The batch's records; while the registry fails, retries with capped
@@ -142,7 +184,8 @@ impl Dispatcher {
         })
     }
 
-    async fn deliver(&self, push: &Push, records: &Records) -> Delivered {
+    /// The push's routing and its targeted users with no record.
+    fn route(&self, push: &Push, records: &Records) -> (router::Routing, Vec<Id>) {
         let ids = match &push.target {
             Target::Group(g) => records.members.get(g).cloned().unwrap_or_default(),
             target => router::user_targets(target),
@@ -155,6 +198,17 @@ impl Dispatcher {
             })
             .collect();
         let routing = router::route(&self.prefix, push, &users);
+        let unknown = users
+            .into_iter()
+            .filter_map(|(id, r)| r.is_none().then_some(id))
+            .collect();
+        (routing, unknown)
+    }
+
+    /// Publishes and queues what `push` routes to; APNs jobs carry a share
+    /// of `ack` (durable intake) so its entry waits for Apple's answer.
+    async fn deliver(&self, push: &Push, records: &Records, ack: Option<&Ack>) -> Delivered {
+        let (routing, unknown_users) = self.route(push, records);
         let mut sessions = Vec::with_capacity(routing.mqtt_topics.len());
         if !routing.mqtt_topics.is_empty() {
             let payload = push.json();
@@ -170,16 +224,14 @@ impl Dispatcher {
                 .send(ApnsJob {
                     delivery: delivery.clone(),
                     data: push.data.clone(),
+                    ack: ack.map(Ack::share),
                 })
                 .await;
         }
         Delivered {
             routing,
             sessions,
-            unknown_users: users
-                .into_iter()
-                .filter_map(|(id, r)| r.is_none().then_some(id))
-                .collect(),
+            unknown_users,
         }
     }
 }

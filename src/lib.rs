@@ -10,6 +10,7 @@ pub mod dispatch;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod http;
+pub mod intake;
 pub mod mqtt;
 pub mod proxy;
 pub mod push;
@@ -24,7 +25,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -33,6 +33,7 @@ use tracing::{info, warn};
 use crate::apns::ApnsSender;
 use crate::auth::Auth;
 use crate::dispatch::Dispatcher;
+use crate::intake::Intake;
 use crate::mqtt::{Broker, TlsConfig, Transport};
 use crate::registry::Registry;
 use crate::settings::{AuthMode, Settings};
@@ -56,6 +57,8 @@ pub enum Error {
     Auth(#[from] auth::AuthError),
     #[error(transparent)]
     Mqtt(#[from] mqtt::MqttError),
+    #[error(transparent)]
+    Intake(#[from] intake::IntakeError),
 }
 
 /// A running pushbridge.
@@ -148,7 +151,6 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
         stop.clone(),
     ));
 
-    let (intake_tx, intake_rx) = mpsc::channel(settings.proxy.queue);
     let dispatcher = Arc::new(Dispatcher {
         registry: registry.clone(),
         broker: broker.clone(),
@@ -157,22 +159,36 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
         stats: stats.clone(),
         outage_wait: Duration::from_secs(settings.registry.outage_wait_secs),
     });
+    let started = intake::start(
+        &settings,
+        dispatcher.clone(),
+        shutdown.clone(),
+        stop.clone(),
+        &tracker,
+    )
+    .await?;
+    let stream = match &started.intake {
+        Intake::Durable(writer) => Some(writer.clone()),
+        Intake::Memory(_) => None,
+    };
     ingress.spawn(http::serve(
         http_listener,
         http::HttpState {
-            dispatcher: dispatcher.clone(),
+            dispatcher,
             registry: registry.clone(),
             stats: stats.clone(),
             token: settings.http.token.as_deref().map(Arc::from),
             max_notifications: settings.http.max_notifications,
+            stream,
+            shutdown: shutdown.clone(),
         },
         shutdown.clone(),
     ));
-    let dispatcher = tokio::spawn(dispatcher.run(intake_rx));
+    let dispatcher = started.consumer;
     ingress.spawn(proxy::serve(
         proxy_listener,
         settings.proxy.clone(),
-        intake_tx,
+        started.intake,
         stats.clone(),
         shutdown.clone(),
         ingress.clone(),
@@ -184,6 +200,7 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
         mqtt_ws = ?mqtt_ws_addr,
         http = %http_addr,
         registry = registry.describe(),
+        durable_intake = settings.intake.durable,
         prefix = %settings.mqtt.prefix,
         "pushbridge started"
     );

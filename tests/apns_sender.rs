@@ -85,7 +85,13 @@ impl Running {
             app_ident: app.into(),
             env,
         };
-        self.sender.send(ApnsJob { delivery, data }).await;
+        self.sender
+            .send(ApnsJob {
+                delivery,
+                data,
+                ack: None,
+            })
+            .await;
     }
 
     /// Stops the sender and waits for all its tasks.

@@ -114,7 +114,11 @@ impl ApnsSender {
         let result = match self.queue_full {
             QueueFull::Wait => self.queue.send(job).await.map_err(|_| false),
             QueueFull::Drop => self.queue.try_send(job).map_err(|e| match e {
-                TrySendError::Full(_) => true,
+                // A counted drop is final: its stream entry may be acknowledged.
+                TrySendError::Full(mut job) => {
+                    job.settle();
+                    true
+                }
                 TrySendError::Closed(_) => false,
             }),
         };
@@ -159,7 +163,7 @@ async fn run(
 ) {
     let in_flight = Arc::new(Semaphore::new(max_in_flight));
     loop {
-        let job = tokio::select! {
+        let mut job = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
             job = rx.recv() => match job {
@@ -168,6 +172,7 @@ async fn run(
             },
         };
         let Some((endpoint, payload)) = shared.prepare(&job) else {
+            job.settle();
             continue;
         };
         let permit = tokio::select! {

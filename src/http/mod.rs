@@ -19,6 +19,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::dispatch::Dispatcher;
+use crate::intake::StreamWriter;
 use crate::push::Id;
 use crate::registry::Registry;
 use crate::stats::Stats;
@@ -33,6 +34,8 @@ pub enum HttpError {
     Unauthorized,
     #[error("registry unavailable: {0}")]
     Registry(#[from] crate::registry::RegistryError),
+    #[error("{0}")]
+    Intake(#[from] crate::intake::IntakeError),
 }
 
 impl IntoResponse for HttpError {
@@ -41,7 +44,7 @@ impl IntoResponse for HttpError {
             HttpError::BadRequest(_) => StatusCode::BAD_REQUEST,
             HttpError::NotFound => StatusCode::NOT_FOUND,
             HttpError::Unauthorized => StatusCode::UNAUTHORIZED,
-            HttpError::Registry(_) => StatusCode::SERVICE_UNAVAILABLE,
+            HttpError::Registry(_) | HttpError::Intake(_) => StatusCode::SERVICE_UNAVAILABLE,
         };
         (status, Json(json!({ "error": self.to_string() }))).into_response()
     }
@@ -55,6 +58,9 @@ pub struct HttpState {
     pub stats: Arc<Stats>,
     pub token: Option<Arc<str>>,
     pub max_notifications: usize,
+    /// Durable intake: pushes go to the stream, not straight to delivery.
+    pub stream: Option<StreamWriter>,
+    pub shutdown: CancellationToken,
 }
 
 /// Parses an id from a path segment or a JSON string.
