@@ -2,12 +2,17 @@
 //! before its `0x00`, acknowledged only after delivery, claimed from a
 //! consumer that died holding it, and kept across a Redis restart.
 
+#[path = "support/apns.rs"]
+mod apns_server;
 mod support;
 
 use std::collections::{BTreeSet, HashMap};
 
+use apns_server::{ApnsServer, Reply, TestCredentials};
 use pushbridge::proxy::client::json_to_msgpack;
 use pushbridge::proxy::frame::encode;
+use pushbridge::push::{Id, UserRecord};
+use pushbridge::registry::UserStore;
 use pushbridge::settings::Settings;
 use redis::Commands;
 use rmpv::Value as Mp;
@@ -233,5 +238,69 @@ async fn a_redis_restart_loses_no_accepted_push() {
     assert_eq!(seen, (0..200).collect());
     wait_all_acked(&redis).await;
     assert_eq!(server.stats.intake_unavailable.get(), 0);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_apns_entry_is_acked_only_when_apple_has_answered() {
+    let redis = RedisServer::start();
+    let mut settings = durable(&redis);
+    let apple = ApnsServer::start().await;
+    let creds = TestCredentials::new();
+    let (key, _) = creds.p8("AuthKey_KEY1.p8");
+    let app = "com.example.app";
+    settings.apns.config =
+        creds.config(&json!({app: {"key": key, "key_id": "KEY1", "team_id": "TEAM1"}}));
+    settings.apns.production_url = apple.url();
+    settings.apns.ca_file = Some(apple.ca_path());
+    let server = server::start(settings).await;
+    for (uid, token) in [("6", "aa06"), ("7", "bb07"), ("8", "cc08")] {
+        let record = UserRecord {
+            app_token: Some(token.into()),
+            app_ident: Some(app.into()),
+            app_version: Some("produce".into()),
+            app_focus: false,
+        };
+        server
+            .registry
+            .put_user(&Id::from(uid), &record)
+            .await
+            .unwrap();
+    }
+    apple.hold_answers_until(2);
+    apple.reply_to("cc08", Reply::BadDeviceToken);
+    let mut raw = redis.conn();
+    let mut backend = Backend::connect(server.proxy_addr).await;
+
+    assert_eq!(
+        backend.push(2, Mp::from(6), &json!({"alert": "a"})).await,
+        0x00
+    );
+    let first = apple.next_request(support::WAIT).await;
+    assert_eq!(first.path, "/3/device/aa06");
+    // Apple has not answered: the entry is still pending.
+    assert_eq!(pending(&mut raw), 1);
+    assert_eq!(server.stats.intake_acked.get(), 0);
+
+    // A second request releases both answers (200): both acknowledged.
+    assert_eq!(
+        backend.push(2, Mp::from(7), &json!({"alert": "b"})).await,
+        0x00
+    );
+    wait_all_acked(&redis).await;
+    // A final failure (dead token) is final too.
+    assert_eq!(
+        backend.push(2, Mp::from(8), &json!({"alert": "c"})).await,
+        0x00
+    );
+    let stats = server.stats.clone();
+    wait_until(move || {
+        let stats = stats.clone();
+        async move { stats.intake_acked.get() == 3 }
+    })
+    .await;
+    wait_all_acked(&redis).await;
+    assert_eq!(server.stats.apns_delivered.get(), 2);
+    assert_eq!(server.stats.apns_dead_tokens.get(), 1);
     server.stop().await;
 }
