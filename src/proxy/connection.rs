@@ -8,11 +8,12 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 
 use super::frame::{self, FrameError, Status};
 use super::Shared;
-use crate::intake::{Intake, IntakeError};
+use crate::intake::{Intake, IntakeError, StreamWriter};
 use crate::push::Push;
 
 /// Read size for a connection with nothing buffered; grown to fit a frame.
@@ -48,8 +49,10 @@ pub(crate) async fn handle(mut socket: TcpStream, shared: Shared) {
         let eof = n == 0;
         let (mut keep, frames) =
             process(&mut buf, &mut replies, &mut burst, &mut socket, &shared).await;
-        if !burst.is_empty() {
-            keep &= commit(&mut burst, &mut replies, &shared).await;
+        if let Intake::Durable(stream) = &shared.intake {
+            if !burst.is_empty() {
+                keep &= commit(stream, &mut burst, &mut replies, &shared).await;
+            }
         }
         if frames > 0 {
             deadline = Instant::now() + idle;
@@ -99,20 +102,20 @@ async fn process(
         if len == 0 {
             continue;
         }
-        match frame::parse(&body) {
-            Ok(_) if matches!(shared.intake, Intake::Durable(_)) => {
+        match (frame::parse(&body), &shared.intake) {
+            (Ok(_), Intake::Durable(_)) => {
                 // Answered by `commit`, once the whole burst is in the stream.
                 burst.add(replies, body.freeze());
             }
-            Ok(push) => {
-                if !queue(push, replies, socket, shared).await {
+            (Ok(push), Intake::Memory(intake)) => {
+                if !queue(intake, push, replies, socket, shared).await {
                     replies.push(Status::ShuttingDown as u8);
                     return (false, frames);
                 }
                 shared.stats.pushes_accepted.inc();
                 replies.push(Status::Accepted as u8);
             }
-            Err(e) => reject(&e, replies, shared),
+            (Err(e), _) => reject(&e, replies, shared),
         }
     }
 }
@@ -142,10 +145,12 @@ impl Burst {
 /// bytes: `0x00` once stored; `0x09` if Redis stayed unreachable (the
 /// connection stays usable); `0x08` if the server stops meanwhile (false:
 /// close).
-async fn commit(burst: &mut Burst, replies: &mut [u8], shared: &Shared) -> bool {
-    let Intake::Durable(stream) = &shared.intake else {
-        unreachable!("bursts are collected for durable intake only");
-    };
+async fn commit(
+    stream: &StreamWriter,
+    burst: &mut Burst,
+    replies: &mut [u8],
+    shared: &Shared,
+) -> bool {
     let n = burst.bodies.len() as u64;
     let result = stream
         .append(&burst.bodies, stream.outage_wait(), &shared.shutdown)
@@ -172,10 +177,13 @@ async fn commit(burst: &mut Burst, replies: &mut [u8], shared: &Shared) -> bool 
 
 /// Queues a push. With the queue full, the backend first gets the answers
 /// so far, then waits for room; a stopping server does not wait (false).
-async fn queue(push: Push, replies: &mut Vec<u8>, socket: &mut TcpStream, shared: &Shared) -> bool {
-    let Intake::Memory(intake) = &shared.intake else {
-        unreachable!("durable intake collects bursts instead");
-    };
+async fn queue(
+    intake: &mpsc::Sender<Push>,
+    push: Push,
+    replies: &mut Vec<u8>,
+    socket: &mut TcpStream,
+    shared: &Shared,
+) -> bool {
     let push = match intake.try_send(push) {
         Ok(()) => return true,
         Err(TrySendError::Closed(_)) => return false,
