@@ -7,9 +7,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
-use tracing::{debug, error, warn};
+use tokio::time::Instant;
+use tracing::{debug, error, info, warn};
 
 use crate::apns::{ApnsJob, ApnsSender};
+use crate::intake::Ack;
 use crate::offline::OfflineStore;
 use crate::publisher::MqttOut;
 use crate::push::{Id, Push, Target, UserRecord};
@@ -18,9 +20,10 @@ use crate::router;
 use crate::stats::Stats;
 
 /// Pushes routed together; bounds one pipeline's size.
-const BATCH: usize = 256;
-/// Registry attempts per batch before its pushes are dropped (counted, logged).
-const ATTEMPTS: u32 = 8;
+pub(crate) const BATCH: usize = 256;
+/// The longest pause between two registry attempts: a recovered Redis is
+/// noticed this soon.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
 pub struct Dispatcher {
     pub registry: Registry,
@@ -30,6 +33,9 @@ pub struct Dispatcher {
     pub stats: Arc<Stats>,
     /// Keeps user messages that reached no session (see `crate::offline`).
     pub offline: OfflineStore,
+    /// How long a batch waits for an unreachable registry before its pushes
+    /// are final failures (`registry.outage_wait_secs`).
+    pub outage_wait: Duration,
 }
 
 /// What one push turned into, for callers that answer per target (HTTP).
@@ -48,7 +54,9 @@ impl Dispatcher {
         let mut batch = Vec::with_capacity(BATCH);
         while intake.recv_many(&mut batch, BATCH).await > 0 {
             if let Err(e) = self.dispatch(&batch).await {
-                error!(error = %e, pushes = batch.len(), "registry unreachable; pushes dropped");
+                error!(error = %e, pushes = batch.len(), wait_secs = self.outage_wait.as_secs(),
+                    "registry unreachable for longer than registry.outage_wait_secs; \
+                    pushes not delivered (counted in pushes_failed_registry)");
                 self.stats.pushes_failed_registry.add(batch.len() as u64);
             }
             batch.clear();
@@ -57,27 +65,94 @@ impl Dispatcher {
     }
 
     /// Routes and delivers a batch in order, with one registry lookup for all
-    /// of it (retried with backoff while the registry is unreachable).
+    /// of it (retried with backoff while the registry is unreachable, for up
+    /// to `outage_wait`).
     pub async fn dispatch(&self, batch: &[Push]) -> Result<Vec<Delivered>, RegistryError> {
-        let records = self.lookup_with_retry(batch).await?;
+        self.dispatch_within(batch, self.outage_wait).await
+    }
+
+    /// `dispatch`, waiting at most `wait` for an unreachable registry (HTTP
+    /// callers cannot wait as long as the queue can).
+    pub async fn dispatch_within(
+        &self,
+        batch: &[Push],
+        wait: Duration,
+    ) -> Result<Vec<Delivered>, RegistryError> {
+        let records = self.lookup_with_retry(batch, wait).await?;
         let mut out = Vec::with_capacity(batch.len());
         for push in batch {
-            out.push(self.deliver(push, &records).await);
+            out.push(self.deliver(push, &records, None).await);
         }
         Ok(out)
     }
 
-    async fn lookup_with_retry(&self, batch: &[Push]) -> Result<Records, RegistryError> {
+    /// Durable intake: routes and delivers a batch of stream entries, each
+    /// acknowledged once all its deliveries are final. When the registry
+    /// stays unreachable past `outage_wait`, nothing is settled: the
+    /// entries stay pending in the stream and are claimed again later.
+    pub async fn dispatch_acked(&self, batch: Vec<(Push, Ack)>) {
+        let (pushes, acks): (Vec<Push>, Vec<Ack>) = batch.into_iter().unzip();
+        let records = match self.lookup_with_retry(&pushes, self.outage_wait).await {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(error = %e, pushes = pushes.len(),
+                    "registry unreachable; stream entries left pending, to be claimed again");
+                return;
+            }
+        };
+        for (push, ack) in pushes.iter().zip(acks) {
+            self.deliver(push, &records, Some(&ack)).await;
+            ack.settle();
+        }
+    }
+
+    /// Routing only, for answering what pushes will become before a
+    /// consumer delivers them (HTTP with durable intake): `sessions` is empty.
+    pub async fn plan(
+        &self,
+        batch: &[Push],
+        wait: Duration,
+    ) -> Result<Vec<Delivered>, RegistryError> {
+        let records = self.lookup_with_retry(batch, wait).await?;
+        Ok(batch
+            .iter()
+            .map(|push| {
+                let (routing, users) = self.route(push, &records);
+                Delivered {
+                    routing,
+                    sessions: Vec::new(),
+                    unknown_users: unknown(&users),
+                }
+            })
+            .collect())
+    }
+
+    /// The batch's records; while the registry fails, retries with capped
+    /// backoff until `wait` has passed, then returns the last error.
+    async fn lookup_with_retry(
+        &self,
+        batch: &[Push],
+        wait: Duration,
+    ) -> Result<Records, RegistryError> {
+        let started = Instant::now();
         let mut delay = Duration::from_millis(50);
-        let mut attempt = 1;
+        let mut attempt: u32 = 1;
         loop {
             let found = self.lookup(batch).await;
             match found.inspect_err(|_| self.stats.registry_errors.inc()) {
-                Ok(r) => return Ok(r),
-                Err(e) if attempt < ATTEMPTS => {
-                    warn!(error = %e, attempt, "registry lookup failed; retrying");
+                Ok(r) => {
+                    if attempt > 1 {
+                        info!(attempt, pushes = batch.len(), "registry reachable again");
+                    }
+                    return Ok(r);
+                }
+                Err(e) if started.elapsed() + delay <= wait => {
+                    if attempt.is_power_of_two() {
+                        warn!(error = %e, attempt, pushes = batch.len(),
+                            "registry lookup failed; pushes wait and retry");
+                    }
                     tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(5));
+                    delay = (delay * 2).min(MAX_BACKOFF);
                     attempt += 1;
                 }
                 Err(e) => return Err(e),
@@ -113,7 +188,12 @@ impl Dispatcher {
         })
     }
 
-    async fn deliver(&self, push: &Push, records: &Records) -> Delivered {
+    /// The push's routing, and its target users with their records.
+    fn route<'r>(
+        &self,
+        push: &Push,
+        records: &'r Records,
+    ) -> (router::Routing, Vec<(Id, Option<&'r UserRecord>)>) {
         let ids = match &push.target {
             Target::Group(g) => records.members.get(g).cloned().unwrap_or_default(),
             target => router::user_targets(target),
@@ -126,11 +206,18 @@ impl Dispatcher {
             })
             .collect();
         let routing = router::route(&self.prefix, push, &users);
+        (routing, users)
+    }
+
+    /// Publishes and queues what `push` routes to; APNs jobs carry a share
+    /// of `ack` (durable intake) so its entry waits for Apple's answer.
+    async fn deliver(&self, push: &Push, records: &Records, ack: Option<&Ack>) -> Delivered {
+        let (routing, users) = self.route(push, records);
         let mut sessions = Vec::with_capacity(routing.mqtt_topics.len());
         if !routing.mqtt_topics.is_empty() {
             let payload = push.json();
             for topic in &routing.mqtt_topics {
-                let reached = self.broker.publish(topic, payload.clone()).await;
+                let reached = self.broker.publish_acked(topic, payload.clone(), ack).await;
                 debug!(%topic, sessions = reached, "published");
                 self.stats.mqtt_published.inc();
                 sessions.push(reached);
@@ -144,18 +231,24 @@ impl Dispatcher {
                     delivery: delivery.clone(),
                     data: push.data.clone(),
                     options: push.apns.clone(),
+                    ack: ack.map(Ack::share),
                 })
                 .await;
         }
         Delivered {
             routing,
             sessions,
-            unknown_users: users
-                .into_iter()
-                .filter_map(|(id, r)| r.is_none().then_some(id))
-                .collect(),
+            unknown_users: unknown(&users),
         }
     }
+}
+
+/// Targeted users with no record in the registry.
+fn unknown(users: &[(Id, Option<&UserRecord>)]) -> Vec<Id> {
+    users
+        .iter()
+        .filter_map(|(id, r)| r.is_none().then(|| id.clone()))
+        .collect()
 }
 
 impl Dispatcher {

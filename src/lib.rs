@@ -11,6 +11,7 @@ pub mod external;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod http;
+pub mod intake;
 pub mod mqtt;
 pub mod offline;
 pub mod proxy;
@@ -37,6 +38,7 @@ use crate::apns::ApnsSender;
 use crate::auth::Auth;
 use crate::dispatch::Dispatcher;
 use crate::external::ExternalBroker;
+use crate::intake::Intake;
 use crate::mqtt::{Broker, TlsConfig, Transport};
 use crate::publisher::MqttOut;
 use crate::registry::Registry;
@@ -63,6 +65,8 @@ pub enum Error {
     Mqtt(#[from] mqtt::MqttError),
     #[error(transparent)]
     External(#[from] external::ExternalError),
+    #[error(transparent)]
+    Intake(#[from] intake::IntakeError),
 }
 
 /// A running pushbridge.
@@ -185,7 +189,6 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
         stop.clone(),
     ));
 
-    let (intake_tx, intake_rx) = mpsc::channel(settings.proxy.queue);
     let dispatcher = Arc::new(Dispatcher {
         registry: registry.clone(),
         broker: out,
@@ -193,31 +196,46 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
         prefix: settings.mqtt.prefix.clone(),
         stats: stats.clone(),
         offline: offline.clone(),
+        outage_wait: Duration::from_secs(settings.registry.outage_wait_secs),
     });
+    let started = intake::start(
+        &settings,
+        dispatcher.clone(),
+        shutdown.clone(),
+        stop.clone(),
+        &tracker,
+    )
+    .await?;
+    let (stream, queue) = match &started.intake {
+        Intake::Durable(writer) => (Some(writer.clone()), None),
+        Intake::Memory(tx) => (None, Some(tx.downgrade())),
+    };
     let http_up = vec![stats.listeners.up("http.listen")];
     ingress.spawn(while_up(
         http_up,
         http::serve(
             http_listener,
             http::HttpState {
-                dispatcher: dispatcher.clone(),
+                dispatcher,
                 registry: registry.clone(),
                 stats: stats.clone(),
                 token: settings.http.token.as_deref().map(Arc::from),
                 max_notifications: settings.http.max_notifications,
-                intake: intake_tx.downgrade(),
+                queue,
+                stream,
+                shutdown: shutdown.clone(),
             },
             shutdown.clone(),
         ),
     ));
-    let dispatcher = tokio::spawn(dispatcher.run(intake_rx));
+    let dispatcher = started.consumer;
     let proxy_up = vec![stats.listeners.up("proxy.listen")];
     ingress.spawn(while_up(
         proxy_up,
         proxy::serve(
             proxy_listener,
             settings.proxy.clone(),
-            intake_tx,
+            started.intake,
             stats.clone(),
             shutdown.clone(),
             ingress.clone(),
@@ -234,6 +252,7 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
         mqtt_ws = ?mqtt_ws_addr,
         http = %http_addr,
         registry = registry.describe(),
+        durable_intake = settings.intake.durable,
         prefix = %settings.mqtt.prefix,
         "pushbridge started"
     );

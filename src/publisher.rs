@@ -5,6 +5,7 @@
 use bytes::Bytes;
 
 use crate::external::ExternalBroker;
+use crate::intake::Ack;
 use crate::mqtt::Broker;
 
 /// An enum, not a trait object: the embedded path stays a direct call that
@@ -24,6 +25,26 @@ impl MqttOut {
         match self {
             MqttOut::Embedded(broker) => broker.publish(topic, payload),
             MqttOut::External(external) => external.publish(topic, payload).await,
+        }
+    }
+
+    /// `publish` for a durable-intake entry: its share of `ack` is settled
+    /// once the message is delivered: at once for the embedded broker (it is
+    /// in the sessions' queues), at the broker's PUBACK for an external one.
+    /// A publish dropped or cut short by a stop leaves the entry pending.
+    pub async fn publish_acked(&self, topic: &str, payload: Bytes, ack: Option<&Ack>) -> usize {
+        match (self, ack) {
+            (MqttOut::External(external), Some(ack)) => {
+                let confirmed = external.publish_confirmed(topic, payload).await;
+                let share = ack.share();
+                tokio::spawn(async move {
+                    if confirmed.await.is_ok() {
+                        share.settle();
+                    }
+                });
+                1
+            }
+            _ => self.publish(topic, payload).await,
         }
     }
 

@@ -29,6 +29,7 @@ pub struct Settings {
     pub apns: ApnsSettings,
     pub http: HttpSettings,
     pub auth: AuthSettings,
+    pub intake: IntakeSettings,
     pub log: LogSettings,
 }
 
@@ -149,6 +150,9 @@ pub struct RegistrySettings {
     pub group_apple_key: String,
     /// Key of a user's list of messages kept while offline (see `offline`).
     pub offline_key: String,
+    /// While Redis is unreachable, queued pushes wait and retry this long;
+    /// then they are counted and logged as final failures.
+    pub outage_wait_secs: u64,
 }
 
 impl Default for RegistrySettings {
@@ -158,6 +162,7 @@ impl Default for RegistrySettings {
             user_key: "User:{id}".into(),
             group_apple_key: "GroupAppleUser:{id}".into(),
             offline_key: "Offline:{id}".into(),
+            outage_wait_secs: 300,
         }
     }
 }
@@ -179,6 +184,38 @@ impl Default for OfflineSettings {
         Self {
             max_per_user: 100,
             ttl_secs: 86400,
+        }
+    }
+}
+
+/// `[intake]`: where accepted pushes wait for routing.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct IntakeSettings {
+    /// Answer `0x00` only once the push is in a Redis Stream, consumed by
+    /// every instance in one group (needs `registry.redis_url`).
+    pub durable: bool,
+    /// The stream's key.
+    pub stream: String,
+    /// The consumer group every instance reads in.
+    pub group: String,
+    /// This instance's consumer name; unset: `<hostname>-<pid>`.
+    pub consumer: Option<String>,
+    /// Entries pending this long with their consumer are taken over by another.
+    pub claim_idle_ms: u64,
+    /// About how many undelivered entries the stream keeps (XADD MAXLEN ~).
+    pub max_len: u64,
+}
+
+impl Default for IntakeSettings {
+    fn default() -> Self {
+        Self {
+            durable: false,
+            stream: "pushbridge:intake".into(),
+            group: "pushbridge".into(),
+            consumer: None,
+            claim_idle_ms: 30_000,
+            max_len: 1_000_000,
         }
     }
 }
@@ -426,6 +463,31 @@ impl Settings {
                 "must be set when http.listen is not a loopback address",
             );
         }
+        let i = &self.intake;
+        if i.durable && self.registry.redis_url.is_none() {
+            return bad(
+                "intake.durable",
+                "needs registry.redis_url (the stream lives in Redis)",
+            );
+        }
+        if i.stream.is_empty() {
+            return bad("intake.stream", "must not be empty");
+        }
+        if i.group.is_empty() {
+            return bad("intake.group", "must not be empty");
+        }
+        if i.consumer.as_deref() == Some("") {
+            return bad(
+                "intake.consumer",
+                "must not be empty (unset: <hostname>-<pid>)",
+            );
+        }
+        if i.claim_idle_ms == 0 {
+            return bad("intake.claim_idle_ms", "must be at least 1");
+        }
+        if i.max_len == 0 {
+            return bad("intake.max_len", "must be at least 1");
+        }
         if self.http.max_notifications == 0 {
             return bad("http.max_notifications", "must be at least 1");
         }
@@ -476,6 +538,9 @@ mod tests {
         assert!(err.to_string().contains("http.token"), "{err}");
         let err = Settings::from_toml("[auth]\nmode = \"jwt\"\n").unwrap_err();
         assert!(err.to_string().contains("auth.mode"), "{err}");
+        let err = Settings::from_toml("[intake]\ndurable = true\n").unwrap_err();
+        assert!(err.to_string().contains("intake.durable"), "{err}");
+        assert!(err.to_string().contains("registry.redis_url"), "{err}");
     }
 
     #[test]

@@ -70,6 +70,16 @@ counters! {
     frames_rejected,
     /// Pushes dropped because the registry could not be read.
     pushes_failed_registry,
+    /// Durable intake: stream entries acknowledged after every delivery was final.
+    intake_acked,
+    /// Durable intake: idle entries taken over from another (or a crashed) consumer.
+    intake_claimed,
+    /// Durable intake: pending entries trimmed from the stream (over intake.max_len) before delivery: pushes lost.
+    intake_trimmed,
+    /// Durable intake: stream entries that were not a push frame (logged, acknowledged, dropped).
+    intake_undecodable,
+    /// Durable intake: pushes refused (proxy 0x09, HTTP 503) because the stream could not be written in time.
+    intake_unavailable,
     /// Publishes handed to the MQTT broker by the router.
     mqtt_published,
     /// Notifications handed to the APNs sender.

@@ -90,6 +90,7 @@ impl Running {
                 delivery,
                 data,
                 options: None,
+                ack: None,
             })
             .await;
     }

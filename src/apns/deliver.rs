@@ -42,7 +42,7 @@ impl Shared {
     pub(super) async fn deliver(
         self: Arc<Self>,
         endpoint: Arc<Endpoint>,
-        job: ApnsJob,
+        mut job: ApnsJob,
         payload: Payload,
         _permit: OwnedSemaphorePermit,
     ) {
@@ -57,10 +57,12 @@ impl Shared {
                 Outcome::Delivered => {
                     stats.apns_delivered.inc();
                     debug!(user = %d.user, attempt, "APNs delivered");
+                    job.settle();
                     return;
                 }
                 Outcome::DeadToken { reason } => {
                     self.dead_token(&job, &answer, reason).await;
+                    job.settle();
                     return;
                 }
                 Outcome::ExpiredProviderToken { reason } => {
@@ -76,7 +78,9 @@ impl Shared {
                     reason.clone()
                 }
                 Outcome::Retry { reason } if self.shutdown.is_cancelled() => {
-                    format!("{reason} (shutting down)")
+                    // Not final: the job's stream entry stays pending.
+                    self.fail(&job, &answer, &format!("{reason} (shutting down)"));
+                    return;
                 }
                 Outcome::Retry { reason } => {
                     let Some(wait) = self.retry.delay(attempt + 1, started.elapsed()) else {
@@ -86,6 +90,7 @@ impl Shared {
                             &answer,
                             &format!("{reason} (after {attempt} attempts)"),
                         );
+                        job.settle();
                         return;
                     };
                     stats.apns_retried.inc();
@@ -103,6 +108,7 @@ impl Shared {
                 }
             };
             self.fail(&job, &answer, &reason);
+            job.settle();
             return;
         }
     }

@@ -29,6 +29,7 @@ use std::sync::Arc;
 
 use serde_json::{Map, Value};
 
+use crate::intake::Ack;
 use crate::push::ApnsOptions;
 use crate::router::ApnsDelivery;
 
@@ -74,10 +75,23 @@ impl ApnsError {
 }
 
 /// One notification waiting for Apple.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct ApnsJob {
     pub delivery: ApnsDelivery,
     pub data: Arc<Map<String, Value>>,
     /// Overrides from `POST /v1/push`; `None` on the proxy path.
     pub options: Option<Arc<ApnsOptions>>,
+    /// Durable intake: settled when the notification's fate is final
+    /// (200, or failed for good); dropped unsettled (shutdown) it leaves
+    /// its stream entry pending for another instance.
+    pub ack: Option<Ack>,
+}
+
+impl ApnsJob {
+    /// The notification will not be tried again: its entry may be acknowledged.
+    pub(crate) fn settle(&mut self) {
+        if let Some(ack) = self.ack.take() {
+            ack.settle();
+        }
+    }
 }

@@ -121,7 +121,11 @@ impl ApnsSender {
         let result = match self.queue_full {
             QueueFull::Wait => self.queue.send(job).await.map_err(|_| false),
             QueueFull::Drop => self.queue.try_send(job).map_err(|e| match e {
-                TrySendError::Full(_) => true,
+                // A counted drop is final: its stream entry may be acknowledged.
+                TrySendError::Full(mut job) => {
+                    job.settle();
+                    true
+                }
                 TrySendError::Closed(_) => false,
             }),
         };
@@ -204,7 +208,7 @@ async fn run(
     let shutdown = shared.shutdown.clone();
     let (mut left, mut closed) = (0, false);
     loop {
-        let job = tokio::select! {
+        let mut job = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
             _ = draining.cancelled(), if !closed => {
@@ -218,6 +222,7 @@ async fn run(
             },
         };
         let Some((endpoint, payload)) = shared.prepare(&job) else {
+            job.settle();
             continue;
         };
         let permit = tokio::select! {

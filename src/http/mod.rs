@@ -22,6 +22,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::dispatch::Dispatcher;
+use crate::intake::StreamWriter;
 use crate::push::Id;
 use crate::registry::Registry;
 use crate::stats::Stats;
@@ -38,6 +39,8 @@ pub enum HttpError {
     Registry(#[from] crate::registry::RegistryError),
     #[error("{0}")]
     Unavailable(String),
+    #[error("{0}")]
+    Intake(#[from] crate::intake::IntakeError),
 }
 
 impl IntoResponse for HttpError {
@@ -46,7 +49,7 @@ impl IntoResponse for HttpError {
             HttpError::BadRequest(_) => StatusCode::BAD_REQUEST,
             HttpError::NotFound => StatusCode::NOT_FOUND,
             HttpError::Unauthorized => StatusCode::UNAUTHORIZED,
-            HttpError::Registry(_) => StatusCode::SERVICE_UNAVAILABLE,
+            HttpError::Registry(_) | HttpError::Intake(_) => StatusCode::SERVICE_UNAVAILABLE,
             HttpError::Unavailable(_) => StatusCode::NOT_IMPLEMENTED,
         };
         (status, Json(json!({ "error": self.to_string() }))).into_response()
@@ -61,9 +64,13 @@ pub struct HttpState {
     pub stats: Arc<Stats>,
     pub token: Option<Arc<str>>,
     pub max_notifications: usize,
-    /// The proxy's intake queue, to report its depth; weak, so it does not
-    /// keep the dispatcher running after the proxy stops.
-    pub intake: tokio::sync::mpsc::WeakSender<crate::push::Push>,
+    /// The in-memory intake queue, to report its depth (`None` with durable
+    /// intake); weak, so it does not keep the dispatcher running after the
+    /// proxy stops.
+    pub queue: Option<tokio::sync::mpsc::WeakSender<crate::push::Push>>,
+    /// Durable intake: pushes go to the stream, not straight to delivery.
+    pub stream: Option<StreamWriter>,
+    pub shutdown: CancellationToken,
 }
 
 impl HttpState {
@@ -73,10 +80,11 @@ impl HttpState {
         HttpError::Registry(e)
     }
 
-    /// Pushes waiting in the proxy's intake queue.
+    /// Pushes waiting in the in-memory intake queue.
     fn intake_queued(&self) -> usize {
-        self.intake
-            .upgrade()
+        self.queue
+            .as_ref()
+            .and_then(|q| q.upgrade())
             .map_or(0, |tx| tx.max_capacity() - tx.capacity())
     }
 }

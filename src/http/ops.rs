@@ -1,6 +1,7 @@
 //! What ops scrape: liveness, readiness, counters.
 
 use std::fmt::Write;
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -18,15 +19,25 @@ pub(super) async fn healthz() -> &'static str {
     "ok\n"
 }
 
-/// Ready: the registry answers, every listener is serving, and APNs has
-/// credentials for at least one app when config.json lists apps. The body
-/// has one `name: ok|reason` line per check.
+/// A ping slower than this counts as unreachable: probes have short timeouts.
+const PING_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Ready: the registry answers within 2 s, every listener is serving, and
+/// APNs has credentials for at least one app when config.json lists apps.
+/// The body has one `name: ok|reason` line per check.
 pub(super) async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
     let mut checks: Vec<(String, Result<(), String>)> = Vec::new();
-    let registry = state.registry.ping().await.map_err(|e| {
+    let described = state.registry.describe();
+    let registry = match tokio::time::timeout(PING_TIMEOUT, state.registry.ping()).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(format!("{described} unreachable: {e}")),
+        Err(_) => Err(format!(
+            "{described} unreachable: no answer within {PING_TIMEOUT:?}"
+        )),
+    };
+    if registry.is_err() {
         state.stats.registry_errors.inc();
-        e.to_string()
-    });
+    }
     checks.push(("registry".into(), registry));
     for (name, up) in state.stats.listeners.states() {
         let check = if up {

@@ -7,11 +7,17 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::{apns_options, id, HttpError, HttpState};
 use crate::dispatch::Delivered;
+use crate::intake::{self, StreamWriter};
 use crate::push::{Id, Push, Target};
 use crate::router::Environment;
+
+/// How long a request waits for an unreachable registry before it is
+/// answered 503: an HTTP client cannot wait as long as the proxy's queue.
+const REGISTRY_WAIT: Duration = Duration::from_secs(10);
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -90,10 +96,41 @@ pub(super) async fn push(
         .enumerate()
         .map(|(i, n)| n.into_push(i))
         .collect::<Result<Vec<_>, _>>()?;
-    let delivered = state.dispatcher.dispatch(&pushes).await?;
+    if let (Some(_), Some(i)) = (&state.stream, pushes.iter().position(|p| p.apns.is_some())) {
+        return Err(HttpError::BadRequest(format!(
+            "notifications[{i}].apns: overrides are not kept in the durable intake stream \
+             (intake.durable = true); send without them"
+        )));
+    }
+    let delivered = match &state.stream {
+        None => {
+            state
+                .dispatcher
+                .dispatch_within(&pushes, REGISTRY_WAIT)
+                .await?
+        }
+        Some(stream) => append(&state, stream, &pushes).await?,
+    };
     state.stats.http_pushes.add(pushes.len() as u64);
     let results: Vec<Value> = delivered.iter().map(describe).collect();
     Ok(Json(json!({ "results": results })))
+}
+
+/// Durable intake: what the pushes will become (routed now), answered only
+/// once they are in the stream; a consumer delivers them, so the sessions
+/// reached are not known (`null`).
+async fn append(
+    state: &HttpState,
+    stream: &StreamWriter,
+    pushes: &[Push],
+) -> Result<Vec<Delivered>, HttpError> {
+    let planned = state.dispatcher.plan(pushes, REGISTRY_WAIT).await?;
+    let bodies: Vec<_> = pushes.iter().map(intake::encode).collect();
+    if let Err(e) = stream.append(&bodies, REGISTRY_WAIT, &state.shutdown).await {
+        state.stats.intake_unavailable.add(pushes.len() as u64);
+        return Err(e.into());
+    }
+    Ok(planned)
 }
 
 fn describe(d: &Delivered) -> Value {
@@ -101,8 +138,8 @@ fn describe(d: &Delivered) -> Value {
         .routing
         .mqtt_topics
         .iter()
-        .zip(&d.sessions)
-        .map(|(topic, sessions)| json!({"topic": topic, "sessions": sessions}))
+        .enumerate()
+        .map(|(i, topic)| json!({"topic": topic, "sessions": d.sessions.get(i)}))
         .collect();
     let apns: Vec<Value> = d
         .routing

@@ -2,16 +2,18 @@
 
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
+use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 
 use super::frame::{self, FrameError, Status};
 use super::Shared;
+use crate::intake::{Intake, IntakeError, StreamWriter};
 use crate::push::Push;
 
 /// Read size for a connection with nothing buffered; grown to fit a frame.
@@ -21,6 +23,7 @@ pub(crate) async fn handle(mut socket: TcpStream, shared: Shared) {
     let idle = Duration::from_secs(shared.settings.idle_timeout_secs);
     let mut buf = BytesMut::new();
     let mut replies = Vec::new();
+    let mut burst = Burst::default();
     // Reset only by whole frames, so trickling bytes cannot hold a slot.
     let mut deadline = Instant::now() + idle;
     debug!("backend connected");
@@ -44,7 +47,13 @@ pub(crate) async fn handle(mut socket: TcpStream, shared: Shared) {
             Ok(Ok(n)) => n,
         };
         let eof = n == 0;
-        let (keep, frames) = process(&mut buf, &mut replies, &mut socket, &shared).await;
+        let (mut keep, frames) =
+            process(&mut buf, &mut replies, &mut burst, &mut socket, &shared).await;
+        if let Intake::Durable(stream) = &shared.intake {
+            if !burst.is_empty() {
+                keep &= commit(stream, &mut burst, &mut replies, &shared).await;
+            }
+        }
         if frames > 0 {
             deadline = Instant::now() + idle;
         }
@@ -74,6 +83,7 @@ pub(crate) async fn handle(mut socket: TcpStream, shared: Shared) {
 async fn process(
     buf: &mut BytesMut,
     replies: &mut Vec<u8>,
+    burst: &mut Burst,
     socket: &mut TcpStream,
     shared: &Shared,
 ) -> (bool, usize) {
@@ -92,24 +102,89 @@ async fn process(
         if len == 0 {
             continue;
         }
-        match frame::parse(&body) {
-            Ok(push) => {
-                if !queue(push, replies, socket, shared).await {
+        match (frame::parse(&body), &shared.intake) {
+            (Ok(_), Intake::Durable(_)) => {
+                // Answered by `commit`, once the whole burst is in the stream.
+                burst.add(replies, body.freeze());
+            }
+            (Ok(push), Intake::Memory(intake)) => {
+                if !queue(intake, push, replies, socket, shared).await {
                     replies.push(Status::ShuttingDown as u8);
                     return (false, frames);
                 }
                 shared.stats.pushes_accepted.inc();
                 replies.push(Status::Accepted as u8);
             }
-            Err(e) => reject(&e, replies, shared),
+            (Err(e), _) => reject(&e, replies, shared),
         }
     }
 }
 
+/// Durable intake: the valid frames of one read, appended to the stream
+/// together before any of them is answered.
+#[derive(Default)]
+struct Burst {
+    bodies: Vec<Bytes>,
+    /// Where each frame's status byte is in `replies`.
+    slots: Vec<usize>,
+}
+
+impl Burst {
+    fn add(&mut self, replies: &mut Vec<u8>, body: Bytes) {
+        self.slots.push(replies.len());
+        replies.push(Status::Accepted as u8);
+        self.bodies.push(body);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.bodies.is_empty()
+    }
+}
+
+/// Appends the burst to the stream (one round trip) and sets its status
+/// bytes: `0x00` once stored; `0x09` if Redis stayed unreachable (the
+/// connection stays usable); `0x08` if the server stops meanwhile (false:
+/// close).
+async fn commit(
+    stream: &StreamWriter,
+    burst: &mut Burst,
+    replies: &mut [u8],
+    shared: &Shared,
+) -> bool {
+    let n = burst.bodies.len() as u64;
+    let result = stream
+        .append(&burst.bodies, stream.outage_wait(), &shared.shutdown)
+        .await;
+    let (status, keep) = match result {
+        Ok(()) => {
+            shared.stats.pushes_accepted.add(n);
+            (Status::Accepted, true)
+        }
+        Err(IntakeError::ShuttingDown) => (Status::ShuttingDown, false),
+        Err(e) => {
+            warn!(error = %e, frames = n, "pushes not accepted");
+            shared.stats.intake_unavailable.add(n);
+            (Status::Unavailable, true)
+        }
+    };
+    for &slot in &burst.slots {
+        replies[slot] = status as u8;
+    }
+    burst.bodies.clear();
+    burst.slots.clear();
+    keep
+}
+
 /// Queues a push. With the queue full, the backend first gets the answers
 /// so far, then waits for room; a stopping server does not wait (false).
-async fn queue(push: Push, replies: &mut Vec<u8>, socket: &mut TcpStream, shared: &Shared) -> bool {
-    let push = match shared.intake.try_send(push) {
+async fn queue(
+    intake: &mpsc::Sender<Push>,
+    push: Push,
+    replies: &mut Vec<u8>,
+    socket: &mut TcpStream,
+    shared: &Shared,
+) -> bool {
+    let push = match intake.try_send(push) {
         Ok(()) => return true,
         Err(TrySendError::Closed(_)) => return false,
         Err(TrySendError::Full(push)) => push,
@@ -119,7 +194,7 @@ async fn queue(push: Push, replies: &mut Vec<u8>, socket: &mut TcpStream, shared
     }
     replies.clear();
     tokio::select! {
-        sent = shared.intake.send(push) => sent.is_ok(),
+        sent = intake.send(push) => sent.is_ok(),
         _ = shared.shutdown.cancelled() => false,
     }
 }

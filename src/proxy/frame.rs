@@ -28,6 +28,7 @@ pub enum Status {
     DataNotMap = 0x06,
     TooLarge = 0x07,
     ShuttingDown = 0x08,
+    Unavailable = 0x09,
 }
 
 impl Status {
@@ -43,6 +44,7 @@ impl Status {
             DataNotMap,
             TooLarge,
             ShuttingDown,
+            Unavailable,
         ]
         .into_iter()
         .find(|s| *s as u8 == b)
@@ -60,6 +62,9 @@ impl Status {
             Status::DataNotMap => "data is not a map",
             Status::TooLarge => "frame length over proxy.max_frame; connection closed",
             Status::ShuttingDown => "server is shutting down; push not accepted",
+            Status::Unavailable => {
+                "durable intake: the stream (Redis) stayed unreachable; push not accepted, send again"
+            }
         }
     }
 }
@@ -399,11 +404,11 @@ mod tests {
 
     #[test]
     fn status_bytes_are_distinct_and_named() {
-        for b in 0..=8u8 {
+        for b in 0..=9u8 {
             let s = Status::from_byte(b).unwrap();
             assert_eq!(s as u8, b);
             assert!(!s.meaning().is_empty());
         }
-        assert_eq!(Status::from_byte(9), None);
+        assert_eq!(Status::from_byte(10), None);
     }
 }

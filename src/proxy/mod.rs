@@ -1,5 +1,6 @@
 //! The msgpack proxy: backends fire `(type, id, data)` frames over TCP and get
-//! one status byte per frame. Accepted pushes go to the dispatcher's queue.
+//! one status byte per frame. Accepted pushes go to the dispatcher's queue,
+//! or with durable intake to the Redis Stream (one round trip per read burst).
 
 pub mod client;
 mod connection;
@@ -9,12 +10,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info_span, warn, Instrument};
 
-use crate::push::Push;
+use crate::intake::Intake;
 use crate::settings::ProxySettings;
 use crate::stats::Stats;
 
@@ -39,7 +40,7 @@ pub enum ProxyError {
 #[derive(Clone)]
 pub(crate) struct Shared {
     pub settings: ProxySettings,
-    pub intake: mpsc::Sender<Push>,
+    pub intake: Intake,
     pub stats: Arc<Stats>,
     pub shutdown: CancellationToken,
 }
@@ -50,7 +51,7 @@ pub(crate) struct Shared {
 pub async fn serve(
     listener: TcpListener,
     settings: ProxySettings,
-    intake: mpsc::Sender<Push>,
+    intake: Intake,
     stats: Arc<Stats>,
     shutdown: CancellationToken,
     tracker: TaskTracker,

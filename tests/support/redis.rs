@@ -1,34 +1,76 @@
-//! A throwaway `redis-server` on a free loopback port, killed on drop.
+//! A throwaway `redis-server` on a free loopback port, killed on drop; it
+//! can be stopped and started again on the same port (outage tests).
 
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub struct RedisServer {
-    child: Child,
+    child: Option<Child>,
     pub url: String,
-    _dir: tempfile::TempDir,
+    port: u16,
+    /// Append-only file with an fsync per write: a restart keeps every
+    /// write Redis acknowledged.
+    persistent: bool,
+    dir: tempfile::TempDir,
 }
 
 impl RedisServer {
     pub fn start() -> RedisServer {
+        Self::start_with(false)
+    }
+
+    /// A server that keeps its data across `stop` and `restart`.
+    pub fn start_persistent() -> RedisServer {
+        Self::start_with(true)
+    }
+
+    fn start_with(persistent: bool) -> RedisServer {
         for _ in 0..5 {
-            if let Some(server) = Self::try_start() {
+            let Some(port) = free_port() else {
+                continue;
+            };
+            let mut server = RedisServer {
+                child: None,
+                url: format!("redis://127.0.0.1:{port}/"),
+                port,
+                persistent,
+                dir: tempfile::tempdir().expect("temp dir"),
+            };
+            if server.spawn() {
                 return server;
             }
         }
         panic!("could not start redis-server (is it installed? scripts/test.sh installs it)");
     }
 
-    fn try_start() -> Option<RedisServer> {
-        let port = free_port()?;
-        let dir = tempfile::tempdir().ok()?;
-        let child = spawn(port, &dir, None, &[])?;
-        Some(RedisServer {
-            child,
-            url: format!("redis://127.0.0.1:{port}/"),
-            _dir: dir,
-        })
+    /// Starts redis-server on `self.port`; false if it exited or never answered.
+    fn spawn(&mut self) -> bool {
+        let persistence: &[&str] = if self.persistent {
+            &["--appendonly", "yes", "--appendfsync", "always"]
+        } else {
+            &[]
+        };
+        self.child = spawn(self.port, &self.dir, None, persistence);
+        self.child.is_some()
+    }
+
+    /// Kills the server (SIGKILL, no goodbye to clients).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port (and, if persistent, with its data).
+    pub fn restart(&mut self) {
+        self.stop();
+        assert!(
+            self.spawn(),
+            "redis-server did not come back on port {}",
+            self.port
+        );
     }
 
     /// A plain connection, for writing data the way the old service did.
@@ -41,8 +83,7 @@ impl RedisServer {
 
 impl Drop for RedisServer {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop();
     }
 }
 

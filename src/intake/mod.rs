@@ -1,0 +1,181 @@
+//! Where accepted pushes wait for routing: in memory (an mpsc queue, the
+//! default: a crash loses what is queued), or, with `intake.durable`, in a
+//! Redis Stream read by every instance in one consumer group, so a push
+//! answered `0x00` survives the crash of the instance that accepted it.
+//!
+//! `stream` appends and acknowledges, `consumer` reads and claims, `ack`
+//! tells when an entry's deliveries are all final.
+
+mod ack;
+mod consumer;
+mod stream;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use rmpv::Value as Mp;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use ack::Ack;
+pub use stream::StreamWriter;
+
+use crate::dispatch::Dispatcher;
+use crate::push::{Push, Target};
+use crate::settings::Settings;
+
+#[derive(Debug, thiserror::Error)]
+pub enum IntakeError {
+    #[error("intake stream: redis {url}: {source}")]
+    Connect {
+        url: String,
+        source: redis::RedisError,
+    },
+    #[error("intake stream: redis unreachable for {secs} s (registry.outage_wait_secs): {source}")]
+    Unavailable {
+        secs: u64,
+        source: redis::RedisError,
+    },
+    #[error("intake stream: shutting down")]
+    ShuttingDown,
+}
+
+/// What the proxy hands accepted pushes to.
+#[derive(Clone)]
+pub enum Intake {
+    /// The in-memory queue the dispatcher drains.
+    Memory(mpsc::Sender<Push>),
+    /// The Redis Stream: frames are appended before they are answered.
+    Durable(StreamWriter),
+}
+
+/// The running intake: where to put pushes, and the task that takes them
+/// out (it ends once intake has stopped and what it took is settled).
+pub struct Started {
+    pub intake: Intake,
+    pub consumer: JoinHandle<()>,
+}
+
+/// Starts the configured intake. The consumer stops reading on `shutdown`;
+/// the acknowledger (durable only, on `tracker`) runs until `stop`.
+pub async fn start(
+    settings: &Settings,
+    dispatcher: Arc<Dispatcher>,
+    shutdown: CancellationToken,
+    stop: CancellationToken,
+    tracker: &TaskTracker,
+) -> Result<Started, IntakeError> {
+    let s = &settings.intake;
+    let url = match (&settings.registry.redis_url, s.durable) {
+        (Some(url), true) => url,
+        _ => {
+            let (tx, rx) = mpsc::channel(settings.proxy.queue);
+            return Ok(Started {
+                intake: Intake::Memory(tx),
+                consumer: tokio::spawn(dispatcher.run(rx)),
+            });
+        }
+    };
+    let response = Duration::from_secs(5);
+    let mut conn = stream::connect(url, response).await?;
+    let reader = stream::connect(url, consumer::MAX_BLOCK + response).await?;
+    stream::create_group(&mut conn, &s.stream, &s.group)
+        .await
+        .map_err(|source| IntakeError::Connect {
+            url: url.clone(),
+            source,
+        })?;
+    let (settled_tx, settled_rx) = mpsc::unbounded_channel();
+    let in_flight = Arc::new(ack::InFlight::default());
+    tracker.spawn(stream::acknowledge(
+        conn.clone(),
+        s.stream.clone(),
+        s.group.clone(),
+        settled_rx,
+        in_flight.clone(),
+        dispatcher.stats.clone(),
+        stop,
+    ));
+    let consumer = consumer::Consumer {
+        reader,
+        conn: conn.clone(),
+        key: s.stream.clone(),
+        group: s.group.clone(),
+        name: s.consumer.clone().unwrap_or_else(default_consumer),
+        claim_idle: Duration::from_millis(s.claim_idle_ms),
+        dispatcher,
+        in_flight,
+        settled: settled_tx,
+    };
+    Ok(Started {
+        intake: Intake::Durable(StreamWriter::new(
+            conn,
+            &s.stream,
+            s.max_len,
+            Duration::from_secs(settings.registry.outage_wait_secs),
+        )),
+        consumer: tokio::spawn(consumer.run(shutdown)),
+    })
+}
+
+/// `<hostname>-<pid>`: unique per process, and says where it ran.
+pub fn default_consumer() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most `buf.len()` bytes into `buf`.
+    let ok = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0;
+    let host = if ok {
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        String::from_utf8_lossy(&buf[..end]).into_owned()
+    } else {
+        "pushbridge".to_owned()
+    };
+    format!("{host}-{}", std::process::id())
+}
+
+/// A push as the body of a proxy frame (what the stream holds), for pushes
+/// that did not arrive as frames (HTTP).
+pub fn encode(push: &Push) -> Bytes {
+    let (kind, id) = match &push.target {
+        Target::Group(g) => (1u8, Mp::from(g.as_str())),
+        Target::User(u) => (2, Mp::from(u.as_str())),
+        Target::Users(us) => (
+            3,
+            Mp::Array(us.iter().map(|u| Mp::from(u.as_str())).collect()),
+        ),
+    };
+    let data =
+        crate::proxy::client::json_to_msgpack(&serde_json::Value::Object((*push.data).clone()));
+    let frame = crate::proxy::frame::encode(kind, &id, &data);
+    Bytes::from(frame).slice(4..)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn encoded_pushes_parse_back() {
+        let data = Arc::new(
+            json!({"alert": "hi", "n": [1, 2.5, null]})
+                .as_object()
+                .unwrap()
+                .clone(),
+        );
+        for target in [
+            Target::Group("7".into()),
+            Target::User("42".into()),
+            Target::Users(vec!["1".into(), "x".into()]),
+        ] {
+            let push = Push {
+                target,
+                data: data.clone(),
+                apns: None,
+            };
+            assert_eq!(crate::proxy::frame::parse(&encode(&push)).unwrap(), push);
+        }
+    }
+}

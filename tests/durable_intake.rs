@@ -1,0 +1,306 @@
+//! Durable intake against a real redis-server: a push is in the stream
+//! before its `0x00`, acknowledged only after delivery, claimed from a
+//! consumer that died holding it, and kept across a Redis restart.
+
+#[path = "support/apns.rs"]
+mod apns_server;
+mod support;
+
+use std::collections::{BTreeSet, HashMap};
+
+use apns_server::{ApnsServer, Reply, TestCredentials};
+use pushbridge::proxy::client::json_to_msgpack;
+use pushbridge::proxy::frame::encode;
+use pushbridge::push::{Id, UserRecord};
+use pushbridge::registry::UserStore;
+use pushbridge::settings::Settings;
+use redis::Commands;
+use rmpv::Value as Mp;
+use serde_json::json;
+use support::http::{get, post_json};
+use support::mqtt::Device;
+use support::proxy::Backend;
+use support::redis::RedisServer;
+use support::{server, wait_until};
+
+const STREAM: &str = "pushbridge:intake";
+const GROUP: &str = "pushbridge";
+
+fn durable(redis: &RedisServer) -> Settings {
+    let mut s = server::settings(Some(&redis.url));
+    s.intake.durable = true;
+    s.intake.claim_idle_ms = 300;
+    s
+}
+
+/// The frame body the proxy stores for a user push of `data` to `uid`.
+fn body(uid: i64, data: &serde_json::Value) -> Vec<u8> {
+    encode(2, &Mp::from(uid), &json_to_msgpack(data))[4..].to_vec()
+}
+
+fn entries_added(conn: &mut redis::Connection) -> i64 {
+    let info: HashMap<String, redis::Value> = redis::cmd("XINFO")
+        .arg("STREAM")
+        .arg(STREAM)
+        .query(conn)
+        .expect("XINFO STREAM");
+    redis::from_redis_value(&info["entries-added"]).unwrap()
+}
+
+fn pending(conn: &mut redis::Connection) -> i64 {
+    let summary: (i64, redis::Value, redis::Value, redis::Value) = redis::cmd("XPENDING")
+        .arg(STREAM)
+        .arg(GROUP)
+        .query(conn)
+        .expect("XPENDING");
+    summary.0
+}
+
+/// Waits until nothing is pending and the stream is empty (acked, deleted).
+async fn wait_all_acked(redis: &RedisServer) {
+    let url = redis.url.clone();
+    wait_until(move || {
+        let url = url.clone();
+        async move {
+            let mut conn = redis::Client::open(url).unwrap().get_connection().unwrap();
+            let len: i64 = conn.xlen(STREAM).unwrap();
+            pending(&mut conn) == 0 && len == 0
+        }
+    })
+    .await;
+}
+
+/// Reads `n` user pushes `{"n": i}` into a set (claimed ones arrive out of order).
+async fn receive_set(device: &mut Device, n: usize) -> BTreeSet<i64> {
+    let mut seen = BTreeSet::new();
+    while seen.len() < n {
+        let v = device.next_json().await;
+        seen.insert(v["n"].as_i64().expect("n"));
+    }
+    seen
+}
+
+#[tokio::test]
+async fn accepted_pushes_are_in_the_stream_first_and_acked_after_delivery() {
+    let redis = RedisServer::start();
+    let server = server::start(durable(&redis)).await;
+    let mut raw = redis.conn();
+    let mut device = Device::connect(server.mqtt_addr, "d42", true).await;
+    device.subscribe("push/user/42").await;
+    let mut backend = Backend::connect(server.proxy_addr).await;
+
+    for n in 0..20 {
+        assert_eq!(backend.push(2, Mp::from(42), &json!({"n": n})).await, 0x00);
+        assert_eq!(entries_added(&mut raw), n + 1, "in the stream before 0x00");
+    }
+    // A burst of frames in one write: all stored, then all answered.
+    let frames: Vec<u8> = (20..70)
+        .flat_map(|n| encode(2, &Mp::from(42), &json_to_msgpack(&json!({"n": n}))))
+        .collect();
+    backend.write(&frames).await;
+    for _ in 20..70 {
+        assert_eq!(backend.status().await, Some(0x00));
+    }
+    assert_eq!(entries_added(&mut raw), 70);
+    for n in 0..70 {
+        assert_eq!(device.next_json().await, json!({"n": n}));
+    }
+
+    // HTTP: answered with the routing once stored; delivered by the consumer.
+    let reply = post_json(
+        server.http_addr,
+        "/v1/push",
+        &json!({"notifications": [{"user": 42, "data": {"n": 70}}]}),
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(
+        reply.json()["results"][0]["mqtt"],
+        json!([{"topic": "push/user/42", "sessions": null}])
+    );
+    assert_eq!(entries_added(&mut raw), 71);
+    assert_eq!(device.next_json().await, json!({"n": 70}));
+
+    wait_all_acked(&redis).await;
+    let stats = server.stats.clone();
+    wait_until(move || {
+        let stats = stats.clone();
+        async move { stats.intake_acked.get() == 71 }
+    })
+    .await;
+    assert_eq!(server.stats.pushes_accepted.get(), 70);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_entry_stays_pending_until_it_can_be_delivered() {
+    let redis = RedisServer::start();
+    let mut settings = durable(&redis);
+    settings.registry.outage_wait_secs = 1;
+    let server = server::start(settings).await;
+    let mut raw = redis.conn();
+    let mut device = Device::connect(server.mqtt_addr, "d42", true).await;
+    device.subscribe("push/user/42").await;
+    // A record the registry cannot read (wrong type): every lookup fails.
+    let _: () = raw.set("User:42", "not a hash").unwrap();
+
+    let data = json!({"n": 1});
+    let mut backend = Backend::connect(server.proxy_addr).await;
+    assert_eq!(backend.push(2, Mp::from(42), &data).await, 0x00);
+    let range: redis::streams::StreamRangeReply = raw.xrange_all(STREAM).unwrap();
+    assert_eq!(range.ids.len(), 1);
+    let stored: Vec<u8> = range.ids[0].get("f").expect("field f");
+    assert_eq!(stored, body(42, &data), "the stream holds the frame body");
+
+    // The consumer read it and could not route it: it stays pending.
+    wait_until(|| async { pending(&mut redis.conn()) == 1 }).await;
+    let stats = server.stats.clone();
+    wait_until(move || {
+        let stats = stats.clone();
+        async move { stats.intake_claimed.get() >= 1 }
+    })
+    .await;
+    assert_eq!(server.stats.mqtt_published.get(), 0);
+
+    let _: () = raw.del("User:42").unwrap();
+    assert_eq!(device.next_json().await, data);
+    wait_all_acked(&redis).await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_dead_consumers_entries_are_claimed_and_delivered() {
+    let redis = RedisServer::start();
+    let mut raw = redis.conn();
+    let _: () = redis::cmd("XGROUP")
+        .arg(&["CREATE", STREAM, GROUP, "0", "MKSTREAM"][..])
+        .query(&mut raw)
+        .unwrap();
+    for n in 0..50 {
+        let _: String = raw
+            .xadd(STREAM, "*", &[("f", body(42, &json!({"n": n})))])
+            .unwrap();
+    }
+    // Consumer "dead" takes them all and never acknowledges: a crash.
+    let taken: redis::streams::StreamReadReply = raw
+        .xread_options(
+            &[STREAM],
+            &[">"],
+            &redis::streams::StreamReadOptions::default()
+                .group(GROUP, "dead")
+                .count(1000),
+        )
+        .unwrap();
+    assert_eq!(taken.keys[0].ids.len(), 50);
+    assert_eq!(pending(&mut raw), 50);
+
+    let server = server::start(durable(&redis)).await;
+    let mut device = Device::connect(server.mqtt_addr, "d42", true).await;
+    device.subscribe("push/user/42").await;
+    let mut backend = Backend::connect(server.proxy_addr).await;
+    for n in 50..100 {
+        assert_eq!(backend.push(2, Mp::from(42), &json!({"n": n})).await, 0x00);
+    }
+    let seen = receive_set(&mut device, 100).await;
+    assert_eq!(seen, (0..100).collect());
+    wait_all_acked(&redis).await;
+    assert_eq!(server.stats.intake_claimed.get(), 50);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_redis_restart_loses_no_accepted_push() {
+    let mut redis = RedisServer::start_persistent();
+    let server = server::start(durable(&redis)).await;
+    let mut device = Device::connect(server.mqtt_addr, "d42", true).await;
+    device.subscribe("push/user/42").await;
+    let mut backend = Backend::connect(server.proxy_addr).await;
+    for n in 0..100 {
+        assert_eq!(backend.push(2, Mp::from(42), &json!({"n": n})).await, 0x00);
+    }
+
+    redis.stop();
+    let ready = get(server.http_addr, "/readyz").await;
+    assert_eq!(ready.status, 503, "{}", ready.text());
+    // These wait for Redis: answered only once stored.
+    let sender = tokio::spawn(async move {
+        for n in 100..110 {
+            assert_eq!(backend.push(2, Mp::from(42), &json!({"n": n})).await, 0x00);
+        }
+        backend
+    });
+    redis.restart();
+    let mut backend = sender.await.unwrap();
+    for n in 110..200 {
+        assert_eq!(backend.push(2, Mp::from(42), &json!({"n": n})).await, 0x00);
+    }
+    let seen = receive_set(&mut device, 200).await;
+    assert_eq!(seen, (0..200).collect());
+    wait_all_acked(&redis).await;
+    assert_eq!(server.stats.intake_unavailable.get(), 0);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_apns_entry_is_acked_only_when_apple_has_answered() {
+    let redis = RedisServer::start();
+    let mut settings = durable(&redis);
+    let apple = ApnsServer::start().await;
+    let creds = TestCredentials::new();
+    let (key, _) = creds.p8("AuthKey_KEY1.p8");
+    let app = "com.example.app";
+    settings.apns.config =
+        creds.config(&json!({app: {"key": key, "key_id": "KEY1", "team_id": "TEAM1"}}));
+    settings.apns.production_url = apple.url();
+    settings.apns.ca_file = Some(apple.ca_path());
+    let server = server::start(settings).await;
+    for (uid, token) in [("6", "aa06"), ("7", "bb07"), ("8", "cc08")] {
+        let record = UserRecord {
+            app_token: Some(token.into()),
+            app_ident: Some(app.into()),
+            app_version: Some("produce".into()),
+            app_focus: false,
+        };
+        server
+            .registry
+            .put_user(&Id::from(uid), &record)
+            .await
+            .unwrap();
+    }
+    apple.hold_answers_until(2);
+    apple.reply_to("cc08", Reply::BadDeviceToken);
+    let mut raw = redis.conn();
+    let mut backend = Backend::connect(server.proxy_addr).await;
+
+    assert_eq!(
+        backend.push(2, Mp::from(6), &json!({"alert": "a"})).await,
+        0x00
+    );
+    let first = apple.next_request(support::WAIT).await;
+    assert_eq!(first.path, "/3/device/aa06");
+    // Apple has not answered: the entry is still pending.
+    assert_eq!(pending(&mut raw), 1);
+    assert_eq!(server.stats.intake_acked.get(), 0);
+
+    // A second request releases both answers (200): both acknowledged.
+    assert_eq!(
+        backend.push(2, Mp::from(7), &json!({"alert": "b"})).await,
+        0x00
+    );
+    wait_all_acked(&redis).await;
+    // A final failure (dead token) is final too.
+    assert_eq!(
+        backend.push(2, Mp::from(8), &json!({"alert": "c"})).await,
+        0x00
+    );
+    let stats = server.stats.clone();
+    wait_until(move || {
+        let stats = stats.clone();
+        async move { stats.intake_acked.get() == 3 }
+    })
+    .await;
+    wait_all_acked(&redis).await;
+    assert_eq!(server.stats.apns_delivered.get(), 2);
+    assert_eq!(server.stats.apns_dead_tokens.get(), 1);
+    server.stop().await;
+}

@@ -1,0 +1,91 @@
+//! Redis goes away under a running pushbridge: pushes wait (nothing is
+//! dropped silently), readiness says why, and delivery resumes by itself
+//! when Redis is back on the same port.
+
+mod support;
+
+use pushbridge::proxy::client::json_to_msgpack;
+use pushbridge::proxy::frame::encode;
+use rmpv::Value as Mp;
+use serde_json::json;
+use support::http::get;
+use support::mqtt::Device;
+use support::proxy::Backend;
+use support::redis::RedisServer;
+use support::{server, wait_until};
+
+/// Waits until `/readyz` answers `status`; returns its body.
+async fn readyz_becomes(addr: std::net::SocketAddr, status: u16) -> String {
+    let body = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let seen = body.clone();
+    wait_until(move || {
+        let seen = seen.clone();
+        async move {
+            let reply = get(addr, "/readyz").await;
+            *seen.lock().unwrap() = reply.text();
+            reply.status == status
+        }
+    })
+    .await;
+    let text = body.lock().unwrap().clone();
+    text
+}
+
+#[tokio::test]
+async fn pushes_wait_for_redis_and_are_all_delivered() {
+    let mut redis = RedisServer::start();
+    let server = server::start(server::settings(Some(&redis.url))).await;
+    let mut device = Device::connect(server.mqtt_addr, "d42", true).await;
+    device.subscribe("push/user/42").await;
+    let mut backend = Backend::connect(server.proxy_addr).await;
+    assert_eq!(backend.push(2, Mp::from(42), &json!({"n": -1})).await, 0x00);
+    assert_eq!(device.next_json().await, json!({"n": -1}));
+
+    redis.stop();
+    let why = readyz_becomes(server.http_addr, 503).await;
+    assert!(why.contains("redis"), "readyz names Redis: {why}");
+
+    const N: i64 = 50;
+    for n in 0..N {
+        assert_eq!(backend.push(2, Mp::from(42), &json!({"n": n})).await, 0x00);
+    }
+    // Redis is down, so nothing could have been routed, and nothing was given up.
+    assert_eq!(server.stats.mqtt_published.get(), 1);
+    assert_eq!(server.stats.pushes_failed_registry.get(), 0);
+
+    redis.restart();
+    readyz_becomes(server.http_addr, 200).await;
+    for n in 0..N {
+        assert_eq!(device.next_json().await, json!({"n": n}));
+    }
+    assert_eq!(server.stats.pushes_failed_registry.get(), 0);
+    assert_eq!(server.stats.pushes_accepted.get(), N as u64 + 1);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn pushes_past_the_outage_bound_are_counted_failures() {
+    let mut redis = RedisServer::start();
+    let mut settings = server::settings(Some(&redis.url));
+    settings.registry.outage_wait_secs = 1;
+    let server = server::start(settings).await;
+    let mut backend = Backend::connect(server.proxy_addr).await;
+
+    redis.stop();
+    // One write, so the three usually make one batch (each batch waits its own bound).
+    let frames: Vec<u8> = (0..3)
+        .flat_map(|n| encode(2, &Mp::from(7), &json_to_msgpack(&json!({"n": n}))))
+        .collect();
+    backend.write(&frames).await;
+    for _ in 0..3 {
+        assert_eq!(backend.status().await, Some(0x00));
+    }
+    let stats = server.stats.clone();
+    wait_until(|| {
+        let stats = stats.clone();
+        async move { stats.pushes_failed_registry.get() == 3 }
+    })
+    .await;
+    assert_eq!(server.stats.mqtt_published.get(), 0);
+    server.stop().await;
+}
