@@ -247,7 +247,8 @@ impl Dispatcher {
 fn unknown(users: &[(Id, Option<&UserRecord>)]) -> Vec<Id> {
     users
         .iter()
-        .filter_map(|(id, r)| r.is_none().then(|| id.clone()))
+        .filter(|(_, r)| r.is_none())
+        .map(|(id, _)| id.clone())
         .collect()
 }
 
