@@ -304,3 +304,26 @@ async fn an_apns_entry_is_acked_only_when_apple_has_answered() {
     assert_eq!(server.stats.apns_dead_tokens.get(), 1);
     server.stop().await;
 }
+
+/// The stream on a Redis Cluster: accepted, delivered, acknowledged.
+#[tokio::test]
+async fn durable_intake_on_a_redis_cluster() {
+    let cluster = support::redis_cluster::RedisCluster::start();
+    let mut settings = server::settings(Some(&cluster.url));
+    settings.intake.durable = true;
+    let server = server::start(settings).await;
+    let mut device = Device::connect(server.mqtt_addr, "dev-cluster", true).await;
+    device.subscribe("push/user/42").await;
+    let mut backend = Backend::connect(server.proxy_addr).await;
+    for n in 0..20 {
+        assert_eq!(backend.push(2, Mp::from(42), &json!({"n": n})).await, 0x00);
+    }
+    assert_eq!(receive_set(&mut device, 20).await, (0..20).collect());
+    let mut conn = cluster.conn();
+    wait_until(move || {
+        let len: i64 = conn.xlen(STREAM).unwrap();
+        std::future::ready(len == 0)
+    })
+    .await;
+    server.stop().await;
+}

@@ -6,8 +6,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::registry::conn::RedisConn;
 use bytes::Bytes;
-use redis::aio::ConnectionManager;
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -27,9 +27,9 @@ const CLAIM_PAGES: usize = 16;
 
 pub(crate) struct Consumer {
     /// For blocking reads only: a blocked connection delays whatever queues behind it.
-    pub reader: ConnectionManager,
+    pub reader: RedisConn,
     /// Claims and heartbeats.
-    pub conn: ConnectionManager,
+    pub conn: RedisConn,
     pub key: String,
     pub group: String,
     pub name: String,

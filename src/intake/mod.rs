@@ -79,9 +79,8 @@ pub async fn start(
             });
         }
     };
-    let response = Duration::from_secs(5);
-    let mut conn = stream::connect(url, response).await?;
-    let reader = stream::connect(url, consumer::MAX_BLOCK + response).await?;
+    let mut conn = stream::connect(url).await?;
+    let reader = stream::connect(url).await?;
     stream::create_group(&mut conn, &s.stream, &s.group)
         .await
         .map_err(|source| IntakeError::Connect {

@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
+use crate::registry::conn::RedisConn;
 use bytes::Bytes;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -22,39 +22,21 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// Acknowledgements sent in one round trip.
 const ACK_BATCH: usize = 1024;
 
-/// Opens a connection that reconnects by itself. `response` must exceed
-/// the longest blocking read sent over it.
-pub(crate) async fn connect(
-    url: &str,
-    response: Duration,
-) -> Result<ConnectionManager, IntakeError> {
-    let failed = |source| IntakeError::Connect {
-        url: url.to_owned(),
-        source,
-    };
-    let client = redis::Client::open(url).map_err(failed)?;
-    let config = ConnectionManagerConfig::new()
-        .set_number_of_retries(3)
-        .set_max_delay(1000)
-        .set_connection_timeout(Duration::from_secs(5))
-        .set_response_timeout(response);
-    tokio::time::timeout(
-        Duration::from_secs(10),
-        ConnectionManager::new_with_config(client, config),
-    )
-    .await
-    .map_err(|_| {
-        failed(redis::RedisError::from(std::io::Error::from(
-            std::io::ErrorKind::TimedOut,
-        )))
-    })?
-    .map_err(failed)
+/// Opens a connection that reconnects by itself, to a single server, a
+/// cluster or a sentinel-named master (every stream command touches one key).
+pub(crate) async fn connect(url: &str) -> Result<RedisConn, IntakeError> {
+    RedisConn::open(url)
+        .await
+        .map_err(|source| IntakeError::Connect {
+            url: crate::registry::conn::redact(url),
+            source,
+        })
 }
 
 /// Creates the consumer group (and the stream) if missing; from the
 /// stream's start, so entries appended before it are delivered too.
 pub(crate) async fn create_group(
-    conn: &mut ConnectionManager,
+    conn: &mut RedisConn,
     key: &str,
     group: &str,
 ) -> Result<(), redis::RedisError> {
@@ -75,19 +57,14 @@ pub(crate) async fn create_group(
 /// Appends accepted frames to the stream; cheap to clone.
 #[derive(Clone)]
 pub struct StreamWriter {
-    conn: ConnectionManager,
+    conn: RedisConn,
     key: Arc<str>,
     max_len: u64,
     outage_wait: Duration,
 }
 
 impl StreamWriter {
-    pub(crate) fn new(
-        conn: ConnectionManager,
-        key: &str,
-        max_len: u64,
-        outage_wait: Duration,
-    ) -> Self {
+    pub(crate) fn new(conn: RedisConn, key: &str, max_len: u64, outage_wait: Duration) -> Self {
         StreamWriter {
             conn,
             key: key.into(),
@@ -160,7 +137,7 @@ impl StreamWriter {
 /// and the consumer are gone, or `stop` (then what is already settled is
 /// flushed once).
 pub(crate) async fn acknowledge(
-    mut conn: ConnectionManager,
+    mut conn: RedisConn,
     key: String,
     group: String,
     mut settled: mpsc::UnboundedReceiver<Settled>,
@@ -206,7 +183,7 @@ pub(crate) async fn acknowledge(
 }
 
 async fn ack_with_retry(
-    conn: &mut ConnectionManager,
+    conn: &mut RedisConn,
     key: &str,
     group: &str,
     ids: &[String],

@@ -2,7 +2,7 @@
 //! memory (the embedded default). Both implement [`UserStore`], and the same
 //! tests run against both.
 
-mod conn;
+pub(crate) mod conn;
 mod memory;
 mod redis;
 
