@@ -1,16 +1,25 @@
 #!/usr/bin/env bash
-# Fault runs against real processes (not part of `cargo test`: they take
-# minutes). Needs redis-server and mosquitto_sub (scripts/test.sh installs them).
-#   scripts/faults.sh                      # every fault below, 100k pushes each
-#   FAULTS_PUSHES=20000 scripts/faults.sh  # shorter
-#   FAULTS_BIN=target/release/pushbridge scripts/faults.sh
+# Fault runs (issue: nothing accepted is lost): builds the release binary,
+# installs redis-server, mosquitto, mosquitto-clients and nghttpd when
+# missing, then runs scripts/faults.py (two instances with durable intake,
+# Redis Cluster, Mosquitto as the external broker, nghttpd as APNs).
+#   scripts/faults.sh                         # every scenario, 100k pushes each
+#   scripts/faults.sh --only kill --pushes 20000
+#   FAULTS_NO_BUILD=1 scripts/faults.sh       # reuse target/release/pushbridge
 set -euo pipefail
 cd "$(dirname "$0")/.."
-BIN="${FAULTS_BIN:-target/debug/pushbridge}"
-PUSHES="${FAULTS_PUSHES:-100000}"
-if [[ ! -x "$BIN" ]]; then
-    cargo build --bin pushbridge
+missing=()
+command -v redis-server >/dev/null || missing+=(redis-server)
+command -v mosquitto >/dev/null || [[ -x /usr/sbin/mosquitto ]] || missing+=(mosquitto)
+command -v mosquitto_sub >/dev/null || missing+=(mosquitto-clients)
+command -v nghttpd >/dev/null || [[ -x /usr/sbin/nghttpd ]] || missing+=(nghttp2-server)
+command -v openssl >/dev/null || missing+=(openssl)
+if ((${#missing[@]})); then
+    apt-get update
+    DEBIAN_FRONTEND=noninteractive apt-get install -y "${missing[@]}"
 fi
-
-echo "== durable intake: kill -9 of one of two instances during $PUSHES pushes"
-python3 -u scripts/faults_durable.py --bin "$BIN" --pushes "$PUSHES"
+export PATH="$PATH:/usr/sbin"
+if [[ -z "${FAULTS_NO_BUILD:-}" ]]; then
+    cargo build --release --bin pushbridge
+fi
+exec python3 -u scripts/faults.py --bin target/release/pushbridge "$@"

@@ -1,0 +1,451 @@
+#!/usr/bin/env python3
+"""Fault runs: two pushbridge instances, nothing accepted may be lost.
+
+Each scenario starts a fresh setup on loopback: a Redis Cluster of three
+redis-server nodes (appendonly), Mosquitto as the external broker (with
+persistence), nghttpd answering 200 as APNs for one device token, and two
+`pushbridge serve` instances with durable intake reading one stream in one
+consumer group. A backend floods both instances with pipelined frames; when a
+third of them are accepted the fault is injected; then the run waits until
+every accepted push is accounted for (or nothing moves for --settle seconds).
+
+  redis   all three Redis nodes stop for 5 s, then restart (readyz must go 503)
+  broker  Mosquitto stops for 3 s, then restarts (the outbox re-publishes)
+  apns    the APNs server is down for 5 s (retries, then counted drops)
+  kill    instance A is killed with SIGKILL; B claims its pending entries
+
+Counted: accepted (status 0x00), delivered (distinct pushes seen by an MQTT
+subscriber on the broker, or APNs 200s), duplicates, counted final failures,
+lost = accepted - delivered - failures. Exit status 1 if anything is lost.
+Standard library only.
+
+    scripts/faults.py --bin target/release/pushbridge --pushes 100000
+"""
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+
+APP = "com.example.app"
+TOKEN = "ab" * 32
+MQTT_USERS = 1000
+IOS_USERS = 100
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def wait_for(cond, what, timeout=30.0):
+    deadline = time.time() + timeout
+    while not cond():
+        if time.time() > deadline:
+            raise SystemExit(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def port_open(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+        return True
+    except OSError:
+        return False
+
+
+# --- msgpack, by hand: [2, uid, {"n": i} | {"alert": "x", "n": i}] ------------
+
+def mp_uint(n):
+    if n < 0x80:
+        return bytes([n])
+    if n < 0x10000:
+        return b"\xcd" + struct.pack(">H", n)
+    return b"\xce" + struct.pack(">I", n)
+
+
+def mp_str(s):
+    b = s.encode()
+    return bytes([0xA0 | len(b)]) + b
+
+
+def frame(uid, n, alert):
+    if alert:
+        data = b"\x82" + mp_str("alert") + mp_str("x") + mp_str("n") + mp_uint(n)
+    else:
+        data = b"\x81" + mp_str("n") + mp_uint(n)
+    body = b"\x93" + mp_uint(2) + mp_uint(uid) + data
+    return struct.pack(">I", len(body)) + body
+
+
+# --- the parts ------------------------------------------------------------------
+
+class Procs:
+    """Every process started, stopped at the end."""
+
+    def __init__(self, tmp):
+        self.tmp = tmp
+        self.all = []
+
+    def start(self, name, argv, **kw):
+        log = open(os.path.join(self.tmp, f"{name}.log"), "ab")
+        p = subprocess.Popen(argv, stdout=kw.pop("stdout", log), stderr=log,
+                             start_new_session=True, **kw)
+        self.all.append(p)
+        return p
+
+    def stop_all(self):
+        for p in self.all:
+            if p.poll() is None:
+                p.terminate()
+        for p in self.all:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+class RedisCluster:
+    def __init__(self, procs):
+        self.procs = procs
+        self.ports = [free_port() for _ in range(3)]
+        self.nodes = {}
+        for port in self.ports:
+            d = os.path.join(procs.tmp, f"redis-{port}")
+            os.makedirs(d)
+        self.start()
+        addrs = [f"127.0.0.1:{p}" for p in self.ports]
+        subprocess.run(["redis-cli", "--cluster", "create", *addrs,
+                        "--cluster-replicas", "0", "--cluster-yes"],
+                       check=True, stdout=subprocess.DEVNULL)
+        self.wait_ok()
+
+    def start(self):
+        for port in self.ports:
+            d = os.path.join(self.procs.tmp, f"redis-{port}")
+            self.nodes[port] = self.procs.start(f"redis-{port}", [
+                "redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                "--dir", d, "--cluster-enabled", "yes",
+                "--cluster-config-file", "nodes.conf", "--appendonly", "yes",
+                "--save", ""])
+        for port in self.ports:
+            wait_for(lambda: port_open(port), f"redis {port}")
+
+    def stop(self):
+        for p in self.nodes.values():
+            p.terminate()
+        for p in self.nodes.values():
+            p.wait(30)
+
+    def wait_ok(self):
+        def ok():
+            out = subprocess.run(["redis-cli", "-p", str(self.ports[0]), "cluster", "info"],
+                                 capture_output=True, text=True).stdout
+            return "cluster_state:ok" in out
+        wait_for(ok, "cluster_state:ok", 60)
+
+    def url(self):
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in self.ports)
+
+    def cli(self, *args):
+        subprocess.run(["redis-cli", "-c", "-p", str(self.ports[0]), *args],
+                       check=True, stdout=subprocess.DEVNULL)
+
+
+class Mosquitto:
+    def __init__(self, procs):
+        self.procs = procs
+        self.port = free_port()
+        d = os.path.join(procs.tmp, "mosquitto")
+        os.makedirs(d)
+        os.chmod(d, 0o777)  # mosquitto started as root drops to its own user
+        self.conf = os.path.join(d, "mosquitto.conf")
+        with open(self.conf, "w") as f:
+            f.write(f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
+                    f"persistence true\npersistence_location {d}/\n"
+                    "max_queued_messages 0\nmax_inflight_messages 100\n")
+        self.start()
+
+    def start(self):
+        self.proc = self.procs.start("mosquitto", ["mosquitto", "-c", self.conf])
+        wait_for(lambda: port_open(self.port), "mosquitto")
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+class Apns:
+    def __init__(self, procs):
+        self.procs = procs
+        self.port = free_port()
+        d = os.path.join(procs.tmp, "apns")
+        os.makedirs(os.path.join(d, "htdocs", "3", "device"))
+        open(os.path.join(d, "htdocs", "3", "device", TOKEN), "w").close()
+        self.key, self.cert = os.path.join(d, "key.pem"), os.path.join(d, "cert.pem")
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                        "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", self.key,
+                        "-out", self.cert, "-days", "2", "-subj", "/CN=127.0.0.1",
+                        "-addext", "subjectAltName=IP:127.0.0.1"],
+                       check=True, capture_output=True)
+        self.p8 = os.path.join(d, "AuthKey_KEY1.p8")
+        ec = subprocess.run(["openssl", "ecparam", "-genkey", "-name", "prime256v1", "-noout"],
+                            check=True, capture_output=True).stdout
+        p8 = subprocess.run(["openssl", "pkcs8", "-topk8", "-nocrypt"], input=ec,
+                            check=True, capture_output=True).stdout
+        with open(self.p8, "wb") as f:
+            f.write(p8)
+        self.config = os.path.join(d, "config.json")
+        with open(self.config, "w") as f:
+            json.dump({APP: {"key": self.p8, "key_id": "KEY1", "team_id": "TEAM1"}}, f)
+        self.htdocs = os.path.join(d, "htdocs")
+        self.start()
+
+    def start(self):
+        self.proc = self.procs.start("nghttpd", [
+            "nghttpd", f"--htdocs={self.htdocs}", str(self.port), self.key, self.cert])
+        wait_for(lambda: port_open(self.port), "nghttpd")
+
+    def stop(self):
+        self.proc.kill()
+        self.proc.wait(10)
+
+
+class Instance:
+    def __init__(self, procs, name, binary, redis, broker, apns):
+        self.procs, self.name, self.binary = procs, name, binary
+        self.proxy, self.http = free_port(), free_port()
+        self.conf = os.path.join(procs.tmp, f"{name}.toml")
+        with open(self.conf, "w") as f:
+            f.write(f"""
+[proxy]
+listen = "127.0.0.1:{self.proxy}"
+[mqtt]
+listen = "127.0.0.1:{free_port()}"
+external_url = "mqtt://127.0.0.1:{broker.port}"
+external_client_id = "pushbridge-{name}"
+[http]
+listen = "127.0.0.1:{self.http}"
+[registry]
+redis_url = "{redis.url()}"
+[intake]
+durable = true
+consumer = "{name}"
+claim_idle_ms = 3000
+[apns]
+config = "{apns.config}"
+production_url = "https://127.0.0.1:{apns.port}"
+sandbox_url = "https://127.0.0.1:{apns.port}"
+ca_file = "{apns.cert}"
+[log]
+level = "warn"
+""")
+        self.start()
+
+    def start(self):
+        self.proc = self.procs.start(f"pushbridge-{self.name}",
+                                     [self.binary, "serve", "--config", self.conf])
+        wait_for(lambda: port_open(self.proxy) and port_open(self.http),
+                 f"pushbridge {self.name}", 60)
+
+    def get(self, path):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http}{path}", timeout=2) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+        except OSError:
+            return None, b""
+
+    def totals(self):
+        status, body = self.get("/v1/stats")
+        return json.loads(body)["totals"] if status == 200 else None
+
+
+class Subscriber:
+    """mosquitto_sub on every user topic, persistent session; counts pushes seen."""
+
+    def __init__(self, procs, broker):
+        self.seen, self.lines = set(), 0
+        self.lock = threading.Lock()
+        self.proc = procs.start("mosquitto_sub", [
+            "stdbuf", "-oL", "mosquitto_sub", "-p", str(broker.port), "-q", "1", "-c",
+            "-i", "faults-sub", "-t", "push/user/#", "-F", "%p"], stdout=subprocess.PIPE)
+        threading.Thread(target=self.read, daemon=True).start()
+
+    def read(self):
+        for line in self.proc.stdout:
+            try:
+                n = json.loads(line)["n"]
+            except (ValueError, KeyError, TypeError):
+                continue
+            with self.lock:
+                self.lines += 1
+                self.seen.add(n)
+
+    def counts(self):
+        with self.lock:
+            return len(self.seen), self.lines - len(self.seen)
+
+
+class Backend:
+    """One pipelined proxy connection: a writer and a status reader."""
+
+    def __init__(self, port, frames):
+        self.accepted, self.answered = [], 0
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.frames = frames
+        self.done = threading.Event()
+        threading.Thread(target=self.write, daemon=True).start()
+        threading.Thread(target=self.read, daemon=True).start()
+
+    def write(self):
+        try:
+            for _, data in self.frames:
+                self.sock.sendall(data)
+        except OSError:
+            pass
+
+    def read(self):
+        f = self.sock.makefile("rb")
+        try:
+            while self.answered < len(self.frames):
+                b = f.read(1)
+                if not b:
+                    break
+                if b == b"\x00":
+                    self.accepted.append(self.frames[self.answered][0])
+                self.answered += 1
+        except OSError:
+            pass
+        self.done.set()
+
+
+# --- one scenario -----------------------------------------------------------------
+
+def run(kind, args):
+    tmp = tempfile.mkdtemp(prefix=f"faults-{kind}-")
+    os.chmod(tmp, 0o755)  # mosquitto started as root drops to its own user
+    procs = Procs(tmp)
+    try:
+        redis = RedisCluster(procs)
+        broker = Mosquitto(procs)
+        apns = Apns(procs)
+        alert = kind == "apns"
+        if alert:
+            for uid in range(1, IOS_USERS + 1):
+                redis.cli("HSET", f"User:{uid}", "app_token", TOKEN, "app_ident", APP,
+                          "app_version", "produce")
+        sub = Subscriber(procs, broker)
+        a = Instance(procs, "a", args.bin, redis, broker, apns)
+        b = Instance(procs, "b", args.bin, redis, broker, apns)
+        users = IOS_USERS if alert else MQTT_USERS
+        # The subscriber is in once it sees a push sent before the flood.
+        probe = Backend(b.proxy, [(10**9 - 1, frame(1, 10**9 - 1, False))])
+        wait_for(lambda: sub.counts()[0] == 1, "the subscriber", 30)
+        frames = [(n, frame(n % users + 1, n, alert)) for n in range(args.pushes)]
+        t0 = time.time()
+        backends = [Backend(a.proxy, frames[0::2]), Backend(b.proxy, frames[1::2])]
+        accepted = lambda: sum(len(x.accepted) for x in backends)
+        wait_for(lambda: accepted() >= args.pushes // 3, "a third accepted", 120)
+        fault_at = accepted()
+        note = inject(kind, redis, broker, apns, a, b)
+        for x in backends:
+            x.done.wait(args.settle * 4)
+        ok = set()
+        for x in backends:
+            ok.update(x.accepted)
+        live = [b] if kind == "kill" else [a, b]
+
+        def tally():
+            if alert:
+                t = [i.totals() or {} for i in live]
+                return (sum(x.get("apns_delivered", 0) for x in t),
+                        sum(x.get("apns_failed", 0) for x in t), 0)
+            seen, dup = sub.counts()
+            return seen - 1, 0, dup  # the probe
+
+        last, still = None, time.time()
+        while True:
+            delivered, failed, dup = tally()
+            if delivered + failed >= len(ok):
+                break
+            if (delivered, failed) != last:
+                last, still = (delivered, failed), time.time()
+            elif time.time() - still > args.settle:
+                break
+            time.sleep(0.2)
+        if not alert:
+            missing = ok - sub.seen
+            delivered = len(ok) - len(missing)
+        secs = time.time() - t0
+        lost = max(0, len(ok) - delivered - failed)
+        return dict(scenario=kind, accepted=len(ok), fault_at=fault_at, delivered=delivered,
+                    duplicates=dup, failed=failed, lost=lost, secs=round(secs, 1), note=note)
+    finally:
+        procs.stop_all()
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            print(f"kept {tmp}", file=sys.stderr)
+
+
+def inject(kind, redis, broker, apns, a, b):
+    if kind == "redis":
+        redis.stop()
+        wait_for(lambda: a.get("/readyz")[0] == 503, "readyz 503 while Redis is down", 15)
+        time.sleep(5)
+        redis.start()
+        redis.wait_ok()
+        wait_for(lambda: a.get("/readyz")[0] == 200, "readyz 200 after Redis is back", 60)
+        return "readyz 503 during the outage, 200 after"
+    if kind == "broker":
+        broker.stop()
+        time.sleep(3)
+        broker.start()
+        return "Mosquitto down 3 s"
+    if kind == "apns":
+        apns.stop()
+        time.sleep(5)
+        apns.start()
+        return "APNs down 5 s"
+    if kind == "kill":
+        a.proc.send_signal(signal.SIGKILL)
+        a.proc.wait()
+        return "instance a killed (SIGKILL)"
+    raise SystemExit(f"unknown scenario {kind}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--bin", default="target/release/pushbridge")
+    p.add_argument("--pushes", type=int, default=100_000)
+    p.add_argument("--only", default="redis,broker,apns,kill")
+    p.add_argument("--settle", type=float, default=30.0,
+                   help="give up when nothing moved for this long (s)")
+    p.add_argument("--keep", action="store_true", help="keep the logs' directory")
+    args = p.parse_args()
+    rows = [run(kind, args) for kind in args.only.split(",")]
+    cols = ["scenario", "accepted", "fault_at", "delivered", "duplicates", "failed", "lost",
+            "secs", "note"]
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(str(r[c]) for c in cols) + " |")
+    sys.exit(1 if any(r["lost"] for r in rows) else 0)
+
+
+if __name__ == "__main__":
+    main()
