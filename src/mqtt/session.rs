@@ -208,10 +208,21 @@ impl Registry {
     }
 
     /// Sessions (connected or not) subscribed to `topic`, with their QoS.
+    #[cfg(test)]
     pub fn route(&self, topic: &str) -> Vec<(u64, Arc<Session>, u8)> {
         let mut out = Vec::new();
         self.index.matches(topic, &mut out);
         out
+    }
+
+    /// `route` into a buffer the caller reuses; returns the index's shared
+    /// copy of `topic` when an exact subscription has one.
+    pub fn route_into(
+        &self,
+        topic: &str,
+        out: &mut Vec<(u64, Arc<Session>, u8)>,
+    ) -> Option<Arc<str>> {
+        self.index.matches(topic, out)
     }
 
     pub fn len(&self) -> usize {
