@@ -244,7 +244,7 @@ async fn h2load_inner(bin: &Path, shape: &Shape, row: &mut Row) -> anyhow::Resul
     let pid = child.id() as libc::pid_t;
     let limit = shape.phase_limit;
     let waited = tokio::task::spawn_blocking(move || wait_with_rusage(pid));
-    let (status, cpu, maxrss_kib) = match tokio::time::timeout(limit, waited).await {
+    let (status, cpu) = match tokio::time::timeout(limit, waited).await {
         Ok(r) => r??,
         Err(_) => {
             // SAFETY: kill(2) on our own child's pid; the blocking wait then reaps it.
@@ -257,7 +257,7 @@ async fn h2load_inner(bin: &Path, shape: &Shape, row: &mut Row) -> anyhow::Resul
     fill_from(row, counters, shape);
     row.cpu_secs = Some(cpu);
     row.tool_cpu_secs = crate::cpu_delta(me0, me1);
-    row.rss_after_kib = Some(maxrss_kib);
+    // No RSS: wait4's ru_maxrss keeps the high-water mark of the forked tool before exec.
     let report = std::fs::read_to_string(&out).unwrap_or_default();
     let line = |prefix: &str| {
         report
@@ -269,7 +269,15 @@ async fn h2load_inner(bin: &Path, shape: &Shape, row: &mut Row) -> anyhow::Resul
     row.note = crate::join_note(&[
         shape_note(counters),
         format!("h2load: {}", line("finished in")),
-        line("requests:"),
+        // Only when h2load had errors: `--fail-on-loss` looks for "failed" in notes.
+        {
+            let requests = line("requests:");
+            if requests.contains(" 0 failed, 0 errored, 0 timeout") {
+                String::new()
+            } else {
+                format!("h2load had errors: {requests}")
+            }
+        },
         if status != 0 {
             format!("h2load exit status {status}")
         } else {
@@ -299,8 +307,8 @@ fn fake_jwt() -> String {
     )
 }
 
-/// Waits for `pid` and returns (exit status, user + system CPU s, max RSS KiB).
-fn wait_with_rusage(pid: libc::pid_t) -> anyhow::Result<(i32, f64, u64)> {
+/// Waits for `pid` and returns (exit status, user + system CPU s).
+fn wait_with_rusage(pid: libc::pid_t) -> anyhow::Result<(i32, f64)> {
     let mut status = 0;
     // SAFETY: an all-zero rusage is a valid value for wait4 to overwrite.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
@@ -315,11 +323,7 @@ fn wait_with_rusage(pid: libc::pid_t) -> anyhow::Result<(i32, f64, u64)> {
     } else {
         -1
     };
-    Ok((
-        code,
-        secs(ru.ru_utime) + secs(ru.ru_stime),
-        ru.ru_maxrss as u64,
-    ))
+    Ok((code, secs(ru.ru_utime) + secs(ru.ru_stime)))
 }
 
 fn tempdir() -> anyhow::Result<PathBuf> {
