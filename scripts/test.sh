@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the tests need (redis-server, mosquitto clients, openssl,
-# chromium and chromedriver for the dashboard test) when missing, then runs
-# the whole test suite. CI runs exactly this.
+# h2load, chromium and chromedriver for the dashboard test) when missing,
+# then runs the whole test suite. CI runs exactly this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,6 +12,8 @@ command -v mosquitto_sub >/dev/null 2>&1 || need+=(mosquitto-clients)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 [ -x /usr/bin/chromium ] || need+=(chromium)
 [ -x /usr/bin/chromedriver ] || need+=(chromium-driver)
+# h2load: the benchmark's smoke test compares the APNs sender with it.
+command -v h2load >/dev/null 2>&1 || need+=(nghttp2-client)
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"

@@ -1,6 +1,7 @@
 //! Keeps `pushbridge-bench` from rotting: its smoke mode (20 devices, 200
 //! pushes, a group of 20) against a real Mosquitto, and the proxy ingest
-//! workload against pushbridge, and the in-process routing core. Only completion and zero loss are checked;
+//! workload against pushbridge, the in-process routing core, the APNs sender
+//! against h2load, and the registries with iOS users. Only completion and zero loss are checked;
 //! timing never is.
 
 use std::path::Path;
@@ -151,4 +152,64 @@ fn smoke_p2p_with_redis_registry_routes_every_push() {
         assert_eq!(r["delivered"], r["messages"], "{r:?}");
         assert!(r["note"].contains("to devices"), "{r:?}");
     }
+}
+
+#[test]
+fn smoke_apns_sender_and_h2load_get_every_notification_answered() {
+    assert!(
+        Path::new("/usr/bin/h2load").exists(),
+        "h2load is missing: scripts/test.sh installs it (apt-get install nghttp2-client)"
+    );
+    let out = tempfile::tempdir().unwrap();
+    let stdout = run(
+        out.path(),
+        &[
+            "--target",
+            "pushbridge",
+            "--pushbridge-bin",
+            PUSHBRIDGE,
+            "--h2load-bin",
+            "/usr/bin/h2load",
+            "--workloads",
+            "apns",
+        ],
+    );
+    assert!(stdout.contains("### apns"), "no apns table in:\n{stdout}");
+    let rows = csv_rows(out.path());
+    let targets: Vec<&str> = rows.iter().map(|r| r["target"].as_str()).collect();
+    assert_eq!(targets, ["pushbridge", "h2load"], "{rows:?}");
+    for r in &rows {
+        assert_eq!(r["workload"], "apns");
+        assert_eq!(r["lost"], "0", "{r:?}");
+        assert_eq!(r["delivered"], r["messages"], "{r:?}");
+    }
+}
+
+#[test]
+fn smoke_p2p_with_ios_users_in_memory_reaches_devices_and_apns() {
+    let out = tempfile::tempdir().unwrap();
+    run(
+        out.path(),
+        &[
+            "--target",
+            "pushbridge-ios",
+            "--pushbridge-bin",
+            PUSHBRIDGE,
+            "--workloads",
+            "p2p",
+        ],
+    );
+    let rows = csv_rows(out.path());
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    for r in &rows {
+        assert_eq!((r["workload"].as_str(), r["lost"].as_str()), ("p2p", "0"));
+        assert_eq!(r["delivered"], r["messages"], "{r:?}");
+    }
+    // The note holds commas, which `csv_rows` does not unquote: read it whole.
+    let csv = std::fs::read_to_string(out.path().join("results.csv")).unwrap();
+    assert_eq!(
+        csv.matches("answered by the local APNs").count(),
+        2,
+        "{csv}"
+    );
 }

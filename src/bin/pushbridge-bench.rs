@@ -6,6 +6,10 @@
 //! random connected users), `fanout` (one push to a group), `ingest` (frames/s
 //! the proxy accepts). Every wait is bounded by a count and a time limit.
 
+#[path = "pushbridge-bench/apns.rs"]
+mod apns;
+#[path = "pushbridge-bench/apns_server.rs"]
+mod apns_server;
 #[path = "pushbridge-bench/mqtt.rs"]
 mod mqtt;
 #[path = "pushbridge-bench/report.rs"]
@@ -71,11 +75,12 @@ struct Cli {
     /// With --target-addr: the server's pid, for CPU time and RSS.
     #[arg(long, requires = "target_addr")]
     target_pid: Option<u32>,
-    /// Workloads, comma-separated: idle, p2p, fanout, ingest, core (in-process routing, no server).
+    /// Workloads, comma-separated: idle, p2p, fanout, ingest, core (in-process
+    /// routing, no server), apns (APNs sender against h2load, local HTTP/2 TLS server).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "idle,p2p,fanout,ingest,core"
+        default_value = "idle,p2p,fanout,ingest,core,apns"
     )]
     workloads: Vec<String>,
     /// Connected devices for idle and p2p.
@@ -105,6 +110,21 @@ struct Cli {
     /// Publishes per core run.
     #[arg(long, default_value_t = 2_000_000)]
     core_publishes: u64,
+    /// HTTP/2 connections for apns: pushbridge's apns.max_connections and h2load's -c.
+    #[arg(long, value_delimiter = ',', default_value = "1,4")]
+    apns_conns: Vec<usize>,
+    /// Concurrent streams per connection the local APNs allows (h2load's -m).
+    #[arg(long, default_value_t = 100)]
+    apns_streams: u32,
+    /// Notifications per apns run.
+    #[arg(long, default_value_t = 50_000)]
+    apns_pushes: u64,
+    /// Distinct iOS users (device tokens) the apns notifications go to.
+    #[arg(long, default_value_t = 1000)]
+    apns_users: u64,
+    /// h2load binary (default: from PATH).
+    #[arg(long)]
+    h2load_bin: Option<PathBuf>,
     /// Sender connections for p2p (proxy backends or MQTT publishers).
     #[arg(long, default_value_t = 4)]
     senders: usize,
@@ -169,6 +189,9 @@ impl Cli {
             self.ingest_frames = 2000;
             self.core_sessions = vec![100, 1000];
             self.core_publishes = 2000;
+            self.apns_conns = vec![1];
+            self.apns_pushes = 500;
+            self.apns_users = 50;
             self.settle_ms = 50;
             self.phase_timeout = self.phase_timeout.min(30);
             self.stall_timeout = self.stall_timeout.min(10);
@@ -257,13 +280,17 @@ fn specs(cli: &Cli) -> anyhow::Result<Vec<Spec>> {
                     bin,
                 })
             }
-            "pushbridge-redis" => {
+            "pushbridge-redis" | "pushbridge-ios" => {
                 let bin = cli
                     .pushbridge_bin
                     .clone()
                     .unwrap_or_else(target::default_pushbridge_bin);
                 Ok(Spec::Spawn {
-                    kind: Kind::PushbridgeRedis,
+                    kind: if t == "pushbridge-ios" {
+                        Kind::PushbridgeIos
+                    } else {
+                        Kind::PushbridgeRedis
+                    },
                     bin: std::fs::canonicalize(&bin)
                         .with_context(|| format!("{} not found", bin.display()))?,
                 })
@@ -280,7 +307,9 @@ fn specs(cli: &Cli) -> anyhow::Result<Vec<Spec>> {
                     bin: std::fs::canonicalize(&cli.mosquitto_bin)?,
                 })
             }
-            other => bail!("unknown target {other:?} (pushbridge, pushbridge-redis, mosquitto)"),
+            other => bail!(
+                "unknown target {other:?} (pushbridge, pushbridge-redis, pushbridge-ios, mosquitto)"
+            ),
         })
         .collect()
 }
@@ -288,7 +317,7 @@ fn specs(cli: &Cli) -> anyhow::Result<Vec<Spec>> {
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     for w in &cli.workloads {
         if !report::WORKLOADS.contains(&w.as_str()) {
-            bail!("unknown workload {w:?} (idle, p2p, fanout, ingest, core)");
+            bail!("unknown workload {w:?} (idle, p2p, fanout, ingest, core, apns)");
         }
     }
     let fd_limit = target::raise_fd_limit();
@@ -351,6 +380,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
         }
+        if cli.wants("apns") {
+            apns_runs(&cli, &specs, run, &mut record).await;
+        }
         if cli.wants("ingest") {
             for &c in &cli.ingest_conns {
                 for spec in specs.iter().filter(|s| s.has_proxy()) {
@@ -377,6 +409,46 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::from(2));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// apns: pushbridge (when a pushbridge target is spawned) then h2load (when
+/// installed), per connection count.
+async fn apns_runs(cli: &Cli, specs: &[Spec], run: u32, record: &mut impl FnMut(Vec<Row>)) {
+    let bin = specs.iter().find_map(|s| match s {
+        Spec::Spawn { kind, bin } if *kind != Kind::Mosquitto => Some(bin.clone()),
+        _ => None,
+    });
+    let h2load = cli.h2load_bin.clone().or_else(apns::find_h2load);
+    if h2load.is_none() {
+        eprintln!("[apns] h2load not found (apt-get install nghttp2-client): pushbridge alone");
+    }
+    for &c in &cli.apns_conns {
+        let shape = apns::Shape {
+            connections: c.max(1),
+            streams: cli.apns_streams,
+            pushes: cli.apns_pushes,
+            users: cli.apns_users.max(1),
+            payload: cli.payload,
+            senders: cli.senders,
+            window: cli.window,
+            phase_limit: cli.phase_limit(),
+            stall: Duration::from_secs(cli.stall_timeout),
+        };
+        if let Some(bin) = &bin {
+            eprintln!(
+                "[run {run}/{}] [pushbridge] apns over {c} connections",
+                cli.repeat
+            );
+            record(vec![apns::pushbridge(bin, cli.limits(), &shape).await]);
+        }
+        if let Some(h2) = &h2load {
+            eprintln!(
+                "[run {run}/{}] [h2load] apns over {c} connections",
+                cli.repeat
+            );
+            record(vec![apns::h2load(h2, &shape).await]);
+        }
+    }
 }
 
 /// A set of connected, subscribed devices.
@@ -498,20 +570,8 @@ async fn wait_deliveries(cli: &Cli, phase: &Phase, want: u64, deadline: Instant)
     }
 }
 
-fn cpu_delta(a: Sample, b: Sample) -> Option<f64> {
+pub(crate) fn cpu_delta(a: Sample, b: Sample) -> Option<f64> {
     Some(b.cpu_secs? - a.cpu_secs?)
-}
-
-/// Pushes pushbridge's APNs side has finished with (delivered, failed, or no credentials).
-async fn apns_handled(server: &Server, redis: bool) -> u64 {
-    if !redis {
-        return 0;
-    }
-    let mut n = 0;
-    for c in ["apns_delivered", "apns_failed", "apns_no_credentials"] {
-        n += server.metric(c).await.unwrap_or(0);
-    }
-    n
 }
 
 fn via(server: &Server) -> Via {
@@ -521,7 +581,7 @@ fn via(server: &Server) -> Via {
     }
 }
 
-fn join_note(parts: &[String]) -> String {
+pub(crate) fn join_note(parts: &[String]) -> String {
     parts
         .iter()
         .filter(|p| !p.is_empty())
@@ -530,7 +590,7 @@ fn join_note(parts: &[String]) -> String {
         .join("; ")
 }
 
-fn sent_note(sent: &send::Sent) -> String {
+pub(crate) fn sent_note(sent: &send::Sent) -> String {
     let mut parts = Vec::new();
     if sent.refused > 0 {
         parts.push(format!("{} refused by the server", sent.refused));
@@ -548,11 +608,11 @@ async fn devices_run(cli: &Cli, spec: &Spec, n: u64) -> Vec<Row> {
         Ok(s) => s,
         Err(e) => return failed_rows(cli, &name, n, format!("start failed: {e:#}")),
     };
-    match server.fill_redis(n).await {
+    match server.fill_registry(n).await {
         Ok(_) => {}
         Err(e) => {
             server.stop().await;
-            return failed_rows(cli, &name, n, format!("filling redis failed: {e:#}"));
+            return failed_rows(cli, &name, n, format!("filling the registry failed: {e:#}"));
         }
     }
     let before = server.sample();
@@ -644,9 +704,10 @@ async fn p2p(
             seq,
         })
         .collect();
-    // pushbridge-redis: pushes to iOS users go to APNs, not to the devices.
-    let redis = server.redis_url.is_some();
-    let to_apns = if redis {
+    // pushbridge-redis, pushbridge-ios: pushes to iOS users go to the local APNs, not to the devices.
+    let apns_counters = server.apns.as_ref().map(|a| Arc::clone(&a.counters));
+    let ios = apns_counters.is_some();
+    let to_apns = if ios {
         msgs.iter()
             .filter(|m| matches!(m.to, To::User(u) if target::is_ios(u.into())))
             .count() as u64
@@ -654,7 +715,7 @@ async fn p2p(
         0
     };
     let expected = m - to_apns;
-    let apns0 = apns_handled(server, redis).await;
+    let apns0 = apns_counters.as_ref().map_or(0, |c| c.requests());
     let phase = Phase::with_keys(m, expected, false, n);
     set.shared.set_phase(Some(phase.clone()));
     let pad = send::pad_for(cli.payload);
@@ -668,25 +729,34 @@ async fn p2p(
     });
     wait_deliveries(cli, &phase, expected, deadline).await;
     let sent = sender.await.unwrap_or_default();
-    let s1 = server.sample();
     let mut apns = 0;
-    if redis {
-        // The APNs hand-offs are counted by pushbridge; give the last ones a moment.
-        let until = Instant::now() + Duration::from_secs(5);
+    if let Some(c) = &apns_counters {
+        // The devices' share is in; wait for the APNs share as long (stall-bounded).
+        let stall = Duration::from_secs(cli.stall_timeout);
+        let (mut last, mut since) = (u64::MAX, Instant::now());
         loop {
-            apns = apns_handled(server, redis).await.saturating_sub(apns0);
-            if apns >= to_apns || Instant::now() > until {
+            apns = c.requests().saturating_sub(apns0);
+            if apns >= to_apns || Instant::now() > deadline {
                 break;
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            if apns != last {
+                (last, since) = (apns, Instant::now());
+            } else if since.elapsed() > stall {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
         }
     }
+    let s1 = server.sample();
     let me1 = Sample::of(Some(std::process::id()));
     set.shared.set_phase(None);
     let mut lat = phase.take_latencies();
     lat.sort_unstable();
     let delivered = phase.received().min(expected) + apns.min(to_apns);
-    let last = phase.last_ns.load(Ordering::Relaxed);
+    let mut last = phase.last_ns.load(Ordering::Relaxed);
+    if let Some(c) = &apns_counters {
+        last = last.max(c.last_ns.load(Ordering::Relaxed));
+    }
     let secs = last.saturating_sub(sent.first_ns) as f64 / 1e9;
     let dropped = set.shared.dropped.load(Ordering::Relaxed);
     Row {
@@ -712,9 +782,9 @@ async fn p2p(
         rss_before_kib: s0.rss_kib,
         rss_after_kib: s1.rss_kib,
         note: join_note(&[
-            if redis {
+            if ios {
                 format!(
-                    "{} to devices, {apns} of {to_apns} to APNs (no app credentials: dropped, apns_no_credentials)",
+                    "{} to devices, {apns} of {to_apns} answered by the local APNs",
                     phase.received()
                 )
             } else {

@@ -105,13 +105,44 @@ impl Inner {
 
     /// Hands a message to every matching session without waiting; returns how many took it.
     fn route(&self, topic: &str, payload: Bytes, max_qos: u8) -> usize {
-        let targets = self.registry().route(topic);
-        if targets.is_empty() {
-            return 0;
+        type Targets = Vec<(u64, Arc<session::Session>, u8)>;
+        thread_local! {
+            /// Reused by every publish on this thread: no allocation per publish.
+            static TARGETS: std::cell::RefCell<Targets> = const { std::cell::RefCell::new(Vec::new()) };
         }
-        let topic: Arc<str> = topic.into();
+        // Not re-entered: `push` only queues and wakes.
+        let mut targets = TARGETS.with(|t| {
+            t.try_borrow_mut()
+                .map(|mut t| std::mem::take(&mut *t))
+                .unwrap_or_default()
+        });
+        let shared = self.registry().route_into(topic, &mut targets);
         let mut delivered = 0;
-        for (_, session, qos) in targets {
+        if !targets.is_empty() {
+            let topic: Arc<str> = shared.unwrap_or_else(|| topic.into());
+            delivered = self.hand_out(&topic, &payload, max_qos, &mut targets);
+        }
+        // A big fan-out's buffer is not kept for the thread's lifetime.
+        if targets.capacity() <= 1024 {
+            TARGETS.with(|t| {
+                if let Ok(mut t) = t.try_borrow_mut() {
+                    *t = targets;
+                }
+            });
+        }
+        delivered
+    }
+
+    /// Queues the message on every target (emptying `targets`); returns how many took it.
+    fn hand_out(
+        &self,
+        topic: &Arc<str>,
+        payload: &Bytes,
+        max_qos: u8,
+        targets: &mut Vec<(u64, Arc<session::Session>, u8)>,
+    ) -> usize {
+        let mut delivered = 0;
+        for (_, session, qos) in targets.drain(..) {
             let msg = Msg {
                 topic: topic.clone(),
                 payload: payload.clone(),

@@ -47,12 +47,48 @@ pub struct State {
     next_pkid: u16,
     /// Inbound QoS 2 packet ids between PUBLISH and PUBREL (exactly-once).
     pub qos2_in: Vec<u16>,
-    pub filters: HashMap<Box<str>, u8>,
+    pub filters: Filters,
     /// Seconds the session survives its connection; 0 = ends with it.
     pub expiry: u32,
     expires_at: Option<Instant>,
     /// Removed from the registry: accepts nothing more.
     gone: bool,
+}
+
+/// A session's filters and their QoS. A device has one or two, so a
+/// vector (one small allocation, scanned) instead of a hash table (a
+/// 100-byte table per session): this is per connected device.
+#[derive(Debug, Default)]
+pub struct Filters(Vec<(Box<str>, u8)>);
+
+impl Filters {
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn contains_key(&self, filter: &str) -> bool {
+        self.0.iter().any(|(f, _)| &**f == filter)
+    }
+
+    /// Adds `filter`, or sets its QoS if it is there.
+    pub fn insert(&mut self, filter: Box<str>, qos: u8) {
+        match self.0.iter_mut().find(|(f, _)| *f == filter) {
+            Some(entry) => entry.1 = qos,
+            None => self.0.push((filter, qos)),
+        }
+    }
+
+    pub fn remove(&mut self, filter: &str) {
+        self.0.retain(|(f, _)| &**f != filter);
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &Box<str>> {
+        self.0.iter().map(|(f, _)| f)
+    }
+
+    pub fn into_keys(self) -> impl Iterator<Item = Box<str>> {
+        self.0.into_iter().map(|(f, _)| f)
+    }
 }
 
 impl State {
@@ -213,10 +249,21 @@ impl Registry {
     }
 
     /// Sessions (connected or not) subscribed to `topic`, with their QoS.
+    #[cfg(test)]
     pub fn route(&self, topic: &str) -> Vec<(u64, Arc<Session>, u8)> {
         let mut out = Vec::new();
         self.index.matches(topic, &mut out);
         out
+    }
+
+    /// `route` into a buffer the caller reuses; returns the index's shared
+    /// copy of `topic` when an exact subscription has one.
+    pub fn route_into(
+        &self,
+        topic: &str,
+        out: &mut Vec<(u64, Arc<Session>, u8)>,
+    ) -> Option<Arc<str>> {
+        self.index.matches(topic, out)
     }
 
     pub fn len(&self) -> usize {

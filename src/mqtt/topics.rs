@@ -4,17 +4,80 @@
 //! subscribers, not on the number of sessions: exact filters (nearly all of
 //! them: `push/user/<id>`) live in a hash map keyed by topic; filters with
 //! `+` or `#` live in a trie walked level by level, skipped when empty.
+//! An exact topic nearly always has one subscriber (the user's device), so
+//! that one is kept inline in the map's entry: a publish to it touches the
+//! entry and the session, no further table; and the map's key is shared
+//! with the messages routed on it instead of copying the topic per publish.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 /// Subscribers of one filter, by subscriber id: (handle, granted QoS).
 type Subs<S> = HashMap<u64, (S, u8)>;
 
 /// Exact map plus wildcard trie; `S` is the subscriber handle returned by `matches`.
 pub struct Index<S> {
-    exact: HashMap<Box<str>, Subs<S>>,
+    exact: HashMap<Arc<str>, Exact<S>>,
     wild: Node<S>,
     wild_filters: usize,
+}
+
+/// The subscribers of one exact topic.
+enum Exact<S> {
+    One(u64, S, u8),
+    Many(Box<Subs<S>>),
+}
+
+impl<S: Clone> Exact<S> {
+    fn insert(&mut self, id: u64, handle: S, qos: u8) {
+        match self {
+            Exact::One(i, h, q) if *i == id => (*h, *q) = (handle, qos),
+            Exact::One(i, h, q) => {
+                let mut subs = Subs::with_capacity(2);
+                subs.insert(*i, (h.clone(), *q));
+                subs.insert(id, (handle, qos));
+                *self = Exact::Many(Box::new(subs));
+            }
+            Exact::Many(subs) => {
+                subs.insert(id, (handle, qos));
+            }
+        }
+    }
+
+    /// Removes `id`; true if it was there. The caller drops an empty entry.
+    fn remove(&mut self, id: u64) -> bool {
+        match self {
+            Exact::One(i, ..) => *i == id,
+            Exact::Many(subs) => {
+                let found = subs.remove(&id).is_some();
+                let last = (subs.len() == 1).then(|| subs.drain().next()).flatten();
+                if let Some((i, (h, q))) = last {
+                    *self = Exact::One(i, h, q);
+                }
+                found
+            }
+        }
+    }
+
+    /// Whether `remove(id)` leaves nothing.
+    fn only(&self, id: u64) -> bool {
+        matches!(self, Exact::One(i, ..) if *i == id)
+    }
+
+    fn extend_into(&self, out: &mut Vec<(u64, S, u8)>) {
+        match self {
+            Exact::One(i, h, q) => out.push((*i, h.clone(), *q)),
+            Exact::Many(subs) => out.extend(subs.iter().map(|(id, (h, q))| (*id, h.clone(), *q))),
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        match self {
+            Exact::One(..) => 1,
+            Exact::Many(subs) => subs.len(),
+        }
+    }
 }
 
 struct Node<S> {
@@ -59,10 +122,13 @@ impl<S: Clone> Index<S> {
     /// Adds or replaces subscriber `id`'s subscription to `filter` (assumed valid).
     pub fn subscribe(&mut self, filter: &str, id: u64, handle: S, qos: u8) {
         if !is_wild(filter) {
-            self.exact
-                .entry(filter.into())
-                .or_default()
-                .insert(id, (handle, qos));
+            match self.exact.get_mut(filter) {
+                Some(subs) => subs.insert(id, handle, qos),
+                None => {
+                    self.exact
+                        .insert(filter.into(), Exact::One(id, handle, qos));
+                }
+            }
             return;
         }
         let mut levels: Vec<&str> = filter.split('/').collect();
@@ -86,11 +152,11 @@ impl<S: Clone> Index<S> {
             let Some(subs) = self.exact.get_mut(filter) else {
                 return false;
             };
-            let found = subs.remove(&id).is_some();
-            if subs.is_empty() {
+            if subs.only(id) {
                 self.exact.remove(filter);
+                return true;
             }
-            return found;
+            return subs.remove(id);
         }
         let mut levels: Vec<&str> = filter.split('/').collect();
         let hash = levels.last() == Some(&"#");
@@ -106,13 +172,16 @@ impl<S: Clone> Index<S> {
 
     /// Appends every subscriber matching `topic` to `out` as (id, handle, qos),
     /// once per subscriber (highest QoS wins when several filters match).
-    pub fn matches(&self, topic: &str, out: &mut Vec<(u64, S, u8)>) {
+    /// Returns the exact map's shared copy of `topic` when it has one.
+    pub fn matches(&self, topic: &str, out: &mut Vec<(u64, S, u8)>) -> Option<Arc<str>> {
         let start = out.len();
-        if let Some(subs) = self.exact.get(topic) {
-            out.extend(subs.iter().map(|(id, (h, q))| (*id, h.clone(), *q)));
+        let mut key = None;
+        if let Some((k, subs)) = self.exact.get_key_value(topic) {
+            subs.extend_into(out);
+            key = Some(Arc::clone(k));
         }
         if self.wild_filters == 0 {
-            return;
+            return key;
         }
         let levels: Vec<&str> = topic.split('/').collect();
         walk(&self.wild, &levels, 0, topic.starts_with('$'), out);
@@ -126,12 +195,13 @@ impl<S: Clone> Index<S> {
             }
         }
         out.truncate(seen);
+        key
     }
 
     /// Number of (filter, subscriber) pairs.
     #[cfg(test)]
     pub fn len(&self) -> usize {
-        self.exact.values().map(HashMap::len).sum::<usize>() + self.wild_filters
+        self.exact.values().map(Exact::len).sum::<usize>() + self.wild_filters
     }
 
     #[cfg(test)]

@@ -92,7 +92,7 @@ fn opt(v: Option<f64>, digits: usize) -> String {
     v.map_or("–".into(), |v| format!("{v:.digits$}"))
 }
 
-pub const WORKLOADS: [&str; 5] = ["idle", "p2p", "fanout", "ingest", "core"];
+pub const WORKLOADS: [&str; 6] = ["idle", "p2p", "fanout", "ingest", "core", "apns"];
 
 pub fn title(workload: &str) -> &'static str {
     match workload {
@@ -100,6 +100,7 @@ pub fn title(workload: &str) -> &'static str {
         "p2p" => "p2p: pushes to random connected users (QoS 1)",
         "fanout" => "fanout: one push to a group, until the last device has it",
         "core" => "core: in-process routing, publish to one of S exact-topic sessions (no sockets)",
+        "apns" => "apns: notifications/s to the local HTTP/2 TLS APNs, pushbridge vs h2load",
         _ => "ingest: frames accepted by the proxy (no devices)",
     }
 }
@@ -169,6 +170,10 @@ pub fn markdown(rows: &[Row]) -> String {
         let _ = writeln!(out, "### {}\n", title(w));
         if w == "core" {
             core_table(&mut out, &rows);
+            continue;
+        }
+        if w == "apns" {
+            apns_table(&mut out, &rows);
             continue;
         }
         let (head, cells): (&str, fn(&Row) -> String) = match w {
@@ -249,6 +254,35 @@ fn core_table(out: &mut String, rows: &[&Row]) {
     out.push('\n');
 }
 
+/// notifications/s against h2load's at the same connection count.
+fn apns_table(out: &mut String, rows: &[&Row]) {
+    let _ = writeln!(out, "| target | connections | notifications | answered | lost | notifications/s | × h2load | client CPU s | CPU µs/notification | bench CPU s | client RSS MiB | note |\n|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|");
+    for r in rows {
+        let base = rows
+            .iter()
+            .find(|b| b.target == "h2load" && b.param == r.param)
+            .map(|b| b.rate);
+        let ratio = base.filter(|b| *b > 0.0).map(|b| r.rate / b);
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            r.target,
+            r.param,
+            r.messages,
+            r.delivered,
+            r.lost,
+            num(r.rate),
+            opt(ratio, 2),
+            opt(r.cpu_secs, 2),
+            opt(r.cpu_us_per_msg(), 1),
+            opt(r.tool_cpu_secs, 2),
+            mib(r.rss_after_kib),
+            r.note
+        );
+    }
+    out.push('\n');
+}
+
 pub const CSV_HEADER: &str = "workload,target,param,offered_per_s,messages,delivered,lost,duplicates,secs,rate_per_s,p50_ms,p99_ms,max_ms,to_last_p50_ms,to_last_max_ms,server_cpu_s,bench_cpu_s,rss_before_kib,rss_after_kib,rss_per_conn_kib,setup_s,heap_bytes_per_item,heap_bytes_per_item_warm,rss_bytes_per_item,note";
 
 pub fn csv_line(r: &Row) -> String {
@@ -298,6 +332,7 @@ fn metric(w: &str) -> (&'static str, fn(&Row) -> Option<f64>) {
         "core" => ("ns of CPU per publish (lower is better)", |r| {
             r.cpu_ns_per_op()
         }),
+        "apns" => ("notifications/s (higher is better)", |r| Some(r.rate)),
         _ => ("accepted frames/s (higher is better)", |r| Some(r.rate)),
     }
 }

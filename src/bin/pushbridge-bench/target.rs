@@ -9,11 +9,17 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
+use crate::apns_server::{self, LocalApns};
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     Pushbridge,
-    /// pushbridge with the Redis registry: a redis-server of its own, user records filled by the tool.
+    /// pushbridge with the Redis registry: a redis-server of its own, user
+    /// records filled by the tool (odd users iOS), APNs to the tool's local server.
     PushbridgeRedis,
+    /// pushbridge with the in-memory registry filled over its HTTP API like
+    /// `PushbridgeRedis` (odd users iOS), APNs to the tool's local server.
+    PushbridgeIos,
     Mosquitto,
 }
 
@@ -22,6 +28,7 @@ impl fmt::Display for Kind {
         f.write_str(match self {
             Kind::Pushbridge => "pushbridge",
             Kind::PushbridgeRedis => "pushbridge-redis",
+            Kind::PushbridgeIos => "pushbridge-ios",
             Kind::Mosquitto => "mosquitto",
         })
     }
@@ -58,6 +65,28 @@ impl Spec {
     }
 }
 
+/// pushbridge's APNs side, towards the tool's local APNs.
+#[derive(Debug, Clone, Copy)]
+pub struct ApnsSetup {
+    /// `apns.max_connections`.
+    pub connections: usize,
+    /// SETTINGS_MAX_CONCURRENT_STREAMS the local APNs announces.
+    pub streams: u32,
+    /// `apns.max_in_flight`.
+    pub in_flight: usize,
+}
+
+impl Default for ApnsSetup {
+    /// pushbridge's defaults, and Apple's stream limit.
+    fn default() -> Self {
+        ApnsSetup {
+            connections: 4,
+            streams: 1000,
+            in_flight: 1000,
+        }
+    }
+}
+
 /// Broker limits the tool sets on both servers alike.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -73,6 +102,9 @@ pub struct Server {
     pub redis_url: Option<String>,
     /// pushbridge: its HTTP listener (metrics).
     pub http: Option<SocketAddr>,
+    /// The local APNs this pushbridge sends to (records with tokens only).
+    pub apns: Option<LocalApns>,
+    kind: Option<Kind>,
     redis: Option<Child>,
     child: Option<Child>,
     dir: Option<PathBuf>,
@@ -99,16 +131,29 @@ pub fn pushbridge_settings(
     http: SocketAddr,
     limits: Limits,
     redis_url: Option<&str>,
+    apns: Option<(&LocalApns, &Path, ApnsSetup)>,
 ) -> String {
     let registry = redis_url.map_or(String::new(), |u| {
         format!("[registry]\nredis_url = \"{u}\"\n\n")
     });
+    let apns = match apns {
+        None => "[apns]\nconfig = \"/nonexistent\"\n\n".to_string(),
+        Some((server, config, setup)) => format!(
+            "[apns]\nconfig = \"{}\"\nproduction_url = \"{url}\"\nsandbox_url = \"{url}\"\n\
+             ca_file = \"{}\"\nmax_connections = {}\nmax_in_flight = {}\n\n",
+            config.display(),
+            server.ca_file.display(),
+            setup.connections,
+            setup.in_flight,
+            url = server.url(),
+        ),
+    };
     format!(
         "# written by pushbridge-bench\n{registry}\
          [proxy]\nlisten = \"{proxy}\"\nmax_connections = 1024\n\n\
          [mqtt]\nlisten = \"{mqtt}\"\nmax_connections = 19000\n\
          max_queued = {q}\nmax_inflight = {i}\n\n\
-         [apns]\nconfig = \"/nonexistent\"\n\n\
+         {apns}\
          [http]\nlisten = \"{http}\"\n\n\
          [log]\nlevel = \"warn\"\n",
         q = limits.max_queued,
@@ -147,7 +192,17 @@ pub fn mosquitto_conf(mqtt: SocketAddr, limits: Limits) -> String {
 }
 
 impl Server {
+    /// Starts the target; the kinds with iOS users get a local APNs with `ApnsSetup::default()`.
     pub async fn start(spec: &Spec, limits: Limits) -> anyhow::Result<Server> {
+        Self::start_with(spec, limits, None).await
+    }
+
+    /// As `start`, with this APNs setup for the kinds with iOS users.
+    pub async fn start_with(
+        spec: &Spec,
+        limits: Limits,
+        apns_setup: Option<ApnsSetup>,
+    ) -> anyhow::Result<Server> {
         let (kind, bin) = match spec {
             Spec::External { mqtt, proxy, pid } => {
                 wait_listening(*mqtt, Duration::from_secs(5), None).await?;
@@ -157,6 +212,8 @@ impl Server {
                     pid: *pid,
                     redis_url: None,
                     http: None,
+                    apns: None,
+                    kind: None,
                     redis: None,
                     child: None,
                     dir: None,
@@ -168,9 +225,9 @@ impl Server {
         let mqtt: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
         let log = std::fs::File::create(dir.join("server.log"))?;
         let mut cmd = Command::new(bin);
-        let (mut redis, mut redis_url, mut http_addr) = (None, None, None);
+        let (mut redis, mut redis_url, mut http_addr, mut apns) = (None, None, None, None);
         let proxy = match kind {
-            Kind::Pushbridge | Kind::PushbridgeRedis => {
+            Kind::Pushbridge | Kind::PushbridgeRedis | Kind::PushbridgeIos => {
                 if kind == Kind::PushbridgeRedis {
                     let (child, url) = start_redis(&dir).await?;
                     redis = Some(child);
@@ -181,9 +238,26 @@ impl Server {
                 // Every listener on a port of its own: instances never collide.
                 let http: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
                 http_addr = Some(http);
+                let mut apns_conf = None;
+                if kind != Kind::Pushbridge {
+                    let setup = apns_setup.unwrap_or_default();
+                    let server = LocalApns::start(&dir, setup.streams).await?;
+                    let config = apns_server::write_credentials(&dir)?;
+                    apns_conf = Some((config, setup));
+                    apns = Some(server);
+                }
                 std::fs::write(
                     &conf,
-                    pushbridge_settings(proxy, mqtt, http, limits, redis_url.as_deref()),
+                    pushbridge_settings(
+                        proxy,
+                        mqtt,
+                        http,
+                        limits,
+                        redis_url.as_deref(),
+                        apns.as_ref()
+                            .zip(apns_conf.as_ref())
+                            .map(|(s, (c, setup))| (s, c.as_path(), *setup)),
+                    ),
                 )?;
                 cmd.arg("serve").arg("--config").arg(&conf);
                 cmd.env_remove("RUST_LOG").env("NO_COLOR", "1");
@@ -228,6 +302,8 @@ impl Server {
             pid: Some(child.id()),
             redis_url,
             http: http_addr,
+            apns,
+            kind: Some(kind),
             redis,
             child: Some(child),
             dir: Some(dir),
@@ -297,10 +373,17 @@ impl Server {
         }
     }
 
-    /// pushbridge-redis: `User:<i>` for every i < n, pipelined; odd users are
-    /// iOS (APNs token and app_ident: routed to APNs), even ones have no
-    /// token (routed to MQTT). Returns false when this server has no Redis.
-    pub async fn fill_redis(&self, n: u64) -> anyhow::Result<bool> {
+    /// The kinds with iOS users: a record for every user i < n, odd users
+    /// iOS (APNs token and app_ident: routed to APNs), even ones without a
+    /// token (routed to MQTT). Redis: pipelined `HSET`s, as the old service
+    /// wrote them; in-memory: `PUT /v1/users/<i>` for the odd users over one
+    /// keep-alive connection. Returns false when this server has no records.
+    pub async fn fill_registry(&self, n: u64) -> anyhow::Result<bool> {
+        if self.kind == Some(Kind::PushbridgeIos) {
+            let http = self.http.context("no HTTP listener")?;
+            put_users(http, (0..n).filter(|&u| is_ios(u))).await?;
+            return Ok(true);
+        }
         let Some(url) = self.redis_url.clone() else {
             return Ok(false);
         };
@@ -315,8 +398,8 @@ impl Server {
                     pipe.hset_multiple(
                         key,
                         &[
-                            ("app_token", format!("{u:064x}")),
-                            ("app_ident", "com.example.bench".into()),
+                            ("app_token", apns_server::token(u)),
+                            ("app_ident", apns_server::APP.into()),
                             ("app_version", "produce".into()),
                         ],
                     )
@@ -362,7 +445,46 @@ impl Server {
     }
 }
 
-/// pushbridge-redis: users whose record carries an APNs token.
+/// `PUT /v1/users/<u>` (token, app, production) for every `u`, one request
+/// at a time over one keep-alive HTTP/1.1 connection (no client library).
+async fn put_users(http: SocketAddr, users: impl Iterator<Item = u64>) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(http).await?;
+    s.set_nodelay(true)?;
+    let mut buf = Vec::with_capacity(1024);
+    for u in users {
+        let body = format!(
+            "{{\"token\":\"{}\",\"ident\":\"{}\",\"version\":\"produce\"}}",
+            apns_server::token(u),
+            apns_server::APP
+        );
+        let req = format!(
+            "PUT /v1/users/{u} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(req.as_bytes()).await?;
+        buf.clear();
+        // 204 No Content: the answer ends with its header.
+        let head_end = loop {
+            let mut chunk = [0u8; 512];
+            let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk)).await??;
+            if n == 0 {
+                bail!("PUT /v1/users/{u}: connection closed");
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]);
+        if !head.starts_with("HTTP/1.1 2") || head_end != buf.len() {
+            bail!("PUT /v1/users/{u}: {}", head.lines().next().unwrap_or(""));
+        }
+    }
+    Ok(())
+}
+
+/// The kinds with iOS users: users whose record carries an APNs token.
 pub fn is_ios(user: u64) -> bool {
     user % 2 == 1
 }
