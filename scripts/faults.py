@@ -50,6 +50,21 @@ def free_port():
     return port
 
 
+def cluster_port():
+    """A free port whose cluster bus port (+10000) is free too."""
+    import random
+    while True:
+        port = random.randint(20000, 55000)
+        try:
+            for p in (port, port + 10000):
+                s = socket.socket()
+                s.bind(("127.0.0.1", p))
+                s.close()
+            return port
+        except OSError:
+            continue
+
+
 def wait_for(cond, what, timeout=30.0):
     deadline = time.time() + timeout
     while not cond():
@@ -120,7 +135,7 @@ class Procs:
 class RedisCluster:
     def __init__(self, procs):
         self.procs = procs
-        self.ports = [free_port() for _ in range(3)]
+        self.ports = [cluster_port() for _ in range(3)]
         self.nodes = {}
         for port in self.ports:
             d = os.path.join(procs.tmp, f"redis-{port}")

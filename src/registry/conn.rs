@@ -34,8 +34,19 @@ const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Clone)]
 pub enum RedisConn {
     Single(ConnectionManager),
-    Cluster(ClusterConnection),
+    Cluster(ClusterConn),
     Sentinel(SentinelConn),
+}
+
+/// A cluster connection that is opened anew when requests keep failing:
+/// redis-rs's own reconnect does not always recover once every node has
+/// restarted (measured: lookups timed out for minutes afterwards).
+#[derive(Clone)]
+pub struct ClusterConn {
+    client: Arc<ClusterClient>,
+    conn: Arc<Mutex<ClusterConnection>>,
+    /// Serialises rebuilds: one reconnect for a burst of failures.
+    rebuilding: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// The master that the sentinels named last; asked again when the master
@@ -61,7 +72,12 @@ impl RedisConn {
                         .response_timeout(RESPONSE_TIMEOUT)
                         .retries(3)
                         .build()?;
-                    Ok(RedisConn::Cluster(client.get_async_connection().await?))
+                    let conn = client.get_async_connection().await?;
+                    Ok(RedisConn::Cluster(ClusterConn {
+                        client: Arc::new(client),
+                        conn: Arc::new(Mutex::new(conn)),
+                        rebuilding: Arc::default(),
+                    }))
                 }
                 Target::Sentinel {
                     sentinels,
@@ -105,11 +121,14 @@ impl RedisConn {
     pub async fn each<T: FromRedisValue>(&self, cmds: Vec<Cmd>) -> RedisResult<Vec<T>> {
         match self {
             RedisConn::Cluster(c) => {
-                try_join_all(cmds.iter().map(|cmd| {
-                    let mut c = c.clone();
-                    async move { cmd.query_async::<T>(&mut c).await }
+                let conn = c.current();
+                let result = try_join_all(cmds.iter().map(|cmd| {
+                    let mut conn = conn.clone();
+                    async move { cmd.query_async::<T>(&mut conn).await }
                 }))
-                .await
+                .await;
+                c.check(&result).await;
+                result
             }
             _ => {
                 let mut pipe = redis::pipe();
@@ -131,6 +150,41 @@ async fn manager(client: redis::Client) -> RedisResult<ConnectionManager> {
     ConnectionManager::new_with_config(client, config).await
 }
 
+/// A failure after which a connection is worth opening anew.
+fn lost(e: &RedisError) -> bool {
+    e.is_io_error()
+        || e.is_connection_refusal()
+        || e.is_connection_dropped()
+        || e.is_timeout()
+        || e.kind() == ErrorKind::ClusterConnectionNotFound
+}
+
+impl ClusterConn {
+    fn current(&self) -> ClusterConnection {
+        self.conn.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// After a request that failed as if the nodes were gone: opens the
+    /// cluster connection anew (from the seeds). The request itself is not
+    /// retried here; callers retry.
+    async fn check<T>(&self, result: &RedisResult<T>) {
+        if !result.as_ref().err().is_some_and(lost) {
+            return;
+        }
+        let Ok(_one) = self.rebuilding.try_lock() else {
+            return;
+        };
+        match tokio::time::timeout(OPEN_TIMEOUT, self.client.get_async_connection()).await {
+            Ok(Ok(conn)) => {
+                *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = conn;
+                info!("redis cluster connection opened anew");
+            }
+            Ok(Err(e)) => warn!(error = %e, "redis cluster still unreachable"),
+            Err(_) => warn!("redis cluster still unreachable: connect timed out"),
+        }
+    }
+}
+
 impl SentinelConn {
     fn current(&self) -> ConnectionManager {
         self.master
@@ -146,13 +200,7 @@ impl SentinelConn {
     /// request itself is not retried here; callers retry batches.
     async fn check<T>(&self, result: &RedisResult<T>, replies: impl Fn(&T) -> Vec<&Value>) {
         let moved = match result {
-            Err(e) => {
-                e.is_io_error()
-                    || e.is_connection_refusal()
-                    || e.is_connection_dropped()
-                    || e.is_timeout()
-                    || e.kind() == ErrorKind::ReadOnly
-            }
+            Err(e) => lost(e) || e.kind() == ErrorKind::ReadOnly,
             // Server errors arrive as values; READONLY is one.
             Ok(v) => replies(v)
                 .into_iter()
@@ -184,7 +232,12 @@ impl ConnectionLike for RedisConn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             RedisConn::Single(c) => c.req_packed_command(cmd),
-            RedisConn::Cluster(c) => c.req_packed_command(cmd),
+            RedisConn::Cluster(c) => async move {
+                let result = c.current().req_packed_command(cmd).await;
+                c.check(&result).await;
+                result
+            }
+            .boxed(),
             RedisConn::Sentinel(s) => async move {
                 let result = s.current().req_packed_command(cmd).await;
                 s.check(&result, |v| vec![v]).await;
@@ -202,7 +255,15 @@ impl ConnectionLike for RedisConn {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             RedisConn::Single(c) => c.req_packed_commands(pipeline, offset, count),
-            RedisConn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+            RedisConn::Cluster(c) => async move {
+                let result = c
+                    .current()
+                    .req_packed_commands(pipeline, offset, count)
+                    .await;
+                c.check(&result).await;
+                result
+            }
+            .boxed(),
             RedisConn::Sentinel(s) => async move {
                 let result = s
                     .current()
@@ -218,7 +279,7 @@ impl ConnectionLike for RedisConn {
     fn get_db(&self) -> i64 {
         match self {
             RedisConn::Single(c) => c.get_db(),
-            RedisConn::Cluster(c) => c.get_db(),
+            RedisConn::Cluster(c) => c.current().get_db(),
             RedisConn::Sentinel(s) => s.current().get_db(),
         }
     }
