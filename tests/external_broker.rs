@@ -372,3 +372,27 @@ impl Drop for Collector {
         self.task.abort();
     }
 }
+
+/// `/readyz` follows the link: down before the CONNACK and while the broker
+/// is gone, up once connected again.
+#[tokio::test]
+async fn readiness_follows_the_external_broker_link() {
+    let mut broker = Mosquitto::start();
+    let server = server::start(settings(&broker, "pb-ready", None)).await;
+    let addr = server.http_addr;
+    let ready = move |want: u16| async move {
+        let reply = support::http::get(addr, "/readyz").await;
+        let line = if want == 200 {
+            "mqtt.external_url: ok"
+        } else {
+            "mqtt.external_url: not serving"
+        };
+        reply.status == want && reply.text().contains(line)
+    };
+    wait_until(|| ready(200)).await;
+    broker.kill();
+    wait_until(|| ready(503)).await;
+    broker.restart("");
+    wait_until(|| ready(200)).await;
+    server.stop().await;
+}

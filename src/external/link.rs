@@ -17,7 +17,7 @@ use tracing::{debug, error, info, info_span, warn, Instrument};
 use super::outbox::Outbox;
 use super::Message;
 use crate::mqtt::BrokerEvent;
-use crate::stats::Stats;
+use crate::stats::{Stats, Up};
 use crate::status;
 
 /// Reconnect backoff: first and longest delay.
@@ -25,6 +25,8 @@ const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Requests rumqttc's queue holds besides the outbox (the SUBSCRIBE, the DISCONNECT).
 const QUEUE_SPARE: usize = 16;
+/// The link's line in `/readyz`: down until the broker's CONNACK.
+const READY_NAME: &str = "mqtt.external_url";
 
 pub(super) struct Config {
     pub outbox: usize,
@@ -41,7 +43,8 @@ pub(super) struct Link {
     from_handles: mpsc::UnboundedReceiver<Message>,
     room: Arc<Semaphore>,
     outbox: Outbox,
-    connected: bool,
+    /// Set while connected; `/readyz` lists the link as `mqtt.external_url`.
+    connected: Option<Up>,
     events: mpsc::Sender<BrokerEvent>,
     source: Arc<str>,
     stats: Arc<Stats>,
@@ -66,6 +69,7 @@ impl Link {
             "" => config.status_topic.clone(),
             group => format!("$share/{group}/{}", config.status_topic),
         };
+        stats.listeners.down(READY_NAME);
         Link {
             client,
             eventloop,
@@ -74,7 +78,7 @@ impl Link {
             from_handles,
             room,
             outbox: Outbox::default(),
-            connected: false,
+            connected: None,
             events,
             source: source.into(),
             stats,
@@ -134,7 +138,7 @@ impl Link {
                 event = &mut poll => return Some(event),
                 Some(m) = self.from_handles.recv() => {
                     let seq = self.outbox.add(m.topic, m.payload, m.ack);
-                    if self.connected {
+                    if self.connected.is_some() {
                         Self::hand_over(&self.client, &mut self.outbox, &self.stats, seq);
                     }
                 }
@@ -149,7 +153,7 @@ impl Link {
     async fn on_event(&mut self, event: Event) {
         match event {
             Event::Incoming(Packet::ConnAck(ack)) => {
-                self.connected = true;
+                self.connected = Some(self.stats.listeners.up(READY_NAME));
                 self.stats.mqtt_external_connects.inc();
                 info!(
                     session_present = ack.session_present,
@@ -220,12 +224,12 @@ impl Link {
     /// and drops them if the broker lost the session; both are replaced by
     /// the outbox's republishing, so its state starts afresh.
     fn on_error(&mut self, e: ConnectionError) {
-        if self.connected {
+        if self.connected.is_some() {
             warn!(error = %e, unacked = self.outbox.len(), "external broker connection lost; reconnecting");
         } else {
             warn!(error = %e, unacked = self.outbox.len(), "cannot connect to the external broker; retrying");
         }
-        self.connected = false;
+        self.connected = None;
         self.eventloop.pending.clear();
         let options = &self.eventloop.mqtt_options;
         self.eventloop.state = MqttState::new(options.inflight(), options.manual_acks());
@@ -262,7 +266,7 @@ impl Link {
                 "external broker link closing with publishes not acknowledged"
             );
         }
-        if self.connected && self.client.try_disconnect().is_ok() {
+        if self.connected.is_some() && self.client.try_disconnect().is_ok() {
             let _ = tokio::time::timeout(Duration::from_secs(1), async {
                 loop {
                     match self.eventloop.poll().await {

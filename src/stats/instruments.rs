@@ -152,6 +152,11 @@ impl Listeners {
         }
     }
 
+    /// Lists `name` as down until an `up` (a link not yet connected).
+    pub fn down(&self, name: &'static str) {
+        set(&self.0, name, false);
+    }
+
     /// Every listener ever marked, in order, and whether it is up.
     pub fn states(&self) -> Vec<(&'static str, bool)> {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
