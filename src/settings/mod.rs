@@ -1,0 +1,285 @@
+//! Runtime settings: `setting.toml` overlaid by `PUSHBRIDGE_<SECTION>__<KEY>`
+//! variables. Every key has a default, so an empty or missing file runs the
+//! embedded default (embedded broker, in-memory registry).
+
+use std::path::Path;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+mod sections;
+pub use sections::*;
+
+/// A settings file or variable that could not be used; figment's message
+/// names the key, the value and where it came from.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("settings: {0}")]
+    Invalid(#[from] Box<figment::Error>),
+    #[error("settings: {key}: {problem}")]
+    Check { key: &'static str, problem: String },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    pub proxy: ProxySettings,
+    pub mqtt: MqttSettings,
+    pub registry: RegistrySettings,
+    pub offline: OfflineSettings,
+    pub apns: ApnsSettings,
+    pub http: HttpSettings,
+    pub auth: AuthSettings,
+    pub intake: IntakeSettings,
+    pub log: LogSettings,
+}
+
+impl Settings {
+    /// Defaults, then `path` (a missing file is fine), then the environment.
+    pub fn load(path: &Path) -> Result<Self, SettingsError> {
+        Self::from_figment(
+            Figment::from(Serialized::defaults(Settings::default()))
+                .merge(Toml::file(path))
+                .merge(Env::prefixed("PUSHBRIDGE_").split("__")),
+        )
+    }
+
+    /// Settings from a TOML text alone (tests, examples).
+    pub fn from_toml(text: &str) -> Result<Self, SettingsError> {
+        Self::from_figment(
+            Figment::from(Serialized::defaults(Settings::default())).merge(Toml::string(text)),
+        )
+    }
+
+    fn from_figment(figment: Figment) -> Result<Self, SettingsError> {
+        let settings: Settings = figment.extract().map_err(Box::new)?;
+        settings.check()?;
+        Ok(settings)
+    }
+
+    /// Where the APNs sender publishes feedback for backends.
+    pub fn feedback_topic(&self) -> String {
+        self.apns
+            .feedback_topic
+            .clone()
+            .unwrap_or_else(|| format!("{}/feedback", self.mqtt.prefix))
+    }
+
+    fn check(&self) -> Result<(), SettingsError> {
+        let bad = |key, problem: &str| {
+            Err(SettingsError::Check {
+                key,
+                problem: problem.into(),
+            })
+        };
+        if self.proxy.max_frame == 0 {
+            return bad("proxy.max_frame", "must be at least 1 byte");
+        }
+        if self.proxy.queue == 0 {
+            return bad("proxy.queue", "must be at least 1");
+        }
+        if self.apns.queue == 0 {
+            return bad("apns.queue", "must be at least 1");
+        }
+        if self.apns.max_in_flight == 0 {
+            return bad("apns.max_in_flight", "must be at least 1");
+        }
+        if self.apns.max_connections == 0 {
+            return bad("apns.max_connections", "must be at least 1");
+        }
+        if self.apns.retry_attempts == 0 {
+            return bad("apns.retry_attempts", "must be at least 1");
+        }
+        if let Some(t) = &self.apns.feedback_topic {
+            if t.is_empty() || t.contains(['+', '#', '\0']) {
+                return bad(
+                    "apns.feedback_topic",
+                    "must be a non-empty topic without wildcards",
+                );
+            }
+        }
+        let p = &self.mqtt.prefix;
+        if p.is_empty() || p.contains(['+', '#', '\0']) || p.ends_with('/') {
+            return bad(
+                "mqtt.prefix",
+                "must be a non-empty topic level path without wildcards or a trailing '/'",
+            );
+        }
+        if self.mqtt.max_inflight == 0 || self.mqtt.max_inflight > u16::MAX as usize {
+            return bad("mqtt.max_inflight", "must be between 1 and 65535");
+        }
+        if self.mqtt.connect_rate == 0 {
+            return bad("mqtt.connect_rate", "must be at least 1");
+        }
+        if self.mqtt.connect_burst == 0 {
+            return bad("mqtt.connect_burst", "must be at least 1");
+        }
+        if self.mqtt.tls_listen.is_some()
+            && (self.mqtt.tls_cert.is_none() || self.mqtt.tls_key.is_none())
+        {
+            return bad("mqtt.tls_listen", "needs mqtt.tls_cert and mqtt.tls_key");
+        }
+        self.check_external()?;
+        for (key, template) in [
+            ("registry.user_key", &self.registry.user_key),
+            ("registry.group_apple_key", &self.registry.group_apple_key),
+            ("registry.offline_key", &self.registry.offline_key),
+        ] {
+            if !template.contains("{id}") {
+                return bad(key, "must contain {id}");
+            }
+        }
+        if self.offline.ttl_secs == 0 {
+            return bad("offline.ttl_secs", "must be at least 1");
+        }
+        if !self.http.listen.ip().is_loopback()
+            && self.http.token.as_deref().unwrap_or("").is_empty()
+        {
+            return bad(
+                "http.token",
+                "must be set when http.listen is not a loopback address",
+            );
+        }
+        let i = &self.intake;
+        if i.durable && self.registry.redis_url.is_none() {
+            return bad(
+                "intake.durable",
+                "needs registry.redis_url (the stream lives in Redis)",
+            );
+        }
+        if i.stream.is_empty() {
+            return bad("intake.stream", "must not be empty");
+        }
+        if i.group.is_empty() {
+            return bad("intake.group", "must not be empty");
+        }
+        if i.consumer.as_deref() == Some("") {
+            return bad(
+                "intake.consumer",
+                "must not be empty (unset: <hostname>-<pid>)",
+            );
+        }
+        if i.claim_idle_ms == 0 {
+            return bad("intake.claim_idle_ms", "must be at least 1");
+        }
+        if i.max_len == 0 {
+            return bad("intake.max_len", "must be at least 1");
+        }
+        if self.http.max_notifications == 0 {
+            return bad("http.max_notifications", "must be at least 1");
+        }
+        if self.auth.mode == AuthMode::Jwt
+            && self.auth.jwt_secret.is_none()
+            && self.auth.jwt_public_key.is_none()
+        {
+            return bad(
+                "auth.mode",
+                "jwt needs auth.jwt_secret or auth.jwt_public_key",
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_the_embedded_default() {
+        assert_eq!(Settings::from_toml("").unwrap(), Settings::default());
+        let s = Settings::default();
+        assert_eq!(s.proxy.listen.to_string(), "127.0.0.1:7100");
+        assert_eq!(s.proxy.max_frame, 1 << 20);
+        assert_eq!(s.mqtt.prefix, "push");
+        assert!(s.registry.redis_url.is_none());
+        assert_eq!(s.registry.user_key, "User:{id}");
+    }
+
+    #[test]
+    fn unknown_key_names_the_key() {
+        let err = Settings::from_toml("[proxy]\nlisten_port = 1\n").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("listen_port"), "{msg}");
+        let err = Settings::from_toml("[nosuchsection]\n").unwrap_err();
+        assert!(err.to_string().contains("nosuchsection"), "{err}");
+    }
+
+    #[test]
+    fn bad_value_names_the_key() {
+        let err = Settings::from_toml("[proxy]\nmax_frame = \"big\"\n").unwrap_err();
+        assert!(err.to_string().contains("max_frame"), "{err}");
+        let err = Settings::from_toml("[mqtt]\nprefix = \"a/#\"\n").unwrap_err();
+        assert!(err.to_string().contains("mqtt.prefix"), "{err}");
+        let err = Settings::from_toml("[http]\nlisten = \"0.0.0.0:8090\"\n").unwrap_err();
+        assert!(err.to_string().contains("http.token"), "{err}");
+        let err = Settings::from_toml("[auth]\nmode = \"jwt\"\n").unwrap_err();
+        assert!(err.to_string().contains("auth.mode"), "{err}");
+        let err = Settings::from_toml("[intake]\ndurable = true\n").unwrap_err();
+        assert!(err.to_string().contains("intake.durable"), "{err}");
+        assert!(err.to_string().contains("registry.redis_url"), "{err}");
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)]
+    fn file_then_environment() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "setting.toml",
+                "[proxy]\nmax_frame = 10\n[mqtt]\nprefix = \"fromfile\"\n",
+            )?;
+            jail.set_env("PUSHBRIDGE_MQTT__PREFIX", "fromenv");
+            let s = Settings::load(Path::new("setting.toml")).expect("loads");
+            assert_eq!(s.proxy.max_frame, 10);
+            assert_eq!(s.mqtt.prefix, "fromenv");
+            Ok(())
+        });
+    }
+
+    /// The shipped setting.toml documents every key with its default.
+    #[test]
+    fn shipped_setting_toml_is_the_default() {
+        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/setting.toml"))
+            .expect("setting.toml ships with the crate");
+        assert_eq!(Settings::from_toml(&text).unwrap(), Settings::default());
+        let shown = |line: &str| {
+            line.trim_start_matches(['#', ' '])
+                .split([' ', '='])
+                .next()
+                .map(String::from)
+        };
+        let keys: Vec<String> = text
+            .lines()
+            .filter(|l| l.contains(" = "))
+            .filter_map(shown)
+            .collect();
+        let defaults = serde_json::to_value(Settings::default()).unwrap();
+        for (section, fields) in defaults.as_object().unwrap() {
+            for key in fields.as_object().unwrap().keys() {
+                assert!(
+                    keys.contains(key),
+                    "setting.toml does not show {section}.{key}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn feedback_topic_follows_the_prefix() {
+        let s = Settings::from_toml("[mqtt]\nprefix = \"app\"\n").unwrap();
+        assert_eq!(s.feedback_topic(), "app/feedback");
+        let s = Settings::from_toml("[apns]\nfeedback_topic = \"ops/apns\"\n").unwrap();
+        assert_eq!(s.feedback_topic(), "ops/apns");
+        let err = Settings::from_toml("[apns]\nfeedback_topic = \"a/#\"\n").unwrap_err();
+        assert!(err.to_string().contains("apns.feedback_topic"), "{err}");
+        let err = Settings::from_toml("[apns]\nqueue_full = \"shed\"\n").unwrap_err();
+        assert!(err.to_string().contains("queue_full"), "{err}");
+    }
+
+    #[test]
+    fn missing_file_is_the_default() {
+        let s = Settings::load(Path::new("/nonexistent/setting.toml")).unwrap();
+        assert_eq!(s.proxy, ProxySettings::default());
+    }
+}
