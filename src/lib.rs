@@ -22,6 +22,7 @@ pub mod router;
 pub mod settings;
 pub mod stats;
 pub mod status;
+pub mod utc;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

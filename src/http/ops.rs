@@ -9,11 +9,12 @@ use axum::response::IntoResponse;
 use axum::Json;
 use serde_json::{Map, Value};
 
-use super::{rfc3339, HttpState};
+use super::HttpState;
 use crate::apns::LoadedApp;
 use crate::registry::UserStore;
 use crate::router::Environment;
 use crate::stats::{Bucket, FAILURE_REASONS};
+use crate::utc::rfc3339;
 
 pub(super) async fn healthz() -> &'static str {
     "ok\n"

@@ -5,9 +5,10 @@ use axum::http::StatusCode;
 use axum::Json;
 use serde::{Deserialize, Serialize};
 
-use super::{id, rfc3339, HttpError, HttpState};
+use super::{id, HttpError, HttpState};
 use crate::push::UserRecord;
 use crate::registry::UserStore;
+use crate::utc::rfc3339;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]

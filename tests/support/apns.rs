@@ -537,7 +537,8 @@ impl ClientCert {
             .duration_since(std::time::UNIX_EPOCH)
             .expect("clock after 1970")
             .as_secs() as i64;
-        Self::build(cn, Some(civil_from_days(now / 86400 + days)))
+        let (y, m, d) = pushbridge::utc::civil_from_days(now / 86400 + days);
+        Self::build(cn, Some((y as i32, m as u8, d as u8)))
     }
 
     /// `not_after`: (year, month, day), the end of validity; `None`: far away.
@@ -584,20 +585,6 @@ impl ClientCert {
             }
         }
     }
-}
-
-/// (year, month, day) of a day count since 1970-01-01 (H. Hinnant's algorithm).
-fn civil_from_days(z: i64) -> (i32, u8, u8) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y as i32, m as u8, d as u8)
 }
 
 impl Default for TestCredentials {
