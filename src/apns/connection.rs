@@ -6,14 +6,13 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+use h2::client::SendRequest;
+use h2::{Ping, PingPong, Reason, RecvStream};
 use http::{Request, Response};
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::client::conn::http2::SendRequest;
-use hyper_util::rt::{TokioIo, TokioTimer};
 use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
@@ -55,77 +54,97 @@ impl BaseUrl {
     }
 }
 
-/// Runs hyper's background tasks on the sender's tracker, so shutdown waits for them.
-#[derive(Clone)]
-struct TrackerExec(TaskTracker);
-
-impl<F> hyper::rt::Executor<F> for TrackerExec
-where
-    F: std::future::Future + Send + 'static,
-    F::Output: Send + 'static,
-{
-    fn execute(&self, fut: F) {
-        self.0.spawn(fut);
-    }
+/// What a link's users and the task driving it share.
+#[derive(Default)]
+struct LinkState {
+    /// Requests sent on it and not yet fully answered.
+    in_flight: AtomicUsize,
+    /// Set by the first answer: the server's SETTINGS precede it, so its
+    /// stream limit is known from then on.
+    settled: AtomicBool,
+    /// The server's SETTINGS_MAX_CONCURRENT_STREAMS as the driving task
+    /// last saw it (it may change at any time).
+    max_streams: AtomicUsize,
+    /// The connection has ended; requests on it fail.
+    closed: AtomicBool,
 }
-
-/// hyper's handle on one connection; it knows the server's settings.
-type Driver = hyper::client::conn::http2::Connection<
-    TokioIo<tokio_rustls::client::TlsStream<TcpStream>>,
-    Full<Bytes>,
-    TrackerExec,
->;
 
 /// One open HTTP/2 connection and how busy it is.
 #[derive(Clone)]
 struct Link {
-    sender: SendRequest<Full<Bytes>>,
-    /// Requests sent on it and not yet fully answered.
-    in_flight: Arc<AtomicUsize>,
-    /// Set by the first answer: the server's SETTINGS precede it, so its
-    /// stream limit is known from then on.
-    settled: Arc<AtomicBool>,
-    /// Shared with the task driving it, to read the server's current
-    /// SETTINGS_MAX_CONCURRENT_STREAMS, which may change at any time;
-    /// `None` once the connection has ended.
-    driver: Arc<Mutex<Option<Pin<Box<Driver>>>>>,
+    sender: SendRequest<Bytes>,
+    state: Arc<LinkState>,
+}
+
+/// Why a request failed, and whether the server can have acted on it.
+enum Failure {
+    /// Never reached the server, or refused unprocessed (REFUSED_STREAM):
+    /// safe to send again.
+    Unsent(h2::Error),
+    Sent(h2::Error),
 }
 
 impl Link {
     fn load(&self) -> usize {
-        self.in_flight.load(Ordering::Relaxed)
+        self.state.in_flight.load(Ordering::Relaxed)
+    }
+
+    fn is_closed(&self) -> bool {
+        self.state.closed.load(Ordering::Relaxed)
     }
 
     /// Whether every stream the server allows is taken. Before the first
     /// answer the limit is unknown: requests wait on this connection rather
     /// than open others in a burst the server may refuse.
     fn saturated(&self) -> bool {
-        if !self.settled.load(Ordering::Relaxed) {
+        if !self.state.settled.load(Ordering::Relaxed) {
             return false;
         }
-        let limit = lock(&self.driver)
-            .as_ref()
-            .map_or(0, |d| d.current_max_send_streams());
+        let limit = self.state.max_streams.load(Ordering::Relaxed);
         self.load() >= limit.max(1)
     }
 
     fn is(&self, other: &Link) -> bool {
-        Arc::ptr_eq(&self.in_flight, &other.in_flight)
+        Arc::ptr_eq(&self.state, &other.state)
     }
 
-    fn lease(&self) -> (Link, SendRequest<Full<Bytes>>, Lease) {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-        let lease = Lease(Arc::clone(&self.in_flight));
-        (self.clone(), self.sender.clone(), lease)
+    fn lease(&self) -> (Link, Lease) {
+        self.state.in_flight.fetch_add(1, Ordering::Relaxed);
+        (self.clone(), Lease(Arc::clone(&self.state)))
+    }
+
+    /// Sends one request with its whole body and waits for the headers of
+    /// the answer. h2 queues a request beyond the server's stream limit
+    /// until a stream frees.
+    async fn request(
+        &self,
+        build: &impl Fn() -> Request<()>,
+        body: &Bytes,
+    ) -> Result<Response<RecvStream>, Failure> {
+        let mut sender = self.sender.clone();
+        std::future::poll_fn(|cx| sender.poll_ready(cx))
+            .await
+            .map_err(Failure::Unsent)?;
+        // Built only now, so that a request waiting for a stream is small.
+        let (answer, mut stream) = sender
+            .send_request(build(), body.is_empty())
+            .map_err(Failure::Unsent)?;
+        if !body.is_empty() {
+            stream.send_data(body.clone(), true).map_err(Failure::Sent)?;
+        }
+        answer.await.map_err(|e| match e.reason() {
+            Some(Reason::REFUSED_STREAM) if e.is_reset() => Failure::Unsent(e),
+            _ => Failure::Sent(e),
+        })
     }
 }
 
 /// A request's share of a link; dropped when its answer is read (or lost).
-struct Lease(Arc<AtomicUsize>);
+struct Lease(Arc<LinkState>);
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -173,36 +192,36 @@ impl Connection {
         &self.span
     }
 
-    /// Sends `req` and reads the whole answer, within the request timeout.
-    /// A request the connection never took (it had died) is sent once more
-    /// on a fresh connection: Apple cannot have seen it.
-    pub async fn send(&self, req: Request<Full<Bytes>>) -> Result<Response<Bytes>, ApnsError> {
+    /// Sends the request `build` makes, with `body`, and reads the whole
+    /// answer, within the request timeout. A request the server cannot have
+    /// acted on (the connection had died, or the stream was refused) is
+    /// sent once more, on a fresh connection if the old one is gone.
+    pub async fn send(
+        &self,
+        build: impl Fn() -> Request<()>,
+        body: Bytes,
+    ) -> Result<Response<Bytes>, ApnsError> {
         let work = async {
-            let mut req = req;
             for attempt in 0..2 {
-                let (link, mut sender, _lease) = self.sender().await?;
-                match sender.try_send_request(req).await {
+                let (link, _lease) = self.sender().await?;
+                match link.request(&build, &body).await {
                     Ok(resp) => {
-                        link.settled.store(true, Ordering::Relaxed);
-                        let (parts, body) = resp.into_parts();
-                        let body = Limited::new(body, MAX_RESPONSE_BODY)
-                            .collect()
-                            .await
-                            .map_err(|e| ApnsError::Request(format!("reading the answer: {e}")))?
-                            .to_bytes();
-                        return Ok(Response::from_parts(parts, body));
+                        link.state.settled.store(true, Ordering::Relaxed);
+                        return read_body(resp).await;
                     }
-                    Err(mut e) => match e.take_message() {
-                        Some(unsent) if attempt == 0 => {
-                            debug!("connection was gone before sending: {}", e.error());
+                    Err(Failure::Unsent(e)) if attempt == 0 => {
+                        debug!("request not taken, sending again: {e}");
+                        if !e.is_reset() || e.is_go_away() {
                             self.forget(&link).await;
-                            req = unsent;
                         }
-                        _ => {
+                    }
+                    Err(Failure::Unsent(e) | Failure::Sent(e)) => {
+                        // A reset stream leaves the connection usable.
+                        if !e.is_reset() || e.is_go_away() {
                             self.forget(&link).await;
-                            return Err(ApnsError::Request(e.into_error().to_string()));
                         }
-                    },
+                        return Err(ApnsError::Request(e.to_string()));
+                    }
                 }
             }
             Err(ApnsError::Request("connection lost twice".into()))
@@ -214,16 +233,18 @@ impl Connection {
 
     /// The least busy live connection with a free stream; a new one when
     /// all are saturated and there is room for another; else the least busy
-    /// (hyper queues the request until a stream frees).
-    async fn sender(&self) -> Result<(Link, SendRequest<Full<Bytes>>, Lease), ApnsError> {
+    /// (h2 queues the request until a stream frees).
+    async fn sender(&self) -> Result<(Link, Lease), ApnsError> {
         let mut links = self.links.lock().await;
-        links.retain(|l| !l.sender.is_closed());
+        links.retain(|l| !l.is_closed());
         let least = |links: &[Link]| links.iter().min_by_key(|l| l.load()).cloned();
         if let Some(link) = least(&links).filter(|l| !l.saturated()) {
             return Ok(link.lease());
         }
         if links.len() < self.max_links {
-            let link = self.connect().instrument(self.span.clone()).await?;
+            // Boxed: the handshake's large future would otherwise be part
+            // of every request's.
+            let link = Box::pin(self.connect().instrument(self.span.clone())).await?;
             links.push(link.clone());
             if links.len() > 1 {
                 debug!(
@@ -244,7 +265,7 @@ impl Connection {
         self.links
             .lock()
             .await
-            .retain(|l| !l.is(failed) && !l.sender.is_closed());
+            .retain(|l| !l.is(failed) && !l.is_closed());
     }
 
     async fn connect(&self) -> Result<Link, ApnsError> {
@@ -267,60 +288,75 @@ impl Connection {
         if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
             return Err(fail("server did not agree to HTTP/2 (ALPN h2)".into()));
         }
-        let (sender, conn) =
-            hyper::client::conn::http2::Builder::new(TrackerExec(self.tracker.clone()))
-                .timer(TokioTimer::new())
-                // One stream until the server's SETTINGS say more: a burst
-                // sent before them may be refused (Apple starts low, too).
-                .initial_max_send_streams(1)
-                .keep_alive_interval(Duration::from_secs(60))
-                .keep_alive_timeout(Duration::from_secs(20))
-                .keep_alive_while_idle(true)
-                .handshake(TokioIo::new(tls))
-                .await
-                .map_err(|e| fail(format!("HTTP/2 handshake: {e}")))?;
+        let (sender, mut conn) = h2::client::Builder::new()
+            // One stream until the server's SETTINGS say more: a burst
+            // sent before them may be refused (Apple starts low, too).
+            .initial_max_send_streams(1)
+            .handshake::<_, Bytes>(tls)
+            .await
+            .map_err(|e| fail(format!("HTTP/2 handshake: {e}")))?;
         info!("connected");
-        let driver = Arc::new(Mutex::new(Some(Box::pin(conn))));
-        let driven = Arc::clone(&driver);
-        let conn = std::future::poll_fn(move |cx| {
-            let mut slot = lock(&driven);
-            let Some(conn) = slot.as_mut() else {
-                return std::task::Poll::Ready(Ok(()));
-            };
-            let r = conn.as_mut().poll(cx);
-            if r.is_ready() {
-                // Dropping hyper's half closes the senders (`is_closed`).
-                *slot = None;
-            }
+        let state = Arc::new(LinkState::default());
+        let pings = conn.ping_pong();
+        let seen = Arc::clone(&state);
+        let driven = std::future::poll_fn(move |cx| {
+            let r = Pin::new(&mut conn).poll(cx);
+            seen.max_streams
+                .store(conn.max_concurrent_send_streams(), Ordering::Relaxed);
             r
         });
         let shutdown = self.shutdown.clone();
-        let ended = Arc::clone(&driver);
+        let ended = Arc::clone(&state);
         self.tracker.spawn(
             async move {
                 tokio::select! {
-                    r = conn => match r {
+                    r = driven => match r {
                         Ok(()) => info!("connection closed"),
                         Err(e) => info!("connection lost: {e}"),
                     },
+                    _ = keep_alive(pings) => info!("connection lost: no answer to a PING"),
                     _ = shutdown.cancelled() => debug!("connection closed for shutdown"),
                 }
-                // Requests still waiting on it fail now, not at their timeout.
-                *lock(&ended) = None;
+                // Dropping the connection fails the requests still on it
+                // now, not at their timeout.
+                ended.closed.store(true, Ordering::Relaxed);
             }
             .instrument(self.span.clone()),
         );
-        Ok(Link {
-            sender,
-            in_flight: Arc::default(),
-            settled: Arc::default(),
-            driver,
-        })
+        Ok(Link { sender, state })
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
+/// Pings every minute, idle or not; returns when a PING goes unanswered
+/// for 20 s (a connection a middlebox dropped silently).
+async fn keep_alive(pings: Option<PingPong>) {
+    let Some(mut pings) = pings else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let answered = tokio::time::timeout(Duration::from_secs(20), pings.ping(Ping::opaque()));
+        if !matches!(answered.await, Ok(Ok(_))) {
+            return;
+        }
+    }
+}
+
+/// The answer's headers and its whole body (Apple's error bodies are tiny).
+async fn read_body(resp: Response<RecvStream>) -> Result<Response<Bytes>, ApnsError> {
+    let (parts, mut body) = resp.into_parts();
+    let mut read = BytesMut::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.map_err(|e| ApnsError::Request(format!("reading the answer: {e}")))?;
+        let _ = body.flow_control().release_capacity(chunk.len());
+        if read.len() + chunk.len() > MAX_RESPONSE_BODY {
+            return Err(ApnsError::Request(format!(
+                "reading the answer: body over {MAX_RESPONSE_BODY} bytes"
+            )));
+        }
+        read.extend_from_slice(&chunk);
+    }
+    Ok(Response::from_parts(parts, read.freeze()))
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
+use http::HeaderValue;
 use p256::ecdsa::signature::Signer;
 use p256::ecdsa::{Signature, SigningKey};
 use p256::pkcs8::DecodePrivateKey;
@@ -19,7 +20,7 @@ pub(crate) struct TokenSigner {
     key_id: String,
     team_id: String,
     key: SigningKey,
-    cached: Mutex<Option<(String, Instant)>>,
+    cached: Mutex<Option<(Bearer, Instant)>>,
 }
 
 impl std::fmt::Debug for TokenSigner {
@@ -45,14 +46,14 @@ impl TokenSigner {
     }
 
     /// The current token, minting a new one when the cached one is old.
-    pub fn token(&self) -> String {
+    pub fn token(&self) -> Bearer {
         let mut cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((token, at)) = cached.as_ref() {
             if at.elapsed() < REUSE {
                 return token.clone();
             }
         }
-        let token = self.mint(unix_now());
+        let token = Bearer::new(&self.mint(unix_now()));
         *cached = Some((token.clone(), Instant::now()));
         token
     }
@@ -60,14 +61,14 @@ impl TokenSigner {
     /// Apple refused `rejected`: mints a new token unless the current one is
     /// younger than `min_age` (Apple throttles frequent updates) or another
     /// request has already replaced it.
-    pub fn renew(&self, rejected: &str, min_age: Duration) -> Renewal {
+    pub fn renew(&self, rejected: &Bearer, min_age: Duration) -> Renewal {
         let mut cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
         match cached.as_ref() {
             Some((token, _)) if token != rejected => return Renewal::AlreadyNew,
             Some((_, at)) if at.elapsed() < min_age => return Renewal::TooSoon,
             _ => {}
         }
-        *cached = Some((self.mint(unix_now()), Instant::now()));
+        *cached = Some((Bearer::new(&self.mint(unix_now())), Instant::now()));
         Renewal::Minted
     }
 
@@ -85,6 +86,32 @@ impl TokenSigner {
 }
 
 /// What `renew` did.
+/// A provider token as the `authorization` header carries it, made once
+/// per token rather than once per request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Bearer(HeaderValue);
+
+impl Bearer {
+    fn new(jwt: &str) -> Bearer {
+        // A JWT is base64url and dots: always a valid header value.
+        let mut value = HeaderValue::try_from(format!("bearer {jwt}"))
+            .unwrap_or_else(|_| HeaderValue::from_static("bearer"));
+        value.set_sensitive(true);
+        Bearer(value)
+    }
+
+    pub fn header(&self) -> HeaderValue {
+        self.0.clone()
+    }
+
+    /// The JWT itself.
+    #[cfg(test)]
+    pub fn jwt(&self) -> &str {
+        let value = self.0.to_str().unwrap_or_default();
+        value.strip_prefix("bearer ").unwrap_or(value)
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Renewal {
     Minted,
@@ -118,7 +145,7 @@ mod tests {
     fn token_verifies_and_names_kid_and_iss() {
         let s = signer();
         let token = s.token();
-        let parts: Vec<&str> = token.split('.').collect();
+        let parts: Vec<&str> = token.jwt().split('.').collect();
         assert_eq!(parts.len(), 3);
         let header: serde_json::Value =
             serde_json::from_slice(&URL_SAFE_NO_PAD.decode(parts[0]).unwrap()).unwrap();
@@ -138,24 +165,28 @@ mod tests {
         let s = signer();
         let a = s.token();
         assert_eq!(s.token(), a);
-        *s.cached.lock().unwrap() = Some(("old".into(), Instant::now()));
-        assert_eq!(s.token(), "old");
-        assert_eq!(s.renew("old", Duration::ZERO), Renewal::Minted);
-        assert_ne!(s.token(), "old");
+        let old = Bearer::new("old");
+        *s.cached.lock().unwrap() = Some((old.clone(), Instant::now()));
+        assert_eq!(s.token().jwt(), "old");
+        assert_eq!(s.renew(&old, Duration::ZERO), Renewal::Minted);
+        assert_ne!(s.token(), old);
+        assert_eq!(s.token().header(), format!("bearer {}", s.token().jwt()));
     }
 
     #[test]
     fn renewal_waits_twenty_minutes_and_happens_once() {
         let twenty = Duration::from_secs(20 * 60);
         let s = signer();
-        *s.cached.lock().unwrap() = Some(("young".into(), Instant::now()));
-        assert_eq!(s.renew("young", twenty), Renewal::TooSoon);
-        assert_eq!(s.token(), "young");
+        let young = Bearer::new("young");
+        *s.cached.lock().unwrap() = Some((young.clone(), Instant::now()));
+        assert_eq!(s.renew(&young, twenty), Renewal::TooSoon);
+        assert_eq!(s.token().jwt(), "young");
         let old = Instant::now().checked_sub(twenty + Duration::from_secs(1));
         if let Some(old) = old {
-            *s.cached.lock().unwrap() = Some(("aged".into(), old));
-            assert_eq!(s.renew("aged", twenty), Renewal::Minted);
-            assert_eq!(s.renew("aged", twenty), Renewal::AlreadyNew);
+            let aged = Bearer::new("aged");
+            *s.cached.lock().unwrap() = Some((aged.clone(), old));
+            assert_eq!(s.renew(&aged, twenty), Renewal::Minted);
+            assert_eq!(s.renew(&aged, twenty), Renewal::AlreadyNew);
         }
     }
 

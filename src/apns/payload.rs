@@ -1,8 +1,11 @@
 //! The JSON body and the headers that depend on it: the contract with the
 //! existing iOS apps, which read `aps` and the original map under `data`.
 
+use std::borrow::Cow;
+
 use bytes::Bytes;
-use serde_json::{json, Map, Value};
+use serde::Serialize;
+use serde_json::{Map, Value};
 
 use crate::push::ApnsOptions;
 
@@ -64,30 +67,24 @@ impl Payload {
         data: &Map<String, Value>,
         options: Option<&ApnsOptions>,
     ) -> Result<Payload, PayloadError> {
-        let mut aps = Map::new();
-        for key in ["alert", "sound", "badge"] {
-            if let Some(v) = data.get(key) {
-                aps.insert(key.into(), v.clone());
-            }
-        }
-        if let Some(o) = options {
-            if let Some(sound) = &o.sound {
-                aps.insert("sound".into(), sound.clone());
-            }
-            if let Some(badge) = o.badge {
-                aps.insert("badge".into(), badge.into());
-            }
-        }
-        let push_type = if data.contains_key("alert") {
-            PushType::Alert
-        } else {
-            aps.insert("content-available".into(), json!(1));
-            PushType::Background
+        let badge = options.and_then(|o| o.badge).map(|b| Cow::Owned(b.into()));
+        let sound = options.and_then(|o| o.sound.as_ref());
+        let alert = data.get("alert");
+        let aps = Aps {
+            alert,
+            sound: sound.or_else(|| data.get("sound")),
+            badge: badge.or_else(|| data.get("badge").map(Cow::Borrowed)),
+            content_available: alert.is_none().then_some(1),
         };
-        let body = serde_json::to_vec(&json!({ "aps": aps, "data": data }))?;
+        let mut body = Vec::with_capacity(256);
+        serde_json::to_writer(&mut body, &Body { aps, data })?;
         if body.len() > MAX_PAYLOAD {
             return Err(PayloadError::TooLarge { size: body.len() });
         }
+        let push_type = match alert {
+            Some(_) => PushType::Alert,
+            None => PushType::Background,
+        };
         Ok(Payload {
             push_type,
             body: body.into(),
@@ -95,9 +92,29 @@ impl Payload {
     }
 }
 
+/// The body as Apple gets it, written straight from the push's data.
+#[derive(Serialize)]
+struct Body<'a> {
+    aps: Aps<'a>,
+    data: &'a Map<String, Value>,
+}
+
+#[derive(Serialize)]
+struct Aps<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    alert: Option<&'a Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sound: Option<&'a Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    badge: Option<Cow<'a, Value>>,
+    #[serde(rename = "content-available", skip_serializing_if = "Option::is_none")]
+    content_available: Option<u8>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn map(v: Value) -> Map<String, Value> {
         v.as_object().cloned().unwrap_or_default()

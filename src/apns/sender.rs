@@ -4,7 +4,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc::error::TrySendError;
-use tokio::sync::{mpsc, Semaphore};
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
@@ -31,7 +32,7 @@ pub struct ApnsSender {
     credentials: Arc<Credentials>,
     /// Cancelled by `drain`: the queue task takes no new jobs, finishes the queued ones.
     draining: CancellationToken,
-    /// The queue task and every delivery it started.
+    /// The queue task, which drives every delivery it started.
     tasks: TaskTracker,
 }
 
@@ -104,7 +105,7 @@ impl ApnsSender {
         });
         let in_flight = settings.max_in_flight.max(1);
         let (draining, tasks) = (CancellationToken::new(), TaskTracker::new());
-        tasks.spawn(run(shared, rx, in_flight, draining.clone(), tasks.clone()));
+        tasks.spawn(run(shared, rx, in_flight, draining.clone()));
         Ok(ApnsSender {
             queue: tx,
             queue_full: settings.queue_full,
@@ -194,55 +195,48 @@ impl ApnsSender {
     }
 }
 
-/// Drains the queue: checks each job, then sends it on its own task so
-/// requests share connections concurrently. Once `draining`, the queue is
-/// closed and emptied; on shutdown what is still queued fails (counted).
+/// Drains the queue: checks each job and starts its delivery, up to
+/// `max_in_flight` at once, all driven by this one task (a task per
+/// notification cost more than the request itself). Once `draining`, the
+/// queue is closed and emptied; on shutdown what is still queued fails
+/// (counted) and the deliveries under way end at once.
 async fn run(
     shared: Arc<Shared>,
     mut rx: mpsc::Receiver<ApnsJob>,
     max_in_flight: usize,
     draining: CancellationToken,
-    tracker: TaskTracker,
 ) {
-    let in_flight = Arc::new(Semaphore::new(max_in_flight));
     let shutdown = shared.shutdown.clone();
-    let (mut left, mut closed) = (0, false);
+    let mut under_way = FuturesUnordered::new();
+    let (mut receiving, mut closed) = (true, false);
     loop {
-        let mut job = tokio::select! {
+        tokio::select! {
             biased;
-            _ = shutdown.cancelled() => break,
-            _ = draining.cancelled(), if !closed => {
+            _ = shutdown.cancelled(), if receiving => receiving = false,
+            _ = draining.cancelled(), if receiving && !closed => {
                 rx.close();
                 closed = true;
-                continue;
             }
-            job = rx.recv() => match job {
-                Some(job) => job,
-                None => break,
+            Some(()) = under_way.next() => {}
+            job = rx.recv(), if receiving && under_way.len() < max_in_flight => match job {
+                Some(mut job) => match shared.prepare(&job) {
+                    Some((endpoint, payload)) => {
+                        let span = endpoint.conn.span().clone();
+                        under_way.push(
+                            Arc::clone(&shared)
+                                .deliver(endpoint, job, payload)
+                                .instrument(span),
+                        );
+                    }
+                    None => job.settle(),
+                },
+                None => receiving = false,
             },
-        };
-        let Some((endpoint, payload)) = shared.prepare(&job) else {
-            job.settle();
-            continue;
-        };
-        let permit = tokio::select! {
-            _ = shutdown.cancelled() => {
-                left += 1;
-                break;
-            }
-            p = Arc::clone(&in_flight).acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-        };
-        let span = endpoint.conn.span().clone();
-        tracker.spawn(
-            Arc::clone(&shared)
-                .deliver(endpoint, job, payload, permit)
-                .instrument(span),
-        );
+            else => break,
+        }
     }
     rx.close();
+    let mut left = 0;
     while rx.try_recv().is_ok() {
         left += 1;
     }
