@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::header::InvalidHeaderValue;
+use http::header::{HeaderName, InvalidHeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use http::{HeaderMap, HeaderValue, Method, Request, StatusCode, Uri};
 use tracing::{debug, info, warn};
 
@@ -260,24 +260,30 @@ impl Shared {
         // Room for six headers is under 1 KiB, where allocations are cheap;
         // the seventh (apns-collapse-id) is rare.
         let mut headers = HeaderMap::with_capacity(6);
-        let mut put = |name: &'static str, value: Result<HeaderValue, InvalidHeaderValue>| {
+        let mut put = |name: HeaderName, value: Result<HeaderValue, InvalidHeaderValue>| {
             value.map(|v| headers.insert(name, v)).map_err(|e| bad(&e))
         };
-        put("apns-topic", HeaderValue::from_str(&job.delivery.app_ident))?;
-        put("apns-push-type", HeaderValue::from_str(push_type))?;
-        put("apns-priority", Ok(priority))?;
-        put("apns-expiration", Ok(HeaderValue::from(expiration)))?;
-        put("content-type", Ok(HeaderValue::from_static("application/json")))?;
+        put(TOPIC, HeaderValue::from_str(&job.delivery.app_ident))?;
+        put(PUSH_TYPE, HeaderValue::from_str(push_type))?;
+        put(PRIORITY, Ok(priority))?;
+        put(EXPIRATION, Ok(HeaderValue::from(expiration)))?;
+        put(CONTENT_TYPE, Ok(HeaderValue::from_static("application/json")))?;
         if let Some(id) = options.and_then(|o| o.collapse_id.as_deref()) {
-            put("apns-collapse-id", HeaderValue::from_str(id))?;
+            put(COLLAPSE_ID, HeaderValue::from_str(id))?;
         }
         let jwt = endpoint.token.as_ref().map(|s| s.token());
         if let Some(jwt) = &jwt {
-            put("authorization", Ok(jwt.header()))?;
+            put(AUTHORIZATION, Ok(jwt.header()))?;
         }
         Ok((Head { uri, headers }, jwt))
     }
 }
+
+const TOPIC: HeaderName = HeaderName::from_static("apns-topic");
+const PUSH_TYPE: HeaderName = HeaderName::from_static("apns-push-type");
+const PRIORITY: HeaderName = HeaderName::from_static("apns-priority");
+const EXPIRATION: HeaderName = HeaderName::from_static("apns-expiration");
+const COLLAPSE_ID: HeaderName = HeaderName::from_static("apns-collapse-id");
 
 /// A request without its body; built once, sent again as is when the
 /// connection never took it.
