@@ -80,9 +80,11 @@ impl Dispatcher {
     ) -> Result<Vec<Delivered>, RegistryError> {
         let records = self.lookup_with_retry(batch, wait).await?;
         let mut out = Vec::with_capacity(batch.len());
+        let mut offline = Vec::new();
         for push in batch {
-            out.push(self.deliver(push, &records, None).await);
+            out.push(self.deliver(push, &records, None, &mut offline).await);
         }
+        self.keep_offline(&offline).await;
         Ok(out)
     }
 
@@ -100,8 +102,14 @@ impl Dispatcher {
                 return;
             }
         };
-        for (push, ack) in pushes.iter().zip(acks) {
-            self.deliver(push, &records, Some(&ack)).await;
+        let mut offline = Vec::new();
+        for (push, ack) in pushes.iter().zip(&acks) {
+            self.deliver(push, &records, Some(ack), &mut offline).await;
+        }
+        // Kept before the entries are acknowledged: a crash in between
+        // delivers again rather than losing them.
+        self.keep_offline(&offline).await;
+        for ack in acks {
             ack.settle();
         }
     }
@@ -211,7 +219,15 @@ impl Dispatcher {
 
     /// Publishes and queues what `push` routes to; APNs jobs carry a share
     /// of `ack` (durable intake) so its entry waits for Apple's answer.
-    async fn deliver(&self, push: &Push, records: &Records, ack: Option<&Ack>) -> Delivered {
+    /// Messages for the offline store are added to `offline`, kept once per
+    /// batch.
+    async fn deliver(
+        &self,
+        push: &Push,
+        records: &Records,
+        ack: Option<&Ack>,
+        offline: &mut Vec<(Id, bytes::Bytes)>,
+    ) -> Delivered {
         let (routing, users) = self.route(push, records);
         let mut sessions = Vec::with_capacity(routing.mqtt_topics.len());
         if !routing.mqtt_topics.is_empty() {
@@ -222,8 +238,10 @@ impl Dispatcher {
                 self.stats.mqtt_published.inc();
                 sessions.push(reached);
             }
-            self.keep_offline(push, &users, &routing.mqtt_topics, &sessions, &payload)
-                .await;
+            if self.offline.enabled() {
+                let unreached = self.unreached(push, &users, &routing.mqtt_topics, &sessions);
+                offline.extend(unreached.into_iter().map(|id| (id, payload.clone())));
+            }
         }
         for delivery in &routing.apns {
             self.apns
@@ -253,19 +271,19 @@ fn unknown(users: &[(Id, Option<&UserRecord>)]) -> Vec<Id> {
 }
 
 impl Dispatcher {
-    /// Keeps the message for each target user who has no way in but MQTT and
-    /// whose user topic reached no session (a persistent session that is
-    /// offline counts as reached: it queues, so keeping would deliver twice).
-    async fn keep_offline(
+    /// The target users to keep the message for: those who have no way in
+    /// but MQTT and whose user topic reached no session (a persistent
+    /// session that is offline counts as reached: it queues, so keeping
+    /// would deliver twice). Group messages are not kept.
+    fn unreached(
         &self,
         push: &Push,
         users: &[(Id, Option<&UserRecord>)],
         topics: &[String],
         sessions: &[usize],
-        payload: &bytes::Bytes,
-    ) {
-        if matches!(push.target, Target::Group(_)) || !self.offline.enabled() {
-            return;
+    ) -> Vec<Id> {
+        if matches!(push.target, Target::Group(_)) {
+            return Vec::new();
         }
         let unreached: std::collections::HashSet<&str> = topics
             .iter()
@@ -274,24 +292,31 @@ impl Dispatcher {
             .map(|(topic, _)| topic.as_str())
             .collect();
         if unreached.is_empty() {
-            return;
+            return Vec::new();
         }
-        let keep: Vec<Id> = users
+        users
             .iter()
             .filter(|(id, record)| {
                 !router::has_apns(*record)
                     && unreached.contains(router::user_topic(&self.prefix, id).as_str())
             })
             .map(|(id, _)| id.clone())
-            .collect();
-        match self.offline.keep(&keep, payload).await {
+            .collect()
+    }
+
+    /// Keeps a batch's messages for users who were offline (one Redis round trip).
+    async fn keep_offline(&self, kept: &[(Id, bytes::Bytes)]) {
+        if kept.is_empty() {
+            return;
+        }
+        match self.offline.keep_all(kept).await {
             Ok(dropped) => {
-                self.stats.offline_kept.add(keep.len() as u64);
+                self.stats.offline_kept.add(kept.len() as u64);
                 self.stats.offline_dropped.add(dropped as u64);
             }
             Err(e) => {
-                warn!(error = %e, users = keep.len(), "offline message not kept");
-                self.stats.offline_dropped.add(keep.len() as u64);
+                warn!(error = %e, messages = kept.len(), "offline messages not kept");
+                self.stats.offline_dropped.add(kept.len() as u64);
             }
         }
     }

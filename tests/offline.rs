@@ -5,6 +5,8 @@
 #[macro_use]
 mod support;
 
+use pushbridge::proxy::client::json_to_msgpack;
+use pushbridge::proxy::frame::encode;
 use pushbridge::push::Id;
 use pushbridge::settings::Settings;
 use pushbridge::Server;
@@ -45,15 +47,21 @@ async fn kept_in_order(settings: Settings) {
     d.subscribe("push/user/78").await;
     d.disconnect().await;
 
-    let mut backend = Backend::connect(server.proxy_addr).await;
+    // Written at once, so that they are usually routed as one batch.
+    let mut frames = Vec::new();
     for n in 0..3 {
-        assert_eq!(backend.push(2, Mp::from(77), &json!({"n": n})).await, 0x00);
+        frames.extend(encode(2, &Mp::from(77), &json_to_msgpack(&json!({"n": n}))));
     }
-    assert_eq!(backend.push(2, Mp::from(78), &json!({"p": 1})).await, 0x00);
+    frames.extend(encode(2, &Mp::from(78), &json_to_msgpack(&json!({"p": 1}))));
     // A group message is never kept.
-    assert_eq!(backend.push(1, Mp::from(5), &json!({"g": 1})).await, 0x00);
-    wait_for(|| server.stats.mqtt_published.get() == 5).await;
-    assert_eq!(server.stats.offline_kept.get(), 3);
+    frames.extend(encode(1, &Mp::from(5), &json_to_msgpack(&json!({"g": 1}))));
+    let mut backend = Backend::connect(server.proxy_addr).await;
+    backend.write(&frames).await;
+    for _ in 0..5 {
+        assert_eq!(backend.status().await, Some(0x00));
+    }
+    wait_for(|| server.stats.offline_kept.get() == 3).await;
+    assert_eq!(server.stats.mqtt_published.get(), 5);
 
     let want: Vec<_> = (0..3).map(|n| json!({"n": n})).collect();
     expect_on_subscribe(&server, 77, "phone-77", &want).await;

@@ -93,7 +93,15 @@ impl OfflineStore {
     /// Keeps `payload` for each of `users`; returns how many older messages
     /// were dropped to stay within the bound.
     pub async fn keep(&self, users: &[Id], payload: &Bytes) -> Result<usize, OfflineError> {
-        if users.is_empty() || !self.enabled() {
+        let kept: Vec<(Id, Bytes)> = users.iter().map(|u| (u.clone(), payload.clone())).collect();
+        self.keep_all(&kept).await
+    }
+
+    /// Keeps each (user, message), in order: a whole dispatch batch in one
+    /// Redis round trip. Returns how many older messages were dropped to
+    /// stay within the bound.
+    pub async fn keep_all(&self, kept: &[(Id, Bytes)]) -> Result<usize, OfflineError> {
+        if kept.is_empty() || !self.enabled() {
             return Ok(0);
         }
         let expires_ms = now_ms() + self.ttl.as_millis() as u64;
@@ -101,7 +109,7 @@ impl OfflineStore {
             Backend::Memory(map) => {
                 let mut map = map.lock().unwrap_or_else(|e| e.into_inner());
                 let mut dropped = 0;
-                for user in users {
+                for (user, payload) in kept {
                     let list = map.entry(user.clone()).or_default();
                     list.push_back(Kept {
                         expires_ms,
@@ -115,33 +123,34 @@ impl OfflineStore {
                 Ok(dropped)
             }
             Backend::Redis { conn, key } => {
-                let mut entry = format!("{expires_ms} ").into_bytes();
-                entry.extend_from_slice(payload);
-                let add = |pipe: &mut redis::Pipeline, user: &Id| {
+                let add = |pipe: &mut redis::Pipeline, (user, payload): &(Id, Bytes)| {
+                    let mut entry = format!("{expires_ms} ").into_bytes();
+                    entry.extend_from_slice(payload);
                     let key = key.replace("{id}", user.as_str());
-                    pipe.lpush(&key, &entry)
+                    pipe.lpush(&key, entry)
                         .ltrim(&key, 0, self.max as isize - 1)
                         .ignore()
                         .expire(&key, self.ttl.as_secs() as i64)
                         .ignore();
                 };
                 // Only LPUSH answers (the new length). On a cluster one
-                // pipeline per user (one key, one slot); one for all otherwise.
+                // pipeline per user (one key, one slot; its messages in
+                // order); one for all otherwise.
                 let lengths: Vec<usize> = if let RedisConn::Cluster(_) = conn {
-                    try_join_all(users.iter().map(|user| {
-                        let mut pipe = redis::pipe();
-                        add(&mut pipe, user);
+                    let mut per_user: HashMap<&Id, redis::Pipeline> = HashMap::new();
+                    for one in kept {
+                        add(per_user.entry(&one.0).or_insert_with(redis::pipe), one);
+                    }
+                    let answers = try_join_all(per_user.into_values().map(|pipe| {
                         let mut conn = conn.clone();
-                        async move {
-                            let (len,): (usize,) = pipe.query_async(&mut conn).await?;
-                            Ok::<_, redis::RedisError>(len)
-                        }
+                        async move { pipe.query_async::<Vec<usize>>(&mut conn).await }
                     }))
-                    .await?
+                    .await?;
+                    answers.into_iter().flatten().collect()
                 } else {
                     let mut pipe = redis::pipe();
-                    for user in users {
-                        add(&mut pipe, user);
+                    for one in kept {
+                        add(&mut pipe, one);
                     }
                     pipe.query_async(&mut conn.clone()).await?
                 };
