@@ -130,7 +130,9 @@ impl Link {
             .send_request(build(), body.is_empty())
             .map_err(Failure::Unsent)?;
         if !body.is_empty() {
-            stream.send_data(body.clone(), true).map_err(Failure::Sent)?;
+            stream
+                .send_data(body.clone(), true)
+                .map_err(Failure::Sent)?;
         }
         answer.await.map_err(|e| match e.reason() {
             Some(Reason::REFUSED_STREAM) if e.is_reset() => Failure::Unsent(e),

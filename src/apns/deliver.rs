@@ -267,7 +267,10 @@ impl Shared {
         put(PUSH_TYPE, HeaderValue::from_str(push_type))?;
         put(PRIORITY, Ok(priority))?;
         put(EXPIRATION, Ok(HeaderValue::from(expiration)))?;
-        put(CONTENT_TYPE, Ok(HeaderValue::from_static("application/json")))?;
+        put(
+            CONTENT_TYPE,
+            Ok(HeaderValue::from_static("application/json")),
+        )?;
         if let Some(id) = options.and_then(|o| o.collapse_id.as_deref()) {
             put(COLLAPSE_ID, HeaderValue::from_str(id))?;
         }
