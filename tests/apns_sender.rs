@@ -767,6 +767,28 @@ async fn a_reset_connection_is_retried_on_a_new_one() {
 }
 
 #[tokio::test]
+async fn a_refused_stream_is_sent_again_at_once_on_the_same_connection() {
+    let server = ApnsServer::start().await;
+    // REFUSED_STREAM: the server did not process it, so it is no retry.
+    server.script("5eed", [Reply::RefusedStream]);
+    let creds = TestCredentials::new();
+    let (config, _) = token_app(&creds);
+    let run = Running::start(&settings(config, &server, &server));
+    run.send("5eed", APP, Environment::Production, json!({"alert": "x"}))
+        .await;
+    requests_for(&server, "5eed", 2).await;
+    wait_count(&run.stats.apns_delivered, 1).await;
+    assert_eq!(run.stats.apns_retried.get(), 0);
+    assert_eq!(run.stats.apns_failed.get(), 0);
+    assert_eq!(
+        server.connections(),
+        1,
+        "a reset stream keeps its connection"
+    );
+    run.stop().await;
+}
+
+#[tokio::test]
 async fn refused_provider_token_is_reminted_and_retried_once() {
     let server = ApnsServer::start().await;
     server.script("a0e1", [Reply::ExpiredProviderToken]);

@@ -16,9 +16,9 @@ use http::{Request, Response};
 use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
+use tokio::sync::mpsc;
 use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::{debug, info, Instrument, Span};
 
 use super::ApnsError;
@@ -155,17 +155,21 @@ pub(crate) struct Connection {
     url: BaseUrl,
     tls: TlsConnector,
     span: Span,
-    tracker: TaskTracker,
+    drivers: mpsc::UnboundedSender<Driver>,
     shutdown: CancellationToken,
     timeout: Duration,
     max_links: usize,
     links: tokio::sync::Mutex<Vec<Link>>,
 }
 
+/// A connection's I/O, handed to the sender's task to drive (see `sender::run`).
+pub(crate) type Driver = Pin<Box<dyn Future<Output = ()> + Send>>;
+
 /// How requests reach Apple, the same for every (app, environment).
 #[derive(Clone)]
 pub(crate) struct Transport {
-    pub tracker: TaskTracker,
+    /// Where new connections' drivers go.
+    pub drivers: mpsc::UnboundedSender<Driver>,
     pub shutdown: CancellationToken,
     pub timeout: Duration,
     /// Most connections per (app, environment).
@@ -178,7 +182,7 @@ impl Connection {
             url,
             tls: TlsConnector::from(tls),
             span,
-            tracker: transport.tracker,
+            drivers: transport.drivers,
             shutdown: transport.shutdown,
             timeout: transport.timeout,
             max_links: transport.max_connections.max(1),
@@ -309,22 +313,23 @@ impl Connection {
         });
         let shutdown = self.shutdown.clone();
         let ended = Arc::clone(&state);
-        self.tracker.spawn(
-            async move {
-                tokio::select! {
-                    r = driven => match r {
-                        Ok(()) => info!("connection closed"),
-                        Err(e) => info!("connection lost: {e}"),
-                    },
-                    _ = keep_alive(pings) => info!("connection lost: no answer to a PING"),
-                    _ = shutdown.cancelled() => debug!("connection closed for shutdown"),
-                }
-                // Dropping the connection fails the requests still on it
-                // now, not at their timeout.
-                ended.closed.store(true, Ordering::Relaxed);
+        let driver = async move {
+            tokio::select! {
+                r = driven => match r {
+                    Ok(()) => info!("connection closed"),
+                    Err(e) => info!("connection lost: {e}"),
+                },
+                _ = keep_alive(pings) => info!("connection lost: no answer to a PING"),
+                _ = shutdown.cancelled() => debug!("connection closed for shutdown"),
             }
-            .instrument(self.span.clone()),
-        );
+            // Dropping the connection fails the requests still on it
+            // now, not at their timeout.
+            ended.closed.store(true, Ordering::Relaxed);
+        };
+        // The sender's task is gone only when nothing is sent any more.
+        let _ = self
+            .drivers
+            .send(Box::pin(driver.instrument(self.span.clone())));
         Ok(Link { sender, state })
     }
 }

@@ -1,6 +1,8 @@
 //! The queue between the router and Apple, and the task that drains it.
 
+use std::future::Future;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
@@ -10,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 
-use super::connection::Transport;
+use super::connection::{Driver, Transport};
 use super::endpoints::{Builder, Endpoint, LoadedApp};
 use super::feedback::Feedback;
 use super::log_budget::LogBudget;
@@ -68,8 +70,9 @@ impl ApnsSender {
         shutdown: CancellationToken,
         tracker: &TaskTracker,
     ) -> Result<ApnsSender, ApnsError> {
+        let (drivers, connections) = mpsc::unbounded_channel();
         let transport = Transport {
-            tracker: tracker.clone(),
+            drivers,
             shutdown: shutdown.clone(),
             timeout: Duration::from_secs(settings.request_timeout_secs.max(1)),
             max_connections: settings.max_connections,
@@ -105,7 +108,7 @@ impl ApnsSender {
         });
         let in_flight = settings.max_in_flight.max(1);
         let (draining, tasks) = (CancellationToken::new(), TaskTracker::new());
-        tasks.spawn(run(shared, rx, in_flight, draining.clone()));
+        tasks.spawn(run(shared, rx, in_flight, draining.clone(), connections));
         Ok(ApnsSender {
             queue: tx,
             queue_full: settings.queue_full,
@@ -196,8 +199,11 @@ impl ApnsSender {
 }
 
 /// Drains the queue: checks each job and starts its delivery, up to
-/// `max_in_flight` at once, all driven by this one task (a task per
-/// notification cost more than the request itself). Once `draining`, the
+/// `max_in_flight` at once. This one task drives every delivery and every
+/// connection (a task per notification cost more than the request itself):
+/// each wake-up takes what is queued, lets the deliveries send their
+/// requests, then lets the connections write them out together, as few
+/// TLS records and system calls as the burst allows. Once `draining`, the
 /// queue is closed and emptied; on shutdown what is still queued fails
 /// (counted) and the deliveries under way end at once.
 async fn run(
@@ -205,36 +211,58 @@ async fn run(
     mut rx: mpsc::Receiver<ApnsJob>,
     max_in_flight: usize,
     draining: CancellationToken,
+    mut connections: mpsc::UnboundedReceiver<Driver>,
 ) {
-    let shutdown = shared.shutdown.clone();
     let mut under_way = FuturesUnordered::new();
+    let mut drivers = FuturesUnordered::new();
     let (mut receiving, mut closed) = (true, false);
-    loop {
-        tokio::select! {
-            biased;
-            _ = shutdown.cancelled(), if receiving => receiving = false,
-            _ = draining.cancelled(), if receiving && !closed => {
-                rx.close();
-                closed = true;
-            }
-            Some(()) = under_way.next() => {}
-            job = rx.recv(), if receiving && under_way.len() < max_in_flight => match job {
-                Some(mut job) => match shared.prepare(&job) {
-                    Some((endpoint, payload)) => {
-                        let span = endpoint.conn.span().clone();
-                        under_way.push(
-                            Arc::clone(&shared)
-                                .deliver(endpoint, job, payload)
-                                .instrument(span),
-                        );
-                    }
-                    None => job.settle(),
-                },
-                None => receiving = false,
-            },
-            else => break,
+    let stop = shared.shutdown.clone();
+    let (stop, drain) = (stop.cancelled(), draining.cancelled());
+    tokio::pin!(stop, drain);
+    std::future::poll_fn(|cx| {
+        if receiving && stop.as_mut().poll(cx).is_ready() {
+            receiving = false;
         }
-    }
+        if receiving && !closed && drain.as_mut().poll(cx).is_ready() {
+            rx.close();
+            closed = true;
+        }
+        loop {
+            while receiving && under_way.len() < max_in_flight {
+                match rx.poll_recv(cx) {
+                    Poll::Ready(Some(mut job)) => match shared.prepare(&job) {
+                        Some((endpoint, payload)) => {
+                            let span = endpoint.conn.span().clone();
+                            under_way.push(
+                                Arc::clone(&shared)
+                                    .deliver(endpoint, job, payload)
+                                    .instrument(span),
+                            );
+                        }
+                        None => job.settle(),
+                    },
+                    Poll::Ready(None) => receiving = false,
+                    Poll::Pending => break,
+                }
+            }
+            let mut finished = 0;
+            while let Poll::Ready(Some(())) = under_way.poll_next_unpin(cx) {
+                finished += 1;
+            }
+            while let Poll::Ready(Some(driver)) = connections.poll_recv(cx) {
+                drivers.push(driver);
+            }
+            while let Poll::Ready(Some(())) = drivers.poll_next_unpin(cx) {}
+            if !receiving && under_way.is_empty() {
+                return Poll::Ready(());
+            }
+            // Room was made: take more from the queue before sleeping.
+            if finished == 0 || !receiving {
+                return Poll::Pending;
+            }
+        }
+    })
+    .await;
     rx.close();
     let mut left = 0;
     while rx.try_recv().is_ok() {

@@ -4,7 +4,6 @@
 #![allow(dead_code)]
 
 use std::collections::{HashMap, VecDeque};
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -57,6 +56,9 @@ pub enum Reply {
         status: u16,
         reason: String,
     },
+    /// No answer: the stream is reset with REFUSED_STREAM (the server did
+    /// not process it).
+    RefusedStream,
 }
 
 impl Reply {
@@ -70,6 +72,7 @@ impl Reply {
             Reply::InternalServerError => 500,
             Reply::ServiceUnavailable => 503,
             Reply::Other { status, .. } => *status,
+            Reply::RefusedStream => 0,
         };
         StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
     }
@@ -77,7 +80,7 @@ impl Reply {
     /// Apple's JSON body; empty for 200.
     pub fn body(&self) -> Bytes {
         let reason = match self {
-            Reply::Ok => return Bytes::new(),
+            Reply::Ok | Reply::RefusedStream => return Bytes::new(),
             Reply::Unregistered { timestamp } => {
                 return serde_json::json!({"reason": "Unregistered", "timestamp": timestamp})
                     .to_string()
@@ -368,7 +371,7 @@ async fn handle(
     connection: usize,
     client_subject: Option<String>,
     state: Arc<State>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+) -> Result<Response<Full<Bytes>>, h2::Error> {
     let (parts, body) = req.into_parts();
     let bytes = body
         .collect()
@@ -400,6 +403,10 @@ async fn handle(
     tokio::select! {
         _ = received.wait_for(|n| *n >= hold) => {}
         _ = state.shutdown.cancelled() => {}
+    }
+    if reply == Reply::RefusedStream {
+        // hyper resets the stream with the reason of the service's error.
+        return Err(h2::Reason::REFUSED_STREAM.into());
     }
     let apns_id = format!("00000000-0000-0000-0000-{:012}", *received.borrow());
     let resp = Response::builder()
