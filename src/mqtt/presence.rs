@@ -26,13 +26,21 @@ pub(super) struct Presence {
 impl Presence {
     /// Connection `conn` belongs to `user` (again: nothing changes).
     pub fn connect(&mut self, conn: u64, user: &str, seen: Seen) {
-        let users = self.by_conn.entry(conn).or_default();
+        // Room for one: nearly every connection is one user's, nearly
+        // every user has one connection (an entry per idle device).
+        let users = self
+            .by_conn
+            .entry(conn)
+            .or_insert_with(|| Vec::with_capacity(1));
         if users.iter().any(|u| &**u == user) {
             return;
         }
         let user: Arc<str> = user.into();
         users.push(user.clone());
-        self.by_user.entry(user).or_default().push((conn, seen));
+        self.by_user
+            .entry(user)
+            .or_insert_with(|| Vec::with_capacity(1))
+            .push((conn, seen));
     }
 
     /// Connection `conn` has ended.
