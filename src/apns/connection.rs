@@ -82,6 +82,8 @@ enum Failure {
     /// safe to send again.
     Unsent(h2::Error),
     Sent(h2::Error),
+    /// The request could not be made again for a second attempt.
+    Unbuilt,
 }
 
 impl Link {
@@ -118,16 +120,17 @@ impl Link {
     /// until a stream frees.
     async fn request(
         &self,
-        build: &impl Fn() -> Request<()>,
+        build: &mut impl FnMut() -> Option<Request<()>>,
         body: &Bytes,
     ) -> Result<Response<RecvStream>, Failure> {
         let mut sender = self.sender.clone();
         std::future::poll_fn(|cx| sender.poll_ready(cx))
             .await
             .map_err(Failure::Unsent)?;
-        // Built only now, so that a request waiting for a stream is small.
+        // Taken only now, so that a request waiting for a stream is small.
+        let req = build().ok_or(Failure::Unbuilt)?;
         let (answer, mut stream) = sender
-            .send_request(build(), body.is_empty())
+            .send_request(req, body.is_empty())
             .map_err(Failure::Unsent)?;
         if !body.is_empty() {
             stream
@@ -198,19 +201,20 @@ impl Connection {
         &self.span
     }
 
-    /// Sends the request `build` makes, with `body`, and reads the whole
+    /// Sends the request `build` gives, with `body`, and reads the whole
     /// answer, within the request timeout. A request the server cannot have
     /// acted on (the connection had died, or the stream was refused) is
-    /// sent once more, on a fresh connection if the old one is gone.
+    /// sent once more (`build` is asked again), on a fresh connection if
+    /// the old one is gone.
     pub async fn send(
         &self,
-        build: impl Fn() -> Request<()>,
+        mut build: impl FnMut() -> Option<Request<()>>,
         body: Bytes,
     ) -> Result<Response<Bytes>, ApnsError> {
         let work = async {
             for attempt in 0..2 {
                 let (link, _lease) = self.sender().await?;
-                match link.request(&build, &body).await {
+                match link.request(&mut build, &body).await {
                     Ok(resp) => {
                         link.state.settled.store(true, Ordering::Relaxed);
                         return read_body(resp).await;
@@ -227,6 +231,9 @@ impl Connection {
                             self.forget(&link).await;
                         }
                         return Err(ApnsError::Request(e.to_string()));
+                    }
+                    Err(Failure::Unbuilt) => {
+                        return Err(ApnsError::Request("request could not be made again".into()))
                     }
                 }
             }

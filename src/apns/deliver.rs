@@ -114,7 +114,7 @@ impl Shared {
 
     /// One request and its classified answer.
     async fn attempt(&self, endpoint: &Endpoint, job: &ApnsJob, payload: &Payload) -> Answer {
-        let (head, jwt) = match self.head(endpoint, job, payload) {
+        let (req, jwt) = match self.request(endpoint, job, payload) {
             Ok(r) => r,
             Err(reason) => {
                 return Answer {
@@ -125,11 +125,19 @@ impl Shared {
                 }
             }
         };
+        // The first attempt takes the request; a second one (the connection
+        // never took the first) gets a new one.
+        let mut first = Some(req);
+        let again = || {
+            first
+                .take()
+                .or_else(|| self.request(endpoint, job, payload).ok().map(|(r, _)| r))
+        };
         let sent_at = Instant::now();
         let sent = tokio::select! {
             // Boxed apart: one allocation of each size stays on the
             // allocator's fast path (both small), one of their sum would not.
-            r = Box::pin(endpoint.conn.send(|| head.request(), payload.body.clone())) => r,
+            r = Box::pin(endpoint.conn.send(again, payload.body.clone())) => r,
             // Stopping abandons requests Apple has not answered yet.
             _ = self.shutdown.cancelled() => Err(ApnsError::Request("shutting down".into())),
         };
@@ -225,14 +233,14 @@ impl Shared {
         self.sinks.stats.apns_feedback.inc();
     }
 
-    /// The request line and headers for `job` and the provider token they
-    /// carry; `Err` for a token that cannot be a path.
-    fn head(
+    /// The request for `job` without its body, and the provider token it
+    /// carries; `Err` for a token that cannot be a path.
+    fn request(
         &self,
         endpoint: &Endpoint,
         job: &ApnsJob,
         payload: &Payload,
-    ) -> Result<(Head, Option<Bearer>), String> {
+    ) -> Result<(Request<()>, Option<Bearer>), String> {
         let token = &job.delivery.token;
         if token.is_empty() || !token.bytes().all(|b| b.is_ascii_alphanumeric()) {
             return Err("malformed device token".into());
@@ -278,7 +286,11 @@ impl Shared {
         if let Some(jwt) = &jwt {
             put(AUTHORIZATION, Ok(jwt.header()))?;
         }
-        Ok((Head { uri, headers }, jwt))
+        let mut req = Request::new(());
+        *req.method_mut() = Method::POST;
+        *req.uri_mut() = uri;
+        *req.headers_mut() = headers;
+        Ok((req, jwt))
     }
 }
 
@@ -287,23 +299,6 @@ const PUSH_TYPE: HeaderName = HeaderName::from_static("apns-push-type");
 const PRIORITY: HeaderName = HeaderName::from_static("apns-priority");
 const EXPIRATION: HeaderName = HeaderName::from_static("apns-expiration");
 const COLLAPSE_ID: HeaderName = HeaderName::from_static("apns-collapse-id");
-
-/// A request without its body; built once, sent again as is when the
-/// connection never took it.
-struct Head {
-    uri: Uri,
-    headers: HeaderMap,
-}
-
-impl Head {
-    fn request(&self) -> Request<()> {
-        let mut req = Request::new(());
-        *req.method_mut() = Method::POST;
-        *req.uri_mut() = self.uri.clone();
-        *req.headers_mut() = self.headers.clone();
-        req
-    }
-}
 
 /// Apple's `{"reason": "..."}`, or an empty reason.
 fn apple_reason(body: &Bytes) -> String {
