@@ -141,8 +141,12 @@ async fn an_entry_stays_pending_until_it_can_be_delivered() {
     let mut raw = redis.conn();
     let mut device = Device::connect(server.mqtt_addr, "d42", true).await;
     device.subscribe("push/user/42").await;
-    // A record the registry cannot read (wrong type): every lookup fails.
-    let _: () = raw.set("User:42", "not a hash").unwrap();
+    // The registry's reads are refused (NOPERM): every lookup fails, while
+    // the stream's commands still work.
+    let _: () = redis::cmd("ACL")
+        .arg(&["SETUSER", "default", "-hgetall"][..])
+        .query(&mut raw)
+        .unwrap();
 
     let data = json!({"n": 1});
     let mut backend = Backend::connect(server.proxy_addr).await;
@@ -162,7 +166,10 @@ async fn an_entry_stays_pending_until_it_can_be_delivered() {
     .await;
     assert_eq!(server.stats.mqtt_published.get(), 0);
 
-    let _: () = raw.del("User:42").unwrap();
+    let _: () = redis::cmd("ACL")
+        .arg(&["SETUSER", "default", "+hgetall"][..])
+        .query(&mut raw)
+        .unwrap();
     assert_eq!(device.next_json().await, data);
     wait_all_acked(&redis).await;
     server.stop().await;

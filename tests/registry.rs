@@ -83,6 +83,23 @@ async fn exercise(r: &impl UserStore) {
     r.ping().await.unwrap();
 }
 
+/// A key of the wrong type costs its own user's lookup, not the batch's.
+async fn wrong_type_keys(r: &impl UserStore, mut raw: impl FnMut(&str)) {
+    r.put_user(&Id::from("7001"), &ios("good")).await.unwrap();
+    raw("User:7002");
+    raw("Group:7003");
+    let got = r
+        .users(&[Id::from("7001"), Id::from("7002")])
+        .await
+        .expect("one bad key does not fail the batch");
+    assert_eq!(got, vec![Some(ios("good")), None]);
+    let sets = r
+        .group_apple_members(&[Id::from("7003")])
+        .await
+        .expect("a bad group key reads as empty");
+    assert_eq!(sets, vec![Vec::<Id>::new()]);
+}
+
 #[tokio::test]
 async fn memory_registry() {
     exercise(&MemoryRegistry::default()).await;
@@ -95,6 +112,8 @@ async fn redis_registry() {
         .await
         .unwrap();
     exercise(&r).await;
+    let mut conn = redis.conn();
+    wrong_type_keys(&r, |key| conn.set::<_, _, ()>(key, "not a hash").unwrap()).await;
 }
 
 /// A batch lookup whose keys live on different masters still answers in
@@ -106,6 +125,8 @@ async fn redis_cluster_registry() {
         .await
         .unwrap();
     exercise(&r).await;
+    let mut conn = cluster.conn();
+    wrong_type_keys(&r, |key| conn.set::<_, _, ()>(key, "not a hash").unwrap()).await;
     let ids: Vec<Id> = (100..160).map(Id::from).collect();
     for id in &ids {
         r.put_user(id, &ios(&format!("t{id}"))).await.unwrap();

@@ -13,7 +13,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures_util::future::{try_join_all, FutureExt};
+use futures_util::future::{join_all, FutureExt};
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
@@ -117,27 +117,51 @@ impl RedisConn {
     /// deployment allows: a pipeline on one server; on a cluster, where a
     /// pipeline must stay within one slot (redis-rs rejects cross-slot
     /// pipelines), concurrent requests that the cluster connection
-    /// multiplexes per node. Results come back in the order of `cmds`.
-    pub async fn each<T: FromRedisValue>(&self, cmds: Vec<Cmd>) -> RedisResult<Vec<T>> {
-        match self {
+    /// multiplexes per node. Results come back in the order of `cmds`,
+    /// one each: a command the server refused (e.g. WRONGTYPE) fails
+    /// alone; a lost connection fails them all.
+    pub async fn each<T: FromRedisValue>(
+        &self,
+        cmds: Vec<Cmd>,
+    ) -> RedisResult<Vec<RedisResult<T>>> {
+        let values: Vec<RedisResult<Value>> = match self {
             RedisConn::Cluster(c) => {
                 let conn = c.current();
-                let result = try_join_all(cmds.iter().map(|cmd| {
+                let results = join_all(cmds.iter().map(|cmd| {
                     let mut conn = conn.clone();
-                    async move { cmd.query_async::<T>(&mut conn).await }
+                    async move { conn.req_packed_command(cmd).await }
                 }))
                 .await;
-                c.check(&result).await;
-                result
+                let mut values = Vec::with_capacity(results.len());
+                for result in results {
+                    match result {
+                        Err(e) if lost(&e) => {
+                            let failed: RedisResult<()> = Err(e);
+                            c.check(&failed).await;
+                            return failed.map(|()| Vec::new());
+                        }
+                        other => values.push(other),
+                    }
+                }
+                values
             }
             _ => {
+                let count = cmds.len();
                 let mut pipe = redis::pipe();
                 for cmd in cmds {
                     pipe.add_command(cmd);
                 }
-                pipe.query_async(&mut self.clone()).await
+                let replies = self.clone().req_packed_commands(&pipe, 0, count).await?;
+                replies.into_iter().map(Ok).collect()
             }
-        }
+        };
+        Ok(values
+            .into_iter()
+            .map(|v| match v? {
+                Value::ServerError(e) => Err(e.into()),
+                v => T::from_owned_redis_value(v),
+            })
+            .collect())
     }
 }
 

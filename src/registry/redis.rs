@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 
 use redis::AsyncCommands;
+use tracing::warn;
 
 use super::conn::{redact, RedisConn};
 use super::{RegistryError, UserStore};
@@ -63,6 +64,23 @@ fn delete_token_script() -> &'static redis::Script {
     })
 }
 
+/// A key of the wrong type (someone else's data, a manual mistake) is read
+/// as missing, with a warning naming it, so that it costs its own user's
+/// push and not the whole batch's; any other error is the lookup's.
+fn wrong_type_is_none<T>(
+    reply: redis::RedisResult<T>,
+    key: impl FnOnce() -> String,
+) -> Result<Option<T>, redis::RedisError> {
+    match reply {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if e.code() == Some("WRONGTYPE") => {
+            warn!(key = %key(), "registry: key holds the wrong kind of value; read as missing");
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 fn record(mut hash: HashMap<String, String>) -> Option<UserRecord> {
     if hash.is_empty() {
         return None;
@@ -81,8 +99,13 @@ impl UserStore for RedisRegistry {
             return Ok(Vec::new());
         }
         let cmds = ids.iter().map(|id| redis::Cmd::hgetall(self.user_key(id)));
-        let hashes: Vec<HashMap<String, String>> = self.conn.each(cmds.collect()).await?;
-        Ok(hashes.into_iter().map(record).collect())
+        let replies = self.conn.each(cmds.collect()).await?;
+        let mut records = Vec::with_capacity(ids.len());
+        for (id, reply) in ids.iter().zip(replies) {
+            let hash = wrong_type_is_none(reply, || self.user_key(id))?;
+            records.push(hash.and_then(record));
+        }
+        Ok(records)
     }
 
     async fn group_apple_members(&self, groups: &[Id]) -> Result<Vec<Vec<Id>>, RegistryError> {
@@ -92,11 +115,13 @@ impl UserStore for RedisRegistry {
         let cmds = groups
             .iter()
             .map(|g| redis::Cmd::smembers(self.group_key(g)));
-        let sets: Vec<Vec<String>> = self.conn.each(cmds.collect()).await?;
-        Ok(sets
-            .into_iter()
-            .map(|members| members.iter().map(|m| Id::from(m.as_str())).collect())
-            .collect())
+        let replies = self.conn.each::<Vec<String>>(cmds.collect()).await?;
+        let mut sets = Vec::with_capacity(groups.len());
+        for (group, reply) in groups.iter().zip(replies) {
+            let members = wrong_type_is_none(reply, || self.group_key(group))?.unwrap_or_default();
+            sets.push(members.iter().map(|m| Id::from(m.as_str())).collect());
+        }
+        Ok(sets)
     }
 
     async fn set_focus(&self, id: &Id, focus: bool) -> Result<(), RegistryError> {
