@@ -36,6 +36,9 @@ pub struct ApnsSender {
     draining: CancellationToken,
     /// The queue task, which drives every delivery it started.
     tasks: TaskTracker,
+    /// Drops after the sender stopped (shutdown with a full intake): at
+    /// most 10 warnings a second, `skipped` counting the rest.
+    stopped_log: Arc<LogBudget>,
 }
 
 /// Where the sender reports besides its logs: counters, the registry
@@ -116,6 +119,7 @@ impl ApnsSender {
             credentials,
             draining,
             tasks,
+            stopped_log: Arc::new(LogBudget::new(10, Duration::from_secs(1))),
         })
     }
 
@@ -145,7 +149,9 @@ impl ApnsSender {
             }
             Err(false) => {
                 self.stats.apns_failed.inc();
-                warn!("APNs sender stopped; notification dropped");
+                if let Some(skipped) = self.stopped_log.take(std::time::Instant::now()) {
+                    warn!(skipped, "APNs sender stopped; notification dropped");
+                }
             }
         }
     }

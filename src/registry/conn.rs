@@ -136,9 +136,9 @@ impl RedisConn {
                 for result in results {
                     match result {
                         Err(e) if lost(&e) => {
-                            let failed: RedisResult<()> = Err(e);
+                            let failed = Err(e);
                             c.check(&failed).await;
-                            return failed.map(|()| Vec::new());
+                            return failed;
                         }
                         other => values.push(other),
                     }
