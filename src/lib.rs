@@ -337,9 +337,9 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     Ok(())
 }
 
-/// `pushbridge check-config`: the auth key and MQTT TLS files, then the
-/// APNs credentials' report, or what is wrong.
-pub fn check_config(settings: &Settings) -> Result<Vec<apns::AppReport>, Error> {
+/// `pushbridge check-config`: the auth key and MQTT TLS files, then every
+/// APNs app's report or what is wrong with it.
+pub fn check_config(settings: &Settings) -> Result<Vec<apns::AppCheck>, Error> {
     Auth::new(&settings.auth, &settings.mqtt.prefix)?;
     if let (Some(cert), Some(key)) = (&settings.mqtt.tls_cert, &settings.mqtt.tls_key) {
         TlsConfig::load(cert, key)?;

@@ -129,8 +129,23 @@ async fn main() -> anyhow::Result<()> {
             let settings = Settings::load(&arg.config)?;
             init_tracing(&settings, arg.log_level.as_deref().or(Some("warn")));
             println!("settings: {} ok", arg.config.display());
-            for app in pushbridge::check_config(&settings)? {
-                println!("{app}");
+            let apps = pushbridge::check_config(&settings)?;
+            let mut broken = 0;
+            for (app, check) in &apps {
+                match check {
+                    Ok(report) => println!("{report}"),
+                    Err(e) => {
+                        broken += 1;
+                        eprintln!("{app}: ERROR {e}");
+                    }
+                }
+            }
+            if broken > 0 {
+                bail!(
+                    "{broken} of {} apps in {} cannot be used",
+                    apps.len(),
+                    settings.apns.config.display()
+                );
             }
         }
         Command::Token(args) => {

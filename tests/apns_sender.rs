@@ -537,6 +537,36 @@ async fn missing_config_json_starts_with_no_apps() {
     );
 }
 
+/// check_config's reports, every app being fine.
+fn reports(s: &ApnsSettings) -> Vec<pushbridge::apns::AppReport> {
+    check_config(s)
+        .expect("config.json is readable")
+        .into_iter()
+        .map(|(app, check)| check.unwrap_or_else(|e| panic!("{app}: {e}")))
+        .collect()
+}
+
+#[test]
+fn check_config_lists_every_broken_app() {
+    let creds = TestCredentials::new();
+    let (key, _) = creds.p8("AuthKey_ABC123.p8");
+    let s = ApnsSettings {
+        config: creds.config(&json!({
+            "app.first": { "develop": "gone-first.pem" },
+            "app.fine": { "key": key, "key_id": "ABC123", "team_id": "TEAM456" },
+            "app.second": { "produce": "gone-second.p12", "password": "pw" },
+        })),
+        ..ApnsSettings::default()
+    };
+    let checks = check_config(&s).expect("config.json is readable");
+    let apps: Vec<&str> = checks.iter().map(|(app, _)| app.as_str()).collect();
+    assert_eq!(apps, ["app.fine", "app.first", "app.second"]);
+    assert!(checks[0].1.is_ok(), "{:?}", checks[0].1);
+    let error = |i: usize| checks[i].1.as_ref().expect_err("broken").to_string();
+    assert!(error(1).contains("gone-first.pem"), "{}", error(1));
+    assert!(error(2).contains("gone-second.p12"), "{}", error(2));
+}
+
 /// check_config's error for `apps`, which must name `file` and `problem`.
 fn check_fails(creds: &TestCredentials, apps: Value, file: &str, problem: &str) {
     let s = ApnsSettings {
@@ -544,7 +574,10 @@ fn check_fails(creds: &TestCredentials, apps: Value, file: &str, problem: &str) 
         ..ApnsSettings::default()
     };
     let err = check_config(&s)
-        .expect_err("check_config fails")
+        .expect("config.json is readable")
+        .into_iter()
+        .find_map(|(_, check)| check.err())
+        .expect("an app fails")
         .to_string();
     assert!(err.contains(file), "{err:?} should name {file}");
     assert!(err.contains(problem), "{err:?} should say {problem:?}");
@@ -567,8 +600,7 @@ fn check_config_reports_every_app() {
         })),
         ..ApnsSettings::default()
     };
-    let reports = check_config(&s).expect("config is fine");
-    let lines: Vec<String> = reports.iter().map(ToString::to_string).collect();
+    let lines: Vec<String> = reports(&s).iter().map(ToString::to_string).collect();
     assert_eq!(lines.len(), 2);
     assert!(
         lines[0].starts_with("app.cert: certificate; sandbox, production"),
@@ -597,7 +629,7 @@ fn check_config_warns_of_a_certificate_expiring_within_30_days() {
         })),
         ..ApnsSettings::default()
     };
-    let reports = check_config(&s).expect("expiring is not expired");
+    let reports = reports(&s);
     let line = |app: &str| {
         reports
             .iter()

@@ -85,50 +85,60 @@ impl fmt::Display for AppReport {
     }
 }
 
-/// Loads config.json and opens every certificate and key. Ok: one report
-/// per app (type, environments, and per certificate its subject, expiry and
-/// a warning under 30 days left); Err: the first problem, naming the file (missing file, wrong
-/// password, unreadable key, key not matching certificate, expired
-/// certificate).
-pub fn check_config(settings: &ApnsSettings) -> Result<Vec<AppReport>, ApnsError> {
+/// One app of config.json: its report, or what is wrong with it.
+pub type AppCheck = (String, Result<AppReport, ApnsError>);
+
+/// Loads config.json and opens every app's certificates and keys, so that
+/// ops see every broken app at once. Err: config.json itself is missing or
+/// unreadable. Ok: per app, by app ident, a report (type, environments,
+/// and per certificate its subject, expiry and a warning under 30 days
+/// left) or the problem, naming the file (missing file, wrong password,
+/// unreadable key, key not matching certificate, expired certificate).
+pub fn check_config(settings: &ApnsSettings) -> Result<Vec<AppCheck>, ApnsError> {
     let path = &settings.config;
     let apps = credentials::read_config(path)?.ok_or_else(|| ApnsError::file(path, "not found"))?;
-    let mut reports = Vec::with_capacity(apps.len());
-    for (app, config) in apps {
-        let report = match config? {
-            AppConfig::Token {
-                key,
-                key_id,
-                team_id,
-            } => {
-                credentials::load_token(&key, &key_id, &team_id)?;
-                AppReport {
-                    app,
-                    credential: Credential::Token { key_id, team_id },
-                    environments: vec![Environment::Sandbox, Environment::Production],
+    Ok(apps
+        .into_iter()
+        .map(|(app, config)| {
+            let report = config.and_then(|config| check_app(&app, config));
+            (app, report)
+        })
+        .collect())
+}
+
+fn check_app(app: &str, config: AppConfig) -> Result<AppReport, ApnsError> {
+    let app = app.to_owned();
+    Ok(match config {
+        AppConfig::Token {
+            key,
+            key_id,
+            team_id,
+        } => {
+            credentials::load_token(&key, &key_id, &team_id)?;
+            AppReport {
+                app,
+                credential: Credential::Token { key_id, team_id },
+                environments: vec![Environment::Sandbox, Environment::Production],
+            }
+        }
+        config @ AppConfig::Certificate { .. } => {
+            let mut certs = Vec::new();
+            for env in [Environment::Sandbox, Environment::Production] {
+                if let Some(path) = config.cert_path(env) {
+                    let id = credentials::load_identity(path, config.password())?;
+                    certs.push(CertReport {
+                        env,
+                        subject: id.subject,
+                        expires: id.not_after,
+                        days_left: id.days_left,
+                    });
                 }
             }
-            config @ AppConfig::Certificate { .. } => {
-                let mut certs = Vec::new();
-                for env in [Environment::Sandbox, Environment::Production] {
-                    if let Some(path) = config.cert_path(env) {
-                        let id = credentials::load_identity(path, config.password())?;
-                        certs.push(CertReport {
-                            env,
-                            subject: id.subject,
-                            expires: id.not_after,
-                            days_left: id.days_left,
-                        });
-                    }
-                }
-                AppReport {
-                    app,
-                    environments: certs.iter().map(|c| c.env).collect(),
-                    credential: Credential::Certificate(certs),
-                }
+            AppReport {
+                app,
+                environments: certs.iter().map(|c| c.env).collect(),
+                credential: Credential::Certificate(certs),
             }
-        };
-        reports.push(report);
-    }
-    Ok(reports)
+        }
+    })
 }

@@ -33,7 +33,7 @@ use crate::intake::Ack;
 use crate::push::ApnsOptions;
 use crate::router::ApnsDelivery;
 
-pub use check::{check_config, AppReport, CertReport, Credential, EXPIRY_WARNING_DAYS};
+pub use check::{check_config, AppCheck, AppReport, CertReport, Credential, EXPIRY_WARNING_DAYS};
 pub use endpoints::LoadedApp;
 pub use feedback::Feedback;
 pub use outcome::Outcome;
