@@ -36,18 +36,12 @@ import threading
 import time
 import urllib.request
 
+from pbwire import free_port, mp_str, mp_uint
+
 APP = "com.example.app"
 TOKEN = "ab" * 32
 MQTT_USERS = 1000
 IOS_USERS = 100
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def cluster_port():
@@ -82,19 +76,6 @@ def port_open(port):
 
 
 # --- msgpack, by hand: [2, uid, {"n": i} | {"alert": "x", "n": i}] ------------
-
-def mp_uint(n):
-    if n < 0x80:
-        return bytes([n])
-    if n < 0x10000:
-        return b"\xcd" + struct.pack(">H", n)
-    return b"\xce" + struct.pack(">I", n)
-
-
-def mp_str(s):
-    b = s.encode()
-    return bytes([0xA0 | len(b)]) + b
-
 
 def frame(uid, n, alert):
     if alert:

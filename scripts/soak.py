@@ -24,6 +24,8 @@ import threading
 import time
 import urllib.request
 
+from pbwire import free_port, mp_str, mp_uint
+
 COUNTERS = [
     "pushes_accepted",
     "apns_queued",
@@ -46,33 +48,8 @@ SHORT = {
 }
 
 
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
 
 # --- msgpack, by hand -------------------------------------------------------
-
-def mp_uint(n):
-    if n < 0x80:
-        return bytes([n])
-    if n < 0x100:
-        return b"\xcc" + bytes([n])
-    if n < 0x10000:
-        return b"\xcd" + struct.pack(">H", n)
-    if n < 0x100000000:
-        return b"\xce" + struct.pack(">I", n)
-    return b"\xcf" + struct.pack(">Q", n)
-
-
-def mp_str(s):
-    b = s.encode()
-    assert len(b) < 32
-    return bytes([0xA0 | len(b)]) + b
-
 
 PREFIX_MAP = b"\x82" + mp_str("alert") + mp_str("hi") + mp_str("n")
 

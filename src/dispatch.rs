@@ -309,7 +309,7 @@ impl Dispatcher {
         if kept.is_empty() {
             return;
         }
-        match self.offline.keep_all(kept).await {
+        match self.offline.keep(kept).await {
             Ok(dropped) => {
                 self.stats.offline_kept.add(kept.len() as u64);
                 self.stats.offline_dropped.add(dropped as u64);

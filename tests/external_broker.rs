@@ -69,13 +69,7 @@ async fn status_on_the_external_broker_sets_focus() {
     let broker = Mosquitto::start();
     let server = server::start(settings(&broker, "pb-1", None)).await;
     wait_for(&server.stats, |s| s.mqtt_external_subscribed.get() >= 1).await;
-    let mut app = Device::connect(broker.addr(), "app-77", true).await;
-    app.publish("push/app/status", br#"{"user_id": 77, "focus": true}"#)
-        .await;
-    support::wait_for_focus(&server, "77", true).await;
-    app.publish("push/app/status", br#"{"user_id": "77", "focus": false}"#)
-        .await;
-    support::wait_for_focus(&server, "77", false).await;
+    support::status_sets_and_clears_focus(&server, broker.addr()).await;
     server.stop().await;
 }
 

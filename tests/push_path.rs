@@ -159,15 +159,10 @@ async fn persistent_session(settings: pushbridge::settings::Settings) {
 both_registries!(status_topic_sets_and_clears_focus, status_focus, cluster);
 async fn status_focus(settings: pushbridge::settings::Settings) {
     let server = server::start(settings).await;
-    let mut app = Device::connect(server.mqtt_addr, "app-77", true).await;
-    app.publish("push/app/status", br#"{"user_id": 77, "focus": true}"#)
-        .await;
-    support::wait_for_focus(&server, "77", true).await;
-    app.publish("push/app/status", br#"{"user_id": "77", "focus": false}"#)
-        .await;
-    support::wait_for_focus(&server, "77", false).await;
+    support::status_sets_and_clears_focus(&server, server.mqtt_addr).await;
 
     // Focus set, then the connection drops: focus is cleared.
+    let mut app = Device::connect(server.mqtt_addr, "app-77", true).await;
     app.publish("push/app/status", br#"{"user_id": 77, "focus": true}"#)
         .await;
     support::wait_for_focus(&server, "77", true).await;

@@ -23,8 +23,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::dispatch::Dispatcher;
 use crate::intake::StreamWriter;
-use crate::push::Id;
-use crate::registry::Registry;
+use crate::push::{Id, UserRecord};
+use crate::registry::{Registry, UserStore};
 use crate::stats::Stats;
 
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +78,16 @@ impl HttpState {
     fn registry_failed(&self, e: crate::registry::RegistryError) -> HttpError {
         self.stats.registry_errors.inc();
         HttpError::Registry(e)
+    }
+
+    /// One user's record; `None` when the registry has none.
+    async fn user(&self, uid: &Id) -> Result<Option<UserRecord>, HttpError> {
+        let mut found = self
+            .registry
+            .users(std::slice::from_ref(uid))
+            .await
+            .map_err(|e| self.registry_failed(e))?;
+        Ok(found.pop().flatten())
     }
 
     /// Pushes waiting in the in-memory intake queue.

@@ -32,14 +32,7 @@ pub(super) async fn get(
     Path(uid): Path<String>,
 ) -> Result<Json<UserView>, HttpError> {
     let uid = id(&uid)?;
-    let record = state
-        .registry
-        .users(std::slice::from_ref(&uid))
-        .await
-        .map_err(|e| state.registry_failed(e))?
-        .pop()
-        .flatten()
-        .ok_or(HttpError::NotFound)?;
+    let record = state.user(&uid).await?.ok_or(HttpError::NotFound)?;
     Ok(Json(UserView {
         id: uid.to_string(),
         token: record.app_token,
@@ -128,14 +121,7 @@ pub(super) async fn presence(
         ));
     };
     let seen = broker.presence(uid.as_str());
-    let focus = state
-        .registry
-        .users(std::slice::from_ref(&uid))
-        .await
-        .map_err(|e| state.registry_failed(e))?
-        .pop()
-        .flatten()
-        .is_some_and(|r| r.app_focus);
+    let focus = state.user(&uid).await?.is_some_and(|r| r.app_focus);
     let client_ids: Vec<&str> = seen.iter().map(|s| &*s.client_id).collect();
     Ok(Json(serde_json::json!({
         "user": uid.as_str(),

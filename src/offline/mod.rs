@@ -90,17 +90,10 @@ impl OfflineStore {
         self.max > 0
     }
 
-    /// Keeps `payload` for each of `users`; returns how many older messages
-    /// were dropped to stay within the bound.
-    pub async fn keep(&self, users: &[Id], payload: &Bytes) -> Result<usize, OfflineError> {
-        let kept: Vec<(Id, Bytes)> = users.iter().map(|u| (u.clone(), payload.clone())).collect();
-        self.keep_all(&kept).await
-    }
-
     /// Keeps each (user, message), in order: a whole dispatch batch in one
     /// Redis round trip. Returns how many older messages were dropped to
     /// stay within the bound.
-    pub async fn keep_all(&self, kept: &[(Id, Bytes)]) -> Result<usize, OfflineError> {
+    pub async fn keep(&self, kept: &[(Id, Bytes)]) -> Result<usize, OfflineError> {
         if kept.is_empty() || !self.enabled() {
             return Ok(0);
         }
@@ -275,7 +268,10 @@ mod tests {
         let (a, b) = (Id::from("a"), Id::from("b"));
         for n in 0..3u8 {
             let dropped = store
-                .keep(&[a.clone(), b.clone()], &Bytes::from(vec![n]))
+                .keep(&[
+                    (a.clone(), Bytes::from(vec![n])),
+                    (b.clone(), Bytes::from(vec![n])),
+                ])
                 .await;
             assert_eq!(dropped.unwrap(), if n < 2 { 0 } else { 2 });
         }
@@ -284,7 +280,7 @@ mod tests {
         assert_eq!((got, p.read, p.expired), (vec![(1, 1), (2, 2)], 2, 0));
         store.remove(&a, 1).await.unwrap();
         store
-            .keep(std::slice::from_ref(&a), &Bytes::from_static(&[9]))
+            .keep(&[(a.clone(), Bytes::from_static(&[9]))])
             .await
             .unwrap();
         let p = store.pending(&a).await.unwrap();
@@ -302,7 +298,7 @@ mod tests {
         store.ttl = Duration::ZERO;
         let a = Id::from("a");
         store
-            .keep(std::slice::from_ref(&a), &Bytes::from_static(b"x"))
+            .keep(&[(a.clone(), Bytes::from_static(b"x"))])
             .await
             .unwrap();
         let p = store.pending(&a).await.unwrap();

@@ -83,3 +83,15 @@ pub async fn wait_for_focus(server: &pushbridge::Server, uid: &str, focus: bool)
     })
     .await;
 }
+
+/// The app's status message sets focus, and clears it again (the user id as
+/// a number, then as a string), published by a client of the broker at `mqtt`.
+pub async fn status_sets_and_clears_focus(server: &pushbridge::Server, mqtt: std::net::SocketAddr) {
+    let mut app = mqtt::Device::connect(mqtt, "app-77", true).await;
+    app.publish("push/app/status", br#"{"user_id": 77, "focus": true}"#)
+        .await;
+    wait_for_focus(server, "77", true).await;
+    app.publish("push/app/status", br#"{"user_id": "77", "focus": false}"#)
+        .await;
+    wait_for_focus(server, "77", false).await;
+}
