@@ -342,8 +342,9 @@ level = "warn"
             if v:
                 print(f"#  {k} = {v}")
 
-        base = min(samples, key=lambda r: abs(r["t"] - args.baseline_at))
         flood_rows = [r for r in samples if r["t"] <= args.duration + 0.5]
+        # Within the flood, so a run shorter than --baseline-at still has a verdict.
+        base = min(flood_rows, key=lambda r: abs(r["t"] - args.baseline_at))
         end = flood_rows[-1]
         peak = max(samples, key=lambda r: r["rss"])
         growth = (end["rss"] - base["rss"]) / base["rss"]
