@@ -246,16 +246,18 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
         true => "external".to_string(),
         false => mqtt_addr.to_string(),
     };
+    let off = |a: Option<SocketAddr>| a.map_or("off".to_string(), |a| a.to_string());
     info!(
         proxy = %proxy_addr,
         mqtt = %mqtt_shown,
-        mqtt_tls = ?mqtt_tls_addr,
-        mqtt_ws = ?mqtt_ws_addr,
+        mqtt_tls = %off(mqtt_tls_addr),
+        mqtt_ws = %off(mqtt_ws_addr),
         http = %http_addr,
         registry = registry.describe(),
         durable_intake = settings.intake.durable,
         prefix = %settings.mqtt.prefix,
-        "pushbridge started"
+        "pushbridge started; try `pushbridge send --addr {proxy_addr} --user 42 '{{\"alert\":\"hi\"}}'` \
+         and the dashboard at http://{http_addr}/"
     );
     Ok(Server {
         proxy_addr,
