@@ -8,6 +8,7 @@ pub mod apns;
 pub mod auth;
 pub mod dispatch;
 pub mod external;
+#[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod http;

@@ -134,6 +134,12 @@ async fn main() -> anyhow::Result<()> {
             init_tracing(&settings, arg.log_level.as_deref().or(Some("warn")));
             println!("settings: {} ok", arg.config.display());
             let apps = pushbridge::check_config(&settings)?;
+            if apps.is_empty() {
+                println!(
+                    "apns: {} lists no apps (APNs off)",
+                    settings.apns.config.display()
+                );
+            }
             let mut broken = 0;
             for (app, check) in &apps {
                 match check {
