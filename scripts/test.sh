@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the tests need (redis-server, mosquitto clients, openssl,
-# h2load, chromium and chromedriver for the dashboard test) when missing,
-# then runs the whole test suite. CI runs exactly this.
+# h2load, chromium and chromedriver for the browser tests, node and npm for
+# MQTT.js) when missing, then runs the whole test suite. CI runs exactly this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,12 +15,19 @@ command -v curl >/dev/null 2>&1 || need+=(curl)
 [ -x /usr/bin/chromedriver ] || need+=(chromium-driver)
 # h2load: the benchmark's smoke test compares the APNs sender with it.
 command -v h2load >/dev/null 2>&1 || need+=(nghttp2-client)
+# npm: fetches MQTT.js (tests/browser) for the browser MQTT test.
+command -v npm >/dev/null 2>&1 || need+=(nodejs npm)
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
   echo "installing: ${need[*]}"
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+# MQTT.js as pinned in tests/browser/package-lock.json; again when the lock is newer.
+if [ tests/browser/package-lock.json -nt tests/browser/node_modules/.package-lock.json ]; then
+  (cd tests/browser && npm ci --no-audit --no-fund)
 fi
 
 cargo test --locked --workspace --all-targets --all-features "$@"

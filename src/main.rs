@@ -134,6 +134,14 @@ async fn main() -> anyhow::Result<()> {
             init_tracing(&settings, arg.log_level.as_deref().or(Some("warn")));
             println!("settings: {} ok", arg.config.display());
             let apps = pushbridge::check_config(&settings)?;
+            if let Some(cert) = &settings.mqtt.tls_cert {
+                let used = pushbridge::mqtt_tls_listeners(&settings.mqtt);
+                let used = match used.is_empty() {
+                    true => "no TLS listener set".to_string(),
+                    false => used.join(", "),
+                };
+                println!("mqtt tls: {} ok ({used})", cert.display());
+            }
             if apps.is_empty() {
                 println!(
                     "apns: {} lists no apps (APNs off)",
