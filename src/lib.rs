@@ -24,6 +24,7 @@ pub mod settings;
 pub mod stats;
 pub mod status;
 pub mod utc;
+pub mod wire;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -4,9 +4,9 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
-use pushbridge::proxy::client::{self, Recipient};
-use pushbridge::proxy::frame::Status;
 use pushbridge::settings::{LogFormat, Settings};
+use pushbridge::wire::client::{self, Recipient};
+use pushbridge::wire::frame::Status;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -171,7 +171,7 @@ async fn main() -> anyhow::Result<()> {
             let Some(secret) = settings.auth.jwt_secret.as_deref() else {
                 bail!("auth.jwt_secret is not set in {}", args.config.display());
             };
-            let exp = pushbridge::auth::now() + args.ttl;
+            let exp = pushbridge::utc::now() + args.ttl;
             println!(
                 "{}",
                 pushbridge::auth::jwt::mint_hs256(secret, &args.user, &args.groups, exp)

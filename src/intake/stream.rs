@@ -10,8 +10,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::ack::{InFlightRef, Settled};
 use super::IntakeError;
+use crate::push::ack::{InFlightRef, Settled};
 use crate::stats::Stats;
 use std::sync::Arc;
 

@@ -19,7 +19,7 @@ use super::presence::Seen;
 use super::session::Owner;
 use super::transport::Stream;
 use super::Inner;
-use crate::auth::{self, Refusal};
+use crate::auth::Refusal;
 
 /// Reads the CONNECT, attaches the session and queues the CONNACK.
 pub(super) async fn handshake(
@@ -127,7 +127,7 @@ pub(super) async fn handshake(
     if let Some(user) = &identity.user {
         let seen = Seen {
             client_id: client_id.as_str().into(),
-            since: auth::now(),
+            since: crate::utc::now(),
         };
         inner.presence().connect(conn, user, seen);
     }
@@ -164,7 +164,7 @@ pub(super) async fn handshake(
         wake,
         // An expiry too far away to represent is no expiry.
         expires: identity.expires.and_then(|at| {
-            Instant::now().checked_add(Duration::from_secs(at.saturating_sub(auth::now())))
+            Instant::now().checked_add(Duration::from_secs(at.saturating_sub(crate::utc::now())))
         }),
         identity: Box::new(identity),
     };
