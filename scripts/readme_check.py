@@ -114,8 +114,9 @@ class Session:
         self.log = open(self.log_path, "w")
         self.background = []
         print(f"$ {serve}", flush=True)
+        # bash runs a lone command in place, so the signal reaches the server
         self.server = subprocess.Popen(
-            ["bash", "-c", "exec " + serve], cwd=ROOT, stdout=self.log,
+            ["bash", "-c", serve], cwd=ROOT, stdout=self.log,
             stderr=subprocess.STDOUT, start_new_session=True)
 
     def healthy(self):
@@ -167,7 +168,11 @@ class Session:
             with open(path) as f:
                 return want in (l.strip() for l in f)
 
-        wait_for(f"`{cmd}` to print {want}", printed, WAIT)
+        try:
+            wait_for(f"`{cmd}` to print {want}", printed, WAIT)
+        except Fail as e:
+            with open(path) as f:
+                raise Fail(f"{e}; it printed: {f.read()!r}") from None
         print(f"  (mosquitto_sub printed {want})", flush=True)
 
     def stop(self):
