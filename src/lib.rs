@@ -18,6 +18,7 @@ pub mod offline;
 pub mod proxy;
 pub mod publisher;
 pub mod push;
+pub mod redis_conn;
 pub mod registry;
 pub mod router;
 pub mod settings;

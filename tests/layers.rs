@@ -12,7 +12,8 @@ const LAYERS: &[&[&str]] = &[
     &["utc", "settings"],
     &["push", "stats"],
     // the wire codec, pure decisions, stores
-    &["wire", "router", "registry", "auth"],
+    &["wire", "router", "redis_conn", "auth"],
+    &["registry"],
     // egress: the embedded broker, then what hangs off its events
     &["mqtt"],
     &["status", "offline"],

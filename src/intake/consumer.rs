@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::registry::conn::RedisConn;
+use crate::redis_conn::RedisConn;
 use bytes::Bytes;
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
 use tokio::sync::mpsc;

@@ -21,7 +21,8 @@ use futures_util::future::try_join_all;
 
 pub use self::replay::{run, Replay};
 use crate::push::Id;
-use crate::registry::{RedisConn, Registry};
+use crate::redis_conn::RedisConn;
+use crate::registry::Registry;
 use crate::settings::{OfflineSettings, RegistrySettings};
 
 #[derive(Debug, thiserror::Error)]
