@@ -115,6 +115,12 @@ class Server:
         wait_until(lambda: all((t / "stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
                                for t in tasks.iterdir()), "pushbridge to stop (SIGSTOP)")
 
+    def wait_gone(self, user):
+        """Until no connection that subscribed to the user's topic is open
+        (its session has been released or detached by then)."""
+        wait_until(lambda: not self.get_json(f"/v1/users/{user}/presence")["connected"],
+                   f"user {user}'s connections to end")
+
     def stop(self, sig=signal.SIGTERM):
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(sig)

@@ -30,7 +30,8 @@ def tls_server(make_server, tmp_path):
 
 def token(server, user):
     out = subprocess.run([binary(), "token", "--user", str(user), "--config", str(server.config)],
-                         check=True, capture_output=True, text=True)
+                         capture_output=True, text=True, env={"RUST_BACKTRACE": "0"})
+    assert out.returncode == 0, f"pushbridge token failed: {out.stderr}"
     return out.stdout.strip()
 
 

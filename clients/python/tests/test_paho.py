@@ -26,6 +26,7 @@ def test_a_persistent_session_gets_what_was_sent_while_away(server, version):
     assert not app.connect()
     app.subscribe(topic)
     app.disconnect()
+    server.wait_gone(user)
     with Client("127.0.0.1", server.proxy_port) as push:
         for n in range(3):
             push.to_user(user, {"n": n})
@@ -42,6 +43,7 @@ def test_mqtt5_without_session_expiry_keeps_no_session(server):
     app.connect()
     app.subscribe("push/user/77")
     app.disconnect()
+    server.wait_gone(77)  # else the reconnect may take the session over
     again = Device(server.mqtt_port, "phone-77", 5, clean=False)
     assert not again.connect()
     again.disconnect()
