@@ -75,7 +75,8 @@ def test_frames_written_but_unanswered_are_resent_on_the_next_connection(server)
         push.to_user(6, {"n": n})
     wait_until(lambda: push.stats().in_flight == 3, lambda: f"3 frames in flight: {push.stats()}")
     server.stop(signal.SIGKILL)  # they were never read: not accepted
-    wait_until(lambda: push.stats().resent == 3, lambda: f"3 frames queued again: {push.stats()}")
+    # >= 3: a reconnect into the dying process's backlog re-sends them again
+    wait_until(lambda: push.stats().resent >= 3, lambda: f"3 frames queued again: {push.stats()}")
     server.start()
     app = Device(server.mqtt_port, "app-6")
     app.connect()

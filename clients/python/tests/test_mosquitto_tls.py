@@ -13,18 +13,19 @@ from pushbridge_client import Client
 
 
 @pytest.fixture
-def tls_server(make_server, tmp_path):
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+def tls_server(make_server):
+    """As docs/mqtt.md: paths relative to the server's working directory."""
+    tls_port = free_port()
+    server = make_server(
+        mqtt={"tls_listen": f"127.0.0.1:{tls_port}", "tls_cert": "tls.pem", "tls_key": "tls.key"},
+        auth={"mode": "jwt", "jwt_secret": "change-me"})
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-         "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
-         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True)
-    server = make_server(
-        mqtt={"tls_listen": f"127.0.0.1:{free_port()}", "tls_cert": str(cert), "tls_key": str(key)},
-        auth={"mode": "jwt", "jwt_secret": "change-me"}).start()
-    server.cafile = str(cert)
-    server.tls_port = int(server.settings["mqtt"]["tls_listen"].rsplit(":", 1)[1])
+         "-nodes", "-days", "30", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", "tls.key", "-out", "tls.pem"],
+        cwd=server.dir, check=True, capture_output=True)
+    server.start()
+    server.cafile, server.tls_port = str(server.dir / "tls.pem"), tls_port
     return server
 
 
