@@ -115,3 +115,18 @@ def test_the_docs_python_snippet_works(server):
     exec(code, {})
     assert app.expect(1) == [("push/user/42", {"alert": "hi"})]
     app.disconnect()
+
+
+def test_keepalives_hold_the_connection_past_the_idle_timeout(make_server):
+    server = make_server(proxy={"idle_timeout_secs": 1}).start()
+    kept = client_for(server, keepalive=0.2)
+    kept.to_user(9, {"n": 1})
+    assert kept.flush(10)
+    silent = client_for(server, keepalive=None)  # connected after `kept`
+    silent.to_user(9, {"n": 2})
+    assert silent.flush(10)
+    wait_until(lambda: silent.stats().reconnects >= 1, "the server to close the idle connection")
+    s = kept.stats()
+    assert (s.reconnects, s.connected) == (0, True), s
+    kept.close()
+    silent.close()
