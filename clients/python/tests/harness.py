@@ -6,6 +6,7 @@ import json
 import os
 import queue
 import random
+import select
 import signal
 import socket
 import struct
@@ -167,7 +168,9 @@ class Device:
         self.events, self.messages = queue.Queue(), queue.Queue()
         self.c.on_connect = lambda c, u, flags, rc, p: self.events.put(("connack", flags, rc))
         self.c.on_subscribe = lambda c, u, mid, rcs, p: self.events.put(("suback", rcs))
-        self.c.on_message = lambda c, u, m: self.messages.put((m.topic, m.payload))
+        self.dups = []
+        self.c.on_message = lambda c, u, m: (self.dups.append(m.dup),
+                                             self.messages.put((m.topic, m.payload)))
         self.c.reconnect_delay_set(60, 60)  # a test reconnects explicitly
 
     def connect(self):
@@ -211,6 +214,15 @@ class Device:
                 raise AssertionError(f"got {len(got)} of {count} messages: {got}") from None
             got.append((topic, json.loads(payload)))
         return got
+
+    def stop_reading(self):
+        """paho reads (and acknowledges) nothing more."""
+        self.c.loop_stop()
+
+    def wait_unread(self):
+        """Until the broker has written something this client has not read."""
+        ready, _, _ = select.select([self.c.socket()], [], [], WAIT)
+        assert ready, f"nothing arrived on the socket within {WAIT}s"
 
     def disconnect(self):
         self.c.disconnect()

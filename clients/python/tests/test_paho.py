@@ -38,6 +38,26 @@ def test_a_persistent_session_gets_what_was_sent_while_away(server, version):
     back.disconnect()
 
 
+@pytest.mark.parametrize("version", VERSIONS)
+def test_an_unacknowledged_push_is_sent_again_to_the_resumed_session(server, version):
+    user = 600 + version
+    topic = f"push/user/{user}"
+    app = persistent(server.mqtt_port, f"phone-{user}", version)
+    app.connect()
+    app.subscribe(topic)
+    app.stop_reading()
+    with Client("127.0.0.1", server.proxy_port) as push:
+        push.to_user(user, {"n": 1})
+    app.wait_unread()  # the PUBLISH is there, never acknowledged
+    app.kill()
+    server.wait_gone(user)
+    back = persistent(server.mqtt_port, f"phone-{user}", version)
+    assert back.connect()
+    assert back.expect(1) == [(topic, {"n": 1})]
+    assert back.dups == [True], "a re-sent PUBLISH carries DUP = 1"
+    back.disconnect()
+
+
 def test_mqtt5_without_session_expiry_keeps_no_session(server):
     app = Device(server.mqtt_port, "phone-77", 5, clean=False)
     app.connect()
