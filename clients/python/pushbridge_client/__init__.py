@@ -138,11 +138,10 @@ class Client:
         if self._sock is None:
             return
         self._gen += 1
-        try:
+        try:  # wakes both threads; the writer closes it once the reader is out
             self._sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
-        self._sock.close()
         self._sock = None
         self._stats.resent += len(self._unacked)
         self._pending.extendleft(reversed(self._unacked))
@@ -172,8 +171,12 @@ class Client:
                 self._sock, gen = sock, self._gen
                 self._stats.reconnects += self._connections > 0
                 self._connections += 1
-            threading.Thread(target=self._read, args=(sock, gen), daemon=True).start()
-            if self._write(sock, gen):
+            reader = threading.Thread(target=self._read, args=(sock, gen), daemon=True)
+            reader.start()
+            accepted = self._write(sock, gen)
+            reader.join()
+            sock.close()
+            if accepted:  # the connection worked: reconnect at once
                 delay = self.backoff
             else:
                 with self._cond:

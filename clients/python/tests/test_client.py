@@ -44,6 +44,16 @@ def test_counts_accepted_and_refused_per_status_byte(server):
     assert (s.dropped, s.reconnects, s.pending, s.in_flight) == (0, 0, 0, 0)
 
 
+def test_an_oversized_frame_is_refused_once_and_the_rest_go_on_a_new_connection(make_server):
+    server = make_server(proxy={"max_frame": 64}).start()
+    push = client_for(server)
+    push.to_user(1, {"big": "x" * 100})  # 0x07, then the server closes
+    push.to_user(1, {"n": 1})
+    assert push.close(10), push.stats()
+    s = push.stats()
+    assert (s.accepted, s.refused, s.reconnects) == (1, {0x07: 1}, 1), s
+
+
 def test_frames_sent_while_the_server_is_down_arrive_after_restart(server):
     push = client_for(server)
     push.to_user(5, {"n": 0})
