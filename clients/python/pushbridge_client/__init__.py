@@ -11,7 +11,6 @@ next connection (at least once: the server may see such a frame twice).
 import socket
 import struct
 import threading
-import time
 from collections import deque
 from dataclasses import dataclass, field
 
