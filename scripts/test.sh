@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the tests need (redis-server, mosquitto clients, openssl,
 # h2load, chromium and chromedriver for the browser tests, node and npm for
-# MQTT.js) when missing, then runs the whole test suite. CI runs exactly this.
+# MQTT.js, python3-venv) when missing, then runs the whole test suite: cargo
+# test, then the Python client's pytest suite. CI runs exactly this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,6 +18,8 @@ command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v h2load >/dev/null 2>&1 || need+=(nghttp2-client)
 # npm: fetches MQTT.js (tests/browser) for the browser MQTT test.
 command -v npm >/dev/null 2>&1 || need+=(nodejs npm)
+# The Python client's tests run in a venv (target/pyenv).
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3 python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
@@ -31,3 +34,11 @@ if [ tests/browser/package-lock.json -nt tests/browser/node_modules/.package-loc
 fi
 
 cargo test --locked --workspace --all-targets --all-features "$@"
+
+# The Python backend client and the paho / mosquitto interop tests, against
+# the debug binary (cargo test built it already; this is a no-op then).
+cargo build --locked --bin pushbridge
+python3 -m venv target/pyenv
+target/pyenv/bin/pip install -q --disable-pip-version-check \
+  ./clients/python "pytest>=7" "paho-mqtt>=2,<3"
+PUSHBRIDGE_BIN="$PWD/target/debug/pushbridge" target/pyenv/bin/python -m pytest -q clients/python/tests
