@@ -4,6 +4,8 @@ reconnect with re-sending, the bounded buffer, and the docs' snippet."""
 import re
 import signal
 
+import pytest
+
 from harness import REPO, Device, wait_until
 from pushbridge_client import Client
 
@@ -114,10 +116,11 @@ def test_a_full_buffer_drops_the_oldest_frames_and_counts_them(make_server):
     app.disconnect()
 
 
-def test_the_docs_python_snippet_works(server):
-    doc = (REPO / "docs/http-api.md").read_text()
-    snippet = re.search(r"From Python.*?```python\n(.*?)```", doc, re.S)
-    assert snippet, "docs/http-api.md has no 'From Python' snippet"
+@pytest.mark.parametrize("doc", ["README.md", "docs/http-api.md"])
+def test_the_docs_python_snippet_works(server, doc):
+    text = (REPO / doc).read_text()
+    snippet = re.search(r"From Python.*?```python\n(.*?)```", text, re.S)
+    assert snippet, f"{doc} has no 'From Python' snippet"
     code = snippet.group(1).replace("7100", str(server.proxy_port))
     app = Device(server.mqtt_port, "app-42")
     app.connect()
