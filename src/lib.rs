@@ -220,11 +220,21 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
                 dispatcher,
                 registry: registry.clone(),
                 stats: stats.clone(),
-                token: settings.http.token.as_deref().map(Arc::from),
+                token: settings.http.token.as_deref().map(http::ApiToken::new),
+                allowed_hosts: settings
+                    .http
+                    .allowed_hosts
+                    .iter()
+                    .map(|h| h.to_ascii_lowercase())
+                    .collect(),
                 max_notifications: settings.http.max_notifications,
                 queue,
                 stream,
                 shutdown: shutdown.clone(),
+            },
+            http::Limits {
+                header_timeout: Duration::from_secs(settings.http.header_timeout_secs),
+                max_connections: settings.http.max_connections,
             },
             shutdown.clone(),
         ),

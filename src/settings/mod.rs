@@ -166,6 +166,20 @@ impl Settings {
         if i.max_len == 0 {
             return bad("intake.max_len", "must be at least 1");
         }
+        if self.http.header_timeout_secs == 0 {
+            return bad("http.header_timeout_secs", "must be at least 1");
+        }
+        if self.http.max_connections == 0 {
+            return bad("http.max_connections", "must be at least 1");
+        }
+        if let Some(h) = self.http.allowed_hosts.iter().find(|h| {
+            h.is_empty() || h.contains(|c: char| c == ':' || c == '/' || c.is_whitespace())
+        }) {
+            return bad(
+                "http.allowed_hosts",
+                &format!("{h:?}: must be a host name without port or scheme"),
+            );
+        }
         if self.http.max_notifications == 0 {
             return bad("http.max_notifications", "must be at least 1");
         }

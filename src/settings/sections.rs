@@ -275,6 +275,14 @@ pub struct HttpSettings {
     pub token: Option<String>,
     /// Most notifications one `POST /v1/push` may carry.
     pub max_notifications: usize,
+    /// Host names (besides `localhost` and IP addresses) the API answers to;
+    /// any other `Host` is refused, so a DNS-rebinding page cannot reach it.
+    pub allowed_hosts: Vec<String>,
+    /// A request's head must arrive within this many seconds of the
+    /// connection's first byte (or of the previous answer); then it is closed.
+    pub header_timeout_secs: u64,
+    /// Concurrent HTTP connections; taken before `accept`.
+    pub max_connections: usize,
 }
 
 impl Default for HttpSettings {
@@ -283,6 +291,9 @@ impl Default for HttpSettings {
             listen: "127.0.0.1:8090".parse().unwrap(),
             token: None,
             max_notifications: 100,
+            allowed_hosts: Vec::new(),
+            header_timeout_secs: 10,
+            max_connections: 256,
         }
     }
 }
