@@ -172,6 +172,8 @@ async fn a_device_reads_only_its_own_topics() {
 #[tokio::test]
 async fn status_only_about_oneself() {
     let server = server::start(jwt_settings()).await;
+    support::register(&server, "42").await;
+    support::register(&server, "43").await;
     let addr = server.mqtt_addr;
     let mut d42 = Device::connect_as(addr, "phone", "42", &token("42", &[])).await;
     d42.publish("push/app/status", br#"{"user_id":43,"focus":true}"#)
@@ -237,6 +239,7 @@ async fn mode_none_keeps_the_old_topics_but_no_wildcards() {
     let mut settings = server::settings(None);
     settings.mqtt.max_subscriptions = 2;
     let server = server::start(settings).await;
+    support::register(&server, "43").await;
     let mut d = Device::connect(server.mqtt_addr, "anon", true).await;
     assert!(!d.try_subscribe("push/#").await);
     assert!(!d.try_subscribe("push/user/+").await);

@@ -118,11 +118,7 @@ impl HttpState {
 
 /// Parses an id from a path segment or a JSON string.
 fn id(text: &str) -> Result<Id, HttpError> {
-    Id::parse(text).ok_or_else(|| {
-        HttpError::BadRequest(format!(
-            "bad id {text:?}: empty, or has '/', '+', '#' or control characters"
-        ))
-    })
+    Id::parse(text).ok_or_else(|| HttpError::BadRequest(format!("bad id {text:?}: {}", Id::RULE)))
 }
 
 fn routes(state: HttpState) -> Router {
