@@ -127,6 +127,9 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
 
     let auth = Auth::new(&settings.auth, &settings.mqtt.prefix)?
         .with_feedback_topic(settings.feedback_topic());
+    for warning in config_warnings(&settings) {
+        warn!("{warning}");
+    }
     if settings.auth.mode == AuthMode::None && !external {
         warn!(
             "auth.mode = none: MQTT clients are not authenticated; any client may read any \
@@ -345,6 +348,22 @@ async fn while_up<F: std::future::Future>(up: Vec<stats::Up>, task: F) -> F::Out
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), Error> {
     start(settings, shutdown).await?.wait().await;
     Ok(())
+}
+
+/// Settings that work but are weak; `check-config` prints them, `serve`
+/// logs them.
+pub fn config_warnings(settings: &Settings) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(secret) = &settings.auth.jwt_secret {
+        if secret.len() < 32 {
+            out.push(format!(
+                "auth.jwt_secret is {} bytes; an HS256 secret should be at least 32 random bytes \
+                 (e.g. `openssl rand -base64 32`)",
+                secret.len()
+            ));
+        }
+    }
+    out
 }
 
 /// `pushbridge check-config`: the auth key and MQTT TLS files, then every

@@ -116,10 +116,56 @@ async fn bad_tokens_are_refused_with_the_right_code() {
     assert_eq!(server.stats.mqtt_auth_refused.get(), 8);
     // The listener survived all of it.
     Device::connect_as(addr, "after", "42", &token("42", &[])).await;
-    // An expiry too far off for a clock is simply no expiry.
+    // A lifetime over auth.jwt_max_ttl_secs (90 days by default).
     let forever = jwt::mint_hs256(SECRET, "42", &[], u64::MAX);
-    let mut d = Device::connect_as(addr, "forever", "42", &forever).await;
+    let code = v4_refusal(addr, Some(&forever)).await;
+    assert_eq!(code, Some(ConnectReturnCode::BadUserNamePassword));
+    server.stop().await;
+
+    // Unbounded: an expiry too far off for a clock is simply no expiry.
+    let mut settings = jwt_settings();
+    settings.auth.jwt_max_ttl_secs = 0;
+    let server = server::start(settings).await;
+    let mut d = Device::connect_as(server.mqtt_addr, "forever", "42", &forever).await;
     d.subscribe("push/user/42").await;
+}
+
+/// Issue 14 point 12: with auth.jwt_audience and auth.jwt_issuer set, a
+/// token signed with the same key for another service is refused, and so is
+/// one with a lifetime over auth.jwt_max_ttl_secs or a non-numeric nbf.
+#[tokio::test]
+async fn tokens_for_other_services_or_too_long_are_refused() {
+    let mut settings = jwt_settings();
+    settings.auth.jwt_audience = Some("pushbridge".into());
+    settings.auth.jwt_issuer = Some("https://auth.example".into());
+    settings.auth.jwt_max_ttl_secs = 3600;
+    let server = server::start(settings).await;
+    let addr = server.mqtt_addr;
+    let mint = |claims: serde_json::Value| {
+        let mut c = serde_json::json!({"sub": "42", "exp": now() + 600,
+            "aud": "pushbridge", "iss": "https://auth.example"});
+        for (k, v) in claims.as_object().unwrap() {
+            c[k] = v.clone();
+        }
+        jwt::mint_hs256_claims(SECRET, c.as_object().unwrap().clone())
+    };
+    assert_eq!(
+        v4_refusal(addr, Some(&mint(serde_json::json!({})))).await,
+        None
+    );
+    for claims in [
+        serde_json::json!({"aud": "billing"}),
+        serde_json::json!({"iss": "https://other.example"}),
+        serde_json::json!({"exp": now() + 7200}),
+        serde_json::json!({"exp": 1u64 << 62}),
+        serde_json::json!({"nbf": "later"}),
+    ] {
+        assert_eq!(
+            v4_refusal(addr, Some(&mint(claims.clone()))).await,
+            Some(ConnectReturnCode::BadUserNamePassword),
+            "{claims}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -306,7 +306,7 @@ pub enum AuthMode {
     Jwt,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthSettings {
     pub mode: AuthMode,
@@ -314,6 +314,27 @@ pub struct AuthSettings {
     pub jwt_public_key: Option<PathBuf>,
     /// Token subjects that may subscribe to any topic (monitoring); `jwt` mode only.
     pub service_accounts: Vec<String>,
+    /// When set, a token's `aud` (a string or a list) must contain it.
+    pub jwt_audience: Option<String>,
+    /// When set, a token's `iss` must equal it.
+    pub jwt_issuer: Option<String>,
+    /// A token whose `exp` is further than this from now (or from its
+    /// `iat`) is refused; 0: no bound.
+    pub jwt_max_ttl_secs: u64,
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        Self {
+            mode: AuthMode::None,
+            jwt_secret: None,
+            jwt_public_key: None,
+            service_accounts: Vec::new(),
+            jwt_audience: None,
+            jwt_issuer: None,
+            jwt_max_ttl_secs: 90 * 86400,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, Default, PartialEq, Eq)]
