@@ -107,6 +107,7 @@ async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, Error>
 
 /// Binds the listeners and starts every part; cancelling `shutdown` stops it.
 pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Server, Error> {
+    settings.check_anonymous()?;
     raise_fd_limit();
     let stats = Arc::new(Stats::default());
     let registry = Registry::open(&settings.registry).await?;

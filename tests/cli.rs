@@ -148,6 +148,10 @@ fn bad_settings_name_the_key() {
     for (extra, key) in [
         ("[mqtt]\nprefx = \"x\"\n", "prefx"),
         ("[proxy]\nmax_frame = \"big\"\n", "max_frame"),
+        (
+            "[mqtt]\nlisten = \"0.0.0.0:1883\"\n",
+            "auth.allow_anonymous",
+        ),
     ] {
         let path = dir.path().join("bad.toml");
         std::fs::write(&path, extra).unwrap();

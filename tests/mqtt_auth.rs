@@ -336,3 +336,26 @@ async fn v5_client_is_told_its_token_expired() {
         other => panic!("expected DISCONNECT, got {other:?}"),
     }
 }
+
+/// Issue 14 point 13: anonymous devices on a listener beyond loopback only
+/// when the operator says so.
+#[tokio::test]
+async fn anonymous_mqtt_beyond_loopback_needs_allow_anonymous() {
+    let mut settings = server::settings(None);
+    settings.mqtt.listen = "0.0.0.0:0".parse().unwrap();
+    let err = pushbridge::start(settings.clone(), Default::default())
+        .await
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        err.contains("auth.mode") && err.contains("auth.allow_anonymous"),
+        "{err}"
+    );
+    settings.auth.allow_anonymous = true;
+    let server = server::start(settings).await;
+    let loopback = std::net::SocketAddr::from(([127, 0, 0, 1], server.mqtt_addr.port()));
+    let mut d = Device::connect(loopback, "anon", true).await;
+    d.subscribe("push/user/1").await;
+    server.stop().await;
+}

@@ -86,7 +86,7 @@ pub struct MqttSettings {
 impl Default for MqttSettings {
     fn default() -> Self {
         Self {
-            listen: "0.0.0.0:1883".parse().unwrap(),
+            listen: "127.0.0.1:1883".parse().unwrap(),
             tls_listen: None,
             ws_listen: None,
             tls_cert: None,
@@ -321,6 +321,9 @@ pub struct AuthSettings {
     /// A token whose `exp` is further than this from now (or from its
     /// `iat`) is refused; 0: no bound.
     pub jwt_max_ttl_secs: u64,
+    /// `mode = none` on an MQTT listener beyond loopback is refused unless
+    /// this says the operator means it.
+    pub allow_anonymous: bool,
 }
 
 impl Default for AuthSettings {
@@ -333,6 +336,7 @@ impl Default for AuthSettings {
             jwt_audience: None,
             jwt_issuer: None,
             jwt_max_ttl_secs: 90 * 86400,
+            allow_anonymous: false,
         }
     }
 }
