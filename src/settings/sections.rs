@@ -150,6 +150,12 @@ pub struct OfflineSettings {
     pub max_per_user: usize,
     /// A kept message is dropped this long after it was kept.
     pub ttl_secs: u64,
+    /// Bytes kept per user, as stored; the oldest go first, and a message
+    /// larger than this is not kept. 0: no bound.
+    pub max_bytes_per_user: usize,
+    /// Bytes kept for all users together by the in-memory store; a message
+    /// that does not fit is not kept. 0: no bound.
+    pub max_bytes: usize,
 }
 
 impl Default for OfflineSettings {
@@ -157,6 +163,8 @@ impl Default for OfflineSettings {
         Self {
             max_per_user: 100,
             ttl_secs: 86400,
+            max_bytes_per_user: 1 << 20,
+            max_bytes: 256 << 20,
         }
     }
 }
