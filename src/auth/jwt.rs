@@ -15,6 +15,7 @@ use ring::{hmac, signature};
 use serde_json::{json, Map, Value};
 
 use super::AuthError;
+use crate::push::Id;
 
 /// Why a token was not accepted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -243,15 +244,14 @@ fn number(v: &Value) -> Option<u64> {
         .or_else(|| v.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64))
 }
 
-/// User and group ids: non-empty strings or integers, one topic level.
+/// User and group ids: strings or integers, valid as [`Id`]s.
 fn id(v: &Value) -> Option<String> {
     let s = match v {
         Value::String(s) => s.clone(),
         Value::Number(n) if n.is_u64() || n.is_i64() => n.to_string(),
         _ => return None,
     };
-    let ok = !s.is_empty() && !s.contains(['/', '+', '#']) && !s.chars().any(char::is_control);
-    ok.then_some(s)
+    Id::parse(&s).map(|_| s)
 }
 
 const RSA_OID: &str = "1.2.840.113549.1.1.1";
