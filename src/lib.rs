@@ -225,6 +225,7 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
                 registry: registry.clone(),
                 stats: stats.clone(),
                 token: settings.http.token.as_deref().map(http::ApiToken::new),
+                body_timeout: Duration::from_secs(settings.http.header_timeout_secs),
                 allowed_hosts: settings
                     .http
                     .allowed_hosts

@@ -484,6 +484,32 @@ async fn half_sent_requests_are_closed() {
     server.stop().await;
 }
 
+/// Issue 14 point 7: a body that stops half way is answered 408 and closed
+/// after http.header_timeout_secs.
+#[tokio::test]
+async fn half_sent_bodies_are_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut settings = server::settings(None);
+    settings.http.header_timeout_secs = 1;
+    let server = server::start(settings).await;
+    let mut s = tokio::net::TcpStream::connect(server.http_addr)
+        .await
+        .unwrap();
+    let head = "POST /v1/push HTTP/1.1\r\nHost: localhost\r\n\
+                Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n";
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(br#"{"notifications": ["#).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(support::WAIT, s.read_to_end(&mut out))
+        .await
+        .unwrap_or_else(|_| panic!("still open after {:?}", support::WAIT))
+        .unwrap();
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert_eq!(server.stats.http_pushes.get(), 0);
+    server.stop().await;
+}
+
 /// Issue 14 point 7: at most http.max_connections are served at once; the
 /// next waits (in the backlog) until one of them is closed.
 #[tokio::test]

@@ -80,6 +80,9 @@ pub struct HttpState {
     pub token: Option<ApiToken>,
     /// `http.allowed_hosts`, lower case.
     pub allowed_hosts: Arc<[String]>,
+    /// A request body must arrive this soon after its head
+    /// (`http.header_timeout_secs`).
+    pub body_timeout: Duration,
     pub max_notifications: usize,
     /// The in-memory intake queue, to report its depth (`None` with durable
     /// intake); weak, so it does not keep the dispatcher running after the
@@ -143,8 +146,43 @@ fn routes(state: HttpState) -> Router {
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .merge(api)
+        .layer(middleware::from_fn_with_state(state.clone(), read_body))
         .layer(middleware::from_fn_with_state(state.clone(), browser_guard))
         .with_state(state)
+}
+
+/// Largest request body (axum's default for its extractors, which still apply).
+const BODY_LIMIT: usize = 2 << 20;
+
+/// Reads the whole body before the handler runs, within `body_timeout`, so
+/// a client trickling a body cannot hold a connection (and its permit).
+async fn read_body(State(state): State<HttpState>, req: Request, next: Next) -> Response {
+    let (parts, body) = req.into_parts();
+    let read = tokio::time::timeout(state.body_timeout, axum::body::to_bytes(body, BODY_LIMIT));
+    let bytes = match read.await {
+        Ok(Ok(bytes)) => bytes,
+        // Over the limit (a broken connection gets no answer anyway).
+        Ok(Err(e)) => {
+            let error = json!({ "error": format!("request body over {BODY_LIMIT} bytes: {e}") });
+            let answer = (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                [(header::CONNECTION, "close")],
+                Json(error),
+            );
+            return answer.into_response();
+        }
+        Err(_) => {
+            let error = json!({ "error": "request body not received in time" });
+            let answer = (
+                StatusCode::REQUEST_TIMEOUT,
+                [(header::CONNECTION, "close")],
+                Json(error),
+            );
+            return answer.into_response();
+        }
+    };
+    next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+        .await
 }
 
 /// `http.token`, kept as an HMAC tag under a key made at start, so that a

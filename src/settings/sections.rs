@@ -287,7 +287,8 @@ pub struct HttpSettings {
     /// any other `Host` is refused, so a DNS-rebinding page cannot reach it.
     pub allowed_hosts: Vec<String>,
     /// A request's head must arrive within this many seconds of the
-    /// connection's first byte (or of the previous answer); then it is closed.
+    /// connection's opening (or of the previous answer), and its body within
+    /// as long again; otherwise the connection is closed.
     pub header_timeout_secs: u64,
     /// Concurrent HTTP connections; taken before `accept`.
     pub max_connections: usize,
