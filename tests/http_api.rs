@@ -492,20 +492,24 @@ async fn half_sent_bodies_are_closed() {
     let mut settings = server::settings(None);
     settings.http.header_timeout_secs = 1;
     let server = server::start(settings).await;
-    let mut s = tokio::net::TcpStream::connect(server.http_addr)
-        .await
-        .unwrap();
-    let head = "POST /v1/push HTTP/1.1\r\nHost: localhost\r\n\
-                Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n";
-    s.write_all(head.as_bytes()).await.unwrap();
-    s.write_all(br#"{"notifications": ["#).await.unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(support::WAIT, s.read_to_end(&mut out))
-        .await
-        .unwrap_or_else(|_| panic!("still open after {:?}", support::WAIT))
-        .unwrap();
-    let text = String::from_utf8_lossy(&out);
-    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    for request in ["POST /v1/push", "GET /healthz"] {
+        let mut s = tokio::net::TcpStream::connect(server.http_addr)
+            .await
+            .unwrap();
+        let head = format!(
+            "{request} HTTP/1.1\r\nHost: localhost\r\n\
+             Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        s.write_all(br#"{"notifications": ["#).await.unwrap();
+        let mut out = Vec::new();
+        tokio::time::timeout(support::WAIT, s.read_to_end(&mut out))
+            .await
+            .unwrap_or_else(|_| panic!("{request}: still open after {:?}", support::WAIT))
+            .unwrap();
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.starts_with("HTTP/1.1 408"), "{request}: {text}");
+    }
     assert_eq!(server.stats.http_pushes.get(), 0);
     server.stop().await;
 }

@@ -140,13 +140,15 @@ fn routes(state: HttpState) -> Router {
         .route("/v1/apps", get(ops::apps))
         .route("/metrics", get(ops::metrics))
         .route("/openapi.json", get(ops::openapi))
+        // The token first: no body is read for a client without one.
+        .route_layer(middleware::from_fn_with_state(state.clone(), read_body))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/", get(dashboard::page))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
+        .route_layer(middleware::from_fn_with_state(state.clone(), read_body))
         .merge(api)
-        .layer(middleware::from_fn_with_state(state.clone(), read_body))
         .layer(middleware::from_fn_with_state(state.clone(), browser_guard))
         .with_state(state)
 }
