@@ -71,11 +71,12 @@ pub struct Delivered {
 }
 
 impl Dispatcher {
-    /// Runs until every intake sender is gone and the queue is drained.
+    /// The in-memory intake's loop: runs until every intake sender is gone
+    /// and the queue is drained.
     pub async fn run(self: Arc<Self>, mut intake: mpsc::Receiver<Push>) {
         let mut batch = Vec::with_capacity(BATCH);
         while intake.recv_many(&mut batch, BATCH).await > 0 {
-            if let Err(e) = self.dispatch(&batch).await {
+            if let Err(e) = self.route_now(&batch, Vec::new(), self.outage_wait).await {
                 error!(error = %e, pushes = batch.len(), wait_secs = self.outage_wait.as_secs(),
                     "registry unreachable for longer than registry.outage_wait_secs; \
                     pushes not delivered (counted in pushes_failed_registry)");
@@ -87,46 +88,25 @@ impl Dispatcher {
     }
 
     /// Routes and delivers a batch in order, with one registry lookup for all
-    /// of it (retried with backoff while the registry is unreachable, for up
-    /// to `outage_wait`).
-    pub async fn dispatch(&self, batch: &[Push]) -> Result<Vec<Delivered>, RegistryError> {
-        self.dispatch_within(batch, self.outage_wait).await
-    }
-
-    /// `dispatch`, waiting at most `wait` for an unreachable registry (HTTP
-    /// callers cannot wait as long as the queue can).
-    pub async fn dispatch_within(
+    /// of it, retried with backoff while the registry is unreachable for up
+    /// to `wait` (an HTTP caller cannot wait as long as the queue can).
+    /// `acks` (durable intake: one per push) are settled once every delivery
+    /// is final; if the lookup fails they are dropped unsettled, so the
+    /// stream entries stay pending and are claimed again later.
+    pub async fn route_now(
         &self,
         batch: &[Push],
+        acks: Vec<Ack>,
         wait: Duration,
     ) -> Result<Vec<Delivered>, RegistryError> {
         let records = self.lookup_with_retry(batch, wait).await?;
         let mut out = Vec::with_capacity(batch.len());
         let mut offline = Vec::new();
-        for push in batch {
-            out.push(self.deliver(push, &records, None, &mut offline).await);
-        }
-        self.keep_offline(&offline).await;
-        Ok(out)
-    }
-
-    /// Durable intake: routes and delivers a batch of stream entries, each
-    /// acknowledged once all its deliveries are final. When the registry
-    /// stays unreachable past `outage_wait`, nothing is settled: the
-    /// entries stay pending in the stream and are claimed again later.
-    pub async fn dispatch_acked(&self, batch: Vec<(Push, Ack)>) {
-        let (pushes, acks): (Vec<Push>, Vec<Ack>) = batch.into_iter().unzip();
-        let records = match self.lookup_with_retry(&pushes, self.outage_wait).await {
-            Ok(r) => r,
-            Err(e) => {
-                warn!(error = %e, pushes = pushes.len(),
-                    "registry unreachable; stream entries left pending, to be claimed again");
-                return;
-            }
-        };
-        let mut offline = Vec::new();
-        for (push, ack) in pushes.iter().zip(&acks) {
-            self.deliver(push, &records, Some(ack), &mut offline).await;
+        for (i, push) in batch.iter().enumerate() {
+            out.push(
+                self.deliver(push, &records, acks.get(i), &mut offline)
+                    .await,
+            );
         }
         // Kept before the entries are acknowledged: a crash in between
         // delivers again rather than losing them.
@@ -134,6 +114,7 @@ impl Dispatcher {
         for ack in acks {
             ack.settle();
         }
+        Ok(out)
     }
 
     /// Routing only, for answering what pushes will become before a

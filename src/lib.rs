@@ -67,7 +67,11 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
 /// Settings that work but are weak; `check-config` prints them, `serve`
 /// logs them.
 pub fn config_warnings(settings: &Settings) -> Vec<String> {
-    let mut out = Vec::new();
+    let mut out: Vec<String> = settings
+        .renamed
+        .iter()
+        .map(|r| format!("{r}; the old name will stop working in a later release"))
+        .collect();
     if let Some(secret) = &settings.auth.jwt_secret {
         if secret.len() < 32 {
             out.push(format!(

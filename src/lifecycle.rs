@@ -5,7 +5,7 @@
 //! 1. `ingress`: the proxy and HTTP listeners and their connections; no new
 //!    pushes once it ends (its token is the one `run` is given).
 //! 2. the drain, between phases: queued pushes routed, queued APNs
-//!    notifications answered, together within `proxy.drain_secs`.
+//!    notifications answered, together within `shutdown.drain_secs`.
 //! 3. `devices`: the embedded broker's listeners and connections; devices
 //!    are sent what their sessions hold, then disconnected.
 //! 4. `rest`: the APNs sender, the external broker link, the status and

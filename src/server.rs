@@ -131,7 +131,7 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
         life,
         consumer: started.consumer,
         apns,
-        drain: Duration::from_secs(settings.proxy.drain_secs),
+        drain: Duration::from_secs(settings.shutdown.drain_secs),
     })
 }
 
@@ -151,7 +151,7 @@ fn start_external(
     let cx = external::Context {
         events: tx,
         stats: stats.clone(),
-        drain: Duration::from_secs(settings.proxy.drain_secs),
+        drain: Duration::from_secs(settings.shutdown.drain_secs),
     };
     let ext = ExternalBroker::start(&settings.mqtt, cx, &life.rest)?;
     info!(
@@ -165,7 +165,7 @@ fn start_external(
 impl Server {
     /// Waits for the shutdown token, then stops: ingress first; queued
     /// pushes routed and queued notifications answered by Apple (together
-    /// bounded by `proxy.drain_secs`); devices sent what their sessions
+    /// bounded by `shutdown.drain_secs`); devices sent what their sessions
     /// hold, then disconnected; the focus they leave written; then the rest.
     pub async fn wait(self) {
         self.life.ingress.stopping().await;

@@ -73,8 +73,8 @@ async fn shutdown_during_a_flood_delivers_every_accepted_push() {
     settings.apns.max_in_flight = 2;
     settings.mqtt.max_inflight = 1;
     settings.mqtt.max_queued = FRAMES as usize;
-    settings.proxy.queue = 1024;
-    settings.proxy.drain_secs = 60;
+    settings.intake.queue = 1024;
+    settings.shutdown.drain_secs = 60;
     let server = server::start(settings).await;
 
     let mut devices = Vec::new();

@@ -304,8 +304,8 @@ async fn many_concurrent_backends() {
 async fn stop_with_a_full_queue() {
     let redis = support::redis::RedisServer::start();
     let mut settings = server::settings(Some(&redis.url));
-    settings.proxy.queue = 1;
-    settings.proxy.drain_secs = 1;
+    settings.intake.queue = 1;
+    settings.shutdown.drain_secs = 1;
     let server = server::start(settings).await;
     drop(redis);
     let mut backend = Backend::connect(server.proxy_addr).await;

@@ -134,7 +134,7 @@ pub(super) async fn push(
         Intake::Memory(_) => {
             state
                 .dispatcher
-                .dispatch_within(&pushes, REGISTRY_WAIT)
+                .route_now(&pushes, Vec::new(), REGISTRY_WAIT)
                 .await?
         }
         Intake::Durable(stream) => append(&state, stream, &pushes).await?,

@@ -6,7 +6,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::redis_conn::RedisConn;
 use bytes::Bytes;
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
 use tokio::sync::mpsc;
@@ -18,6 +17,7 @@ use super::stream::{create_group, FIELD};
 use crate::dispatch::{Dispatcher, BATCH};
 use crate::push::ack::{Ack, InFlightRef, Settled};
 use crate::push::Push;
+use crate::redis_conn::RedisConn;
 use crate::wire::frame;
 
 /// Longest blocking read: bounds how late a claim round or a shutdown is noticed.
@@ -186,8 +186,14 @@ impl Consumer {
                 }
             }
         }
-        if !batch.is_empty() {
-            self.dispatcher.dispatch_acked(batch).await;
+        if batch.is_empty() {
+            return;
+        }
+        let (pushes, acks): (Vec<Push>, Vec<Ack>) = batch.into_iter().unzip();
+        let wait = self.dispatcher.outage_wait;
+        if let Err(e) = self.dispatcher.route_now(&pushes, acks, wait).await {
+            warn!(error = %e, pushes = pushes.len(),
+                "registry unreachable; stream entries left pending, to be claimed again");
         }
     }
 }

@@ -68,7 +68,7 @@ pub async fn start(
     let url = match (&settings.registry.redis_url, s.durable) {
         (Some(url), true) => url,
         _ => {
-            let (tx, rx) = mpsc::channel(settings.proxy.queue);
+            let (tx, rx) = mpsc::channel(settings.intake.queue);
             return Ok(Started {
                 intake: Intake::Memory(tx),
                 consumer: tokio::spawn(dispatcher.run(rx)),

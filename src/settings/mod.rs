@@ -32,7 +32,11 @@ pub struct Settings {
     pub http: HttpSettings,
     pub auth: AuthSettings,
     pub intake: IntakeSettings,
+    pub shutdown: ShutdownSettings,
     pub log: LogSettings,
+    /// Keys read under an old name, to be warned about.
+    #[serde(skip)]
+    pub renamed: Vec<String>,
 }
 
 impl Settings {
@@ -53,9 +57,29 @@ impl Settings {
     }
 
     fn from_figment(figment: Figment) -> Result<Self, SettingsError> {
-        let settings: Settings = figment.extract().map_err(Box::new)?;
+        let mut settings: Settings = figment.extract().map_err(Box::new)?;
+        settings.read_old_names();
         settings.check()?;
         Ok(settings)
+    }
+
+    /// Old names of renamed keys still work for a release: their value is
+    /// used unless the new key is set too, and either way it is warned.
+    fn read_old_names(&mut self) {
+        let d = Settings::default();
+        if let Some(q) = self.proxy.queue.take() {
+            if self.intake.queue == d.intake.queue {
+                self.intake.queue = q;
+            }
+            self.renamed.push("proxy.queue is now intake.queue".into());
+        }
+        if let Some(secs) = self.proxy.drain_secs.take() {
+            if self.shutdown.drain_secs == d.shutdown.drain_secs {
+                self.shutdown.drain_secs = secs;
+            }
+            self.renamed
+                .push("proxy.drain_secs is now shutdown.drain_secs".into());
+        }
     }
 
     /// Where the APNs sender publishes feedback for backends.
@@ -110,8 +134,8 @@ impl Settings {
         if self.proxy.max_frame == 0 {
             return bad("proxy.max_frame", "must be at least 1 byte");
         }
-        if self.proxy.queue == 0 {
-            return bad("proxy.queue", "must be at least 1");
+        if self.intake.queue == 0 {
+            return bad("intake.queue", "must be at least 1");
         }
         if self.apns.queue == 0 {
             return bad("apns.queue", "must be at least 1");
@@ -345,6 +369,18 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn old_names_still_work_and_are_warned() {
+        let s = Settings::from_toml("[proxy]\nqueue = 7\ndrain_secs = 3\n").unwrap();
+        assert_eq!((s.intake.queue, s.shutdown.drain_secs), (7, 3));
+        assert_eq!(s.renamed.len(), 2, "{:?}", s.renamed);
+        assert_eq!((s.proxy.queue, s.proxy.drain_secs), (None, None));
+        let both = "[proxy]\nqueue = 7\n[intake]\nqueue = 9\n";
+        let s = Settings::from_toml(both).unwrap();
+        assert_eq!(s.intake.queue, 9, "the new name wins");
+        assert!(Settings::default().renamed.is_empty());
     }
 
     #[test]

@@ -16,11 +16,12 @@ pub struct ProxySettings {
     /// A backend connection silent this long is closed (the old server: 900 s).
     pub idle_timeout_secs: u64,
     pub max_connections: usize,
-    /// Accepted pushes waiting for routing; when full, backends wait.
-    pub queue: usize,
-    /// On shutdown, how long queued pushes may take to be routed and queued
-    /// APNs notifications to be answered.
-    pub drain_secs: u64,
+    /// Old name of `intake.queue`, read for one more release (warned).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue: Option<usize>,
+    /// Old name of `shutdown.drain_secs`, read for one more release (warned).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drain_secs: Option<u64>,
 }
 
 impl Default for ProxySettings {
@@ -30,8 +31,8 @@ impl Default for ProxySettings {
             max_frame: 1 << 20,
             idle_timeout_secs: 900,
             max_connections: 1024,
-            queue: 65536,
-            drain_secs: 10,
+            queue: None,
+            drain_secs: None,
         }
     }
 }
@@ -190,6 +191,9 @@ pub struct IntakeSettings {
     pub claim_idle_ms: u64,
     /// About how many undelivered entries the stream keeps (XADD MAXLEN ~).
     pub max_len: u64,
+    /// Accepted pushes waiting in memory for routing (proxy and HTTP);
+    /// when full, backends wait.
+    pub queue: usize,
 }
 
 impl Default for IntakeSettings {
@@ -201,7 +205,22 @@ impl Default for IntakeSettings {
             consumer: None,
             claim_idle_ms: 30_000,
             max_len: 1_000_000,
+            queue: 65536,
         }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownSettings {
+    /// On SIGTERM, how long queued pushes may take to be routed and queued
+    /// APNs notifications to be answered, together.
+    pub drain_secs: u64,
+}
+
+impl Default for ShutdownSettings {
+    fn default() -> Self {
+        Self { drain_secs: 10 }
     }
 }
 

@@ -73,7 +73,8 @@ class Server:
         self.dir = Path(workdir)
         self.proxy_port, self.mqtt_port, self.http_port = free_port(), free_port(), free_port()
         self.settings = {
-            "proxy": {"listen": f"127.0.0.1:{self.proxy_port}", "drain_secs": 2},
+            "proxy": {"listen": f"127.0.0.1:{self.proxy_port}"},
+            "shutdown": {"drain_secs": 2},
             "mqtt": {"listen": f"127.0.0.1:{self.mqtt_port}"},
             "http": {"listen": f"127.0.0.1:{self.http_port}"},
         }
