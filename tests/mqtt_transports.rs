@@ -245,3 +245,49 @@ async fn connection_cap_is_shared_by_transports() {
         .expect("served once a slot is free");
     assert!(upgraded.unwrap().is_ok());
 }
+
+/// Issue 14: a WebSocket frame larger than `mqtt.max_packet_size` (plus
+/// framing headroom) is refused from its header, before any CONNECT and
+/// before its payload is buffered (raw bytes: a client library would not
+/// stop half-way through a frame).
+#[tokio::test]
+async fn websocket_frame_over_the_packet_size_is_refused_from_its_header() {
+    let mut settings = server::settings(None);
+    settings.mqtt.ws_listen = Some("127.0.0.1:0".parse().unwrap());
+    let server = server::start(settings).await;
+    let mut raw = tokio::net::TcpStream::connect(server.mqtt_ws_addr.unwrap())
+        .await
+        .unwrap();
+    raw.write_all(
+        b"GET /mqtt HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n\
+          Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: mqtt\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        let n = tokio::time::timeout(WAIT, raw.read(&mut b))
+            .await
+            .expect("handshake answer in time")
+            .unwrap();
+        assert_eq!(n, 1, "closed during the handshake");
+        head.push(b[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    // A binary frame announcing 600 kB (under the old 1 MiB message cap,
+    // over the 256 KiB packet size), masked as from a client; a few bytes of it.
+    let mut frame = vec![0x82, 0x80 | 127];
+    frame.extend_from_slice(&600_000u64.to_be_bytes());
+    frame.extend_from_slice(&[1, 2, 3, 4]);
+    frame.extend_from_slice(&[0u8; 16]);
+    raw.write_all(&frame).await.unwrap();
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(WAIT, raw.read_to_end(&mut rest)).await;
+    assert!(ended.is_ok(), "the oversize frame's connection stayed open");
+}

@@ -3,6 +3,7 @@
 //! accept loop, and is bounded by `connect_timeout_secs`.
 
 use std::io;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,6 +27,7 @@ pub(super) async fn handshake(
     inner: Arc<Inner>,
     mut stream: Stream,
     conn: u64,
+    peer: IpAddr,
     shutdown: &CancellationToken,
 ) -> Option<Conn> {
     let mut rbuf = BytesMut::new();
@@ -84,6 +86,12 @@ pub(super) async fn handshake(
         }
     };
 
+    if client_id.len() > inner.settings.max_client_id_len {
+        inner.stats.mqtt_malformed.inc();
+        info!(len = client_id.len(), "CONNECT refused: client id too long");
+        refuse(&mut stream, proto, ConnCode::BadClientId, max).await;
+        return None;
+    }
     let (client_id, assigned) = match client_id.is_empty() {
         false => (client_id, false),
         true if proto == Proto::V4 && !clean => {
@@ -122,6 +130,9 @@ pub(super) async fn handshake(
         }
         attached
     };
+    if let Some(user) = &identity.user {
+        inner.own(&attached.session, user);
+    }
     inner.stats.mqtt_connects.inc();
     inner.stats.mqtt_connections.up();
     if let Some(user) = &identity.user {
@@ -134,11 +145,20 @@ pub(super) async fn handshake(
     debug!(proto = ?proto, clean, present = attached.present, "connected");
 
     let granted = (proto == Proto::V5 && session_expiry.unwrap_or(0) != expiry).then_some(expiry);
+    // No keep-alive, or a longer one than allowed, is held to the maximum
+    // (v3.1.1 clients cannot be told; v5 clients are).
+    let max_ka = inner.settings.max_keepalive_secs;
+    let held = match keep_alive {
+        0 => max_ka,
+        ka => ka.min(max_ka),
+    };
+    let server_ka = (proto == Proto::V5 && held != keep_alive).then_some(held);
     let ack = connack(
         ConnCode::Accepted,
         attached.present,
         assigned.then_some(client_id.as_str()),
         granted,
+        server_ka,
         max,
     );
     let mut wbuf = BytesMut::new();
@@ -159,8 +179,9 @@ pub(super) async fn handshake(
         rbuf,
         wbuf,
         need: 0,
-        keep_alive,
+        keep_alive: held,
         will,
+        peer,
         wake,
         // An expiry too far away to represent is no expiry.
         expires: identity.expires.and_then(|at| {
@@ -216,7 +237,7 @@ async fn read_connect(
 /// Answers a refused CONNECT with its code; the caller then closes.
 async fn refuse(stream: &mut Stream, proto: Proto, code: ConnCode, max: usize) {
     let mut out = BytesMut::new();
-    let ack = connack(code, false, None, None, max);
+    let ack = connack(code, false, None, None, None, max);
     codec::encode(proto, &ack, &mut out, usize::MAX);
     let goodbye = async {
         stream.write_all(&out).await?;
@@ -230,6 +251,7 @@ fn connack<'a>(
     session_present: bool,
     assigned_id: Option<&'a str>,
     session_expiry: Option<u32>,
+    server_keep_alive: Option<u16>,
     max: usize,
 ) -> Out<'a> {
     Out::ConnAck {
@@ -238,5 +260,6 @@ fn connack<'a>(
         assigned_id,
         session_expiry,
         max_packet: u32::try_from(max).unwrap_or(u32::MAX),
+        server_keep_alive,
     }
 }

@@ -29,7 +29,12 @@ pub enum Transport {
 impl Transport {
     /// Turns an accepted socket into an MQTT byte stream; `None` if the
     /// handshake failed or took longer than `limit`.
-    pub(super) async fn upgrade(&self, tcp: TcpStream, limit: Duration) -> Option<Stream> {
+    pub(super) async fn upgrade(
+        &self,
+        tcp: TcpStream,
+        limit: Duration,
+        max_packet: usize,
+    ) -> Option<Stream> {
         let upgraded = match self {
             Transport::Tcp => return Some(Stream::Tcp(tcp)),
             Transport::Tls(config) => {
@@ -40,11 +45,13 @@ impl Transport {
                     Err(_) => Err("timed out".into()),
                 }
             }
-            Transport::WebSocket => match tokio::time::timeout(limit, ws::accept(tcp)).await {
-                Ok(Ok(s)) => Ok(Stream::other(s)),
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(_) => Err("timed out".into()),
-            },
+            Transport::WebSocket => {
+                match tokio::time::timeout(limit, ws::accept(tcp, max_packet)).await {
+                    Ok(Ok(s)) => Ok(Stream::other(s)),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err("timed out".into()),
+                }
+            }
         };
         upgraded.map_err(|e| debug!("handshake failed: {e}")).ok()
     }

@@ -17,9 +17,17 @@ use tokio_tungstenite::WebSocketStream;
 
 pub(super) const PATH: &str = "/mqtt";
 
-/// The server side of the WebSocket handshake.
-pub(super) async fn accept(tcp: TcpStream) -> Result<WsIo, tungstenite::Error> {
-    let config = WebSocketConfig::default().max_message_size(Some(1 << 20));
+/// Room for WebSocket framing around the largest MQTT packet.
+const HEADROOM: usize = 4096;
+
+/// The server side of the WebSocket handshake. Frames and messages are
+/// capped at `max_packet` (plus headroom) from their headers, before their
+/// payload is buffered: tungstenite's own default would take 16 MiB.
+pub(super) async fn accept(tcp: TcpStream, max_packet: usize) -> Result<WsIo, tungstenite::Error> {
+    let max = max_packet.saturating_add(HEADROOM);
+    let config = WebSocketConfig::default()
+        .max_frame_size(Some(max))
+        .max_message_size(Some(max));
     let ws = tokio_tungstenite::accept_hdr_async_with_config(tcp, check, Some(config)).await?;
     Ok(WsIo {
         ws,
