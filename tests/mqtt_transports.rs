@@ -254,6 +254,8 @@ async fn connection_cap_is_shared_by_transports() {
 async fn websocket_frame_over_the_packet_size_is_refused_from_its_header() {
     let mut settings = server::settings(None);
     settings.mqtt.ws_listen = Some("127.0.0.1:0".parse().unwrap());
+    // Longer than WAIT: only the frame cap can end the connection in time.
+    settings.mqtt.connect_timeout_secs = 60;
     let server = server::start(settings).await;
     let mut raw = tokio::net::TcpStream::connect(server.mqtt_ws_addr.unwrap())
         .await
