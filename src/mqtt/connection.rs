@@ -155,8 +155,8 @@ pub(super) struct Conn {
     /// The keep-alive held to (the client's, capped by `max_keepalive_secs`).
     pub(super) keep_alive: u16,
     pub(super) will: Option<codec::Will>,
-    /// Where the client connects from: without a token, an offline session
-    /// that never subscribed to a user's topic counts as this address's.
+    /// Where the client connects from: without a token, a session kept
+    /// offline counts as this address's (`max_sessions_per_user`).
     pub(super) peer: IpAddr,
     /// Notified when the session has messages, or was taken over.
     pub(super) wake: Arc<Notify>,
@@ -403,8 +403,6 @@ impl Conn {
         let prefix = &self.inner.settings.prefix;
         for (code, (filter, _)) in codes.iter().zip(filters) {
             if let (SubCode::Granted(_), Some(user)) = (code, user_of_filter(prefix, filter)) {
-                // The first user's topic subscribed to says whose session it is.
-                self.inner.own(&self.session, user);
                 let seen = Seen {
                     client_id: self.client_id.clone(),
                     since: crate::auth::now(),
@@ -571,11 +569,12 @@ impl Conn {
         // Session, will and event first: a takeover or the status consumer
         // must not wait on a goodbye to a peer that may not be reading.
         let kept = self.inner.registry().detach(&self.session, self.conn);
-        // Without a token, a kept session that never subscribed to a user's
-        // topic is charged to the address it came from.
+        // Without a token, a session kept offline is charged to the address
+        // it came from; only offline ones are dropped for it (a shared NAT
+        // address may have many devices connected at once).
         if kept && self.identity.user.is_none() && !Registry::is_owned(&self.session) {
             let ip = format!("ip:{}", self.peer);
-            self.inner.own(&self.session, &ip);
+            self.inner.own(&self.session, &ip, false);
         }
         self.inner.stats.mqtt_connections.down();
         self.inner.presence().disconnect(self.conn);

@@ -20,7 +20,7 @@ use super::presence::Seen;
 use super::session::Owner;
 use super::transport::Stream;
 use super::Inner;
-use crate::auth::{self, Refusal};
+use crate::auth::{self, Refusal, Role};
 
 /// Reads the CONNECT, attaches the session and queues the CONNACK.
 pub(super) async fn handshake(
@@ -130,8 +130,9 @@ pub(super) async fn handshake(
         }
         attached
     };
-    if let Some(user) = &identity.user {
-        inner.own(&attached.session, user);
+    // Service accounts (trusted monitors) are not capped.
+    if let (Some(user), false) = (&identity.user, identity.role == Role::Service) {
+        inner.own(&attached.session, user, true);
     }
     inner.stats.mqtt_connects.inc();
     inner.stats.mqtt_connections.up();

@@ -139,9 +139,10 @@ impl Inner {
         }
     }
 
-    /// Charges `session` to `user` (`max_sessions_per_user`), counting what that drops.
-    fn own(&self, session: &Arc<session::Session>, user: &str) {
-        let evicted = self.registry().own(session, user);
+    /// Charges `session` to `user` (`max_sessions_per_user`), counting what
+    /// that drops; connected sessions only with `connected`.
+    fn own(&self, session: &Arc<session::Session>, user: &str, connected: bool) {
+        let evicted = self.registry().own(session, user, connected);
         if evicted > 0 {
             self.stats.mqtt_sessions_evicted.add(evicted as u64);
             debug!(

@@ -275,8 +275,9 @@ impl Registry {
 
     /// Charges `session` to `user` (a session keeps its first user), then
     /// removes that user's sessions beyond `max_per_user`: the oldest
-    /// without a connection first, else the oldest. Returns how many.
-    pub fn own(&mut self, session: &Arc<Session>, user: &str) -> usize {
+    /// without a connection first, else (with `connected`) the oldest.
+    /// Returns how many.
+    pub fn own(&mut self, session: &Arc<Session>, user: &str, connected: bool) -> usize {
         let key = match self.users.get_key_value(user) {
             Some((k, _)) => k.clone(),
             None => Arc::from(user),
@@ -293,7 +294,10 @@ impl Registry {
         let mut victims = Vec::new();
         while list.len() > self.max_per_user {
             let offline = list.iter().position(|s| s.lock().owner.is_none());
-            victims.push(list.remove(offline.unwrap_or(0)));
+            match offline.or(connected.then_some(0)) {
+                Some(i) => victims.push(list.remove(i)),
+                None => break,
+            }
         }
         for v in &victims {
             self.remove(v);
@@ -564,19 +568,19 @@ mod tests {
     async fn a_user_keeps_at_most_max_sessions_oldest_offline_dropped_first() {
         let mut r = Registry::new(2, Arc::default());
         let a = r.attach("u/a", false, 60, owner(1)).session;
-        assert_eq!(r.own(&a, "u"), 0);
+        assert_eq!(r.own(&a, "u", true), 0);
         let b = r.attach("u/b", false, 60, owner(2)).session;
-        assert_eq!(r.own(&b, "u"), 0);
+        assert_eq!(r.own(&b, "u", true), 0);
         r.detach(&b, 2);
         // Another user's sessions do not count.
         let other = r.attach("v/a", false, 60, owner(3)).session;
-        assert_eq!(r.own(&other, "v"), 0);
+        assert_eq!(r.own(&other, "v", true), 0);
         let c = r.attach("u/c", false, 60, owner(4)).session;
-        assert_eq!(r.own(&c, "u"), 1);
+        assert_eq!(r.own(&c, "u", true), 1);
         assert!(b.lock().gone, "the offline one goes first, though younger");
         assert!(!a.lock().gone);
         let d = r.attach("u/d", false, 60, owner(5)).session;
-        assert_eq!(r.own(&d, "u"), 1);
+        assert_eq!(r.own(&d, "u", true), 1);
         assert!(a.lock().gone, "then the oldest");
         assert_eq!(r.len(), 3);
         assert_eq!(r.users["u"].len(), 2);
@@ -585,6 +589,19 @@ mod tests {
         r.sweep(Instant::now() + Duration::from_secs(61));
         assert!(!r.users.contains_key("u"));
         assert_eq!(r.len(), 1);
+
+        // Without `connected`, only sessions with no connection are dropped.
+        let e = r.attach("ip/e", false, 60, owner(6)).session;
+        let f = r.attach("ip/f", false, 60, owner(7)).session;
+        let g = r.attach("ip/g", false, 60, owner(8)).session;
+        for s in [&e, &f, &g] {
+            assert_eq!(r.own(s, "ip", false), 0);
+        }
+        r.detach(&f, 7);
+        assert_eq!(r.own(&f, "ip", false), 0, "charged once");
+        let h = r.attach("ip/h", false, 60, owner(9)).session;
+        assert_eq!(r.own(&h, "ip", false), 1);
+        assert!(f.lock().gone && !e.lock().gone && !g.lock().gone);
     }
 
     #[tokio::test]

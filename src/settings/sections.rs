@@ -81,10 +81,9 @@ pub struct MqttSettings {
     pub connect_rate: u32,
     /// Connections accepted at once before `connect_rate` applies.
     pub connect_burst: u32,
-    /// Sessions (connected or kept offline) one user may hold; a new one
-    /// drops that user's oldest (offline ones first). The user is the token's
-    /// subject under `auth.mode = jwt`; without tokens, the user whose own
-    /// topic the session subscribed to, else (offline sessions) the client IP.
+    /// Sessions (connected or kept offline) one user, the token's subject,
+    /// may hold; a new one drops that user's oldest (offline ones first).
+    /// Without tokens: sessions kept offline per client IP address.
     pub max_sessions_per_user: usize,
     /// Longest client id accepted; longer ones are refused in the CONNACK.
     pub max_client_id_len: usize,
