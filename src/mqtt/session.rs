@@ -242,13 +242,55 @@ pub struct Attached {
     pub present: bool,
 }
 
+/// A user's sessions, oldest first. Nearly every user has one device, so
+/// one is kept inline: no allocation besides the map's slot.
+enum Owned {
+    One(Arc<Session>),
+    Many(Vec<Arc<Session>>),
+}
+
+impl Owned {
+    fn many(&mut self) -> &mut Vec<Arc<Session>> {
+        if let Owned::One(s) = self {
+            *self = Owned::Many(vec![s.clone()]);
+        }
+        match self {
+            Owned::Many(v) => v,
+            Owned::One(_) => unreachable!(),
+        }
+    }
+
+    /// Removes `session`; true if nothing is left.
+    fn remove(&mut self, session: &Arc<Session>) -> bool {
+        match self {
+            Owned::One(s) => Arc::ptr_eq(s, session),
+            Owned::Many(v) => {
+                v.retain(|s| !Arc::ptr_eq(s, session));
+                if v.len() == 1 {
+                    *self = Owned::One(v[0].clone());
+                    return false;
+                }
+                v.is_empty()
+            }
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        match self {
+            Owned::One(_) => 1,
+            Owned::Many(v) => v.len(),
+        }
+    }
+}
+
 /// All sessions by client id, their subscriptions, offline expiry, and
 /// each user's sessions (oldest first).
 pub struct Registry {
     pub index: Index<Arc<Session>>,
     sessions: HashMap<Arc<str>, Arc<Session>>,
     expiring: BTreeMap<(Instant, u64), Arc<Session>>,
-    users: HashMap<Arc<str>, Vec<Arc<Session>>>,
+    users: HashMap<Arc<str>, Owned>,
     max_per_user: usize,
     pub budget: Arc<Budget>,
     next_sid: u64,
@@ -289,7 +331,14 @@ impl Registry {
             }
             st.user = Some(key.clone());
         }
-        let list = self.users.entry(key).or_default();
+        let owned = match self.users.entry(key) {
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(Owned::One(session.clone()));
+                return 0;
+            }
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+        };
+        let list = owned.many();
         list.push(session.clone());
         let mut victims = Vec::new();
         while list.len() > self.max_per_user {
@@ -298,6 +347,9 @@ impl Registry {
                 Some(i) => victims.push(list.remove(i)),
                 None => break,
             }
+        }
+        if list.len() == 1 {
+            *owned = Owned::One(list[0].clone());
         }
         for v in &victims {
             self.remove(v);
@@ -453,9 +505,8 @@ impl Registry {
             self.budget.sub(st.queue_cost());
         }
         if let Some(user) = st.user.take() {
-            if let Some(list) = self.users.get_mut(&user) {
-                list.retain(|s| !Arc::ptr_eq(s, session));
-                if list.is_empty() {
+            if let Some(owned) = self.users.get_mut(&user) {
+                if owned.remove(session) {
                     self.users.remove(&user);
                 }
             }
