@@ -128,6 +128,10 @@ pub(super) async fn handshake(
                 registry.unsubscribe(&attached.session, &filter);
             }
         }
+        // Without a token, only sessions left offline count for their address.
+        if identity.user.is_none() && attached.present {
+            registry.disown(&attached.session);
+        }
         attached
     };
     // Service accounts (trusted monitors) are not capped.

@@ -478,6 +478,23 @@ impl Registry {
         self.sessions.len()
     }
 
+    /// Stops charging `session` to its user (without tokens: a session
+    /// connected again no longer counts as its address's offline one).
+    pub fn disown(&mut self, session: &Arc<Session>) {
+        let user = session.lock().user.take();
+        if let Some(user) = user {
+            self.unlist(&user, session);
+        }
+    }
+
+    fn unlist(&mut self, user: &Arc<str>, session: &Arc<Session>) {
+        if let Some(owned) = self.users.get_mut(user) {
+            if owned.remove(session) {
+                self.users.remove(user);
+            }
+        }
+    }
+
     /// Whether `session` is charged to a user yet.
     pub fn is_owned(session: &Session) -> bool {
         session.lock().user.is_some()
@@ -505,11 +522,7 @@ impl Registry {
             self.budget.sub(st.queue_cost());
         }
         if let Some(user) = st.user.take() {
-            if let Some(owned) = self.users.get_mut(&user) {
-                if owned.remove(session) {
-                    self.users.remove(&user);
-                }
-            }
+            self.unlist(&user, session);
         }
         if let Some(t) = st.expires_at.take() {
             self.expiring.remove(&(t, session.id));
@@ -653,6 +666,10 @@ mod tests {
         let h = r.attach("ip/h", false, 60, owner(9)).session;
         assert_eq!(r.own(&h, "ip", false), 1);
         assert!(f.lock().gone && !e.lock().gone && !g.lock().gone);
+        r.disown(&e);
+        r.disown(&g);
+        assert_eq!(r.users["ip"].len(), 1);
+        assert!(!Registry::is_owned(&e));
     }
 
     #[tokio::test]
