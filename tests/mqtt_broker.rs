@@ -1002,10 +1002,18 @@ async fn offline_sessions_per_address_are_capped() {
         srv.broker.publish("push/user/1", Bytes::from_static(b"y")),
         2
     );
-    let (_, ack) = Raw::connect(srv.addr, "s1", false, 60).await;
+    let (_s1, ack) = Raw::connect(srv.addr, "s1", false, 60).await;
     assert!(!ack.session_present, "the oldest was dropped");
-    let (_, ack) = Raw::connect(srv.addr, "s3", false, 60).await;
+    let (_s2, ack) = Raw::connect(srv.addr, "s2", false, 60).await;
     assert!(ack.session_present);
+    let (_s3, ack) = Raw::connect(srv.addr, "s3", false, 60).await;
+    assert!(ack.session_present);
+    // Connected again, s2 and s3 no longer count: s4 alone is offline.
+    let (s4, _) = Raw::connect(srv.addr, "s4", false, 60).await;
+    drop(s4);
+    srv.disconnected("s4").await;
+    assert_eq!(srv.broker.session_count(), 4);
+    assert_eq!(srv.broker.stats().mqtt_sessions_evicted.get(), 1);
 }
 
 /// Issue 14: client ids longer than `max_client_id_len` are refused with
