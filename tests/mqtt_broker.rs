@@ -1203,3 +1203,20 @@ async fn v5_disconnect_cannot_make_a_session_persistent() {
     srv.disconnected("late").await;
     assert_eq!(srv.broker.session_count(), 0);
 }
+
+/// Without tokens, a persistent session that connects again (its
+/// subscriptions kept) is its user's connection again, without a SUBSCRIBE.
+#[tokio::test]
+async fn presence_of_a_resumed_session() {
+    let mut srv = start_default().await;
+    let (mut a, _) = Raw::connect(srv.addr, "resumer", false, 60).await;
+    a.subscribe("push/user/12", rumqttc::QoS::AtLeastOnce).await;
+    drop(a);
+    srv.disconnected("resumer").await;
+    assert!(srv.broker.presence("12").is_empty());
+    let (_a, ack) = Raw::connect(srv.addr, "resumer", false, 60).await;
+    assert!(ack.session_present);
+    let seen = srv.broker.presence("12");
+    assert_eq!(seen.len(), 1);
+    assert_eq!(&*seen[0].client_id, "resumer");
+}

@@ -16,7 +16,7 @@ use tracing::{debug, info};
 
 use super::codec::{self, Check, CodecError, ConnCode, Connect, In, Out, Proto};
 use super::connection::{Conn, FINAL_WRITE, READ_CHUNK, READ_MAX};
-use super::presence::Seen;
+use super::presence::{user_of_filter, Seen};
 use super::session::Owner;
 use super::transport::Stream;
 use super::Inner;
@@ -118,6 +118,9 @@ pub(super) async fn handshake(
         Some(user) => format!("{user}/{client_id}"),
         None => client_id.clone(),
     };
+    // Without a token, a kept session's user topics say whose connection it is (presence).
+    let prefix = inner.settings.prefix.as_str();
+    let mut own_topics = Vec::new();
     let attached = {
         let mut registry = inner.registry();
         let attached = registry.attach(&key, clean, expiry, owner);
@@ -126,6 +129,8 @@ pub(super) async fn handshake(
         for filter in kept {
             if !inner.auth.may_subscribe(&identity, &filter) {
                 registry.unsubscribe(&attached.session, &filter);
+            } else if identity.user.is_none() && user_of_filter(prefix, &filter).is_some() {
+                own_topics.push(filter);
             }
         }
         // Without a token, only sessions left offline count for their address.
@@ -140,13 +145,18 @@ pub(super) async fn handshake(
     }
     inner.stats.mqtt_connects.inc();
     inner.stats.mqtt_connections.up();
-    if let Some(user) = &identity.user {
-        let seen = Seen {
-            client_id: client_id.as_str().into(),
-            since: auth::now(),
-        };
-        inner.presence().connect(conn, user, seen);
+    let seen = Seen {
+        client_id: client_id.as_str().into(),
+        since: auth::now(),
+    };
+    let users = identity.user.as_deref().into_iter();
+    let users = users.chain(own_topics.iter().filter_map(|f| user_of_filter(prefix, f)));
+    let mut presence = None;
+    for user in users {
+        let presence = presence.get_or_insert_with(|| inner.presence());
+        presence.connect(conn, user, seen.clone());
     }
+    drop(presence);
     debug!(proto = ?proto, clean, present = attached.present, "connected");
 
     let granted = (proto == Proto::V5 && session_expiry.unwrap_or(0) != expiry).then_some(expiry);
