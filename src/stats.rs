@@ -118,7 +118,7 @@ counters! {
     http_pushes,
     /// MQTT CONNECTs accepted.
     mqtt_connects,
-    /// MQTT connections closed for a malformed or oversize packet or a protocol error.
+    /// MQTT connections closed for a malformed or oversize packet, a protocol error, or a client id over `mqtt.max_client_id_len`.
     mqtt_malformed,
     /// MQTT connections closed for silence: no CONNECT in time, keep-alive expired, or a packet not completed within `mqtt.packet_timeout_secs`.
     mqtt_timeouts,

@@ -188,7 +188,7 @@ impl Conn {
             return end;
         }
         loop {
-            // A packet has started: it gets `packet_limit`, counted from its first bytes.
+            // A packet has started: it gets `packet_timeout_secs` from its first bytes.
             if !draining && packet_by.is_none() && !self.rbuf.is_empty() {
                 let by =
                     Instant::now() + Duration::from_secs(self.inner.settings.packet_timeout_secs);

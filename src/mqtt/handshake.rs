@@ -145,15 +145,17 @@ pub(super) async fn handshake(
     }
     inner.stats.mqtt_connects.inc();
     inner.stats.mqtt_connections.up();
-    let seen = Seen {
-        client_id: client_id.as_str().into(),
-        since: auth::now(),
-    };
     let users = identity.user.as_deref().into_iter();
     let users = users.chain(own_topics.iter().filter_map(|f| user_of_filter(prefix, f)));
     let mut presence = None;
     for user in users {
-        let presence = presence.get_or_insert_with(|| inner.presence());
+        let (presence, seen) = presence.get_or_insert_with(|| {
+            let seen = Seen {
+                client_id: client_id.as_str().into(),
+                since: auth::now(),
+            };
+            (inner.presence(), seen)
+        });
         presence.connect(conn, user, seen.clone());
     }
     drop(presence);
