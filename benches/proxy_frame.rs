@@ -2,7 +2,7 @@
 //! ~100-byte data map), as the proxy does for every frame a backend sends.
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
-use pushbridge::proxy::frame::{check, encode, parse};
+use pushbridge::wire::frame::{check, encode, parse};
 use rmpv::Value as Mp;
 
 fn typical_data() -> Mp {

@@ -27,7 +27,7 @@ fi
 # The Debian package starts a system broker on :1883; the benchmark starts
 # its own on free ports, so that one is left alone (and unused).
 
-cargo build --release --locked --bin pushbridge --bin pushbridge-bench
+cargo build --release --locked --workspace --bin pushbridge --bin pushbridge-bench
 
 OUT=${BENCH_OUT:-target/bench-results}
 mkdir -p "$OUT"

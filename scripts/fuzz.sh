@@ -20,5 +20,5 @@ if cargo fuzz --version >/dev/null 2>&1 && rustup toolchain list | grep -q '^nig
   done
 else
   echo "cargo-fuzz or nightly missing: running the libFuzzer-less loop (${secs}s per decoder)"
-  FUZZ_SECS="$secs" cargo test --release --lib fuzzing::tests::fuzz_loop -- --ignored --nocapture
+  FUZZ_SECS="$secs" cargo test --release --features fuzzing --lib fuzzing::tests::fuzz_loop -- --ignored --nocapture
 fi

@@ -11,9 +11,9 @@ use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
 use crate::apns::{ApnsJob, ApnsSender};
-use crate::intake::Ack;
 use crate::offline::OfflineStore;
 use crate::publisher::MqttOut;
+use crate::push::Ack;
 use crate::push::{Id, Push, Target, UserRecord};
 use crate::registry::{Registry, RegistryError, UserStore};
 use crate::router;

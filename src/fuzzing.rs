@@ -6,7 +6,7 @@
 use bytes::BytesMut;
 
 use crate::mqtt::codec::{self, Check, Proto};
-use crate::proxy::frame;
+use crate::wire::frame;
 
 /// A backend's byte stream through the proxy frame decoder.
 pub fn proxy_frames(data: &[u8]) {

@@ -8,6 +8,7 @@ pub mod apns;
 pub mod auth;
 pub mod dispatch;
 pub mod external;
+#[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod http;
@@ -17,12 +18,14 @@ pub mod offline;
 pub mod proxy;
 pub mod publisher;
 pub mod push;
+pub mod redis_conn;
 pub mod registry;
 pub mod router;
 pub mod settings;
 pub mod stats;
 pub mod status;
 pub mod utc;
+pub mod wire;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -79,6 +82,8 @@ pub struct Server {
     pub mqtt_tls_addr: Option<SocketAddr>,
     /// MQTT over WebSocket (path `/mqtt`), when `mqtt.ws_listen` is set.
     pub mqtt_ws_addr: Option<SocketAddr>,
+    /// MQTT over WebSocket over TLS (path `/mqtt`), when `mqtt.wss_listen` is set.
+    pub mqtt_wss_addr: Option<SocketAddr>,
     pub http_addr: SocketAddr,
     pub registry: Registry,
     /// The embedded broker; idle (no listeners) with `mqtt.external_url`.
@@ -119,8 +124,12 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
         false => MqttListeners::bind(&settings.mqtt).await?,
         true => MqttListeners::none(&settings.mqtt),
     };
-    let (mqtt_addr, mqtt_tls_addr, mqtt_ws_addr) =
-        (listeners.addr, listeners.tls_addr, listeners.ws_addr);
+    let (mqtt_addr, mqtt_tls_addr, mqtt_ws_addr, mqtt_wss_addr) = (
+        listeners.addr,
+        listeners.tls_addr,
+        listeners.ws_addr,
+        listeners.wss_addr,
+    );
     let http_listener = bind("http.listen", settings.http.listen).await?;
     let http_addr = http_listener.local_addr().expect("bound");
     let proxy_addr = proxy_listener.local_addr().expect("bound");
@@ -142,6 +151,7 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
             let mut up = vec![stats.listeners.up("mqtt.listen")];
             up.extend(mqtt_tls_addr.map(|_| stats.listeners.up("mqtt.tls_listen")));
             up.extend(mqtt_ws_addr.map(|_| stats.listeners.up("mqtt.ws_listen")));
+            up.extend(mqtt_wss_addr.map(|_| stats.listeners.up("mqtt.wss_listen")));
             mqtt.spawn(while_up(
                 up,
                 broker
@@ -246,22 +256,26 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
         true => "external".to_string(),
         false => mqtt_addr.to_string(),
     };
+    let off = |a: Option<SocketAddr>| a.map_or("off".to_string(), |a| a.to_string());
     info!(
         proxy = %proxy_addr,
         mqtt = %mqtt_shown,
-        mqtt_tls = ?mqtt_tls_addr,
-        mqtt_ws = ?mqtt_ws_addr,
+        mqtt_tls = %off(mqtt_tls_addr),
+        mqtt_ws = %off(mqtt_ws_addr),
+        mqtt_wss = %off(mqtt_wss_addr),
         http = %http_addr,
         registry = registry.describe(),
         durable_intake = settings.intake.durable,
         prefix = %settings.mqtt.prefix,
-        "pushbridge started"
+        "pushbridge started; try `pushbridge send --addr {proxy_addr} --user 42 '{{\"alert\":\"hi\"}}'` \
+         and the dashboard at http://{http_addr}/"
     );
     Ok(Server {
         proxy_addr,
         mqtt_addr,
         mqtt_tls_addr,
         mqtt_ws_addr,
+        mqtt_wss_addr,
         http_addr,
         registry,
         broker,
@@ -350,12 +364,25 @@ pub fn check_config(settings: &Settings) -> Result<Vec<apns::AppCheck>, Error> {
     Ok(apns::check_config(&settings.apns)?)
 }
 
+/// The set listeners that serve `mqtt.tls_cert`, for `check-config` and
+/// so the certificate is loaded once for all of them.
+pub fn mqtt_tls_listeners(m: &MqttSettings) -> Vec<&'static str> {
+    [
+        ("mqtt.tls_listen", m.tls_listen),
+        ("mqtt.wss_listen", m.wss_listen),
+    ]
+    .into_iter()
+    .filter_map(|(key, addr)| addr.map(|_| key))
+    .collect()
+}
+
 /// The embedded broker's listeners and their bound addresses.
 struct MqttListeners {
     listeners: Vec<(TcpListener, Transport)>,
     addr: SocketAddr,
     tls_addr: Option<SocketAddr>,
     ws_addr: Option<SocketAddr>,
+    wss_addr: Option<SocketAddr>,
 }
 
 impl MqttListeners {
@@ -363,23 +390,35 @@ impl MqttListeners {
         let listener = bind("mqtt.listen", m.listen).await?;
         let addr = listener.local_addr().expect("bound");
         let mut listeners = vec![(listener, Transport::Tcp)];
-        let (mut tls_addr, mut ws_addr) = (None, None);
-        if let (Some(addr), Some(cert), Some(key)) = (m.tls_listen, &m.tls_cert, &m.tls_key) {
-            let tls = Arc::new(TlsConfig::load(cert, key)?);
+        let (mut tls_addr, mut ws_addr, mut wss_addr) = (None, None, None);
+        // One certificate (and its reloads) for every TLS listener.
+        let tls = match (&m.tls_cert, &m.tls_key) {
+            (Some(cert), Some(key)) if !mqtt_tls_listeners(m).is_empty() => {
+                Some(Arc::new(TlsConfig::load(cert, key)?))
+            }
+            _ => None,
+        };
+        if let (Some(addr), Some(tls)) = (m.tls_listen, &tls) {
             let listener = bind("mqtt.tls_listen", addr).await?;
             tls_addr = Some(listener.local_addr().expect("bound"));
-            listeners.push((listener, Transport::Tls(tls)));
+            listeners.push((listener, Transport::Tls(tls.clone())));
         }
         if let Some(addr) = m.ws_listen {
             let listener = bind("mqtt.ws_listen", addr).await?;
             ws_addr = Some(listener.local_addr().expect("bound"));
             listeners.push((listener, Transport::WebSocket));
         }
+        if let (Some(addr), Some(tls)) = (m.wss_listen, &tls) {
+            let listener = bind("mqtt.wss_listen", addr).await?;
+            wss_addr = Some(listener.local_addr().expect("bound"));
+            listeners.push((listener, Transport::WebSocketTls(tls.clone())));
+        }
         Ok(MqttListeners {
             listeners,
             addr,
             tls_addr,
             ws_addr,
+            wss_addr,
         })
     }
 
@@ -390,6 +429,7 @@ impl MqttListeners {
             addr: m.listen,
             tls_addr: None,
             ws_addr: None,
+            wss_addr: None,
         }
     }
 }

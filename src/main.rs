@@ -4,9 +4,9 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
-use pushbridge::proxy::client::{self, Recipient};
-use pushbridge::proxy::frame::Status;
 use pushbridge::settings::{LogFormat, Settings};
+use pushbridge::wire::client::{self, Recipient};
+use pushbridge::wire::frame::Status;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -97,7 +97,11 @@ fn init_tracing(settings: &Settings, level: Option<&str>) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new(level.unwrap_or(&settings.log.level))
     });
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    // Colours only on a terminal: journald and log files get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi);
     match settings.log.format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -130,6 +134,20 @@ async fn main() -> anyhow::Result<()> {
             init_tracing(&settings, arg.log_level.as_deref().or(Some("warn")));
             println!("settings: {} ok", arg.config.display());
             let apps = pushbridge::check_config(&settings)?;
+            if let Some(cert) = &settings.mqtt.tls_cert {
+                let used = pushbridge::mqtt_tls_listeners(&settings.mqtt);
+                let used = match used.is_empty() {
+                    true => "no TLS listener set".to_string(),
+                    false => used.join(", "),
+                };
+                println!("mqtt tls: {} ok ({used})", cert.display());
+            }
+            if apps.is_empty() {
+                println!(
+                    "apns: {} lists no apps (APNs off)",
+                    settings.apns.config.display()
+                );
+            }
             let mut broken = 0;
             for (app, check) in &apps {
                 match check {
@@ -153,7 +171,7 @@ async fn main() -> anyhow::Result<()> {
             let Some(secret) = settings.auth.jwt_secret.as_deref() else {
                 bail!("auth.jwt_secret is not set in {}", args.config.display());
             };
-            let exp = pushbridge::auth::now() + args.ttl;
+            let exp = pushbridge::utc::now() + args.ttl;
             println!(
                 "{}",
                 pushbridge::auth::jwt::mint_hs256(secret, &args.user, &args.groups, exp)

@@ -5,8 +5,8 @@
 use bytes::Bytes;
 
 use crate::external::ExternalBroker;
-use crate::intake::Ack;
 use crate::mqtt::Broker;
+use crate::push::Ack;
 
 /// An enum, not a trait object: the embedded path stays a direct call that
 /// never yields (its future is ready at the first poll).

@@ -1,5 +1,22 @@
-//! Calendar dates in UTC without a date crate: certificate expiry and
-//! presence in the HTTP API, dates in the benchmark's reports, test certificates.
+//! The wall clock and calendar dates in UTC without a date crate: token
+//! expiry, offline-message expiry, certificate expiry and presence in the
+//! HTTP API, dates in the benchmark's reports, test certificates.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Unix seconds now.
+pub fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Unix milliseconds now.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
 
 /// (year, month, day) of a day count since 1970-01-01 (H. Hinnant's algorithm).
 pub fn civil_from_days(days: i64) -> (i64, u32, u32) {

@@ -148,6 +148,7 @@ fn bad_settings_name_the_key() {
     for (extra, key) in [
         ("[mqtt]\nprefx = \"x\"\n", "prefx"),
         ("[proxy]\nmax_frame = \"big\"\n", "max_frame"),
+        ("[mqtt]\nwss_listen = \"127.0.0.1:0\"\n", "mqtt.wss_listen"),
     ] {
         let path = dir.path().join("bad.toml");
         std::fs::write(&path, extra).unwrap();
@@ -215,6 +216,36 @@ fn check_config_reports_apps_and_names_bad_files() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(file), "{err}");
     }
+}
+
+/// check-config loads the MQTT certificate and names the listeners using it.
+#[test]
+fn check_config_names_the_mqtt_tls_listeners() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = support::pki::pki(dir.path(), "cc");
+    let config = dir.path().join("config.json");
+    std::fs::write(&config, "{}").unwrap();
+    let settings = dir.path().join("setting.toml");
+    std::fs::write(
+        &settings,
+        format!(
+            "[apns]\nconfig = \"{}\"\n[mqtt]\nwss_listen = \"127.0.0.1:8084\"\n\
+             tls_cert = \"{}\"\ntls_key = \"{}\"\n",
+            config.display(),
+            pki.cert.display(),
+            pki.key.display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&settings)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text} {out:?}");
+    let want = format!("mqtt tls: {} ok (mqtt.wss_listen)", pki.cert.display());
+    assert!(text.contains(&want), "{text}");
 }
 
 /// README's worked example: `pushbridge token`, then mosquitto_sub with it.

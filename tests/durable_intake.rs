@@ -9,11 +9,11 @@ mod support;
 use std::collections::{BTreeSet, HashMap};
 
 use apns_server::{ApnsServer, Reply, TestCredentials};
-use pushbridge::proxy::client::json_to_msgpack;
-use pushbridge::proxy::frame::encode;
 use pushbridge::push::{Id, UserRecord};
 use pushbridge::registry::UserStore;
 use pushbridge::settings::Settings;
+use pushbridge::wire::client::json_to_msgpack;
+use pushbridge::wire::frame::encode;
 use redis::Commands;
 use rmpv::Value as Mp;
 use serde_json::json;

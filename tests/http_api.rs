@@ -52,7 +52,23 @@ async fn push_api(settings: pushbridge::settings::Settings) {
     );
     assert_eq!(d.next_json().await, json!({"n": 1}));
     assert_eq!(d.next_json().await, json!({"alert": "hi"}));
-    assert_eq!(server.stats.http_pushes.get(), 3);
+
+    // One notification on its own: the same answer shape.
+    let reply = post_json(
+        server.http_addr,
+        "/v1/push",
+        &json!({"user": 5, "data": {"n": 4}}),
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(
+        reply.json(),
+        json!({"results": [
+            {"mqtt": [{"topic": "push/user/5", "sessions": 1}], "apns": [], "unknown_users": ["5"]},
+        ]})
+    );
+    assert_eq!(d.next_json().await, json!({"n": 4}));
+    assert_eq!(server.stats.http_pushes.get(), 4);
     server.stop().await;
 }
 
@@ -155,6 +171,24 @@ async fn bad_requests_get_4xx_with_a_message() {
             "POST",
             "/v1/push",
             r#"{"notifications": [{"user": 1, "data": {}, "x": 1}]}"#,
+            "unknown field",
+        ),
+        (
+            "POST",
+            "/v1/push",
+            r#"{"user": 1, "group": 2, "data": {}}"#,
+            "notification: needs exactly one",
+        ),
+        (
+            "POST",
+            "/v1/push",
+            r#"{"user": 1, "data": {}, "apns": {"priority": 7}}"#,
+            "notification.apns.priority: must be 5 or 10",
+        ),
+        (
+            "POST",
+            "/v1/push",
+            r#"{"user": 1, "data": {}, "notifications": []}"#,
             "unknown field",
         ),
         ("PUT", "/v1/users/1", r#"{"token": "not hex"}"#, "hex"),

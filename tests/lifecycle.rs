@@ -9,10 +9,10 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use apns_server::{ApnsServer, ServerOptions, TestCredentials};
-use pushbridge::proxy::client::json_to_msgpack;
-use pushbridge::proxy::frame::encode;
 use pushbridge::push::{Id, UserRecord};
 use pushbridge::registry::UserStore;
+use pushbridge::wire::client::json_to_msgpack;
+use pushbridge::wire::frame::encode;
 use rmpv::Value as Mp;
 use rumqttc::{Event, Packet};
 use serde_json::json;

@@ -3,8 +3,9 @@
 
 mod support;
 
-use pushbridge::auth::{jwt, now};
+use pushbridge::auth::jwt;
 use pushbridge::settings::{AuthMode, Settings};
+use pushbridge::utc::now;
 use rumqttc::v5::mqttbytes::v5 as mq5;
 use rumqttc::{ConnectReturnCode, ConnectionError, Event, Packet};
 use support::mqtt::Device;

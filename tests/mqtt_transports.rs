@@ -1,55 +1,27 @@
-//! MQTT over TLS (a standard client: mosquitto_sub --cafile) and over
-//! WebSocket (a raw WebSocket client speaking MQTT bytes), and their
-//! handshakes failing without harm.
+//! MQTT over TLS (a standard client: mosquitto_sub --cafile), over
+//! WebSocket and over WebSocket inside TLS (a raw WebSocket client speaking
+//! MQTT bytes), and their handshakes failing without harm.
 
 mod support;
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 
 use bytes::BytesMut;
 use futures_util::{SinkExt, StreamExt};
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+use rmpv::Value as Mp;
 use rumqttc::mqttbytes::v4;
 use rumqttc::QoS;
+use serde_json::json;
+use support::pki::{pki, tls_client};
+use support::proxy::Backend;
 use support::{server, wait_until, WAIT};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::handshake::client::Request;
 use tokio_tungstenite::tungstenite::Message;
-
-/// A CA and a server certificate for 127.0.0.1 it signed, as PEM files.
-struct Pki {
-    ca: PathBuf,
-    cert: PathBuf,
-    key: PathBuf,
-}
-
-fn pki(dir: &Path, name: &str) -> Pki {
-    let ca_key = KeyPair::generate().unwrap();
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params
-        .distinguished_name
-        .push(DnType::CommonName, format!("{name} CA"));
-    let ca = params.self_signed(&ca_key).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let mut params = CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "localhost");
-    let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
-    let p = Pki {
-        ca: dir.join(format!("{name}-ca.pem")),
-        cert: dir.join(format!("{name}-cert.pem")),
-        key: dir.join(format!("{name}-key.pem")),
-    };
-    std::fs::write(&p.ca, ca.pem()).unwrap();
-    std::fs::write(&p.cert, cert.pem()).unwrap();
-    std::fs::write(&p.key, key.serialize_pem()).unwrap();
-    p
-}
+use tokio_tungstenite::WebSocketStream;
 
 struct Running(Child);
 
@@ -102,20 +74,6 @@ async fn mosquitto_sub_over_tls_receives_a_push() {
     assert!(sub.0.wait().unwrap().success());
 }
 
-fn tls_client(ca: &Path) -> tokio_rustls::TlsConnector {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_pemfile::certs(&mut &std::fs::read(ca).unwrap()[..]) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    tokio_rustls::TlsConnector::from(Arc::new(config))
-}
-
 #[tokio::test]
 async fn tls_certificate_is_reloaded_and_silent_handshakes_time_out() {
     let dir = tempfile::tempdir().unwrap();
@@ -155,6 +113,72 @@ async fn tls_certificate_is_reloaded_and_silent_handshakes_time_out() {
     assert!(server.stats.mqtt_handshakes_failed.get() >= 2);
 }
 
+/// A WebSocket handshake request offering the `mqtt` subprotocol.
+fn mqtt_request(url: &str) -> Request {
+    let mut req = url.into_client_request().unwrap();
+    req.headers_mut()
+        .insert("Sec-WebSocket-Protocol", "mqtt".parse().unwrap());
+    req
+}
+
+/// MQTT 3.1.1 packets over a WebSocket (`ws://` or `wss://`), by hand.
+struct WsMqtt<S> {
+    ws: WebSocketStream<S>,
+    buf: BytesMut,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> WsMqtt<S> {
+    fn new(ws: WebSocketStream<S>) -> Self {
+        WsMqtt {
+            ws,
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// CONNECT and SUBSCRIBE in one message (the stream is bytes, not
+    /// packets), then their CONNACK and SUBACK.
+    async fn subscribe(&mut self, client_id: &str, topic: &str) {
+        let mut bytes = v4_bytes(v4::Packet::Connect(v4::Connect::new(client_id)));
+        let mut s = v4::Subscribe::new(topic, QoS::AtLeastOnce);
+        s.pkid = 1;
+        bytes.extend(v4_bytes(v4::Packet::Subscribe(s)));
+        self.ws.send(Message::Binary(bytes.into())).await.unwrap();
+        assert!(matches!(self.next().await, v4::Packet::ConnAck(_)));
+        match self.next().await {
+            v4::Packet::SubAck(a) => assert_eq!(
+                a.return_codes,
+                [v4::SubscribeReasonCode::Success(QoS::AtLeastOnce)]
+            ),
+            other => panic!("expected SUBACK, got {other:?}"),
+        }
+    }
+
+    async fn next(&mut self) -> v4::Packet {
+        loop {
+            match v4::Packet::read(&mut self.buf, usize::MAX) {
+                Ok(p) => return p,
+                Err(rumqttc::Error::InsufficientBytes(_)) => {}
+                Err(e) => panic!("bad packet: {e}"),
+            }
+            match tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("in time")
+            {
+                Some(Ok(Message::Binary(b))) => self.buf.extend_from_slice(&b),
+                Some(Ok(_)) => {}
+                other => panic!("websocket ended: {other:?}"),
+            }
+        }
+    }
+
+    async fn next_payload(&mut self) -> Vec<u8> {
+        match self.next().await {
+            v4::Packet::Publish(p) => p.payload.to_vec(),
+            other => panic!("expected PUBLISH, got {other:?}"),
+        }
+    }
+}
+
 fn v4_bytes(p: v4::Packet) -> Vec<u8> {
     let mut b = BytesMut::new();
     p.write(&mut b, usize::MAX).unwrap();
@@ -174,42 +198,15 @@ async fn websocket_client_receives_a_push() {
         .insert("Sec-WebSocket-Protocol", "mqtt".parse().unwrap());
     assert!(tokio_tungstenite::connect_async(wrong).await.is_err());
 
-    let mut req = format!("ws://{addr}/mqtt").into_client_request().unwrap();
-    req.headers_mut()
-        .insert("Sec-WebSocket-Protocol", "mqtt".parse().unwrap());
-    let (mut ws, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
+    let req = mqtt_request(&format!("ws://{addr}/mqtt"));
+    let (ws, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
     assert_eq!(resp.headers()["Sec-WebSocket-Protocol"], "mqtt");
 
-    // CONNECT and SUBSCRIBE in one message: the stream is bytes, not packets.
-    let mut bytes = v4_bytes(v4::Packet::Connect(v4::Connect::new("ws-42")));
-    let mut s = v4::Subscribe::new("push/user/42", QoS::AtLeastOnce);
-    s.pkid = 1;
-    bytes.extend(v4_bytes(v4::Packet::Subscribe(s)));
-    ws.send(Message::Binary(bytes.into())).await.unwrap();
-
-    let mut buf = BytesMut::new();
-    let mut next = async || loop {
-        match v4::Packet::read(&mut buf, usize::MAX) {
-            Ok(p) => return p,
-            Err(rumqttc::Error::InsufficientBytes(_)) => {}
-            Err(e) => panic!("bad packet: {e}"),
-        }
-        match tokio::time::timeout(WAIT, ws.next())
-            .await
-            .expect("in time")
-        {
-            Some(Ok(Message::Binary(b))) => buf.extend_from_slice(&b),
-            Some(Ok(_)) => {}
-            other => panic!("websocket ended: {other:?}"),
-        }
-    };
-    assert!(matches!(next().await, v4::Packet::ConnAck(_)));
-    assert!(matches!(next().await, v4::Packet::SubAck(_)));
+    let mut ws = WsMqtt::new(ws);
+    ws.subscribe("ws-42", "push/user/42").await;
     assert_eq!(server.broker.publish("push/user/42", "ws".into()), 1);
-    match next().await {
-        v4::Packet::Publish(p) => assert_eq!(&p.payload[..], b"ws"),
-        other => panic!("expected PUBLISH, got {other:?}"),
-    }
+    assert_eq!(ws.next_payload().await, b"ws");
+    let mut ws = ws.ws;
     let _ = ws.close(None).await;
 
     // A plain TCP client on the WebSocket port gets no MQTT.
@@ -222,6 +219,44 @@ async fn websocket_client_receives_a_push() {
     assert!(!out.starts_with(&[0x20]), "CONNACK over a non-WebSocket");
 }
 
+#[tokio::test]
+async fn websocket_over_tls_client_receives_a_push() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path(), "wss");
+    let mut settings = server::settings(None);
+    settings.mqtt.wss_listen = Some("127.0.0.1:0".parse().unwrap());
+    settings.mqtt.tls_cert = Some(pki.cert.clone());
+    settings.mqtt.tls_key = Some(pki.key.clone());
+    let server = server::start(settings).await;
+    let addr = server.mqtt_wss_addr.expect("wss listener");
+    assert_eq!(server.mqtt_tls_addr, None, "tls_listen was not set");
+    let ready = support::http::get(server.http_addr, "/readyz").await;
+    assert!(
+        ready.text().contains("mqtt.wss_listen: ok"),
+        "{}",
+        ready.text()
+    );
+
+    // A WebSocket without TLS gets no upgrade.
+    let plain = tokio_tungstenite::connect_async(mqtt_request(&format!("ws://{addr}/mqtt")));
+    assert!(plain.await.is_err());
+
+    let connect = async |path: &str| {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let tls = tls_client(&pki.ca).connect(name, tcp).await.unwrap();
+        tokio_tungstenite::client_async(mqtt_request(&format!("wss://{addr}{path}")), tls).await
+    };
+    assert!(connect("/other").await.is_err(), "only /mqtt is served");
+    let (ws, resp) = connect("/mqtt").await.unwrap();
+    assert_eq!(resp.headers()["Sec-WebSocket-Protocol"], "mqtt");
+    let mut ws = WsMqtt::new(ws);
+    ws.subscribe("wss-42", "push/user/42").await;
+    let mut backend = Backend::connect(server.proxy_addr).await;
+    assert_eq!(backend.push(2, Mp::from(42), &json!({"wss": 1})).await, 0);
+    assert_eq!(ws.next_payload().await, br#"{"wss":1}"#);
+}
+
 /// `mqtt.max_connections` is one cap across transports.
 #[tokio::test]
 async fn connection_cap_is_shared_by_transports() {
@@ -230,11 +265,7 @@ async fn connection_cap_is_shared_by_transports() {
     settings.mqtt.max_connections = 1;
     let server = server::start(settings).await;
     let mut tcp = support::mqtt::Device::connect(server.mqtt_addr, "tcp", true).await;
-    let mut req = format!("ws://{}/mqtt", server.mqtt_ws_addr.unwrap())
-        .into_client_request()
-        .unwrap();
-    req.headers_mut()
-        .insert("Sec-WebSocket-Protocol", "mqtt".parse().unwrap());
+    let req = mqtt_request(&format!("ws://{}/mqtt", server.mqtt_ws_addr.unwrap()));
     let ws = tokio::spawn(tokio_tungstenite::connect_async(req));
     // The server is responsive, yet the WebSocket is not served.
     tcp.subscribe("push/user/1").await;

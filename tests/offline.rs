@@ -5,10 +5,10 @@
 #[macro_use]
 mod support;
 
-use pushbridge::proxy::client::json_to_msgpack;
-use pushbridge::proxy::frame::encode;
 use pushbridge::push::Id;
 use pushbridge::settings::Settings;
+use pushbridge::wire::client::json_to_msgpack;
+use pushbridge::wire::frame::encode;
 use pushbridge::Server;
 use rmpv::Value as Mp;
 use serde_json::json;

@@ -241,7 +241,8 @@ async fn presence_until(
 
 #[tokio::test]
 async fn presence_follows_token_connections() {
-    use pushbridge::auth::{jwt, now};
+    use pushbridge::auth::jwt;
+    use pushbridge::utc::now;
     let mut settings = server::settings(None);
     settings.auth.mode = pushbridge::settings::AuthMode::Jwt;
     settings.auth.jwt_secret = Some("s".into());

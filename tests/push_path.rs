@@ -268,10 +268,10 @@ async fn stop_with_a_full_queue() {
     let mut frames = Vec::new();
     for n in 0..4 {
         let data = json!({"n": n});
-        frames.extend(pushbridge::proxy::frame::encode(
+        frames.extend(pushbridge::wire::frame::encode(
             2,
             &Mp::from(n),
-            &pushbridge::proxy::client::json_to_msgpack(&data),
+            &pushbridge::wire::client::json_to_msgpack(&data),
         ));
     }
     backend.write(&frames).await;

@@ -4,8 +4,8 @@
 
 mod support;
 
-use pushbridge::proxy::client::json_to_msgpack;
-use pushbridge::proxy::frame::encode;
+use pushbridge::wire::client::json_to_msgpack;
+use pushbridge::wire::frame::encode;
 use rmpv::Value as Mp;
 use serde_json::json;
 use support::http::get;

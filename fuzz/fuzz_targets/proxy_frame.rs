@@ -1,4 +1,4 @@
-//! Backend bytes through `proxy::frame::{check, parse}`.
+//! Backend bytes through `wire::frame::{check, parse}`.
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| pushbridge::fuzzing::proxy_frames(data));

@@ -29,7 +29,7 @@ use std::sync::Arc;
 
 use serde_json::{Map, Value};
 
-use crate::intake::Ack;
+use crate::push::Ack;
 use crate::push::ApnsOptions;
 use crate::router::ApnsDelivery;
 

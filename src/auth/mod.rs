@@ -8,9 +8,9 @@ pub mod acl;
 pub mod jwt;
 
 use std::collections::HashSet;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::settings::{AuthMode, AuthSettings};
+use crate::utc::now;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
@@ -154,13 +154,6 @@ impl Auth {
             expires: Some(claims.exp),
         })
     }
-}
-
-/// Unix seconds now.
-pub fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 #[cfg(test)]

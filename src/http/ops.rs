@@ -72,7 +72,7 @@ pub(super) async fn stats(State(state): State<HttpState>) -> Json<Value> {
         .map(|s| (s.name.to_string(), s.value.into()))
         .collect();
     // Counted up to now, not up to the sampler's last tick.
-    let now = crate::auth::now();
+    let now = crate::utc::now();
     stats.series.observe(now, stats.tally());
     let series = stats.series.snapshot(now);
     let buckets = |b: &[Bucket]| -> Value { b.iter().map(bucket).collect() };
@@ -162,7 +162,7 @@ pub(super) async fn metrics(State(state): State<HttpState>) -> impl IntoResponse
     let _ = writeln!(out, "{name}_sum {}", h.sum_secs);
     let _ = writeln!(out, "{name}_count {}", h.count);
 
-    let now = crate::auth::now() as i64;
+    let now = crate::utc::now() as i64;
     let _ = writeln!(
         out,
         "# HELP pushbridge_apns_cert_days_left Whole days until an APNs client certificate expires."
@@ -184,7 +184,7 @@ pub(super) async fn metrics(State(state): State<HttpState>) -> impl IntoResponse
 /// The loaded APNs credentials and when certificates expire, so ops renew
 /// them before Apple refuses the connection.
 pub(super) async fn apps(State(state): State<HttpState>) -> Json<Value> {
-    let now = crate::auth::now() as i64;
+    let now = crate::utc::now() as i64;
     let apps: Vec<Value> = state
         .dispatcher
         .apns

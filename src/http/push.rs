@@ -19,10 +19,31 @@ use crate::router::Environment;
 /// answered 503: an HTTP client cannot wait as long as the proxy's queue.
 const REGISTRY_WAIT: Duration = Duration::from_secs(10);
 
+/// The body: `{"notifications": [...]}`, or one notification object on its
+/// own (what a backend developer tries first); both are answered alike.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Request {
     notifications: Vec<Notification>,
+}
+
+impl Request {
+    fn parse(body: &[u8]) -> Result<(Request, bool), HttpError> {
+        let bad = |e: serde_json::Error| HttpError::BadRequest(format!("bad request body: {e}"));
+        let value: Value = serde_json::from_slice(body).map_err(bad)?;
+        let single = !value
+            .as_object()
+            .is_some_and(|o| o.contains_key("notifications"));
+        Ok(match single {
+            true => (
+                Request {
+                    notifications: vec![serde_json::from_value(value).map_err(bad)?],
+                },
+                true,
+            ),
+            false => (serde_json::from_value(value).map_err(bad)?, false),
+        })
+    }
 }
 
 #[derive(Deserialize)]
@@ -46,27 +67,29 @@ fn json_id(v: &Value) -> Result<Id, HttpError> {
 }
 
 impl Notification {
-    fn into_push(self, index: usize) -> Result<Push, HttpError> {
-        let at = |e: HttpError| HttpError::BadRequest(format!("notifications[{index}]: {e}"));
+    /// `at` names the notification in errors: `notifications[1]`, or
+    /// `notification` for a single-object body.
+    fn into_push(self, at: &str) -> Result<Push, HttpError> {
+        let at_err = |e: HttpError| HttpError::BadRequest(format!("{at}: {e}"));
         let target = match (self.user, self.users, self.group) {
-            (Some(u), None, None) => Target::User(json_id(&u).map_err(at)?),
+            (Some(u), None, None) => Target::User(json_id(&u).map_err(at_err)?),
             (None, Some(us), None) if !us.is_empty() => Target::Users(
                 us.iter()
                     .map(json_id)
                     .collect::<Result<_, _>>()
-                    .map_err(at)?,
+                    .map_err(at_err)?,
             ),
-            (None, None, Some(g)) => Target::Group(json_id(&g).map_err(at)?),
+            (None, None, Some(g)) => Target::Group(json_id(&g).map_err(at_err)?),
             _ => {
-                return Err(at(HttpError::BadRequest(
+                return Err(at_err(HttpError::BadRequest(
                     "needs exactly one of user, users (non-empty) or group".into(),
                 )))
             }
         };
         let apns = match &self.apns {
-            Some(o) => Some(Arc::new(apns_options::parse(o).map_err(|e| {
-                HttpError::BadRequest(format!("notifications[{index}].{e}"))
-            })?)),
+            Some(o) => Some(Arc::new(
+                apns_options::parse(o).map_err(|e| HttpError::BadRequest(format!("{at}.{e}")))?,
+            )),
             None => None,
         };
         Ok(Push {
@@ -81,8 +104,11 @@ pub(super) async fn push(
     State(state): State<HttpState>,
     body: Bytes,
 ) -> Result<Json<Value>, HttpError> {
-    let request: Request = serde_json::from_slice(&body)
-        .map_err(|e| HttpError::BadRequest(format!("bad request body: {e}")))?;
+    let (request, single) = Request::parse(&body)?;
+    let name = |i: usize| match single {
+        true => "notification".to_string(),
+        false => format!("notifications[{i}]"),
+    };
     let n = request.notifications.len();
     if n == 0 || n > state.max_notifications {
         return Err(HttpError::BadRequest(format!(
@@ -94,12 +120,13 @@ pub(super) async fn push(
         .notifications
         .into_iter()
         .enumerate()
-        .map(|(i, n)| n.into_push(i))
+        .map(|(i, n)| n.into_push(&name(i)))
         .collect::<Result<Vec<_>, _>>()?;
     if let (Some(_), Some(i)) = (&state.stream, pushes.iter().position(|p| p.apns.is_some())) {
         return Err(HttpError::BadRequest(format!(
-            "notifications[{i}].apns: overrides are not kept in the durable intake stream \
-             (intake.durable = true); send without them"
+            "{}.apns: overrides are not kept in the durable intake stream \
+             (intake.durable = true); send without them",
+            name(i)
         )));
     }
     let delivered = match &state.stream {

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::registry::conn::RedisConn;
+use crate::redis_conn::RedisConn;
 use bytes::Bytes;
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
 use tokio::sync::mpsc;
@@ -14,11 +14,11 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use super::ack::{Ack, InFlightRef, Settled};
 use super::stream::{create_group, FIELD};
 use crate::dispatch::{Dispatcher, BATCH};
-use crate::proxy::frame;
+use crate::push::ack::{Ack, InFlightRef, Settled};
 use crate::push::Push;
+use crate::wire::frame;
 
 /// Longest blocking read: bounds how late a claim round or a shutdown is noticed.
 pub(crate) const MAX_BLOCK: Duration = Duration::from_secs(1);

@@ -6,7 +6,6 @@
 //! `stream` appends and acknowledges, `consumer` reads and claims, `ack`
 //! tells when an entry's deliveries are all final.
 
-mod ack;
 mod consumer;
 mod stream;
 
@@ -20,7 +19,6 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use ack::Ack;
 pub use stream::StreamWriter;
 
 use crate::dispatch::Dispatcher;
@@ -88,7 +86,7 @@ pub async fn start(
             source,
         })?;
     let (settled_tx, settled_rx) = mpsc::unbounded_channel();
-    let in_flight = Arc::new(ack::InFlight::default());
+    let in_flight = Arc::new(crate::push::ack::InFlight::default());
     tracker.spawn(stream::acknowledge(
         conn.clone(),
         s.stream.clone(),
@@ -146,8 +144,8 @@ pub fn encode(push: &Push) -> Bytes {
         ),
     };
     let data =
-        crate::proxy::client::json_to_msgpack(&serde_json::Value::Object((*push.data).clone()));
-    let frame = crate::proxy::frame::encode(kind, &id, &data);
+        crate::wire::client::json_to_msgpack(&serde_json::Value::Object((*push.data).clone()));
+    let frame = crate::wire::frame::encode(kind, &id, &data);
     Bytes::from(frame).slice(4..)
 }
 
@@ -174,7 +172,7 @@ mod tests {
                 data: data.clone(),
                 apns: None,
             };
-            assert_eq!(crate::proxy::frame::parse(&encode(&push)).unwrap(), push);
+            assert_eq!(crate::wire::frame::parse(&encode(&push)).unwrap(), push);
         }
     }
 }

@@ -3,15 +3,15 @@
 
 use std::time::Duration;
 
-use crate::registry::conn::RedisConn;
+use crate::redis_conn::RedisConn;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::ack::{InFlightRef, Settled};
 use super::IntakeError;
+use crate::push::ack::{InFlightRef, Settled};
 use crate::stats::Stats;
 use std::sync::Arc;
 
@@ -28,7 +28,7 @@ pub(crate) async fn connect(url: &str) -> Result<RedisConn, IntakeError> {
     RedisConn::open(url)
         .await
         .map_err(|source| IntakeError::Connect {
-            url: crate::registry::conn::redact(url),
+            url: crate::redis_conn::redact(url),
             source,
         })
 }

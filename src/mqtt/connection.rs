@@ -405,7 +405,7 @@ impl Conn {
             if let (SubCode::Granted(_), Some(user)) = (code, user_of_filter(prefix, filter)) {
                 let seen = Seen {
                     client_id: self.client_id.clone(),
-                    since: crate::auth::now(),
+                    since: crate::utc::now(),
                 };
                 self.inner.presence().connect(self.conn, user, seen);
             }

@@ -20,7 +20,7 @@ use super::presence::{user_of_filter, Seen};
 use super::session::Owner;
 use super::transport::Stream;
 use super::Inner;
-use crate::auth::{self, Refusal, Role};
+use crate::auth::{Refusal, Role};
 
 /// Reads the CONNECT, attaches the session and queues the CONNACK.
 pub(super) async fn handshake(
@@ -152,7 +152,7 @@ pub(super) async fn handshake(
         let (presence, seen) = presence.get_or_insert_with(|| {
             let seen = Seen {
                 client_id: client_id.as_str().into(),
-                since: auth::now(),
+                since: crate::utc::now(),
             };
             (inner.presence(), seen)
         });
@@ -202,7 +202,7 @@ pub(super) async fn handshake(
         wake,
         // An expiry too far away to represent is no expiry.
         expires: identity.expires.and_then(|at| {
-            Instant::now().checked_add(Duration::from_secs(at.saturating_sub(auth::now())))
+            Instant::now().checked_add(Duration::from_secs(at.saturating_sub(crate::utc::now())))
         }),
         identity: Box::new(identity),
     };

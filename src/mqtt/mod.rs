@@ -320,6 +320,7 @@ impl Broker {
     /// no connection and no expiry clock (they live as long as the broker).
     /// `publish` queues to them as to any offline session, up to `max_queued`;
     /// the returned handle empties a queue the way a connection would.
+    #[cfg(any(test, feature = "bench"))]
     #[doc(hidden)]
     pub fn attach_bench_sessions(&self, n: usize) -> BenchSessions {
         let prefix = &self.inner.settings.prefix;
@@ -345,12 +346,14 @@ impl Broker {
 }
 
 /// Sessions made by [`Broker::attach_bench_sessions`], by index.
+#[cfg(any(test, feature = "bench"))]
 #[doc(hidden)]
 pub struct BenchSessions {
     sessions: Vec<Arc<session::Session>>,
     budget: Arc<Budget>,
 }
 
+#[cfg(any(test, feature = "bench"))]
 impl BenchSessions {
     /// Takes every message queued for session `i`; returns how many there were.
     pub fn drain(&self, i: usize) -> usize {

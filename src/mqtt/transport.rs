@@ -12,6 +12,7 @@ use std::time::Duration;
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
 use tracing::debug;
 
 use super::connection::{READ_CHUNK, READ_MAX};
@@ -24,37 +25,50 @@ pub enum Transport {
     Tcp,
     Tls(Arc<TlsConfig>),
     WebSocket,
+    /// WebSocket inside TLS (`wss://`), for browsers on HTTPS pages.
+    WebSocketTls(Arc<TlsConfig>),
 }
 
 impl Transport {
     /// Turns an accepted socket into an MQTT byte stream; `None` if the
-    /// handshake failed or took longer than `limit`.
+    /// handshake (TLS and WebSocket together, for `wss`) failed or took
+    /// longer than `limit`. WebSocket frames are capped by `max_packet`.
     pub(super) async fn upgrade(
         &self,
         tcp: TcpStream,
         limit: Duration,
         max_packet: usize,
     ) -> Option<Stream> {
-        let upgraded = match self {
-            Transport::Tcp => return Some(Stream::Tcp(tcp)),
-            Transport::Tls(config) => {
-                let accept = tokio_rustls::TlsAcceptor::from(config.current()).accept(tcp);
-                match tokio::time::timeout(limit, accept).await {
-                    Ok(Ok(s)) => Ok(Stream::other(s)),
-                    Ok(Err(e)) => Err(e.to_string()),
-                    Err(_) => Err("timed out".into()),
+        let handshake = async {
+            Ok(match self {
+                Transport::Tcp => Stream::Tcp(tcp),
+                Transport::Tls(config) => Stream::other(tls(config, tcp).await?),
+                Transport::WebSocket => {
+                    Stream::other(ws::accept(tcp, max_packet).await.map_err(err)?)
                 }
-            }
-            Transport::WebSocket => {
-                match tokio::time::timeout(limit, ws::accept(tcp, max_packet)).await {
-                    Ok(Ok(s)) => Ok(Stream::other(s)),
-                    Ok(Err(e)) => Err(e.to_string()),
-                    Err(_) => Err("timed out".into()),
+                Transport::WebSocketTls(config) => {
+                    let tls = tls(config, tcp).await?;
+                    Stream::other(ws::accept(tls, max_packet).await.map_err(err)?)
                 }
-            }
+            })
         };
-        upgraded.map_err(|e| debug!("handshake failed: {e}")).ok()
+        let upgraded = match tokio::time::timeout(limit, handshake).await {
+            Ok(r) => r,
+            Err(_) => Err("timed out".into()),
+        };
+        upgraded
+            .map_err(|e: String| debug!("handshake failed: {e}"))
+            .ok()
     }
+}
+
+async fn tls(config: &TlsConfig, tcp: TcpStream) -> Result<TlsStream<TcpStream>, String> {
+    let acceptor = tokio_rustls::TlsAcceptor::from(config.current());
+    acceptor.accept(tcp).await.map_err(err)
+}
+
+fn err(e: impl std::fmt::Display) -> String {
+    e.to_string()
 }
 
 pub(super) trait Io: AsyncRead + AsyncWrite + Send + Sync {}

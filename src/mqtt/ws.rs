@@ -8,7 +8,6 @@ use std::task::{ready, Context, Poll};
 use bytes::{Buf, Bytes};
 use futures_util::{Sink, Stream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -20,15 +19,19 @@ pub(super) const PATH: &str = "/mqtt";
 /// Room for WebSocket framing around the largest MQTT packet.
 const HEADROOM: usize = 4096;
 
-/// The server side of the WebSocket handshake. Frames and messages are
-/// capped at `max_packet` (plus headroom) from their headers, before their
-/// payload is buffered: tungstenite's own default would take 16 MiB.
-pub(super) async fn accept(tcp: TcpStream, max_packet: usize) -> Result<WsIo, tungstenite::Error> {
+/// The server side of the WebSocket handshake, over plain TCP (`ws_listen`)
+/// or an accepted TLS stream (`wss_listen`). Frames and messages are capped
+/// at `max_packet` (plus headroom) from their headers, before their payload
+/// is buffered: tungstenite's own default would take 16 MiB.
+pub(super) async fn accept<S>(io: S, max_packet: usize) -> Result<WsIo<S>, tungstenite::Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let max = max_packet.saturating_add(HEADROOM);
     let config = WebSocketConfig::default()
         .max_frame_size(Some(max))
         .max_message_size(Some(max));
-    let ws = tokio_tungstenite::accept_hdr_async_with_config(tcp, check, Some(config)).await?;
+    let ws = tokio_tungstenite::accept_hdr_async_with_config(io, check, Some(config)).await?;
     Ok(WsIo {
         ws,
         pending: Bytes::new(),
@@ -59,8 +62,8 @@ fn check(req: &Request, mut resp: Response) -> Result<Response, ErrorResponse> {
 }
 
 /// A WebSocket as a byte stream.
-pub(super) struct WsIo {
-    ws: WebSocketStream<TcpStream>,
+pub(super) struct WsIo<S> {
+    ws: WebSocketStream<S>,
     /// Rest of the last binary message not yet read.
     pending: Bytes,
 }
@@ -72,7 +75,7 @@ fn to_io(e: tungstenite::Error) -> io::Error {
     }
 }
 
-impl AsyncRead for WsIo {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsIo<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -99,7 +102,7 @@ impl AsyncRead for WsIo {
     }
 }
 
-impl AsyncWrite for WsIo {
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsIo<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

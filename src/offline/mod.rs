@@ -14,14 +14,15 @@ mod replay;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::future::try_join_all;
 
 pub use self::replay::{run, Replay};
 use crate::push::Id;
-use crate::registry::{RedisConn, Registry};
+use crate::redis_conn::RedisConn;
+use crate::registry::Registry;
 use crate::settings::{OfflineSettings, RegistrySettings};
 
 #[derive(Debug, thiserror::Error)]
@@ -63,12 +64,6 @@ pub struct Pending {
     pub expired: usize,
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 impl OfflineStore {
     /// In the registry's Redis when it has one, in memory otherwise.
     pub fn new(registry: &Registry, keys: &RegistrySettings, settings: &OfflineSettings) -> Self {
@@ -97,7 +92,7 @@ impl OfflineStore {
         if kept.is_empty() || !self.enabled() {
             return Ok(0);
         }
-        let expires_ms = now_ms() + self.ttl.as_millis() as u64;
+        let expires_ms = crate::utc::now_ms() + self.ttl.as_millis() as u64;
         match &self.backend {
             Backend::Memory(map) => {
                 let mut map = map.lock().unwrap_or_else(|e| e.into_inner());
@@ -158,7 +153,7 @@ impl OfflineStore {
         let Backend::Memory(map) = &self.backend else {
             return 0;
         };
-        let now = now_ms();
+        let now = crate::utc::now_ms();
         let mut dropped = 0;
         map.lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -175,7 +170,7 @@ impl OfflineStore {
 
     /// The user's kept messages; `remove` them once handed over.
     pub async fn pending(&self, user: &Id) -> Result<Pending, OfflineError> {
-        let now = now_ms();
+        let now = crate::utc::now_ms();
         let entries: Vec<Kept> = match &self.backend {
             Backend::Memory(map) => {
                 let map = map.lock().unwrap_or_else(|e| e.into_inner());

@@ -11,10 +11,10 @@ use tracing::{debug, info, warn};
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 
-use super::frame::{self, FrameError, Status};
 use super::Shared;
 use crate::intake::{Intake, IntakeError, StreamWriter};
 use crate::push::Push;
+use crate::wire::frame::{self, FrameError, Status};
 
 /// Read size for a connection with nothing buffered; grown to fit a frame.
 const READ_CHUNK: usize = 4096;

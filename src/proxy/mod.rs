@@ -2,9 +2,7 @@
 //! one status byte per frame. Accepted pushes go to the dispatcher's queue,
 //! or with durable intake to the Redis Stream (one round trip per read burst).
 
-pub mod client;
 mod connection;
-pub mod frame;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,23 +16,6 @@ use tracing::{debug, info_span, warn, Instrument};
 use crate::intake::Intake;
 use crate::settings::ProxySettings;
 use crate::stats::Stats;
-
-#[derive(Debug, thiserror::Error)]
-pub enum ProxyError {
-    #[error("proxy connection: {0}")]
-    Io(#[from] std::io::Error),
-    #[error("connect to {addr}: {source}")]
-    Connect {
-        addr: String,
-        source: std::io::Error,
-    },
-    #[error("{0}")]
-    Frame(#[from] frame::FrameError),
-    #[error("server closed the connection without a status byte")]
-    NoReply,
-    #[error("server answered unknown status byte 0x{0:02x}")]
-    UnknownStatus(u8),
-}
 
 /// What every backend connection needs.
 #[derive(Clone)]

@@ -2,16 +2,15 @@
 //! memory (the embedded default). Both implement [`UserStore`], and the same
 //! tests run against both.
 
-pub(crate) mod conn;
 mod memory;
 mod redis;
 
 use std::future::Future;
 
-pub use self::conn::RedisConn;
 pub use self::memory::MemoryRegistry;
 pub use self::redis::RedisRegistry;
 use crate::push::{Id, UserRecord};
+pub use crate::redis_conn::RedisConn;
 use crate::settings::RegistrySettings;
 
 #[derive(Debug, thiserror::Error)]

@@ -7,9 +7,9 @@ use std::collections::HashMap;
 use redis::AsyncCommands;
 use tracing::warn;
 
-use super::conn::{redact, RedisConn};
 use super::{RegistryError, UserStore};
 use crate::push::{Id, UserRecord};
+use crate::redis_conn::{redact, RedisConn};
 use crate::settings::RegistrySettings;
 
 #[derive(Clone)]

@@ -134,10 +134,14 @@ impl Settings {
                 return bad(key, "must be at least 1");
             }
         }
-        if self.mqtt.tls_listen.is_some()
-            && (self.mqtt.tls_cert.is_none() || self.mqtt.tls_key.is_none())
-        {
-            return bad("mqtt.tls_listen", "needs mqtt.tls_cert and mqtt.tls_key");
+        let no_pair = self.mqtt.tls_cert.is_none() || self.mqtt.tls_key.is_none();
+        for (key, set) in [
+            ("mqtt.tls_listen", self.mqtt.tls_listen.is_some()),
+            ("mqtt.wss_listen", self.mqtt.wss_listen.is_some()),
+        ] {
+            if set && no_pair {
+                return bad(key, "needs mqtt.tls_cert and mqtt.tls_key");
+            }
         }
         self.check_external()?;
         for (key, template) in [
@@ -238,6 +242,18 @@ mod tests {
         let err = Settings::from_toml("[intake]\ndurable = true\n").unwrap_err();
         assert!(err.to_string().contains("intake.durable"), "{err}");
         assert!(err.to_string().contains("registry.redis_url"), "{err}");
+    }
+
+    #[test]
+    fn tls_listeners_need_the_certificate_and_key() {
+        for key in ["tls_listen", "wss_listen"] {
+            let text = format!("[mqtt]\n{key} = \"127.0.0.1:0\"\ntls_cert = \"c.pem\"\n");
+            let err = Settings::from_toml(&text).unwrap_err().to_string();
+            assert!(err.contains(&format!("mqtt.{key}")), "{err}");
+            assert!(err.contains("mqtt.tls_cert and mqtt.tls_key"), "{err}");
+            let both = format!("{text}tls_key = \"k.pem\"\n");
+            assert!(Settings::from_toml(&both).is_ok(), "{both}");
+        }
     }
 
     #[test]

@@ -42,6 +42,9 @@ pub struct MqttSettings {
     pub listen: SocketAddr,
     pub tls_listen: Option<SocketAddr>,
     pub ws_listen: Option<SocketAddr>,
+    /// MQTT over WebSocket over TLS, with `tls_cert` and `tls_key`: what a
+    /// browser on an HTTPS page may open.
+    pub wss_listen: Option<SocketAddr>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     /// Topic prefix: `<prefix>/user/<id>`, `<prefix>/group/<id>`, `<prefix>/app/status`.
@@ -107,6 +110,7 @@ impl Default for MqttSettings {
             listen: "0.0.0.0:1883".parse().unwrap(),
             tls_listen: None,
             ws_listen: None,
+            wss_listen: None,
             tls_cert: None,
             tls_key: None,
             prefix: "push".into(),

@@ -196,7 +196,7 @@ pub async fn sample(stats: std::sync::Arc<Stats>, stop: CancellationToken) {
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tick.tick() => stats.series.observe(crate::auth::now(), stats.tally()),
+            _ = tick.tick() => stats.series.observe(crate::utc::now(), stats.tally()),
         }
     }
 }

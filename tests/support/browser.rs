@@ -29,10 +29,15 @@ impl Browser {
     /// Starts chromedriver and a headless Chromium session. Panics (never
     /// skips) when either is missing: scripts/test.sh installs them.
     pub async fn start() -> Browser {
+        Browser::start_with(&[]).await
+    }
+
+    /// `start`, with more Chromium command-line switches.
+    pub async fn start_with(args: &[String]) -> Browser {
         for bin in [CHROMIUM, CHROMEDRIVER] {
             assert!(
                 Path::new(bin).exists(),
-                "{bin} is missing: the dashboard test needs Debian's chromium and \
+                "{bin} is missing: the browser tests need Debian's chromium and \
                  chromium-driver; run scripts/test.sh (it apt-installs them)"
             );
         }
@@ -46,7 +51,7 @@ impl Browser {
             .expect("start chromedriver");
         let browser = Browser {
             driver,
-            client: connect(port).await,
+            client: connect(port, args).await,
         };
         browser.client.set_window_size(1200, 1000).await.unwrap();
         browser
@@ -73,6 +78,32 @@ impl Browser {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "#{id} still shows {text:?} after {:?}",
+                super::WAIT
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Evaluates `script` (a function body that `return`s JSON) until
+    /// `want` holds; panics with the last value seen after WAIT.
+    pub async fn wait_script(
+        &self,
+        script: &str,
+        want: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = tokio::time::Instant::now() + super::WAIT;
+        loop {
+            let value = self
+                .client
+                .execute(script, Vec::new())
+                .await
+                .expect("script runs");
+            if want(&value) {
+                return value;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{script:?} still gives {value} after {:?}",
                 super::WAIT
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -117,15 +148,20 @@ fn free_port() -> u16 {
 }
 
 /// Waits for chromedriver to listen, then opens a session.
-async fn connect(port: u16) -> Client {
+async fn connect(port: u16, extra: &[String]) -> Client {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut args = vec![
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--no-first-run",
+    ];
+    args.extend(extra.iter().map(String::as_str));
     let caps = json!({
         "browserName": "chrome",
-        "goog:chromeOptions": {
-            "binary": CHROMIUM,
-            "args": ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                     "--disable-background-networking", "--no-first-run"],
-        },
+        "goog:chromeOptions": { "binary": CHROMIUM, "args": args },
     });
     let caps = match caps {
         serde_json::Value::Object(m) => m,

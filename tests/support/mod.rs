@@ -7,6 +7,7 @@ pub mod browser;
 pub mod http;
 pub mod mosquitto;
 pub mod mqtt;
+pub mod pki;
 pub mod proxy;
 pub mod redis;
 pub mod redis_cluster;

@@ -7,8 +7,8 @@ use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use pushbridge::proxy::client::json_to_msgpack;
-use pushbridge::proxy::frame::encode;
+use pushbridge::wire::client::json_to_msgpack;
+use pushbridge::wire::frame::encode;
 
 pub struct Backend {
     pub socket: TcpStream,

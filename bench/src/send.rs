@@ -74,7 +74,7 @@ pub fn frame(msg: &Msg, t: u64, pad: &str) -> Vec<u8> {
         (Mp::from("s"), Mp::from(msg.seq)),
         (Mp::from("p"), Mp::from(pad)),
     ]);
-    pushbridge::proxy::frame::encode(kind, &id, &data)
+    pushbridge::wire::frame::encode(kind, &id, &data)
 }
 
 pub fn topic(to: To) -> String {
@@ -338,10 +338,10 @@ mod tests {
             seq: 7,
         };
         let f = frame(&msg, 123, "xx");
-        let n = pushbridge::proxy::frame::check(&f, 1 << 20)
+        let n = pushbridge::wire::frame::check(&f, 1 << 20)
             .unwrap()
             .unwrap();
-        let push = pushbridge::proxy::frame::parse(&f[4..4 + n]).unwrap();
+        let push = pushbridge::wire::frame::parse(&f[4..4 + n]).unwrap();
         assert_eq!(&push.json()[..], json_payload(123, 7, "xx").as_bytes());
     }
 

@@ -1,6 +1,7 @@
 //! One handle over the three ways Redis is deployed: a single server, a
 //! Redis Cluster, or a master found through Sentinel. The registry and the
-//! offline store talk to this, not to a concrete connection type.
+//! offline store and durable intake talk to this, not to a concrete connection
+//! type.
 //!
 //! URL forms (`registry.redis_url`):
 //! - `redis://[user:pass@]host:port[/db]`: one server.

@@ -6,19 +6,12 @@
 //! random connected users), `fanout` (one push to a group), `ingest` (frames/s
 //! the proxy accepts). Every wait is bounded by a count and a time limit.
 
-#[path = "pushbridge-bench/apns.rs"]
 mod apns;
-#[path = "pushbridge-bench/apns_server.rs"]
 mod apns_server;
-#[path = "pushbridge-bench/mqtt.rs"]
 mod mqtt;
-#[path = "pushbridge-bench/report.rs"]
 mod report;
-#[path = "pushbridge-bench/routing.rs"]
 mod routing;
-#[path = "pushbridge-bench/send.rs"]
 mod send;
-#[path = "pushbridge-bench/target.rs"]
 mod target;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};

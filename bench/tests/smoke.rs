@@ -6,9 +6,23 @@
 
 use std::path::Path;
 use std::process::Command;
+use std::sync::OnceLock;
 
 const BENCH: &str = env!("CARGO_BIN_EXE_pushbridge-bench");
-const PUSHBRIDGE: &str = env!("CARGO_BIN_EXE_pushbridge");
+
+/// The server, built beside this tool by `cargo test --workspace` (scripts/test.sh).
+fn pushbridge() -> &'static str {
+    static BIN: OnceLock<String> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let bin = Path::new(BENCH).with_file_name("pushbridge");
+        assert!(
+            bin.exists(),
+            "{} missing: build it first (`cargo build --bin pushbridge`; scripts/test.sh does)",
+            bin.display()
+        );
+        bin.display().to_string()
+    })
+}
 const MOSQUITTO: &str = "/usr/sbin/mosquitto";
 
 fn run(out: &Path, args: &[&str]) -> String {
@@ -95,7 +109,7 @@ fn smoke_ingest_against_pushbridge_accepts_every_frame() {
             "--target",
             "pushbridge",
             "--pushbridge-bin",
-            PUSHBRIDGE,
+            pushbridge(),
             "--workloads",
             "ingest",
         ],
@@ -136,7 +150,7 @@ fn smoke_p2p_with_redis_registry_routes_every_push() {
             "--target",
             "pushbridge-redis",
             "--pushbridge-bin",
-            PUSHBRIDGE,
+            pushbridge(),
             "--workloads",
             "p2p",
         ],
@@ -167,7 +181,7 @@ fn smoke_apns_sender_and_h2load_get_every_notification_answered() {
             "--target",
             "pushbridge",
             "--pushbridge-bin",
-            PUSHBRIDGE,
+            pushbridge(),
             "--h2load-bin",
             "/usr/bin/h2load",
             "--workloads",
@@ -194,7 +208,7 @@ fn smoke_p2p_with_ios_users_in_memory_reaches_devices_and_apns() {
             "--target",
             "pushbridge-ios",
             "--pushbridge-bin",
-            PUSHBRIDGE,
+            pushbridge(),
             "--workloads",
             "p2p",
         ],

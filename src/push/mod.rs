@@ -1,5 +1,9 @@
 //! The plain data a push is made of, shared by the proxy, the router and the senders.
 
+pub(crate) mod ack;
+
+pub use ack::Ack;
+
 use std::fmt;
 use std::sync::Arc;
 

@@ -6,7 +6,24 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::frame::{self, Status};
-use super::ProxyError;
+
+/// Why a push could not be handed to the proxy.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("proxy connection: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("connect to {addr}: {source}")]
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Frame(#[from] frame::FrameError),
+    #[error("server closed the connection without a status byte")]
+    NoReply,
+    #[error("server answered unknown status byte 0x{0:02x}")]
+    UnknownStatus(u8),
+}
 
 /// Whom `send` addresses, with the type number old clients use.
 #[derive(Debug, Clone)]
@@ -56,10 +73,10 @@ pub fn json_to_msgpack(v: &serde_json::Value) -> Mp {
 }
 
 /// Sends one push and returns the server's status byte.
-pub async fn send(addr: &str, to: &Recipient, data: &Mp) -> Result<Status, ProxyError> {
+pub async fn send(addr: &str, to: &Recipient, data: &Mp) -> Result<Status, ClientError> {
     let mut socket = TcpStream::connect(addr)
         .await
-        .map_err(|source| ProxyError::Connect {
+        .map_err(|source| ClientError::Connect {
             addr: addr.to_owned(),
             source,
         })?;
@@ -69,8 +86,8 @@ pub async fn send(addr: &str, to: &Recipient, data: &Mp) -> Result<Status, Proxy
         .await?;
     let mut byte = [0u8; 1];
     match socket.read_exact(&mut byte).await {
-        Ok(_) => Ok(Status::from_byte(byte[0]).ok_or(ProxyError::UnknownStatus(byte[0]))?),
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(ProxyError::NoReply),
+        Ok(_) => Ok(Status::from_byte(byte[0]).ok_or(ClientError::UnknownStatus(byte[0]))?),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(ClientError::NoReply),
         Err(e) => Err(e.into()),
     }
 }
