@@ -225,6 +225,7 @@ impl Session {
     }
 
     /// Takes every queued message (a connection-less consumer, benchmarks).
+    #[cfg(any(test, feature = "bench"))]
     pub fn drain_offline(&self, budget: &Budget) -> usize {
         let mut st = self.lock();
         if st.owner.is_none() {
