@@ -64,9 +64,14 @@ impl Budget {
         self.used.fetch_add(n, Ordering::Relaxed).saturating_add(n)
     }
 
-    /// Takes `n` off; returns the new total.
+    /// Takes `n` off; returns the new total. Saturating: a miscount must
+    /// not wrap into a budget that refuses everything.
     fn sub(&self, n: usize) -> usize {
-        self.used.fetch_sub(n, Ordering::Relaxed).saturating_sub(n)
+        let sub = |u: usize| Some(u.saturating_sub(n));
+        let old = self
+            .used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, sub);
+        old.unwrap_or(0).saturating_sub(n)
     }
 }
 
