@@ -26,7 +26,7 @@ use super::presence::{user_of_filter, Seen};
 use super::session::{Inflight, Msg, Registry, Session};
 use super::transport::{Stream, Transport};
 use super::{BrokerEvent, Inner};
-use crate::auth::{Identity, Role};
+use crate::auth::Identity;
 
 /// Smallest read reservation; most MQTT packets of a push service are smaller.
 pub(super) const READ_CHUNK: usize = 512;
@@ -161,6 +161,11 @@ pub(super) struct Conn {
     /// Notified when the session has messages, or was taken over.
     pub(super) wake: Arc<Notify>,
     pub(super) identity: Box<Identity>,
+    /// A device resuming a session: what it may read can have shrunk since
+    /// messages were queued for it (a token that lost a group), so each is
+    /// checked as it leaves. A fresh session only ever queued what this
+    /// identity subscribed to.
+    pub(super) recheck: bool,
     /// When the token runs out; the connection is closed then.
     pub(super) expires: Option<Instant>,
 }
@@ -477,10 +482,7 @@ impl Conn {
             return Err(End::TakenOver);
         }
         let st = &mut *guard;
-        // What a device may read can have shrunk since a message was queued
-        // (a reconnect with a token that lost a group): checked as it leaves.
-        let (auth, identity) = (&self.inner.auth, &*self.identity);
-        let recheck = identity.role == Role::Device;
+        let (auth, identity, recheck) = (&self.inner.auth, &*self.identity, self.recheck);
         let readable = |topic: &str| !recheck || auth.may_subscribe(identity, topic);
         let mut enc = Encoder {
             proto: self.proto,

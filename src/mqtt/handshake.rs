@@ -204,6 +204,7 @@ pub(super) async fn handshake(
         expires: identity.expires.and_then(|at| {
             Instant::now().checked_add(Duration::from_secs(at.saturating_sub(crate::utc::now())))
         }),
+        recheck: attached.present && identity.role == Role::Device,
         identity: Box::new(identity),
     };
     Some(c)
