@@ -112,6 +112,7 @@ async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, Error>
 
 /// Binds the listeners and starts every part; cancelling `shutdown` stops it.
 pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Server, Error> {
+    settings.check_anonymous()?;
     raise_fd_limit();
     let stats = Arc::new(Stats::default());
     let registry = Registry::open(&settings.registry).await?;
@@ -136,6 +137,9 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
 
     let auth = Auth::new(&settings.auth, &settings.mqtt.prefix)?
         .with_feedback_topic(settings.feedback_topic());
+    for warning in config_warnings(&settings) {
+        warn!("{warning}");
+    }
     if settings.auth.mode == AuthMode::None && !external {
         warn!(
             "auth.mode = none: MQTT clients are not authenticated; any client may read any \
@@ -230,11 +234,22 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
                 dispatcher,
                 registry: registry.clone(),
                 stats: stats.clone(),
-                token: settings.http.token.as_deref().map(Arc::from),
+                token: settings.http.token.as_deref().map(http::ApiToken::new),
+                body_timeout: Duration::from_secs(settings.http.header_timeout_secs),
+                allowed_hosts: settings
+                    .http
+                    .allowed_hosts
+                    .iter()
+                    .map(|h| h.to_ascii_lowercase())
+                    .collect(),
                 max_notifications: settings.http.max_notifications,
                 queue,
                 stream,
                 shutdown: shutdown.clone(),
+            },
+            http::Limits {
+                header_timeout: Duration::from_secs(settings.http.header_timeout_secs),
+                max_connections: settings.http.max_connections,
             },
             shutdown.clone(),
         ),
@@ -349,6 +364,22 @@ async fn while_up<F: std::future::Future>(up: Vec<stats::Up>, task: F) -> F::Out
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), Error> {
     start(settings, shutdown).await?.wait().await;
     Ok(())
+}
+
+/// Settings that work but are weak; `check-config` prints them, `serve`
+/// logs them.
+pub fn config_warnings(settings: &Settings) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(secret) = &settings.auth.jwt_secret {
+        if secret.len() < 32 {
+            out.push(format!(
+                "auth.jwt_secret is {} bytes; an HS256 secret should be at least 32 random bytes \
+                 (e.g. `openssl rand -base64 32`)",
+                secret.len()
+            ));
+        }
+    }
+    out
 }
 
 /// `pushbridge check-config`: the auth key and MQTT TLS files, then every

@@ -133,6 +133,9 @@ async fn main() -> anyhow::Result<()> {
             let settings = Settings::load(&arg.config)?;
             init_tracing(&settings, arg.log_level.as_deref().or(Some("warn")));
             println!("settings: {} ok", arg.config.display());
+            for warning in pushbridge::config_warnings(&settings) {
+                eprintln!("warning: {warning}");
+            }
             let apps = pushbridge::check_config(&settings)?;
             if let Some(cert) = &settings.mqtt.tls_cert {
                 let used = pushbridge::mqtt_tls_listeners(&settings.mqtt);
@@ -171,10 +174,31 @@ async fn main() -> anyhow::Result<()> {
             let Some(secret) = settings.auth.jwt_secret.as_deref() else {
                 bail!("auth.jwt_secret is not set in {}", args.config.display());
             };
-            let exp = pushbridge::utc::now() + args.ttl;
+            let a = &settings.auth;
+            if a.jwt_max_ttl_secs > 0 && args.ttl > a.jwt_max_ttl_secs {
+                bail!(
+                    "--ttl {} is over auth.jwt_max_ttl_secs = {}: the server would refuse the token",
+                    args.ttl,
+                    a.jwt_max_ttl_secs
+                );
+            }
+            let now = pushbridge::utc::now();
+            let mut claims = serde_json::Map::new();
+            claims.insert("sub".into(), args.user.into());
+            if !args.groups.is_empty() {
+                claims.insert("groups".into(), args.groups.into());
+            }
+            claims.insert("iat".into(), now.into());
+            claims.insert("exp".into(), (now + args.ttl).into());
+            if let Some(aud) = &a.jwt_audience {
+                claims.insert("aud".into(), aud.as_str().into());
+            }
+            if let Some(iss) = &a.jwt_issuer {
+                claims.insert("iss".into(), iss.as_str().into());
+            }
             println!(
                 "{}",
-                pushbridge::auth::jwt::mint_hs256(secret, &args.user, &args.groups, exp)
+                pushbridge::auth::jwt::mint_hs256_claims(secret, claims)
             );
         }
         Command::Send(args) => {

@@ -6,6 +6,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
+use serde::Deserialize;
 use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -21,15 +22,28 @@ use crate::stats::Stats;
 /// The embedded broker numbers its connections from 1.
 pub const UNTRACKED: u64 = 0;
 
-/// `{"user_id": <uid>, "focus": true|false}`; `None` for anything else.
+/// A status message's fields; other keys are ignored. Derived, so a key
+/// given twice is an error rather than last-one-wins.
+#[derive(Deserialize)]
+struct Status {
+    user_id: Value,
+    focus: Value,
+}
+
+/// `{"user_id": <uid>, "focus": true|false}`; `None` for anything else,
+/// including an id the proxy would refuse and a key given twice.
 pub fn parse(payload: &[u8]) -> Option<(Id, bool)> {
-    let v: Value = serde_json::from_slice(payload).ok()?;
-    let user = match v.get("user_id")? {
-        Value::String(s) if !s.is_empty() => Id::from(s.as_str()),
+    // A derived struct also reads `[id, focus]`; only an object is a status.
+    if payload.trim_ascii_start().first() != Some(&b'{') {
+        return None;
+    }
+    let v: Status = serde_json::from_slice(payload).ok()?;
+    let user = match &v.user_id {
+        Value::String(s) => Id::parse(s)?,
         Value::Number(n) if n.is_u64() || n.is_i64() => Id::from(n.to_string().as_str()),
         _ => return None,
     };
-    let focus = match v.get("focus")? {
+    let focus = match &v.focus {
         Value::Bool(b) => *b,
         Value::Number(n) => n.as_f64()? != 0.0,
         _ => return None,
@@ -176,12 +190,28 @@ mod tests {
             parse(br#"{"user_id":7,"focus":1}"#),
             Some(("7".into(), true))
         );
+        let longest = format!(
+            r#"{{"user_id":"{}","focus":true}}"#,
+            "a".repeat(Id::MAX_LEN)
+        );
+        assert!(parse(longest.as_bytes()).is_some());
+        let longer = format!(
+            r#"{{"user_id":"{}","focus":true}}"#,
+            "a".repeat(Id::MAX_LEN + 1)
+        );
+        assert_eq!(parse(longer.as_bytes()), None);
         for bad in [
             &br#"{"user_id":42}"#[..],
             br#"{"focus":true}"#,
             br#"{"user_id":"","focus":true}"#,
             br#"{"user_id":1.5,"focus":true}"#,
             br#"{"user_id":1,"focus":"yes"}"#,
+            br#"{"user_id":"a/b","focus":true}"#,
+            br#"{"user_id":"a#","focus":true}"#,
+            br#"{"user_id":"a\u0000","focus":true}"#,
+            br#"{"user_id":1,"user_id":2,"focus":true}"#,
+            br#"{"user_id":1,"focus":true,"focus":false}"#,
+            br#"[42,true]"#,
             b"not json",
         ] {
             assert_eq!(parse(bad), None, "{}", String::from_utf8_lossy(bad));

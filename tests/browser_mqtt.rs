@@ -79,6 +79,8 @@ async fn device_in_browser(scheme: &str, user: &str) {
     let dir = tempfile::tempdir().unwrap();
     let pki = pki(dir.path(), "browser");
     let server = start_server(&pki).await;
+    // Focus is kept only in an existing record.
+    support::register(&server, user).await;
     let page = serve_page().await;
     let trust = format!("--ignore-certificate-errors-spki-list={}", pki.spki_sha256);
     let browser = Browser::start_with(&[trust]).await;

@@ -149,6 +149,10 @@ fn bad_settings_name_the_key() {
         ("[mqtt]\nprefx = \"x\"\n", "prefx"),
         ("[proxy]\nmax_frame = \"big\"\n", "max_frame"),
         ("[mqtt]\nwss_listen = \"127.0.0.1:0\"\n", "mqtt.wss_listen"),
+        (
+            "[mqtt]\nlisten = \"0.0.0.0:1883\"\n",
+            "auth.allow_anonymous",
+        ),
     ] {
         let path = dir.path().join("bad.toml");
         std::fs::write(&path, extra).unwrap();
@@ -300,4 +304,65 @@ fn token_command_and_mosquitto_sub_with_jwt() {
         .unwrap();
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("auth.jwt_secret"));
+}
+
+/// Issue 14 point 12: check-config warns about a short HS256 secret (and
+/// still succeeds); `token` puts the configured aud and iss in and refuses
+/// a --ttl the server would refuse.
+#[test]
+fn check_config_warns_on_a_short_secret_and_token_follows_the_policy() {
+    use base64::Engine;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("config.json"), "{}").unwrap();
+    let config = settings_file(
+        &dir,
+        "[auth]\nmode = \"jwt\"\njwt_secret = \"demo\"\njwt_audience = \"pb\"\n\
+         jwt_issuer = \"me\"\njwt_max_ttl_secs = 7200\n",
+    );
+    let out = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("warning: auth.jwt_secret is 4 bytes") && err.contains("32"),
+        "{err}"
+    );
+
+    let token = |ttl: &str| {
+        Command::new(BIN)
+            .args(["token", "--user", "42", "--ttl", ttl, "--config"])
+            .arg(&config)
+            .output()
+            .unwrap()
+    };
+    let ok = token("1h");
+    assert!(ok.status.success(), "{ok:?}");
+    let text = String::from_utf8(ok.stdout).unwrap();
+    let payload = text.trim().split('.').nth(1).unwrap();
+    let claims: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload)
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        (claims["aud"].as_str(), claims["iss"].as_str()),
+        (Some("pb"), Some("me"))
+    );
+    let now = pushbridge::utc::now();
+    let verifier = pushbridge::auth::jwt::Verifier::new(Some("demo"), None)
+        .unwrap()
+        .with_policy(pushbridge::auth::jwt::Policy {
+            audience: Some("pb".into()),
+            issuer: Some("me".into()),
+            max_ttl_secs: 7200,
+        });
+    assert_eq!(verifier.verify(text.trim(), now).unwrap().sub, "42");
+    let long = token("3h");
+    assert!(!long.status.success());
+    let err = String::from_utf8_lossy(&long.stderr);
+    assert!(err.contains("auth.jwt_max_ttl_secs"), "{err}");
 }

@@ -279,6 +279,9 @@ async fn status_applications(group: &str) -> (u64, bool) {
     for s in &servers {
         wait_for(&s.stats, |s| s.mqtt_external_subscribed.get() >= 1).await;
     }
+    for user in 1..=STATUSES {
+        support::register(&servers[0], &user.to_string()).await;
+    }
     let mut app = Device::connect(broker.addr(), "app", true).await;
     for user in 1..=STATUSES {
         let status = json!({"user_id": user, "focus": true}).to_string();

@@ -8,7 +8,7 @@ mod support;
 use pushbridge::push::Id;
 use pushbridge::registry::UserStore;
 use serde_json::json;
-use support::http::{get, post_json, request};
+use support::http::{get, post_json, raw, raw_request, request};
 use support::mqtt::Device;
 use support::redis::RedisServer;
 use support::server;
@@ -388,5 +388,191 @@ async fn apns_overrides_reach_apple() {
         second.body,
         json!({"aps": {"content-available": 1}, "data": {"n": 1}})
     );
+    server.stop().await;
+}
+
+/// Issue 14 point 10: what a page on another site can make a browser send
+/// to the loopback API (CSRF, DNS rebinding) is refused; the same requests
+/// from the server's own origin, or by a name in http.allowed_hosts, work.
+#[tokio::test]
+async fn cross_site_and_rebound_requests_are_refused() {
+    let mut settings = server::settings(None);
+    settings.http.allowed_hosts = vec!["push.internal".into()];
+    let server = server::start(settings).await;
+    let addr = server.http_addr;
+    let host = addr.to_string();
+    let record = json!({"token": "00ff", "ident": "com.x", "version": "produce"}).to_string();
+    let put = request(addr, "PUT", "/v1/users/42", None, Some(record.as_bytes())).await;
+    assert_eq!(put.status, 204);
+    let push = json!({"notifications": [{"user": 1, "data": {"alert": "x"}}]}).to_string();
+
+    // A cross-site form: text/plain, no preflight.
+    let (status, body) = raw(
+        addr,
+        &raw_request(
+            "POST",
+            "/v1/push",
+            &[
+                ("Host", &host),
+                ("Content-Type", "text/plain"),
+                ("Origin", "http://evil.example"),
+            ],
+            &push,
+        ),
+    )
+    .await;
+    assert_eq!(status, 403, "{body}");
+    let (status, body) = raw(
+        addr,
+        &raw_request(
+            "POST",
+            "/v1/push",
+            &[("Host", &host), ("Content-Type", "text/plain")],
+            &push,
+        ),
+    )
+    .await;
+    assert_eq!(status, 415, "{body}");
+    assert!(body.contains("application/json"), "{body}");
+    // A foreign Origin with a JSON body (a page that got past the preflight).
+    let (status, body) = raw(
+        addr,
+        &raw_request(
+            "POST",
+            "/v1/push",
+            &[
+                ("Host", &host),
+                ("Content-Type", "application/json"),
+                ("Origin", "http://evil.example"),
+            ],
+            &push,
+        ),
+    )
+    .await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("Origin"), "{body}");
+    assert_eq!(server.stats.http_pushes.get(), 0);
+
+    // DNS rebinding: evil.example now resolves to 127.0.0.1.
+    let rebound = [("Host", "evil.example:8090")];
+    let (status, body) = raw(addr, &raw_request("GET", "/v1/users/42", &rebound, "")).await;
+    assert_eq!(status, 421, "{body}");
+    assert!(!body.contains("00ff"), "{body}");
+    assert!(body.contains("http.allowed_hosts"), "{body}");
+    let (status, _) = raw(addr, &raw_request("DELETE", "/v1/users/42", &rebound, "")).await;
+    assert_eq!(status, 421);
+    let (status, _) = raw(addr, &raw_request("GET", "/metrics", &rebound, "")).await;
+    assert_eq!(status, 421);
+    assert_eq!(get(addr, "/v1/users/42").await.status, 200, "still there");
+
+    // The server's own origin, localhost, IP addresses and allowed names work.
+    let own = format!("http://{host}");
+    for (h, origin) in [
+        (host.as_str(), Some(own.as_str())),
+        ("localhost:8090", Some("http://localhost:8090")),
+        ("LOCALHOST", None),
+        ("[::1]:8090", None),
+        ("push.internal", Some("https://push.internal")),
+    ] {
+        let mut headers = vec![("Host", h), ("Content-Type", "application/json")];
+        headers.extend(origin.map(|o| ("Origin", o)));
+        let (status, body) = raw(addr, &raw_request("POST", "/v1/push", &headers, &push)).await;
+        assert_eq!(status, 200, "Host {h}: {body}");
+    }
+    let (status, _) = raw(
+        addr,
+        &raw_request("GET", "/v1/users/42", &[("Host", "Push.Internal:1")], ""),
+    )
+    .await;
+    assert_eq!(status, 200);
+    // Without a body no content type is needed (curl -X PUT).
+    let (status, body) = raw(
+        addr,
+        &raw_request("PUT", "/v1/groups/3/ios-members/42", &[("Host", &host)], ""),
+    )
+    .await;
+    assert_eq!(status, 204, "{body}");
+    server.stop().await;
+}
+
+/// Issue 14 point 7: a request head that stops half way is closed after
+/// http.header_timeout_secs; silence (no request at all) too.
+#[tokio::test]
+async fn half_sent_requests_are_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut settings = server::settings(None);
+    settings.http.header_timeout_secs = 1;
+    let server = server::start(settings).await;
+    for half in ["GET /v1/sta", "GET /v1/stats HTTP/1.1\r\nHost: x\r\n", ""] {
+        let mut s = tokio::net::TcpStream::connect(server.http_addr)
+            .await
+            .unwrap();
+        s.write_all(half.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        tokio::time::timeout(support::WAIT, s.read_to_end(&mut out))
+            .await
+            .unwrap_or_else(|_| panic!("{half:?} still open after {:?}", support::WAIT))
+            .unwrap();
+        assert!(out.is_empty(), "{}", String::from_utf8_lossy(&out));
+    }
+    server.stop().await;
+}
+
+/// Issue 14 point 7: a body that stops half way is answered 408 and closed
+/// after http.header_timeout_secs.
+#[tokio::test]
+async fn half_sent_bodies_are_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut settings = server::settings(None);
+    settings.http.header_timeout_secs = 1;
+    let server = server::start(settings).await;
+    for request in ["POST /v1/push", "GET /healthz"] {
+        let mut s = tokio::net::TcpStream::connect(server.http_addr)
+            .await
+            .unwrap();
+        let head = format!(
+            "{request} HTTP/1.1\r\nHost: localhost\r\n\
+             Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        s.write_all(br#"{"notifications": ["#).await.unwrap();
+        let mut out = Vec::new();
+        tokio::time::timeout(support::WAIT, s.read_to_end(&mut out))
+            .await
+            .unwrap_or_else(|_| panic!("{request}: still open after {:?}", support::WAIT))
+            .unwrap();
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.starts_with("HTTP/1.1 408"), "{request}: {text}");
+    }
+    assert_eq!(server.stats.http_pushes.get(), 0);
+    server.stop().await;
+}
+
+/// Issue 14 point 7: at most http.max_connections are served at once; the
+/// next waits (in the backlog) until one of them is closed.
+#[tokio::test]
+async fn http_connections_are_capped() {
+    use std::io::{Read, Write};
+    let mut settings = server::settings(None);
+    settings.http.max_connections = 1;
+    settings.http.header_timeout_secs = 1;
+    let server = server::start(settings).await;
+    let addr = server.http_addr;
+    let mut first = std::net::TcpStream::connect(addr).unwrap();
+    first.write_all(b"GET /healthz HTT").unwrap();
+    // Answered only once the first is closed (by the header timeout): by
+    // then the first one's EOF is already here.
+    let (status, _) = raw(
+        addr,
+        &raw_request("GET", "/healthz", &[("Host", "localhost")], ""),
+    )
+    .await;
+    assert_eq!(status, 200);
+    first.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 64];
+    match first.read(&mut buf) {
+        Ok(0) => {}
+        other => panic!("the first connection is still served: {other:?}"),
+    }
     server.stop().await;
 }

@@ -177,6 +177,7 @@ async fn shutdown_during_a_flood_delivers_every_accepted_push() {
 #[tokio::test]
 async fn devices_disconnected_by_shutdown_leave_focus() {
     let server = server::start(server::settings(None)).await;
+    support::register(&server, "7").await;
     let mut device = Device::connect(server.mqtt_addr, "dev-7", true).await;
     device
         .publish("push/app/status", br#"{"user_id":7,"focus":true}"#)

@@ -117,10 +117,56 @@ async fn bad_tokens_are_refused_with_the_right_code() {
     assert_eq!(server.stats.mqtt_auth_refused.get(), 8);
     // The listener survived all of it.
     Device::connect_as(addr, "after", "42", &token("42", &[])).await;
-    // An expiry too far off for a clock is simply no expiry.
+    // A lifetime over auth.jwt_max_ttl_secs (90 days by default).
     let forever = jwt::mint_hs256(SECRET, "42", &[], u64::MAX);
-    let mut d = Device::connect_as(addr, "forever", "42", &forever).await;
+    let code = v4_refusal(addr, Some(&forever)).await;
+    assert_eq!(code, Some(ConnectReturnCode::BadUserNamePassword));
+    server.stop().await;
+
+    // Unbounded: an expiry too far off for a clock is simply no expiry.
+    let mut settings = jwt_settings();
+    settings.auth.jwt_max_ttl_secs = 0;
+    let server = server::start(settings).await;
+    let mut d = Device::connect_as(server.mqtt_addr, "forever", "42", &forever).await;
     d.subscribe("push/user/42").await;
+}
+
+/// Issue 14 point 12: with auth.jwt_audience and auth.jwt_issuer set, a
+/// token signed with the same key for another service is refused, and so is
+/// one with a lifetime over auth.jwt_max_ttl_secs or a non-numeric nbf.
+#[tokio::test]
+async fn tokens_for_other_services_or_too_long_are_refused() {
+    let mut settings = jwt_settings();
+    settings.auth.jwt_audience = Some("pushbridge".into());
+    settings.auth.jwt_issuer = Some("https://auth.example".into());
+    settings.auth.jwt_max_ttl_secs = 3600;
+    let server = server::start(settings).await;
+    let addr = server.mqtt_addr;
+    let mint = |claims: serde_json::Value| {
+        let mut c = serde_json::json!({"sub": "42", "exp": now() + 600,
+            "aud": "pushbridge", "iss": "https://auth.example"});
+        for (k, v) in claims.as_object().unwrap() {
+            c[k] = v.clone();
+        }
+        jwt::mint_hs256_claims(SECRET, c.as_object().unwrap().clone())
+    };
+    assert_eq!(
+        v4_refusal(addr, Some(&mint(serde_json::json!({})))).await,
+        None
+    );
+    for claims in [
+        serde_json::json!({"aud": "billing"}),
+        serde_json::json!({"iss": "https://other.example"}),
+        serde_json::json!({"exp": now() + 7200}),
+        serde_json::json!({"exp": 1u64 << 62}),
+        serde_json::json!({"nbf": "later"}),
+    ] {
+        assert_eq!(
+            v4_refusal(addr, Some(&mint(claims.clone()))).await,
+            Some(ConnectReturnCode::BadUserNamePassword),
+            "{claims}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -173,6 +219,8 @@ async fn a_device_reads_only_its_own_topics() {
 #[tokio::test]
 async fn status_only_about_oneself() {
     let server = server::start(jwt_settings()).await;
+    support::register(&server, "42").await;
+    support::register(&server, "43").await;
     let addr = server.mqtt_addr;
     let mut d42 = Device::connect_as(addr, "phone", "42", &token("42", &[])).await;
     d42.publish("push/app/status", br#"{"user_id":43,"focus":true}"#)
@@ -238,6 +286,7 @@ async fn mode_none_keeps_the_old_topics_but_no_wildcards() {
     let mut settings = server::settings(None);
     settings.mqtt.max_subscriptions = 2;
     let server = server::start(settings).await;
+    support::register(&server, "43").await;
     let mut d = Device::connect(server.mqtt_addr, "anon", true).await;
     assert!(!d.try_subscribe("push/#").await);
     assert!(!d.try_subscribe("push/user/+").await);
@@ -350,4 +399,27 @@ async fn a_monitors_wildcard_does_not_count_as_reaching_the_user() {
     let mut d = Device::connect_as(server.mqtt_addr, "phone", "42", &token("42", &[])).await;
     d.subscribe("push/user/42").await;
     assert_eq!(d.next_json().await, data);
+}
+
+/// Issue 14 point 13: anonymous devices on a listener beyond loopback only
+/// when the operator says so.
+#[tokio::test]
+async fn anonymous_mqtt_beyond_loopback_needs_allow_anonymous() {
+    let mut settings = server::settings(None);
+    settings.mqtt.listen = "0.0.0.0:0".parse().unwrap();
+    let err = pushbridge::start(settings.clone(), Default::default())
+        .await
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        err.contains("auth.mode") && err.contains("auth.allow_anonymous"),
+        "{err}"
+    );
+    settings.auth.allow_anonymous = true;
+    let server = server::start(settings).await;
+    let loopback = std::net::SocketAddr::from(([127, 0, 0, 1], server.mqtt_addr.port()));
+    let mut d = Device::connect(loopback, "anon", true).await;
+    d.subscribe("push/user/1").await;
+    server.stop().await;
 }

@@ -92,6 +92,27 @@ async fn bounded(mut settings: Settings) {
     server.stop().await;
 }
 
+// Issue 14 point 6: bounded in bytes as kept, per user: the oldest go, and
+// a message larger than the bound is not kept at all.
+both_registries!(offline_bound_in_bytes, bounded_in_bytes);
+async fn bounded_in_bytes(mut settings: Settings) {
+    // Room for two 100-byte messages (Redis adds "<expiry ms> " to each).
+    settings.offline.max_bytes_per_user = 250;
+    let server = server::start(settings).await;
+    let mut backend = Backend::connect(server.proxy_addr).await;
+    let msg = |n: u64| json!({"n": n, "pad": "x".repeat(84)});
+    assert_eq!(msg(0).to_string().len(), 100);
+    for n in 0..4 {
+        assert_eq!(backend.push(2, Mp::from(13), &msg(n)).await, 0x00);
+    }
+    let big = json!({"pad": "y".repeat(300)});
+    assert_eq!(backend.push(2, Mp::from(13), &big).await, 0x00);
+    wait_for(|| server.stats.offline_kept.get() == 5).await;
+    assert_eq!(server.stats.offline_dropped.get(), 3);
+    expect_on_subscribe(&server, 13, "phone-13", &[msg(2), msg(3)]).await;
+    server.stop().await;
+}
+
 both_registries!(offline_messages_expire, expiring);
 async fn expiring(mut settings: Settings) {
     settings.offline.ttl_secs = 1;

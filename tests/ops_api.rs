@@ -276,6 +276,7 @@ async fn presence_follows_token_connections() {
 #[tokio::test]
 async fn presence_without_tokens_and_bad_ids() {
     let server = server::start(server::settings(None)).await;
+    support::register(&server, "5").await;
     let addr = server.http_addr;
     let mut app = Device::connect(server.mqtt_addr, "app-5", true).await;
     app.subscribe("push/user/5").await;

@@ -103,6 +103,7 @@ async fn bad_input(mut settings: pushbridge::settings::Settings) {
         (msgpack(&Mp::Array(vec![Mp::from(2), Mp::from(1)])), 0x03),
         (triple(9, Mp::from(1), data.clone()), 0x04),
         (triple(2, Mp::Map(vec![]), data.clone()), 0x05),
+        (triple(2, Mp::from("u".repeat(257)), data.clone()), 0x05),
         (triple(2, Mp::from(1), Mp::from("not a map")), 0x06),
     ];
     let mut backend = Backend::connect(server.proxy_addr).await;
@@ -131,7 +132,7 @@ async fn bad_input(mut settings: pushbridge::settings::Settings) {
     let mut fresh = Backend::connect(server.proxy_addr).await;
     assert_eq!(fresh.push(3, Mp::from("1"), &json!({"ok": 2})).await, 0x00);
     assert_eq!(device.next_json().await, json!({"ok": 2}));
-    assert_eq!(server.stats.frames_rejected.get(), 8);
+    assert_eq!(server.stats.frames_rejected.get(), 9);
     server.stop().await;
 }
 
@@ -171,10 +172,53 @@ async fn status_focus(settings: pushbridge::settings::Settings) {
     server.stop().await;
 }
 
+// Issue 14 points 5 and 12: a status message about a user with no record,
+// with an id the proxy would refuse, or with `user_id` twice, changes
+// nothing and creates no record.
+both_registries!(status_creates_no_records, status_creates_nothing);
+async fn status_creates_nothing(settings: pushbridge::settings::Settings) {
+    use pushbridge::push::Id;
+    use pushbridge::registry::UserStore;
+    let server = server::start(settings).await;
+    support::register(&server, "80").await;
+    support::register(&server, "81").await;
+    let long = "g".repeat(1000);
+    let mut app = Device::connect(server.mqtt_addr, "app-80", true).await;
+    for status in [
+        json!({"user_id": "ghost-123", "focus": true}).to_string(),
+        json!({"user_id": long, "focus": true}).to_string(),
+        json!({"user_id": "80\n", "focus": true}).to_string(),
+        r#"{"user_id": "ghost-124", "user_id": 80, "focus": true}"#.to_string(),
+    ] {
+        app.publish("push/app/status", status.as_bytes()).await;
+    }
+    // Status messages are applied in order: once 81's is, so are the others.
+    app.publish("push/app/status", br#"{"user_id": 81, "focus": true}"#)
+        .await;
+    support::wait_for_focus(&server, "81", true).await;
+    let ids = ["ghost-123", "ghost-124", &long, "80\n"].map(Id::from);
+    let found = server.registry.users(&ids).await.unwrap();
+    assert_eq!(
+        found,
+        vec![None; ids.len()],
+        "status messages created records"
+    );
+    let rec = server.registry.users(&[Id::from(80)]).await.unwrap();
+    assert!(
+        !rec[0].as_ref().unwrap().app_focus,
+        "duplicate user_id applied"
+    );
+    let ghost = support::http::get(server.http_addr, "/v1/users/ghost-123").await;
+    assert_eq!(ghost.status, 404);
+    server.stop().await;
+}
+
 // One user on two devices: focus stays while either holds it.
 both_registries!(focus_held_by_two_devices, two_devices_focus);
 async fn two_devices_focus(settings: pushbridge::settings::Settings) {
     let server = server::start(settings).await;
+    support::register(&server, "78").await;
+    support::register(&server, "79").await;
     let mut phone = Device::connect(server.mqtt_addr, "phone-78", true).await;
     let mut tablet = Device::connect(server.mqtt_addr, "tablet-78", true).await;
     let mut other = Device::connect(server.mqtt_addr, "app-79", true).await;

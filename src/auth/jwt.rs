@@ -1,6 +1,11 @@
 //! JSON Web Tokens for devices: verified with the configured key only (the
 //! token's `alg` must match it, so an HS256 token can never pass against a
-//! public key), `exp` required, no leeway.
+//! public key), `exp` required, no leeway; `aud` and `iss` checked when
+//! configured, the lifetime bounded.
+//!
+//! Hand-written on `ring` rather than on a JWT crate: what it checks is
+//! small and fixed (three algorithms, each bound to one configured key), and
+//! a crate would bring its own key formats and a default leeway to undo.
 
 use std::path::Path;
 
@@ -10,6 +15,7 @@ use ring::{hmac, signature};
 use serde_json::{json, Map, Value};
 
 use super::AuthError;
+use crate::push::Id;
 
 /// Why a token was not accepted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -24,6 +30,21 @@ pub enum JwtError {
     Expired,
     #[error("token not valid yet")]
     NotYetValid,
+    #[error("token is not for this audience")]
+    Audience,
+    #[error("token is not from the configured issuer")]
+    Issuer,
+    #[error("token lives longer than auth.jwt_max_ttl_secs")]
+    TooLong,
+}
+
+/// The claims checked besides signature and time: `auth.jwt_audience`,
+/// `auth.jwt_issuer`, `auth.jwt_max_ttl_secs` (0: no bound).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Policy {
+    pub audience: Option<String>,
+    pub issuer: Option<String>,
+    pub max_ttl_secs: u64,
 }
 
 /// What a verified token says about its device.
@@ -72,6 +93,7 @@ impl Key {
 /// The keys a token may be signed with (a secret, a public key, or both).
 pub struct Verifier {
     keys: Vec<Key>,
+    policy: Policy,
 }
 
 impl std::fmt::Debug for Verifier {
@@ -98,10 +120,21 @@ impl Verifier {
                     .map_err(|p| AuthError::Key(format!("{}: {p}", path.display())))?,
             );
         }
-        Ok(Verifier { keys })
+        Ok(Verifier {
+            keys,
+            policy: Policy::default(),
+        })
     }
 
-    /// Checks signature, `exp` and `nbf` against `now` (unix seconds).
+    /// Also checks `aud`, `iss` and the lifetime as `policy` says.
+    pub fn with_policy(mut self, policy: Policy) -> Verifier {
+        self.policy = policy;
+        self
+    }
+
+    /// Checks signature, `exp`, `nbf`, `iat` against `now` (unix seconds),
+    /// and the policy's `aud`, `iss` and lifetime. A time claim that is
+    /// present must be a number.
     pub fn verify(&self, token: &str, now: u64) -> Result<Claims, JwtError> {
         let mut parts = token.split('.');
         let (Some(h), Some(p), Some(s), None) =
@@ -131,12 +164,32 @@ impl Verifier {
         if now >= exp {
             return Err(JwtError::Expired);
         }
-        if claims
-            .get("nbf")
-            .and_then(number)
-            .is_some_and(|nbf| now < nbf)
-        {
+        let time = |name: &str, bad: &'static str| match claims.get(name) {
+            None => Ok(None),
+            Some(v) => number(v).map(Some).ok_or(JwtError::Malformed(bad)),
+        };
+        if time("nbf", "nbf is not a number")?.is_some_and(|nbf| now < nbf) {
             return Err(JwtError::NotYetValid);
+        }
+        let iat = time("iat", "iat is not a number")?;
+        let max = self.policy.max_ttl_secs;
+        if max > 0 && (exp - now > max || iat.is_some_and(|iat| exp.saturating_sub(iat) > max)) {
+            return Err(JwtError::TooLong);
+        }
+        if let Some(want) = &self.policy.issuer {
+            if claims.get("iss").and_then(Value::as_str) != Some(want.as_str()) {
+                return Err(JwtError::Issuer);
+            }
+        }
+        if let Some(want) = &self.policy.audience {
+            let ok = match claims.get("aud") {
+                Some(Value::String(a)) => a == want,
+                Some(Value::Array(auds)) => auds.iter().any(|a| a.as_str() == Some(want)),
+                _ => false,
+            };
+            if !ok {
+                return Err(JwtError::Audience);
+            }
         }
         let sub = claims
             .get("sub")
@@ -157,13 +210,18 @@ impl Verifier {
 
 /// An HS256 token for `sub` (the `pushbridge token` command, tests).
 pub fn mint_hs256(secret: &str, sub: &str, groups: &[String], exp: u64) -> String {
-    let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"HS256","typ":"JWT"}"#);
     let mut claims = Map::new();
     claims.insert("sub".into(), json!(sub));
     if !groups.is_empty() {
         claims.insert("groups".into(), json!(groups));
     }
     claims.insert("exp".into(), json!(exp));
+    mint_hs256_claims(secret, claims)
+}
+
+/// An HS256 token with exactly these claims.
+pub fn mint_hs256_claims(secret: &str, claims: Map<String, Value>) -> String {
+    let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"HS256","typ":"JWT"}"#);
     let payload = URL_SAFE_NO_PAD.encode(Value::Object(claims).to_string());
     let signed = format!("{header}.{payload}");
     let key = hmac::Key::new(hmac::HMAC_SHA256, secret.as_bytes());
@@ -186,15 +244,14 @@ fn number(v: &Value) -> Option<u64> {
         .or_else(|| v.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64))
 }
 
-/// User and group ids: non-empty strings or integers, one topic level.
+/// User and group ids: strings or integers, valid as [`Id`]s.
 fn id(v: &Value) -> Option<String> {
     let s = match v {
         Value::String(s) => s.clone(),
         Value::Number(n) if n.is_u64() || n.is_i64() => n.to_string(),
         _ => return None,
     };
-    let ok = !s.is_empty() && !s.contains(['/', '+', '#']) && !s.chars().any(char::is_control);
-    ok.then_some(s)
+    Id::parse(&s).map(|_| s)
 }
 
 const RSA_OID: &str = "1.2.840.113549.1.1.1";
@@ -263,6 +320,70 @@ mod tests {
             signed.split('.').next().unwrap()
         );
         assert_eq!(hs("s3cret").verify(&forged, 0), Err(JwtError::Signature));
+    }
+
+    /// Issue 14 point 12.
+    #[test]
+    fn audience_issuer_lifetime_and_time_claims() {
+        let sign = |claims: Value| {
+            let Value::Object(m) = claims else { panic!() };
+            mint_hs256_claims("s3cret", m)
+        };
+        let now = 1_000_000;
+        let strict = hs("s3cret").with_policy(Policy {
+            audience: Some("pushbridge".into()),
+            issuer: Some("https://auth.example".into()),
+            max_ttl_secs: 3600,
+        });
+        let good = json!({"sub": "42", "exp": now + 60, "iat": now,
+                          "aud": "pushbridge", "iss": "https://auth.example"});
+        assert_eq!(strict.verify(&sign(good.clone()), now).unwrap().sub, "42");
+        let with = |key: &str, v: Value| {
+            let mut c = good.clone();
+            match v {
+                Value::Null => c.as_object_mut().unwrap().remove(key),
+                v => c.as_object_mut().unwrap().insert(key.into(), v),
+            };
+            sign(c)
+        };
+        let aud_list = with("aud", json!(["other", "pushbridge"]));
+        assert!(strict.verify(&aud_list, now).is_ok());
+        for (key, v, want) in [
+            ("aud", json!("other-service"), JwtError::Audience),
+            ("aud", json!(["other-service"]), JwtError::Audience),
+            ("aud", Value::Null, JwtError::Audience),
+            ("iss", json!("https://evil.example"), JwtError::Issuer),
+            ("iss", Value::Null, JwtError::Issuer),
+            ("exp", json!(1u64 << 62), JwtError::TooLong),
+            ("exp", json!(now + 3601), JwtError::TooLong),
+            ("iat", json!(now - 7200), JwtError::TooLong),
+            (
+                "nbf",
+                json!("tomorrow"),
+                JwtError::Malformed("nbf is not a number"),
+            ),
+            (
+                "iat",
+                json!("yesterday"),
+                JwtError::Malformed("iat is not a number"),
+            ),
+        ] {
+            assert_eq!(
+                strict.verify(&with(key, v.clone()), now),
+                Err(want),
+                "{key}: {v}"
+            );
+        }
+        // Without a policy: no aud/iss needed, no bound on the lifetime, but
+        // a non-numeric nbf is still refused.
+        let lax = hs("s3cret");
+        assert!(lax
+            .verify(&mint_hs256("s3cret", "1", &[], 1 << 62), now)
+            .is_ok());
+        assert_eq!(
+            lax.verify(&sign(json!({"sub": "1", "exp": now + 1, "nbf": "x"})), now),
+            Err(JwtError::Malformed("nbf is not a number"))
+        );
     }
 
     #[test]

@@ -96,10 +96,17 @@ impl Auth {
     pub fn new(settings: &AuthSettings, prefix: &str) -> Result<Auth, AuthError> {
         let mode = match settings.mode {
             AuthMode::None => Mode::None,
-            AuthMode::Jwt => Mode::Jwt(jwt::Verifier::new(
-                settings.jwt_secret.as_deref(),
-                settings.jwt_public_key.as_deref(),
-            )?),
+            AuthMode::Jwt => Mode::Jwt(
+                jwt::Verifier::new(
+                    settings.jwt_secret.as_deref(),
+                    settings.jwt_public_key.as_deref(),
+                )?
+                .with_policy(jwt::Policy {
+                    audience: settings.jwt_audience.clone(),
+                    issuer: settings.jwt_issuer.clone(),
+                    max_ttl_secs: settings.jwt_max_ttl_secs,
+                }),
+            ),
         };
         let accounts = settings.service_accounts.iter().cloned().collect();
         Ok(Auth::with_mode(mode, accounts, prefix))
@@ -188,7 +195,22 @@ mod tests {
         assert_eq!(auth.login(None, Some(&old)), Err(Refusal::NotAuthorized));
         let forever = jwt::mint_hs256("k", "42", &[], u64::MAX);
         assert_eq!(
-            auth.login(None, Some(&forever)).unwrap().expires,
+            auth.login(None, Some(&forever)),
+            Err(Refusal::BadCredentials),
+            "over auth.jwt_max_ttl_secs"
+        );
+        let unbounded = Auth::new(
+            &AuthSettings {
+                mode: AuthMode::Jwt,
+                jwt_secret: Some("k".into()),
+                jwt_max_ttl_secs: 0,
+                ..AuthSettings::default()
+            },
+            "push",
+        )
+        .unwrap();
+        assert_eq!(
+            unbounded.login(None, Some(&forever)).unwrap().expires,
             Some(u64::MAX)
         );
         let ops = jwt::mint_hs256("k", "ops", &[], now() + 60);

@@ -10,6 +10,7 @@ mod push;
 mod users;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
@@ -17,9 +18,14 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use ring::hmac;
 use serde_json::json;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::dispatch::Dispatcher;
 use crate::intake::StreamWriter;
@@ -35,6 +41,12 @@ pub enum HttpError {
     NotFound,
     #[error("missing or wrong bearer token")]
     Unauthorized,
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    #[error("{0}")]
+    MisdirectedHost(String),
+    #[error("{0}")]
+    Forbidden(String),
     #[error("registry unavailable: {0}")]
     Registry(#[from] crate::registry::RegistryError),
     #[error("{0}")]
@@ -49,6 +61,9 @@ impl IntoResponse for HttpError {
             HttpError::BadRequest(_) => StatusCode::BAD_REQUEST,
             HttpError::NotFound => StatusCode::NOT_FOUND,
             HttpError::Unauthorized => StatusCode::UNAUTHORIZED,
+            HttpError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            HttpError::MisdirectedHost(_) => StatusCode::MISDIRECTED_REQUEST,
+            HttpError::Forbidden(_) => StatusCode::FORBIDDEN,
             HttpError::Registry(_) | HttpError::Intake(_) => StatusCode::SERVICE_UNAVAILABLE,
             HttpError::Unavailable(_) => StatusCode::NOT_IMPLEMENTED,
         };
@@ -62,7 +77,12 @@ pub struct HttpState {
     pub dispatcher: Arc<Dispatcher>,
     pub registry: Registry,
     pub stats: Arc<Stats>,
-    pub token: Option<Arc<str>>,
+    pub token: Option<ApiToken>,
+    /// `http.allowed_hosts`, lower case.
+    pub allowed_hosts: Arc<[String]>,
+    /// A request body must arrive this soon after its head
+    /// (`http.header_timeout_secs`).
+    pub body_timeout: Duration,
     pub max_notifications: usize,
     /// The in-memory intake queue, to report its depth (`None` with durable
     /// intake); weak, so it does not keep the dispatcher running after the
@@ -101,11 +121,7 @@ impl HttpState {
 
 /// Parses an id from a path segment or a JSON string.
 fn id(text: &str) -> Result<Id, HttpError> {
-    Id::parse(text).ok_or_else(|| {
-        HttpError::BadRequest(format!(
-            "bad id {text:?}: empty, or has '/', '+', '#' or control characters"
-        ))
-    })
+    Id::parse(text).ok_or_else(|| HttpError::BadRequest(format!("bad id {text:?}: {}", Id::RULE)))
 }
 
 fn routes(state: HttpState) -> Router {
@@ -124,13 +140,72 @@ fn routes(state: HttpState) -> Router {
         .route("/v1/apps", get(ops::apps))
         .route("/metrics", get(ops::metrics))
         .route("/openapi.json", get(ops::openapi))
+        // The token first: no body is read for a client without one.
+        .route_layer(middleware::from_fn_with_state(state.clone(), read_body))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/", get(dashboard::page))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
+        .route_layer(middleware::from_fn_with_state(state.clone(), read_body))
         .merge(api)
+        .layer(middleware::from_fn_with_state(state.clone(), browser_guard))
         .with_state(state)
+}
+
+/// Largest request body (axum's default for its extractors, which still apply).
+const BODY_LIMIT: usize = 2 << 20;
+
+/// Reads the whole body before the handler runs, within `body_timeout`, so
+/// a client trickling a body cannot hold a connection (and its permit).
+async fn read_body(State(state): State<HttpState>, req: Request, next: Next) -> Response {
+    let (parts, body) = req.into_parts();
+    let read = tokio::time::timeout(state.body_timeout, axum::body::to_bytes(body, BODY_LIMIT));
+    let bytes = match read.await {
+        Ok(Ok(bytes)) => bytes,
+        // Over the limit (a broken connection gets no answer anyway).
+        Ok(Err(e)) => {
+            let error = json!({ "error": format!("request body over {BODY_LIMIT} bytes: {e}") });
+            let answer = (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                [(header::CONNECTION, "close")],
+                Json(error),
+            );
+            return answer.into_response();
+        }
+        Err(_) => {
+            let error = json!({ "error": "request body not received in time" });
+            let answer = (
+                StatusCode::REQUEST_TIMEOUT,
+                [(header::CONNECTION, "close")],
+                Json(error),
+            );
+            return answer.into_response();
+        }
+    };
+    next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+        .await
+}
+
+/// `http.token`, kept as an HMAC tag under a key made at start, so that a
+/// guess is compared in constant time whatever its length.
+#[derive(Clone)]
+pub struct ApiToken {
+    key: hmac::Key,
+    tag: Arc<[u8]>,
+}
+
+impl ApiToken {
+    pub fn new(token: &str) -> ApiToken {
+        let key = hmac::Key::generate(hmac::HMAC_SHA256, &ring::rand::SystemRandom::new())
+            .expect("system randomness");
+        let tag = hmac::sign(&key, token.as_bytes()).as_ref().into();
+        ApiToken { key, tag }
+    }
+
+    fn matches(&self, given: &str) -> bool {
+        hmac::verify(&self.key, given.as_bytes(), &self.tag).is_ok()
+    }
 }
 
 async fn require_token(State(state): State<HttpState>, req: Request, next: Next) -> Response {
@@ -143,20 +218,160 @@ async fn require_token(State(state): State<HttpState>, req: Request, next: Next)
                 v.strip_prefix("Bearer ")
                     .or_else(|| v.strip_prefix("bearer "))
             });
-        if given != Some(token.as_ref()) {
+        if !given.is_some_and(|g| token.matches(g)) {
             return HttpError::Unauthorized.into_response();
         }
     }
     next.run(req).await
 }
 
-/// Serves the API until `shutdown`.
-pub async fn serve(listener: TcpListener, state: HttpState, shutdown: CancellationToken) {
-    let app = routes(state);
-    if let Err(e) = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
-    {
-        tracing::error!(error = %e, "http server failed");
+/// What a web page on another site could make a browser send: refused, so
+/// that an API without a token is not open to every site its user visits.
+/// A `Host` must be an IP address (a page whose origin is an IP address was
+/// served from that address, so it cannot be a rebinding), `localhost`, or
+/// in `http.allowed_hosts`; a state-changing request whose `Origin` is not
+/// this server is refused; a body must be JSON (a cross-site form can only
+/// send `text/plain`, form or multipart bodies without a preflight).
+async fn browser_guard(State(state): State<HttpState>, req: Request, next: Next) -> Response {
+    match check_browser(&state.allowed_hosts, &req) {
+        Ok(()) => next.run(req).await,
+        Err(e) => e.into_response(),
     }
+}
+
+fn check_browser(allowed: &[String], req: &Request) -> Result<(), HttpError> {
+    let headers = req.headers();
+    let host = headers
+        .get(header::HOST)
+        .map(|h| h.to_str().unwrap_or("\u{fffd}"))
+        .or_else(|| req.uri().authority().map(|a| a.as_str()));
+    if let Some(host) = host {
+        if !host_allowed(allowed, host) {
+            return Err(HttpError::MisdirectedHost(format!(
+                "Host {host:?} is not served here: use an IP address or localhost, \
+                 or list the name in http.allowed_hosts"
+            )));
+        }
+    }
+    let safe = matches!(
+        *req.method(),
+        axum::http::Method::GET | axum::http::Method::HEAD | axum::http::Method::OPTIONS
+    );
+    if let (false, Some(origin)) = (safe, headers.get(header::ORIGIN)) {
+        let origin = origin.to_str().unwrap_or("null");
+        let authority = origin.split_once("://").map(|(_, a)| a);
+        let same = match (authority, host) {
+            (Some(a), Some(h)) if a.eq_ignore_ascii_case(h) => true,
+            (Some(a), _) => {
+                let name = split_port(a).0;
+                allowed.iter().any(|n| n.eq_ignore_ascii_case(name))
+            }
+            (None, _) => false,
+        };
+        if !same {
+            return Err(HttpError::Forbidden(format!(
+                "cross-origin request refused: Origin {origin:?} is not this server"
+            )));
+        }
+    }
+    let has_body = headers.contains_key(header::TRANSFER_ENCODING)
+        || headers
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|l| l.as_bytes() != b"0");
+    if has_body {
+        let json = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"));
+        if !json {
+            return Err(HttpError::UnsupportedMediaType(
+                "request bodies must be Content-Type: application/json".into(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `host[:port]` or `[v6][:port]` → (host, port).
+fn split_port(authority: &str) -> (&str, Option<&str>) {
+    if let Some(rest) = authority.strip_prefix('[') {
+        return match rest.split_once(']') {
+            Some((ip, port)) => (ip, port.strip_prefix(':')),
+            None => (authority, None),
+        };
+    }
+    match authority.rsplit_once(':') {
+        Some((h, p)) => (h, Some(p)),
+        None => (authority, None),
+    }
+}
+
+fn host_allowed(allowed: &[String], host: &str) -> bool {
+    let name = split_port(host).0;
+    let name = name.strip_suffix('.').unwrap_or(name);
+    name.parse::<std::net::IpAddr>().is_ok()
+        || name.eq_ignore_ascii_case("localhost")
+        || allowed.iter().any(|n| n.eq_ignore_ascii_case(name))
+}
+
+/// Connection limits of the HTTP listener.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// A request head must arrive this soon, or the connection is closed.
+    pub header_timeout: Duration,
+    /// Concurrent connections; a permit is taken before `accept`.
+    pub max_connections: usize,
+}
+
+/// Serves the API until `shutdown`, then lets each connection finish the
+/// request it is in.
+pub async fn serve(
+    listener: TcpListener,
+    state: HttpState,
+    limits: Limits,
+    shutdown: CancellationToken,
+) {
+    let app = routes(state);
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let conns = TaskTracker::new();
+    loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => p.expect("never closed"),
+            _ = shutdown.cancelled() => break,
+        };
+        let (stream, peer) = tokio::select! {
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "http accept failed");
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => break,
+        };
+        let service = TowerToHyperService::new(app.clone());
+        let shutdown = shutdown.clone();
+        conns.spawn(async move {
+            let _permit = permit;
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_timeout);
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            let done = tokio::select! {
+                r = conn.as_mut() => r,
+                _ = shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = done {
+                tracing::debug!(%peer, error = %e, "http connection ended");
+            }
+        });
+    }
+    conns.close();
+    conns.wait().await;
 }

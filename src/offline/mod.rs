@@ -9,6 +9,10 @@
 //! head, so it survives a restart and is shared by every instance), in
 //! memory otherwise. Group messages are not kept: a group topic has no single
 //! owner whose reconnect would replay it.
+//!
+//! Bounded in bytes as kept (the JSON payload; in Redis the whole list
+//! entry): per user, the oldest messages go first; in total (memory only),
+//! a message that does not fit is not kept.
 
 mod replay;
 
@@ -36,21 +40,62 @@ pub enum OfflineError {
 pub struct OfflineStore {
     backend: Backend,
     max: usize,
+    /// Per user, in bytes as kept; 0: no bound.
+    max_bytes_per_user: usize,
+    /// All users together, in memory; 0: no bound.
+    max_bytes: usize,
     ttl: Duration,
 }
 
 #[derive(Clone)]
 enum Backend {
-    /// Oldest first.
-    Memory(Arc<Mutex<HashMap<Id, VecDeque<Kept>>>>),
+    Memory(Arc<Mutex<Memory>>),
     /// `key` is the template with `{id}`; entries are `<expiry unix ms> <payload>`.
-    Redis { conn: RedisConn, key: String },
+    Redis {
+        conn: RedisConn,
+        key: String,
+    },
 }
 
 #[derive(Clone)]
 struct Kept {
     expires_ms: u64,
     payload: Bytes,
+}
+
+/// The in-memory store with its byte counts.
+#[derive(Default)]
+struct Memory {
+    users: HashMap<Id, UserList>,
+    /// Payload bytes over all users.
+    bytes: usize,
+}
+
+/// One user's messages, oldest first.
+#[derive(Default)]
+struct UserList {
+    list: VecDeque<Kept>,
+    bytes: usize,
+}
+
+impl Memory {
+    fn lock(m: &Mutex<Memory>) -> std::sync::MutexGuard<'_, Memory> {
+        m.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Drops `user`'s oldest `n` entries (all if fewer), and the user once empty.
+    fn pop_front(&mut self, user: &Id, n: usize) {
+        let Some(u) = self.users.get_mut(user) else {
+            return;
+        };
+        for k in u.list.drain(..n.min(u.list.len())) {
+            u.bytes -= k.payload.len();
+            self.bytes -= k.payload.len();
+        }
+        if u.list.is_empty() {
+            self.users.remove(user);
+        }
+    }
 }
 
 /// A user's kept messages, oldest first, unexpired.
@@ -77,6 +122,8 @@ impl OfflineStore {
         OfflineStore {
             backend,
             max: settings.max_per_user,
+            max_bytes_per_user: settings.max_bytes_per_user,
+            max_bytes: settings.max_bytes,
             ttl: Duration::from_secs(settings.ttl_secs),
         }
     }
@@ -86,27 +133,50 @@ impl OfflineStore {
     }
 
     /// Keeps each (user, message), in order: a whole dispatch batch in one
-    /// Redis round trip. Returns how many older messages were dropped to
-    /// stay within the bound.
+    /// Redis round trip. Returns how many messages were dropped to stay
+    /// within the bounds (older ones, or a new one that does not fit).
     pub async fn keep(&self, kept: &[(Id, Bytes)]) -> Result<usize, OfflineError> {
         if kept.is_empty() || !self.enabled() {
             return Ok(0);
         }
         let expires_ms = crate::utc::now_ms() + self.ttl.as_millis() as u64;
         match &self.backend {
-            Backend::Memory(map) => {
-                let mut map = map.lock().unwrap_or_else(|e| e.into_inner());
+            Backend::Memory(m) => {
+                let per_user = match self.max_bytes_per_user {
+                    0 => usize::MAX,
+                    n => n,
+                };
+                let total = match self.max_bytes {
+                    0 => usize::MAX,
+                    n => n,
+                };
+                let mut m = Memory::lock(m);
                 let mut dropped = 0;
                 for (user, payload) in kept {
-                    let list = map.entry(user.clone()).or_default();
-                    list.push_back(Kept {
+                    let size = payload.len();
+                    if size > per_user || m.bytes + size > total {
+                        dropped += 1;
+                        continue;
+                    }
+                    let u = m.users.entry(user.clone()).or_default();
+                    u.list.push_back(Kept {
                         expires_ms,
                         payload: payload.clone(),
                     });
-                    while list.len() > self.max {
-                        list.pop_front();
-                        dropped += 1;
+                    u.bytes += size;
+                    // The oldest go until both bounds hold (never the new one:
+                    // it fits alone).
+                    let (mut over, mut bytes) = (0, u.bytes);
+                    for k in &u.list {
+                        if u.list.len() - over <= self.max && bytes <= per_user {
+                            break;
+                        }
+                        bytes -= k.payload.len();
+                        over += 1;
                     }
+                    m.bytes += size;
+                    m.pop_front(user, over);
+                    dropped += over;
                 }
                 Ok(dropped)
             }
@@ -114,17 +184,19 @@ impl OfflineStore {
                 let add = |pipe: &mut redis::Pipeline, (user, payload): &(Id, Bytes)| {
                     let mut entry = format!("{expires_ms} ").into_bytes();
                     entry.extend_from_slice(payload);
-                    let key = key.replace("{id}", user.as_str());
-                    pipe.lpush(&key, entry)
-                        .ltrim(&key, 0, self.max as isize - 1)
-                        .ignore()
-                        .expire(&key, self.ttl.as_secs() as i64)
-                        .ignore();
+                    pipe.cmd("EVAL")
+                        .arg(KEEP_SCRIPT)
+                        .arg(1)
+                        .arg(key.replace("{id}", user.as_str()))
+                        .arg(entry)
+                        .arg(self.max)
+                        .arg(self.max_bytes_per_user)
+                        .arg(self.ttl.as_secs());
                 };
-                // Only LPUSH answers (the new length). On a cluster one
+                // Each answers how many it dropped. On a cluster one
                 // pipeline per user (one key, one slot; its messages in
                 // order); one for all otherwise.
-                let lengths: Vec<usize> = if let RedisConn::Cluster(_) = conn {
+                let dropped: Vec<usize> = if let RedisConn::Cluster(_) = conn {
                     let mut per_user: HashMap<&Id, redis::Pipeline> = HashMap::new();
                     for one in kept {
                         add(per_user.entry(&one.0).or_insert_with(redis::pipe), one);
@@ -142,7 +214,7 @@ impl OfflineStore {
                     }
                     pipe.query_async(&mut conn.clone()).await?
                 };
-                Ok(lengths.iter().map(|n| n.saturating_sub(self.max)).sum())
+                Ok(dropped.iter().sum())
             }
         }
     }
@@ -155,16 +227,19 @@ impl OfflineStore {
         };
         let now = crate::utc::now_ms();
         let mut dropped = 0;
-        map.lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|_, list| {
-                // Kept in order, so every expired message is at the front.
-                while list.front().is_some_and(|k| k.expires_ms <= now) {
-                    list.pop_front();
-                    dropped += 1;
-                }
-                !list.is_empty()
-            });
+        let mut m = Memory::lock(map);
+        let mut freed = 0;
+        m.users.retain(|_, u| {
+            // Kept in order, so every expired message is at the front.
+            while u.list.front().is_some_and(|k| k.expires_ms <= now) {
+                let k = u.list.pop_front().expect("checked");
+                u.bytes -= k.payload.len();
+                freed += k.payload.len();
+                dropped += 1;
+            }
+            !u.list.is_empty()
+        });
+        m.bytes -= freed;
         dropped
     }
 
@@ -172,12 +247,11 @@ impl OfflineStore {
     pub async fn pending(&self, user: &Id) -> Result<Pending, OfflineError> {
         let now = crate::utc::now_ms();
         let entries: Vec<Kept> = match &self.backend {
-            Backend::Memory(map) => {
-                let map = map.lock().unwrap_or_else(|e| e.into_inner());
-                map.get(user)
-                    .map(|l| l.iter().cloned().collect())
-                    .unwrap_or_default()
-            }
+            Backend::Memory(m) => Memory::lock(m)
+                .users
+                .get(user)
+                .map(|u| u.list.iter().cloned().collect())
+                .unwrap_or_default(),
             Backend::Redis { conn, key } => {
                 let key = key.replace("{id}", user.as_str());
                 let raw: Vec<Vec<u8>> = redis::cmd("LRANGE")
@@ -209,15 +283,7 @@ impl OfflineStore {
             return Ok(());
         }
         match &self.backend {
-            Backend::Memory(map) => {
-                let mut map = map.lock().unwrap_or_else(|e| e.into_inner());
-                if let Some(list) = map.get_mut(user) {
-                    list.drain(..n.min(list.len()));
-                    if list.is_empty() {
-                        map.remove(user);
-                    }
-                }
-            }
+            Backend::Memory(m) => Memory::lock(m).pop_front(user, n),
             Backend::Redis { conn, key } => {
                 let key = key.replace("{id}", user.as_str());
                 let _: () = redis::cmd("LTRIM")
@@ -231,6 +297,39 @@ impl OfflineStore {
         Ok(())
     }
 }
+
+/// Keeps one entry at the head of a user's list, then trims the list to
+/// `max` entries and, when `max_bytes` > 0, to the newest entries that fit
+/// in it (a new entry larger than that is not kept: then the newest, which
+/// fits, stops the scan at `i` > 1); sets the list's
+/// expiry. Answers how many entries it dropped. The bytes are counted by
+/// reading the list, at most `max` entries.
+const KEEP_SCRIPT: &str = r"
+local max, max_bytes = tonumber(ARGV[2]), tonumber(ARGV[3])
+if max_bytes > 0 and #ARGV[1] > max_bytes then
+  return 1
+end
+local n = redis.call('LPUSH', KEYS[1], ARGV[1])
+local dropped = 0
+if n > max then
+  redis.call('LTRIM', KEYS[1], 0, max - 1)
+  dropped = n - max
+  n = max
+end
+if max_bytes > 0 then
+  local total = 0
+  for i, v in ipairs(redis.call('LRANGE', KEYS[1], 0, -1)) do
+    total = total + #v
+    if total > max_bytes then
+      redis.call('LTRIM', KEYS[1], 0, i - 2)
+      dropped = dropped + n - (i - 1)
+      break
+    end
+  end
+end
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return dropped
+";
 
 /// `<expiry unix ms> <payload>`; an unreadable entry counts as expired.
 fn parse_entry(raw: Vec<u8>) -> Kept {
@@ -253,8 +352,77 @@ mod tests {
         OfflineStore {
             backend: Backend::Memory(Arc::default()),
             max,
+            max_bytes_per_user: 0,
+            max_bytes: 0,
             ttl: Duration::from_secs(60),
         }
+    }
+
+    fn bytes_of(store: &OfflineStore) -> usize {
+        let Backend::Memory(m) = &store.backend else {
+            unreachable!()
+        };
+        let m = Memory::lock(m);
+        let sum: usize = m.users.values().map(|u| u.bytes).sum();
+        assert_eq!(sum, m.bytes, "per-user counts add up to the total");
+        m.bytes
+    }
+
+    /// Issue 14 point 6: bytes as kept, per user (oldest dropped, a message
+    /// too big for the bound not kept) and in total (the new one not kept).
+    #[tokio::test]
+    async fn count_and_byte_bounds_together() {
+        let mut store = memory(2);
+        store.max_bytes_per_user = 10;
+        let a = Id::from("a");
+        let msg = |n: usize| Bytes::from(vec![b'x'; n]);
+        store
+            .keep(&[(a.clone(), msg(6)), (a.clone(), msg(1))])
+            .await
+            .unwrap();
+        // Count drops the 6; then 1 + 9 fits.
+        assert_eq!(store.keep(&[(a.clone(), msg(9))]).await.unwrap(), 1);
+        assert_eq!(bytes_of(&store), 10);
+    }
+
+    #[tokio::test]
+    async fn memory_store_is_bounded_in_bytes() {
+        let mut store = memory(100);
+        store.max_bytes_per_user = 10;
+        store.max_bytes = 25;
+        let (a, b, c) = (Id::from("a"), Id::from("b"), Id::from("c"));
+        let msg = |n: usize| Bytes::from(vec![b'x'; n]);
+        assert_eq!(
+            store
+                .keep(&[(a.clone(), msg(4)), (a.clone(), msg(4))])
+                .await
+                .unwrap(),
+            0
+        );
+        // 4 + 4 + 4 > 10: the oldest goes.
+        assert_eq!(store.keep(&[(a.clone(), msg(4))]).await.unwrap(), 1);
+        assert_eq!(bytes_of(&store), 8);
+        // Larger than a user may keep: not kept, nothing else dropped.
+        assert_eq!(store.keep(&[(a.clone(), msg(11))]).await.unwrap(), 1);
+        assert_eq!(store.pending(&a).await.unwrap().read, 2);
+        // 10 for a: the two 4s go.
+        assert_eq!(store.keep(&[(a.clone(), msg(10))]).await.unwrap(), 2);
+        assert_eq!(store.keep(&[(b.clone(), msg(10))]).await.unwrap(), 0);
+        assert_eq!(bytes_of(&store), 20);
+        // The total (25) is full for c beyond 5 bytes.
+        assert_eq!(store.keep(&[(c.clone(), msg(6))]).await.unwrap(), 1);
+        assert_eq!(store.keep(&[(c.clone(), msg(5))]).await.unwrap(), 0);
+        assert_eq!(bytes_of(&store), 25);
+        // Handed over and removed: room again.
+        store.remove(&a, 1).await.unwrap();
+        assert_eq!(bytes_of(&store), 15);
+        assert_eq!(store.keep(&[(c.clone(), msg(5))]).await.unwrap(), 0);
+        store.ttl = Duration::ZERO;
+        store.keep(&[(a.clone(), msg(1))]).await.unwrap();
+        store.remove(&b, 1).await.unwrap();
+        store.remove(&c, 2).await.unwrap();
+        assert_eq!(store.sweep(), 1);
+        assert_eq!(bytes_of(&store), 0);
     }
 
     #[tokio::test]

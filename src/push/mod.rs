@@ -18,11 +18,20 @@ impl Id {
         &self.0
     }
 
+    /// Longest id in bytes: ids are user and group ids, not payloads.
+    pub const MAX_LEN: usize = 256;
+
+    /// What [`Id::parse`] refuses, for error messages.
+    pub const RULE: &'static str =
+        "empty, longer than 256 bytes, or has '/', '+', '#' or control characters";
+
     /// An id from text. Ids become topic levels and Redis keys, so they may
-    /// not be empty or hold `/`, `+`, `#` or control characters.
+    /// not be empty, longer than [`Id::MAX_LEN`], or hold `/`, `+`, `#` or
+    /// control characters.
     pub fn parse(text: &str) -> Option<Id> {
         let bad = |c: char| matches!(c, '/' | '+' | '#') || c.is_control();
-        (!text.is_empty() && !text.contains(bad)).then(|| Id::from(text))
+        (!text.is_empty() && text.len() <= Id::MAX_LEN && !text.contains(bad))
+            .then(|| Id::from(text))
     }
 }
 

@@ -48,10 +48,8 @@ impl UserStore for MemoryRegistry {
 
     async fn set_focus(&self, id: &Id, focus: bool) -> Result<(), RegistryError> {
         let mut inner = self.write();
-        if focus {
-            inner.users.entry(id.clone()).or_default().app_focus = true;
-        } else if let Some(user) = inner.users.get_mut(id) {
-            user.app_focus = false;
+        if let Some(user) = inner.users.get_mut(id) {
+            user.app_focus = focus;
         }
         Ok(())
     }

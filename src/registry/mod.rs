@@ -39,7 +39,9 @@ pub trait UserStore: Send + Sync {
         groups: &[Id],
     ) -> impl Future<Output = Result<Vec<Vec<Id>>, RegistryError>> + Send;
 
-    /// Sets (`app_focus = 1`) or deletes `app_focus` in the user's record.
+    /// Sets (`app_focus = 1`) or deletes `app_focus` in the user's record;
+    /// a user with no record is left without one (a status message must not
+    /// create records).
     fn set_focus(
         &self,
         id: &Id,

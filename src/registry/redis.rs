@@ -64,6 +64,19 @@ fn delete_token_script() -> &'static redis::Script {
     })
 }
 
+/// `HSET app_focus 1` only on a record that exists, in one step.
+fn set_focus_script() -> &'static redis::Script {
+    static SCRIPT: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
+    SCRIPT.get_or_init(|| {
+        redis::Script::new(
+            r"if redis.call('EXISTS', KEYS[1]) == 1 then
+                return redis.call('HSET', KEYS[1], 'app_focus', 1)
+            end
+            return 0",
+        )
+    })
+}
+
 /// A key of the wrong type (someone else's data, a manual mistake) is read
 /// as missing, with a warning naming it, so that it costs its own user's
 /// push and not the whole batch's; any other error is the lookup's.
@@ -128,7 +141,7 @@ impl UserStore for RedisRegistry {
         let key = self.user_key(id);
         let mut conn = self.conn.clone();
         if focus {
-            let _: () = conn.hset(key, "app_focus", 1).await?;
+            let _: i64 = set_focus_script().key(key).invoke_async(&mut conn).await?;
         } else {
             let _: () = conn.hdel(key, "app_focus").await?;
         }

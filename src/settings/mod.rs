@@ -66,6 +66,40 @@ impl Settings {
             .unwrap_or_else(|| format!("{}/feedback", self.mqtt.prefix))
     }
 
+    /// `auth.mode = none` on an MQTT listener beyond loopback needs
+    /// `auth.allow_anonymous`; checked on load and again by `start`.
+    pub fn check_anonymous(&self) -> Result<(), SettingsError> {
+        if self.auth.mode != AuthMode::None || self.auth.allow_anonymous {
+            return Ok(());
+        }
+        match self.open_mqtt_listener() {
+            None => Ok(()),
+            Some((key, addr)) => Err(SettingsError::Check {
+                key: "auth.mode",
+                problem: format!(
+                    "none (no device authentication) with {key} = {addr}, which is not \
+                     loopback: set auth.mode = \"jwt\", listen on loopback, or set \
+                     auth.allow_anonymous = true to serve anonymous devices anyway"
+                ),
+            }),
+        }
+    }
+
+    /// The first embedded-broker listener beyond loopback, if any.
+    fn open_mqtt_listener(&self) -> Option<(&'static str, std::net::SocketAddr)> {
+        if self.mqtt.external_url.is_some() {
+            return None;
+        }
+        [
+            ("mqtt.listen", Some(self.mqtt.listen)),
+            ("mqtt.tls_listen", self.mqtt.tls_listen),
+            ("mqtt.ws_listen", self.mqtt.ws_listen),
+            ("mqtt.wss_listen", self.mqtt.wss_listen),
+        ]
+        .into_iter()
+        .find_map(|(key, addr)| addr.filter(|a| !a.ip().is_loopback()).map(|a| (key, a)))
+    }
+
     fn check(&self) -> Result<(), SettingsError> {
         let bad = |key, problem: &str| {
             Err(SettingsError::Check {
@@ -189,9 +223,24 @@ impl Settings {
         if i.max_len == 0 {
             return bad("intake.max_len", "must be at least 1");
         }
+        if self.http.header_timeout_secs == 0 {
+            return bad("http.header_timeout_secs", "must be at least 1");
+        }
+        if self.http.max_connections == 0 {
+            return bad("http.max_connections", "must be at least 1");
+        }
+        if let Some(h) = self.http.allowed_hosts.iter().find(|h| {
+            h.is_empty() || h.contains(|c: char| c == ':' || c == '/' || c.is_whitespace())
+        }) {
+            return bad(
+                "http.allowed_hosts",
+                &format!("{h:?}: must be a host name without port or scheme"),
+            );
+        }
         if self.http.max_notifications == 0 {
             return bad("http.max_notifications", "must be at least 1");
         }
+        self.check_anonymous()?;
         if self.auth.mode == AuthMode::Jwt
             && self.auth.jwt_secret.is_none()
             && self.auth.jwt_public_key.is_none()
@@ -216,6 +265,7 @@ mod tests {
         assert_eq!(s.proxy.listen.to_string(), "127.0.0.1:7100");
         assert_eq!(s.proxy.max_frame, 1 << 20);
         assert_eq!(s.mqtt.prefix, "push");
+        assert_eq!(s.mqtt.listen.to_string(), "127.0.0.1:1883");
         assert!(s.registry.redis_url.is_none());
         assert_eq!(s.registry.user_key, "User:{id}");
     }
@@ -239,6 +289,22 @@ mod tests {
         assert!(err.to_string().contains("http.token"), "{err}");
         let err = Settings::from_toml("[auth]\nmode = \"jwt\"\n").unwrap_err();
         assert!(err.to_string().contains("auth.mode"), "{err}");
+        let err = Settings::from_toml("[mqtt]\nlisten = \"0.0.0.0:1883\"\n").unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("auth.mode") && msg.contains("auth.allow_anonymous"),
+            "{msg}"
+        );
+        assert!(msg.contains("mqtt.listen = 0.0.0.0:1883"), "{msg}");
+        let err = Settings::from_toml("[mqtt]\nws_listen = \"[::]:8083\"\n").unwrap_err();
+        assert!(err.to_string().contains("mqtt.ws_listen"), "{err}");
+        for fine in [
+            "[mqtt]\nlisten = \"0.0.0.0:1883\"\n[auth]\nallow_anonymous = true\n",
+            "[mqtt]\nlisten = \"0.0.0.0:1883\"\n[auth]\nmode = \"jwt\"\njwt_secret = \"k\"\n",
+            "[mqtt]\nlisten = \"0.0.0.0:1883\"\nexternal_url = \"mqtt://b:1883\"\n",
+        ] {
+            Settings::from_toml(fine).unwrap_or_else(|e| panic!("{fine}: {e}"));
+        }
         let err = Settings::from_toml("[intake]\ndurable = true\n").unwrap_err();
         assert!(err.to_string().contains("intake.durable"), "{err}");
         assert!(err.to_string().contains("registry.redis_url"), "{err}");

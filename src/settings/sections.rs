@@ -107,7 +107,7 @@ pub struct MqttSettings {
 impl Default for MqttSettings {
     fn default() -> Self {
         Self {
-            listen: "0.0.0.0:1883".parse().unwrap(),
+            listen: "127.0.0.1:1883".parse().unwrap(),
             tls_listen: None,
             ws_listen: None,
             wss_listen: None,
@@ -178,6 +178,12 @@ pub struct OfflineSettings {
     pub max_per_user: usize,
     /// A kept message is dropped this long after it was kept.
     pub ttl_secs: u64,
+    /// Bytes kept per user, as stored; the oldest go first, and a message
+    /// larger than this is not kept. 0: no bound.
+    pub max_bytes_per_user: usize,
+    /// Bytes kept for all users together by the in-memory store; a message
+    /// that does not fit is not kept. 0: no bound.
+    pub max_bytes: usize,
 }
 
 impl Default for OfflineSettings {
@@ -185,6 +191,8 @@ impl Default for OfflineSettings {
         Self {
             max_per_user: 100,
             ttl_secs: 86400,
+            max_bytes_per_user: 1 << 20,
+            max_bytes: 256 << 20,
         }
     }
 }
@@ -303,6 +311,15 @@ pub struct HttpSettings {
     pub token: Option<String>,
     /// Most notifications one `POST /v1/push` may carry.
     pub max_notifications: usize,
+    /// Host names (besides `localhost` and IP addresses) the API answers to;
+    /// any other `Host` is refused, so a DNS-rebinding page cannot reach it.
+    pub allowed_hosts: Vec<String>,
+    /// A request's head must arrive within this many seconds of the
+    /// connection's opening (or of the previous answer), and its body within
+    /// as long again; otherwise the connection is closed.
+    pub header_timeout_secs: u64,
+    /// Concurrent HTTP connections; taken before `accept`.
+    pub max_connections: usize,
 }
 
 impl Default for HttpSettings {
@@ -311,6 +328,9 @@ impl Default for HttpSettings {
             listen: "127.0.0.1:8090".parse().unwrap(),
             token: None,
             max_notifications: 100,
+            allowed_hosts: Vec::new(),
+            header_timeout_secs: 10,
+            max_connections: 256,
         }
     }
 }
@@ -323,7 +343,7 @@ pub enum AuthMode {
     Jwt,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthSettings {
     pub mode: AuthMode,
@@ -331,6 +351,31 @@ pub struct AuthSettings {
     pub jwt_public_key: Option<PathBuf>,
     /// Token subjects that may subscribe to any topic (monitoring); `jwt` mode only.
     pub service_accounts: Vec<String>,
+    /// When set, a token's `aud` (a string or a list) must contain it.
+    pub jwt_audience: Option<String>,
+    /// When set, a token's `iss` must equal it.
+    pub jwt_issuer: Option<String>,
+    /// A token whose `exp` is further than this from now (or from its
+    /// `iat`) is refused; 0: no bound.
+    pub jwt_max_ttl_secs: u64,
+    /// `mode = none` on an MQTT listener beyond loopback is refused unless
+    /// this says the operator means it.
+    pub allow_anonymous: bool,
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        Self {
+            mode: AuthMode::None,
+            jwt_secret: None,
+            jwt_public_key: None,
+            service_accounts: Vec::new(),
+            jwt_audience: None,
+            jwt_issuer: None,
+            jwt_max_ttl_secs: 90 * 86400,
+            allow_anonymous: false,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, Default, PartialEq, Eq)]

@@ -175,11 +175,7 @@ fn scalar_id(v: &Mp) -> Result<Id, FrameError> {
     match v {
         Mp::Integer(n) => Ok(Id(Arc::from(n.to_string()))),
         Mp::String(s) => match s.as_str() {
-            Some(s) => Id::parse(s).ok_or_else(|| {
-                FrameError::BadId(format!(
-                    "{v} is empty or has '/', '+', '#' or control characters"
-                ))
-            }),
+            Some(s) => Id::parse(s).ok_or_else(|| FrameError::BadId(format!("{v}: {}", Id::RULE))),
             None => Err(FrameError::BadId("string is not UTF-8".into())),
         },
         other => Err(FrameError::BadId(format!(

@@ -85,9 +85,25 @@ pub async fn wait_for_focus(server: &pushbridge::Server, uid: &str, focus: bool)
     .await;
 }
 
+/// Gives `uid` a record (no APNs token): status messages set focus only
+/// for users who have one.
+pub async fn register(server: &pushbridge::Server, uid: &str) {
+    use pushbridge::registry::UserStore;
+    let record = pushbridge::push::UserRecord {
+        app_version: Some("produce".into()),
+        ..Default::default()
+    };
+    server
+        .registry
+        .put_user(&pushbridge::push::Id::from(uid), &record)
+        .await
+        .expect("record written");
+}
+
 /// The app's status message sets focus, and clears it again (the user id as
 /// a number, then as a string), published by a client of the broker at `mqtt`.
 pub async fn status_sets_and_clears_focus(server: &pushbridge::Server, mqtt: std::net::SocketAddr) {
+    register(server, "77").await;
     let mut app = mqtt::Device::connect(mqtt, "app-77", true).await;
     app.publish("push/app/status", br#"{"user_id": 77, "focus": true}"#)
         .await;

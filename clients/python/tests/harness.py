@@ -109,6 +109,12 @@ class Server:
         with urllib.request.urlopen(self.url(path), timeout=5) as r:
             return json.load(r)
 
+    def put_json(self, path, body):
+        req = urllib.request.Request(self.url(path), json.dumps(body).encode(), method="PUT",
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return r.status
+
     def pause(self):
         """SIGSTOP, and wait until every thread has stopped."""
         self.proc.send_signal(signal.SIGSTOP)

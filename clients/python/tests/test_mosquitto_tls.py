@@ -92,6 +92,7 @@ def test_mosquitto_sub_is_refused_without_its_own_token(tls_server, user, passwo
 
 def test_mosquitto_pub_reports_focus_over_tls(tls_server):
     presence = lambda: tls_server.get_json("/v1/users/42/presence")
+    tls_server.put_json("/v1/users/42", {"version": "produce"})  # focus is kept in a record
     pub = subprocess.Popen(mosquitto(tls_server, "mosquitto_pub", 42, token(tls_server, 42),
                                      "-t", "push/app/status", "-q", "1", "-l"),
                            stdin=subprocess.PIPE, text=True)

@@ -85,6 +85,7 @@ def redis_server(make_server, redis):
 @pytest.mark.parametrize("version", VERSIONS)
 def test_focus_set_by_the_app_is_cleared_when_its_socket_dies(redis_server, redis, version):
     user = 400 + version
+    redis.cli("HSET", f"User:{user}", "app_version", "produce")  # focus is kept in a record
     app = Device(redis_server.mqtt_port, f"phone-{user}", version,
                  will=("push/app/status", status(user, False)))
     app.connect()
