@@ -17,6 +17,7 @@ use crate::push::Ack;
 use crate::push::{Id, Push, Target, UserRecord};
 use crate::registry::{Registry, RegistryError, UserStore};
 use crate::router;
+use crate::settings::Settings;
 use crate::stats::Stats;
 
 /// Pushes routed together; bounds one pipeline's size.
@@ -36,6 +37,27 @@ pub struct Dispatcher {
     /// How long a batch waits for an unreachable registry before its pushes
     /// are final failures (`registry.outage_wait_secs`).
     pub outage_wait: Duration,
+}
+
+impl Dispatcher {
+    pub fn new(
+        settings: &Settings,
+        registry: Registry,
+        broker: MqttOut,
+        apns: ApnsSender,
+        offline: OfflineStore,
+        stats: Arc<Stats>,
+    ) -> Dispatcher {
+        Dispatcher {
+            registry,
+            broker,
+            apns,
+            prefix: settings.mqtt.prefix.clone(),
+            stats,
+            offline,
+            outage_wait: Duration::from_secs(settings.registry.outage_wait_secs),
+        }
+    }
 }
 
 /// What one push turned into, for callers that answer per target (HTTP).

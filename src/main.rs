@@ -138,7 +138,7 @@ async fn main() -> anyhow::Result<()> {
             }
             let apps = pushbridge::check_config(&settings)?;
             if let Some(cert) = &settings.mqtt.tls_cert {
-                let used = pushbridge::mqtt_tls_listeners(&settings.mqtt);
+                let used = pushbridge::mqtt::tls_listeners(&settings.mqtt);
                 let used = match used.is_empty() {
                     true => "no TLS listener set".to_string(),
                     false => used.join(", "),

@@ -12,6 +12,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use p256::ecdsa::signature::Verifier;
 use pushbridge::apns::{check_config, ApnsJob, ApnsSender, Feedback, Sinks};
+use pushbridge::lifecycle::{Lifecycle, Phase};
 use pushbridge::mqtt::Broker;
 use pushbridge::push::{Id, UserRecord};
 use pushbridge::registry::{MemoryRegistry, Registry, UserStore};
@@ -20,7 +21,6 @@ use pushbridge::settings::{ApnsSettings, MqttSettings, QueueFull};
 use pushbridge::stats::{Counter, Stats};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 const WAIT: Duration = Duration::from_secs(10);
 const APP: &str = "com.example.app";
@@ -46,8 +46,7 @@ struct Running {
     sender: ApnsSender,
     stats: Arc<Stats>,
     registry: Registry,
-    shutdown: CancellationToken,
-    tracker: TaskTracker,
+    rest: Phase,
 }
 
 impl Running {
@@ -57,8 +56,7 @@ impl Running {
             .with_test_writer()
             .try_init();
         let stats = Arc::new(Stats::default());
-        let shutdown = CancellationToken::new();
-        let tracker = TaskTracker::new();
+        let rest = Lifecycle::new(CancellationToken::new()).rest;
         let registry = Registry::Memory(MemoryRegistry::default());
         let (broker, _events) = Broker::new(&MqttSettings::default());
         let sinks = Sinks {
@@ -66,14 +64,12 @@ impl Running {
             registry: registry.clone(),
             feedback: Feedback::new(broker, "push/feedback".into()),
         };
-        let sender =
-            ApnsSender::start(settings, sinks, shutdown.clone(), &tracker).expect("sender starts");
+        let sender = ApnsSender::start(settings, sinks, &rest).expect("sender starts");
         Running {
             sender,
             stats,
             registry,
-            shutdown,
-            tracker,
+            rest,
         }
     }
 
@@ -97,9 +93,7 @@ impl Running {
 
     /// Stops the sender and waits for all its tasks.
     async fn stop(self) {
-        self.shutdown.cancel();
-        self.tracker.close();
-        tokio::time::timeout(WAIT, self.tracker.wait())
+        tokio::time::timeout(WAIT, self.rest.end())
             .await
             .expect("sender tasks stop on shutdown");
     }

@@ -21,7 +21,6 @@ use support::mqtt::Device;
 use support::proxy::Backend;
 use support::{server, wait_until};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 fn settings(
     broker: &Mosquitto,
@@ -231,8 +230,8 @@ async fn publish_confirmed_resolves_at_the_puback() {
         stats: stats.clone(),
         drain: Duration::from_secs(1),
     };
-    let (stop, tracker) = (CancellationToken::new(), TaskTracker::new());
-    let ext = ExternalBroker::start(&s.mqtt, cx, stop.clone(), &tracker).unwrap();
+    let rest = pushbridge::lifecycle::Lifecycle::new(CancellationToken::new()).rest;
+    let ext = ExternalBroker::start(&s.mqtt, cx, &rest).unwrap();
     wait_for(&stats, |s| s.mqtt_external_subscribed.get() >= 1).await;
 
     broker.pause();
@@ -246,9 +245,7 @@ async fn publish_confirmed_resolves_at_the_puback() {
         .expect("PUBACK in time")
         .expect("confirmed");
     assert_eq!(stats.mqtt_external_acked.get(), 1);
-    stop.cancel();
-    tracker.close();
-    tracker.wait().await;
+    rest.end().await;
 }
 
 /// Two instances on one Redis and one broker: with the shared subscription

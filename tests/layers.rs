@@ -10,9 +10,9 @@ use std::path::Path;
 const LAYERS: &[&[&str]] = &[
     // shared plain data and helpers
     &["utc", "settings"],
-    &["push", "stats"],
-    // the wire codec, pure decisions, stores
-    &["wire", "router", "redis_conn", "auth"],
+    &["push", "stats", "lifecycle"],
+    // the wire codec, the accept loop, pure decisions, stores
+    &["wire", "net", "router", "redis_conn", "auth"],
     &["registry"],
     // egress: the embedded broker, then what hangs off its events
     &["mqtt"],
@@ -24,6 +24,8 @@ const LAYERS: &[&[&str]] = &[
     &["dispatch"],
     &["intake"],
     &["proxy", "http"],
+    // the wiring
+    &["server"],
     // test and tool hooks
     &["fuzzing"],
 ];

@@ -5,16 +5,16 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use pushbridge::lifecycle::{Lifecycle, Phase};
 use pushbridge::mqtt::{Broker, BrokerEvent};
 use pushbridge::settings::MqttSettings;
 use rumqttc::mqttbytes::v4;
 use rumqttc::v5::mqttbytes::v5;
 use rumqttc::v5::mqttbytes::QoS as QoS5;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 /// Bounds a wait that should succeed; only reached when the test fails.
 const WAIT: Duration = Duration::from_secs(10);
@@ -23,26 +23,19 @@ struct Server {
     addr: SocketAddr,
     broker: Broker,
     events: mpsc::Receiver<BrokerEvent>,
-    shutdown: CancellationToken,
-    tracker: TaskTracker,
+    devices: Phase,
 }
 
-async fn start(settings: MqttSettings) -> Server {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
+async fn start(mut settings: MqttSettings) -> Server {
+    settings.listen = "127.0.0.1:0".parse().unwrap();
     let (broker, events) = Broker::new(&settings);
-    let shutdown = CancellationToken::new();
-    let tracker = TaskTracker::new();
-    let serve = broker
-        .clone()
-        .serve(listener, shutdown.clone(), tracker.clone());
-    tracker.spawn(async move { serve.await.unwrap() });
+    let devices = Lifecycle::new(CancellationToken::new()).devices;
+    let addr = broker.listen(&devices).await.unwrap().tcp;
     Server {
         addr,
         broker,
         events,
-        shutdown,
-        tracker,
+        devices,
     }
 }
 
@@ -600,17 +593,14 @@ async fn v5_takeover_and_shutdown_send_reasons() {
         }
         other => panic!("expected DISCONNECT, got {other:?}"),
     }
-    srv.shutdown.cancel();
+    srv.devices.token().cancel();
     match new.recv5().await {
         Some(v5::Packet::Disconnect(d)) => {
             assert_eq!(d.reason_code, v5::DisconnectReasonCode::ServerShuttingDown)
         }
         other => panic!("expected DISCONNECT, got {other:?}"),
     }
-    srv.tracker.close();
-    tokio::time::timeout(WAIT, srv.tracker.wait())
-        .await
-        .unwrap();
+    tokio::time::timeout(WAIT, srv.devices.end()).await.unwrap();
 }
 
 #[tokio::test]

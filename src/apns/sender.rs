@@ -20,6 +20,7 @@ use super::payload::{Payload, PayloadError};
 use super::reload::{self, Credentials};
 use super::retry::RetryPolicy;
 use super::{ApnsError, ApnsJob};
+use crate::lifecycle::Phase;
 use crate::registry::Registry;
 use crate::router::Environment;
 use crate::settings::{ApnsSettings, QueueFull};
@@ -65,14 +66,13 @@ pub(super) struct Shared {
 impl ApnsSender {
     /// Loads config.json (a missing config.json: warn, start with no apps;
     /// an app whose files are broken: error log naming file and problem,
-    /// the other apps still work) and starts the sender task on `tracker`,
-    /// which stops on `shutdown`.
+    /// the other apps still work) and starts the sender task on `rest`.
     pub fn start(
         settings: &ApnsSettings,
         sinks: Sinks,
-        shutdown: CancellationToken,
-        tracker: &TaskTracker,
+        rest: &Phase,
     ) -> Result<ApnsSender, ApnsError> {
+        let shutdown = rest.token();
         let (drivers, connections) = mpsc::unbounded_channel();
         let transport = Transport {
             drivers,
@@ -90,7 +90,7 @@ impl ApnsSender {
             endpoints,
             Arc::clone(&sinks.stats),
         ));
-        tracker.spawn(reload::watch(
+        rest.spawn(reload::watch(
             Arc::clone(&credentials),
             stamp,
             reload::sighup(),

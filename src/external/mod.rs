@@ -19,10 +19,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::lifecycle::Phase;
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, Semaphore};
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use crate::mqtt::BrokerEvent;
@@ -78,13 +77,12 @@ pub struct Context {
 }
 
 impl ExternalBroker {
-    /// Starts the connection task on `tracker`; it connects (and reconnects)
+    /// Starts the connection task on `rest`; it connects (and reconnects)
     /// in the background, so a broker that is down at start is not an error.
     pub fn start(
         settings: &MqttSettings,
         cx: Context,
-        stop: CancellationToken,
-        tracker: &TaskTracker,
+        rest: &Phase,
     ) -> Result<ExternalBroker, ExternalError> {
         let client_id = endpoint::client_id(settings);
         let options = endpoint::options(settings, &client_id)?;
@@ -103,7 +101,7 @@ impl ExternalBroker {
             cx.events,
             cx.stats.clone(),
         );
-        tracker.spawn(link.run(stop));
+        rest.spawn(link.run(rest.token()));
         Ok(ExternalBroker {
             inner: Arc::new(Shared {
                 to_link,

@@ -9,6 +9,7 @@ mod ops;
 mod push;
 mod users;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,15 +23,16 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use ring::hmac;
 use serde_json::json;
-use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::dispatch::Dispatcher;
-use crate::intake::StreamWriter;
+use crate::intake::Intake;
+use crate::lifecycle::Phase;
+use crate::net::{self, Acceptor, BindError};
 use crate::push::{Id, UserRecord};
 use crate::registry::{Registry, UserStore};
+use crate::settings::HttpSettings;
 use crate::stats::Stats;
 
 #[derive(Debug, thiserror::Error)]
@@ -84,12 +86,10 @@ pub struct HttpState {
     /// (`http.header_timeout_secs`).
     pub body_timeout: Duration,
     pub max_notifications: usize,
-    /// The in-memory intake queue, to report its depth (`None` with durable
-    /// intake); weak, so it does not keep the dispatcher running after the
-    /// proxy stops.
-    pub queue: Option<tokio::sync::mpsc::WeakSender<crate::push::Push>>,
-    /// Durable intake: pushes go to the stream, not straight to delivery.
-    pub stream: Option<StreamWriter>,
+    /// With durable intake pushes go to the stream, not straight to delivery;
+    /// in memory, its depth is reported.
+    pub intake: Intake,
+    /// Cancelled when ingress stops.
     pub shutdown: CancellationToken,
 }
 
@@ -112,10 +112,10 @@ impl HttpState {
 
     /// Pushes waiting in the in-memory intake queue.
     fn intake_queued(&self) -> usize {
-        self.queue
-            .as_ref()
-            .and_then(|q| q.upgrade())
-            .map_or(0, |tx| tx.max_capacity() - tx.capacity())
+        match &self.intake {
+            Intake::Memory(tx) => tx.max_capacity() - tx.capacity(),
+            Intake::Durable(_) => 0,
+        }
     }
 }
 
@@ -315,63 +315,75 @@ fn host_allowed(allowed: &[String], host: &str) -> bool {
         || allowed.iter().any(|n| n.eq_ignore_ascii_case(name))
 }
 
-/// Connection limits of the HTTP listener.
-#[derive(Debug, Clone, Copy)]
-pub struct Limits {
-    /// A request head must arrive this soon, or the connection is closed.
-    pub header_timeout: Duration,
-    /// Concurrent connections; a permit is taken before `accept`.
-    pub max_connections: usize,
+/// What the API serves from: the parts below it.
+pub struct Parts {
+    pub dispatcher: Arc<Dispatcher>,
+    pub registry: Registry,
+    pub stats: Arc<Stats>,
+    pub intake: Intake,
 }
 
-/// Serves the API until `shutdown`, then lets each connection finish the
-/// request it is in.
-pub async fn serve(
-    listener: TcpListener,
-    state: HttpState,
-    limits: Limits,
-    shutdown: CancellationToken,
-) {
+/// Binds `http.listen` and serves the API on `ingress` until it stops; each
+/// connection then finishes the request it is in. At most
+/// `http.max_connections` at once, each request head within
+/// `http.header_timeout_secs`. Returns the bound address.
+pub async fn start(
+    settings: &HttpSettings,
+    parts: Parts,
+    ingress: &Phase,
+) -> Result<SocketAddr, BindError> {
+    let listener = net::bind("http.listen", settings.listen).await?;
+    let addr = listener.local_addr().expect("bound");
+    let header_timeout = Duration::from_secs(settings.header_timeout_secs);
+    let state = HttpState {
+        dispatcher: parts.dispatcher,
+        registry: parts.registry,
+        token: settings.token.as_deref().map(ApiToken::new),
+        body_timeout: header_timeout,
+        allowed_hosts: settings
+            .allowed_hosts
+            .iter()
+            .map(|h| h.to_ascii_lowercase())
+            .collect(),
+        max_notifications: settings.max_notifications,
+        intake: parts.intake,
+        shutdown: ingress.token(),
+        stats: parts.stats,
+    };
+    let acceptor = Acceptor {
+        key: "http.listen",
+        listener,
+        slots: Arc::new(Semaphore::new(settings.max_connections)),
+        up: state.stats.listeners.up("http.listen"),
+    };
     let app = routes(state);
-    let permits = Arc::new(Semaphore::new(limits.max_connections));
-    let conns = TaskTracker::new();
-    loop {
-        let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => p.expect("never closed"),
-            _ = shutdown.cancelled() => break,
-        };
-        let (stream, peer) = tokio::select! {
-            a = listener.accept() => match a {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "http accept failed");
-                    continue;
+    let shutdown = ingress.token();
+    ingress.spawn(acceptor.run(
+        || None,
+        ingress.clone(),
+        move |stream, peer, slot| {
+            let service = TowerToHyperService::new(app.clone());
+            let shutdown = shutdown.clone();
+            async move {
+                let mut builder = hyper::server::conn::http1::Builder::new();
+                builder
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(header_timeout);
+                let conn = builder.serve_connection(TokioIo::new(stream), service);
+                tokio::pin!(conn);
+                let done = tokio::select! {
+                    r = conn.as_mut() => r,
+                    _ = shutdown.cancelled() => {
+                        conn.as_mut().graceful_shutdown();
+                        conn.await
+                    }
+                };
+                if let Err(e) = done {
+                    tracing::debug!(%peer, error = %e, "http connection ended");
                 }
-            },
-            _ = shutdown.cancelled() => break,
-        };
-        let service = TowerToHyperService::new(app.clone());
-        let shutdown = shutdown.clone();
-        conns.spawn(async move {
-            let _permit = permit;
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            builder
-                .timer(TokioTimer::new())
-                .header_read_timeout(limits.header_timeout);
-            let conn = builder.serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(conn);
-            let done = tokio::select! {
-                r = conn.as_mut() => r,
-                _ = shutdown.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-            };
-            if let Err(e) = done {
-                tracing::debug!(%peer, error = %e, "http connection ended");
+                drop(slot);
             }
-        });
-    }
-    conns.close();
-    conns.wait().await;
+        },
+    ));
+    Ok(addr)
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use super::{apns_options, id, HttpError, HttpState};
 use crate::dispatch::Delivered;
-use crate::intake::{self, StreamWriter};
+use crate::intake::{self, Intake, StreamWriter};
 use crate::push::{Id, Push, Target};
 use crate::router::Environment;
 
@@ -122,21 +122,22 @@ pub(super) async fn push(
         .enumerate()
         .map(|(i, n)| n.into_push(&name(i)))
         .collect::<Result<Vec<_>, _>>()?;
-    if let (Some(_), Some(i)) = (&state.stream, pushes.iter().position(|p| p.apns.is_some())) {
+    let durable = matches!(state.intake, Intake::Durable(_));
+    if let (true, Some(i)) = (durable, pushes.iter().position(|p| p.apns.is_some())) {
         return Err(HttpError::BadRequest(format!(
             "{}.apns: overrides are not kept in the durable intake stream \
              (intake.durable = true); send without them",
             name(i)
         )));
     }
-    let delivered = match &state.stream {
-        None => {
+    let delivered = match &state.intake {
+        Intake::Memory(_) => {
             state
                 .dispatcher
                 .dispatch_within(&pushes, REGISTRY_WAIT)
                 .await?
         }
-        Some(stream) => append(&state, stream, &pushes).await?,
+        Intake::Durable(stream) => append(&state, stream, &pushes).await?,
     };
     state.stats.http_pushes.add(pushes.len() as u64);
     let results: Vec<Value> = delivered.iter().map(describe).collect();

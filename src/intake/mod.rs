@@ -16,12 +16,11 @@ use bytes::Bytes;
 use rmpv::Value as Mp;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 pub use stream::StreamWriter;
 
 use crate::dispatch::Dispatcher;
+use crate::lifecycle::Phase;
 use crate::push::{Push, Target};
 use crate::settings::Settings;
 
@@ -57,14 +56,13 @@ pub struct Started {
     pub consumer: JoinHandle<()>,
 }
 
-/// Starts the configured intake. The consumer stops reading on `shutdown`;
-/// the acknowledger (durable only, on `tracker`) runs until `stop`.
+/// Starts the configured intake. The consumer stops reading when `ingress`
+/// stops; the acknowledger (durable only) runs on `rest`.
 pub async fn start(
     settings: &Settings,
     dispatcher: Arc<Dispatcher>,
-    shutdown: CancellationToken,
-    stop: CancellationToken,
-    tracker: &TaskTracker,
+    ingress: &Phase,
+    rest: &Phase,
 ) -> Result<Started, IntakeError> {
     let s = &settings.intake;
     let url = match (&settings.registry.redis_url, s.durable) {
@@ -87,14 +85,14 @@ pub async fn start(
         })?;
     let (settled_tx, settled_rx) = mpsc::unbounded_channel();
     let in_flight = Arc::new(crate::push::ack::InFlight::default());
-    tracker.spawn(stream::acknowledge(
+    rest.spawn(stream::acknowledge(
         conn.clone(),
         s.stream.clone(),
         s.group.clone(),
         settled_rx,
         in_flight.clone(),
         dispatcher.stats.clone(),
-        stop,
+        rest.token(),
     ));
     let consumer = consumer::Consumer {
         reader,
@@ -114,7 +112,7 @@ pub async fn start(
             s.max_len,
             Duration::from_secs(settings.registry.outage_wait_secs),
         )),
-        consumer: tokio::spawn(consumer.run(shutdown)),
+        consumer: tokio::spawn(consumer.run(ingress.token())),
     })
 }
 

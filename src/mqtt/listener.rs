@@ -1,110 +1,117 @@
-//! Accept loop and the session-expiry sweeper.
+//! The broker's listeners, one per transport set (TCP, TLS, WebSocket,
+//! WebSocket over TLS), sharing one connection cap and one connect rate;
+//! and the session-expiry sweeper.
 
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-use tracing::{debug, warn};
-
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
 
 use super::rate::Bucket;
+use super::tls::TlsConfig;
 use super::transport::Transport;
 use super::{connection, Inner, MqttError};
+use crate::lifecycle::Phase;
+use crate::net::{self, Acceptor};
+use crate::settings::MqttSettings;
 
-/// Pause after a failed accept (EMFILE and friends) so the loop does not spin.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// How often offline sessions are checked for expiry.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
-pub(super) async fn serve(
-    inner: Arc<Inner>,
-    listeners: Vec<(TcpListener, Transport)>,
-    shutdown: CancellationToken,
-    tracker: TaskTracker,
-) -> Result<(), MqttError> {
-    // One connection cap and one connect rate across all transports.
-    let limit = Arc::new(Semaphore::new(inner.settings.max_connections));
-    let (rate, burst) = (inner.settings.connect_rate, inner.settings.connect_burst);
-    let bucket = Arc::new(Mutex::new(Bucket::new(rate, burst, Instant::now())));
-    tracker.spawn(sweep(inner.clone(), shutdown.clone()));
-    for (listener, transport) in listeners {
-        let gate = Gate {
-            limit: limit.clone(),
-            bucket: bucket.clone(),
+/// Where the broker listens; `None` where a listener is not set.
+#[derive(Debug, Clone, Copy)]
+pub struct Addrs {
+    pub tcp: SocketAddr,
+    pub tls: Option<SocketAddr>,
+    pub ws: Option<SocketAddr>,
+    pub wss: Option<SocketAddr>,
+}
+
+/// The set listeners that serve `mqtt.tls_cert`, for `check-config` and
+/// so the certificate is loaded once for all of them.
+pub fn tls_listeners(m: &MqttSettings) -> Vec<&'static str> {
+    [
+        ("mqtt.tls_listen", m.tls_listen),
+        ("mqtt.wss_listen", m.wss_listen),
+    ]
+    .into_iter()
+    .filter_map(|(key, addr)| addr.map(|_| key))
+    .collect()
+}
+
+/// Binds every set listener, then accepts devices on `devices` until it
+/// stops.
+pub(super) async fn start(inner: Arc<Inner>, devices: &Phase) -> Result<Addrs, MqttError> {
+    let m = &inner.settings;
+    // One certificate (and its reloads) for every TLS listener.
+    let tls = match (&m.tls_cert, &m.tls_key) {
+        (Some(cert), Some(key)) if !tls_listeners(m).is_empty() => {
+            Some(Arc::new(TlsConfig::load(cert, key)?))
+        }
+        _ => None,
+    };
+    let wanted = [
+        ("mqtt.listen", Some(m.listen), Some(Transport::Tcp)),
+        (
+            "mqtt.tls_listen",
+            m.tls_listen,
+            tls.clone().map(Transport::Tls),
+        ),
+        ("mqtt.ws_listen", m.ws_listen, Some(Transport::WebSocket)),
+        (
+            "mqtt.wss_listen",
+            m.wss_listen,
+            tls.map(Transport::WebSocketTls),
+        ),
+    ];
+    let mut bound: Vec<(&'static str, TcpListener, Transport)> = Vec::new();
+    let mut addrs = [None; 4];
+    for (i, (key, addr, transport)) in wanted.into_iter().enumerate() {
+        if let (Some(addr), Some(transport)) = (addr, transport) {
+            let listener = net::bind(key, addr).await?;
+            addrs[i] = Some(listener.local_addr().expect("bound"));
+            bound.push((key, listener, transport));
+        }
+    }
+    let slots = Arc::new(Semaphore::new(m.max_connections));
+    let bucket = Arc::new(Mutex::new(Bucket::new(
+        m.connect_rate,
+        m.connect_burst,
+        Instant::now(),
+    )));
+    devices.spawn(sweep(inner.clone(), devices.token()));
+    for (key, listener, transport) in bound {
+        let acceptor = Acceptor {
+            key,
+            listener,
+            slots: slots.clone(),
+            up: inner.stats.listeners.up(key),
         };
-        let (inner, shutdown, t) = (inner.clone(), shutdown.clone(), tracker.clone());
-        let accept = accept_loop(inner, listener, transport, gate, shutdown, t);
-        tracker.spawn(accept);
-    }
-    shutdown.cancelled().await;
-    Ok(())
-}
-
-/// What a connection must pass before it is accepted.
-struct Gate {
-    limit: Arc<Semaphore>,
-    bucket: Arc<Mutex<Bucket>>,
-}
-
-impl Gate {
-    fn wait_time(&self) -> Option<Duration> {
-        let mut bucket = self.bucket.lock().unwrap_or_else(|e| e.into_inner());
-        bucket.take(Instant::now())
-    }
-}
-
-async fn accept_loop(
-    inner: Arc<Inner>,
-    listener: TcpListener,
-    transport: Transport,
-    gate: Gate,
-    shutdown: CancellationToken,
-    tracker: TaskTracker,
-) {
-    let limit = gate.limit.clone();
-    loop {
         // Over the rate, connections wait in the kernel's backlog.
-        while let Some(wait) = gate.wait_time() {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(wait) => {}
-            }
-        }
-        // The permit is taken before accept, so over the cap nobody is accepted at all.
-        let permit = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            p = limit.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return,
-            },
+        let bucket = bucket.clone();
+        let pace = move || {
+            let mut bucket = bucket.lock().unwrap_or_else(|e| e.into_inner());
+            bucket.take(Instant::now())
         };
-        let accepted = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = listener.accept() => r,
-        };
-        match accepted {
-            Ok((stream, peer)) => {
-                if let Err(e) = stream.set_nodelay(true) {
-                    debug!(%peer, "set_nodelay: {e}");
-                }
+        let (inner, stop) = (inner.clone(), devices.token());
+        devices.spawn(
+            acceptor.run(pace, devices.clone(), move |stream, peer, slot| {
                 let (inner, transport) = (inner.clone(), transport.clone());
-                let task =
-                    connection::run(inner, stream, peer, transport, shutdown.clone(), permit);
-                tracker.spawn(task);
-            }
-            Err(e) => {
-                warn!("mqtt accept failed: {e}");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(ACCEPT_BACKOFF) => {}
-                }
-            }
-        }
+                connection::run(inner, stream, peer, transport, stop.clone(), slot)
+            }),
+        );
     }
+    Ok(Addrs {
+        tcp: addrs[0].expect("mqtt.listen is always bound"),
+        tls: addrs[1],
+        ws: addrs[2],
+        wss: addrs[3],
+    })
 }
 
 /// Removes persistent sessions that stayed offline past their expiry.

@@ -23,18 +23,17 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
-use tokio::net::TcpListener;
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::debug;
 
 use crate::auth::Auth;
+use crate::lifecycle::Phase;
 use crate::settings::MqttSettings;
 use crate::stats::Stats;
 use session::{Budget, Msg, Pushed, Registry};
 
 pub use codec::CodecError;
+pub use listener::{tls_listeners, Addrs};
 pub use presence::Seen;
 pub use tls::TlsConfig;
 pub use transport::Transport;
@@ -45,6 +44,8 @@ pub enum MqttError {
     Io(#[from] std::io::Error),
     #[error("mqtt codec: {0}")]
     Codec(#[from] CodecError),
+    #[error(transparent)]
+    Bind(#[from] crate::net::BindError),
     #[error("mqtt tls: {path}: {problem}")]
     Tls {
         path: std::path::PathBuf,
@@ -271,27 +272,10 @@ impl Broker {
         self.inner.route(topic, payload, 1)
     }
 
-    /// Accept loop for plain TCP; returns when `shutdown` is cancelled.
-    /// Connection tasks are spawned on `tracker`.
-    pub async fn serve(
-        self,
-        listener: TcpListener,
-        shutdown: CancellationToken,
-        tracker: TaskTracker,
-    ) -> Result<(), MqttError> {
-        self.serve_all(vec![(listener, Transport::Tcp)], shutdown, tracker)
-            .await
-    }
-
-    /// Accept loops for every listener, sharing one connection cap and one
-    /// connect rate; returns when `shutdown` is cancelled.
-    pub async fn serve_all(
-        self,
-        listeners: Vec<(TcpListener, Transport)>,
-        shutdown: CancellationToken,
-        tracker: TaskTracker,
-    ) -> Result<(), MqttError> {
-        listener::serve(self.inner, listeners, shutdown, tracker).await
+    /// Binds the listeners `mqtt` sets and serves devices on `devices`
+    /// until it stops (the sessions' expiry sweeper with them).
+    pub async fn listen(&self, devices: &Phase) -> Result<Addrs, MqttError> {
+        listener::start(self.inner.clone(), devices).await
     }
 
     /// Sessions currently kept (connected, or persistent and not yet expired).
@@ -310,7 +294,12 @@ impl Broker {
         self.inner.presence().of(user)
     }
 
-    /// The counters this broker bumps (shared when built `with_stats`).
+    /// The `mqtt` settings it was built with.
+    pub fn settings(&self) -> &MqttSettings {
+        &self.inner.settings
+    }
+
+    /// The counters this broker bumps.
     pub fn stats(&self) -> &Arc<Stats> {
         &self.inner.stats
     }

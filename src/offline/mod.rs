@@ -23,7 +23,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::future::try_join_all;
 
-pub use self::replay::{run, Replay};
+pub use self::replay::{run, start, Replay};
 use crate::push::Id;
 use crate::redis_conn::RedisConn;
 use crate::registry::Registry;

@@ -10,12 +10,33 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use super::{OfflineError, OfflineStore};
+use crate::lifecycle::Phase;
 use crate::mqtt::{Broker, BrokerEvent};
 use crate::push::Id;
 use crate::stats::Stats;
 
 /// How often the memory store drops expired messages nobody came for.
 const SWEEP: Duration = Duration::from_secs(60);
+
+/// Starts the replayer on `rest`, between the broker's `events` and what it
+/// returns: every event but the replays, for the status consumer.
+pub fn start(
+    store: OfflineStore,
+    broker: Broker,
+    events: mpsc::Receiver<BrokerEvent>,
+    rest: &Phase,
+) -> mpsc::Receiver<BrokerEvent> {
+    let (forward, passed) = mpsc::channel(1024);
+    let replay = Replay {
+        store,
+        user_prefix: format!("{}/user/", broker.settings().prefix),
+        stats: broker.stats().clone(),
+        broker,
+        busy: Arc::default(),
+    };
+    rest.spawn(run(events, forward, replay, rest.token()));
+    passed
+}
 
 /// Sits between the broker and the status consumer: replays kept messages
 /// when a client subscribes to a user topic, and passes every other event on.

@@ -1,19 +1,20 @@
 //! The msgpack proxy: backends fire `(type, id, data)` frames over TCP and get
-//! one status byte per frame. Accepted pushes go to the dispatcher's queue,
-//! or with durable intake to the Redis Stream (one round trip per read burst).
+//! one status byte per frame. Accepted pushes go to the intake (the
+//! dispatcher's queue, or with durable intake the Redis Stream, one round
+//! trip per read burst); the proxy knows nothing past it.
 
 mod connection;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
-use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-use tracing::{debug, info_span, warn, Instrument};
+use tracing::{info_span, Instrument};
 
 use crate::intake::Intake;
+use crate::lifecycle::Phase;
+use crate::net::{self, Acceptor, BindError};
 use crate::settings::ProxySettings;
 use crate::stats::Stats;
 
@@ -26,53 +27,39 @@ pub(crate) struct Shared {
     pub shutdown: CancellationToken,
 }
 
-/// Accepts backend connections until `shutdown`; each runs on `tracker`.
-/// A connection slot is taken before `accept`, so at most
-/// `max_connections` backends are served at once.
-pub async fn serve(
-    listener: TcpListener,
-    settings: ProxySettings,
+/// Binds `proxy.listen` and accepts backends on `ingress` until it stops,
+/// at most `proxy.max_connections` at once. Returns the bound address.
+pub async fn start(
+    settings: &ProxySettings,
     intake: Intake,
     stats: Arc<Stats>,
-    shutdown: CancellationToken,
-    tracker: TaskTracker,
-) {
-    let slots = Arc::new(Semaphore::new(settings.max_connections));
+    ingress: &Phase,
+) -> Result<SocketAddr, BindError> {
+    let listener = net::bind("proxy.listen", settings.listen).await?;
+    let addr = listener.local_addr().expect("bound");
+    let acceptor = Acceptor {
+        key: "proxy.listen",
+        listener,
+        slots: Arc::new(Semaphore::new(settings.max_connections)),
+        up: stats.listeners.up("proxy.listen"),
+    };
     let shared = Shared {
-        settings,
+        settings: settings.clone(),
         intake,
         stats,
-        shutdown: shutdown.clone(),
+        shutdown: ingress.token(),
     };
-    loop {
-        let permit = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            permit = slots.clone().acquire_owned() => permit.expect("never closed"),
-        };
-        let (socket, peer) = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    warn!(error = %e, "proxy accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        // Status bytes are tiny replies: without this, the last ones of a
-        // burst wait for the backend's delayed ACK (~40 ms).
-        if let Err(e) = socket.set_nodelay(true) {
-            debug!(%peer, error = %e, "set_nodelay failed");
-        }
-        let shared = shared.clone();
-        tracker.spawn(
+    ingress.spawn(acceptor.run(
+        || None,
+        ingress.clone(),
+        move |socket, peer, slot| {
+            let shared = shared.clone();
             async move {
                 connection::handle(socket, shared).await;
-                drop(permit);
+                drop(slot);
             }
-            .instrument(info_span!("proxy", %peer)),
-        );
-    }
+            .instrument(info_span!("proxy", %peer))
+        },
+    ));
+    Ok(addr)
 }
