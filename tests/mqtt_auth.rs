@@ -338,6 +338,69 @@ async fn v5_client_is_told_its_token_expired() {
     }
 }
 
+/// Issue 14: messages queued for a group while the session was offline are
+/// not delivered once the reconnecting token lost the group (read access is
+/// checked as each message leaves for the device).
+#[tokio::test]
+async fn queued_messages_of_a_revoked_group_are_not_delivered() {
+    let server = server::start(jwt_settings()).await;
+    let persistent = |t: &str| {
+        let mut opts = Device::options(server.mqtt_addr, "tablet", false);
+        opts.set_credentials("42", t);
+        opts
+    };
+    let mut d = Device::connect_opts(persistent(&token("42", &["7"]))).await;
+    d.subscribe("push/group/7").await;
+    d.subscribe("push/user/42").await;
+    d.disconnect().await;
+    assert_eq!(server.broker.publish("push/group/7", "\"group\"".into()), 1);
+    assert_eq!(server.broker.publish("push/user/42", "\"user\"".into()), 1);
+    let mut d = Device::connect_opts(persistent(&token("42", &[]))).await;
+    assert_eq!(d.next_json().await, "user");
+    assert_eq!(server.stats.mqtt_denied.get(), 1);
+}
+
+/// Issue 14: a JWT user's sessions are capped by `mqtt.max_sessions_per_user`
+/// (each connection holds one, so this caps the user's connections too).
+#[tokio::test]
+async fn a_users_sessions_are_capped() {
+    let mut settings = jwt_settings();
+    settings.mqtt.max_sessions_per_user = 2;
+    let server = server::start(settings).await;
+    let t = token("42", &[]);
+    for id in ["p1", "p2", "p3"] {
+        let mut opts = Device::options(server.mqtt_addr, id, false);
+        opts.set_credentials("42", &t);
+        let mut d = Device::connect_opts(opts).await;
+        d.subscribe("push/user/42").await;
+        d.disconnect().await;
+    }
+    wait_until(|| async { server.broker.session_count() == 2 }).await;
+    assert_eq!(server.stats.mqtt_sessions_evicted.get(), 1);
+    // Another user is not affected.
+    let mut other = Device::connect_as(server.mqtt_addr, "p1", "43", &token("43", &[])).await;
+    other.subscribe("push/user/43").await;
+    assert_eq!(server.broker.session_count(), 3);
+}
+
+/// Issue 14: a monitor's `push/user/#` is not the user: a push to an
+/// offline user is kept for it, and replayed when its device subscribes.
+#[tokio::test]
+async fn a_monitors_wildcard_does_not_count_as_reaching_the_user() {
+    let server = server::start(jwt_settings()).await;
+    let mut monitor =
+        Device::connect_as(server.mqtt_addr, "mon", "monitor", &token("monitor", &[])).await;
+    monitor.subscribe("push/user/#").await;
+    let mut backend = support::proxy::Backend::connect(server.proxy_addr).await;
+    let data = serde_json::json!({"n": 1});
+    assert_eq!(backend.push(2, rmpv::Value::from(42), &data).await, 0x00);
+    assert_eq!(monitor.next_json().await, data);
+    wait_until(|| async { server.stats.offline_kept.get() == 1 }).await;
+    let mut d = Device::connect_as(server.mqtt_addr, "phone", "42", &token("42", &[])).await;
+    d.subscribe("push/user/42").await;
+    assert_eq!(d.next_json().await, data);
+}
+
 /// Issue 14 point 13: anonymous devices on a listener beyond loopback only
 /// when the operator says so.
 #[tokio::test]

@@ -961,3 +961,252 @@ async fn malformed_storm_leaves_other_deliveries_alone() {
     let malformed = srv.broker.stats().mqtt_malformed.get();
     assert_eq!(malformed, (rounds * attacks.len()) as u64);
 }
+
+/// Issue 14: without tokens there is no user, so sessions kept offline are
+/// capped per client address (`max_sessions_per_user`), the oldest offline
+/// first; connected ones are never dropped for it (a NAT may hide many).
+#[tokio::test]
+async fn offline_sessions_per_address_are_capped() {
+    let mut srv = start(MqttSettings {
+        max_sessions_per_user: 2,
+        ..MqttSettings::default()
+    })
+    .await;
+    let mut open = Vec::new();
+    for id in ["s1", "s2", "s3"] {
+        let (mut c, _) = Raw::connect(srv.addr, id, false, 60).await;
+        c.subscribe("push/user/1", rumqttc::QoS::AtLeastOnce).await;
+        open.push(c);
+    }
+    assert_eq!(
+        srv.broker.publish("push/user/1", Bytes::from_static(b"x")),
+        3
+    );
+    for (c, id) in open.into_iter().zip(["s1", "s2", "s3"]) {
+        drop(c);
+        srv.disconnected(id).await;
+    }
+    assert_eq!(srv.broker.session_count(), 2);
+    assert_eq!(srv.broker.stats().mqtt_sessions_evicted.get(), 1);
+    assert_eq!(
+        srv.broker.publish("push/user/1", Bytes::from_static(b"y")),
+        2
+    );
+    let (_s1, ack) = Raw::connect(srv.addr, "s1", false, 60).await;
+    assert!(!ack.session_present, "the oldest was dropped");
+    let (_s2, ack) = Raw::connect(srv.addr, "s2", false, 60).await;
+    assert!(ack.session_present);
+    let (_s3, ack) = Raw::connect(srv.addr, "s3", false, 60).await;
+    assert!(ack.session_present);
+    // Connected again, s2 and s3 no longer count: s4 alone is offline.
+    let (s4, _) = Raw::connect(srv.addr, "s4", false, 60).await;
+    drop(s4);
+    srv.disconnected("s4").await;
+    assert_eq!(srv.broker.session_count(), 4);
+    assert_eq!(srv.broker.stats().mqtt_sessions_evicted.get(), 1);
+}
+
+/// Issue 14: client ids longer than `max_client_id_len` are refused with
+/// each version's code (3.1.1: 0x02 identifier rejected; 5: 0x85).
+#[tokio::test]
+async fn long_client_ids_are_refused() {
+    let srv = start_default().await;
+    let long = "x".repeat(257);
+    let (mut a, ack) = Raw::connect(srv.addr, &long, true, 60).await;
+    assert_eq!(ack.code, v4::ConnectReturnCode::BadClientId);
+    assert!(a.closed().await);
+    let mut b = Raw::open(srv.addr).await;
+    b.send5(v5_connect(&long, true, None)).await;
+    match b.recv5().await {
+        Some(v5::Packet::ConnAck(ack)) => {
+            assert_eq!(ack.code, v5::ConnectReturnCode::ClientIdentifierNotValid)
+        }
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+    let (_, ack) = Raw::connect(srv.addr, &"x".repeat(256), true, 60).await;
+    assert_eq!(ack.code, v4::ConnectReturnCode::Success);
+    assert_eq!(srv.broker.session_count(), 1);
+}
+
+/// Issue 14: what offline sessions queue is bounded in bytes across the
+/// broker; a session's oldest messages make room for its new ones.
+#[tokio::test]
+async fn offline_queues_are_bounded_in_bytes() {
+    // Each message counts topic (11) + payload (2) + 64 bytes.
+    let mut srv = start(MqttSettings {
+        max_offline_bytes: 3 * 77,
+        ..MqttSettings::default()
+    })
+    .await;
+    for (id, topic) in [("a", "push/user/1"), ("b", "push/user/2")] {
+        let (mut c, _) = Raw::connect(srv.addr, id, false, 60).await;
+        c.subscribe(topic, rumqttc::QoS::AtLeastOnce).await;
+        drop(c);
+        srv.disconnected(id).await;
+    }
+    for i in 0..5 {
+        let n = srv.broker.publish("push/user/1", format!("a{i}").into());
+        assert_eq!(n, 1);
+    }
+    assert_eq!(srv.broker.offline_bytes(), 3 * 77);
+    assert_eq!(srv.broker.stats().mqtt_dropped.get(), 2);
+    // b has nothing older to give up: refused.
+    assert_eq!(srv.broker.publish("push/user/2", "b0".into()), 0);
+    assert_eq!(srv.broker.stats().mqtt_dropped.get(), 3);
+    let (mut a, ack) = Raw::connect(srv.addr, "a", false, 60).await;
+    assert!(ack.session_present);
+    for want in ["a2", "a3", "a4"] {
+        assert_eq!(&a.publish().await.payload[..], want.as_bytes());
+    }
+    assert_eq!(srv.broker.offline_bytes(), 0);
+}
+
+/// Issue 14: a packet that has started must be complete within
+/// `packet_timeout_secs`, even with keep-alive 0.
+#[tokio::test]
+async fn half_sent_packet_is_not_held_forever() {
+    let srv = start(MqttSettings {
+        packet_timeout_secs: 1,
+        ..MqttSettings::default()
+    })
+    .await;
+    let (mut a, ack) = Raw::connect(srv.addr, "trickle", true, 0).await;
+    assert_eq!(ack.code, v4::ConnectReturnCode::Success);
+    // The header and part of a 1000-byte PUBLISH, then nothing.
+    a.stream
+        .write_all(&[0x30, 0xe8, 0x07, 0x00, 0x04, b't'])
+        .await
+        .unwrap();
+    assert!(a.closed().await);
+    assert_eq!(srv.broker.stats().mqtt_timeouts.get(), 1);
+}
+
+/// Issue 14: keep-alive 0 (or over the maximum) is held to
+/// `max_keepalive_secs`; v5 clients are told in the CONNACK.
+#[tokio::test]
+async fn keep_alive_is_capped() {
+    let srv = start(MqttSettings {
+        max_keepalive_secs: 1,
+        ..MqttSettings::default()
+    })
+    .await;
+    let (mut a, _) = Raw::connect(srv.addr, "forever", true, 0).await;
+    assert!(a.closed().await);
+
+    let mut b = Raw::open(srv.addr).await;
+    let v5::Packet::Connect(mut connect, _, _) = v5_connect("forever5", true, None) else {
+        unreachable!()
+    };
+    connect.keep_alive = 0;
+    b.send5(v5::Packet::Connect(connect, None, None)).await;
+    match b.recv5().await {
+        Some(v5::Packet::ConnAck(ack)) => {
+            let props = ack.properties.expect("CONNACK properties");
+            assert_eq!(props.server_keep_alive, Some(1));
+        }
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+    match b.recv5().await {
+        Some(v5::Packet::Disconnect(d)) => {
+            assert_eq!(d.reason_code, v5::DisconnectReasonCode::KeepAliveTimeout)
+        }
+        other => panic!("expected DISCONNECT, got {other:?}"),
+    }
+}
+
+/// Issue 14: at most `max_connections_per_ip` connections from one address.
+#[tokio::test]
+async fn connections_per_ip_are_capped() {
+    let mut srv = start(MqttSettings {
+        max_connections_per_ip: 2,
+        ..MqttSettings::default()
+    })
+    .await;
+    let (first, _) = Raw::connect(srv.addr, "ip1", true, 60).await;
+    let (_second, _) = Raw::connect(srv.addr, "ip2", true, 60).await;
+    let mut third = Raw::open(srv.addr).await;
+    third
+        .send(v4::Packet::Connect(v4::Connect::new("ip3")))
+        .await;
+    assert_eq!(third.recv().await, None, "closed without a CONNACK");
+    assert_eq!(srv.broker.stats().mqtt_ip_refused.get(), 1);
+    drop(first);
+    srv.disconnected("ip1").await;
+    // The slot is given back once the connection's task has ended.
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let mut again = Raw::open(srv.addr).await;
+            again
+                .send(v4::Packet::Connect(v4::Connect::new("ip4")))
+                .await;
+            if let Some(v4::Packet::ConnAck(_)) = again.recv().await {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("a slot came free");
+}
+
+/// Issue 14: without tokens, a connection stops counting for a user once it
+/// unsubscribes from the user's topic; cycles leave nothing behind.
+#[tokio::test]
+async fn presence_follows_unsubscribe() {
+    let srv = start_default().await;
+    let (mut a, _) = Raw::connect(srv.addr, "cycler", true, 60).await;
+    for i in 0..50u16 {
+        let topic = format!("push/user/{i}");
+        a.subscribe(&topic, rumqttc::QoS::AtLeastOnce).await;
+        assert_eq!(srv.broker.presence(&i.to_string()).len(), 1);
+        let mut u = v4::Unsubscribe::new(&topic);
+        u.pkid = i + 2;
+        a.send(v4::Packet::Unsubscribe(u)).await;
+        assert!(matches!(a.recv().await, Some(v4::Packet::UnsubAck(_))));
+        assert!(srv.broker.presence(&i.to_string()).is_empty(), "{topic}");
+    }
+}
+
+/// Issue 14 (MQTT 5 §3.14.2.2.2): a DISCONNECT may not give a session
+/// expiry to a session that had none.
+#[tokio::test]
+async fn v5_disconnect_cannot_make_a_session_persistent() {
+    let mut srv = start_default().await;
+    let mut a = Raw::open(srv.addr).await;
+    a.send5(v5_connect("late", false, Some(0))).await;
+    assert!(matches!(a.recv5().await, Some(v5::Packet::ConnAck(_))));
+    let props = v5::DisconnectProperties {
+        session_expiry_interval: Some(3600),
+        reason_string: None,
+        user_properties: Vec::new(),
+        server_reference: None,
+    };
+    let mut d = v5::Disconnect::new(v5::DisconnectReasonCode::NormalDisconnection);
+    d.properties = Some(props);
+    a.send5(v5::Packet::Disconnect(d)).await;
+    match a.recv5().await {
+        Some(v5::Packet::Disconnect(d)) => {
+            assert_eq!(d.reason_code, v5::DisconnectReasonCode::ProtocolError)
+        }
+        other => panic!("expected DISCONNECT, got {other:?}"),
+    }
+    srv.disconnected("late").await;
+    assert_eq!(srv.broker.session_count(), 0);
+}
+
+/// Without tokens, a persistent session that connects again (its
+/// subscriptions kept) is its user's connection again, without a SUBSCRIBE.
+#[tokio::test]
+async fn presence_of_a_resumed_session() {
+    let mut srv = start_default().await;
+    let (mut a, _) = Raw::connect(srv.addr, "resumer", false, 60).await;
+    a.subscribe("push/user/12", rumqttc::QoS::AtLeastOnce).await;
+    drop(a);
+    srv.disconnected("resumer").await;
+    assert!(srv.broker.presence("12").is_empty());
+    let (_a, ack) = Raw::connect(srv.addr, "resumer", false, 60).await;
+    assert!(ack.session_present);
+    let seen = srv.broker.presence("12");
+    assert_eq!(seen.len(), 1);
+    assert_eq!(&*seen[0].client_id, "resumer");
+}

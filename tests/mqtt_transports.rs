@@ -276,3 +276,68 @@ async fn connection_cap_is_shared_by_transports() {
         .expect("served once a slot is free");
     assert!(upgraded.unwrap().is_ok());
 }
+
+/// Issue 14: a WebSocket frame larger than `mqtt.max_packet_size` (plus
+/// framing headroom) is refused from its header, before any CONNECT and
+/// before its payload is buffered, over `ws` and `wss` (raw bytes: a client
+/// library would not stop half-way through a frame).
+#[tokio::test]
+async fn websocket_frame_over_the_packet_size_is_refused_from_its_header() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path(), "big");
+    let mut settings = server::settings(None);
+    settings.mqtt.ws_listen = Some("127.0.0.1:0".parse().unwrap());
+    settings.mqtt.wss_listen = Some("127.0.0.1:0".parse().unwrap());
+    settings.mqtt.tls_cert = Some(pki.cert.clone());
+    settings.mqtt.tls_key = Some(pki.key.clone());
+    // Longer than WAIT: only the frame cap can end the connection in time.
+    settings.mqtt.connect_timeout_secs = 60;
+    let server = server::start(settings).await;
+    let ws = tokio::net::TcpStream::connect(server.mqtt_ws_addr.unwrap());
+    oversize_frame_is_refused(ws.await.unwrap()).await;
+    let tcp = tokio::net::TcpStream::connect(server.mqtt_wss_addr.unwrap());
+    let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let tls = tls_client(&pki.ca).connect(name, tcp.await.unwrap());
+    oversize_frame_is_refused(tls.await.unwrap()).await;
+}
+
+/// Upgrades by hand, then sends the header of a 600 kB binary frame (under
+/// the old 1 MiB message cap, over the 256 KiB packet size) and a few bytes:
+/// the server must close the connection.
+async fn oversize_frame_is_refused<S>(mut raw: S)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    raw.write_all(
+        b"GET /mqtt HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n\
+          Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: mqtt\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        let n = tokio::time::timeout(WAIT, raw.read(&mut b))
+            .await
+            .expect("handshake answer in time")
+            .unwrap();
+        assert_eq!(n, 1, "closed during the handshake");
+        head.push(b[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    // Masked, as from a client.
+    let mut frame = vec![0x82, 0x80 | 127];
+    frame.extend_from_slice(&600_000u64.to_be_bytes());
+    frame.extend_from_slice(&[1, 2, 3, 4]);
+    frame.extend_from_slice(&[0u8; 16]);
+    raw.write_all(&frame).await.unwrap();
+    raw.flush().await.unwrap();
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(WAIT, raw.read_to_end(&mut rest)).await;
+    assert!(ended.is_ok(), "the oversize frame's connection stayed open");
+}

@@ -152,6 +152,7 @@ pub fn pushbridge_settings(
         "# written by pushbridge-bench\n{registry}\
          [proxy]\nlisten = \"{proxy}\"\nmax_connections = 1024\n\n\
          [mqtt]\nlisten = \"{mqtt}\"\nmax_connections = 19000\n\
+         max_connections_per_ip = 0\n\
          max_queued = {q}\nmax_inflight = {i}\n\n\
          {apns}\
          [http]\nlisten = \"{http}\"\n\n\

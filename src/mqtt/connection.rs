@@ -5,7 +5,7 @@
 
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::Poll;
@@ -23,7 +23,7 @@ use tracing::{debug, info, Instrument};
 use super::codec::{self, Check, CodecError, In, Out, Proto, SubCode};
 use super::handshake;
 use super::presence::{user_of_filter, Seen};
-use super::session::{Inflight, Msg, Session};
+use super::session::{Inflight, Msg, Registry, Session};
 use super::transport::{Stream, Transport};
 use super::{BrokerEvent, Inner};
 use crate::auth::Identity;
@@ -54,7 +54,11 @@ enum Event {
 enum End {
     Shutdown,
     KeepAlive,
-    Disconnect { will: bool },
+    /// A packet started but not completed within `packet_timeout_secs`.
+    PacketTimeout,
+    Disconnect {
+        will: bool,
+    },
     Closed,
     Io(io::Error),
     Malformed(CodecError),
@@ -71,7 +75,7 @@ impl End {
     fn reason(&self) -> Option<u8> {
         match self {
             End::Shutdown => Some(0x8b),
-            End::KeepAlive => Some(0x8d),
+            End::KeepAlive | End::PacketTimeout => Some(0x8d),
             End::Malformed(CodecError::TooLarge(_)) => Some(0x95),
             End::Malformed(_) => Some(0x81),
             End::Protocol(_) => Some(0x82),
@@ -90,11 +94,17 @@ pub(super) async fn run(
     shutdown: CancellationToken,
     permit: OwnedSemaphorePermit,
 ) {
+    if !inner.ip_enter(peer.ip()) {
+        inner.stats.mqtt_ip_refused.inc();
+        debug!(%peer, "refused: mqtt.max_connections_per_ip reached");
+        return;
+    }
     let conn = inner.next_conn.fetch_add(1, Ordering::Relaxed);
     let span = tracing::info_span!("mqtt", %peer, conn, client_id = tracing::field::Empty);
-    handle(inner, tcp, transport, conn, shutdown)
+    handle(inner.clone(), tcp, transport, conn, peer.ip(), shutdown)
         .instrument(span)
         .await;
+    inner.ip_leave(peer.ip());
     drop(permit);
 }
 
@@ -103,20 +113,22 @@ async fn handle(
     tcp: TcpStream,
     transport: Transport,
     conn: u64,
+    peer: IpAddr,
     shutdown: CancellationToken,
 ) {
     let limit = Duration::from_secs(inner.settings.connect_timeout_secs);
     // Boxed, like the handshake: TLS state is large and short-lived.
     let stream = tokio::select! {
         _ = shutdown.cancelled() => return,
-        s = Box::pin(transport.upgrade(tcp, limit)) => s,
+        s = Box::pin(transport.upgrade(tcp, limit, inner.settings.max_packet_size)) => s,
     };
     let Some(stream) = stream else {
         inner.stats.mqtt_handshakes_failed.inc();
         return;
     };
     // Boxed: the handshake's state is dropped before the long idle phase.
-    let Some(mut c) = Box::pin(handshake::handshake(inner, stream, conn, &shutdown)).await else {
+    let Some(mut c) = Box::pin(handshake::handshake(inner, stream, conn, peer, &shutdown)).await
+    else {
         return;
     };
     let wake = c.wake.clone();
@@ -140,11 +152,20 @@ pub(super) struct Conn {
     pub(super) window: usize,
     /// Largest packet the client accepts (v5).
     pub(super) client_max: usize,
+    /// The keep-alive held to (the client's, capped by `max_keepalive_secs`).
     pub(super) keep_alive: u16,
     pub(super) will: Option<codec::Will>,
+    /// Where the client connects from: without a token, a session kept
+    /// offline counts as this address's (`max_sessions_per_user`).
+    pub(super) peer: IpAddr,
     /// Notified when the session has messages, or was taken over.
     pub(super) wake: Arc<Notify>,
     pub(super) identity: Box<Identity>,
+    /// A device resuming a session: what it may read can have shrunk since
+    /// messages were queued for it (a token that lost a group), so each is
+    /// checked as it leaves. A fresh session only ever queued what this
+    /// identity subscribed to.
+    pub(super) recheck: bool,
     /// When the token runs out; the connection is closed then.
     pub(super) expires: Option<Instant>,
 }
@@ -165,11 +186,22 @@ impl Conn {
         let sleep = tokio::time::sleep_until(deadline(Instant::now()).unwrap_or(far));
         let cancelled = shutdown.cancelled();
         let notified = wake.notified();
+        // When the packet being received must be complete, whatever the keep-alive.
+        let mut packet_by: Option<Instant> = None;
         tokio::pin!(sleep, cancelled, notified);
         if let Err(end) = Box::pin(self.process()).await {
             return end;
         }
         loop {
+            // A packet has started: it gets `packet_timeout_secs` from its first bytes.
+            if !draining && packet_by.is_none() && !self.rbuf.is_empty() {
+                let by =
+                    Instant::now() + Duration::from_secs(self.inner.settings.packet_timeout_secs);
+                packet_by = Some(by);
+                let at = if timed { sleep.deadline().min(by) } else { by };
+                sleep.as_mut().reset(at);
+                timed = true;
+            }
             if let Err(end) = self.pump() {
                 return end;
             }
@@ -217,6 +249,9 @@ impl Conn {
                 Event::Deadline if expires.is_some_and(|e| e <= Instant::now()) => {
                     return End::TokenExpired
                 }
+                Event::Deadline if packet_by.is_some_and(|p| p <= Instant::now()) => {
+                    return End::PacketTimeout
+                }
                 Event::Deadline => return End::KeepAlive,
                 Event::Woken => notified.set(wake.notified()),
                 Event::Read(Err(e)) | Event::Written(Err(e)) => return End::Io(e),
@@ -225,9 +260,14 @@ impl Conn {
                 Event::Read(Ok(_)) => {
                     // Boxed: an idle connection does not carry the processing state.
                     match Box::pin(self.process()).await {
-                        Ok(true) if timed && !draining => sleep
-                            .as_mut()
-                            .reset(deadline(Instant::now()).unwrap_or(far)),
+                        Ok(true) if timed && !draining => {
+                            // Whole packets arrived: the keep-alive restarts, and
+                            // whatever follows is a new packet (checked above).
+                            packet_by = None;
+                            sleep
+                                .as_mut()
+                                .reset(deadline(Instant::now()).unwrap_or(far))
+                        }
                         Ok(true) => {}
                         Ok(false) => {}
                         Err(end) => return end,
@@ -333,6 +373,7 @@ impl Conn {
                     registry.unsubscribe(&self.session, filter);
                 }
                 drop(registry);
+                self.left_own_topics(&filters);
                 self.send(&Out::UnsubAck(pkid, filters.len()));
             }
             In::PingReq => self.send(&Out::PingResp),
@@ -342,7 +383,13 @@ impl Conn {
             } => {
                 if let Some(e) = session_expiry {
                     let cap = u32::try_from(self.inner.settings.session_expiry_secs);
-                    self.session.lock().expiry = e.min(cap.unwrap_or(u32::MAX));
+                    let mut st = self.session.lock();
+                    // MQTT 5 §3.14.2.2.2: a session that was to end with its
+                    // connection cannot be made to outlive it now.
+                    if st.expiry == 0 && e > 0 {
+                        return Err(End::Protocol("DISCONNECT sets a session expiry after 0"));
+                    }
+                    st.expiry = e.min(cap.unwrap_or(u32::MAX));
                 }
                 return Err(End::Disconnect {
                     will: reason == 0x04,
@@ -367,6 +414,21 @@ impl Conn {
                 };
                 self.inner.presence().connect(self.conn, user, seen);
             }
+        }
+    }
+
+    /// Without a token: unsubscribing from a user's own topic ends being that user's connection.
+    fn left_own_topics(&self, filters: &[String]) {
+        if self.identity.user.is_some() {
+            return;
+        }
+        let prefix = &self.inner.settings.prefix;
+        let users = filters.iter().filter_map(|f| user_of_filter(prefix, f));
+        let mut presence = None;
+        for user in users {
+            presence
+                .get_or_insert_with(|| self.inner.presence())
+                .leave(self.conn, user);
         }
     }
 
@@ -420,6 +482,8 @@ impl Conn {
             return Err(End::TakenOver);
         }
         let st = &mut *guard;
+        let (auth, identity, recheck) = (&self.inner.auth, &*self.identity, self.recheck);
+        let readable = |topic: &str| !recheck || auth.may_subscribe(identity, topic);
         let mut enc = Encoder {
             proto: self.proto,
             wbuf: &mut self.wbuf,
@@ -431,6 +495,9 @@ impl Conn {
             let m = &mut st.inflight[i];
             if m.sent {
                 i += 1;
+            } else if !readable(&m.msg.topic) {
+                self.inner.stats.mqtt_denied.inc();
+                st.inflight.remove(i);
             } else if enc.publish(&m.msg, m.pkid, true) {
                 m.sent = true;
                 i += 1;
@@ -447,6 +514,10 @@ impl Conn {
             let Some(msg) = st.queue.pop_front() else {
                 break;
             };
+            if !readable(&msg.topic) {
+                self.inner.stats.mqtt_denied.inc();
+                continue;
+            }
             let pkid = if msg.qos > 0 { st.next_pkid() } else { 0 };
             if enc.publish(&msg, pkid, false) && msg.qos > 0 {
                 st.inflight.push_back(Inflight {
@@ -486,6 +557,10 @@ impl Conn {
                 self.inner.stats.mqtt_timeouts.inc();
                 debug!("closing: keep-alive expired");
             }
+            End::PacketTimeout => {
+                self.inner.stats.mqtt_timeouts.inc();
+                info!("closing: packet not completed within mqtt.packet_timeout_secs");
+            }
             End::TokenExpired => {
                 self.inner.stats.mqtt_tokens_expired.inc();
                 info!("closing: token expired");
@@ -495,7 +570,14 @@ impl Conn {
         }
         // Session, will and event first: a takeover or the status consumer
         // must not wait on a goodbye to a peer that may not be reading.
-        self.inner.registry().detach(&self.session, self.conn);
+        let kept = self.inner.registry().detach(&self.session, self.conn);
+        // Without a token, a session kept offline is charged to the address
+        // it came from; only offline ones are dropped for it (a shared NAT
+        // address may have many devices connected at once).
+        if kept && self.identity.user.is_none() && !Registry::is_owned(&self.session) {
+            let ip = format!("ip:{}", self.peer);
+            self.inner.own(&self.session, &ip, false);
+        }
         self.inner.stats.mqtt_connections.down();
         self.inner.presence().disconnect(self.conn);
         if let Some(w) = self.will.take().filter(|_| end.sends_will()) {

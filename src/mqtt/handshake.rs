@@ -3,6 +3,7 @@
 //! accept loop, and is bounded by `connect_timeout_secs`.
 
 use std::io;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,17 +16,18 @@ use tracing::{debug, info};
 
 use super::codec::{self, Check, CodecError, ConnCode, Connect, In, Out, Proto};
 use super::connection::{Conn, FINAL_WRITE, READ_CHUNK, READ_MAX};
-use super::presence::Seen;
+use super::presence::{user_of_filter, Seen};
 use super::session::Owner;
 use super::transport::Stream;
 use super::Inner;
-use crate::auth::Refusal;
+use crate::auth::{Refusal, Role};
 
 /// Reads the CONNECT, attaches the session and queues the CONNACK.
 pub(super) async fn handshake(
     inner: Arc<Inner>,
     mut stream: Stream,
     conn: u64,
+    peer: IpAddr,
     shutdown: &CancellationToken,
 ) -> Option<Conn> {
     let mut rbuf = BytesMut::new();
@@ -84,6 +86,12 @@ pub(super) async fn handshake(
         }
     };
 
+    if client_id.len() > inner.settings.max_client_id_len {
+        inner.stats.mqtt_malformed.inc();
+        info!(len = client_id.len(), "CONNECT refused: client id too long");
+        refuse(&mut stream, proto, ConnCode::BadClientId, max).await;
+        return None;
+    }
     let (client_id, assigned) = match client_id.is_empty() {
         false => (client_id, false),
         true if proto == Proto::V4 && !clean => {
@@ -110,6 +118,9 @@ pub(super) async fn handshake(
         Some(user) => format!("{user}/{client_id}"),
         None => client_id.clone(),
     };
+    // Without a token, a kept session's user topics say whose connection it is (presence).
+    let prefix = inner.settings.prefix.as_str();
+    let mut own_topics = Vec::new();
     let attached = {
         let mut registry = inner.registry();
         let attached = registry.attach(&key, clean, expiry, owner);
@@ -118,27 +129,53 @@ pub(super) async fn handshake(
         for filter in kept {
             if !inner.auth.may_subscribe(&identity, &filter) {
                 registry.unsubscribe(&attached.session, &filter);
+            } else if identity.user.is_none() && user_of_filter(prefix, &filter).is_some() {
+                own_topics.push(filter);
             }
+        }
+        // Without a token, only sessions left offline count for their address.
+        if identity.user.is_none() && attached.present {
+            registry.disown(&attached.session);
         }
         attached
     };
+    // Service accounts (trusted monitors) are not capped.
+    if let (Some(user), false) = (&identity.user, identity.role == Role::Service) {
+        inner.own(&attached.session, user, true);
+    }
     inner.stats.mqtt_connects.inc();
     inner.stats.mqtt_connections.up();
-    if let Some(user) = &identity.user {
-        let seen = Seen {
-            client_id: client_id.as_str().into(),
-            since: crate::utc::now(),
-        };
-        inner.presence().connect(conn, user, seen);
+    let users = identity.user.as_deref().into_iter();
+    let users = users.chain(own_topics.iter().filter_map(|f| user_of_filter(prefix, f)));
+    let mut presence = None;
+    for user in users {
+        let (presence, seen) = presence.get_or_insert_with(|| {
+            let seen = Seen {
+                client_id: client_id.as_str().into(),
+                since: crate::utc::now(),
+            };
+            (inner.presence(), seen)
+        });
+        presence.connect(conn, user, seen.clone());
     }
+    drop(presence);
     debug!(proto = ?proto, clean, present = attached.present, "connected");
 
     let granted = (proto == Proto::V5 && session_expiry.unwrap_or(0) != expiry).then_some(expiry);
+    // No keep-alive, or a longer one than allowed, is held to the maximum
+    // (v3.1.1 clients cannot be told; v5 clients are).
+    let max_ka = inner.settings.max_keepalive_secs;
+    let held = match keep_alive {
+        0 => max_ka,
+        ka => ka.min(max_ka),
+    };
+    let server_ka = (proto == Proto::V5 && held != keep_alive).then_some(held);
     let ack = connack(
         ConnCode::Accepted,
         attached.present,
         assigned.then_some(client_id.as_str()),
         granted,
+        server_ka,
         max,
     );
     let mut wbuf = BytesMut::new();
@@ -159,13 +196,15 @@ pub(super) async fn handshake(
         rbuf,
         wbuf,
         need: 0,
-        keep_alive,
+        keep_alive: held,
         will,
+        peer,
         wake,
         // An expiry too far away to represent is no expiry.
         expires: identity.expires.and_then(|at| {
             Instant::now().checked_add(Duration::from_secs(at.saturating_sub(crate::utc::now())))
         }),
+        recheck: attached.present && identity.role == Role::Device,
         identity: Box::new(identity),
     };
     Some(c)
@@ -216,7 +255,7 @@ async fn read_connect(
 /// Answers a refused CONNECT with its code; the caller then closes.
 async fn refuse(stream: &mut Stream, proto: Proto, code: ConnCode, max: usize) {
     let mut out = BytesMut::new();
-    let ack = connack(code, false, None, None, max);
+    let ack = connack(code, false, None, None, None, max);
     codec::encode(proto, &ack, &mut out, usize::MAX);
     let goodbye = async {
         stream.write_all(&out).await?;
@@ -230,6 +269,7 @@ fn connack<'a>(
     session_present: bool,
     assigned_id: Option<&'a str>,
     session_expiry: Option<u32>,
+    server_keep_alive: Option<u16>,
     max: usize,
 ) -> Out<'a> {
     Out::ConnAck {
@@ -238,5 +278,6 @@ fn connack<'a>(
         assigned_id,
         session_expiry,
         max_packet: u32::try_from(max).unwrap_or(u32::MAX),
+        server_keep_alive,
     }
 }

@@ -17,17 +17,20 @@ mod topics;
 mod transport;
 mod ws;
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
+use tracing::debug;
 
 use crate::auth::Auth;
 use crate::lifecycle::Phase;
 use crate::settings::MqttSettings;
 use crate::stats::Stats;
-use session::{Msg, Registry};
+use session::{Budget, Msg, Pushed, Registry};
 
 pub use codec::CodecError;
 pub use listener::{tls_listeners, Addrs};
@@ -81,6 +84,10 @@ struct Inner {
     /// `<prefix>/user/`, for `BrokerEvent::Subscribed`.
     user_prefix: String,
     registry: Mutex<Registry>,
+    /// Bytes queued in offline sessions (also in the registry, for attach and detach).
+    budget: Arc<Budget>,
+    /// Open connections per peer address, when `max_connections_per_ip` is set.
+    per_ip: Mutex<HashMap<IpAddr, u32>>,
     presence: Mutex<presence::Presence>,
     events: mpsc::Sender<BrokerEvent>,
     next_conn: AtomicU64,
@@ -104,7 +111,51 @@ impl Inner {
         self.presence.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Hands a message to every matching session without waiting; returns how many took it.
+    /// Takes a connection slot for `ip`; false when it has `max_connections_per_ip` already.
+    fn ip_enter(&self, ip: IpAddr) -> bool {
+        let max = self.settings.max_connections_per_ip;
+        if max == 0 {
+            return true;
+        }
+        let mut per_ip = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+        let n = per_ip.entry(ip).or_insert(0);
+        if *n as usize >= max {
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    /// Gives back the slot `ip_enter` took.
+    fn ip_leave(&self, ip: IpAddr) {
+        if self.settings.max_connections_per_ip == 0 {
+            return;
+        }
+        let mut per_ip = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = per_ip.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                per_ip.remove(&ip);
+            }
+        }
+    }
+
+    /// Charges `session` to `user` (`max_sessions_per_user`), counting what
+    /// that drops; connected sessions only with `connected`.
+    fn own(&self, session: &Arc<session::Session>, user: &str, connected: bool) {
+        let evicted = self.registry().own(session, user, connected);
+        if evicted > 0 {
+            self.stats.mqtt_sessions_evicted.add(evicted as u64);
+            debug!(
+                user,
+                evicted, "sessions over mqtt.max_sessions_per_user dropped"
+            );
+        }
+    }
+
+    /// Hands a message to every matching session without waiting; returns
+    /// how many took it. On a user's own topic only its exact subscribers
+    /// count: a wildcard (a monitor's `<prefix>/user/#`) is not the user.
     fn route(&self, topic: &str, payload: Bytes, max_qos: u8) -> usize {
         type Targets = Vec<(u64, Arc<session::Session>, u8)>;
         thread_local! {
@@ -117,11 +168,15 @@ impl Inner {
                 .map(|mut t| std::mem::take(&mut *t))
                 .unwrap_or_default()
         });
-        let shared = self.registry().route_into(topic, &mut targets);
+        let (shared, exact) = self.registry().route_into(topic, &mut targets);
         let mut delivered = 0;
         if !targets.is_empty() {
+            let counted = match targets.len() > exact && self.is_user_topic(topic) {
+                true => exact,
+                false => usize::MAX,
+            };
             let topic: Arc<str> = shared.unwrap_or_else(|| topic.into());
-            delivered = self.hand_out(&topic, &payload, max_qos, &mut targets);
+            delivered = self.hand_out(&topic, &payload, max_qos, &mut targets, counted);
         }
         // A big fan-out's buffer is not kept for the thread's lifetime.
         if targets.capacity() <= 1024 {
@@ -134,25 +189,31 @@ impl Inner {
         delivered
     }
 
-    /// Queues the message on every target (emptying `targets`); returns how many took it.
+    /// Queues the message on every target (emptying `targets`); returns how
+    /// many of the first `counted` took it.
     fn hand_out(
         &self,
         topic: &Arc<str>,
         payload: &Bytes,
         max_qos: u8,
         targets: &mut Vec<(u64, Arc<session::Session>, u8)>,
+        counted: usize,
     ) -> usize {
         let mut delivered = 0;
-        for (_, session, qos) in targets.drain(..) {
+        for (i, (_, session, qos)) in targets.drain(..).enumerate() {
             let msg = Msg {
                 topic: topic.clone(),
                 payload: payload.clone(),
                 qos: qos.min(max_qos),
             };
-            if session.push(msg, self.settings.max_queued) {
-                delivered += 1;
-            } else {
-                self.stats.mqtt_dropped.inc();
+            match session.push(msg, self.settings.max_queued, &self.budget) {
+                Pushed::Queued(dropped) => {
+                    delivered += usize::from(i < counted);
+                    if dropped > 0 {
+                        self.stats.mqtt_dropped.add(dropped as u64);
+                    }
+                }
+                Pushed::Refused => self.stats.mqtt_dropped.inc(),
             }
         }
         delivered
@@ -182,11 +243,15 @@ impl Broker {
         stats: Arc<Stats>,
     ) -> (Broker, mpsc::Receiver<BrokerEvent>) {
         let (tx, rx) = mpsc::channel(1024);
+        let budget = Arc::new(Budget::new(settings.max_offline_bytes));
+        let registry = Registry::new(settings.max_sessions_per_user, budget.clone());
         let inner = Inner {
             settings: settings.clone(),
             status_topic: format!("{}/app/status", settings.prefix),
             user_prefix: format!("{}/user/", settings.prefix),
-            registry: Mutex::default(),
+            registry: Mutex::new(registry),
+            budget,
+            per_ip: Mutex::default(),
             presence: Mutex::default(),
             events: tx,
             next_conn: AtomicU64::new(1),
@@ -216,6 +281,12 @@ impl Broker {
     /// Sessions currently kept (connected, or persistent and not yet expired).
     pub fn session_count(&self) -> usize {
         self.inner.registry().len()
+    }
+
+    /// Bytes queued in sessions without a connection, as counted against
+    /// `mqtt.max_offline_bytes`.
+    pub fn offline_bytes(&self) -> usize {
+        self.inner.budget.used()
     }
 
     /// `user`'s open connections, oldest first (see `presence`).
@@ -256,7 +327,10 @@ impl Broker {
                 session
             })
             .collect();
-        BenchSessions { sessions }
+        BenchSessions {
+            sessions,
+            budget: self.inner.budget.clone(),
+        }
     }
 }
 
@@ -265,16 +339,14 @@ impl Broker {
 #[doc(hidden)]
 pub struct BenchSessions {
     sessions: Vec<Arc<session::Session>>,
+    budget: Arc<Budget>,
 }
 
 #[cfg(any(test, feature = "bench"))]
 impl BenchSessions {
     /// Takes every message queued for session `i`; returns how many there were.
     pub fn drain(&self, i: usize) -> usize {
-        let mut st = self.sessions[i].lock();
-        let n = st.queue.len();
-        st.queue.clear();
-        n
+        self.sessions[i].drain_offline(&self.budget)
     }
 
     pub fn len(&self) -> usize {

@@ -2,10 +2,10 @@
 //!
 //! A connection belongs to a user through its token's subject (`auth.mode =
 //! jwt`); without tokens, through subscribing to the user's own topic
-//! `<prefix>/user/<uid>`, as the old service's apps do. Entries are removed
-//! when the connection ends.
+//! `<prefix>/user/<uid>`, as the old service's apps do, until it
+//! unsubscribes. Entries are removed when the connection ends.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 /// One connection of a user.
@@ -16,54 +16,67 @@ pub struct Seen {
     pub since: u64,
 }
 
-/// Users' connections, and each connection's users (to remove them at the end).
+/// Users' connections, ordered by (user, connection) so that a user's are
+/// one range and every change is a tree lookup, however many connections
+/// a user has; and each connection's users (to remove them at the end).
 #[derive(Debug, Default)]
 pub(super) struct Presence {
-    by_user: HashMap<Arc<str>, Vec<(u64, Seen)>>,
+    by_user: BTreeMap<(Arc<str>, u64), Seen>,
+    /// Nearly always one user per connection; at most one per subscription.
     by_conn: HashMap<u64, Vec<Arc<str>>>,
 }
 
 impl Presence {
     /// Connection `conn` belongs to `user` (again: nothing changes).
     pub fn connect(&mut self, conn: u64, user: &str, seen: Seen) {
-        // Room for one: nearly every connection is one user's, nearly
-        // every user has one connection (an entry per idle device).
-        let users = self
-            .by_conn
-            .entry(conn)
-            .or_insert_with(|| Vec::with_capacity(1));
-        if users.iter().any(|u| &**u == user) {
+        let key = (Arc::<str>::from(user), conn);
+        if self.by_user.contains_key(&key) {
             return;
         }
-        let user: Arc<str> = user.into();
-        users.push(user.clone());
-        self.by_user
-            .entry(user)
+        // Room for one: nearly every connection is one user's.
+        self.by_conn
+            .entry(conn)
             .or_insert_with(|| Vec::with_capacity(1))
-            .push((conn, seen));
+            .push(key.0.clone());
+        self.by_user.insert(key, seen);
+    }
+
+    /// Connection `conn` no longer belongs to `user` (it unsubscribed from the user's topic).
+    pub fn leave(&mut self, conn: u64, user: &str) {
+        let key = (Arc::<str>::from(user), conn);
+        if self.by_user.remove(&key).is_none() {
+            return;
+        }
+        if let Some(users) = self.by_conn.get_mut(&conn) {
+            users.retain(|u| **u != *user);
+            if users.is_empty() {
+                self.by_conn.remove(&conn);
+            }
+        }
     }
 
     /// Connection `conn` has ended.
     pub fn disconnect(&mut self, conn: u64) {
         for user in self.by_conn.remove(&conn).unwrap_or_default() {
-            if let Some(list) = self.by_user.get_mut(&user) {
-                list.retain(|(c, _)| *c != conn);
-                if list.is_empty() {
-                    self.by_user.remove(&user);
-                }
-            }
+            self.by_user.remove(&(user, conn));
         }
     }
 
     /// `user`'s connections, oldest first.
     pub fn of(&self, user: &str) -> Vec<Seen> {
+        let user: Arc<str> = user.into();
         let mut seen: Vec<Seen> = self
             .by_user
-            .get(user)
-            .map(|l| l.iter().map(|(_, s)| s.clone()).collect())
-            .unwrap_or_default();
+            .range((user.clone(), 0)..=(user, u64::MAX))
+            .map(|(_, s)| s.clone())
+            .collect();
         seen.sort_by_key(|s| s.since);
         seen
+    }
+
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
+        self.by_user.is_empty() && self.by_conn.is_empty()
     }
 }
 
@@ -96,7 +109,25 @@ mod tests {
         assert_eq!(p.of("42"), [seen("phone", 10)]);
         assert!(p.of("7").is_empty());
         p.disconnect(1);
-        assert!(p.by_user.is_empty() && p.by_conn.is_empty());
+        assert!(p.is_empty());
+    }
+
+    #[test]
+    fn unsubscribing_leaves_and_cycles_do_not_grow() {
+        let mut p = Presence::default();
+        for round in 0..1000u64 {
+            p.connect(1, &round.to_string(), seen("anon", 1));
+            p.leave(1, &round.to_string());
+        }
+        assert!(p.is_empty());
+        p.connect(1, "42", seen("anon", 1));
+        p.connect(2, "42", seen("other", 2));
+        p.leave(1, "42");
+        p.leave(1, "7");
+        assert_eq!(p.of("42"), [seen("other", 2)]);
+        p.disconnect(1);
+        p.disconnect(2);
+        assert!(p.is_empty());
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! queue and wake its connection, so a slow reader never blocks them.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -21,6 +22,68 @@ pub struct Msg {
     pub topic: Arc<str>,
     pub payload: Bytes,
     pub qos: u8,
+}
+
+impl Msg {
+    /// What the message counts against the offline budget: its topic and
+    /// payload as if they were its own (they are shared in fact), plus the
+    /// queue entry.
+    pub fn cost(&self) -> usize {
+        self.topic.len() + self.payload.len() + 64
+    }
+}
+
+/// Bytes queued in the sessions that have no connection, across the
+/// broker (`mqtt.max_offline_bytes`).
+#[derive(Debug)]
+pub struct Budget {
+    used: AtomicUsize,
+    max: usize,
+}
+
+impl Default for Budget {
+    fn default() -> Self {
+        Budget::new(usize::MAX)
+    }
+}
+
+impl Budget {
+    pub fn new(max: usize) -> Budget {
+        Budget {
+            used: AtomicUsize::new(0),
+            max,
+        }
+    }
+
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// Adds `n`; returns the new total.
+    fn add(&self, n: usize) -> usize {
+        self.used.fetch_add(n, Ordering::Relaxed).saturating_add(n)
+    }
+
+    /// Takes `n` off; returns the new total. Saturating: a miscount must
+    /// not wrap into a budget that refuses everything.
+    fn sub(&self, n: usize) -> usize {
+        let sub = |u: usize| Some(u.saturating_sub(n));
+        let old = self
+            .used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, sub);
+        old.unwrap_or(0).saturating_sub(n)
+    }
+}
+
+/// What `Session::push` did with a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pushed {
+    /// Queued, after dropping this many older messages of the session to
+    /// stay within the offline budget.
+    Queued(usize),
+    /// Not queued: the session's queue is full, the offline budget is spent
+    /// (and the session had nothing older to give up), or it is gone.
+    Refused,
 }
 
 /// A QoS 1 message sent (or to be re-sent) and not yet acknowledged.
@@ -50,6 +113,9 @@ pub struct State {
     pub filters: Filters,
     /// Seconds the session survives its connection; 0 = ends with it.
     pub expiry: u32,
+    /// Whose session this is, for `mqtt.max_sessions_per_user` (shared
+    /// with the registry's per-user list).
+    user: Option<Arc<str>>,
     expires_at: Option<Instant>,
     /// Removed from the registry: accepts nothing more.
     gone: bool,
@@ -103,6 +169,11 @@ impl State {
         }
     }
 
+    /// What the queue counts against the offline budget.
+    fn queue_cost(&self) -> usize {
+        self.queue.iter().map(Msg::cost).sum()
+    }
+
     /// Nothing left to send, nothing waiting for an acknowledgement.
     pub fn is_idle(&self) -> bool {
         self.queue.is_empty() && self.inflight.is_empty()
@@ -126,17 +197,48 @@ impl Session {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queues `msg` and wakes the connection; false if the queue is full or the session gone.
-    pub fn push(&self, msg: Msg, max_queued: usize) -> bool {
+    /// Queues `msg` and wakes the connection. A session without a
+    /// connection counts its queue against `budget`; over it, the session's
+    /// oldest messages make room, and with none left the message is refused.
+    pub fn push(&self, msg: Msg, max_queued: usize, budget: &Budget) -> Pushed {
         let mut st = self.lock();
         if st.gone || st.queue.len() >= max_queued {
-            return false;
+            return Pushed::Refused;
+        }
+        let mut dropped = 0;
+        if st.owner.is_none() {
+            let cost = msg.cost();
+            let mut used = budget.add(cost);
+            while used > budget.max {
+                match st.queue.pop_front() {
+                    Some(old) => {
+                        used = budget.sub(old.cost());
+                        dropped += 1;
+                    }
+                    None => {
+                        budget.sub(cost);
+                        return Pushed::Refused;
+                    }
+                }
+            }
         }
         st.queue.push_back(msg);
         if let Some(o) = &st.owner {
             o.wake.notify_one();
         }
-        true
+        Pushed::Queued(dropped)
+    }
+
+    /// Takes every queued message (a connection-less consumer, benchmarks).
+    #[cfg(any(test, feature = "bench"))]
+    pub fn drain_offline(&self, budget: &Budget) -> usize {
+        let mut st = self.lock();
+        if st.owner.is_none() {
+            budget.sub(st.queue_cost());
+        }
+        let n = st.queue.len();
+        st.queue.clear();
+        n
     }
 }
 
@@ -146,16 +248,121 @@ pub struct Attached {
     pub present: bool,
 }
 
-/// All sessions by client id, their subscriptions, and offline expiry.
-#[derive(Default)]
+/// A user's sessions, oldest first. Nearly every user has one device, so
+/// one is kept inline: no allocation besides the map's slot.
+enum Owned {
+    One(Arc<Session>),
+    Many(Vec<Arc<Session>>),
+}
+
+impl Owned {
+    fn many(&mut self) -> &mut Vec<Arc<Session>> {
+        if let Owned::One(s) = self {
+            *self = Owned::Many(vec![s.clone()]);
+        }
+        match self {
+            Owned::Many(v) => v,
+            Owned::One(_) => unreachable!(),
+        }
+    }
+
+    /// Removes `session`; true if nothing is left.
+    fn remove(&mut self, session: &Arc<Session>) -> bool {
+        match self {
+            Owned::One(s) => Arc::ptr_eq(s, session),
+            Owned::Many(v) => {
+                v.retain(|s| !Arc::ptr_eq(s, session));
+                if v.len() == 1 {
+                    *self = Owned::One(v[0].clone());
+                    return false;
+                }
+                v.is_empty()
+            }
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        match self {
+            Owned::One(_) => 1,
+            Owned::Many(v) => v.len(),
+        }
+    }
+}
+
+/// All sessions by client id, their subscriptions, offline expiry, and
+/// each user's sessions (oldest first).
 pub struct Registry {
     pub index: Index<Arc<Session>>,
     sessions: HashMap<Arc<str>, Arc<Session>>,
     expiring: BTreeMap<(Instant, u64), Arc<Session>>,
+    users: HashMap<Arc<str>, Owned>,
+    max_per_user: usize,
+    pub budget: Arc<Budget>,
     next_sid: u64,
 }
 
+impl Default for Registry {
+    fn default() -> Self {
+        Registry::new(usize::MAX, Arc::default())
+    }
+}
+
 impl Registry {
+    pub fn new(max_per_user: usize, budget: Arc<Budget>) -> Registry {
+        Registry {
+            index: Index::default(),
+            sessions: HashMap::new(),
+            expiring: BTreeMap::new(),
+            users: HashMap::new(),
+            max_per_user: max_per_user.max(1),
+            budget,
+            next_sid: 0,
+        }
+    }
+
+    /// Charges `session` to `user` (a session keeps its first user), then
+    /// removes that user's sessions beyond `max_per_user`: the oldest
+    /// without a connection first, else (with `connected`) the oldest.
+    /// Returns how many.
+    pub fn own(&mut self, session: &Arc<Session>, user: &str, connected: bool) -> usize {
+        let key = match self.users.get_key_value(user) {
+            Some((k, _)) => k.clone(),
+            None => Arc::from(user),
+        };
+        {
+            let mut st = session.lock();
+            if st.gone || st.user.is_some() {
+                return 0;
+            }
+            st.user = Some(key.clone());
+        }
+        let owned = match self.users.entry(key) {
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(Owned::One(session.clone()));
+                return 0;
+            }
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+        };
+        let list = owned.many();
+        list.push(session.clone());
+        let mut victims = Vec::new();
+        while list.len() > self.max_per_user {
+            let offline = list.iter().position(|s| s.lock().owner.is_none());
+            match offline.or(connected.then_some(0)) {
+                Some(i) => victims.push(list.remove(i)),
+                None => break,
+            }
+        }
+        if list.len() == 1 {
+            *owned = Owned::One(list[0].clone());
+        }
+        for v in &victims {
+            self.remove(v);
+        }
+        victims.len()
+    }
+
     /// Attaches connection `owner` to `client_id`'s session, taking it over from
     /// any connection holding it (that one is woken and finds itself evicted).
     pub fn attach(&mut self, client_id: &str, clean: bool, expiry: u32, owner: Owner) -> Attached {
@@ -169,8 +376,11 @@ impl Registry {
                 if let Some(t) = st.expires_at.take() {
                     self.expiring.remove(&(t, old.id));
                 }
-                if let Some(prev) = st.owner.replace(owner) {
-                    prev.wake.notify_one();
+                match st.owner.replace(owner) {
+                    Some(prev) => prev.wake.notify_one(),
+                    None => {
+                        self.budget.sub(st.queue_cost());
+                    }
                 }
                 st.expiry = expiry;
                 for m in st.inflight.iter_mut() {
@@ -201,22 +411,25 @@ impl Registry {
         }
     }
 
-    /// Connection `conn` has ended: drop the session or start its expiry clock.
-    pub fn detach(&mut self, session: &Arc<Session>, conn: u64) {
+    /// Connection `conn` has ended: drop the session or start its expiry
+    /// clock; true if it is kept (offline).
+    pub fn detach(&mut self, session: &Arc<Session>, conn: u64) -> bool {
         let mut st = session.lock();
         if !st.owned_by(conn) {
-            return;
+            return false;
         }
-        st.owner = None;
         if st.expiry == 0 {
             drop(st);
             self.remove(session);
-            return;
+            return false;
         }
+        st.owner = None;
+        self.budget.add(st.queue_cost());
         let at = Instant::now() + Duration::from_secs(st.expiry.into());
         st.expires_at = Some(at);
         drop(st);
         self.expiring.insert((at, session.id), session.clone());
+        true
     }
 
     /// Removes sessions whose expiry has passed; returns how many.
@@ -256,18 +469,41 @@ impl Registry {
         out
     }
 
-    /// `route` into a buffer the caller reuses; returns the index's shared
-    /// copy of `topic` when an exact subscription has one.
+    /// `route` into a buffer the caller reuses, exact subscribers first;
+    /// returns the index's shared copy of `topic` when an exact
+    /// subscription has one, and the number of exact subscribers.
     pub fn route_into(
         &self,
         topic: &str,
         out: &mut Vec<(u64, Arc<Session>, u8)>,
-    ) -> Option<Arc<str>> {
+    ) -> (Option<Arc<str>>, usize) {
         self.index.matches(topic, out)
     }
 
     pub fn len(&self) -> usize {
         self.sessions.len()
+    }
+
+    /// Stops charging `session` to its user (without tokens: a session
+    /// connected again no longer counts as its address's offline one).
+    pub fn disown(&mut self, session: &Arc<Session>) {
+        let user = session.lock().user.take();
+        if let Some(user) = user {
+            self.unlist(&user, session);
+        }
+    }
+
+    fn unlist(&mut self, user: &Arc<str>, session: &Arc<Session>) {
+        if let Some(owned) = self.users.get_mut(user) {
+            if owned.remove(session) {
+                self.users.remove(user);
+            }
+        }
+    }
+
+    /// Whether `session` is charged to a user yet.
+    pub fn is_owned(session: &Session) -> bool {
+        session.lock().user.is_some()
     }
 
     #[cfg(test)]
@@ -284,7 +520,16 @@ impl Registry {
             self.sessions.remove(&session.client_id);
         }
         let mut st = session.lock();
+        if st.gone {
+            return;
+        }
         st.gone = true;
+        if st.owner.is_none() {
+            self.budget.sub(st.queue_cost());
+        }
+        if let Some(user) = st.user.take() {
+            self.unlist(&user, session);
+        }
         if let Some(t) = st.expires_at.take() {
             self.expiring.remove(&(t, session.id));
         }
@@ -329,7 +574,11 @@ mod tests {
         r.detach(&a.session, 1);
         assert!(r.is_empty());
         assert!(r.index.is_empty());
-        assert!(!a.session.push(msg("push/user/1"), 10));
+        let budget = Budget::default();
+        assert_eq!(
+            a.session.push(msg("push/user/1"), 10, &budget),
+            Pushed::Refused
+        );
     }
 
     #[tokio::test]
@@ -340,8 +589,13 @@ mod tests {
         r.detach(&a.session, 1);
         assert_eq!(r.len(), 1);
         for (s, _) in r.route("push/user/1").iter().map(|(_, s, q)| (s, q)) {
-            assert!(s.push(msg("push/user/1"), 1));
-            assert!(!s.push(msg("push/user/1"), 1), "queue bound");
+            let b = &r.budget;
+            assert_eq!(s.push(msg("push/user/1"), 1, b), Pushed::Queued(0));
+            assert_eq!(
+                s.push(msg("push/user/1"), 1, b),
+                Pushed::Refused,
+                "queue bound"
+            );
         }
         let b = r.attach("c1", false, 60, owner(2));
         assert!(b.present);
@@ -378,6 +632,81 @@ mod tests {
         assert_eq!(r.sweep(Instant::now() + Duration::from_secs(11)), 1);
         assert!(r.is_empty());
         assert!(r.index.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_user_keeps_at_most_max_sessions_oldest_offline_dropped_first() {
+        let mut r = Registry::new(2, Arc::default());
+        let a = r.attach("u/a", false, 60, owner(1)).session;
+        assert_eq!(r.own(&a, "u", true), 0);
+        let b = r.attach("u/b", false, 60, owner(2)).session;
+        assert_eq!(r.own(&b, "u", true), 0);
+        r.detach(&b, 2);
+        // Another user's sessions do not count.
+        let other = r.attach("v/a", false, 60, owner(3)).session;
+        assert_eq!(r.own(&other, "v", true), 0);
+        let c = r.attach("u/c", false, 60, owner(4)).session;
+        assert_eq!(r.own(&c, "u", true), 1);
+        assert!(b.lock().gone, "the offline one goes first, though younger");
+        assert!(!a.lock().gone);
+        let d = r.attach("u/d", false, 60, owner(5)).session;
+        assert_eq!(r.own(&d, "u", true), 1);
+        assert!(a.lock().gone, "then the oldest");
+        assert_eq!(r.len(), 3);
+        assert_eq!(r.users["u"].len(), 2);
+        r.detach(&c, 4);
+        r.detach(&d, 5);
+        r.sweep(Instant::now() + Duration::from_secs(61));
+        assert!(!r.users.contains_key("u"));
+        assert_eq!(r.len(), 1);
+
+        // Without `connected`, only sessions with no connection are dropped.
+        let e = r.attach("ip/e", false, 60, owner(6)).session;
+        let f = r.attach("ip/f", false, 60, owner(7)).session;
+        let g = r.attach("ip/g", false, 60, owner(8)).session;
+        for s in [&e, &f, &g] {
+            assert_eq!(r.own(s, "ip", false), 0);
+        }
+        r.detach(&f, 7);
+        assert_eq!(r.own(&f, "ip", false), 0, "charged once");
+        let h = r.attach("ip/h", false, 60, owner(9)).session;
+        assert_eq!(r.own(&h, "ip", false), 1);
+        assert!(f.lock().gone && !e.lock().gone && !g.lock().gone);
+        r.disown(&e);
+        r.disown(&g);
+        assert_eq!(r.users["ip"].len(), 1);
+        assert!(!Registry::is_owned(&e));
+    }
+
+    #[tokio::test]
+    async fn offline_queues_share_one_byte_budget() {
+        let one = msg("t").cost();
+        let mut r = Registry::new(8, Arc::new(Budget::new(3 * one)));
+        let a = r.attach("a", false, 60, owner(1)).session;
+        let b = r.attach("b", false, 60, owner(2)).session;
+        let budget = r.budget.clone();
+        // Connected: not counted.
+        for _ in 0..5 {
+            assert_eq!(a.push(msg("t"), 100, &budget), Pushed::Queued(0));
+        }
+        assert_eq!(budget.used(), 0);
+        r.detach(&a, 1);
+        assert_eq!(budget.used(), 5 * one, "a detached queue counts at once");
+        r.detach(&b, 2);
+        // Over the budget: b has nothing older to give up.
+        assert_eq!(b.push(msg("t"), 100, &budget), Pushed::Refused);
+        // a gives up its oldest for each new one.
+        assert_eq!(a.push(msg("t"), 100, &budget), Pushed::Queued(3));
+        assert_eq!(a.lock().queue.len(), 3);
+        assert_eq!(budget.used(), 3 * one);
+        let a2 = r.attach("a", false, 60, owner(3));
+        assert!(a2.present);
+        assert_eq!(budget.used(), 0, "reconnected: no longer offline");
+        r.detach(&a2.session, 3);
+        assert_eq!(budget.used(), 3 * one);
+        r.sweep(Instant::now() + Duration::from_secs(61));
+        assert_eq!(budget.used(), 0);
+        assert!(r.is_empty());
     }
 
     #[test]

@@ -171,31 +171,61 @@ impl<S: Clone> Index<S> {
     }
 
     /// Appends every subscriber matching `topic` to `out` as (id, handle, qos),
-    /// once per subscriber (highest QoS wins when several filters match).
-    /// Returns the exact map's shared copy of `topic` when it has one.
-    pub fn matches(&self, topic: &str, out: &mut Vec<(u64, S, u8)>) -> Option<Arc<str>> {
+    /// once per subscriber (highest QoS wins when several filters match):
+    /// first the subscribers of exactly `topic`, then those only matching
+    /// through a wildcard. Returns the exact map's shared copy of `topic`
+    /// when it has one, and how many exact subscribers come first.
+    pub fn matches(&self, topic: &str, out: &mut Vec<(u64, S, u8)>) -> (Option<Arc<str>>, usize) {
         let start = out.len();
         let mut key = None;
         if let Some((k, subs)) = self.exact.get_key_value(topic) {
             subs.extend_into(out);
             key = Some(Arc::clone(k));
         }
+        let exact = out.len() - start;
         if self.wild_filters == 0 {
-            return key;
+            return (key, exact);
         }
-        let levels: Vec<&str> = topic.split('/').collect();
-        walk(&self.wild, &levels, 0, topic.starts_with('$'), out);
-        let tail = &mut out[start..];
-        tail.sort_by(|a, b| a.0.cmp(&b.0).then(b.2.cmp(&a.2)));
-        let mut seen = start;
-        for i in start..out.len() {
-            if i == start || out[i].0 != out[seen - 1].0 {
-                out.swap(seen, i);
-                seen += 1;
+        let wild = out.len();
+        walk(
+            &self.wild,
+            &topic.split('/').collect::<Vec<_>>(),
+            0,
+            topic.starts_with('$'),
+            out,
+        );
+        if out.len() == wild {
+            return (key, exact);
+        }
+        out[wild..].sort_by(|a, b| a.0.cmp(&b.0).then(b.2.cmp(&a.2)));
+        // Exact subscribers are few (one device, nearly always); sorted when not.
+        let sorted = exact > 8;
+        if sorted {
+            out[start..wild].sort_by_key(|e| e.0);
+        }
+        let mut kept = wild;
+        let mut last = None;
+        for i in wild..out.len() {
+            let (id, qos) = (out[i].0, out[i].2);
+            if last == Some(id) {
+                continue;
+            }
+            last = Some(id);
+            let head = &mut out[start..wild];
+            let also_exact = match sorted {
+                true => head.binary_search_by_key(&id, |e| e.0).ok(),
+                false => head.iter().position(|e| e.0 == id),
+            };
+            match also_exact {
+                Some(j) => head[j].2 = head[j].2.max(qos),
+                None => {
+                    out.swap(kept, i);
+                    kept += 1;
+                }
             }
         }
-        out.truncate(seen);
-        key
+        out.truncate(kept);
+        (key, exact)
     }
 
     /// Number of (filter, subscriber) pairs.
@@ -318,6 +348,30 @@ mod tests {
         ix.subscribe("#", 1, (), 0);
         ix.subscribe("a/#", 2, (), 0);
         assert_eq!(ids(&ix, "a/b"), vec![(1, 1), (2, 0)]);
+    }
+
+    #[test]
+    fn exact_subscribers_come_first_and_are_counted() {
+        let mut ix = Index::default();
+        ix.subscribe("push/user/1", 5, (), 0);
+        ix.subscribe("push/user/#", 9, (), 1);
+        ix.subscribe("push/+/1", 5, (), 1);
+        ix.subscribe("push/#", 9, (), 0);
+        let mut out = Vec::new();
+        let (key, exact) = ix.matches("push/user/1", &mut out);
+        assert_eq!(key.as_deref(), Some("push/user/1"));
+        assert_eq!(exact, 1);
+        let got: Vec<(u64, u8)> = out.iter().map(|(id, _, q)| (*id, *q)).collect();
+        assert_eq!(got, [(5, 1), (9, 1)]);
+        out.clear();
+        for id in 10..30 {
+            ix.subscribe("push/user/1", id, (), 0);
+        }
+        ix.subscribe("push/+/1", 20, (), 1);
+        let (_, exact) = ix.matches("push/user/1", &mut out);
+        assert_eq!((exact, out.len()), (21, 22));
+        assert!(out[..21].iter().any(|(id, _, q)| (*id, *q) == (20, 1)));
+        assert_eq!(out[21].0, 9);
     }
 
     #[test]

@@ -32,16 +32,23 @@ pub enum Transport {
 impl Transport {
     /// Turns an accepted socket into an MQTT byte stream; `None` if the
     /// handshake (TLS and WebSocket together, for `wss`) failed or took
-    /// longer than `limit`.
-    pub(super) async fn upgrade(&self, tcp: TcpStream, limit: Duration) -> Option<Stream> {
+    /// longer than `limit`. WebSocket frames are capped by `max_packet`.
+    pub(super) async fn upgrade(
+        &self,
+        tcp: TcpStream,
+        limit: Duration,
+        max_packet: usize,
+    ) -> Option<Stream> {
         let handshake = async {
             Ok(match self {
                 Transport::Tcp => Stream::Tcp(tcp),
                 Transport::Tls(config) => Stream::other(tls(config, tcp).await?),
-                Transport::WebSocket => Stream::other(ws::accept(tcp).await.map_err(err)?),
+                Transport::WebSocket => {
+                    Stream::other(ws::accept(tcp, max_packet).await.map_err(err)?)
+                }
                 Transport::WebSocketTls(config) => {
                     let tls = tls(config, tcp).await?;
-                    Stream::other(ws::accept(tls).await.map_err(err)?)
+                    Stream::other(ws::accept(tls, max_packet).await.map_err(err)?)
                 }
             })
         };

@@ -16,13 +16,21 @@ use tokio_tungstenite::WebSocketStream;
 
 pub(super) const PATH: &str = "/mqtt";
 
+/// Room for WebSocket framing around the largest MQTT packet.
+const HEADROOM: usize = 4096;
+
 /// The server side of the WebSocket handshake, over plain TCP (`ws_listen`)
-/// or an accepted TLS stream (`wss_listen`).
-pub(super) async fn accept<S>(io: S) -> Result<WsIo<S>, tungstenite::Error>
+/// or an accepted TLS stream (`wss_listen`). Frames and messages are capped
+/// at `max_packet` (plus headroom) from their headers, before their payload
+/// is buffered: tungstenite's own default would take 16 MiB.
+pub(super) async fn accept<S>(io: S, max_packet: usize) -> Result<WsIo<S>, tungstenite::Error>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let config = WebSocketConfig::default().max_message_size(Some(1 << 20));
+    let max = max_packet.saturating_add(HEADROOM);
+    let config = WebSocketConfig::default()
+        .max_frame_size(Some(max))
+        .max_message_size(Some(max));
     let ws = tokio_tungstenite::accept_hdr_async_with_config(io, check, Some(config)).await?;
     Ok(WsIo {
         ws,

@@ -173,6 +173,25 @@ impl Settings {
         if self.mqtt.connect_burst == 0 {
             return bad("mqtt.connect_burst", "must be at least 1");
         }
+        for (key, v) in [
+            (
+                "mqtt.max_sessions_per_user",
+                self.mqtt.max_sessions_per_user,
+            ),
+            ("mqtt.max_client_id_len", self.mqtt.max_client_id_len),
+            (
+                "mqtt.packet_timeout_secs",
+                self.mqtt.packet_timeout_secs as usize,
+            ),
+            (
+                "mqtt.max_keepalive_secs",
+                self.mqtt.max_keepalive_secs.into(),
+            ),
+        ] {
+            if v == 0 {
+                return bad(key, "must be at least 1");
+            }
+        }
         let no_pair = self.mqtt.tls_cert.is_none() || self.mqtt.tls_key.is_none();
         for (key, set) in [
             ("mqtt.tls_listen", self.mqtt.tls_listen.is_some()),

@@ -85,6 +85,24 @@ pub struct MqttSettings {
     pub connect_rate: u32,
     /// Connections accepted at once before `connect_rate` applies.
     pub connect_burst: u32,
+    /// Sessions (connected or kept offline) one user, the token's subject,
+    /// may hold; a new one drops that user's oldest (offline ones first).
+    /// Without tokens: sessions kept offline per client IP address.
+    pub max_sessions_per_user: usize,
+    /// Longest client id accepted; longer ones are refused in the CONNACK.
+    pub max_client_id_len: usize,
+    /// Bytes (topic + payload + 64 per message) queued in all offline
+    /// sessions together; over it, a session's oldest messages make room, or
+    /// the new one is dropped (counted in `mqtt_dropped`).
+    pub max_offline_bytes: usize,
+    /// Once a packet has started arriving it must be complete this soon,
+    /// whatever the keep-alive.
+    pub packet_timeout_secs: u64,
+    /// Longest keep-alive granted; 0 (none) or more is treated as this
+    /// (v5 clients are told in the CONNACK's Server Keep Alive).
+    pub max_keepalive_secs: u16,
+    /// Concurrent connections from one IP address; 0: no cap.
+    pub max_connections_per_ip: usize,
 }
 
 impl Default for MqttSettings {
@@ -114,6 +132,12 @@ impl Default for MqttSettings {
             max_subscriptions: 64,
             connect_rate: 500,
             connect_burst: 1000,
+            max_sessions_per_user: 8,
+            max_client_id_len: 256,
+            max_offline_bytes: 256 << 20,
+            packet_timeout_secs: 30,
+            max_keepalive_secs: 3600,
+            max_connections_per_ip: 1000,
         }
     }
 }

@@ -118,11 +118,11 @@ counters! {
     http_pushes,
     /// MQTT CONNECTs accepted.
     mqtt_connects,
-    /// MQTT connections closed for a malformed or oversize packet or a protocol error.
+    /// MQTT connections closed for a malformed or oversize packet, a protocol error, or a client id over `mqtt.max_client_id_len`.
     mqtt_malformed,
-    /// MQTT connections closed for silence: no CONNECT in time, or keep-alive expired.
+    /// MQTT connections closed for silence: no CONNECT in time, keep-alive expired, or a packet not completed within `mqtt.packet_timeout_secs`.
     mqtt_timeouts,
-    /// MQTT messages dropped: a session's queue was full, or too large for the client.
+    /// MQTT messages dropped: a session's queue was full, too large for the client, or over `mqtt.max_offline_bytes`.
     mqtt_dropped,
     /// Persistent MQTT sessions removed because they expired offline.
     mqtt_sessions_expired,
@@ -134,6 +134,10 @@ counters! {
     mqtt_tokens_expired,
     /// TLS or WebSocket handshakes that failed or timed out.
     mqtt_handshakes_failed,
+    /// MQTT sessions removed because their user went over `mqtt.max_sessions_per_user`.
+    mqtt_sessions_evicted,
+    /// MQTT connections closed at accept: their IP address was at `mqtt.max_connections_per_ip`.
+    mqtt_ip_refused,
     /// Registry (Redis) calls that failed: lookups, writes, pings.
     registry_errors,
     /// Connections to the external broker established (CONNACK received).

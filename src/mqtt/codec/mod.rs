@@ -332,6 +332,8 @@ pub enum Out<'a> {
         /// v5: the session expiry actually granted, when it differs from the request.
         session_expiry: Option<u32>,
         max_packet: u32,
+        /// v5: the keep-alive the server holds the client to, when it differs from the request.
+        server_keep_alive: Option<u16>,
     },
     Publish {
         topic: &'a str,
@@ -440,6 +442,7 @@ fn to_v5(out: &Out<'_>) -> v5::Packet {
             assigned_id,
             session_expiry,
             max_packet,
+            server_keep_alive,
         } => v5::Packet::ConnAck(v5::ConnAck {
             session_present: *session_present,
             code: match code {
@@ -463,7 +466,7 @@ fn to_v5(out: &Out<'_>) -> v5::Packet {
                 wildcard_subscription_available: None,
                 subscription_identifiers_available: Some(0),
                 shared_subscription_available: Some(0),
-                server_keep_alive: None,
+                server_keep_alive: *server_keep_alive,
                 response_information: None,
                 server_reference: None,
                 authentication_method: None,
