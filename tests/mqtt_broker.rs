@@ -1034,7 +1034,7 @@ async fn long_client_ids_are_refused() {
 async fn offline_queues_are_bounded_in_bytes() {
     // Each message counts topic (11) + payload (2) + 64 bytes.
     let mut srv = start(MqttSettings {
-        max_offline_bytes: 3 * 77,
+        max_queued_bytes: 3 * 77,
         ..MqttSettings::default()
     })
     .await;

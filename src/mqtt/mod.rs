@@ -243,7 +243,7 @@ impl Broker {
         stats: Arc<Stats>,
     ) -> (Broker, mpsc::Receiver<BrokerEvent>) {
         let (tx, rx) = mpsc::channel(1024);
-        let budget = Arc::new(Budget::new(settings.max_offline_bytes));
+        let budget = Arc::new(Budget::new(settings.max_queued_bytes));
         let registry = Registry::new(settings.max_sessions_per_user, budget.clone());
         let inner = Inner {
             settings: settings.clone(),
@@ -284,7 +284,7 @@ impl Broker {
     }
 
     /// Bytes queued in sessions without a connection, as counted against
-    /// `mqtt.max_offline_bytes`.
+    /// `mqtt.max_queued_bytes`.
     pub fn offline_bytes(&self) -> usize {
         self.inner.budget.used()
     }

@@ -34,7 +34,7 @@ impl Msg {
 }
 
 /// Bytes queued in the sessions that have no connection, across the
-/// broker (`mqtt.max_offline_bytes`).
+/// broker (`mqtt.max_queued_bytes`).
 #[derive(Debug)]
 pub struct Budget {
     used: AtomicUsize,

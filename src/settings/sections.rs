@@ -94,7 +94,7 @@ pub struct MqttSettings {
     /// Bytes (topic + payload + 64 per message) queued in all offline
     /// sessions together; over it, a session's oldest messages make room, or
     /// the new one is dropped (counted in `mqtt_dropped`).
-    pub max_offline_bytes: usize,
+    pub max_queued_bytes: usize,
     /// Once a packet has started arriving it must be complete this soon,
     /// whatever the keep-alive.
     pub packet_timeout_secs: u64,
@@ -134,7 +134,7 @@ impl Default for MqttSettings {
             connect_burst: 1000,
             max_sessions_per_user: 8,
             max_client_id_len: 256,
-            max_offline_bytes: 256 << 20,
+            max_queued_bytes: 256 << 20,
             packet_timeout_secs: 30,
             max_keepalive_secs: 3600,
             max_connections_per_ip: 1000,

@@ -122,7 +122,7 @@ counters! {
     mqtt_malformed,
     /// MQTT connections closed for silence: no CONNECT in time, keep-alive expired, or a packet not completed within `mqtt.packet_timeout_secs`.
     mqtt_timeouts,
-    /// MQTT messages dropped: a session's queue was full, too large for the client, or over `mqtt.max_offline_bytes`.
+    /// MQTT messages dropped: a session's queue was full, too large for the client, or over `mqtt.max_queued_bytes`.
     mqtt_dropped,
     /// Persistent MQTT sessions removed because they expired offline.
     mqtt_sessions_expired,
