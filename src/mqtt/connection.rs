@@ -21,21 +21,15 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, Instrument};
 
 use super::codec::{self, Check, CodecError, In, Out, Proto, SubCode};
-use super::handshake;
+use super::handshake::{self, Connected};
 use super::presence::{user_of_filter, Seen};
-use super::session::{Inflight, Msg, Registry, Session};
-use super::transport::{Stream, Transport};
+use super::session::{Inflight, Msg, Session, SessionTable};
+use super::transport::{Stream, Transport, FINAL_WRITE};
 use super::{BrokerEvent, Inner};
 use crate::auth::Identity;
 
-/// Smallest read reservation; most MQTT packets of a push service are smaller.
-pub(super) const READ_CHUNK: usize = 512;
-/// Largest single read reservation, so a header claiming a big packet costs nothing until sent.
-pub(super) const READ_MAX: usize = 64 * 1024;
 /// Stop producing output (and reading input) while this much waits for the socket.
 const WRITE_HIGH: usize = 64 * 1024;
-/// Bound on the last write (DISCONNECT, unflushed acks) of a closing connection.
-pub(super) const FINAL_WRITE: Duration = Duration::from_secs(1);
 /// On shutdown, how long a connection keeps delivering its session's queue
 /// (and waiting for the PUBACKs) before it says goodbye.
 const SHUTDOWN_FLUSH: Duration = Duration::from_secs(5);
@@ -127,47 +121,70 @@ async fn handle(
         return;
     };
     // Boxed: the handshake's state is dropped before the long idle phase.
-    let Some(mut c) = Box::pin(handshake::handshake(inner, stream, conn, peer, &shutdown)).await
+    let Some(connected) = Box::pin(handshake::handshake(&inner, stream, conn, &shutdown)).await
     else {
         return;
     };
+    let mut c = Conn::new(inner, conn, peer, connected);
     let wake = c.wake.clone();
     let end = c.run(&wake, &shutdown).await;
     Box::pin(c.finish(end)).await;
 }
 
 /// A connected client.
-pub(super) struct Conn {
-    pub(super) inner: Arc<Inner>,
-    pub(super) stream: Stream,
-    pub(super) proto: Proto,
-    pub(super) conn: u64,
-    pub(super) client_id: Arc<str>,
-    pub(super) session: Arc<Session>,
-    pub(super) rbuf: BytesMut,
-    pub(super) wbuf: BytesMut,
+struct Conn {
+    inner: Arc<Inner>,
+    stream: Stream,
+    proto: Proto,
+    conn: u64,
+    client_id: Arc<str>,
+    session: Arc<Session>,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
     /// Bytes still missing for the next frame (from `check`).
-    pub(super) need: usize,
+    need: usize,
     /// Outbound QoS 1 messages allowed unacknowledged.
-    pub(super) window: usize,
+    window: usize,
     /// Largest packet the client accepts (v5).
-    pub(super) client_max: usize,
+    client_max: usize,
     /// The keep-alive held to (the client's, capped by `max_keepalive_secs`).
-    pub(super) keep_alive: u16,
-    pub(super) will: Option<codec::Will>,
+    keep_alive: u16,
+    will: Option<codec::Will>,
     /// Where the client connects from: without a token, a session kept
     /// offline counts as this address's (`max_sessions_per_user`).
-    pub(super) peer: IpAddr,
+    peer: IpAddr,
     /// Notified when the session has messages, or was taken over.
-    pub(super) wake: Arc<Notify>,
-    pub(super) identity: Box<Identity>,
-    /// A device resuming a session: what it may read can have shrunk since
-    /// messages were queued for it (a token that lost a group), so each is
-    /// checked as it leaves. A fresh session only ever queued what this
-    /// identity subscribed to.
-    pub(super) recheck: bool,
+    wake: Arc<Notify>,
+    identity: Box<Identity>,
+    /// Check read access as each message leaves (see `Connected::recheck`).
+    recheck: bool,
     /// When the token runs out; the connection is closed then.
-    pub(super) expires: Option<Instant>,
+    expires: Option<Instant>,
+}
+
+impl Conn {
+    fn new(inner: Arc<Inner>, conn: u64, peer: IpAddr, c: Connected) -> Conn {
+        Conn {
+            inner,
+            conn,
+            peer,
+            client_id: c.session.client_id.clone(),
+            need: 0,
+            stream: c.stream,
+            proto: c.proto,
+            session: c.session,
+            rbuf: c.rbuf,
+            wbuf: c.wbuf,
+            window: c.window,
+            client_max: c.client_max,
+            keep_alive: c.keep_alive,
+            will: c.will,
+            wake: c.wake,
+            identity: c.identity,
+            recheck: c.recheck,
+            expires: c.expires,
+        }
+    }
 }
 
 impl Conn {
@@ -368,11 +385,11 @@ impl Conn {
                 }
             }
             In::Unsubscribe { pkid, filters } => {
-                let mut registry = self.inner.registry();
+                let mut sessions = self.inner.sessions();
                 for filter in &filters {
-                    registry.unsubscribe(&self.session, filter);
+                    sessions.unsubscribe(&self.session, filter);
                 }
-                drop(registry);
+                drop(sessions);
                 self.left_own_topics(&filters);
                 self.send(&Out::UnsubAck(pkid, filters.len()));
             }
@@ -438,7 +455,7 @@ impl Conn {
         let mut codes = Vec::with_capacity(filters.len());
         let mut user_topics = Vec::new();
         let max = self.inner.settings.max_subscriptions;
-        let mut registry = self.inner.registry();
+        let mut sessions = self.inner.sessions();
         for (filter, qos) in filters.iter().map(|(f, q)| (f.as_str(), *q)) {
             let code = if !valid_filter(filter) {
                 SubCode::Invalid
@@ -449,7 +466,7 @@ impl Conn {
             } else if self.over_quota(filter, max) {
                 SubCode::Quota
             } else {
-                registry.subscribe(&self.session, filter, qos.min(1));
+                sessions.subscribe(&self.session, filter, qos.min(1));
                 if self.inner.is_user_topic(filter) {
                     user_topics.push(filter.to_string());
                 }
@@ -570,11 +587,11 @@ impl Conn {
         }
         // Session, will and event first: a takeover or the status consumer
         // must not wait on a goodbye to a peer that may not be reading.
-        let kept = self.inner.registry().detach(&self.session, self.conn);
+        let kept = self.inner.sessions().detach(&self.session, self.conn);
         // Without a token, a session kept offline is charged to the address
         // it came from; only offline ones are dropped for it (a shared NAT
         // address may have many devices connected at once).
-        if kept && self.identity.user.is_none() && !Registry::is_owned(&self.session) {
+        if kept && self.identity.user.is_none() && !SessionTable::is_owned(&self.session) {
             let ip = format!("ip:{}", self.peer);
             self.inner.own(&self.session, &ip, false);
         }

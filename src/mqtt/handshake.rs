@@ -3,7 +3,6 @@
 //! accept loop, and is bounded by `connect_timeout_secs`.
 
 use std::io;
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,21 +14,48 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 use super::codec::{self, Check, CodecError, ConnCode, Connect, In, Out, Proto};
-use super::connection::{Conn, FINAL_WRITE, READ_CHUNK, READ_MAX};
 use super::presence::{user_of_filter, Seen};
 use super::session::Owner;
-use super::transport::Stream;
+use super::session::Session;
+use super::transport::{Stream, FINAL_WRITE, READ_CHUNK, READ_MAX};
 use super::Inner;
-use crate::auth::{Refusal, Role};
+use crate::auth::{Identity, Refusal, Role};
+
+/// A client past its CONNECT: what the connection loop starts from.
+pub(super) struct Connected {
+    pub stream: Stream,
+    pub proto: Proto,
+    pub session: Arc<Session>,
+    /// What arrived after the CONNECT.
+    pub rbuf: BytesMut,
+    /// The CONNACK, not yet written.
+    pub wbuf: BytesMut,
+    /// Outbound QoS 1 messages allowed unacknowledged.
+    pub window: usize,
+    /// Largest packet the client accepts (v5).
+    pub client_max: usize,
+    /// The keep-alive held to (the client's, capped by `max_keepalive_secs`).
+    pub keep_alive: u16,
+    pub will: Option<codec::Will>,
+    /// Notified when the session has messages, or was taken over.
+    pub wake: Arc<Notify>,
+    pub identity: Box<Identity>,
+    /// A device resuming a session: what it may read can have shrunk since
+    /// messages were queued for it (a token that lost a group), so each is
+    /// checked as it leaves. A fresh session only ever queued what this
+    /// identity subscribed to.
+    pub recheck: bool,
+    /// When the token runs out; the connection is closed then.
+    pub expires: Option<Instant>,
+}
 
 /// Reads the CONNECT, attaches the session and queues the CONNACK.
 pub(super) async fn handshake(
-    inner: Arc<Inner>,
+    inner: &Arc<Inner>,
     mut stream: Stream,
     conn: u64,
-    peer: IpAddr,
     shutdown: &CancellationToken,
-) -> Option<Conn> {
+) -> Option<Connected> {
     let mut rbuf = BytesMut::new();
     let max = inner.settings.max_packet_size;
     let limit = Duration::from_secs(inner.settings.connect_timeout_secs);
@@ -122,20 +148,20 @@ pub(super) async fn handshake(
     let prefix = inner.settings.prefix.as_str();
     let mut own_topics = Vec::new();
     let attached = {
-        let mut registry = inner.registry();
-        let attached = registry.attach(&key, clean, expiry, owner);
+        let mut sessions = inner.sessions();
+        let attached = sessions.attach(&key, clean, expiry, owner);
         // A new token may carry fewer groups than the one that subscribed.
         let kept: Vec<Box<str>> = attached.session.lock().filters.keys().cloned().collect();
         for filter in kept {
             if !inner.auth.may_subscribe(&identity, &filter) {
-                registry.unsubscribe(&attached.session, &filter);
+                sessions.unsubscribe(&attached.session, &filter);
             } else if identity.user.is_none() && user_of_filter(prefix, &filter).is_some() {
                 own_topics.push(filter);
             }
         }
         // Without a token, only sessions left offline count for their address.
         if identity.user.is_none() && attached.present {
-            registry.disown(&attached.session);
+            sessions.disown(&attached.session);
         }
         attached
     };
@@ -180,25 +206,20 @@ pub(super) async fn handshake(
     );
     let mut wbuf = BytesMut::new();
     codec::encode(proto, &ack, &mut wbuf, usize::MAX);
-    let c = Conn {
+    Some(Connected {
         window: inner
             .settings
             .max_inflight
             .min(receive_max.unwrap_or(u16::MAX).into())
             .max(1),
         client_max: max_packet.map_or(usize::MAX, |m| m as usize),
-        client_id: attached.session.client_id.clone(),
-        inner,
         stream,
         proto,
-        conn,
         session: attached.session,
         rbuf,
         wbuf,
-        need: 0,
         keep_alive: held,
         will,
-        peer,
         wake,
         // An expiry too far away to represent is no expiry.
         expires: identity.expires.and_then(|at| {
@@ -206,8 +227,7 @@ pub(super) async fn handshake(
         }),
         recheck: attached.present && identity.role == Role::Device,
         identity: Box::new(identity),
-    };
-    Some(c)
+    })
 }
 
 /// Why no CONNECT was obtained.

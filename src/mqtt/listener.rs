@@ -122,7 +122,7 @@ async fn sweep(inner: Arc<Inner>, shutdown: CancellationToken) {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             now = tick.tick() => {
-                let n = inner.registry().sweep(now);
+                let n = inner.sessions().sweep(now);
                 if n > 0 {
                     inner.stats.mqtt_sessions_expired.add(n as u64);
                     debug!(expired = n, "mqtt sessions expired");

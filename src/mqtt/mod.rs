@@ -30,7 +30,7 @@ use crate::auth::Auth;
 use crate::lifecycle::Phase;
 use crate::settings::MqttSettings;
 use crate::stats::Stats;
-use session::{Budget, Msg, Pushed, Registry};
+use session::{Budget, Msg, Pushed, SessionTable};
 
 pub use codec::CodecError;
 pub use listener::{tls_listeners, Addrs};
@@ -83,8 +83,8 @@ struct Inner {
     status_topic: String,
     /// `<prefix>/user/`, for `BrokerEvent::Subscribed`.
     user_prefix: String,
-    registry: Mutex<Registry>,
-    /// Bytes queued in offline sessions (also in the registry, for attach and detach).
+    sessions: Mutex<SessionTable>,
+    /// Bytes queued in offline sessions (also in the session table, for attach and detach).
     budget: Arc<Budget>,
     /// Open connections per peer address, when `max_connections_per_ip` is set.
     per_ip: Mutex<HashMap<IpAddr, u32>>,
@@ -103,8 +103,8 @@ impl Inner {
             .is_some_and(|id| !id.is_empty() && !id.contains(['/', '+', '#']))
     }
 
-    fn registry(&self) -> MutexGuard<'_, Registry> {
-        self.registry.lock().unwrap_or_else(|e| e.into_inner())
+    fn sessions(&self) -> MutexGuard<'_, SessionTable> {
+        self.sessions.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn presence(&self) -> MutexGuard<'_, presence::Presence> {
@@ -143,7 +143,7 @@ impl Inner {
     /// Charges `session` to `user` (`max_sessions_per_user`), counting what
     /// that drops; connected sessions only with `connected`.
     fn own(&self, session: &Arc<session::Session>, user: &str, connected: bool) {
-        let evicted = self.registry().own(session, user, connected);
+        let evicted = self.sessions().own(session, user, connected);
         if evicted > 0 {
             self.stats.mqtt_sessions_evicted.add(evicted as u64);
             debug!(
@@ -168,7 +168,7 @@ impl Inner {
                 .map(|mut t| std::mem::take(&mut *t))
                 .unwrap_or_default()
         });
-        let (shared, exact) = self.registry().route_into(topic, &mut targets);
+        let (shared, exact) = self.sessions().route_into(topic, &mut targets);
         let mut delivered = 0;
         if !targets.is_empty() {
             let counted = match targets.len() > exact && self.is_user_topic(topic) {
@@ -244,12 +244,12 @@ impl Broker {
     ) -> (Broker, mpsc::Receiver<BrokerEvent>) {
         let (tx, rx) = mpsc::channel(1024);
         let budget = Arc::new(Budget::new(settings.max_queued_bytes));
-        let registry = Registry::new(settings.max_sessions_per_user, budget.clone());
+        let sessions = SessionTable::new(settings.max_sessions_per_user, budget.clone());
         let inner = Inner {
             settings: settings.clone(),
             status_topic: format!("{}/app/status", settings.prefix),
             user_prefix: format!("{}/user/", settings.prefix),
-            registry: Mutex::new(registry),
+            sessions: Mutex::new(sessions),
             budget,
             per_ip: Mutex::default(),
             presence: Mutex::default(),
@@ -280,7 +280,7 @@ impl Broker {
 
     /// Sessions currently kept (connected, or persistent and not yet expired).
     pub fn session_count(&self) -> usize {
-        self.inner.registry().len()
+        self.inner.sessions().len()
     }
 
     /// Bytes queued in sessions without a connection, as counted against
@@ -314,7 +314,7 @@ impl Broker {
     pub fn attach_bench_sessions(&self, n: usize) -> BenchSessions {
         let prefix = &self.inner.settings.prefix;
         let wake = Arc::new(tokio::sync::Notify::new());
-        let mut reg = self.inner.registry();
+        let mut reg = self.inner.sessions();
         let sessions = (0..n)
             .map(|i| {
                 let owner = session::Owner {

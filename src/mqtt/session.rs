@@ -1,4 +1,4 @@
-//! Sessions and the registry that owns them.
+//! Sessions and the table that owns them.
 //!
 //! A session outlives its connections when it is persistent: it keeps the
 //! subscriptions, the queue of messages not yet sent and the QoS 1 messages
@@ -114,10 +114,10 @@ pub struct State {
     /// Seconds the session survives its connection; 0 = ends with it.
     pub expiry: u32,
     /// Whose session this is, for `mqtt.max_sessions_per_user` (shared
-    /// with the registry's per-user list).
+    /// with the table's per-user list).
     user: Option<Arc<str>>,
     expires_at: Option<Instant>,
-    /// Removed from the registry: accepts nothing more.
+    /// Removed from the table: accepts nothing more.
     gone: bool,
 }
 
@@ -292,7 +292,7 @@ impl Owned {
 
 /// All sessions by client id, their subscriptions, offline expiry, and
 /// each user's sessions (oldest first).
-pub struct Registry {
+pub struct SessionTable {
     pub index: Index<Arc<Session>>,
     sessions: HashMap<Arc<str>, Arc<Session>>,
     expiring: BTreeMap<(Instant, u64), Arc<Session>>,
@@ -302,15 +302,15 @@ pub struct Registry {
     next_sid: u64,
 }
 
-impl Default for Registry {
+impl Default for SessionTable {
     fn default() -> Self {
-        Registry::new(usize::MAX, Arc::default())
+        SessionTable::new(usize::MAX, Arc::default())
     }
 }
 
-impl Registry {
-    pub fn new(max_per_user: usize, budget: Arc<Budget>) -> Registry {
-        Registry {
+impl SessionTable {
+    pub fn new(max_per_user: usize, budget: Arc<Budget>) -> SessionTable {
+        SessionTable {
             index: Index::default(),
             sessions: HashMap::new(),
             expiring: BTreeMap::new(),
@@ -565,7 +565,7 @@ mod tests {
 
     #[tokio::test]
     async fn clean_session_is_removed_with_its_subscriptions() {
-        let mut r = Registry::default();
+        let mut r = SessionTable::default();
         let a = r.attach("c1", true, 0, owner(1));
         assert!(!a.present);
         r.subscribe(&a.session, "push/user/1", 1);
@@ -583,7 +583,7 @@ mod tests {
 
     #[tokio::test]
     async fn persistent_session_queues_offline_and_resumes() {
-        let mut r = Registry::default();
+        let mut r = SessionTable::default();
         let a = r.attach("c1", false, 60, owner(1));
         r.subscribe(&a.session, "push/user/1", 1);
         r.detach(&a.session, 1);
@@ -605,7 +605,7 @@ mod tests {
 
     #[tokio::test]
     async fn takeover_wakes_the_old_owner() {
-        let mut r = Registry::default();
+        let mut r = SessionTable::default();
         let o1 = owner(1);
         let a = r.attach("c1", false, 60, o1.clone());
         let b = r.attach("c1", false, 60, owner(2));
@@ -624,7 +624,7 @@ mod tests {
 
     #[test]
     fn expired_sessions_are_swept() {
-        let mut r = Registry::default();
+        let mut r = SessionTable::default();
         let a = r.attach("c1", false, 10, owner(1));
         r.subscribe(&a.session, "push/user/1", 1);
         r.detach(&a.session, 1);
@@ -636,7 +636,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_user_keeps_at_most_max_sessions_oldest_offline_dropped_first() {
-        let mut r = Registry::new(2, Arc::default());
+        let mut r = SessionTable::new(2, Arc::default());
         let a = r.attach("u/a", false, 60, owner(1)).session;
         assert_eq!(r.own(&a, "u", true), 0);
         let b = r.attach("u/b", false, 60, owner(2)).session;
@@ -675,13 +675,13 @@ mod tests {
         r.disown(&e);
         r.disown(&g);
         assert_eq!(r.users["ip"].len(), 1);
-        assert!(!Registry::is_owned(&e));
+        assert!(!SessionTable::is_owned(&e));
     }
 
     #[tokio::test]
     async fn offline_queues_share_one_byte_budget() {
         let one = msg("t").cost();
-        let mut r = Registry::new(8, Arc::new(Budget::new(3 * one)));
+        let mut r = SessionTable::new(8, Arc::new(Budget::new(3 * one)));
         let a = r.attach("a", false, 60, owner(1)).session;
         let b = r.attach("b", false, 60, owner(2)).session;
         let budget = r.budget.clone();

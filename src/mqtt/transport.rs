@@ -15,9 +15,15 @@ use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 use tracing::debug;
 
-use super::connection::{READ_CHUNK, READ_MAX};
 use super::tls::TlsConfig;
 use super::ws;
+
+/// Smallest read reservation; most MQTT packets of a push service are smaller.
+pub(super) const READ_CHUNK: usize = 512;
+/// Largest single read reservation, so a header claiming a big packet costs nothing until sent.
+pub(super) const READ_MAX: usize = 64 * 1024;
+/// Bound on the last write (DISCONNECT, unflushed acks) of a closing connection.
+pub(super) const FINAL_WRITE: Duration = Duration::from_secs(1);
 
 /// What a listener speaks.
 #[derive(Clone)]
