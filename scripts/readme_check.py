@@ -4,16 +4,20 @@ fails CI.
 
   readme_check.py test-command   print the README's second command (.ci/run runs it)
   readme_check.py run            the README's first command, then its tour
-  readme_check.py run-marked F   every ```sh block after a `<!-- ci: run -->` line in F
+  readme_check.py run-marked F.. every ```sh block after a `<!-- ci: run -->` line in each F
 
 A session: the server command is started (its own process group), /healthz is
-awaited, then each line runs in order. A line ending in `&` runs in the
-background; a `mosquitto_sub ... -t <prefix>/user/<id> &` is awaited until
-the server reports that user connected. A `# prints: X` comment on a line
-means its output must be exactly X; a `# mosquitto_sub prints X` line means
-the last background mosquitto_sub must print X. Then the server is stopped
-with SIGTERM and must exit 0, having logged no ERROR and no WARN other than
-the deliberate auth.mode = none one.
+awaited, then each line runs in order. In a marked block the server is its
+first background line running `serve`; lines before it run first. A line
+ending in `&` runs in the background; a `mosquitto_sub ... -t
+<prefix>/user/<id> &` is awaited until the server reports that user
+connected. `VAR=$(command)` sets VAR for the lines after it; a heredoc
+(`cat > f <<'EOF'` ... `EOF`) runs as one command. A `# prints: X` comment
+means the line's output (stdout, or stderr when stdout is empty) must be
+exactly X, and `# fails, prints: X` that it also exits non-zero; a
+`# mosquitto_sub prints X` line means the last background mosquitto_sub must
+print X. Then the server is stopped with SIGTERM and must exit 0, having
+logged no ERROR and no WARN other than the deliberate auth.mode = none one.
 """
 
 import json
@@ -102,7 +106,8 @@ def wait_for(what, check, seconds, alive=None):
 
 
 class Session:
-    def __init__(self, serve, workdir):
+    def __init__(self, serve, workdir, env):
+        self.env = env
         self.http = "127.0.0.1:8090"
         m = re.search(r"PUSHBRIDGE_HTTP__LISTEN=(\S+)", serve)
         if m:
@@ -117,7 +122,7 @@ class Session:
         # bash runs a lone command in place, so the signal reaches the server
         self.server = subprocess.Popen(
             ["bash", "-c", serve], cwd=ROOT, stdout=self.log,
-            stderr=subprocess.STDOUT, start_new_session=True)
+            stderr=subprocess.STDOUT, start_new_session=True, env=env)
 
     def healthy(self):
         wait_for(f"http://{self.http}/healthz",
@@ -134,19 +139,13 @@ class Session:
         print(f"$ {cmd}", flush=True)
         if cmd.endswith("&"):
             return self.start_background(cmd[:-1].strip())
-        out = subprocess.run(["bash", "-c", cmd], cwd=ROOT, capture_output=True,
-                             text=True, timeout=BUILD_WAIT)
-        if out.returncode != 0:
-            raise Fail(f"`{cmd}` exited {out.returncode}: {out.stdout}{out.stderr}")
-        m = re.match(r"prints: (.*)$", comment)
-        if m and out.stdout.strip() != m.group(1).strip():
-            raise Fail(f"`{cmd}` printed {out.stdout.strip()!r}, the doc says {m.group(1)!r}")
+        run_line(cmd, comment, self.env)
 
     def start_background(self, cmd):
         path = os.path.join(self.workdir, f"bg{len(self.background)}.out")
         proc = subprocess.Popen(["bash", "-c", "exec " + cmd], cwd=ROOT,
                                 stdout=open(path, "w"), stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, env=self.env)
         self.background.append((cmd, proc, path))
         m = re.search(r"-t \S+/user/(\S+)", cmd)
         if cmd.startswith("mosquitto_sub") and m:
@@ -206,9 +205,43 @@ class Session:
             sys.stderr.writelines(f.readlines()[-40:])
 
 
-def session(serve, lines):
+def run_line(cmd, comment, env):
+    """A foreground line: `VAR=$(command)` sets VAR in `env`; anything else
+    runs and is checked against its `# prints:` / `# fails, prints:` comment."""
+    assign = re.fullmatch(r"(\w+)=\$\((.*)\)", cmd, re.S)
+    run = assign.group(2) if assign else cmd
+    out = subprocess.run(["bash", "-c", run], cwd=ROOT, capture_output=True,
+                         text=True, timeout=BUILD_WAIT, env=env)
+    fails = comment.startswith("fails")
+    if (out.returncode != 0) != fails:
+        raise Fail(f"`{cmd}` exited {out.returncode}: {out.stdout}{out.stderr}")
+    if assign:
+        env[assign.group(1)] = out.stdout.strip()
+    m = re.match(r"(?:fails, )?prints: (.*)$", comment)
+    shown = (out.stdout.strip() or out.stderr.strip())
+    if m and shown != m.group(1).strip():
+        raise Fail(f"`{cmd}` printed {shown!r}, the doc says {m.group(1)!r}")
+
+
+def joined(lines):
+    """The block's lines, each heredoc joined into the line that opens it."""
+    out, i = [], 0
+    while i < len(lines):
+        m = re.search(r"<<-?'?(\w+)'?\s*$", lines[i])
+        if m:
+            end = lines.index(m.group(1), i + 1)
+            out.append("\n".join(lines[i : end + 1]))
+            i = end + 1
+        else:
+            out.append(lines[i])
+            i += 1
+    return out
+
+
+def session(serve, lines, env=None):
+    env = dict(os.environ) if env is None else env
     with tempfile.TemporaryDirectory() as workdir:
-        s = Session(serve, workdir)
+        s = Session(serve, workdir, env)
         try:
             s.healthy()
             for line in lines:
@@ -224,7 +257,7 @@ def run_readme():
     tour = [b for _, b in sh_blocks(section(readme(), "A five-minute tour"))]
     if not tour:
         raise Fail("README 'A five-minute tour' has no sh block")
-    session(serve, tour[0])
+    session(serve, joined(tour[0]))
 
 
 def run_marked(path):
@@ -236,10 +269,16 @@ def run_marked(path):
     if not blocks:
         raise Fail(f"{path}: no sh block after a `<!-- ci: run -->` line")
     for block in blocks:
-        serve, rest = split_comment(block[0])[0], block[1:]
-        if not serve.endswith("&"):
-            raise Fail(f"{path}: a marked block starts with the server, in the background")
-        session(serve[:-1].strip(), rest)
+        lines = joined(block)
+        at = next((i for i, l in enumerate(lines)
+                   if split_comment(l)[0].endswith("&") and " serve" in l), None)
+        if at is None:
+            raise Fail(f"{path}: a marked block starts a server with `... serve ... &`")
+        env = dict(os.environ)
+        for line in lines[:at]:
+            print(f"$ {line}", flush=True)
+            run_line(*split_comment(line), env)
+        session(split_comment(lines[at])[0][:-1].strip(), lines[at + 1 :], env)
 
 
 def main(argv):
@@ -249,9 +288,10 @@ def main(argv):
         elif argv[1:] == ["run"]:
             run_readme()
             print("README: first command and tour OK")
-        elif len(argv) == 3 and argv[1] == "run-marked":
-            run_marked(argv[2])
-            print(f"{argv[2]}: marked blocks OK")
+        elif len(argv) >= 3 and argv[1] == "run-marked":
+            for path in argv[2:]:
+                run_marked(path)
+                print(f"{path}: marked blocks OK")
         else:
             sys.exit(__doc__)
     except Fail as e:
