@@ -19,10 +19,59 @@ use crate::wire::frame::{self, FrameError, Status};
 /// Read size for a connection with nothing buffered; grown to fit a frame.
 const READ_CHUNK: usize = 4096;
 
-pub(crate) async fn handle(mut socket: TcpStream, shared: Shared) {
+/// A backend's socket with what was read and not yet handled, and the
+/// status bytes not yet written (mini-redis's `Connection`, for frames).
+struct Connection {
+    socket: TcpStream,
+    buf: BytesMut,
+    replies: Vec<u8>,
+}
+
+impl Connection {
+    /// Reads more; `Ok(0)` at the end of the stream.
+    async fn read(&mut self) -> std::io::Result<usize> {
+        self.socket.read_buf(&mut self.buf).await
+    }
+
+    /// The body of the next whole frame, `None` until one is buffered.
+    fn frame(&mut self, max: u32) -> Result<Option<BytesMut>, FrameError> {
+        Ok(frame::check(&self.buf, max)?.map(|len| self.buf.split_to(4 + len).split_off(4)))
+    }
+
+    fn reply(&mut self, status: Status) {
+        self.replies.push(status as u8);
+    }
+
+    /// Writes the status bytes so far.
+    async fn flush(&mut self) -> std::io::Result<()> {
+        if !self.replies.is_empty() {
+            self.socket.write_all(&self.replies).await?;
+            self.replies.clear();
+        }
+        Ok(())
+    }
+
+    /// Makes room for the rest of the frame being read (its length is known
+    /// once 4 bytes are in), or a small chunk when between frames.
+    fn reserve_for_next(&mut self, max_frame: u32) {
+        let want = match self.buf.get(..4) {
+            Some(head) => {
+                let len = (&head[..]).get_u32().min(max_frame) as usize;
+                (4 + len).saturating_sub(self.buf.len()).max(1)
+            }
+            None => READ_CHUNK,
+        };
+        self.buf.reserve(want);
+    }
+}
+
+pub(crate) async fn handle(socket: TcpStream, shared: Shared) {
     let idle = Duration::from_secs(shared.settings.idle_timeout_secs);
-    let mut buf = BytesMut::new();
-    let mut replies = Vec::new();
+    let mut conn = Connection {
+        socket,
+        buf: BytesMut::new(),
+        replies: Vec::new(),
+    };
     let mut burst = Burst::default();
     // Reset only by whole frames, so trickling bytes cannot hold a slot.
     let mut deadline = Instant::now() + idle;
@@ -30,7 +79,7 @@ pub(crate) async fn handle(mut socket: TcpStream, shared: Shared) {
     loop {
         let read = tokio::select! {
             _ = shared.shutdown.cancelled() => break,
-            read = tokio::time::timeout_at(deadline, socket.read_buf(&mut buf)) => read,
+            read = tokio::time::timeout_at(deadline, conn.read()) => read,
         };
         let n = match read {
             Err(_) => {
@@ -47,75 +96,64 @@ pub(crate) async fn handle(mut socket: TcpStream, shared: Shared) {
             Ok(Ok(n)) => n,
         };
         let eof = n == 0;
-        let (mut keep, frames) =
-            process(&mut buf, &mut replies, &mut burst, &mut socket, &shared).await;
+        let (mut keep, frames) = process(&mut conn, &mut burst, &shared).await;
         if let Intake::Durable(stream) = &shared.intake {
             if !burst.is_empty() {
-                keep &= commit(stream, &mut burst, &mut replies, &shared).await;
+                keep &= commit(stream, &mut burst, &mut conn.replies, &shared).await;
             }
         }
         if frames > 0 {
             deadline = Instant::now() + idle;
         }
-        if eof && !buf.is_empty() && keep {
-            info!(buffered = buf.len(), "backend closed mid-frame");
+        if eof && !conn.buf.is_empty() && keep {
+            info!(buffered = conn.buf.len(), "backend closed mid-frame");
             shared.stats.frames_rejected.inc();
-            replies.push(Status::Truncated as u8);
+            conn.reply(Status::Truncated);
         }
-        if !replies.is_empty() {
-            if let Err(e) = socket.write_all(&replies).await {
-                debug!(error = %e, "backend write failed");
-                break;
-            }
-            replies.clear();
+        if let Err(e) = conn.flush().await {
+            debug!(error = %e, "backend write failed");
+            break;
         }
         if eof || !keep {
             break;
         }
-        reserve_for_next(&mut buf, shared.settings.max_frame);
+        conn.reserve_for_next(shared.settings.max_frame);
     }
     debug!("backend disconnected");
 }
 
-/// Handles every whole frame in `buf`, pushing one status byte per frame
+/// Handles every whole frame buffered, answering one status byte per frame
 /// (none for keep-alives). Returns whether the connection stays open and
 /// how many frames were handled.
-async fn process(
-    buf: &mut BytesMut,
-    replies: &mut Vec<u8>,
-    burst: &mut Burst,
-    socket: &mut TcpStream,
-    shared: &Shared,
-) -> (bool, usize) {
+async fn process(conn: &mut Connection, burst: &mut Burst, shared: &Shared) -> (bool, usize) {
     let mut frames = 0;
     loop {
-        let len = match frame::check(buf, shared.settings.max_frame) {
-            Ok(Some(len)) => len,
+        let body = match conn.frame(shared.settings.max_frame) {
+            Ok(Some(body)) => body,
             Ok(None) => return (true, frames),
             Err(e) => {
-                reject(&e, replies, shared);
+                reject(&e, conn, shared);
                 return (!e.is_fatal(), frames);
             }
         };
-        let body = buf.split_to(4 + len).split_off(4);
         frames += 1;
-        if len == 0 {
+        if body.is_empty() {
             continue;
         }
         match (frame::parse(&body), &shared.intake) {
             (Ok(_), Intake::Durable(_)) => {
                 // Answered by `commit`, once the whole burst is in the stream.
-                burst.add(replies, body.freeze());
+                burst.add(&mut conn.replies, body.freeze());
             }
             (Ok(push), Intake::Memory(intake)) => {
-                if !queue(intake, push, replies, socket, shared).await {
-                    replies.push(Status::ShuttingDown as u8);
+                if !queue(intake, push, conn, shared).await {
+                    conn.reply(Status::ShuttingDown);
                     return (false, frames);
                 }
                 shared.stats.pushes_accepted.inc();
-                replies.push(Status::Accepted as u8);
+                conn.reply(Status::Accepted);
             }
-            (Err(e), _) => reject(&e, replies, shared),
+            (Err(e), _) => reject(&e, conn, shared),
         }
     }
 }
@@ -180,8 +218,7 @@ async fn commit(
 async fn queue(
     intake: &mpsc::Sender<Push>,
     push: Push,
-    replies: &mut Vec<u8>,
-    socket: &mut TcpStream,
+    conn: &mut Connection,
     shared: &Shared,
 ) -> bool {
     let push = match intake.try_send(push) {
@@ -189,31 +226,17 @@ async fn queue(
         Err(TrySendError::Closed(_)) => return false,
         Err(TrySendError::Full(push)) => push,
     };
-    if socket.write_all(replies).await.is_err() {
+    if conn.flush().await.is_err() {
         return false;
     }
-    replies.clear();
     tokio::select! {
         sent = intake.send(push) => sent.is_ok(),
         _ = shared.shutdown.cancelled() => false,
     }
 }
 
-fn reject(e: &FrameError, replies: &mut Vec<u8>, shared: &Shared) {
+fn reject(e: &FrameError, conn: &mut Connection, shared: &Shared) {
     info!(error = %e, status = e.status() as u8, "rejected frame");
     shared.stats.frames_rejected.inc();
-    replies.push(e.status() as u8);
-}
-
-/// Makes room for the rest of the frame being read (its length is known
-/// once 4 bytes are in), or a small chunk when between frames.
-fn reserve_for_next(buf: &mut BytesMut, max_frame: u32) {
-    let want = match buf.get(..4) {
-        Some(head) => {
-            let len = (&head[..]).get_u32().min(max_frame) as usize;
-            (4 + len).saturating_sub(buf.len()).max(1)
-        }
-        None => READ_CHUNK,
-    };
-    buf.reserve(want);
+    conn.reply(e.status());
 }
