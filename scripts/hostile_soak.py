@@ -30,8 +30,9 @@ The server's RSS is sampled every second from /proc/<pid>/status.
 
 The bound (printed with its terms):
 
-    bound = R_base + O + S + C + H + P
+    bound = R_base + N + O + S + C + H + P
     R_base  highest RSS during the baseline (devices connected, load running)
+    N       noise: 5 % of R_base, at least 2 MiB (allocator, one-second samples)
     O       offline.max_bytes: the in-memory offline store, as stored
             (0 with --redis: the store is in Redis)
     S       sessions attack 1 may leave kept offline: mqtt.max_sessions_per_user
@@ -76,6 +77,7 @@ from pbwire import free_port, mp_uint  # noqa: E402
 
 KIB, MIB = 1024, 1024 * 1024
 CLK = os.sysconf("SC_CLK_TCK")
+STOP = {"set": False}  # SIGINT/SIGTERM seen
 DEVICES_PER_IP = 500
 
 # Settings the bound reads, with the documented defaults (docs/settings.md on
@@ -357,6 +359,8 @@ class Backend:
         try:
             while True:
                 now = time.monotonic()
+                if STOP["set"]:
+                    raise asyncio.CancelledError
                 if now >= stop_at:
                     break
                 due = int((now - start) * rate) - sent
@@ -727,6 +731,7 @@ TITLES = {
 
 
 def attacker_child(cfg):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops this process (it also ends at its deadline)
     raise_nofile()
     cfg["counters"] = {k: Counter() for k in ATTACKS}
     t0 = time.time()
@@ -908,7 +913,7 @@ level = "warn"
             used = redis_used_memory(rport)
             print(f"# redis-server used_memory at the end: {used / MIB if used else float('nan'):.1f} MiB "
                   "(the offline store lives there with --redis; not in the bound)")
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError):
         print("# interrupted", flush=True)
         rc = 130
     finally:
@@ -929,6 +934,15 @@ level = "warn"
 
 async def drive(args, srv, ndev, attacks, settings, proxy, mqtt, ws, http):
     pid = srv.pid
+    loop = asyncio.get_running_loop()
+    me = asyncio.current_task()
+
+    def on_signal():
+        STOP["set"] = True  # also checked by the loops: a cancel can be lost while a subprocess starts
+        me.cancel()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
     samples = []  # (t, phase, rss_kib, server cpu s)
     phase = [0]
     stop_sampling = [False]
@@ -958,6 +972,8 @@ async def drive(args, srv, ndev, attacks, settings, proxy, mqtt, ws, http):
     child = None
     try:
         for ph in (1, 2):
+            if STOP["set"]:
+                raise asyncio.CancelledError
             phase[0] = ph
             t_start = time.time()
             bounds[ph] = (t_start, float("inf"))
@@ -991,7 +1007,16 @@ async def drive(args, srv, ndev, attacks, settings, proxy, mqtt, ws, http):
         phase[0] = 3
         att = {"cpu": 0, "wall": 1, "counters": {}}
         if child:
-            out, _ = await asyncio.wait_for(child.communicate(), 120)
+            comm = asyncio.ensure_future(child.communicate())
+            out = b""
+            for _ in range(120):
+                if STOP["set"]:
+                    raise asyncio.CancelledError
+                try:
+                    out, _ = await asyncio.wait_for(asyncio.shield(comm), 1)
+                    break
+                except asyncio.TimeoutError:
+                    pass
             try:
                 att = json.loads(out.decode().strip().splitlines()[-1])
             except (ValueError, IndexError):
@@ -1018,6 +1043,7 @@ async def drive(args, srv, ndev, attacks, settings, proxy, mqtt, ws, http):
     mqtt_conc = sum(CONC[a] for a in attacks if a in (1, 2, 3, 4, 5))
     terms = {
         "R_base": r_base,
+        "N": max(2 * MIB, 0.05 * r_base),
         "O": 0 if args.redis or 6 not in attacks else settings["offline.max_bytes"],
         "S": (settings["mqtt.max_sessions_per_user"] * (settings["mqtt.max_client_id_len"] + 4 * KIB)
               if 1 in attacks else 0),
@@ -1046,12 +1072,18 @@ async def drive(args, srv, ndev, attacks, settings, proxy, mqtt, ws, http):
           f"end (5 s after the attackers stopped) {rss_end / MIB:.1f} MiB")
     print("# RSS over phase 2 (MiB, every 5 s): " +
           " ".join(f"{s[2] / 1024:.0f}" for s in [x for x in samples if x[1] == 2][::5]))
-    print("# bound = R_base + O + S + C + H + P = " + " + ".join(f"{terms[k] / MIB:.1f}" for k in terms) +
+    print("# bound = R_base + N + O + S + C + H + P = " + " + ".join(f"{terms[k] / MIB:.1f}" for k in terms) +
           f" = {bound / MIB:.1f} MiB")
-    print(f"#   O = offline.max_bytes; S = max_sessions_per_user {settings['mqtt.max_sessions_per_user']} x "
+    print(f"#   N = max(2 MiB, 5 % of R_base); O = offline.max_bytes; S = max_sessions_per_user {settings['mqtt.max_sessions_per_user']} x "
           f"(max_client_id_len {settings['mqtt.max_client_id_len']} + 4 KiB); C = {mqtt_conc} MQTT attacker "
           f"connections x (max_packet_size {settings['mqtt.max_packet_size']} + 4 KiB + k); H = {CONC[7]} HTTP "
           f"connections x (2 MiB + k); P = 2 x proxy.max_frame {settings['proxy.max_frame']} x 38")
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{http}/v1/stats", timeout=5) as resp:
+            totals = json.load(resp)["totals"]
+        print("# server counters (non-zero): " + ", ".join(f"{k} {v}" for k, v in sorted(totals.items()) if v))
+    except (OSError, ValueError, KeyError) as e:
+        print(f"# /v1/stats: {e}")
     print("# per attack (what the server did):")
     for a in attacks:
         c = att["counters"].get(str(a), {"c": {}, "notes": []})
