@@ -44,8 +44,10 @@ The bound (printed with its terms):
     H       attack-7 connections open at once x (2 MiB body limit + k)
     P       attack-6 frames the server holds at once (2: one being read by the
             proxy, one being routed; attack 6 waits for each status byte and
-            is paced) x proxy.max_frame x 38 (the frame, a 32-byte
-            serde_json::Value per 1-byte nil, 5 bytes of JSON per nil)
+            is paced) x proxy.max_frame x 118: per 1-byte nil, a 40-byte
+            rmpv::Value and a 72-byte serde_json::Value (preserve_order),
+            alive together while the frame is converted, and 5 bytes of
+            JSON, plus the frame itself
 
 Verdict: PASS when max RSS <= bound and phase-2 p99 <= 2 x phase-1 p99.
 Exit 0 on PASS, 2 on FAIL, 1 on an error. Standard library only.
@@ -1049,7 +1051,7 @@ async def drive(args, srv, ndev, attacks, settings, proxy, mqtt, ws, http):
               if 1 in attacks else 0),
         "C": mqtt_conc * (settings["mqtt.max_packet_size"] + 4 * KIB + k_conn),
         "H": (CONC[7] * (HTTP_MAX_BODY + k_conn)) if 7 in attacks else 0,
-        "P": (2 * settings["proxy.max_frame"] * 38) if 6 in attacks else 0,
+        "P": (2 * settings["proxy.max_frame"] * 118) if 6 in attacks else 0,
     }
     bound = sum(terms.values())
     rss_all = [s[2] * KIB for s in samples]
@@ -1077,7 +1079,7 @@ async def drive(args, srv, ndev, attacks, settings, proxy, mqtt, ws, http):
     print(f"#   N = max(2 MiB, 5 % of R_base); O = offline.max_bytes; S = max_sessions_per_user {settings['mqtt.max_sessions_per_user']} x "
           f"(max_client_id_len {settings['mqtt.max_client_id_len']} + 4 KiB); C = {mqtt_conc} MQTT attacker "
           f"connections x (max_packet_size {settings['mqtt.max_packet_size']} + 4 KiB + k); H = {CONC[7]} HTTP "
-          f"connections x (2 MiB + k); P = 2 x proxy.max_frame {settings['proxy.max_frame']} x 38")
+          f"connections x (2 MiB + k); P = 2 x proxy.max_frame {settings['proxy.max_frame']} x 118")
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{http}/v1/stats", timeout=5) as resp:
             totals = json.load(resp)["totals"]
