@@ -88,9 +88,14 @@ async fn group_push(settings: pushbridge::settings::Settings) {
     server.stop().await;
 }
 
+/// `{"k": [nil, nil, ...]}`: one byte a value on the wire.
+fn many_nils(n: usize) -> Mp {
+    Mp::Map(vec![(Mp::from("k"), Mp::Array(vec![Mp::Nil; n]))])
+}
+
 both_registries!(bad_input_gets_distinct_status_bytes, bad_input);
 async fn bad_input(mut settings: pushbridge::settings::Settings) {
-    settings.proxy.max_frame = 1024;
+    settings.proxy.max_frame = 1 << 20;
     let server = server::start(settings).await;
     let mut device = Device::connect(server.mqtt_addr, "d1", true).await;
     device.subscribe("push/user/1").await;
@@ -105,6 +110,7 @@ async fn bad_input(mut settings: pushbridge::settings::Settings) {
         (triple(2, Mp::Map(vec![]), data.clone()), 0x05),
         (triple(2, Mp::from("u".repeat(257)), data.clone()), 0x05),
         (triple(2, Mp::from(1), Mp::from("not a map")), 0x06),
+        (triple(2, Mp::from(1), many_nils(65_537)), 0x0a),
     ];
     let mut backend = Backend::connect(server.proxy_addr).await;
     for (body, want) in &cases {
@@ -118,7 +124,7 @@ async fn bad_input(mut settings: pushbridge::settings::Settings) {
     assert_eq!(device.next_json().await, json!({"ok": 1}));
 
     // Over max_frame: error byte, then the server closes.
-    backend.write(&2048u32.to_be_bytes()).await;
+    backend.write(&(2u32 << 20).to_be_bytes()).await;
     assert_eq!(backend.status().await, Some(0x07));
     assert_eq!(backend.status().await, None);
 
@@ -132,7 +138,7 @@ async fn bad_input(mut settings: pushbridge::settings::Settings) {
     let mut fresh = Backend::connect(server.proxy_addr).await;
     assert_eq!(fresh.push(3, Mp::from("1"), &json!({"ok": 2})).await, 0x00);
     assert_eq!(device.next_json().await, json!({"ok": 2}));
-    assert_eq!(server.stats.frames_rejected.get(), 9);
+    assert_eq!(server.stats.frames_rejected.get(), 10);
     server.stop().await;
 }
 

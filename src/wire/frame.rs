@@ -14,6 +14,12 @@ use crate::push::{Id, Push, Target};
 /// recursion (here and in JSON encoding) far from the stack's end.
 const MAX_DEPTH: usize = 64;
 
+/// Most msgpack values one frame may hold. A 1 MiB frame of nils would
+/// otherwise decode to ~110 MiB (40 bytes of `rmpv::Value` and 72 of JSON
+/// value per byte) in one go, holding up every push behind it; apps' data is
+/// far smaller.
+pub const MAX_VALUES: usize = 65_536;
+
 /// The reply byte after each frame. `0x00` is the only success; every error
 /// has its own byte so old clients (which never look) and new ones both work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,6 +35,7 @@ pub enum Status {
     TooLarge = 0x07,
     ShuttingDown = 0x08,
     Unavailable = 0x09,
+    TooManyValues = 0x0a,
 }
 
 impl Status {
@@ -45,6 +52,7 @@ impl Status {
             TooLarge,
             ShuttingDown,
             Unavailable,
+            TooManyValues,
         ]
         .into_iter()
         .find(|s| *s as u8 == b)
@@ -65,6 +73,7 @@ impl Status {
             Status::Unavailable => {
                 "durable intake: the stream (Redis) stayed unreachable; push not accepted, send again"
             }
+            Status::TooManyValues => "frame holds more than 65,536 msgpack values",
         }
     }
 }
@@ -87,6 +96,8 @@ pub enum FrameError {
     BadId(String),
     #[error("data must be a map, got {0}")]
     DataNotMap(String),
+    #[error("frame holds more than {MAX_VALUES} msgpack values")]
+    TooManyValues,
 }
 
 impl FrameError {
@@ -99,6 +110,7 @@ impl FrameError {
             FrameError::UnknownType(_) => Status::UnknownType,
             FrameError::BadId(_) => Status::BadId,
             FrameError::DataNotMap(_) => Status::DataNotMap,
+            FrameError::TooManyValues => Status::TooManyValues,
         }
     }
 
@@ -126,6 +138,9 @@ pub fn check(buf: &[u8], max: u32) -> Result<Option<usize>, FrameError> {
 
 /// Parses a non-empty frame body into a push.
 pub fn parse(body: &[u8]) -> Result<Push, FrameError> {
+    if !within_values(body, MAX_VALUES) {
+        return Err(FrameError::TooManyValues);
+    }
     let mut rd = body;
     let value = rmpv::decode::read_value_with_max_depth(&mut rd, MAX_DEPTH).map_err(|e| {
         use rmpv::decode::Error::*;
@@ -169,6 +184,71 @@ pub fn parse(body: &[u8]) -> Result<Push, FrameError> {
         data: Arc::new(to_json_map(entries)),
         apns: None,
     })
+}
+
+/// Whether `body` holds at most `limit` msgpack values, counted from the
+/// markers without decoding anything. A body cut short or malformed counts
+/// as within: the decoder says what is wrong with it.
+fn within_values(mut body: &[u8], limit: usize) -> bool {
+    let mut take = |n: usize| match body.get(n..) {
+        Some(rest) => {
+            let head = &body[..n];
+            body = rest;
+            Some(head)
+        }
+        None => None,
+    };
+    let be = |b: &[u8]| b.iter().fold(0usize, |n, &x| (n << 8) | x as usize);
+    let (mut pending, mut seen) = (1usize, 0usize);
+    while pending > 0 {
+        pending -= 1;
+        seen += 1;
+        if seen > limit {
+            return false;
+        }
+        let Some(&[m]) = take(1) else { return true };
+        // (bytes of length or count that follow, payload bytes, items that follow)
+        let (len_bytes, fixed, items_per) = match m {
+            0x80..=0x8f => {
+                pending = pending.saturating_add(2 * (m & 0x0f) as usize);
+                continue;
+            }
+            0x90..=0x9f => {
+                pending = pending.saturating_add((m & 0x0f) as usize);
+                continue;
+            }
+            0xa0..=0xbf => (0, (m & 0x1f) as usize, 0),
+            0xc4 | 0xd9 => (1, 0, 0),
+            0xc5 | 0xda => (2, 0, 0),
+            0xc6 | 0xdb => (4, 0, 0),
+            0xc7 => (1, 1, 0),
+            0xc8 => (2, 1, 0),
+            0xc9 => (4, 1, 0),
+            0xca | 0xce | 0xd2 => (0, 4, 0),
+            0xcb | 0xcf | 0xd3 => (0, 8, 0),
+            0xcc | 0xd0 => (0, 1, 0),
+            0xcd | 0xd1 => (0, 2, 0),
+            0xd4..=0xd8 => (0, 1 + (1 << (m - 0xd4)), 0),
+            0xdc => (2, 0, 1),
+            0xdd => (4, 0, 1),
+            0xde => (2, 0, 2),
+            0xdf => (4, 0, 2),
+            // fixints, nil, booleans, and 0xc1 (never used)
+            _ => (0, 0, 0),
+        };
+        let Some(len) = take(len_bytes).map(be) else {
+            return true;
+        };
+        match items_per {
+            0 => {
+                if take(fixed.saturating_add(len)).is_none() {
+                    return true;
+                }
+            }
+            per => pending = pending.saturating_add(len.saturating_mul(per)),
+        }
+    }
+    true
 }
 
 fn scalar_id(v: &Mp) -> Result<Id, FrameError> {
@@ -257,6 +337,70 @@ mod tests {
 
     fn triple(t: i64, id: Mp, data: Mp) -> Vec<u8> {
         body(Mp::Array(vec![Mp::from(t), id, data]))
+    }
+
+    fn count(v: &Mp) -> usize {
+        1 + match v {
+            Mp::Array(items) => items.iter().map(count).sum(),
+            Mp::Map(entries) => entries.iter().map(|(k, v)| count(k) + count(v)).sum(),
+            _ => 0,
+        }
+    }
+
+    /// Every marker kind, each length form: the count from the markers is
+    /// the decoded value's, to the one.
+    #[test]
+    fn values_are_counted_from_the_markers() {
+        let long = |n: usize| "x".repeat(n);
+        let mut items = vec![
+            Mp::Nil,
+            Mp::from(true),
+            Mp::from(5),
+            Mp::from(-5),
+            Mp::from(200),
+            Mp::from(-200),
+            Mp::from(70_000),
+            Mp::from(-70_000),
+            Mp::from(5_000_000_000u64),
+            Mp::from(-5_000_000_000i64),
+            Mp::F32(1.5),
+            Mp::F64(2.5),
+            Mp::from(long(3)),
+            Mp::from(long(40)),
+            Mp::from(long(300)),
+            Mp::from(long(70_000)),
+            Mp::Binary(vec![1; 3]),
+            Mp::Binary(vec![1; 300]),
+            Mp::Binary(vec![1; 70_000]),
+        ];
+        for n in [1, 2, 4, 8, 16, 3, 300, 70_000] {
+            items.push(Mp::Ext(7, vec![0; n]));
+        }
+        items.push(Mp::Array(vec![Mp::Nil; 20]));
+        items.push(Mp::Array(vec![Mp::Nil; 70_000]));
+        items.push(Mp::Map(vec![(
+            Mp::from("a"),
+            Mp::Map(vec![(Mp::from(1), Mp::Nil); 20]),
+        )]));
+        let map32: Vec<(Mp, Mp)> = (0..70_000).map(|i| (Mp::from(i), Mp::Nil)).collect();
+        items.push(Mp::Map(map32));
+        let v = Mp::Array(items);
+        let (b, n) = (body(v.clone()), count(&v));
+        assert!(within_values(&b, n), "{n} values");
+        assert!(!within_values(&b, n - 1), "{n} values, limit {}", n - 1);
+    }
+
+    #[test]
+    fn too_many_values_are_refused_before_decoding() {
+        let nils = |n| Mp::Map(vec![(Mp::from("k"), Mp::Array(vec![Mp::Nil; n]))]);
+        // [type, id, {k: [...]}]: 6 values besides the nils.
+        let at = triple(2, Mp::from(1), nils(MAX_VALUES - 6));
+        assert!(parse(&at).is_ok());
+        let over = triple(2, Mp::from(1), nils(MAX_VALUES - 5));
+        assert_eq!(parse(&over), Err(FrameError::TooManyValues));
+        assert_eq!(FrameError::TooManyValues.status() as u8, 0x0a);
+        // Cut short: the decoder's error, not a count.
+        assert_eq!(parse(&at[..at.len() / 2]), Err(FrameError::Truncated));
     }
 
     fn data() -> Mp {
@@ -378,7 +522,7 @@ mod tests {
     #[test]
     fn deep_nesting_is_refused_not_overflowed() {
         let mut bytes = vec![0x93, 0x02, 0x01, 0x81, 0xa1, b'x'];
-        bytes.extend(std::iter::repeat_n(0x91, 100_000));
+        bytes.extend(std::iter::repeat_n(0x91, 1_000));
         bytes.push(0x01);
         assert_eq!(parse(&bytes).unwrap_err().status(), Status::Malformed);
     }
@@ -400,11 +544,11 @@ mod tests {
 
     #[test]
     fn status_bytes_are_distinct_and_named() {
-        for b in 0..=9u8 {
+        for b in 0..=10u8 {
             let s = Status::from_byte(b).unwrap();
             assert_eq!(s as u8, b);
             assert!(!s.meaning().is_empty());
         }
-        assert_eq!(Status::from_byte(10), None);
+        assert_eq!(Status::from_byte(11), None);
     }
 }
