@@ -75,7 +75,7 @@ import urllib.error
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from pbwire import free_port, mp_uint  # noqa: E402
+from pbwire import free_port, mp_uint, wait_port  # noqa: E402
 
 KIB, MIB = 1024, 1024 * 1024
 CLK = os.sysconf("SC_CLK_TCK")
@@ -799,19 +799,6 @@ def redis_used_memory(port):
     except (OSError, ValueError):
         pass
     return None
-
-
-def wait_port(port, proc, timeout=20):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise RuntimeError(f"exited with {proc.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"port {port} not listening after {timeout}s")
 
 
 def stop_proc(proc, name, timeout=20):

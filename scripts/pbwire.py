@@ -1,9 +1,11 @@
-"""What scripts/faults.py and scripts/soak.py share: a free loopback port
-and the bits of msgpack a push frame needs, written by hand so the scripts
-need nothing beyond Python."""
+"""What the long-running scripts (faults.py, soak.py, hostile_soak.py)
+share: a free loopback port, waiting for a server's port, and the bits of
+msgpack a push frame needs, written by hand so the scripts need nothing
+beyond Python."""
 
 import socket
 import struct
+import time
 
 
 def free_port():
@@ -12,6 +14,20 @@ def free_port():
     port = s.getsockname()[1]
     s.close()
     return port
+
+
+def wait_port(port, proc, timeout=20):
+    """Until `port` on loopback accepts; raises if `proc` exits first."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"port {port} not listening after {timeout}s")
 
 
 def mp_uint(n):

@@ -24,7 +24,7 @@ import threading
 import time
 import urllib.request
 
-from pbwire import free_port, mp_str, mp_uint
+from pbwire import free_port, mp_str, mp_uint, wait_port
 
 COUNTERS = [
     "pushes_accepted",
@@ -46,7 +46,6 @@ SHORT = {
     "apns_delivered": "delivered",
     "frames_rejected": "rejected",
 }
-
 
 
 # --- msgpack, by hand -------------------------------------------------------
@@ -205,19 +204,6 @@ def http_put(url, body):
         return r.status
 
 
-def wait_port(port, proc, timeout=20):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"port {port} not listening after {timeout}s")
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bin", default="target/release/pushbridge")
@@ -343,6 +329,9 @@ level = "warn"
                 print(f"#  {k} = {v}")
 
         flood_rows = [r for r in samples if r["t"] <= args.duration + 0.5]
+        if not flood_rows:
+            sys.exit(f"no sample within the {args.duration} s flood: "
+                     f"use a --duration of at least --interval ({args.interval} s)")
         # Within the flood, so a run shorter than --baseline-at still has a verdict.
         base = min(flood_rows, key=lambda r: abs(r["t"] - args.baseline_at))
         end = flood_rows[-1]
