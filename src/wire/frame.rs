@@ -138,7 +138,8 @@ pub fn check(buf: &[u8], max: u32) -> Result<Option<usize>, FrameError> {
 
 /// Parses a non-empty frame body into a push.
 pub fn parse(body: &[u8]) -> Result<Push, FrameError> {
-    if !within_values(body, MAX_VALUES) {
+    // Every value takes at least a byte: only a long body needs counting.
+    if body.len() > MAX_VALUES && !within_values(body, MAX_VALUES) {
         return Err(FrameError::TooManyValues);
     }
     let mut rd = body;
