@@ -75,7 +75,7 @@ import urllib.error
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from pbwire import free_port, mp_uint, wait_port  # noqa: E402
+from pbwire import free_port, mp_uint, print_log_tail, wait_port  # noqa: E402
 
 KIB, MIB = 1024, 1024 * 1024
 CLK = os.sysconf("SC_CLK_TCK")
@@ -909,11 +909,7 @@ level = "warn"
         stop_proc(srv, "server")
         stop_proc(redis, "redis-server")
         log.close()
-        lines = open(os.path.join(tmp, "server.log"), "rb").read().decode(errors="replace").splitlines()
-        if lines:
-            print(f"# server log: {len(lines)} lines; last 5:")
-            for line in lines[-5:]:
-                print(f"#  {line[:300]}")
+        print_log_tail(os.path.join(tmp, "server.log"))
         if args.keep:
             print(f"# kept {tmp}")
         else:

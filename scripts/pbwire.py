@@ -30,6 +30,15 @@ def wait_port(port, proc, timeout=20):
     raise RuntimeError(f"port {port} not listening after {timeout}s")
 
 
+def print_log_tail(path, n=5):
+    """The last `n` lines of a server's log, as report comments."""
+    lines = open(path, "rb").read().decode(errors="replace").splitlines()
+    if lines:
+        print(f"# server log: {len(lines)} lines; last {n}:")
+        for line in lines[-n:]:
+            print(f"#  {line[:300]}")
+
+
 def mp_uint(n):
     if n < 0x80:
         return bytes([n])

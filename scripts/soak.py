@@ -24,7 +24,7 @@ import threading
 import time
 import urllib.request
 
-from pbwire import free_port, mp_str, mp_uint, wait_port
+from pbwire import free_port, mp_str, mp_uint, print_log_tail, wait_port
 
 COUNTERS = [
     "pushes_accepted",
@@ -372,12 +372,7 @@ level = "warn"
                 srv.wait()
                 print("# server did not stop within 20 s of SIGTERM; killed")
         log.close()
-        tail = open(os.path.join(tmp, "server.log"), "rb").read()
-        if tail:
-            lines = tail.decode(errors="replace").splitlines()
-            print(f"# server log: {len(lines)} lines; last 5:")
-            for line in lines[-5:]:
-                print(f"#  {line[:300]}")
+        print_log_tail(os.path.join(tmp, "server.log"))
         if args.keep:
             print(f"# kept {tmp}")
         else:

@@ -171,35 +171,14 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Token(args) => {
             let settings = Settings::load(&args.config)?;
-            let Some(secret) = settings.auth.jwt_secret.as_deref() else {
-                bail!("auth.jwt_secret is not set in {}", args.config.display());
-            };
-            let a = &settings.auth;
-            if a.jwt_max_ttl_secs > 0 && args.ttl > a.jwt_max_ttl_secs {
-                bail!(
-                    "--ttl {} is over auth.jwt_max_ttl_secs = {}: the server would refuse the token",
-                    args.ttl,
-                    a.jwt_max_ttl_secs
-                );
-            }
-            let now = pushbridge::utc::now();
-            let mut claims = serde_json::Map::new();
-            claims.insert("sub".into(), args.user.into());
-            if !args.groups.is_empty() {
-                claims.insert("groups".into(), args.groups.into());
-            }
-            claims.insert("iat".into(), now.into());
-            claims.insert("exp".into(), (now + args.ttl).into());
-            if let Some(aud) = &a.jwt_audience {
-                claims.insert("aud".into(), aud.as_str().into());
-            }
-            if let Some(iss) = &a.jwt_issuer {
-                claims.insert("iss".into(), iss.as_str().into());
-            }
-            println!(
-                "{}",
-                pushbridge::auth::jwt::mint_hs256_claims(secret, claims)
-            );
+            let token = pushbridge::auth::jwt::device_token(
+                &settings.auth,
+                &args.user,
+                &args.groups,
+                args.ttl,
+            )
+            .with_context(|| format!("settings {}", args.config.display()))?;
+            println!("{token}");
         }
         Command::Send(args) => {
             let data: serde_json::Value =

@@ -75,6 +75,14 @@ fn mosquitto_sub(addr: &str, extra: &[&str], topic: &str) -> Child {
         .expect("mosquitto_sub (scripts/test.sh installs mosquitto-clients)")
 }
 
+fn check_config(settings: &std::path::Path) -> std::process::Output {
+    Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(settings)
+        .output()
+        .unwrap()
+}
+
 fn send(proxy: &str, args: &[&str]) -> std::process::Output {
     Command::new(BIN)
         .args(["send", "--addr", proxy])
@@ -185,11 +193,7 @@ fn check_config_reports_apps_and_names_bad_files() {
         format!("[apns]\nconfig = \"{}\"\n", config.display()),
     )
     .unwrap();
-    let out = Command::new(BIN)
-        .args(["check-config", "--config"])
-        .arg(&settings)
-        .output()
-        .unwrap();
+    let out = check_config(&settings);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -211,11 +215,7 @@ fn check_config_reports_apps_and_names_bad_files() {
         ),
     ] {
         creds.config(&serde_json::json!({ "com.example.app": entry }));
-        let out = Command::new(BIN)
-            .args(["check-config", "--config"])
-            .arg(&settings)
-            .output()
-            .unwrap();
+        let out = check_config(&settings);
         assert!(!out.status.success());
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(file), "{err}");
@@ -241,11 +241,7 @@ fn check_config_names_the_mqtt_tls_listeners() {
         ),
     )
     .unwrap();
-    let out = Command::new(BIN)
-        .args(["check-config", "--config"])
-        .arg(&settings)
-        .output()
-        .unwrap();
+    let out = check_config(&settings);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text} {out:?}");
     let want = format!("mqtt tls: {} ok (mqtt.wss_listen)", pki.cert.display());

@@ -303,19 +303,21 @@ async fn mode_none_keeps_the_old_topics_but_no_wildcards() {
     wait_until(|| async { server.stats.mqtt_denied.get() == 4 }).await;
 }
 
+/// User 42's persistent session `tablet`, logging in with `token`.
+fn tablet(server: &pushbridge::Server, token: &str) -> rumqttc::MqttOptions {
+    let mut opts = Device::options(server.mqtt_addr, "tablet", false);
+    opts.set_credentials("42", token);
+    opts
+}
+
 #[tokio::test]
 async fn a_kept_session_loses_groups_its_new_token_lacks() {
     let server = server::start(jwt_settings()).await;
-    let persistent = |t: &str| {
-        let mut opts = Device::options(server.mqtt_addr, "tablet", false);
-        opts.set_credentials("42", t);
-        opts
-    };
-    let mut d = Device::connect_opts(persistent(&token("42", &["7"]))).await;
+    let mut d = Device::connect_opts(tablet(&server, &token("42", &["7"]))).await;
     d.subscribe("push/group/7").await;
     d.subscribe("push/user/42").await;
     d.disconnect().await;
-    let mut d = Device::connect_opts(persistent(&token("42", &[]))).await;
+    let mut d = Device::connect_opts(tablet(&server, &token("42", &[]))).await;
     server.broker.publish("push/group/7", "\"group\"".into());
     server.broker.publish("push/user/42", "\"user\"".into());
     assert_eq!(d.next_json().await, "user");
@@ -344,18 +346,13 @@ async fn v5_client_is_told_its_token_expired() {
 #[tokio::test]
 async fn queued_messages_of_a_revoked_group_are_not_delivered() {
     let server = server::start(jwt_settings()).await;
-    let persistent = |t: &str| {
-        let mut opts = Device::options(server.mqtt_addr, "tablet", false);
-        opts.set_credentials("42", t);
-        opts
-    };
-    let mut d = Device::connect_opts(persistent(&token("42", &["7"]))).await;
+    let mut d = Device::connect_opts(tablet(&server, &token("42", &["7"]))).await;
     d.subscribe("push/group/7").await;
     d.subscribe("push/user/42").await;
     d.disconnect().await;
     assert_eq!(server.broker.publish("push/group/7", "\"group\"".into()), 1);
     assert_eq!(server.broker.publish("push/user/42", "\"user\"".into()), 1);
-    let mut d = Device::connect_opts(persistent(&token("42", &[]))).await;
+    let mut d = Device::connect_opts(tablet(&server, &token("42", &[]))).await;
     assert_eq!(d.next_json().await, "user");
     assert_eq!(server.stats.mqtt_denied.get(), 1);
 }

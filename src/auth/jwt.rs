@@ -219,6 +219,42 @@ pub fn mint_hs256(secret: &str, sub: &str, groups: &[String], exp: u64) -> Strin
     mint_hs256_claims(secret, claims)
 }
 
+/// A device token this server accepts under `auth` (`pushbridge token`):
+/// signed with `auth.jwt_secret`, with `iat`, and `aud`/`iss` when set; a
+/// lifetime over `auth.jwt_max_ttl_secs` is refused here, as the server would.
+pub fn device_token(
+    auth: &crate::settings::AuthSettings,
+    sub: &str,
+    groups: &[String],
+    ttl: u64,
+) -> Result<String, AuthError> {
+    let secret = auth
+        .jwt_secret
+        .as_deref()
+        .ok_or_else(|| AuthError::Token("auth.jwt_secret is not set".into()))?;
+    if auth.jwt_max_ttl_secs > 0 && ttl > auth.jwt_max_ttl_secs {
+        return Err(AuthError::Token(format!(
+            "--ttl {ttl} is over auth.jwt_max_ttl_secs = {}: the server would refuse the token",
+            auth.jwt_max_ttl_secs
+        )));
+    }
+    let now = crate::utc::now();
+    let mut claims = Map::new();
+    claims.insert("sub".into(), json!(sub));
+    if !groups.is_empty() {
+        claims.insert("groups".into(), json!(groups));
+    }
+    claims.insert("iat".into(), json!(now));
+    claims.insert("exp".into(), json!(now + ttl));
+    if let Some(aud) = &auth.jwt_audience {
+        claims.insert("aud".into(), json!(aud));
+    }
+    if let Some(iss) = &auth.jwt_issuer {
+        claims.insert("iss".into(), json!(iss));
+    }
+    Ok(mint_hs256_claims(secret, claims))
+}
+
 /// An HS256 token with exactly these claims.
 pub fn mint_hs256_claims(secret: &str, claims: Map<String, Value>) -> String {
     let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"HS256","typ":"JWT"}"#);

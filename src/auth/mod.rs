@@ -16,6 +16,8 @@ use crate::utc::now;
 pub enum AuthError {
     #[error("auth key: {0}")]
     Key(String),
+    #[error("device token: {0}")]
+    Token(String),
 }
 
 /// Why a CONNECT is refused; each maps to its CONNACK code.
