@@ -361,7 +361,9 @@ impl Conn {
             In::PubAck(pkid) => {
                 let mut st = self.session.lock();
                 if let Some(i) = st.inflight.iter().position(|m| m.pkid == pkid) {
-                    st.inflight.remove(i);
+                    if let Some(m) = st.inflight.remove(i).filter(|_| pkid % 8 == 0) {
+                        self.inner.stats.stages.ack.observe(m.msg.at.elapsed());
+                    }
                 }
                 if st.inflight.is_empty() && st.inflight.capacity() > 4 {
                     st.inflight = Default::default();
@@ -507,6 +509,7 @@ impl Conn {
             max: self.client_max,
             inner: &self.inner,
         };
+        let now = Instant::now();
         let mut i = 0;
         while i < st.inflight.len() && enc.wbuf.len() < WRITE_HIGH {
             let m = &mut st.inflight[i];
@@ -517,20 +520,27 @@ impl Conn {
                 st.inflight.remove(i);
             } else if enc.publish(&m.msg, m.pkid, true) {
                 m.sent = true;
+                m.msg.at = now;
                 i += 1;
             } else {
                 st.inflight.remove(i);
             }
         }
+        let mut first = true;
         while enc.wbuf.len() < WRITE_HIGH {
             match st.queue.front() {
                 None => break,
                 Some(m) if m.qos > 0 && st.inflight.len() >= self.window => break,
                 Some(_) => {}
             }
-            let Some(msg) = st.queue.pop_front() else {
+            let Some(mut msg) = st.queue.pop_front() else {
                 break;
             };
+            if first {
+                first = false;
+                self.inner.stats.stages.session.observe(now - msg.at);
+            }
+            msg.at = now;
             if !readable(&msg.topic) {
                 self.inner.stats.mqtt_denied.inc();
                 continue;

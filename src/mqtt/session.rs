@@ -22,6 +22,9 @@ pub struct Msg {
     pub topic: Arc<str>,
     pub payload: Bytes,
     pub qos: u8,
+    /// When it was queued; once written, when it was written (the stage
+    /// histograms).
+    pub at: Instant,
 }
 
 impl Msg {
@@ -557,6 +560,7 @@ mod tests {
 
     fn msg(t: &str) -> Msg {
         Msg {
+            at: Instant::now(),
             topic: t.into(),
             payload: Bytes::from_static(b"x"),
             qos: 1,
