@@ -191,6 +191,49 @@ async fn redis_sentinel_registry() {
     assert_eq!(token, "44");
 }
 
+/// `rediss` for every deployment: the server, every cluster node, the
+/// sentinel and the master it names, each verified against
+/// `registry.redis_ca_file`; without it (the public web roots) the test
+/// CA's certificate is refused.
+#[tokio::test]
+async fn redis_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = support::pki::pki(dir.path(), "redis");
+    let single = RedisServer::start_tls(&pki);
+    let cluster = RedisCluster::start_tls(&pki);
+    let sentinel = RedisSentinel::start_tls(&pki);
+    for (url, kind) in [
+        (&single.url, "redis"),
+        (&cluster.url, "redis cluster"),
+        (&sentinel.url, "redis sentinel"),
+    ] {
+        assert!(url.starts_with("rediss"), "{url}");
+        let settings = RegistrySettings {
+            redis_url: Some(url.clone()),
+            redis_ca_file: Some(pki.ca.clone()),
+            ..Default::default()
+        };
+        let r = Registry::open(&settings).await.unwrap();
+        assert_eq!(r.describe(), kind);
+        exercise(&r).await;
+        let untrusted = RegistrySettings {
+            redis_ca_file: None,
+            ..settings
+        };
+        let Err(e) = Registry::open(&untrusted).await else {
+            panic!("{url}: a certificate from an unknown CA was accepted");
+        };
+        let msg = e.to_string();
+        assert!(
+            msg.contains("UnknownIssuer") || msg.contains("certificate"),
+            "{url}: {msg}"
+        );
+    }
+    let mut plain = single.conn();
+    let token: String = plain.hget("User:3", "app_token").unwrap();
+    assert_eq!(token, "cc");
+}
+
 #[tokio::test]
 async fn configured_registry_delegates() {
     exercise(&Registry::open(&RegistrySettings::default()).await.unwrap()).await;

@@ -75,8 +75,9 @@ pub async fn start(
             });
         }
     };
-    let mut conn = stream::connect(url).await?;
-    let reader = stream::connect(url).await?;
+    let ca_file = settings.registry.redis_ca_file.as_deref();
+    let mut conn = stream::connect(url, ca_file).await?;
+    let reader = stream::connect(url, ca_file).await?;
     stream::create_group(&mut conn, &s.stream, &s.group)
         .await
         .map_err(|source| IntakeError::Connect {

@@ -24,8 +24,11 @@ const ACK_BATCH: usize = 1024;
 
 /// Opens a connection that reconnects by itself, to a single server, a
 /// cluster or a sentinel-named master (every stream command touches one key).
-pub(crate) async fn connect(url: &str) -> Result<RedisConn, IntakeError> {
-    RedisConn::open(url)
+pub(crate) async fn connect(
+    url: &str,
+    ca_file: Option<&std::path::Path>,
+) -> Result<RedisConn, IntakeError> {
+    RedisConn::open(url, ca_file)
         .await
         .map_err(|source| IntakeError::Connect {
             url: crate::redis_conn::redact(url),

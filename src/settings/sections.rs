@@ -146,6 +146,8 @@ impl Default for MqttSettings {
 #[serde(deny_unknown_fields, default)]
 pub struct RegistrySettings {
     pub redis_url: Option<String>,
+    /// For `rediss` URLs: the only CA trusted (PEM); unset: the public web roots.
+    pub redis_ca_file: Option<PathBuf>,
     /// Key of a user's hash; `{id}` is replaced by the user id.
     pub user_key: String,
     /// Key of a group's set of iOS members; `{id}` is replaced by the group id.
@@ -161,6 +163,7 @@ impl Default for RegistrySettings {
     fn default() -> Self {
         Self {
             redis_url: None,
+            redis_ca_file: None,
             user_key: "User:{id}".into(),
             group_apple_key: "GroupAppleUser:{id}".into(),
             offline_key: "Offline:{id}".into(),
