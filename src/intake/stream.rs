@@ -57,6 +57,11 @@ pub(crate) async fn create_group(
     }
 }
 
+/// The dead-letter stream of `stream`: `<stream>:dead`.
+pub(crate) fn dead_key(stream: &str) -> String {
+    format!("{stream}:dead")
+}
+
 /// Appends accepted frames to the stream; cheap to clone.
 #[derive(Clone)]
 pub struct StreamWriter {
@@ -74,6 +79,11 @@ impl StreamWriter {
             max_len,
             outage_wait,
         }
+    }
+
+    /// The dead-letter stream's key.
+    pub fn dead_letters(&self) -> String {
+        dead_key(&self.key)
     }
 
     /// How long the proxy's appends wait for an unreachable Redis

@@ -259,6 +259,18 @@ impl Settings {
         if i.max_len == 0 {
             return bad("intake.max_len", "must be at least 1");
         }
+        if i.max_deliveries == 0 {
+            return bad("intake.max_deliveries", "must be at least 1");
+        }
+        if i.dead_max_len == 0 {
+            return bad("intake.dead_max_len", "must be at least 1");
+        }
+        if i.consumer_gone_ms < 2000 {
+            return bad(
+                "intake.consumer_gone_ms",
+                "must be at least 2000 (a live consumer reads at least every second)",
+            );
+        }
         if self.http.header_timeout_secs == 0 {
             return bad("http.header_timeout_secs", "must be at least 1");
         }

@@ -218,6 +218,15 @@ pub struct IntakeSettings {
     pub claim_idle_ms: u64,
     /// About how many undelivered entries the stream keeps (XADD MAXLEN ~).
     pub max_len: u64,
+    /// An entry delivered this often without being acknowledged (its
+    /// routing kept failing, or the instances holding it stopped) goes to
+    /// the dead-letter stream `<stream>:dead` instead of being retried.
+    pub max_deliveries: u64,
+    /// About how many entries the dead-letter stream keeps (XADD MAXLEN ~).
+    pub dead_max_len: u64,
+    /// A consumer idle this long (XINFO CONSUMERS) with nothing pending is
+    /// gone: its name is removed from the group.
+    pub consumer_gone_ms: u64,
     /// Accepted pushes waiting in memory for routing (proxy and HTTP);
     /// when full, backends wait.
     pub queue: usize,
@@ -232,6 +241,9 @@ impl Default for IntakeSettings {
             consumer: None,
             claim_idle_ms: 30_000,
             max_len: 1_000_000,
+            max_deliveries: 5,
+            dead_max_len: 100_000,
+            consumer_gone_ms: 600_000,
             queue: 65536,
         }
     }
