@@ -424,7 +424,45 @@ async fn undeliverable_entries_go_to_the_dead_letter_stream() {
         ready.text()
     );
     assert_eq!(server.stats.mqtt_published.get(), 1);
+
+    // The cause fixed, the documented commands replay them: the push is
+    // delivered, the frame that is no push comes back with a new reason.
+    let _: () = redis::cmd("ACL")
+        .arg(&["SETUSER", "default", "allkeys"][..])
+        .query(&mut raw)
+        .unwrap();
+    let mut device = Device::connect(server.mqtt_addr, "d666", true).await;
+    device.subscribe("push/user/666").await;
+    for line in documented_dead_letter_commands() {
+        let with_port = line.replacen("redis-cli ", &format!("redis-cli -p {} ", redis.port()), 1);
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(&with_port)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{line}: {out:?}");
+    }
+    assert_eq!(device.next_json().await, json!({"n": 666}));
+    wait_until(|| async { server.stats.intake_dead.get() == 3 }).await;
+    wait_all_acked(&redis).await;
+    let dead = dead_letters(&mut raw);
+    assert_eq!(dead.len(), 1, "{dead:?}");
     server.stop().await;
+}
+
+/// The `redis-cli` lines of the shell block under "### Dead letters" in
+/// docs/reliability.md.
+fn documented_dead_letter_commands() -> Vec<String> {
+    let doc = include_str!("../docs/reliability.md");
+    let section = &doc[doc.find("### Dead letters").expect("the section")..];
+    let block = &section[section.find("```sh\n").expect("a sh block") + 6..];
+    let block = &block[..block.find("```").unwrap()];
+    let lines: Vec<String> = block.lines().map(str::to_owned).collect();
+    assert!(
+        lines.iter().all(|l| l.starts_with("redis-cli ")) && lines.len() == 3,
+        "{lines:?}"
+    );
+    lines
 }
 
 fn consumers(conn: &mut redis::Connection) -> HashMap<String, i64> {

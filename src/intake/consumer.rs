@@ -224,6 +224,11 @@ impl Consumer {
                 Ok(push) => batch.push((entry, *deliveries, push)),
             }
         }
+        let held: Vec<&str> = batch
+            .iter()
+            .map(|b| b.0.id.as_str())
+            .chain(dead.iter().map(|d| d.entry.id.as_str()))
+            .collect();
         let wait = self.dispatcher.outage_wait;
         if let Err(e) = self.route(&batch, wait).await {
             let refused = refused(&e);
@@ -252,6 +257,9 @@ impl Consumer {
             );
         }
         self.dead_letter(dead).await;
+        for id in held {
+            self.in_flight.remove(id);
+        }
     }
 
     /// Routes and delivers `batch`; each entry is acknowledged once its
@@ -272,7 +280,9 @@ impl Consumer {
             .map(|_| ())
     }
 
+    /// An ack for one attempt at `entry`, holding it in flight until it settles.
     fn ack(&self, entry: &StreamId) -> Ack {
+        self.in_flight.hold(&entry.id);
         Ack::new(entry.id.clone(), self.settled.clone())
     }
 

@@ -90,6 +90,11 @@ impl RedisServer {
         );
     }
 
+    /// The plain (not TLS) port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
     /// A plain connection, for writing data the way the old service did.
     pub fn conn(&self) -> ::redis::Connection {
         ::redis::Client::open(format!("redis://127.0.0.1:{}/", self.port))
