@@ -329,7 +329,9 @@ impl Dispatcher {
         records: &Records,
         offline: &[(Id, bytes::Bytes)],
     ) -> HashSet<String> {
-        if matches!(push.target, Target::Group(_)) || !self.offline.enabled() {
+        if matches!(push.target, Target::Group(_))
+            || (records.backlog.is_empty() && offline.is_empty())
+        {
             return HashSet::new();
         }
         users

@@ -206,7 +206,6 @@ impl Consumer {
             match decode(entry) {
                 Err(problem) => {
                     self.dispatcher.stats.intake_undecodable.inc();
-                    error!(id = %entry.id, problem, "stream entry is not a push frame; dead-lettered");
                     dead.push(Dead {
                         entry,
                         reason: format!("not a push frame: {problem}"),
@@ -287,7 +286,7 @@ impl Consumer {
     }
 
     /// Moves entries to the dead-letter stream, then acknowledges them; if
-    /// the stream cannot be written they stay pending.
+    /// the stream cannot be written they stay pending (no ack is made).
     async fn dead_letter(&mut self, dead: Vec<Dead<'_>>) {
         if dead.is_empty() {
             return;
@@ -301,13 +300,8 @@ impl Consumer {
                     self.ack(d.entry).settle();
                 }
             }
-            Err(e) => {
-                warn!(error = %e, entries = dead.len(),
-                    "dead-lettering failed; the entries stay pending");
-                for d in &dead {
-                    drop(self.ack(d.entry));
-                }
-            }
+            Err(e) => warn!(error = %e, entries = dead.len(),
+                "dead-lettering failed; the entries stay pending"),
         }
     }
 }
