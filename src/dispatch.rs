@@ -192,15 +192,24 @@ impl Dispatcher {
             .collect();
         ids.sort_unstable();
         ids.dedup();
-        // Who has kept messages, asked beside the records (same round trip's time).
-        let (users, backlog) =
-            tokio::join!(self.registry.users(&ids), self.offline.backlogged(&ids));
-        let backlog = backlog.unwrap_or_else(|e| {
-            warn!(error = %e, "offline store not read; live pushes may overtake kept messages");
-            HashSet::new()
-        });
+        let users = self.registry.users(&ids).await?;
+        // Only users without APNs can have kept messages.
+        let mqtt_only: Vec<Id> = ids
+            .iter()
+            .zip(&users)
+            .filter(|(_, r)| !router::has_apns(r.as_ref()))
+            .map(|(id, _)| id.clone())
+            .collect();
+        let backlog = self
+            .offline
+            .backlogged(&mqtt_only)
+            .await
+            .unwrap_or_else(|e| {
+                warn!(error = %e, "offline store not read; live pushes may overtake kept messages");
+                HashSet::new()
+            });
         Ok(Records {
-            users: ids.into_iter().zip(users?).collect(),
+            users: ids.into_iter().zip(users).collect(),
             members,
             backlog,
         })

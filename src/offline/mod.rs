@@ -139,7 +139,8 @@ impl OfflineStore {
 
     /// Which of `users` have kept messages (expired ones included): new
     /// messages for them must be kept behind those, not published. One
-    /// round trip (LLEN each; on a cluster, concurrent per node).
+    /// round trip (LLEN each; on a cluster, concurrent per node). The
+    /// dispatcher asks only for users without APNs (only they are kept).
     pub async fn backlogged(&self, users: &[Id]) -> Result<HashSet<Id>, OfflineError> {
         if users.is_empty() || !self.enabled() {
             return Ok(HashSet::new());
