@@ -526,6 +526,24 @@ mod tests {
     }
 
     #[test]
+    fn ca_file_problems_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.pem");
+        let not_pem = dir.path().join("key.txt");
+        std::fs::write(&not_pem, "not a certificate").unwrap();
+        for (path, problem) in [(&missing, "No such file"), (&not_pem, "no PEM certificate")] {
+            let Err(e) = load_ca(path) else {
+                panic!("{} accepted", path.display());
+            };
+            let msg = e.to_string();
+            assert!(
+                msg.contains(&path.display().to_string()) && msg.contains(problem),
+                "{msg}"
+            );
+        }
+    }
+
+    #[test]
     fn bad_urls_name_the_problem_without_the_password() {
         for (url, problem) in [
             ("redis+cluster://u:secret@a:1,,b:2", "empty host"),
