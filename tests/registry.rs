@@ -232,6 +232,25 @@ async fn redis_over_tls() {
     let mut plain = single.conn();
     let token: String = plain.hget("User:3", "app_token").unwrap();
     assert_eq!(token, "cc");
+    // Keys on every master: each was reached over TLS (the URL names only
+    // TLS ports, and the cluster announces its TLS ports to TLS clients).
+    let r = Registry::open(&RegistrySettings {
+        redis_url: Some(cluster.url.clone()),
+        redis_ca_file: Some(pki.ca.clone()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    for id in (100..160).map(Id::from) {
+        r.put_user(&id, &ios("t")).await.unwrap();
+    }
+    for port in &cluster.ports {
+        let mut node = redis::Client::open(format!("redis://127.0.0.1:{port}/"))
+            .and_then(|c| c.get_connection())
+            .unwrap();
+        let keys: u64 = redis::cmd("DBSIZE").query(&mut node).unwrap();
+        assert!(keys > 0, "node {port} holds none of the users");
+    }
 }
 
 #[tokio::test]
