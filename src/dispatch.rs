@@ -193,13 +193,17 @@ impl Dispatcher {
         ids.sort_unstable();
         ids.dedup();
         let users = self.registry.users(&ids).await?;
-        // Only users without APNs can have kept messages.
-        let mqtt_only: Vec<Id> = ids
-            .iter()
-            .zip(&users)
-            .filter(|(_, r)| !router::has_apns(r.as_ref()))
-            .map(|(id, _)| id.clone())
-            .collect();
+        // Only users without APNs can have kept messages; only the embedded
+        // broker replays them when a device subscribes (see `held_topics`).
+        let mqtt_only: Vec<Id> = match self.broker.embedded() {
+            Some(_) => ids
+                .iter()
+                .zip(&users)
+                .filter(|(_, r)| !router::has_apns(r.as_ref()))
+                .map(|(id, _)| id.clone())
+                .collect(),
+            None => Vec::new(),
+        };
         let backlog = self
             .offline
             .backlogged(&mqtt_only)
@@ -331,6 +335,8 @@ impl Dispatcher {
 
     /// Topics of the push's MQTT-only users who have messages kept (before
     /// this batch, or earlier in it): publishing there would overtake them.
+    /// Embedded broker only: with an external one nothing replays on a
+    /// subscribe yet, so held messages would wait for nothing.
     fn held_topics(
         &self,
         push: &Push,
@@ -340,6 +346,7 @@ impl Dispatcher {
     ) -> HashSet<String> {
         if matches!(push.target, Target::Group(_))
             || (records.backlog.is_empty() && offline.is_empty())
+            || self.broker.embedded().is_none()
         {
             return HashSet::new();
         }
