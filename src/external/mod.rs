@@ -11,9 +11,11 @@
 //! disconnect event from an external broker: an app's focus is cleared by
 //! the `focus: false` last will it registers on the status topic.
 
+mod client;
 mod endpoint;
 mod link;
 mod outbox;
+mod unreached;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -25,6 +27,7 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use tracing::{debug, warn};
 
 use crate::mqtt::BrokerEvent;
+use crate::offline::OfflineStore;
 use crate::settings::{MqttSettings, QueueFull};
 use crate::stats::Stats;
 
@@ -57,6 +60,8 @@ struct Shared {
     /// `mqtt.max_packet_size`: rumqttc fails the whole connection on a
     /// larger packet, which republishing would repeat forever.
     max_packet: usize,
+    /// `<prefix>/user/`
+    user_prefix: String,
     stats: Arc<Stats>,
 }
 
@@ -74,6 +79,10 @@ pub struct Context {
     pub stats: Arc<Stats>,
     /// After `stop`, the outbox gets this long to empty before the link closes.
     pub drain: Duration,
+    /// Where user pushes that reached nobody (PUBACK 0x10) are kept.
+    pub offline: OfflineStore,
+    /// Where publishes given up on are reported (`apns.feedback_topic`).
+    pub feedback_topic: String,
 }
 
 impl ExternalBroker {
@@ -85,32 +94,41 @@ impl ExternalBroker {
         rest: &Phase,
     ) -> Result<ExternalBroker, ExternalError> {
         let client_id = endpoint::client_id(settings);
-        let options = endpoint::options(settings, &client_id)?;
+        let logins = endpoint::logins(settings, &client_id)?;
         let (to_link, from_handles) = mpsc::unbounded_channel();
         let room = Arc::new(Semaphore::new(settings.outbox));
+        let user_prefix = format!("{}/user/", settings.prefix);
+        let broker = ExternalBroker {
+            inner: Arc::new(Shared {
+                to_link,
+                room: room.clone(),
+                full: settings.outbox_full,
+                max_packet: settings.max_packet_size,
+                user_prefix: user_prefix.clone(),
+                stats: cx.stats.clone(),
+            }),
+        };
+        let unreached = unreached::Unreached::start(cx.offline, broker.clone(), room.clone(), rest);
         let link = link::Link::new(
-            options,
+            logins,
             link::Config {
                 outbox: settings.outbox,
                 status_topic: format!("{}/app/status", settings.prefix),
+                user_prefix,
                 shared_group: settings.external_shared_group.clone(),
+                subscribe_events: settings.external_subscribe_events.clone(),
+                feedback_topic: cx.feedback_topic,
+                max_attempts: settings.external_max_attempts,
                 drain: cx.drain,
             },
             from_handles,
-            room.clone(),
+            room,
+            unreached,
             cx.events,
-            cx.stats.clone(),
+            cx.stats,
         );
         rest.spawn(link.run(rest.token()));
-        Ok(ExternalBroker {
-            inner: Arc::new(Shared {
-                to_link,
-                room,
-                full: settings.outbox_full,
-                max_packet: settings.max_packet_size,
-                stats: cx.stats,
-            }),
-        })
+        Ok(broker)
     }
 
     /// Puts a QoS 1 publish in the outbox. With a full outbox it waits for
