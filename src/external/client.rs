@@ -278,7 +278,7 @@ fn v4_error(e: rumqttc::ConnectionError) -> Error {
     use rumqttc::{ConnectReturnCode as R, ConnectionError as C, StateError as S};
     let handshake = match &e {
         C::ConnectionRefused(R::RefusedProtocolVersion) | C::NotConnAck(_) => true,
-        C::MqttState(S::Deserialization(_)) => true,
+        C::MqttState(S::Deserialization(_) | S::ConnectionAborted) => true,
         C::Io(io) => hung_up(io),
         _ => false,
     };
@@ -295,7 +295,7 @@ fn v5_error(e: v5::ConnectionError) -> Error {
         C::ConnectionRefused(ReturnV5::UnsupportedProtocolVersion)
         | C::ConnectionRefused(ReturnV5::RefusedProtocolVersion)
         | C::NotConnAck(_) => true,
-        C::MqttState(S::Deserialization(_)) => true,
+        C::MqttState(S::Deserialization(_) | S::ConnectionAborted) => true,
         C::Io(io) => hung_up(io),
         _ => false,
     };

@@ -60,6 +60,11 @@ pub(super) struct Link {
     outbox: Outbox,
     /// Set while connected; `/readyz` lists the link as `mqtt.external_url`.
     connected: Option<Up>,
+    /// The broker has answered the status SUBSCRIBE on this connection:
+    /// only then is the outbox published, so that a connection the broker
+    /// drops before (a cluster node unable to serve the session) is not
+    /// blamed on a publish.
+    answered: bool,
     unreached: Unreached,
     events: mpsc::Sender<BrokerEvent>,
     stats: Arc<Stats>,
@@ -99,6 +104,7 @@ impl Link {
             room,
             outbox: Outbox::default(),
             connected: None,
+            answered: false,
             unreached,
             events,
             stats,
@@ -162,7 +168,7 @@ impl Link {
                 event = &mut poll => return Some(event),
                 Some(m) = self.from_handles.recv() => {
                     let seq = self.outbox.add(m.topic, m.payload, m.ack);
-                    if self.connected.is_some() {
+                    if self.answered {
                         Self::hand_over(&self.client, &mut self.outbox, &self.stats, seq);
                     }
                 }
@@ -175,6 +181,12 @@ impl Link {
     }
 
     async fn on_event(&mut self, event: Event) {
+        if matches!(event, Event::SubAck { .. }) && !self.answered {
+            self.answered = true;
+            for seq in self.outbox.pending() {
+                Self::hand_over(&self.client, &mut self.outbox, &self.stats, seq);
+            }
+        }
         match event {
             Event::ConnAck { session_present } => {
                 let protocol = self.protocols[self.at];
@@ -195,9 +207,6 @@ impl Link {
                     if let Err(e) = self.client.try_subscribe(filter) {
                         error!(error = %e, %filter, "could not queue a subscription");
                     }
-                }
-                for seq in self.outbox.pending() {
-                    Self::hand_over(&self.client, &mut self.outbox, &self.stats, seq);
                 }
             }
             Event::SubAck { granted: false } => error!(
@@ -327,7 +336,7 @@ impl Link {
             .outbox
             .add(self.config.feedback_topic.clone(), body.into(), None);
         self.stats.mqtt_external_feedback.inc();
-        if self.connected.is_some() {
+        if self.answered {
             Self::hand_over(&self.client, &mut self.outbox, &self.stats, seq);
         }
     }
@@ -339,10 +348,13 @@ impl Link {
     fn on_error(&mut self, e: client::Error) {
         let addr = self.logins[self.at].addr();
         let unacked = self.outbox.len();
+        // Nothing is published before the SUBACK: a connection lost before
+        // it is the broker's trouble.
         let blamed = match e.writing {
             true => self.outbox.being_written(),
             false => self.outbox.oldest_unanswered(),
         };
+        self.answered = false;
         if let Some(seq) = blamed {
             self.failed(seq, true, &format!("connection lost: {}", e.text));
         }
@@ -357,6 +369,11 @@ impl Link {
             info!(broker = %addr, mqtt = other.name(), "the broker refused the handshake; trying the other MQTT version");
             self.protocols[self.at] = other;
         } else {
+            // A handshake cut short by a broker going down is no verdict on
+            // its version: MQTT 5 first again next time.
+            if was_connected {
+                self.protocols[self.at] = Protocol::V5;
+            }
             self.at = (self.at + 1) % self.logins.len();
         }
         self.outbox.connection_lost();
