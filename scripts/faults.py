@@ -117,7 +117,11 @@ class Procs:
             try:
                 p.wait(10)
             except subprocess.TimeoutExpired:
-                p.kill()
+                pass
+            try:  # its own session: whatever it left behind too (a beam)
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 class RedisCluster:

@@ -334,6 +334,25 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err)]
+    fn a_list_of_urls_from_the_environment() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("setting.toml", "")?;
+            jail.set_env(
+                "PUSHBRIDGE_MQTT__EXTERNAL_URL",
+                r#"["mqtt://a:1883", "mqtt://b:1883"]"#,
+            );
+            let s = Settings::load(std::path::Path::new("setting.toml")).expect("loads");
+            let urls = s.mqtt.external_url.expect("set");
+            assert_eq!(urls.urls(), ["mqtt://a:1883", "mqtt://b:1883"]);
+            jail.set_env("PUSHBRIDGE_MQTT__EXTERNAL_URL", "mqtt://c:1883");
+            let s = Settings::load(std::path::Path::new("setting.toml")).expect("loads");
+            assert_eq!(s.mqtt.external_url.expect("set").urls(), ["mqtt://c:1883"]);
+            Ok(())
+        });
+    }
+
+    #[test]
     fn ca_file_problems_name_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ca.pem");
