@@ -299,9 +299,13 @@ impl Link {
         if failures < self.config.max_attempts {
             return false;
         }
-        let Some(entry) = self.outbox.take(seq) else {
+        let Some(mut entry) = self.outbox.take(seq) else {
             return true;
         };
+        // Final, as an APNs notification given up on: its caller is done.
+        if let Some(ack) = entry.ack.take() {
+            let _ = ack.send(());
+        }
         match lost {
             false => self.stats.mqtt_external_dropped_refused.inc(),
             true => self.stats.mqtt_external_dropped_disconnected.inc(),

@@ -5,7 +5,12 @@
 //! At least once: every publish stays in pushbridge's own [`outbox`] until
 //! the broker's PUBACK, and after any reconnect everything not yet
 //! acknowledged is published again, whether or not the broker kept the
-//! session (rumqttc alone would drop it on `session_present = 0`).
+//! session (rumqttc alone would drop it on `session_present = 0`), to the
+//! next URL of the list when a connection is lost. MQTT 5 when the broker
+//! speaks it (`client`): a user push its PUBACK says reached nobody
+//! (0x10) is kept offline and replayed when the user is back
+//! (`unreached`); one it refuses is dropped after
+//! `mqtt.external_max_attempts`, with feedback.
 //! The status subscription is shared (`$share/<group>/...`) so that several
 //! pushbridge instances handle each status message once. There is no
 //! disconnect event from an external broker: an app's focus is cleared by
@@ -139,8 +144,11 @@ impl ExternalBroker {
     }
 
     /// Like `publish`; the receiver resolves when the broker's PUBACK
-    /// arrives (for callers that acknowledge only what was delivered), and
-    /// fails if the message was dropped or pushbridge stopped first.
+    /// arrives (for callers that acknowledge only what was delivered; for a
+    /// push that reached nobody, once it is kept offline) or when the
+    /// message is given up after `mqtt.external_max_attempts` (reported as
+    /// feedback), and fails if it was dropped for want of room or
+    /// pushbridge stopped first.
     pub async fn publish_confirmed(&self, topic: &str, payload: Bytes) -> oneshot::Receiver<()> {
         let (tx, rx) = oneshot::channel();
         self.keep(topic, payload, Some(tx)).await;
