@@ -203,7 +203,7 @@ RABBITMQ = "/usr/lib/rabbitmq/bin"
 class RabbitCluster:
     """RabbitMQ nodes a, b, c (MQTT plugin, anonymous logins as guest) joined
     in one cluster on loopback: distinct node names, ports, data and log
-    directories, one Erlang cookie (a shared HOME). Three, not two: before
+    directories, one Erlang cookie (a shared HOME), their own epmd. Three, not two: before
     3.12 the MQTT plugin registers client ids in a Raft cluster of the
     nodes, and two nodes without one have no majority, so node B would
     refuse MQTT connections once node A stops. Persistent sessions use
@@ -215,6 +215,11 @@ class RabbitCluster:
         self.procs = procs
         self.home = os.path.join(procs.tmp, "rabbitmq")
         self.nodes = {}
+        # Its own epmd, up before the nodes (three starting it at once race),
+        # stopped with the rest.
+        epmd = free_port()
+        procs.start("epmd", ["epmd", "-port", str(epmd)])
+        wait_for(lambda: port_open(epmd), "epmd")
         for n in ("a", "b", "c"):
             d = os.path.join(self.home, n)
             os.makedirs(d)
@@ -229,7 +234,8 @@ class RabbitCluster:
             with open(os.path.join(d, "enabled_plugins"), "w") as f:
                 f.write("[rabbitmq_mqtt].\n")
             self.nodes[n] = dict(name=f"pbfaults{n}@localhost", port=port, dir=d, env=dict(
-                os.environ, HOME=self.home, RABBITMQ_NODENAME=f"pbfaults{n}@localhost",
+                os.environ, HOME=self.home, ERL_EPMD_PORT=str(epmd),
+                RABBITMQ_NODENAME=f"pbfaults{n}@localhost",
                 RABBITMQ_CONFIG_FILE=os.path.join(d, "rabbitmq.conf"),
                 RABBITMQ_ENABLED_PLUGINS_FILE=os.path.join(d, "enabled_plugins"),
                 RABBITMQ_MNESIA_BASE=os.path.join(d, "mnesia"),
