@@ -65,6 +65,9 @@ pub(super) struct Link {
     /// drops before (a cluster node unable to serve the session) is not
     /// blamed on a publish.
     answered: bool,
+    /// After a lost connection: one publish at a time until the broker
+    /// answers one, so that a broker hanging up on a publish shows which.
+    careful: bool,
     unreached: Unreached,
     events: mpsc::Sender<BrokerEvent>,
     stats: Arc<Stats>,
@@ -105,6 +108,7 @@ impl Link {
             outbox: Outbox::default(),
             connected: None,
             answered: false,
+            careful: false,
             unreached,
             events,
             stats,
@@ -168,7 +172,7 @@ impl Link {
                 event = &mut poll => return Some(event),
                 Some(m) = self.from_handles.recv() => {
                     let seq = self.outbox.add(m.topic, m.payload, m.ack);
-                    if self.answered {
+                    if may_send(self.answered, self.careful, &self.outbox) {
                         Self::hand_over(&self.client, &mut self.outbox, &self.stats, seq);
                     }
                 }
@@ -184,7 +188,7 @@ impl Link {
         if matches!(event, Event::SubAck { .. }) && !self.answered {
             self.answered = true;
             for seq in self.outbox.pending() {
-                Self::hand_over(&self.client, &mut self.outbox, &self.stats, seq);
+                self.offer(seq);
             }
         }
         match event {
@@ -259,14 +263,25 @@ impl Link {
         let Some(seq) = self.outbox.answered(pkid) else {
             return;
         };
+        self.settle(seq, reason);
+        if self.careful {
+            self.careful = false;
+            for seq in self.outbox.pending() {
+                self.offer(seq);
+            }
+        }
+    }
+
+    fn settle(&mut self, seq: u64, reason: u8) {
         if reason >= 0x80 {
             self.stats.mqtt_external_refused.inc();
             let text = format!(
                 "refused by the broker: 0x{reason:02x} {}",
                 client::puback_reason(reason)
             );
-            if !self.failed(seq, false, &text) {
-                Self::hand_over(&self.client, &mut self.outbox, &self.stats, seq);
+            // Careful: it goes again with everything else, below.
+            if !self.failed(seq, false, &text) && !self.careful {
+                self.offer(seq);
             }
             return;
         }
@@ -340,9 +355,7 @@ impl Link {
             .outbox
             .add(self.config.feedback_topic.clone(), body.into(), None);
         self.stats.mqtt_external_feedback.inc();
-        if self.answered {
-            Self::hand_over(&self.client, &mut self.outbox, &self.stats, seq);
-        }
+        self.offer(seq);
     }
 
     /// The connection is gone: the publish to blame (if any) is charged,
@@ -352,13 +365,16 @@ impl Link {
     fn on_error(&mut self, e: client::Error) {
         let addr = self.logins[self.at].addr();
         let unacked = self.outbox.len();
-        // Nothing is published before the SUBACK: a connection lost before
-        // it is the broker's trouble.
-        let blamed = match e.writing {
-            true => self.outbox.being_written(),
-            false => self.outbox.oldest_unanswered(),
+        // The client refused the packet it was writing: that one. Otherwise
+        // only the lone publish of a careful connection is known to be the
+        // last thing the broker read (nothing is published before the SUBACK).
+        let blamed = match (e.writing, self.careful) {
+            (true, _) => self.outbox.being_written(),
+            (false, true) => self.outbox.oldest_unanswered(),
+            (false, false) => None,
         };
         self.answered = false;
+        self.careful = true;
         if let Some(seq) = blamed {
             self.failed(seq, true, &format!("connection lost: {}", e.text));
         }
@@ -388,6 +404,12 @@ impl Link {
         );
         self.client = client;
         self.eventloop = eventloop;
+    }
+
+    fn offer(&mut self, seq: u64) {
+        if may_send(self.answered, self.careful, &self.outbox) {
+            Self::hand_over(&self.client, &mut self.outbox, &self.stats, seq);
+        }
     }
 
     fn hand_over(client: &Client, outbox: &mut Outbox, stats: &Stats, seq: u64) {
@@ -449,6 +471,12 @@ fn subscribed_topic(payload: &[u8]) -> Option<String> {
         .next()
         .filter(|t| !t.is_empty())
         .map(String::from)
+}
+
+/// A publish goes to rumqttc once the broker has answered the SUBSCRIBE;
+/// while careful, only when nothing else is unanswered.
+fn may_send(answered: bool, careful: bool, outbox: &Outbox) -> bool {
+    answered && (!careful || outbox.oldest_unanswered().is_none())
 }
 
 /// Resolves at `deadline`, never without one.

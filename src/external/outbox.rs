@@ -19,8 +19,8 @@ pub(crate) struct Entry {
     pub payload: Bytes,
     /// Times it was handed to rumqttc (more than one: a republish).
     pub sends: u32,
-    /// Failed attempts: refused in a PUBACK, or the oldest unanswered
-    /// publish when the connection was lost (see `Outbox::failed`).
+    /// Failed attempts: refused in a PUBACK, or the lone unanswered publish
+    /// when the connection was lost (see `Link::on_error`).
     pub failures: u32,
     /// The connection of the last failure.
     failed_on: Option<u64>,

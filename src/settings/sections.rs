@@ -101,7 +101,8 @@ pub struct MqttSettings {
     /// handle each status once; empty: a plain subscription.
     pub external_shared_group: String,
     /// Failed attempts (a refusing PUBACK, or the connection lost while it
-    /// was the oldest unacknowledged publish) before a publish is dropped.
+    /// was the one publish in flight after a reconnect) before a publish
+    /// is dropped.
     pub external_max_attempts: u32,
     /// Topic filter on which the broker publishes subscribe events (EMQX
     /// system messages, Mosquitto's log topic): a user topic subscribed
