@@ -29,6 +29,32 @@ struct Node {
     child: Option<Child>,
 }
 
+/// `epmd -port <free port>` in the foreground; `None` if it exited (the
+/// port was taken meanwhile) or did not listen in time.
+fn start_epmd(dir: &std::path::Path) -> Option<(Child, u16)> {
+    let port = free_port();
+    let log = std::fs::File::create(dir.join("epmd.log")).ok()?;
+    let mut child = Command::new("epmd")
+        .args(["-port", &port.to_string()])
+        .stdout(log.try_clone().ok()?)
+        .stderr(log)
+        .spawn()
+        .expect("epmd starts (erlang, installed with rabbitmq-server)");
+    let deadline = Instant::now() + super::WAIT;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return None;
+        }
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Some((child, port));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -48,18 +74,10 @@ impl RabbitCluster {
         let cookie = std::fs::Permissions::from_mode(0o400);
         std::fs::set_permissions(dir.path().join(".erlang.cookie"), cookie).unwrap();
         // Its own epmd, up before the nodes (three starting it at once race).
-        let epmd_port = free_port();
-        let epmd = Command::new("epmd")
-            .args(["-port", &epmd_port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("epmd starts (erlang, with rabbitmq-server)");
-        let deadline = Instant::now() + super::WAIT;
-        while std::net::TcpStream::connect(("127.0.0.1", epmd_port)).is_err() {
-            assert!(Instant::now() < deadline, "epmd did not listen");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let Some((epmd, epmd_port)) = (0..5).find_map(|_| start_epmd(dir.path())) else {
+            let log = std::fs::read_to_string(dir.path().join("epmd.log")).unwrap_or_default();
+            panic!("epmd did not start: {log}");
+        };
         let mut cluster = RabbitCluster {
             nodes: Vec::new(),
             epmd_port,
