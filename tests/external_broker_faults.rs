@@ -310,10 +310,10 @@ async fn a_refused_publish_is_dropped_after_its_attempts_with_feedback() {
     }
 }
 
-/// A TCP relay in front of a broker whose client-to-broker direction can
-/// be frozen: the broker then reads nothing more from pushbridge while it
-/// still delivers what it has to the app, and the relay's connection ends
-/// when the broker's does.
+/// A TCP relay in front of a broker that can be frozen: the broker then
+/// reads nothing more from pushbridge and pushbridge hears nothing more from
+/// it, while it still delivers what it has to the app; the relay's
+/// connection ends when the broker's does.
 struct Relay {
     port: u16,
     frozen: tokio::sync::watch::Sender<bool>,
@@ -331,7 +331,7 @@ impl Relay {
                 };
                 let (mut from_client, mut to_client) = client.into_split();
                 let (mut from_broker, mut to_broker) = upstream.into_split();
-                let mut watch = watch.clone();
+                let (mut watch, down_watch) = (watch.clone(), watch.clone());
                 let up = tokio::spawn(async move {
                     let mut buf = vec![0u8; 16 * 1024];
                     loop {
@@ -350,8 +350,30 @@ impl Relay {
                         }
                     }
                 });
+                // Frozen, what the broker sends is dropped: a PUBACK still
+                // on its way never reaches pushbridge, so the pushes counted
+                // as acknowledged stop changing, and the rest are
+                // republished to the second broker. Still read, so the
+                // broker's end is seen.
+                let mut watch = down_watch;
                 tokio::spawn(async move {
-                    let _ = tokio::io::copy(&mut from_broker, &mut to_client).await;
+                    let mut buf = vec![0u8; 16 * 1024];
+                    loop {
+                        let n =
+                            match tokio::io::AsyncReadExt::read(&mut from_broker, &mut buf).await {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                        if *watch.borrow_and_update() {
+                            continue;
+                        }
+                        if tokio::io::AsyncWriteExt::write_all(&mut to_client, &buf[..n])
+                            .await
+                            .is_err()
+                        {
+                            break;
+                        }
+                    }
                     up.abort();
                 });
             }
