@@ -14,7 +14,8 @@ use crate::apns::{ApnsJob, ApnsSender};
 use crate::offline::OfflineStore;
 use crate::publisher::MqttOut;
 use crate::push::Ack;
-use crate::push::{Id, Push, Target, UserRecord};
+use crate::push::{Id, Push, PushId, Target, UserRecord};
+use crate::receipts::{Event, Receipts, Tag};
 use crate::registry::{Registry, RegistryError, UserStore};
 use crate::router;
 use crate::settings::Settings;
@@ -37,6 +38,8 @@ pub struct Dispatcher {
     /// How long a batch waits for an unreachable registry before its pushes
     /// are final failures (`registry.outage_wait_secs`).
     pub outage_wait: Duration,
+    /// Outcomes of pushes that ask for a receipt (off unless set).
+    pub receipts: Receipts,
 }
 
 impl Dispatcher {
@@ -56,6 +59,7 @@ impl Dispatcher {
             stats,
             offline,
             outage_wait: Duration::from_secs(settings.registry.outage_wait_secs),
+            receipts: Receipts::default(),
         }
     }
 }
@@ -101,7 +105,7 @@ impl Dispatcher {
     ) -> Result<Vec<Delivered>, RegistryError> {
         let records = self.lookup_with_retry(batch, wait).await?;
         let mut out = Vec::with_capacity(batch.len());
-        let mut offline = Vec::new();
+        let mut offline: Vec<Kept> = Vec::new();
         for (i, push) in batch.iter().enumerate() {
             out.push(
                 self.deliver(push, &records, acks.get(i), &mut offline)
@@ -229,21 +233,41 @@ impl Dispatcher {
         push: &Push,
         records: &Records,
         ack: Option<&Ack>,
-        offline: &mut Vec<(Id, bytes::Bytes)>,
+        offline: &mut Vec<Kept>,
     ) -> Delivered {
         let (routing, users) = self.route(push, records);
+        let tag = match push.receipt {
+            true => self.routed(push, &routing, &users),
+            false => None,
+        };
         let mut sessions = Vec::with_capacity(routing.mqtt_topics.len());
         if !routing.mqtt_topics.is_empty() {
             let payload = push.json();
             for topic in &routing.mqtt_topics {
-                let reached = self.broker.publish_acked(topic, payload.clone(), ack).await;
+                let reached = self
+                    .broker
+                    .publish_acked(topic, payload.clone(), ack, tag.as_ref())
+                    .await;
                 debug!(%topic, sessions = reached, "published");
                 self.stats.mqtt_published.inc();
                 sessions.push(reached);
+                if tag.is_some() {
+                    let topic = topic.clone();
+                    let written = Event::MqttWritten {
+                        topic,
+                        sessions: reached,
+                    };
+                    self.receipts.record(&push.id, written);
+                }
             }
             if self.offline.enabled() {
                 let unreached = self.unreached(push, &users, &routing.mqtt_topics, &sessions);
-                offline.extend(unreached.into_iter().map(|id| (id, payload.clone())));
+                let receipt = push.receipt.then(|| push.id.clone());
+                offline.extend(
+                    unreached
+                        .into_iter()
+                        .map(|id| (id, payload.clone(), receipt.clone())),
+                );
             }
         }
         for delivery in &routing.apns {
@@ -253,6 +277,7 @@ impl Dispatcher {
                     data: push.data.clone(),
                     options: push.apns.clone(),
                     ack: ack.map(Ack::share),
+                    receipt: push.receipt.then(|| push.id.clone()),
                 })
                 .await;
         }
@@ -307,15 +332,41 @@ impl Dispatcher {
             .collect()
     }
 
+    /// Records a push with a receipt as routed; the tag its MQTT messages carry.
+    fn routed(
+        &self,
+        push: &Push,
+        routing: &router::Routing,
+        users: &[(Id, Option<&UserRecord>)],
+    ) -> Option<Arc<Tag>> {
+        let routed = Event::Routed {
+            mqtt: routing.mqtt_topics.clone(),
+            apns: routing.apns.iter().map(|a| a.user.clone()).collect(),
+            unknown_users: unknown(users),
+        };
+        self.receipts.record(&push.id, routed);
+        self.receipts.tag(&push.id)
+    }
+
     /// Keeps a batch's messages for users who were offline (one Redis round trip).
-    async fn keep_offline(&self, kept: &[(Id, bytes::Bytes)]) {
+    async fn keep_offline(&self, kept: &[Kept]) {
         if kept.is_empty() {
             return;
         }
-        match self.offline.keep(kept).await {
+        let messages: Vec<(Id, bytes::Bytes)> = kept
+            .iter()
+            .map(|(u, m, _)| (u.clone(), m.clone()))
+            .collect();
+        match self.offline.keep(&messages).await {
             Ok(dropped) => {
                 self.stats.offline_kept.add(kept.len() as u64);
                 self.stats.offline_dropped.add(dropped as u64);
+                for (user, _, push) in kept {
+                    if let Some(push) = push {
+                        let user = user.clone();
+                        self.receipts.record(push, Event::OfflineKept { user });
+                    }
+                }
             }
             Err(e) => {
                 warn!(error = %e, messages = kept.len(), "offline messages not kept");
@@ -324,6 +375,10 @@ impl Dispatcher {
         }
     }
 }
+
+/// A message kept for an offline user, with its push's id when it asked
+/// for a receipt.
+type Kept = (Id, bytes::Bytes, Option<PushId>);
 
 /// A batch's registry answers.
 struct Records {

@@ -1,15 +1,23 @@
 //! Push ids and receipts over real sockets: 4-item proxy frames, the ids
-//! `POST /v1/push` answers, and what became of each push.
+//! `POST /v1/push` answers, and what became of each push (real MQTT
+//! devices, the local APNs server, a second instance sharing Redis).
 
+#[path = "support/apns.rs"]
+mod apns_server;
 mod support;
 
+use apns_server::{ApnsServer, Reply, TestCredentials};
+use pushbridge::push::{Id, UserRecord};
+use pushbridge::registry::UserStore;
+use pushbridge::settings::Settings;
 use rmpv::Value as Mp;
-use serde_json::json;
-use support::http::post_json;
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use support::http::{get, post_json};
 use support::mqtt::Device;
 use support::proxy::Backend;
 use support::redis::RedisServer;
-use support::server;
+use support::{server, wait_until};
 
 both_registries!(options_are_the_fourth_item, options_frames);
 async fn options_frames(settings: pushbridge::settings::Settings) {
@@ -113,5 +121,277 @@ async fn http_ids(settings: pushbridge::settings::Settings) {
         let error = reply.json()["error"].as_str().unwrap().to_owned();
         assert!(error.contains(want), "{error} lacks {want}");
     }
+    server.stop().await;
+}
+
+fn with_receipts(mut settings: Settings) -> Settings {
+    settings.receipts.enabled = true;
+    settings
+}
+
+/// `GET /v1/pushes/{id}` once `done` holds for its answer (polled: the
+/// outcome changes as devices and Apple answer).
+async fn outcome_until(addr: SocketAddr, id: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let path = format!("/v1/pushes/{id}");
+    let mut last = Value::Null;
+    let found = tokio::time::timeout(support::WAIT, async {
+        loop {
+            let reply = get(addr, &path).await;
+            if reply.status == 200 {
+                last = reply.json();
+                if done(&last) {
+                    return last.clone();
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    found.unwrap_or_else(|_| panic!("{path} never got there; last answer: {last}"))
+}
+
+/// The topic's entry of an outcome.
+fn topic<'a>(outcome: &'a Value, name: &str) -> &'a Value {
+    outcome["mqtt"]
+        .as_array()
+        .and_then(|a| a.iter().find(|t| t["topic"] == name))
+        .unwrap_or_else(|| panic!("no {name} in {outcome}"))
+}
+
+/// A device that acknowledges everything it gets: its event loop polled
+/// on its own task (rumqttc sends the PUBACK on the next poll).
+async fn acking_device(addr: SocketAddr, id: &str, topic: &str) -> tokio::task::JoinHandle<()> {
+    let mut device = Device::connect(addr, id, true).await;
+    device.subscribe(topic).await;
+    tokio::spawn(async move { while device.events.poll().await.is_ok() {} })
+}
+
+/// A device that takes QoS 1 messages and never acknowledges them.
+async fn silent_device(addr: SocketAddr, id: &str, topic: &str) -> Device {
+    let mut opts = Device::options(addr, id, true);
+    opts.set_manual_acks(true);
+    let mut device = Device::connect_opts(opts).await;
+    device.subscribe(topic).await;
+    device
+}
+
+both_registries!(mqtt_outcomes_per_target, mqtt_outcomes);
+async fn mqtt_outcomes(settings: Settings) {
+    let server = server::start(with_receipts(settings)).await;
+    let http = server.http_addr;
+    let acking = acking_device(server.mqtt_addr, "acks", "push/user/1").await;
+    let mut silent = silent_device(server.mqtt_addr, "silent", "push/user/2").await;
+    let mut backend = Backend::connect(server.proxy_addr).await;
+
+    // User 1 acknowledges, user 2 never does, user 3 is offline.
+    let ids = Mp::Array(vec![Mp::from(1), Mp::from(2), Mp::from(3)]);
+    let opts = json!({"id": "p1", "receipt": true});
+    assert_eq!(
+        backend.push_with(3, ids, &json!({"n": 1}), &opts).await,
+        0x0b
+    );
+    let (_, payload, _) = silent.next_publish().await;
+    assert_eq!(&payload[..], br#"{"n":1}"#);
+    let got = outcome_until(http, "p1", |o| {
+        topic(o, "push/user/1")["acks"] == 1
+            && o["offline"].as_array().is_some_and(|a| !a.is_empty())
+    })
+    .await;
+    assert_eq!(got["id"], "p1");
+    assert!(got["routed_at"].as_u64().is_some(), "{got}");
+    let one = topic(&got, "push/user/1");
+    assert_eq!(one["sessions"], 1);
+    assert!(
+        one["acked_at"].as_u64() >= one["written_at"].as_u64(),
+        "{got}"
+    );
+    let two = topic(&got, "push/user/2");
+    assert_eq!(
+        (two["sessions"].clone(), two["acks"].clone()),
+        (json!(1), json!(0))
+    );
+    assert_eq!(two["acked_at"], Value::Null);
+    let three = topic(&got, "push/user/3");
+    assert_eq!(three["sessions"], 0);
+    assert_eq!(got["offline"][0]["user"], "3");
+    assert_eq!(got["offline"][0]["state"], "kept");
+    assert_eq!(got["unknown_users"], json!(["1", "2", "3"]));
+
+    // A group push: per topic, sessions reached and acknowledgements.
+    let g1 = acking_device(server.mqtt_addr, "g1", "push/group/7").await;
+    let g2 = acking_device(server.mqtt_addr, "g2", "push/group/7").await;
+    let opts = json!({"id": "g-7", "receipt": true});
+    assert_eq!(
+        backend
+            .push_with(1, Mp::from(7), &json!({"g": 1}), &opts)
+            .await,
+        0x0b
+    );
+    let got = outcome_until(http, "g-7", |o| topic(o, "push/group/7")["acks"] == 2).await;
+    assert_eq!(topic(&got, "push/group/7")["sessions"], 2);
+
+    // Without `receipt`, nothing is recorded; a bad id is a 400.
+    let opts = json!({"id": "p2"});
+    assert_eq!(
+        backend
+            .push_with(2, Mp::from(1), &json!({"n": 2}), &opts)
+            .await,
+        0x0b
+    );
+    assert_eq!(
+        backend.push(2, Mp::from(1), &json!({"sentinel": 1})).await,
+        0x00
+    );
+    let reply = get(http, "/v1/pushes/p2").await;
+    assert_eq!(reply.status, 404, "{}", reply.text());
+    assert!(reply.json()["error"]
+        .as_str()
+        .unwrap()
+        .contains("receipt: true"));
+    assert_eq!(get(http, "/v1/pushes/a%20b").await.status, 400);
+    for task in [acking, g1, g2] {
+        task.abort();
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn receipts_off_answer_404_and_record_nothing() {
+    let server = server::start(server::settings(None)).await;
+    let body = json!({"user": 1, "data": {}, "id": "x1", "receipt": true});
+    assert_eq!(
+        post_json(server.http_addr, "/v1/push", &body).await.status,
+        200
+    );
+    let reply = get(server.http_addr, "/v1/pushes/x1").await;
+    assert_eq!(reply.status, 404);
+    assert!(
+        reply.text().contains("receipts.enabled"),
+        "{}",
+        reply.text()
+    );
+    assert_eq!(server.stats.receipts_recorded.get(), 0);
+    server.stop().await;
+}
+
+const APP: &str = "com.example.app";
+
+fn ios(token: &str) -> UserRecord {
+    UserRecord {
+        app_token: Some(token.into()),
+        app_ident: Some(APP.into()),
+        app_version: Some("produce".into()),
+        app_focus: false,
+    }
+}
+
+both_registries!(apns_outcomes_per_user, apns_outcomes);
+async fn apns_outcomes(mut settings: Settings) {
+    let apple = ApnsServer::start().await;
+    let creds = TestCredentials::new();
+    let (key, _) = creds.p8("AuthKey_KEY1.p8");
+    settings.apns.config =
+        creds.config(&json!({APP: {"key": key, "key_id": "KEY1", "team_id": "TEAM1"}}));
+    settings.apns.production_url = apple.url();
+    settings.apns.ca_file = Some(apple.ca_path());
+    settings.apns.retry_attempts = 1;
+    let server = server::start(with_receipts(settings)).await;
+    for (uid, token, reply) in [
+        (20u64, "aa20", Reply::Ok),
+        (21, "aa21", Reply::Unregistered { timestamp: 1 }),
+        (22, "aa22", Reply::InternalServerError),
+    ] {
+        server
+            .registry
+            .put_user(&Id::from(uid), &ios(token))
+            .await
+            .unwrap();
+        apple.reply_to(token, reply);
+    }
+    let body =
+        json!({"users": [20, 21, 22], "data": {"alert": "hi"}, "id": "apns-1", "receipt": true});
+    let reply = post_json(server.http_addr, "/v1/push", &body).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let got = outcome_until(server.http_addr, "apns-1", |o| {
+        o["apns"]
+            .as_array()
+            .is_some_and(|a| a.iter().all(|u| u["state"] != "pending"))
+    })
+    .await;
+    let user = |uid: &str| {
+        got["apns"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|u| u["user"] == uid)
+            .unwrap_or_else(|| panic!("no user {uid} in {got}"))
+            .clone()
+    };
+    let ok = user("20");
+    assert_eq!(ok["state"], "accepted");
+    assert!(!ok["apns_id"].as_str().unwrap().is_empty(), "{ok}");
+    assert_eq!(user("21")["state"], "dead_token");
+    assert_eq!(user("21")["reason"], "Unregistered");
+    let failed = user("22");
+    assert_eq!(
+        (failed["state"].clone(), failed["status"].clone()),
+        (json!("rejected"), json!(500))
+    );
+    assert!(
+        failed["reason"]
+            .as_str()
+            .unwrap()
+            .contains("InternalServerError"),
+        "{failed}"
+    );
+    server.stop().await;
+}
+
+/// Any instance answers for a push another delivered, when Redis is the registry.
+#[tokio::test]
+async fn a_second_instance_sharing_redis_answers() {
+    let redis = RedisServer::start();
+    let a = server::start(with_receipts(server::settings(Some(&redis.url)))).await;
+    let b = server::start(with_receipts(server::settings(Some(&redis.url)))).await;
+    let acking = acking_device(a.mqtt_addr, "d1", "push/user/1").await;
+    let body = json!({"user": 1, "data": {"n": 1}, "receipt": true});
+    let reply = post_json(a.http_addr, "/v1/push", &body).await;
+    let id = reply.json()["results"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let got = outcome_until(b.http_addr, &id, |o| topic(o, "push/user/1")["acks"] == 1).await;
+    assert_eq!(got["id"], id.as_str());
+    let mut conn = redis.conn();
+    let ttl: i64 = redis::cmd("TTL")
+        .arg(format!("Receipt:{id}"))
+        .query(&mut conn)
+        .unwrap();
+    assert!(ttl > 0 && ttl <= 86_400, "TTL {ttl}");
+    acking.abort();
+    a.stop().await;
+    b.stop().await;
+}
+
+/// More receipts than `receipts.max_records`: the oldest are forgotten
+/// (counted), the newest answered.
+#[tokio::test]
+async fn the_memory_store_stays_within_its_bound() {
+    let mut settings = with_receipts(server::settings(None));
+    settings.receipts.max_records = 5;
+    let server = server::start(settings).await;
+    let notifications: Vec<Value> = (0..20)
+        .map(|i| json!({"user": 1, "data": {}, "id": format!("b{i}"), "receipt": true}))
+        .collect();
+    let body = json!({ "notifications": notifications });
+    assert_eq!(
+        post_json(server.http_addr, "/v1/push", &body).await.status,
+        200
+    );
+    outcome_until(server.http_addr, "b19", |_| true).await;
+    wait_until(|| async { server.stats.receipts_evicted.get() == 15 }).await;
+    assert_eq!(get(server.http_addr, "/v1/pushes/b0").await.status, 404);
+    assert_eq!(get(server.http_addr, "/v1/pushes/b14").await.status, 404);
+    assert_eq!(get(server.http_addr, "/v1/pushes/b15").await.status, 200);
     server.stop().await;
 }

@@ -360,11 +360,19 @@ impl Conn {
             }
             In::PubAck(pkid) => {
                 let mut st = self.session.lock();
-                if let Some(i) = st.inflight.iter().position(|m| m.pkid == pkid) {
-                    st.inflight.remove(i);
-                }
+                let acked = match st.inflight.iter().position(|m| m.pkid == pkid) {
+                    Some(i) => st.inflight.remove(i),
+                    None => None,
+                };
                 if st.inflight.is_empty() && st.inflight.capacity() > 4 {
                     st.inflight = Default::default();
+                }
+                drop(st);
+                if let Some(m) = acked {
+                    self.inner.stats.mqtt_acked.inc();
+                    if let Some(tag) = &m.msg.tag {
+                        tag.acked(&m.msg.topic, &self.client_id);
+                    }
                 }
             }
             // The server never sends QoS 2, so these acknowledge nothing.
@@ -651,7 +659,7 @@ async fn publish_from(
         };
         let _ = inner.events.send(event).await;
     }
-    inner.route(topic, payload, qos.min(1));
+    inner.route(topic, payload, qos.min(1), None);
 }
 
 /// Writes PUBLISH packets for `pump` while it holds the session lock.

@@ -28,6 +28,7 @@ use tracing::debug;
 
 use crate::auth::Auth;
 use crate::lifecycle::Phase;
+use crate::receipts::Tag;
 use crate::settings::MqttSettings;
 use crate::stats::Stats;
 use session::{Budget, Msg, Pushed, SessionTable};
@@ -156,7 +157,7 @@ impl Inner {
     /// Hands a message to every matching session without waiting; returns
     /// how many took it. On a user's own topic only its exact subscribers
     /// count: a wildcard (a monitor's `<prefix>/user/#`) is not the user.
-    fn route(&self, topic: &str, payload: Bytes, max_qos: u8) -> usize {
+    fn route(&self, topic: &str, payload: Bytes, max_qos: u8, tag: Option<&Arc<Tag>>) -> usize {
         type Targets = Vec<(u64, Arc<session::Session>, u8)>;
         thread_local! {
             /// Reused by every publish on this thread: no allocation per publish.
@@ -176,7 +177,7 @@ impl Inner {
                 false => usize::MAX,
             };
             let topic: Arc<str> = shared.unwrap_or_else(|| topic.into());
-            delivered = self.hand_out(&topic, &payload, max_qos, &mut targets, counted);
+            delivered = self.hand_out(&topic, &payload, max_qos, tag, &mut targets, counted);
         }
         // A big fan-out's buffer is not kept for the thread's lifetime.
         if targets.capacity() <= 1024 {
@@ -196,6 +197,7 @@ impl Inner {
         topic: &Arc<str>,
         payload: &Bytes,
         max_qos: u8,
+        tag: Option<&Arc<Tag>>,
         targets: &mut Vec<(u64, Arc<session::Session>, u8)>,
         counted: usize,
     ) -> usize {
@@ -205,6 +207,7 @@ impl Inner {
                 topic: topic.clone(),
                 payload: payload.clone(),
                 qos: qos.min(max_qos),
+                tag: tag.cloned(),
             };
             match session.push(msg, self.settings.max_queued, &self.budget) {
                 Pushed::Queued(dropped) => {
@@ -269,7 +272,13 @@ impl Broker {
     /// Returns the number of sessions it was delivered or queued to;
     /// sessions whose queue is full drop it (counted in `mqtt_dropped`).
     pub fn publish(&self, topic: &str, payload: Bytes) -> usize {
-        self.inner.route(topic, payload, 1)
+        self.inner.route(topic, payload, 1, None)
+    }
+
+    /// `publish` for a push that asked for a receipt: each device's PUBACK
+    /// is reported through `tag`.
+    pub fn publish_tagged(&self, topic: &str, payload: Bytes, tag: Option<&Arc<Tag>>) -> usize {
+        self.inner.route(topic, payload, 1, tag)
     }
 
     /// Binds the listeners `mqtt` sets and serves devices on `devices`

@@ -15,6 +15,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::topics::Index;
+use crate::receipts::Tag;
 
 /// One message on its way to one session; topic and payload are shared.
 #[derive(Debug, Clone)]
@@ -22,6 +23,8 @@ pub struct Msg {
     pub topic: Arc<str>,
     pub payload: Bytes,
     pub qos: u8,
+    /// Set when the push asked for a receipt: its PUBACK is reported.
+    pub tag: Option<Arc<Tag>>,
 }
 
 impl Msg {
@@ -557,6 +560,7 @@ mod tests {
 
     fn msg(t: &str) -> Msg {
         Msg {
+            tag: None,
             topic: t.into(),
             payload: Bytes::from_static(b"x"),
             qos: 1,

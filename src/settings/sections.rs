@@ -198,6 +198,39 @@ impl Default for OfflineSettings {
     }
 }
 
+/// `[receipts]`: what became of pushes sent with `receipt: true`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReceiptsSettings {
+    /// Record outcomes of pushes that ask for a receipt; off, they are
+    /// delivered alike and nothing is recorded.
+    pub enabled: bool,
+    /// A push's outcome is kept this long after its last change.
+    pub ttl_secs: u64,
+    /// The Redis hash per push (when Redis is the registry).
+    pub key: String,
+    /// Pushes whose outcome the in-memory store keeps; the oldest go first.
+    pub max_records: usize,
+    /// Bytes of outcomes the in-memory store keeps; the oldest go first.
+    pub max_bytes: usize,
+    /// Outcome changes waiting to be written; beyond it they are dropped
+    /// (counted in `receipts_dropped`).
+    pub queue: usize,
+}
+
+impl Default for ReceiptsSettings {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            ttl_secs: 86400,
+            key: "Receipt:{id}".into(),
+            max_records: 100_000,
+            max_bytes: 64 << 20,
+            queue: 65_536,
+        }
+    }
+}
+
 /// `[intake]`: where accepted pushes wait for routing.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]

@@ -158,6 +158,14 @@ counters! {
     offline_expired,
     /// Kept messages handed to a session of their user when it subscribed.
     offline_delivered,
+    /// QoS 1 messages a device acknowledged (PUBACK) on the embedded broker.
+    mqtt_acked,
+    /// Receipts: outcome changes written to the store.
+    receipts_recorded,
+    /// Receipts: outcome changes lost: the queue (receipts.queue) was full, or the store failed.
+    receipts_dropped,
+    /// Receipts: outcomes the in-memory store forgot early to stay within receipts.max_records and max_bytes.
+    receipts_evicted,
 }
 
 #[cfg(test)]
