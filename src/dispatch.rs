@@ -11,10 +11,10 @@ use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
 use crate::apns::{ApnsJob, ApnsSender};
-use crate::offline::OfflineStore;
+use crate::offline::{Message, OfflineStore};
 use crate::publisher::MqttOut;
 use crate::push::Ack;
-use crate::push::{Id, Push, PushId, Target, UserRecord};
+use crate::push::{Id, Push, Target, UserRecord};
 use crate::receipts::{Event, Receipts, Tag};
 use crate::registry::{Registry, RegistryError, UserStore};
 use crate::router;
@@ -105,7 +105,7 @@ impl Dispatcher {
     ) -> Result<Vec<Delivered>, RegistryError> {
         let records = self.lookup_with_retry(batch, wait).await?;
         let mut out = Vec::with_capacity(batch.len());
-        let mut offline: Vec<Kept> = Vec::new();
+        let mut offline: Vec<Message> = Vec::new();
         for (i, push) in batch.iter().enumerate() {
             out.push(
                 self.deliver(push, &records, acks.get(i), &mut offline)
@@ -233,7 +233,7 @@ impl Dispatcher {
         push: &Push,
         records: &Records,
         ack: Option<&Ack>,
-        offline: &mut Vec<Kept>,
+        offline: &mut Vec<Message>,
     ) -> Delivered {
         let (routing, users) = self.route(push, records);
         let tag = match push.receipt {
@@ -263,11 +263,13 @@ impl Dispatcher {
             if self.offline.enabled() {
                 let unreached = self.unreached(push, &users, &routing.mqtt_topics, &sessions);
                 let receipt = push.receipt.then(|| push.id.clone());
-                offline.extend(
-                    unreached
-                        .into_iter()
-                        .map(|id| (id, payload.clone(), receipt.clone())),
-                );
+                let ttl = push.ttl.map(|t| Duration::from_secs(t.into()));
+                offline.extend(unreached.into_iter().map(|user| Message {
+                    user,
+                    payload: payload.clone(),
+                    receipt: receipt.clone(),
+                    ttl,
+                }));
             }
         }
         for delivery in &routing.apns {
@@ -349,21 +351,17 @@ impl Dispatcher {
     }
 
     /// Keeps a batch's messages for users who were offline (one Redis round trip).
-    async fn keep_offline(&self, kept: &[Kept]) {
+    async fn keep_offline(&self, kept: &[Message]) {
         if kept.is_empty() {
             return;
         }
-        let messages: Vec<(Id, bytes::Bytes)> = kept
-            .iter()
-            .map(|(u, m, _)| (u.clone(), m.clone()))
-            .collect();
-        match self.offline.keep(&messages).await {
+        match self.offline.keep(kept).await {
             Ok(dropped) => {
                 self.stats.offline_kept.add(kept.len() as u64);
                 self.stats.offline_dropped.add(dropped as u64);
-                for (user, _, push) in kept {
-                    if let Some(push) = push {
-                        let user = user.clone();
+                for m in kept {
+                    if let Some(push) = &m.receipt {
+                        let user = m.user.clone();
                         self.receipts.record(push, Event::OfflineKept { user });
                     }
                 }
@@ -375,10 +373,6 @@ impl Dispatcher {
         }
     }
 }
-
-/// A message kept for an offline user, with its push's id when it asked
-/// for a receipt.
-type Kept = (Id, bytes::Bytes, Option<PushId>);
 
 /// A batch's registry answers.
 struct Records {

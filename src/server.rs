@@ -88,7 +88,13 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
     life.rest
         .spawn(stats::series::sample(stats.clone(), life.rest.token()));
     let offline = OfflineStore::new(&registry, &settings.registry, &settings.offline);
-    let events = offline::start(offline.clone(), broker.clone(), events, &life.rest);
+    let events = offline::start(
+        offline.clone(),
+        broker.clone(),
+        receipts.clone(),
+        events,
+        &life.rest,
+    );
     let (reg, st) = (registry.clone(), stats.clone());
     life.rest
         .spawn(status::run(events, reg, st, life.rest.token()));

@@ -217,6 +217,12 @@ async fn mqtt_outcomes(settings: Settings) {
     assert_eq!(got["offline"][0]["state"], "kept");
     assert_eq!(got["unknown_users"], json!(["1", "2", "3"]));
 
+    // User 3 comes back: kept -> replayed -> acknowledged.
+    let back = acking_device(server.mqtt_addr, "back", "push/user/3").await;
+    let got = outcome_until(http, "p1", |o| topic(o, "push/user/3")["acks"] == 1).await;
+    assert_eq!(got["offline"][0]["state"], "replayed", "{got}");
+    assert_eq!(topic(&got, "push/user/3")["sessions"], 0);
+
     // A group push: per topic, sessions reached and acknowledgements.
     let g1 = acking_device(server.mqtt_addr, "g1", "push/group/7").await;
     let g2 = acking_device(server.mqtt_addr, "g2", "push/group/7").await;
@@ -249,7 +255,7 @@ async fn mqtt_outcomes(settings: Settings) {
         .unwrap()
         .contains("receipt: true"));
     assert_eq!(get(http, "/v1/pushes/a%20b").await.status, 400);
-    for task in [acking, g1, g2] {
+    for task in [acking, back, g1, g2] {
         task.abort();
     }
     server.stop().await;

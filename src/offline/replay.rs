@@ -13,6 +13,7 @@ use super::{OfflineError, OfflineStore};
 use crate::lifecycle::Phase;
 use crate::mqtt::{Broker, BrokerEvent};
 use crate::push::Id;
+use crate::receipts::{Event, Receipts};
 use crate::stats::Stats;
 
 /// How often the memory store drops expired messages nobody came for.
@@ -23,6 +24,7 @@ const SWEEP: Duration = Duration::from_secs(60);
 pub fn start(
     store: OfflineStore,
     broker: Broker,
+    receipts: Receipts,
     events: mpsc::Receiver<BrokerEvent>,
     rest: &Phase,
 ) -> mpsc::Receiver<BrokerEvent> {
@@ -33,6 +35,7 @@ pub fn start(
         stats: broker.stats().clone(),
         broker,
         busy: Arc::default(),
+        receipts,
     };
     rest.spawn(run(events, forward, replay, rest.token()));
     passed
@@ -93,6 +96,8 @@ pub struct Replay {
     /// Users being replayed now: a second subscriber of the same user gets
     /// the running replay's publishes (they go to the topic), not a second copy.
     pub busy: Arc<Mutex<HashSet<Id>>>,
+    /// Replays (and expiries) of pushes that asked for a receipt.
+    pub receipts: Receipts,
 }
 
 impl Replay {
@@ -117,13 +122,22 @@ impl Replay {
     async fn user(&self, topic: &str, user: &Id) -> Result<(), OfflineError> {
         let pending = self.store.pending(user).await?;
         self.stats.offline_expired.add(pending.expired as u64);
+        for push in &pending.expired_receipts {
+            let user = user.clone();
+            self.receipts.record(push, Event::OfflineExpired { user });
+        }
         let mut consumed = pending.read;
         let mut sent = 0;
-        for (through, payload) in pending.messages {
-            if self.broker.publish(topic, payload) == 0 {
+        for (through, payload, receipt) in pending.messages {
+            let tag = receipt.as_ref().and_then(|push| self.receipts.tag(push));
+            if self.broker.publish_tagged(topic, payload, tag.as_ref()) == 0 {
                 // The subscriber left meanwhile: keep the rest.
                 consumed = through - 1;
                 break;
+            }
+            if let Some(push) = &receipt {
+                let user = user.clone();
+                self.receipts.record(push, Event::OfflineReplayed { user });
             }
             sent += 1;
         }

@@ -49,6 +49,10 @@ pub enum Event {
     },
     /// Kept for `user`, offline, to be replayed when a device subscribes.
     OfflineKept { user: Id },
+    /// Handed to a session of `user` that subscribed (kept before).
+    OfflineReplayed { user: Id },
+    /// Kept for `user`, and found expired when a device subscribed.
+    OfflineExpired { user: Id },
     /// Apple answered 200.
     ApnsAccepted { user: Id, apns_id: String },
     /// Apple (or pushbridge, before sending) refused it for good.
@@ -78,6 +82,10 @@ impl Event {
                 "event": "mqtt_acked", "topic": &**topic, "client_id": &**client_id}),
             Event::OfflineKept { user } => json!({"push": id, "at": at,
                 "event": "offline_kept", "user": user.as_str()}),
+            Event::OfflineReplayed { user } => json!({"push": id, "at": at,
+                "event": "offline_replayed", "user": user.as_str()}),
+            Event::OfflineExpired { user } => json!({"push": id, "at": at,
+                "event": "offline_expired", "user": user.as_str()}),
             Event::ApnsAccepted { user, apns_id } => json!({"push": id, "at": at,
                 "event": "apns_accepted", "user": user.as_str(), "apns_id": apns_id}),
             Event::ApnsRejected {

@@ -62,6 +62,14 @@ fn ops(event: &Event, at: u64) -> Vec<Op> {
             format!("offline:{user}"),
             state(json!({"state": "kept", "at": at})),
         )],
+        Event::OfflineReplayed { user } => vec![Op::Set(
+            format!("offline:{user}"),
+            state(json!({"state": "replayed", "at": at})),
+        )],
+        Event::OfflineExpired { user } => vec![Op::Set(
+            format!("offline:{user}"),
+            state(json!({"state": "expired", "at": at})),
+        )],
         Event::ApnsAccepted { user, apns_id } => vec![Op::Set(
             format!("apns:{user}"),
             state(json!({"state": "accepted", "apns_id": apns_id, "at": at})),
