@@ -11,11 +11,12 @@ use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
 use crate::apns::{ApnsJob, ApnsSender};
+use crate::mqtt::Meta;
 use crate::offline::{Message, OfflineStore};
 use crate::publisher::MqttOut;
 use crate::push::Ack;
-use crate::push::{Id, Push, Target, UserRecord};
-use crate::receipts::{Event, Receipts, Tag};
+use crate::push::{ApnsOptions, Id, Push, Target, UserRecord};
+use crate::receipts::{Event, Receipts};
 use crate::registry::{Registry, RegistryError, UserStore};
 use crate::router;
 use crate::settings::Settings;
@@ -236,22 +237,19 @@ impl Dispatcher {
         offline: &mut Vec<Message>,
     ) -> Delivered {
         let (routing, users) = self.route(push, records);
-        let tag = match push.receipt {
-            true => self.routed(push, &routing, &users),
-            false => None,
-        };
+        let meta = self.meta(push, &routing, &users);
         let mut sessions = Vec::with_capacity(routing.mqtt_topics.len());
         if !routing.mqtt_topics.is_empty() {
             let payload = push.json();
             for topic in &routing.mqtt_topics {
                 let reached = self
                     .broker
-                    .publish_acked(topic, payload.clone(), ack, tag.as_ref())
+                    .publish_acked(topic, payload.clone(), ack, meta.as_ref())
                     .await;
                 debug!(%topic, sessions = reached, "published");
                 self.stats.mqtt_published.inc();
                 sessions.push(reached);
-                if tag.is_some() {
+                if push.receipt {
                     let topic = topic.clone();
                     let written = Event::MqttWritten {
                         topic,
@@ -272,12 +270,16 @@ impl Dispatcher {
                 }));
             }
         }
+        let options = match routing.apns.is_empty() {
+            true => None,
+            false => apns_options(push),
+        };
         for delivery in &routing.apns {
             self.apns
                 .send(ApnsJob {
                     delivery: delivery.clone(),
                     data: push.data.clone(),
-                    options: push.apns.clone(),
+                    options: options.clone(),
                     ack: ack.map(Ack::share),
                     receipt: push.receipt.then(|| push.id.clone()),
                 })
@@ -288,6 +290,20 @@ impl Dispatcher {
             sessions,
             unknown_users: unknown(&users),
         }
+    }
+}
+
+/// The push's APNs overrides, with its TTL as `apns-expiration` unless
+/// the backend set one.
+fn apns_options(push: &Push) -> Option<Arc<ApnsOptions>> {
+    match (push.ttl, &push.apns) {
+        (Some(ttl), o) if o.as_ref().is_none_or(|o| o.expiration.is_none()) => {
+            Some(Arc::new(ApnsOptions {
+                expiration: Some(crate::utc::now() + u64::from(ttl)),
+                ..o.as_deref().cloned().unwrap_or_default()
+            }))
+        }
+        (_, o) => o.clone(),
     }
 }
 
@@ -334,20 +350,31 @@ impl Dispatcher {
             .collect()
     }
 
-    /// Records a push with a receipt as routed; the tag its MQTT messages carry.
-    fn routed(
+    /// What the push's MQTT messages carry when it has a receipt (recorded
+    /// as routed here) or a TTL; `None` for every other push.
+    fn meta(
         &self,
         push: &Push,
         routing: &router::Routing,
         users: &[(Id, Option<&UserRecord>)],
-    ) -> Option<Arc<Tag>> {
-        let routed = Event::Routed {
-            mqtt: routing.mqtt_topics.clone(),
-            apns: routing.apns.iter().map(|a| a.user.clone()).collect(),
-            unknown_users: unknown(users),
+    ) -> Option<Arc<Meta>> {
+        if !push.receipt && push.ttl.is_none() {
+            return None;
+        }
+        let tag = match push.receipt {
+            true => {
+                let routed = Event::Routed {
+                    mqtt: routing.mqtt_topics.clone(),
+                    apns: routing.apns.iter().map(|a| a.user.clone()).collect(),
+                    unknown_users: unknown(users),
+                };
+                self.receipts.record(&push.id, routed);
+                self.receipts.tag(&push.id)
+            }
+            false => None,
         };
-        self.receipts.record(&push.id, routed);
-        self.receipts.tag(&push.id)
+        let expires_ms = push.ttl.map(|t| crate::utc::now_ms() + u64::from(t) * 1000);
+        Some(Arc::new(Meta { tag, expires_ms }))
     }
 
     /// Keeps a batch's messages for users who were offline (one Redis round trip).

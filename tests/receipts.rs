@@ -11,6 +11,7 @@ use pushbridge::push::{Id, UserRecord};
 use pushbridge::registry::UserStore;
 use pushbridge::settings::Settings;
 use rmpv::Value as Mp;
+use rumqttc::v5::mqttbytes::v5 as mq5;
 use serde_json::{json, Value};
 use std::net::SocketAddr;
 use support::http::{get, post_json};
@@ -400,4 +401,122 @@ async fn the_memory_store_stays_within_its_bound() {
     assert_eq!(get(server.http_addr, "/v1/pushes/b14").await.status, 404);
     assert_eq!(get(server.http_addr, "/v1/pushes/b15").await.status, 200);
     server.stop().await;
+}
+
+/// A device that never acknowledges is reported `timeout` once
+/// `receipts.ack_timeout_secs` has passed; one that does, `acked`.
+#[tokio::test]
+async fn unacknowledged_pushes_time_out() {
+    let mut settings = with_receipts(server::settings(None));
+    settings.receipts.ack_timeout_secs = 1;
+    let server = server::start(settings).await;
+    let acking = acking_device(server.mqtt_addr, "acks", "push/user/1").await;
+    let mut silent = silent_device(server.mqtt_addr, "silent", "push/user/2").await;
+    let body = json!({"users": [1, 2], "data": {"n": 1}, "id": "t1", "receipt": true});
+    assert_eq!(
+        post_json(server.http_addr, "/v1/push", &body).await.status,
+        200
+    );
+    silent.next_publish().await;
+    let got = outcome_until(server.http_addr, "t1", |o| {
+        topic(o, "push/user/2")["state"] == "timeout"
+    })
+    .await;
+    assert_eq!(topic(&got, "push/user/1")["state"], "acked");
+    assert_eq!(topic(&got, "push/user/2")["acks"], 0);
+    acking.abort();
+    server.stop().await;
+}
+
+/// A push's TTL: the MQTT 5 message expiry interval, not sent once expired
+/// in a session's queue, kept offline no longer than it, and APNs's
+/// `apns-expiration`.
+#[tokio::test]
+async fn ttl_reaches_every_channel() {
+    let apple = ApnsServer::start().await;
+    let creds = TestCredentials::new();
+    let (key, _) = creds.p8("AuthKey_KEY1.p8");
+    let mut settings = with_receipts(server::settings(None));
+    settings.apns.config =
+        creds.config(&json!({APP: {"key": key, "key_id": "KEY1", "team_id": "TEAM1"}}));
+    settings.apns.production_url = apple.url();
+    settings.apns.ca_file = Some(apple.ca_path());
+    let server = server::start(settings).await;
+    let http = server.http_addr;
+
+    // MQTT 5: the interval left.
+    let mut opts = rumqttc::v5::MqttOptions::new("v5", "127.0.0.1", server.mqtt_addr.port());
+    opts.set_keep_alive(std::time::Duration::from_secs(30));
+    let (client, mut events) = rumqttc::v5::AsyncClient::new(opts, 8);
+    client
+        .subscribe("push/user/5", rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    v5_until(&mut events, |p| matches!(p, mq5::Packet::SubAck(..))).await;
+    let body = json!({"user": 5, "data": {"n": 1}, "ttl": 3600});
+    assert_eq!(post_json(http, "/v1/push", &body).await.status, 200);
+    let mq5::Packet::Publish(p) =
+        v5_until(&mut events, |p| matches!(p, mq5::Packet::Publish(..))).await
+    else {
+        unreachable!()
+    };
+    let expiry = p.properties.and_then(|p| p.message_expiry_interval);
+    assert!(matches!(expiry, Some(3590..=3600)), "{expiry:?}");
+
+    // Queued in an offline persistent session past its TTL: not sent.
+    let mut d = Device::connect(server.mqtt_addr, "p6", false).await;
+    d.subscribe("push/user/6").await;
+    d.disconnect().await;
+    let body = json!({"user": 6, "data": {"n": 1}, "ttl": 1});
+    let sent_at = pushbridge::utc::now_ms();
+    assert_eq!(post_json(http, "/v1/push", &body).await.status, 200);
+    // Kept offline for user 7 with a receipt, for as long as its TTL.
+    let body = json!({"user": 7, "data": {"n": 1}, "ttl": 1, "id": "off-7", "receipt": true});
+    assert_eq!(post_json(http, "/v1/push", &body).await.status, 200);
+    outcome_until(http, "off-7", |o| o["offline"][0]["state"] == "kept").await;
+    wait_until(|| async { pushbridge::utc::now_ms() > sent_at + 1_100 }).await;
+    let mut d = Device::connect(server.mqtt_addr, "p6", false).await;
+    let body = json!({"user": 6, "data": {"sentinel": 1}});
+    assert_eq!(post_json(http, "/v1/push", &body).await.status, 200);
+    assert_eq!(d.next_json().await, json!({"sentinel": 1}));
+    assert_eq!(server.stats.mqtt_expired.get(), 1);
+    let back = acking_device(server.mqtt_addr, "d7", "push/user/7").await;
+    let got = outcome_until(http, "off-7", |o| o["offline"][0]["state"] == "expired").await;
+    assert_eq!(topic(&got, "push/user/7")["acks"], 0);
+
+    // APNs: apns-expiration is now + TTL.
+    server
+        .registry
+        .put_user(&Id::from(8), &ios("aa08"))
+        .await
+        .unwrap();
+    let body = json!({"user": 8, "data": {"alert": "a"}, "ttl": 600});
+    assert_eq!(post_json(http, "/v1/push", &body).await.status, 200);
+    let req = apple.next_request(support::WAIT).await;
+    let at: u64 = req.header("apns-expiration").unwrap().parse().unwrap();
+    let now = pushbridge::utc::now();
+    assert!(
+        at > now + 590 && at <= now + 600,
+        "apns-expiration {at}, now {now}"
+    );
+    back.abort();
+    server.stop().await;
+}
+
+/// The next v5 packet matching `want`; panics after WAIT.
+async fn v5_until(
+    events: &mut rumqttc::v5::EventLoop,
+    want: impl Fn(&mq5::Packet) -> bool,
+) -> mq5::Packet {
+    tokio::time::timeout(support::WAIT, async {
+        loop {
+            if let rumqttc::v5::Event::Incoming(p) = events.poll().await.expect("v5 connection") {
+                if want(&p) {
+                    return p;
+                }
+            }
+        }
+    })
+    .await
+    .expect("v5 packet in time")
 }

@@ -370,7 +370,7 @@ impl Conn {
                 drop(st);
                 if let Some(m) = acked {
                     self.inner.stats.mqtt_acked.inc();
-                    if let Some(tag) = &m.msg.tag {
+                    if let Some(tag) = m.msg.meta.as_ref().and_then(|m| m.tag.as_ref()) {
                         tag.acked(&m.msg.topic, &self.client_id);
                     }
                 }
@@ -543,6 +543,10 @@ impl Conn {
                 self.inner.stats.mqtt_denied.inc();
                 continue;
             }
+            if msg.expired() {
+                self.inner.stats.mqtt_expired.inc();
+                continue;
+            }
             let pkid = if msg.qos > 0 { st.next_pkid() } else { 0 };
             if enc.publish(&msg, pkid, false) && msg.qos > 0 {
                 st.inflight.push_back(Inflight {
@@ -679,6 +683,7 @@ impl Encoder<'_> {
             qos: msg.qos,
             pkid,
             dup,
+            expiry: msg.expiry_secs(),
         };
         let ok = codec::encode(self.proto, &out, self.wbuf, self.max);
         if !ok {

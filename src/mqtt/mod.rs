@@ -28,9 +28,9 @@ use tracing::debug;
 
 use crate::auth::Auth;
 use crate::lifecycle::Phase;
-use crate::receipts::Tag;
 use crate::settings::MqttSettings;
 use crate::stats::Stats;
+pub use session::Meta;
 use session::{Budget, Msg, Pushed, SessionTable};
 
 pub use codec::CodecError;
@@ -157,7 +157,7 @@ impl Inner {
     /// Hands a message to every matching session without waiting; returns
     /// how many took it. On a user's own topic only its exact subscribers
     /// count: a wildcard (a monitor's `<prefix>/user/#`) is not the user.
-    fn route(&self, topic: &str, payload: Bytes, max_qos: u8, tag: Option<&Arc<Tag>>) -> usize {
+    fn route(&self, topic: &str, payload: Bytes, max_qos: u8, meta: Option<&Arc<Meta>>) -> usize {
         type Targets = Vec<(u64, Arc<session::Session>, u8)>;
         thread_local! {
             /// Reused by every publish on this thread: no allocation per publish.
@@ -177,7 +177,7 @@ impl Inner {
                 false => usize::MAX,
             };
             let topic: Arc<str> = shared.unwrap_or_else(|| topic.into());
-            delivered = self.hand_out(&topic, &payload, max_qos, tag, &mut targets, counted);
+            delivered = self.hand_out(&topic, &payload, max_qos, meta, &mut targets, counted);
         }
         // A big fan-out's buffer is not kept for the thread's lifetime.
         if targets.capacity() <= 1024 {
@@ -197,7 +197,7 @@ impl Inner {
         topic: &Arc<str>,
         payload: &Bytes,
         max_qos: u8,
-        tag: Option<&Arc<Tag>>,
+        meta: Option<&Arc<Meta>>,
         targets: &mut Vec<(u64, Arc<session::Session>, u8)>,
         counted: usize,
     ) -> usize {
@@ -207,7 +207,7 @@ impl Inner {
                 topic: topic.clone(),
                 payload: payload.clone(),
                 qos: qos.min(max_qos),
-                tag: tag.cloned(),
+                meta: meta.cloned(),
             };
             match session.push(msg, self.settings.max_queued, &self.budget) {
                 Pushed::Queued(dropped) => {
@@ -275,10 +275,11 @@ impl Broker {
         self.inner.route(topic, payload, 1, None)
     }
 
-    /// `publish` for a push that asked for a receipt: each device's PUBACK
-    /// is reported through `tag`.
-    pub fn publish_tagged(&self, topic: &str, payload: Bytes, tag: Option<&Arc<Tag>>) -> usize {
-        self.inner.route(topic, payload, 1, tag)
+    /// `publish` for a push with a receipt (each device's PUBACK is
+    /// reported through its tag) or a TTL (not sent once expired; v5
+    /// devices get the message expiry interval).
+    pub fn publish_with(&self, topic: &str, payload: Bytes, meta: Option<&Arc<Meta>>) -> usize {
+        self.inner.route(topic, payload, 1, meta)
     }
 
     /// Binds the listeners `mqtt` sets and serves devices on `devices`

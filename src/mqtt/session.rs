@@ -23,8 +23,38 @@ pub struct Msg {
     pub topic: Arc<str>,
     pub payload: Bytes,
     pub qos: u8,
-    /// Set when the push asked for a receipt: its PUBACK is reported.
-    pub tag: Option<Arc<Tag>>,
+    /// What only some pushes carry (a receipt, an expiry); one pointer,
+    /// so a message without them stays as small as before.
+    pub meta: Option<Arc<Meta>>,
+}
+
+/// A message's receipt tag and expiry.
+#[derive(Debug, Default)]
+pub struct Meta {
+    /// The push asked for a receipt: each PUBACK is reported through it.
+    pub tag: Option<Tag>,
+    /// Unix ms after which the message is not sent (its TTL).
+    pub expires_ms: Option<u64>,
+}
+
+impl Msg {
+    /// Whether its TTL has passed (the clock is read only for a message
+    /// that has one).
+    pub fn expired(&self) -> bool {
+        self.expires_ms()
+            .is_some_and(|at| at <= crate::utc::now_ms())
+    }
+
+    /// Whole seconds left of its TTL (at least 1): the v5 message expiry
+    /// interval it is sent with.
+    pub fn expiry_secs(&self) -> Option<u32> {
+        let left = self.expires_ms()?.saturating_sub(crate::utc::now_ms());
+        Some(u32::try_from(left.div_ceil(1000).max(1)).unwrap_or(u32::MAX))
+    }
+
+    fn expires_ms(&self) -> Option<u64> {
+        self.meta.as_ref()?.expires_ms
+    }
 }
 
 impl Msg {
@@ -560,7 +590,7 @@ mod tests {
 
     fn msg(t: &str) -> Msg {
         Msg {
-            tag: None,
+            meta: None,
             topic: t.into(),
             payload: Bytes::from_static(b"x"),
             qos: 1,

@@ -11,7 +11,7 @@ use tracing::{debug, warn};
 
 use super::{OfflineError, OfflineStore};
 use crate::lifecycle::Phase;
-use crate::mqtt::{Broker, BrokerEvent};
+use crate::mqtt::{Broker, BrokerEvent, Meta};
 use crate::push::Id;
 use crate::receipts::{Event, Receipts};
 use crate::stats::Stats;
@@ -129,8 +129,13 @@ impl Replay {
         let mut consumed = pending.read;
         let mut sent = 0;
         for (through, payload, receipt) in pending.messages {
-            let tag = receipt.as_ref().and_then(|push| self.receipts.tag(push));
-            if self.broker.publish_tagged(topic, payload, tag.as_ref()) == 0 {
+            let meta = receipt.as_ref().map(|push| {
+                Arc::new(Meta {
+                    tag: self.receipts.tag(push),
+                    expires_ms: None,
+                })
+            });
+            if self.broker.publish_with(topic, payload, meta.as_ref()) == 0 {
                 // The subscriber left meanwhile: keep the rest.
                 consumed = through - 1;
                 break;

@@ -116,6 +116,7 @@ struct Inner {
     queue: mpsc::Sender<Change>,
     store: Store,
     stats: Arc<Stats>,
+    ack_timeout_ms: u64,
 }
 
 impl Receipts {
@@ -138,6 +139,7 @@ impl Receipts {
             queue: tx,
             store,
             stats,
+            ack_timeout_ms: settings.ack_timeout_secs.saturating_mul(1000),
         })))
     }
 
@@ -156,12 +158,10 @@ impl Receipts {
 
     /// A handle for the MQTT broker to report acknowledgements of `push`;
     /// `None` when off.
-    pub fn tag(&self, push: &PushId) -> Option<Arc<Tag>> {
-        self.0.as_ref().map(|_| {
-            Arc::new(Tag {
-                push: push.clone(),
-                receipts: self.clone(),
-            })
+    pub fn tag(&self, push: &PushId) -> Option<Tag> {
+        self.0.as_ref().map(|_| Tag {
+            push: push.clone(),
+            receipts: self.clone(),
         })
     }
 
@@ -170,7 +170,7 @@ impl Receipts {
     pub async fn outcome(&self, push: &PushId) -> Result<Option<Value>, ReceiptsError> {
         match &self.0 {
             None => Ok(None),
-            Some(inner) => inner.store.outcome(push).await,
+            Some(inner) => inner.store.outcome(push, inner.ack_timeout_ms).await,
         }
     }
 }

@@ -299,9 +299,16 @@ impl Store {
     }
 
     /// The outcome of `push` as the HTTP API answers it; `None` if unknown.
-    pub async fn outcome(&self, push: &PushId) -> Result<Option<Value>, ReceiptsError> {
+    /// A topic not acknowledged by all its sessions `ack_timeout_ms` after
+    /// the write is `timeout` (decided when asked: nothing waits for it).
+    pub async fn outcome(
+        &self,
+        push: &PushId,
+        ack_timeout_ms: u64,
+    ) -> Result<Option<Value>, ReceiptsError> {
+        let now = crate::utc::now_ms();
         let fields: Vec<(String, String)> = match self {
-            Store::Memory(m) => match Store::memory(m).fields(push, crate::utc::now_ms()) {
+            Store::Memory(m) => match Store::memory(m).fields(push, now) {
                 Some(f) => f,
                 None => return Ok(None),
             },
@@ -312,7 +319,7 @@ impl Store {
                 got.pop().expect("one answer")?
             }
         };
-        Ok((!fields.is_empty()).then(|| outcome(push, fields)))
+        Ok((!fields.is_empty()).then(|| outcome(push, fields, now.saturating_sub(ack_timeout_ms))))
     }
 
     /// The in-memory store's (records, bytes); `None` for Redis.
@@ -328,8 +335,10 @@ impl Store {
 }
 
 /// Fields → `{"id", "routed_at", "mqtt": [...], "apns": [...], "offline":
-/// [...], "unknown_users": [...]}`, targets in the route's order.
-fn outcome(push: &PushId, fields: Vec<(String, String)>) -> Value {
+/// [...], "unknown_users": [...]}`, targets in the route's order. A topic
+/// written before `overdue` (Unix ms) and not acknowledged by all its
+/// sessions is `timeout`.
+fn outcome(push: &PushId, fields: Vec<(String, String)>, overdue: u64) -> Value {
     let fields: HashMap<String, String> = fields.into_iter().collect();
     let num = |name: &str| fields.get(name).and_then(|v| v.parse::<u64>().ok());
     let obj = |name: &str| {
@@ -355,8 +364,17 @@ fn outcome(push: &PushId, fields: Vec<(String, String)>) -> Value {
         .iter()
         .map(|t| {
             let f = |s: &str| num(&format!("mqtt:{t}:{s}"));
-            json!({"topic": t, "sessions": f("sessions"), "written_at": f("written_at"),
-                "acks": f("acks").unwrap_or(0), "acked_at": f("acked_at")})
+            let (sessions, acks, written) =
+                (f("sessions"), f("acks").unwrap_or(0), f("written_at"));
+            let state = match (sessions, written) {
+                (None, _) | (_, None) => "pending",
+                (Some(n), _) if acks >= n && acks > 0 => "acked",
+                (Some(0), _) => "no_session",
+                (_, Some(at)) if at <= overdue => "timeout",
+                _ => "waiting",
+            };
+            json!({"topic": t, "state": state, "sessions": sessions, "written_at": written,
+                "acks": acks, "acked_at": f("acked_at")})
         })
         .collect();
     let per_user = |prefix: &str, users: Vec<String>| -> Vec<Value> {
@@ -465,6 +483,43 @@ mod tests {
     }
 
     #[test]
+    fn topic_states() {
+        let state = |sessions: Option<usize>, acks: usize, overdue: u64| {
+            let mut m = memory(10, usize::MAX);
+            let id = PushId::generate();
+            let topic = "push/user/1".to_string();
+            let routed = Event::Routed {
+                mqtt: vec![topic.clone()],
+                apns: vec![],
+                unknown_users: vec![],
+            };
+            m.apply((id.clone(), 1, routed));
+            if let Some(sessions) = sessions {
+                let written = Event::MqttWritten {
+                    topic: topic.clone(),
+                    sessions,
+                };
+                m.apply((id.clone(), 10, written));
+            }
+            for _ in 0..acks {
+                let acked = Event::MqttAcked {
+                    topic: topic.as_str().into(),
+                    client_id: "c".into(),
+                };
+                m.apply((id.clone(), 11, acked));
+            }
+            outcome(&id, m.fields(&id, 11).unwrap(), overdue)["mqtt"][0]["state"].clone()
+        };
+        assert_eq!(state(None, 0, 100), "pending");
+        assert_eq!(state(Some(0), 0, 100), "no_session");
+        assert_eq!(state(Some(2), 1, 9), "waiting");
+        assert_eq!(state(Some(2), 1, 10), "timeout");
+        assert_eq!(state(Some(2), 2, 100), "acked");
+        // Replayed from the offline store: acknowledged with no session at the write.
+        assert_eq!(state(Some(0), 1, 100), "acked");
+    }
+
+    #[test]
     fn outcome_per_target() {
         let mut m = memory(10, usize::MAX);
         let id = PushId::generate();
@@ -509,11 +564,11 @@ mod tests {
         ] {
             m.apply((id.clone(), at, e));
         }
-        let got = outcome(&id, m.fields(&id, 5).unwrap());
+        let got = outcome(&id, m.fields(&id, 5).unwrap(), 0);
         assert_eq!(
             got,
             json!({"id": id.to_string(), "routed_at": 1,
-                "mqtt": [{"topic": "push/user/1", "sessions": 2, "written_at": 2, "acks": 2, "acked_at": 4}],
+                "mqtt": [{"topic": "push/user/1", "state": "acked", "sessions": 2, "written_at": 2, "acks": 2, "acked_at": 4}],
                 "apns": [{"user": "2", "state": "accepted", "apns_id": "X", "at": 5},
                          {"user": "3", "state": "pending"}],
                 "offline": [], "unknown_users": ["4"]})

@@ -221,6 +221,7 @@ impl Settings {
         }
         for (key, value) in [
             ("receipts.ttl_secs", r.ttl_secs as usize),
+            ("receipts.ack_timeout_secs", r.ack_timeout_secs as usize),
             ("receipts.max_records", r.max_records),
             ("receipts.max_bytes", r.max_bytes),
             ("receipts.queue", r.queue),

@@ -207,6 +207,9 @@ pub struct ReceiptsSettings {
     pub enabled: bool,
     /// A push's outcome is kept this long after its last change.
     pub ttl_secs: u64,
+    /// A topic whose sessions have not all acknowledged (PUBACK) this long
+    /// after the message was written to them is reported `timeout`.
+    pub ack_timeout_secs: u64,
     /// The Redis hash per push (when Redis is the registry).
     pub key: String,
     /// Pushes whose outcome the in-memory store keeps; the oldest go first.
@@ -223,6 +226,7 @@ impl Default for ReceiptsSettings {
         Self {
             enabled: false,
             ttl_secs: 86400,
+            ack_timeout_secs: 60,
             key: "Receipt:{id}".into(),
             max_records: 100_000,
             max_bytes: 64 << 20,

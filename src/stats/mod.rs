@@ -160,6 +160,8 @@ counters! {
     offline_delivered,
     /// QoS 1 messages a device acknowledged (PUBACK) on the embedded broker.
     mqtt_acked,
+    /// MQTT messages not sent because their push's TTL had passed while queued.
+    mqtt_expired,
     /// Receipts: outcome changes written to the store.
     receipts_recorded,
     /// Receipts: outcome changes lost: the queue (receipts.queue) was full, or the store failed.
