@@ -520,3 +520,105 @@ async fn v5_until(
     .await
     .expect("v5 packet in time")
 }
+
+/// What the test's webhook receiver saw: each request's events, and
+/// whether its signature was right.
+type Seen = tokio::sync::mpsc::UnboundedSender<(bool, Vec<Value>)>;
+
+/// A real HTTP/1.1 server that checks the signature as docs/receipts.md
+/// says and answers 500 to its first request, 200 after.
+async fn webhook_receiver(secret: &'static str, seen: Seen) -> SocketAddr {
+    use http_body_util::BodyExt;
+    use hyper::service::service_fn;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let requests = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let (seen, requests) = (seen.clone(), requests.clone());
+            let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let (seen, requests) = (seen.clone(), requests.clone());
+                async move {
+                    let header = |n: &str| req.headers()[n].to_str().unwrap().to_owned();
+                    let (timestamp, signature) = (
+                        header("x-pushbridge-timestamp"),
+                        header("x-pushbridge-signature"),
+                    );
+                    let body = req.into_body().collect().await.unwrap().to_bytes();
+                    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+                    let signed = [timestamp.as_bytes(), b".", &body].concat();
+                    let hex = signature.strip_prefix("sha256=").unwrap_or("");
+                    let tag: Vec<u8> = (0..hex.len() / 2)
+                        .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
+                        .collect();
+                    let valid = ring::hmac::verify(&key, &signed, &tag).is_ok();
+                    let events: Value = serde_json::from_slice(&body).unwrap();
+                    seen.send((valid, events["events"].as_array().unwrap().clone()))
+                        .unwrap();
+                    let status = match requests.fetch_add(1, std::sync::atomic::Ordering::SeqCst) {
+                        0 => 500,
+                        _ => 200,
+                    };
+                    let answer = hyper::Response::builder().status(status);
+                    Ok::<_, std::convert::Infallible>(
+                        answer
+                            .body(http_body_util::Full::new(bytes::Bytes::new()))
+                            .unwrap(),
+                    )
+                }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(io, service));
+        }
+    });
+    addr
+}
+
+/// Outcome changes reach the webhook signed, and a batch answered 500 is
+/// sent again.
+#[tokio::test]
+async fn webhook_gets_signed_events_and_retries_after_a_500() {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let receiver = webhook_receiver("s3cret", tx).await;
+    let mut settings = with_receipts(server::settings(None));
+    settings.receipts.webhook_url = Some(format!("http://{receiver}/hook"));
+    settings.receipts.webhook_secret = Some("s3cret".into());
+    let server = server::start(settings).await;
+    let acking = acking_device(server.mqtt_addr, "d1", "push/user/1").await;
+    let body = json!({"user": 1, "data": {"n": 1}, "id": "w1", "receipt": true});
+    assert_eq!(
+        post_json(server.http_addr, "/v1/push", &body).await.status,
+        200
+    );
+
+    // Requests until an `mqtt_acked` arrived in an accepted (2nd or later) one.
+    let mut requests = Vec::new();
+    tokio::time::timeout(support::WAIT, async {
+        while let Some((valid, events)) = rx.recv().await {
+            assert!(valid, "bad signature on {events:?}");
+            let acked = events.iter().any(|e| e["event"] == "mqtt_acked");
+            requests.push(events);
+            if acked && requests.len() > 1 {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("webhook requests in time");
+    // The first (answered 500) batch came again, in order, at the start of the next.
+    let first = &requests[0];
+    assert_eq!(&requests[1][..first.len()], &first[..]);
+    assert_eq!(first[0]["event"], "routed");
+    assert_eq!(first[0]["push"], "w1");
+    let all: Vec<&Value> = requests[1..].iter().flatten().collect();
+    let acked = all.iter().find(|e| e["event"] == "mqtt_acked").unwrap();
+    assert_eq!(
+        (acked["topic"].clone(), acked["client_id"].clone()),
+        (json!("push/user/1"), json!("d1"))
+    );
+    assert!(acked["at"].as_u64().is_some());
+    wait_until(|| async { server.stats.webhook_failed.get() == 1 }).await;
+    acking.abort();
+    server.stop().await;
+}

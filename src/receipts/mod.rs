@@ -7,9 +7,11 @@
 //! writer task, which applies it to the store (`store`): a hash per push in
 //! Redis when Redis is the registry (any instance answers), in memory
 //! otherwise (bounded by count and bytes). Pushes without `receipt` cost a
-//! boolean test.
+//! boolean test. Once stored, the changes also go to the `webhook` when
+//! one is set.
 
 mod store;
+mod webhook;
 
 use std::sync::Arc;
 
@@ -24,6 +26,7 @@ use crate::settings::ReceiptsSettings;
 use crate::stats::Stats;
 
 pub use store::Store;
+pub use webhook::{signature, Webhook};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReceiptsError {
@@ -133,7 +136,15 @@ impl Receipts {
         }
         let store = Store::new(settings, redis);
         let (tx, rx) = mpsc::channel(settings.queue);
-        let writer = store.clone().write(rx, stats.clone(), rest.token());
+        let webhook = settings.webhook_url.as_ref().map(|url| {
+            let hook = Webhook::new(settings.webhook_queue, stats.clone());
+            let secret = settings.webhook_secret.clone().unwrap_or_default();
+            rest.spawn(hook.clone().run(url.clone(), secret, rest.token()));
+            hook
+        });
+        let writer = store
+            .clone()
+            .write(rx, webhook, stats.clone(), rest.token());
         rest.spawn(writer);
         Receipts(Some(Arc::new(Inner {
             queue: tx,

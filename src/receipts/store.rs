@@ -14,7 +14,7 @@ use serde_json::{json, Map, Value};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{store_failed, Change, Event, ReceiptsError};
+use super::{store_failed, Change, Event, ReceiptsError, Webhook};
 use crate::push::PushId;
 use crate::redis_conn::RedisConn;
 use crate::settings::ReceiptsSettings;
@@ -228,10 +228,11 @@ impl Store {
     }
 
     /// The writer: applies changes in batches until `stop`, then what is
-    /// still queued.
+    /// still queued; each batch, once stored, goes to `webhook`.
     pub(super) async fn write(
         self,
         mut rx: mpsc::Receiver<Change>,
+        webhook: Option<Webhook>,
         stats: Arc<Stats>,
         stop: CancellationToken,
     ) {
@@ -242,7 +243,7 @@ impl Store {
                 _ = stop.cancelled() => {
                     rx.close();
                     while rx.recv_many(&mut batch, BATCH).await > 0 {
-                        self.apply(&mut batch, &stats).await;
+                        self.apply(&mut batch, webhook.as_ref(), &stats).await;
                     }
                     return;
                 }
@@ -250,12 +251,25 @@ impl Store {
             if n == 0 {
                 return;
             }
-            self.apply(&mut batch, &stats).await;
+            self.apply(&mut batch, webhook.as_ref(), &stats).await;
         }
     }
 
-    /// Applies (and empties) `batch`.
-    async fn apply(&self, batch: &mut Vec<Change>, stats: &Stats) {
+    /// Applies (and empties) `batch`; then offers it to `webhook`, so an
+    /// event the receiver got is stored (a crash in between loses the
+    /// event, never the outcome).
+    async fn apply(&self, batch: &mut Vec<Change>, webhook: Option<&Webhook>, stats: &Stats) {
+        let events: Vec<Value> = match webhook {
+            Some(_) => batch.iter().map(|(id, at, e)| e.to_json(id, *at)).collect(),
+            None => Vec::new(),
+        };
+        self.store(batch, stats).await;
+        if let Some(hook) = webhook {
+            hook.offer(events);
+        }
+    }
+
+    async fn store(&self, batch: &mut Vec<Change>, stats: &Stats) {
         let n = batch.len() as u64;
         match self {
             Store::Memory(m) => {

@@ -225,9 +225,24 @@ impl Settings {
             ("receipts.max_records", r.max_records),
             ("receipts.max_bytes", r.max_bytes),
             ("receipts.queue", r.queue),
+            ("receipts.webhook_queue", r.webhook_queue),
         ] {
             if value == 0 {
                 return bad(key, "must be at least 1");
+            }
+        }
+        if let Some(url) = &r.webhook_url {
+            if !url.starts_with("http://") || url.parse::<http::Uri>().is_err() {
+                return bad(
+                    "receipts.webhook_url",
+                    "must be an http://host[:port]/path URL (https: put a TLS proxy in front)",
+                );
+            }
+            if r.webhook_secret.as_deref().unwrap_or("").is_empty() {
+                return bad(
+                    "receipts.webhook_secret",
+                    "must be set with receipts.webhook_url",
+                );
             }
         }
         if !self.http.listen.ip().is_loopback()
@@ -349,6 +364,14 @@ mod tests {
             ),
             ("[receipts]\nmax_records = 0\n", "receipts.max_records"),
             ("[receipts]\nqueue = 0\n", "receipts.queue"),
+            (
+                "[receipts]\nwebhook_url = \"https://h/\"\n",
+                "receipts.webhook_url",
+            ),
+            (
+                "[receipts]\nwebhook_url = \"http://h/\"\n",
+                "receipts.webhook_secret",
+            ),
         ] {
             let err = Settings::from_toml(toml).unwrap_err();
             assert!(err.to_string().contains(key), "{err}");

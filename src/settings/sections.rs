@@ -219,6 +219,14 @@ pub struct ReceiptsSettings {
     /// Outcome changes waiting to be written; beyond it they are dropped
     /// (counted in `receipts_dropped`).
     pub queue: usize,
+    /// `http://host[:port]/path` that receives batches of outcome changes
+    /// as JSON, signed with `webhook_secret`; unset: none.
+    pub webhook_url: Option<String>,
+    /// The HMAC-SHA256 key of the `X-Pushbridge-Signature` header.
+    pub webhook_secret: Option<String>,
+    /// Events waiting for the webhook; beyond it the oldest are dropped
+    /// (counted in `webhook_dropped`).
+    pub webhook_queue: usize,
 }
 
 impl Default for ReceiptsSettings {
@@ -231,6 +239,9 @@ impl Default for ReceiptsSettings {
             max_records: 100_000,
             max_bytes: 64 << 20,
             queue: 65_536,
+            webhook_url: None,
+            webhook_secret: None,
+            webhook_queue: 100_000,
         }
     }
 }

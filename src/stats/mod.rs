@@ -168,6 +168,12 @@ counters! {
     receipts_dropped,
     /// Receipts: outcomes the in-memory store forgot early to stay within receipts.max_records and max_bytes.
     receipts_evicted,
+    /// Webhook: events the receiver acknowledged (2xx).
+    webhook_sent,
+    /// Webhook: POSTs that failed (connection, timeout, non-2xx); their events are sent again.
+    webhook_failed,
+    /// Webhook: events dropped unsent: the queue (receipts.webhook_queue) was full, or the server stopped.
+    webhook_dropped,
 }
 
 #[cfg(test)]
