@@ -248,6 +248,7 @@ impl Dispatcher {
                     .await;
                 debug!(%topic, sessions = reached, "published");
                 self.stats.mqtt_published.inc();
+                self.stats.mqtt_written.add(reached as u64);
                 sessions.push(reached);
                 if push.receipt {
                     let topic = topic.clone();

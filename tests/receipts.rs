@@ -622,3 +622,62 @@ async fn webhook_gets_signed_events_and_retries_after_a_500() {
     acking.abort();
     server.stop().await;
 }
+
+/// `/v1/stats` and `/metrics`: messages written to sessions, acknowledged
+/// by devices, and the arrival rate per minute, hour and day.
+#[tokio::test]
+async fn arrival_rate_in_stats_and_metrics() {
+    let server = server::start(server::settings(None)).await;
+    let http = server.http_addr;
+    let acking = acking_device(server.mqtt_addr, "acks", "push/user/1").await;
+    let mut silent = silent_device(server.mqtt_addr, "silent", "push/user/2").await;
+    let body = json!({"notifications": [
+        {"user": 1, "data": {"n": 1}}, {"user": 1, "data": {"n": 2}}, {"user": 2, "data": {"n": 3}},
+    ]});
+    assert_eq!(post_json(http, "/v1/push", &body).await.status, 200);
+    silent.next_publish().await;
+    let sum = |s: &Value, series: &str, field: &str| -> u64 {
+        s[series]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b[field].as_u64().unwrap())
+            .sum()
+    };
+    wait_until(|| async {
+        let s = get(http, "/v1/stats").await.json();
+        sum(&s, "per_day", "mqtt_acked") == 2
+    })
+    .await;
+    let s = get(http, "/v1/stats").await.json();
+    for series in ["per_minute", "per_hour", "per_day"] {
+        assert_eq!(sum(&s, series, "mqtt_written"), 3, "{series}");
+        assert_eq!(sum(&s, series, "mqtt_acked"), 2, "{series}");
+        assert_eq!(sum(&s, series, "apns_sent"), 0, "{series}");
+    }
+    // Nothing sent in a bucket: no rate; otherwise acknowledged / sent.
+    let days = s["per_day"].as_array().unwrap();
+    assert_eq!(days[0]["arrival_rate"], Value::Null);
+    let today = days.last().unwrap();
+    let rate = today["arrival_rate"].as_f64().unwrap();
+    let (w, a) = (
+        today["mqtt_written"].as_f64().unwrap(),
+        today["mqtt_acked"].as_f64().unwrap(),
+    );
+    assert!((rate - a / w).abs() < 1e-9, "{today}");
+    let metrics = get(http, "/metrics").await.text();
+    assert!(
+        metrics.contains("pushbridge_mqtt_acked_total 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("pushbridge_mqtt_written_total 3"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(&format!("pushbridge_arrival_rate{{window=\"day\"}} {rate}")),
+        "{metrics}"
+    );
+    acking.abort();
+    server.stop().await;
+}

@@ -158,6 +158,8 @@ counters! {
     offline_expired,
     /// Kept messages handed to a session of their user when it subscribed.
     offline_delivered,
+    /// MQTT messages written to device sessions by the router (one per session a publish reached).
+    mqtt_written,
     /// QoS 1 messages a device acknowledged (PUBACK) on the embedded broker.
     mqtt_acked,
     /// MQTT messages not sent because their push's TTL had passed while queued.
