@@ -3,12 +3,12 @@
 //! push and hands the results to the MQTT broker and the APNs sender.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, info, warn};
 
 use crate::apns::{ApnsJob, ApnsSender};
 use crate::mqtt::Meta;
@@ -39,6 +39,9 @@ pub struct Dispatcher {
     /// How long a batch waits for an unreachable registry before its pushes
     /// are final failures (`registry.outage_wait_secs`).
     pub outage_wait: Duration,
+    /// A lookup is failing and being retried: the intake queue is then the
+    /// buffer that rides out the outage, not a queue to keep short.
+    registry_failing: AtomicBool,
     /// Outcomes of pushes that ask for a receipt (off unless set).
     pub receipts: Receipts,
 }
@@ -60,8 +63,14 @@ impl Dispatcher {
             stats,
             offline,
             outage_wait: Duration::from_secs(settings.registry.outage_wait_secs),
+            registry_failing: AtomicBool::new(false),
             receipts: Receipts::default(),
         }
+    }
+
+    /// Whether a registry lookup is failing and waiting to be retried.
+    pub fn registry_failing(&self) -> bool {
+        self.registry_failing.load(Ordering::Relaxed)
     }
 }
 
@@ -76,22 +85,6 @@ pub struct Delivered {
 }
 
 impl Dispatcher {
-    /// The in-memory intake's loop: runs until every intake sender is gone
-    /// and the queue is drained.
-    pub async fn run(self: Arc<Self>, mut intake: mpsc::Receiver<Push>) {
-        let mut batch = Vec::with_capacity(BATCH);
-        while intake.recv_many(&mut batch, BATCH).await > 0 {
-            if let Err(e) = self.route_now(&batch, Vec::new(), self.outage_wait).await {
-                error!(error = %e, pushes = batch.len(), wait_secs = self.outage_wait.as_secs(),
-                    "registry unreachable for longer than registry.outage_wait_secs; \
-                    pushes not delivered (counted in pushes_failed_registry)");
-                self.stats.pushes_failed_registry.add(batch.len() as u64);
-            }
-            batch.clear();
-        }
-        debug!("intake closed and drained");
-    }
-
     /// Routes and delivers a batch in order, with one registry lookup for all
     /// of it, retried with backoff while the registry is unreachable for up
     /// to `wait` (an HTTP caller cannot wait as long as the queue can).
@@ -155,6 +148,8 @@ impl Dispatcher {
         let mut attempt: u32 = 1;
         loop {
             let found = self.lookup(batch).await;
+            self.registry_failing
+                .store(found.is_err(), Ordering::Relaxed);
             match found.inspect_err(|_| self.stats.registry_errors.inc()) {
                 Ok(r) => {
                     if attempt > 1 {
@@ -171,7 +166,10 @@ impl Dispatcher {
                     delay = (delay * 2).min(MAX_BACKOFF);
                     attempt += 1;
                 }
-                Err(e) => return Err(e),
+                Err(e) => {
+                    self.registry_failing.store(false, Ordering::Relaxed);
+                    return Err(e);
+                }
             }
         }
     }

@@ -89,3 +89,37 @@ async fn pushes_past_the_outage_bound_are_counted_failures() {
     assert_eq!(server.stats.mqtt_published.get(), 0);
     server.stop().await;
 }
+
+/// A slow (not failing) Redis holds the batch being routed; the next push
+/// waits in the backend's socket, not in pushbridge's queue: it is read and
+/// answered only once the batch ahead of it has been routed.
+#[tokio::test]
+async fn a_slow_lookup_holds_backends_back_instead_of_queueing() {
+    let redis = RedisServer::start();
+    let mut settings = server::settings(Some(&redis.url));
+    // Admit nothing while anything is ahead.
+    settings.intake.max_wait_ms = 0;
+    let server = server::start(settings).await;
+    let mut device = Device::connect(server.mqtt_addr, "d42", true).await;
+    device.subscribe("push/user/42").await;
+    let mut backend = Backend::connect(server.proxy_addr).await;
+    assert_eq!(backend.push(2, Mp::from(42), &json!({"n": 0})).await, 0x00);
+    assert_eq!(device.next_json().await, json!({"n": 0}));
+    let published = server.stats.mqtt_published.get();
+
+    // Every command now waits 2 s (under the 5 s response timeout): slow, not failing.
+    let _: () = ::redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(2000)
+        .query(&mut redis.conn())
+        .expect("CLIENT PAUSE");
+    assert_eq!(backend.push(2, Mp::from(42), &json!({"n": 1})).await, 0x00);
+    assert_eq!(backend.push(2, Mp::from(42), &json!({"n": 2})).await, 0x00);
+    assert!(
+        server.stats.mqtt_published.get() > published,
+        "the second push was answered while the first still waited for Redis"
+    );
+    assert_eq!(device.next_json().await, json!({"n": 1}));
+    assert_eq!(device.next_json().await, json!({"n": 2}));
+    server.stop().await;
+}

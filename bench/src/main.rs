@@ -713,6 +713,7 @@ async fn p2p(
     let phase = Phase::with_keys(m, expected, false, n);
     set.shared.set_phase(Some(phase.clone()));
     let pad = send::pad_for(cli.payload);
+    let stages0 = server.stages().await;
     let s0 = server.sample();
     let me0 = Sample::of(Some(std::process::id()));
     let deadline = Instant::now() + cli.phase_limit();
@@ -743,6 +744,7 @@ async fn p2p(
     }
     let s1 = server.sample();
     let me1 = Sample::of(Some(std::process::id()));
+    let stages = stages_note(&stages0, &server.stages().await);
     set.shared.set_phase(None);
     let mut lat = phase.take_latencies();
     lat.sort_unstable();
@@ -790,9 +792,28 @@ async fn p2p(
             } else {
                 String::new()
             },
+            stages,
         ]),
         ..Row::default()
     }
+}
+
+/// Where pushes waited inside pushbridge over the phase: p50/p99/max ms per
+/// stage (empty for other servers).
+fn stages_note(before: &[target::Stage], after: &[target::Stage]) -> String {
+    let parts: Vec<String> = after
+        .iter()
+        .map(|s| s.since(before.iter().find(|b| b.name == s.name)))
+        .filter_map(|s| {
+            let max = s.max_secs * 1e3;
+            let (p50, p99) = (s.quantile_ms(0.5)?.min(max), s.quantile_ms(0.99)?.min(max));
+            Some(format!("{} {p50:.2}/{p99:.2}/{max:.1}", s.name))
+        })
+        .collect();
+    if parts.is_empty() {
+        return String::new();
+    }
+    format!("stages p50/p99/max ms: {}", parts.join(", "))
 }
 
 async fn fanout_run(cli: &Cli, spec: &Spec, g: u64) -> Row {

@@ -446,6 +446,46 @@ impl Server {
         }
     }
 
+    /// pushbridge's stage histograms (`pushbridge_stage_seconds`): per stage,
+    /// the cumulative buckets and the longest wait since start.
+    pub async fn stages(&self) -> Vec<Stage> {
+        let Ok(body) = self.metric_text().await else {
+            return Vec::new();
+        };
+        let mut out: Vec<Stage> = Vec::new();
+        for line in body.lines().filter(|l| !l.starts_with('#')) {
+            let Some((key, value)) = line.split_once(' ') else {
+                continue;
+            };
+            let Ok(value) = value.trim().parse::<f64>() else {
+                continue;
+            };
+            let label = |name: &str| {
+                let rest = key.split_once(&format!("{name}=\""))?.1;
+                Some(rest.split_once('"')?.0.to_owned())
+            };
+            let Some(name) = label("stage") else { continue };
+            let i = match out.iter().position(|s| s.name == name) {
+                Some(i) => i,
+                None => {
+                    out.push(Stage {
+                        name,
+                        ..Stage::default()
+                    });
+                    out.len() - 1
+                }
+            };
+            if key.starts_with("pushbridge_stage_seconds_bucket") {
+                if let Some(le) = label("le").and_then(|le| le.parse::<f64>().ok()) {
+                    out[i].buckets.push((le, value as u64));
+                }
+            } else if key.starts_with("pushbridge_stage_max_seconds") {
+                out[i].max_secs = value;
+            }
+        }
+        out
+    }
+
     async fn metric_text(&self) -> anyhow::Result<String> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let http = self.http.context("no HTTP listener")?;
@@ -455,6 +495,59 @@ impl Server {
         let mut body = Vec::new();
         tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut body)).await??;
         Ok(String::from_utf8_lossy(&body).into_owned())
+    }
+}
+
+/// One stage of pushbridge's pipeline as read from `/metrics`.
+#[derive(Debug, Default, Clone)]
+pub struct Stage {
+    pub name: String,
+    /// (upper bound in seconds, observations at or under it), cumulative.
+    pub buckets: Vec<(f64, u64)>,
+    pub max_secs: f64,
+}
+
+impl Stage {
+    /// What was observed since `before` (the same stage, read earlier).
+    pub fn since(&self, before: Option<&Stage>) -> Stage {
+        let old = |le: f64| {
+            before
+                .and_then(|b| b.buckets.iter().find(|x| x.0 == le))
+                .map_or(0, |x| x.1)
+        };
+        Stage {
+            name: self.name.clone(),
+            buckets: self
+                .buckets
+                .iter()
+                .map(|&(le, n)| (le, n.saturating_sub(old(le))))
+                .collect(),
+            max_secs: self.max_secs,
+        }
+    }
+
+    /// The `q` quantile in milliseconds, interpolated inside its bucket as
+    /// Prometheus's `histogram_quantile` does; `None` without observations.
+    pub fn quantile_ms(&self, q: f64) -> Option<f64> {
+        let total = self.buckets.last()?.1;
+        if total == 0 {
+            return None;
+        }
+        let rank = q * total as f64;
+        let (mut lo, mut below) = (0.0, 0u64);
+        for &(le, n) in &self.buckets {
+            if n as f64 >= rank {
+                let inside = (n - below) as f64;
+                let frac = if inside > 0.0 {
+                    (rank - below as f64) / inside
+                } else {
+                    1.0
+                };
+                return Some((lo + (le - lo) * frac) * 1e3);
+            }
+            (lo, below) = (le, n);
+        }
+        Some(lo * 1e3)
     }
 }
 

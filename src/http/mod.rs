@@ -122,7 +122,7 @@ impl HttpState {
     /// Pushes waiting in the in-memory intake queue.
     fn intake_queued(&self) -> usize {
         match &self.intake {
-            Intake::Memory(tx) => tx.max_capacity() - tx.capacity(),
+            Intake::Memory(queue) => queue.len(),
             Intake::Durable(_) => 0,
         }
     }

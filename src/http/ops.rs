@@ -13,6 +13,7 @@ use super::HttpState;
 use crate::apns::LoadedApp;
 use crate::registry::UserStore;
 use crate::router::Environment;
+use crate::stats::HistogramSnapshot;
 use crate::stats::{Bucket, FAILURE_REASONS};
 use crate::utc::rfc3339;
 
@@ -177,19 +178,36 @@ pub(super) async fn metrics(State(state): State<HttpState>) -> impl IntoResponse
         let _ = writeln!(out, "pushbridge_{name} {value}");
     }
     arrival_rates(&mut out, &state.stats);
-    let h = state.stats.apns_latency.snapshot();
     let name = "pushbridge_apns_request_duration_seconds";
     let _ = writeln!(
         out,
         "# HELP {name} Seconds from sending an APNs request to reading Apple's answer."
     );
     let _ = writeln!(out, "# TYPE {name} histogram");
-    for (le, n) in &h.buckets {
-        let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {n}");
+    histogram(&mut out, name, "", &state.stats.apns_latency.snapshot());
+    let name = "pushbridge_stage_seconds";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Seconds a push waits in each stage: intake (accepted to taken by the dispatcher), route (a batch's routing), session (queued in a session to written to its socket), ack (written to the device's PUBACK, sampled)."
+    );
+    let _ = writeln!(out, "# TYPE {name} histogram");
+    let stages = state
+        .stats
+        .stages
+        .all()
+        .map(|(stage, h)| (stage, h.snapshot()));
+    for (stage, h) in &stages {
+        histogram(&mut out, name, &format!("stage=\"{stage}\","), h);
     }
-    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", h.count);
-    let _ = writeln!(out, "{name}_sum {}", h.sum_secs);
-    let _ = writeln!(out, "{name}_count {}", h.count);
+    let name = "pushbridge_stage_max_seconds";
+    let _ = writeln!(
+        out,
+        "# HELP {name} The longest wait seen in each stage since start."
+    );
+    let _ = writeln!(out, "# TYPE {name} gauge");
+    for (stage, h) in &stages {
+        let _ = writeln!(out, "{name}{{stage=\"{stage}\"}} {}", h.max_secs);
+    }
 
     let now = crate::utc::now() as i64;
     let _ = writeln!(
@@ -256,4 +274,18 @@ pub(super) async fn openapi() -> impl IntoResponse {
         [(header::CONTENT_TYPE, "application/json")],
         include_str!("openapi.json"),
     )
+}
+
+/// One histogram in the text format; `labels` ends with a comma when not empty.
+fn histogram(out: &mut String, name: &str, labels: &str, h: &HistogramSnapshot) {
+    for (le, n) in &h.buckets {
+        let _ = writeln!(out, "{name}_bucket{{{labels}le=\"{le}\"}} {n}");
+    }
+    let _ = writeln!(out, "{name}_bucket{{{labels}le=\"+Inf\"}} {}", h.count);
+    let bare = match labels.trim_end_matches(',') {
+        "" => String::new(),
+        l => format!("{{{l}}}"),
+    };
+    let _ = writeln!(out, "{name}_sum{bare} {}", h.sum_secs);
+    let _ = writeln!(out, "{name}_count{bare} {}", h.count);
 }

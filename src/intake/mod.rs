@@ -7,6 +7,7 @@
 //! tells when an entry's deliveries are all final.
 
 mod consumer;
+mod queue;
 mod stream;
 
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use rmpv::Value as Mp;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+pub use queue::{Queue, Refused};
 pub use stream::StreamWriter;
 
 use crate::dispatch::Dispatcher;
@@ -44,7 +46,7 @@ pub enum IntakeError {
 #[derive(Clone)]
 pub enum Intake {
     /// The in-memory queue the dispatcher drains.
-    Memory(mpsc::Sender<Push>),
+    Memory(Queue),
     /// The Redis Stream: frames are appended before they are answered.
     Durable(StreamWriter),
 }
@@ -68,10 +70,11 @@ pub async fn start(
     let url = match (&settings.registry.redis_url, s.durable) {
         (Some(url), true) => url,
         _ => {
-            let (tx, rx) = mpsc::channel(settings.intake.queue);
+            let max_wait = Duration::from_millis(s.max_wait_ms);
+            let (queue, rx) = Queue::new(dispatcher, s.queue, max_wait);
             return Ok(Started {
-                intake: Intake::Memory(tx),
-                consumer: tokio::spawn(dispatcher.run(rx)),
+                intake: Intake::Memory(queue),
+                consumer: tokio::spawn(queue::run(rx)),
             });
         }
     };

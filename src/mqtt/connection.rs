@@ -370,6 +370,9 @@ impl Conn {
                 drop(st);
                 if let Some(m) = acked {
                     self.inner.stats.mqtt_acked.inc();
+                    if pkid % 8 == 0 {
+                        self.inner.stats.stages.ack.observe(m.msg.at.elapsed());
+                    }
                     if let Some(tag) = m.msg.meta.as_ref().and_then(|m| m.tag.as_ref()) {
                         tag.acked(&m.msg.topic, &self.client_id);
                     }
@@ -515,6 +518,7 @@ impl Conn {
             max: self.client_max,
             inner: &self.inner,
         };
+        let now = Instant::now();
         let mut i = 0;
         while i < st.inflight.len() && enc.wbuf.len() < WRITE_HIGH {
             let m = &mut st.inflight[i];
@@ -525,20 +529,27 @@ impl Conn {
                 st.inflight.remove(i);
             } else if enc.publish(&m.msg, m.pkid, true) {
                 m.sent = true;
+                m.msg.at = now;
                 i += 1;
             } else {
                 st.inflight.remove(i);
             }
         }
+        let mut first = true;
         while enc.wbuf.len() < WRITE_HIGH {
             match st.queue.front() {
                 None => break,
                 Some(m) if m.qos > 0 && st.inflight.len() >= self.window => break,
                 Some(_) => {}
             }
-            let Some(msg) = st.queue.pop_front() else {
+            let Some(mut msg) = st.queue.pop_front() else {
                 break;
             };
+            if first {
+                first = false;
+                self.inner.stats.stages.session.observe(now - msg.at);
+            }
+            msg.at = now;
             if !readable(&msg.topic) {
                 self.inner.stats.mqtt_denied.inc();
                 continue;

@@ -202,8 +202,10 @@ impl Inner {
         counted: usize,
     ) -> usize {
         let mut delivered = 0;
+        let at = tokio::time::Instant::now();
         for (i, (_, session, qos)) in targets.drain(..).enumerate() {
             let msg = Msg {
+                at,
                 topic: topic.clone(),
                 payload: payload.clone(),
                 qos: qos.min(max_qos),

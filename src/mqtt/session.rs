@@ -23,6 +23,9 @@ pub struct Msg {
     pub topic: Arc<str>,
     pub payload: Bytes,
     pub qos: u8,
+    /// When it was queued; once written, when it was written (the stage
+    /// histograms).
+    pub at: Instant,
     /// What only some pushes carry (a receipt, an expiry); one pointer,
     /// so a message without them stays as small as before.
     pub meta: Option<Arc<Meta>>,
@@ -591,6 +594,7 @@ mod tests {
     fn msg(t: &str) -> Msg {
         Msg {
             meta: None,
+            at: Instant::now(),
             topic: t.into(),
             payload: Bytes::from_static(b"x"),
             qos: 1,

@@ -115,7 +115,13 @@ impl Stream {
                 // Grow with the data actually arriving, not with what a header claims.
                 rbuf.reserve(need.clamp(READ_CHUNK, READ_MAX));
                 match s.try_read_buf(rbuf) {
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        // Nothing came: an idle connection keeps no buffer.
+                        if rbuf.is_empty() {
+                            *rbuf = BytesMut::new();
+                        }
+                        continue;
+                    }
                     r => return Poll::Ready(r),
                 }
             },

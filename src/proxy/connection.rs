@@ -8,11 +8,8 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use tokio::sync::mpsc;
-use tokio::sync::mpsc::error::TrySendError;
-
 use super::Shared;
-use crate::intake::{Intake, IntakeError, StreamWriter};
+use crate::intake::{Intake, IntakeError, Queue, Refused, StreamWriter};
 use crate::push::Push;
 use crate::wire::frame::{self, FrameError, Status};
 
@@ -77,6 +74,12 @@ pub(crate) async fn handle(socket: TcpStream, shared: Shared) {
     let mut deadline = Instant::now() + idle;
     debug!("backend connected");
     loop {
+        if let Intake::Memory(queue) = &shared.intake {
+            tokio::select! {
+                _ = shared.shutdown.cancelled() => break,
+                () = queue.admitted() => {}
+            }
+        }
         let read = tokio::select! {
             _ = shared.shutdown.cancelled() => break,
             read = tokio::time::timeout_at(deadline, conn.read()) => read,
@@ -219,22 +222,17 @@ async fn commit(
 
 /// Queues a push. With the queue full, the backend first gets the answers
 /// so far, then waits for room; a stopping server does not wait (false).
-async fn queue(
-    intake: &mpsc::Sender<Push>,
-    push: Push,
-    conn: &mut Connection,
-    shared: &Shared,
-) -> bool {
+async fn queue(intake: &Queue, push: Push, conn: &mut Connection, shared: &Shared) -> bool {
     let push = match intake.try_send(push) {
         Ok(()) => return true,
-        Err(TrySendError::Closed(_)) => return false,
-        Err(TrySendError::Full(push)) => push,
+        Err(Refused::Closed) => return false,
+        Err(Refused::Full(push)) => push,
     };
     if conn.flush().await.is_err() {
         return false;
     }
     tokio::select! {
-        sent = intake.send(push) => sent.is_ok(),
+        sent = intake.send(push) => sent,
         _ = shared.shutdown.cancelled() => false,
     }
 }

@@ -138,6 +138,9 @@ impl Settings {
         if self.intake.queue == 0 {
             return bad("intake.queue", "must be at least 1");
         }
+        if self.intake.max_wait_ms > 60_000 {
+            return bad("intake.max_wait_ms", "must be at most 60000 (a minute)");
+        }
         if self.apns.queue == 0 {
             return bad("apns.queue", "must be at least 1");
         }

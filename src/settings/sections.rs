@@ -266,6 +266,10 @@ pub struct IntakeSettings {
     /// Accepted pushes waiting in memory for routing (proxy and HTTP);
     /// when full, backends wait.
     pub queue: usize,
+    /// While pushes wait in the memory queue longer than this, the proxy
+    /// stops reading from backends (TCP holds them back): a bound on the
+    /// time a push waits, where `queue` bounds memory.
+    pub max_wait_ms: u64,
 }
 
 impl Default for IntakeSettings {
@@ -278,6 +282,7 @@ impl Default for IntakeSettings {
             claim_idle_ms: 30_000,
             max_len: 1_000_000,
             queue: 65536,
+            max_wait_ms: 5,
         }
     }
 }

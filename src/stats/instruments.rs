@@ -39,15 +39,30 @@ pub const LATENCY_BOUNDS: [f64; 11] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
+/// Upper bounds (seconds) for the waits inside pushbridge: a healthy stage
+/// takes tens of microseconds, a queued one milliseconds.
+pub const STAGE_BOUNDS: [f64; 16] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
 /// A Prometheus-style histogram of durations: a few relaxed atomic adds per
 /// observation, no lock.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Histogram {
+    bounds: &'static [f64],
     /// Per bucket, not cumulative; observations above the last bound are
     /// only in `count`.
-    buckets: [AtomicU64; LATENCY_BOUNDS.len()],
+    buckets: Box<[AtomicU64]>,
     count: AtomicU64,
     sum_micros: AtomicU64,
+    max_micros: AtomicU64,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram::new(&LATENCY_BOUNDS)
+    }
 }
 
 /// A histogram read at one moment.
@@ -57,22 +72,35 @@ pub struct HistogramSnapshot {
     pub buckets: Vec<(f64, u64)>,
     pub count: u64,
     pub sum_secs: f64,
+    pub max_secs: f64,
 }
 
 impl Histogram {
+    pub fn new(bounds: &'static [f64]) -> Histogram {
+        Histogram {
+            bounds,
+            buckets: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
+            count: AtomicU64::new(0),
+            sum_micros: AtomicU64::new(0),
+            max_micros: AtomicU64::new(0),
+        }
+    }
+
     pub fn observe(&self, d: Duration) {
         let secs = d.as_secs_f64();
-        if let Some(i) = LATENCY_BOUNDS.iter().position(|le| secs <= *le) {
+        if let Some(i) = self.bounds.iter().position(|le| secs <= *le) {
             self.buckets[i].fetch_add(1, Ordering::Relaxed);
         }
         self.count.fetch_add(1, Ordering::Relaxed);
         let micros = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
         self.sum_micros.fetch_add(micros, Ordering::Relaxed);
+        self.max_micros.fetch_max(micros, Ordering::Relaxed);
     }
 
     pub fn snapshot(&self) -> HistogramSnapshot {
         let mut total = 0;
-        let buckets = LATENCY_BOUNDS
+        let buckets = self
+            .bounds
             .iter()
             .zip(&self.buckets)
             .map(|(le, n)| {
@@ -84,7 +112,46 @@ impl Histogram {
             buckets,
             count: self.count.load(Ordering::Relaxed),
             sum_secs: self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6,
+            max_secs: self.max_micros.load(Ordering::Relaxed) as f64 / 1e6,
         }
+    }
+}
+
+/// Where a push waits on its way through, one histogram per stage, so a
+/// regression in latency shows which queue grew (`/metrics`, the benchmark).
+#[derive(Debug)]
+pub struct Stages {
+    /// Proxy accepted it -> the dispatcher took it off the intake queue.
+    pub intake: Histogram,
+    /// The dispatcher took a batch -> the whole batch was routed.
+    pub route: Histogram,
+    /// Queued in a session -> written to the device's socket (the oldest
+    /// message of each write).
+    pub session: Histogram,
+    /// Written -> the device's PUBACK (one QoS 1 message in 8).
+    pub ack: Histogram,
+}
+
+impl Default for Stages {
+    fn default() -> Self {
+        Stages {
+            intake: Histogram::new(&STAGE_BOUNDS),
+            route: Histogram::new(&STAGE_BOUNDS),
+            session: Histogram::new(&STAGE_BOUNDS),
+            ack: Histogram::new(&STAGE_BOUNDS),
+        }
+    }
+}
+
+impl Stages {
+    /// Each stage's name (the `stage` label) and histogram.
+    pub fn all(&self) -> [(&'static str, &Histogram); 4] {
+        [
+            ("intake", &self.intake),
+            ("route", &self.route),
+            ("session", &self.session),
+            ("ack", &self.ack),
+        ]
     }
 }
 
@@ -114,6 +181,7 @@ mod tests {
         let s = h.snapshot();
         assert_eq!(s.count, 5);
         assert!((s.sum_secs - 20.736).abs() < 1e-9, "{}", s.sum_secs);
+        assert_eq!(s.max_secs, 20.0);
         let at = |le: f64| s.buckets.iter().find(|b| b.0 == le).unwrap().1;
         assert_eq!(
             (at(0.005), at(0.01), at(0.05), at(1.0), at(10.0)),

@@ -6,7 +6,9 @@ pub mod series;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-pub use instruments::{Gauge, Histogram, HistogramSnapshot, Listeners, Up, LATENCY_BOUNDS};
+pub use instruments::{
+    Gauge, Histogram, HistogramSnapshot, Listeners, Stages, Up, LATENCY_BOUNDS, STAGE_BOUNDS,
+};
 pub use series::{Bucket, Series, SeriesSnapshot, FAILURE_REASONS};
 
 /// One monotonically increasing count.
@@ -44,6 +46,8 @@ macro_rules! counters {
             pub mqtt_connections: Gauge,
             /// Seconds from sending an APNs request to reading Apple's answer.
             pub apns_latency: Histogram,
+            /// Where pushes wait inside pushbridge.
+            pub stages: Stages,
             /// Per-minute, per-hour and per-day counts (`/v1/stats`).
             pub series: Series,
             /// Which listeners are serving (`/readyz`).
