@@ -303,7 +303,8 @@ async fn read_acks(
             }
         } else {
             for &b in buf.iter() {
-                if b == 0 {
+                // 0x0b: accepted with its options (receipts).
+                if b == 0 || b == 0x0b {
                     ok += 1;
                 } else {
                     bad += 1;

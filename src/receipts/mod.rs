@@ -216,3 +216,22 @@ impl std::fmt::Debug for Tag {
 fn store_failed(e: &ReceiptsError, changes: usize) {
     warn!(error = %e, changes, "receipts not recorded (counted in receipts_dropped)");
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::mem::size_of;
+
+    /// What a push with a receipt holds while in flight on the MQTT path:
+    /// one `Meta` behind an `Arc`, shared by every session it reaches
+    /// (every message pays 8 bytes for the pointer, receipt or not), and
+    /// three changes on their way to the writer.
+    #[test]
+    fn in_flight_cost_is_small() {
+        let meta = 16 + size_of::<crate::mqtt::Meta>();
+        let changes = 3 * size_of::<Change>();
+        println!("Arc<Meta> {meta} bytes, 3 queued changes {changes} bytes");
+        assert!(meta <= 80, "Arc<Meta> grew to {meta} bytes");
+        assert!(changes <= 384, "3 changes grew to {changes} bytes");
+    }
+}

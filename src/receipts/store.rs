@@ -15,16 +15,17 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{store_failed, Change, Event, ReceiptsError, Webhook};
-use crate::push::PushId;
+use crate::push::{Id, PushId};
 use crate::redis_conn::RedisConn;
 use crate::settings::ReceiptsSettings;
 use crate::stats::Stats;
 
 /// Changes applied together: one Redis round trip.
 const BATCH: usize = 512;
-/// What the in-memory store counts for a push and for each field beyond
-/// their text: the map entry, the order entry, the field's allocations.
-const RECORD_COST: usize = 96;
+/// What the in-memory store counts for a push (the record, its map and
+/// order entries), an id in it and a per-user field, beyond their text.
+const RECORD_COST: usize = 200;
+const ID_COST: usize = 32;
 const FIELD_COST: usize = 48;
 
 /// One write to a push's hash.
@@ -109,10 +110,134 @@ pub struct Memory {
     ttl_ms: u64,
 }
 
+/// One push's outcome, typed (the Redis hash's fields are rendered from
+/// it only when asked): a few hundred bytes, not one allocation a field.
 struct Record {
-    fields: Vec<(Box<str>, Box<str>)>,
-    bytes: usize,
     changed_ms: u64,
+    routed_at: u64,
+    topics: Vec<Topic>,
+    apns: Vec<Id>,
+    unknown: Vec<Id>,
+    /// `apns:<user>` and `offline:<user>` with their JSON.
+    users: Vec<(Box<str>, Box<str>)>,
+    bytes: usize,
+}
+
+struct Topic {
+    name: Box<str>,
+    sessions: Option<usize>,
+    written_at: u64,
+    acks: u64,
+    acked_at: u64,
+}
+
+impl Record {
+    fn new(at: u64, mqtt: Vec<String>, apns: Vec<Id>, unknown: Vec<Id>) -> Record {
+        let topics = mqtt
+            .into_iter()
+            .map(|t| Topic {
+                name: t.into_boxed_str(),
+                sessions: None,
+                written_at: 0,
+                acks: 0,
+                acked_at: 0,
+            })
+            .collect();
+        let mut r = Record {
+            changed_ms: at,
+            routed_at: at,
+            topics,
+            apns,
+            unknown,
+            users: Vec::new(),
+            bytes: 0,
+        };
+        r.bytes = r.cost();
+        r
+    }
+
+    /// What the record counts against `receipts.max_bytes`.
+    fn cost(&self) -> usize {
+        let ids = |v: &[Id]| v.iter().map(|i| ID_COST + i.as_str().len()).sum::<usize>();
+        RECORD_COST
+            + self
+                .topics
+                .iter()
+                .map(|t| std::mem::size_of::<Topic>() + t.name.len())
+                .sum::<usize>()
+            + ids(&self.apns)
+            + ids(&self.unknown)
+            + self
+                .users
+                .iter()
+                .map(|(n, v)| FIELD_COST + n.len() + v.len())
+                .sum::<usize>()
+    }
+
+    fn topic(&mut self, name: &str) -> Option<&mut Topic> {
+        self.topics.iter_mut().find(|t| &*t.name == name)
+    }
+
+    fn apply(&mut self, at: u64, event: &Event) {
+        self.changed_ms = at;
+        match event {
+            Event::Routed { .. } => {}
+            Event::MqttWritten { topic, sessions } => {
+                if let Some(t) = self.topic(topic) {
+                    (t.sessions, t.written_at) = (Some(*sessions), at);
+                }
+            }
+            Event::MqttAcked { topic, .. } => {
+                if let Some(t) = self.topic(topic) {
+                    (t.acks, t.acked_at) = (t.acks + 1, at);
+                }
+            }
+            other => {
+                for op in ops(other, at) {
+                    let Op::Set(name, value) = op else { continue };
+                    match self.users.iter_mut().find(|(n, _)| **n == *name) {
+                        Some((_, v)) => *v = value.into(),
+                        None => self.users.push((name.into(), value.into())),
+                    }
+                }
+            }
+        }
+    }
+
+    /// The fields the Redis hash would hold.
+    fn fields(&self) -> Vec<(String, String)> {
+        let mut f = ops(
+            &Event::Routed {
+                mqtt: self.topics.iter().map(|t| t.name.to_string()).collect(),
+                apns: self.apns.clone(),
+                unknown_users: self.unknown.clone(),
+            },
+            self.routed_at,
+        )
+        .into_iter()
+        .filter_map(|op| match op {
+            Op::Set(n, v) => Some((n, v)),
+            Op::Incr(_) => None,
+        })
+        .collect::<Vec<_>>();
+        for t in &self.topics {
+            let name = &t.name;
+            if let Some(n) = t.sessions {
+                f.push((format!("mqtt:{name}:sessions"), n.to_string()));
+                f.push((format!("mqtt:{name}:written_at"), t.written_at.to_string()));
+            }
+            if t.acks > 0 {
+                f.push((format!("mqtt:{name}:acks"), t.acks.to_string()));
+                f.push((format!("mqtt:{name}:acked_at"), t.acked_at.to_string()));
+            }
+        }
+        f.extend(
+            self.users
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.to_string())),
+        );
+        f
+    }
 }
 
 impl Memory {
@@ -120,41 +245,28 @@ impl Memory {
     /// Only `Routed` (always a push's first change) starts a record: a late
     /// change to a forgotten push does not bring back part of it.
     fn apply(&mut self, (push, at, event): Change) -> usize {
-        let record = match self.records.get_mut(&push) {
-            Some(r) => r,
-            None if !matches!(event, Event::Routed { .. }) => return 0,
-            None => {
-                self.order.push_back(push.clone());
-                self.bytes += RECORD_COST;
-                self.records.entry(push.clone()).or_insert(Record {
-                    fields: Vec::new(),
-                    bytes: RECORD_COST,
-                    changed_ms: at,
-                })
+        let record = match (self.records.get_mut(&push), event) {
+            (Some(r), event) => {
+                let before = r.bytes;
+                r.apply(at, &event);
+                r.bytes = r.cost();
+                self.bytes = self.bytes + r.bytes - before;
+                r.changed_ms = at;
+                return self.evict(at);
             }
+            (
+                None,
+                Event::Routed {
+                    mqtt,
+                    apns,
+                    unknown_users,
+                },
+            ) => Record::new(at, mqtt, apns, unknown_users),
+            (None, _) => return 0,
         };
-        record.changed_ms = at;
-        let before = record.bytes;
-        for op in ops(&event, at) {
-            let (name, value) = match op {
-                Op::Set(name, value) => (name, value),
-                Op::Incr(name) => {
-                    let n = find(&record.fields, &name).map_or(0, |v| v.parse().unwrap_or(0));
-                    (name, (n + 1u64).to_string())
-                }
-            };
-            match record.fields.iter_mut().find(|(n, _)| **n == *name) {
-                Some((_, v)) => {
-                    record.bytes = record.bytes + value.len() - v.len();
-                    *v = value.into();
-                }
-                None => {
-                    record.bytes += FIELD_COST + name.len() + value.len();
-                    record.fields.push((name.into(), value.into()));
-                }
-            }
-        }
-        self.bytes = self.bytes + record.bytes - before;
+        self.bytes += record.bytes;
+        self.order.push_back(push.clone());
+        self.records.insert(push, record);
         self.evict(at)
     }
 
@@ -183,12 +295,7 @@ impl Memory {
 
     fn fields(&self, push: &PushId, now: u64) -> Option<Vec<(String, String)>> {
         let r = self.records.get(push)?;
-        (r.changed_ms + self.ttl_ms > now).then(|| {
-            r.fields
-                .iter()
-                .map(|(n, v)| (n.to_string(), v.to_string()))
-                .collect()
-        })
+        (r.changed_ms + self.ttl_ms > now).then(|| r.fields())
     }
 
     pub fn len(&self) -> usize {
@@ -198,10 +305,6 @@ impl Memory {
     pub fn bytes(&self) -> usize {
         self.bytes
     }
-}
-
-fn find<'a>(fields: &'a [(Box<str>, Box<str>)], name: &str) -> Option<&'a str> {
-    fields.iter().find(|(n, _)| &**n == name).map(|(_, v)| &**v)
 }
 
 impl Store {
@@ -423,7 +526,6 @@ fn outcome(push: &PushId, fields: Vec<(String, String)>, overdue: u64) -> Value 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::push::Id;
 
     fn memory(max_records: usize, max_bytes: usize) -> Memory {
         Memory {
@@ -480,7 +582,7 @@ mod tests {
             assert!(m.bytes() <= max, "{} bytes after {i} pushes", m.bytes());
         }
         // Each record is counted, and the sum is the store's.
-        let sum: usize = m.records.values().map(|r| r.bytes).sum();
+        let sum: usize = m.records.values().map(|r| r.cost()).sum();
         assert_eq!(sum, m.bytes());
         assert!(m.len() > 10 && m.len() < 100, "{} records", m.len());
     }
