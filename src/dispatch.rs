@@ -2,7 +2,7 @@
 //! records (one registry round trip per batch, two with groups), routes each
 //! push and hands the results to the MQTT broker and the APNs sender.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -196,9 +196,29 @@ impl Dispatcher {
         ids.sort_unstable();
         ids.dedup();
         let users = self.registry.users(&ids).await?;
+        // Only users without APNs can have kept messages; only the embedded
+        // broker replays them when a device subscribes (see `held_topics`).
+        let mqtt_only: Vec<Id> = match self.broker.embedded() {
+            Some(_) => ids
+                .iter()
+                .zip(&users)
+                .filter(|(_, r)| !router::has_apns(r.as_ref()))
+                .map(|(id, _)| id.clone())
+                .collect(),
+            None => Vec::new(),
+        };
+        let backlog = self
+            .offline
+            .backlogged(&mqtt_only)
+            .await
+            .unwrap_or_else(|e| {
+                warn!(error = %e, "offline store not read; live pushes may overtake kept messages");
+                HashSet::new()
+            });
         Ok(Records {
             users: ids.into_iter().zip(users).collect(),
             members,
+            backlog,
         })
     }
 
@@ -239,7 +259,13 @@ impl Dispatcher {
         let mut sessions = Vec::with_capacity(routing.mqtt_topics.len());
         if !routing.mqtt_topics.is_empty() {
             let payload = push.json();
+            let held = self.held_topics(push, &users, records, offline);
             for topic in &routing.mqtt_topics {
+                if held.contains(topic.as_str()) {
+                    // Kept behind the user's earlier messages (counts as unreached).
+                    sessions.push(0);
+                    continue;
+                }
                 let reached = self
                     .broker
                     .publish_acked(topic, payload.clone(), ack, meta.as_ref())
@@ -376,7 +402,36 @@ impl Dispatcher {
         Some(Arc::new(Meta { tag, expires_ms }))
     }
 
-    /// Keeps a batch's messages for users who were offline (one Redis round trip).
+    /// Topics of the push's MQTT-only users who have messages kept (before
+    /// this batch, or earlier in it): publishing there would overtake them.
+    /// Embedded broker only: with an external one nothing replays on a
+    /// subscribe yet, so held messages would wait for nothing.
+    fn held_topics(
+        &self,
+        push: &Push,
+        users: &[(Id, Option<&UserRecord>)],
+        records: &Records,
+        offline: &[Message],
+    ) -> HashSet<String> {
+        if matches!(push.target, Target::Group(_))
+            || (records.backlog.is_empty() && offline.is_empty())
+            || self.broker.embedded().is_none()
+        {
+            return HashSet::new();
+        }
+        users
+            .iter()
+            .filter(|(id, record)| {
+                !router::has_apns(*record)
+                    && (records.backlog.contains(id) || offline.iter().any(|m| &m.user == id))
+            })
+            .map(|(id, _)| router::user_topic(&self.prefix, id))
+            .collect()
+    }
+
+    /// Keeps a batch's messages for users who were offline (one Redis round
+    /// trip), then has them replayed to any of those users who connected
+    /// meanwhile.
     async fn keep_offline(&self, kept: &[Message]) {
         if kept.is_empty() {
             return;
@@ -391,6 +446,8 @@ impl Dispatcher {
                         self.receipts.record(push, Event::OfflineKept { user });
                     }
                 }
+                let users: HashSet<&Id> = kept.iter().map(|m| &m.user).collect();
+                self.offline.kick(users);
             }
             Err(e) => {
                 warn!(error = %e, messages = kept.len(), "offline messages not kept");
@@ -404,4 +461,6 @@ impl Dispatcher {
 struct Records {
     users: HashMap<Id, Option<UserRecord>>,
     members: HashMap<Id, Vec<Id>>,
+    /// Users with kept messages: their new messages are kept behind them.
+    backlog: HashSet<Id>,
 }

@@ -95,5 +95,8 @@ pub fn check_config(settings: &Settings) -> Result<Vec<apns::AppCheck>, Error> {
     if let Some(ca) = &settings.mqtt.external_ca_file {
         external::check_ca_file(ca)?;
     }
+    if let Some(ca) = &settings.registry.redis_ca_file {
+        redis_conn::load_ca(ca).map_err(registry::RegistryError::Redis)?;
+    }
     Ok(apns::check_config(&settings.apns)?)
 }

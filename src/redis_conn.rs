@@ -10,7 +10,13 @@
 //! - `redis+sentinel://[user:pass@]host:port,host:port,.../<master-name>[/db]`:
 //!   sentinels to ask for the master of `<master-name>`; the credentials and
 //!   db are for the master (the sentinels are reached without a password).
+//!
+//! `rediss`, `rediss+cluster` and `rediss+sentinel` are the same over TLS: to
+//! the server, to every cluster node, to the sentinels and the master they
+//! name. The server is verified against the public web roots, or only
+//! against `registry.redis_ca_file` when it is set.
 
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -18,10 +24,10 @@ use futures_util::future::{join_all, FutureExt};
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
-use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
+use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
 use redis::{
-    Cmd, ConnectionAddr, ErrorKind, FromRedisValue, RedisConnectionInfo, RedisError, RedisFuture,
-    RedisResult, Value,
+    Cmd, ConnectionAddr, ErrorKind, FromRedisValue, IntoConnectionInfo, RedisError, RedisFuture,
+    RedisResult, TlsCertificates, TlsMode, Value,
 };
 use tracing::{info, warn};
 
@@ -59,20 +65,28 @@ pub struct SentinelConn {
 }
 
 impl RedisConn {
-    /// Connects according to the URL's scheme (see the module docs).
-    pub async fn open(url: &str) -> RedisResult<RedisConn> {
+    /// Connects according to the URL's scheme (see the module docs);
+    /// `ca_file` (PEM) is the only CA trusted for `rediss` when given.
+    pub async fn open(url: &str, ca_file: Option<&Path>) -> RedisResult<RedisConn> {
         let open = async {
+            let certs = ca_file.map(load_ca).transpose()?;
             match Target::parse(url)? {
                 Target::Single => {
-                    let client = redis::Client::open(url)?;
+                    let client = match certs {
+                        Some(certs) => redis::Client::build_with_tls(url, certs)?,
+                        None => redis::Client::open(url)?,
+                    };
                     Ok(RedisConn::Single(manager(client).await?))
                 }
                 Target::Cluster(nodes) => {
-                    let client = ClusterClient::builder(nodes)
+                    let mut builder = ClusterClient::builder(nodes)
                         .connection_timeout(CONNECT_TIMEOUT)
                         .response_timeout(RESPONSE_TIMEOUT)
-                        .retries(3)
-                        .build()?;
+                        .retries(3);
+                    if let Some(certs) = certs {
+                        builder = builder.certs(certs);
+                    }
+                    let client = builder.build()?;
                     let conn = client.get_async_connection().await?;
                     Ok(RedisConn::Cluster(ClusterConn {
                         client: Arc::new(client),
@@ -80,17 +94,8 @@ impl RedisConn {
                         rebuilding: Arc::default(),
                     }))
                 }
-                Target::Sentinel {
-                    sentinels,
-                    master,
-                    node,
-                } => {
-                    let mut client = SentinelClient::build(
-                        sentinels,
-                        master,
-                        Some(node),
-                        SentinelServerType::Master,
-                    )?;
+                Target::Sentinel(target) => {
+                    let mut client = target.builder(certs)?.build()?;
                     let master = client.async_get_client().await?;
                     let addr = master.get_connection_info().addr.clone();
                     let conn = manager(master).await?;
@@ -164,6 +169,28 @@ impl RedisConn {
             })
             .collect())
     }
+}
+
+/// `registry.redis_ca_file`: PEM holding at least one certificate.
+pub fn load_ca(path: &Path) -> RedisResult<TlsCertificates> {
+    let problem = |p: String| {
+        RedisError::from((
+            ErrorKind::InvalidClientConfig,
+            "registry.redis_ca_file",
+            format!("{}: {p}", path.display()),
+        ))
+    };
+    let pem = std::fs::read(path).map_err(|e| problem(e.to_string()))?;
+    let certs: Vec<_> = rustls_pemfile::certs(&mut &pem[..])
+        .collect::<Result<_, _>>()
+        .map_err(|e| problem(format!("not PEM: {e}")))?;
+    if certs.is_empty() {
+        return Err(problem("holds no PEM certificate".into()));
+    }
+    Ok(TlsCertificates {
+        client_tls: None,
+        root_cert: Some(pem),
+    })
 }
 
 async fn manager(client: redis::Client) -> RedisResult<ConnectionManager> {
@@ -313,12 +340,42 @@ impl ConnectionLike for RedisConn {
 /// What a `registry.redis_url` points at.
 enum Target {
     Single,
+    /// Node URLs, `rediss://` for TLS.
     Cluster(Vec<String>),
-    Sentinel {
-        sentinels: Vec<String>,
-        master: String,
-        node: SentinelNodeConnectionInfo,
-    },
+    Sentinel(SentinelTarget),
+}
+
+/// The sentinels, and the master's name, credentials and db.
+struct SentinelTarget {
+    sentinels: Vec<ConnectionAddr>,
+    master: String,
+    db: i64,
+    username: Option<String>,
+    password: Option<String>,
+    tls: bool,
+}
+
+impl SentinelTarget {
+    fn builder(self, certs: Option<TlsCertificates>) -> RedisResult<SentinelClientBuilder> {
+        let mut b =
+            SentinelClientBuilder::new(self.sentinels, self.master, SentinelServerType::Master)?
+                .set_client_to_redis_db(self.db);
+        if let Some(user) = self.username {
+            b = b.set_client_to_redis_username(user);
+        }
+        if let Some(pass) = self.password {
+            b = b.set_client_to_redis_password(pass);
+        }
+        if self.tls {
+            b = b.set_client_to_redis_tls_mode(TlsMode::Secure);
+        }
+        if let Some(certs) = certs {
+            b = b
+                .set_client_to_sentinel_certificates(certs.clone())
+                .set_client_to_redis_certificates(certs);
+        }
+        Ok(b)
+    }
 }
 
 fn invalid(url: &str, problem: &str) -> RedisError {
@@ -347,14 +404,14 @@ impl Target {
         let (scheme, rest) = url
             .split_once("://")
             .ok_or_else(|| invalid(url, "no scheme"))?;
-        let cluster = match scheme {
-            "redis+cluster" => true,
-            "redis+sentinel" => false,
-            "rediss+cluster" | "rediss+sentinel" => {
-                return Err(invalid(url, "TLS is not supported for cluster or sentinel"))
-            }
+        let (cluster, tls) = match scheme {
+            "redis+cluster" => (true, false),
+            "rediss+cluster" => (true, true),
+            "redis+sentinel" => (false, false),
+            "rediss+sentinel" => (false, true),
             _ => return Ok(Target::Single),
         };
+        let node_scheme = if tls { "rediss" } else { "redis" };
         let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
         let (userinfo, hosts) = match authority.rsplit_once('@') {
             Some((u, h)) => (Some(u), h),
@@ -370,7 +427,10 @@ impl Target {
                 return Err(invalid(url, "a cluster has no database number or path"));
             }
             let auth = userinfo.map(|u| format!("{u}@")).unwrap_or_default();
-            let nodes = hosts.iter().map(|h| format!("redis://{auth}{h}")).collect();
+            let nodes = hosts
+                .iter()
+                .map(|h| format!("{node_scheme}://{auth}{h}"))
+                .collect();
             return Ok(Target::Cluster(nodes));
         }
         let (master, db) = match path.as_slice() {
@@ -387,6 +447,15 @@ impl Target {
                 ))
             }
         };
+        let sentinels = hosts
+            .iter()
+            .map(|h| {
+                format!("{node_scheme}://{h}")
+                    .into_connection_info()
+                    .map(|info| info.addr)
+                    .map_err(|e| invalid(url, &format!("sentinel {h}: {e}")))
+            })
+            .collect::<RedisResult<Vec<ConnectionAddr>>>()?;
         let (username, password) = match userinfo {
             Some(u) => match u.split_once(':') {
                 Some((user, pass)) => (
@@ -397,20 +466,14 @@ impl Target {
             },
             None => (None, None),
         };
-        let node = SentinelNodeConnectionInfo {
-            tls_mode: None,
-            redis_connection_info: Some(RedisConnectionInfo {
-                db,
-                username,
-                password,
-                ..Default::default()
-            }),
-        };
-        Ok(Target::Sentinel {
-            sentinels: hosts.iter().map(|h| format!("redis://{h}")).collect(),
+        Ok(Target::Sentinel(SentinelTarget {
+            sentinels,
             master: master.to_owned(),
-            node,
-        })
+            db,
+            username,
+            password,
+            tls,
+        }))
     }
 }
 
@@ -421,25 +484,63 @@ mod tests {
     #[test]
     fn parses_url_forms() {
         assert!(matches!(Target::parse("redis://h:1/2"), Ok(Target::Single)));
+        assert!(matches!(
+            Target::parse("rediss://h:1/2"),
+            Ok(Target::Single)
+        ));
         let Ok(Target::Cluster(nodes)) = Target::parse("redis+cluster://u:p@a:1, b:2") else {
             panic!("cluster url");
         };
         assert_eq!(nodes, ["redis://u:p@a:1", "redis://u:p@b:2"]);
-        let Ok(Target::Sentinel {
-            sentinels,
-            master,
-            node,
-        }) = Target::parse("redis+sentinel://:pw@s1:26379,s2:26379/mymaster/3")
+        let Ok(Target::Cluster(nodes)) = Target::parse("rediss+cluster://a:1") else {
+            panic!("tls cluster url");
+        };
+        assert_eq!(nodes, ["rediss://a:1"]);
+        let Ok(Target::Sentinel(s)) =
+            Target::parse("redis+sentinel://:pw@s1:26379,s2:26379/mymaster/3")
         else {
             panic!("sentinel url");
         };
-        assert_eq!(sentinels, ["redis://s1:26379", "redis://s2:26379"]);
-        assert_eq!(master, "mymaster");
-        let info = node.redis_connection_info.unwrap();
         assert_eq!(
-            (info.db, info.username, info.password.as_deref()),
-            (3, None, Some("pw"))
+            s.sentinels,
+            [
+                ConnectionAddr::Tcp("s1".into(), 26379),
+                ConnectionAddr::Tcp("s2".into(), 26379)
+            ]
         );
+        assert_eq!(s.master, "mymaster");
+        assert_eq!(
+            (s.db, s.username, s.password.as_deref(), s.tls),
+            (3, None, Some("pw"), false)
+        );
+        let Ok(Target::Sentinel(s)) = Target::parse("rediss+sentinel://u@s1:1/m") else {
+            panic!("tls sentinel url");
+        };
+        assert!(
+            matches!(&s.sentinels[..], [ConnectionAddr::TcpTls { host, port: 1, .. }] if host == "s1")
+        );
+        assert_eq!(
+            (s.username.as_deref(), s.password, s.tls),
+            (Some("u"), None, true)
+        );
+    }
+
+    #[test]
+    fn ca_file_problems_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.pem");
+        let not_pem = dir.path().join("key.txt");
+        std::fs::write(&not_pem, "not a certificate").unwrap();
+        for (path, problem) in [(&missing, "No such file"), (&not_pem, "no PEM certificate")] {
+            let Err(e) = load_ca(path) else {
+                panic!("{} accepted", path.display());
+            };
+            let msg = e.to_string();
+            assert!(
+                msg.contains(&path.display().to_string()) && msg.contains(problem),
+                "{msg}"
+            );
+        }
     }
 
     #[test]
@@ -449,7 +550,7 @@ mod tests {
             ("redis+cluster://a:1/0", "no database"),
             ("redis+sentinel://a:1", "master-name"),
             ("redis+sentinel://a:1/m/x", "must be a number"),
-            ("rediss+cluster://a:1", "TLS"),
+            ("rediss+sentinel://a:x/m", "sentinel a:x"),
         ] {
             let Err(e) = Target::parse(url) else {
                 panic!("{url} accepted");

@@ -25,6 +25,7 @@ use support::{server, wait_until};
 
 const STREAM: &str = "pushbridge:intake";
 const GROUP: &str = "pushbridge";
+const DEAD: &str = "pushbridge:intake:dead";
 
 fn durable(redis: &RedisServer) -> Settings {
     let mut s = server::settings(Some(&redis.url));
@@ -333,4 +334,201 @@ async fn durable_intake_on_a_redis_cluster() {
     })
     .await;
     server.stop().await;
+}
+
+/// The dead-letter stream's entries, oldest first, as field maps.
+fn dead_letters(conn: &mut redis::Connection) -> Vec<HashMap<String, redis::Value>> {
+    let range: redis::streams::StreamRangeReply = conn.xrange_all(DEAD).unwrap();
+    range.ids.into_iter().map(|e| e.map).collect()
+}
+
+fn field(entry: &HashMap<String, redis::Value>, name: &str) -> String {
+    let bytes: Vec<u8> = redis::from_redis_value(&entry[name]).unwrap();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// An entry whose routing keeps failing for real (Redis refuses to read its
+/// user: NOPERM) is delivered `intake.max_deliveries` times, then moved to
+/// the dead-letter stream with the reason and acknowledged; the push that
+/// shared its batch is delivered; an entry that is not a push frame goes
+/// there at once. Counted, and shown on `/readyz`.
+#[tokio::test]
+async fn undeliverable_entries_go_to_the_dead_letter_stream() {
+    let redis = RedisServer::start();
+    let mut raw = redis.conn();
+    let _: () = redis::cmd("ACL")
+        .arg(
+            &[
+                "SETUSER",
+                "default",
+                "resetkeys",
+                "~pushbridge:*",
+                "~User:4*",
+                "~Offline:*",
+            ][..],
+        )
+        .query(&mut raw)
+        .unwrap();
+    let mut settings = durable(&redis);
+    settings.registry.outage_wait_secs = 1;
+    settings.intake.max_deliveries = 2;
+    let server = server::start(settings).await;
+    let mut device = Device::connect(server.mqtt_addr, "d42", true).await;
+    device.subscribe("push/user/42").await;
+
+    let _: String = raw
+        .xadd(STREAM, "*", &[("f", b"\x02not msgpack".to_vec())])
+        .unwrap();
+    // One write: the two frames are read as one batch.
+    let mut backend = Backend::connect(server.proxy_addr).await;
+    let frames: Vec<u8> = [(666, json!({"n": 666})), (42, json!({"n": 42}))]
+        .iter()
+        .flat_map(|(uid, data)| encode(2, &Mp::from(*uid), &json_to_msgpack(data)))
+        .collect();
+    backend.write(&frames).await;
+    assert_eq!(backend.status().await, Some(0x00));
+    assert_eq!(backend.status().await, Some(0x00));
+    assert_eq!(device.next_json().await, json!({"n": 42}));
+
+    wait_until(|| async { dead_letters(&mut redis.conn()).len() == 2 }).await;
+    wait_all_acked(&redis).await;
+    let dead = dead_letters(&mut raw);
+    assert!(
+        field(&dead[0], "reason").contains("not a push frame"),
+        "{dead:?}"
+    );
+    assert_eq!(field(&dead[0], "deliveries"), "1");
+    let refused = &dead[1];
+    let reason = field(refused, "reason");
+    assert!(
+        reason.contains("routing failed") && reason.contains("NOPERM"),
+        "{reason}"
+    );
+    assert_eq!(field(refused, "deliveries"), "2");
+    let stored: Vec<u8> = redis::from_redis_value(&refused["f"]).unwrap();
+    assert_eq!(
+        stored,
+        body(666, &json!({"n": 666})),
+        "the original frame body"
+    );
+    assert!(field(refused, "id").contains('-'));
+    assert!(field(refused, "time").parse::<u64>().unwrap() > 1_700_000_000_000);
+    assert_eq!(server.stats.intake_dead.get(), 2);
+    assert_eq!(server.stats.intake_undecodable.get(), 1);
+    let ready = get(server.http_addr, "/readyz").await;
+    assert!(
+        ready.text().contains(
+            "intake: ok, 2 entries dead-lettered since start (stream pushbridge:intake:dead)"
+        ),
+        "{}",
+        ready.text()
+    );
+    assert_eq!(server.stats.mqtt_published.get(), 1);
+
+    // The cause fixed, the documented commands replay them: the push is
+    // delivered, the frame that is no push comes back with a new reason.
+    let _: () = redis::cmd("ACL")
+        .arg(&["SETUSER", "default", "allkeys"][..])
+        .query(&mut raw)
+        .unwrap();
+    let mut device = Device::connect(server.mqtt_addr, "d666", true).await;
+    device.subscribe("push/user/666").await;
+    for line in documented_dead_letter_commands() {
+        let with_port = line.replacen("redis-cli ", &format!("redis-cli -p {} ", redis.port()), 1);
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(&with_port)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{line}: {out:?}");
+    }
+    assert_eq!(device.next_json().await, json!({"n": 666}));
+    wait_until(|| async { server.stats.intake_dead.get() == 3 }).await;
+    wait_all_acked(&redis).await;
+    let dead = dead_letters(&mut raw);
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    server.stop().await;
+}
+
+/// The `redis-cli` lines of the shell block under "### Dead letters" in
+/// docs/reliability.md.
+fn documented_dead_letter_commands() -> Vec<String> {
+    let doc = include_str!("../docs/reliability.md");
+    let section = &doc[doc.find("### Dead letters").expect("the section")..];
+    let block = &section[section.find("```sh\n").expect("a sh block") + 6..];
+    let block = &block[..block.find("```").unwrap()];
+    let lines: Vec<String> = block.lines().map(str::to_owned).collect();
+    assert!(
+        lines.iter().all(|l| l.starts_with("redis-cli ")) && lines.len() == 3,
+        "{lines:?}"
+    );
+    lines
+}
+
+fn consumers(conn: &mut redis::Connection) -> HashMap<String, i64> {
+    let infos: Vec<HashMap<String, redis::Value>> = redis::cmd("XINFO")
+        .arg(&["CONSUMERS", STREAM, GROUP][..])
+        .query(conn)
+        .unwrap();
+    infos
+        .iter()
+        .map(|c| {
+            let name: String = redis::from_redis_value(&c["name"]).unwrap();
+            (name, redis::from_redis_value(&c["pending"]).unwrap())
+        })
+        .collect()
+}
+
+/// A consumer name idle beyond `intake.consumer_gone_ms` leaves the group
+/// once nothing is pending with it: at once when it holds nothing, after a
+/// live instance has claimed its entries otherwise; an instance that stopped
+/// is forgotten the same way.
+#[tokio::test]
+async fn gone_consumers_leave_the_group_once_their_entries_are_claimed() {
+    let redis = RedisServer::start();
+    let mut raw = redis.conn();
+    let _: () = redis::cmd("XGROUP")
+        .arg(&["CREATE", STREAM, GROUP, "0", "MKSTREAM"][..])
+        .query(&mut raw)
+        .unwrap();
+    for n in 0..10 {
+        let _: String = raw
+            .xadd(STREAM, "*", &[("f", body(42, &json!({"n": n})))])
+            .unwrap();
+    }
+    let _: redis::streams::StreamReadReply = raw
+        .xread_options(
+            &[STREAM],
+            &[">"],
+            &redis::streams::StreamReadOptions::default().group(GROUP, "dead"),
+        )
+        .unwrap();
+    let _: i64 = redis::cmd("XGROUP")
+        .arg(&["CREATECONSUMER", STREAM, GROUP, "empty"][..])
+        .query(&mut raw)
+        .unwrap();
+
+    // Claims only after a minute: "dead" keeps its entries, so its name stays.
+    let mut settings = durable(&redis);
+    settings.intake.claim_idle_ms = 60_000;
+    settings.intake.consumer_gone_ms = 2000;
+    settings.intake.consumer = Some("live-a".into());
+    let a = server::start(settings.clone()).await;
+    wait_until(|| async { !consumers(&mut redis.conn()).contains_key("empty") }).await;
+    let left = consumers(&mut raw);
+    assert_eq!(left.get("dead"), Some(&10), "{left:?}");
+    a.stop().await;
+
+    settings.intake.claim_idle_ms = 300;
+    settings.intake.consumer = Some("live-b".into());
+    let b = server::start(settings).await;
+    let mut device = Device::connect(b.mqtt_addr, "d42", true).await;
+    device.subscribe("push/user/42").await;
+    assert_eq!(receive_set(&mut device, 10).await, (0..10).collect());
+    wait_all_acked(&redis).await;
+    wait_until(|| async {
+        consumers(&mut redis.conn()).into_keys().collect::<Vec<_>>() == ["live-b"]
+    })
+    .await;
+    b.stop().await;
 }

@@ -191,6 +191,68 @@ async fn redis_sentinel_registry() {
     assert_eq!(token, "44");
 }
 
+/// `rediss` for every deployment: the server, every cluster node, the
+/// sentinel and the master it names, each verified against
+/// `registry.redis_ca_file`; without it (the public web roots) the test
+/// CA's certificate is refused.
+#[tokio::test]
+async fn redis_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = support::pki::pki(dir.path(), "redis");
+    let single = RedisServer::start_tls(&pki);
+    let cluster = RedisCluster::start_tls(&pki);
+    let sentinel = RedisSentinel::start_tls(&pki);
+    for (url, kind) in [
+        (&single.url, "redis"),
+        (&cluster.url, "redis cluster"),
+        (&sentinel.url, "redis sentinel"),
+    ] {
+        assert!(url.starts_with("rediss"), "{url}");
+        let settings = RegistrySettings {
+            redis_url: Some(url.clone()),
+            redis_ca_file: Some(pki.ca.clone()),
+            ..Default::default()
+        };
+        let r = Registry::open(&settings).await.unwrap();
+        assert_eq!(r.describe(), kind);
+        exercise(&r).await;
+        let untrusted = RegistrySettings {
+            redis_ca_file: None,
+            ..settings
+        };
+        let Err(e) = Registry::open(&untrusted).await else {
+            panic!("{url}: a certificate from an unknown CA was accepted");
+        };
+        let msg = e.to_string();
+        assert!(
+            msg.contains("UnknownIssuer") || msg.contains("certificate"),
+            "{url}: {msg}"
+        );
+    }
+    let mut plain = single.conn();
+    let token: String = plain.hget("User:3", "app_token").unwrap();
+    assert_eq!(token, "cc");
+    // Keys on every master: each was reached over TLS (the URL names only
+    // TLS ports, and the cluster announces its TLS ports to TLS clients).
+    let r = Registry::open(&RegistrySettings {
+        redis_url: Some(cluster.url.clone()),
+        redis_ca_file: Some(pki.ca.clone()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    for id in (100..160).map(Id::from) {
+        r.put_user(&id, &ios("t")).await.unwrap();
+    }
+    for port in &cluster.ports {
+        let mut node = redis::Client::open(format!("redis://127.0.0.1:{port}/"))
+            .and_then(|c| c.get_connection())
+            .unwrap();
+        let keys: u64 = redis::cmd("DBSIZE").query(&mut node).unwrap();
+        assert!(keys > 0, "node {port} holds none of the users");
+    }
+}
+
 #[tokio::test]
 async fn configured_registry_delegates() {
     exercise(&Registry::open(&RegistrySettings::default()).await.unwrap()).await;

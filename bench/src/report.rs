@@ -211,12 +211,94 @@ pub fn markdown(rows: &[Row]) -> String {
             ),
         };
         let _ = writeln!(out, "{head}");
-        for r in rows {
+        for r in &rows {
             let _ = writeln!(out, "{}", cells(r).replace("|  |", "| |"));
         }
         out.push('\n');
+        if w == "p2p" || w == "idle" {
+            ratios(&mut out, &rows);
+        }
     }
     out
+}
+
+/// Each pushbridge row divided by Mosquitto's at the same size and rate,
+/// and (p2p) each target's msg/s at its largest size over its smallest:
+/// the figures the targets are set in.
+fn ratios(out: &mut String, rows: &[&Row]) {
+    let peer = |r: &Row| {
+        rows.iter()
+            .find(|m| m.target == "mosquitto" && m.param == r.param && m.offered == r.offered)
+    };
+    let div = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    };
+    let ours: Vec<&&Row> = rows.iter().filter(|r| r.target != "mosquitto").collect();
+    if ours.iter().all(|r| peer(r).is_none()) {
+        return;
+    }
+    if rows[0].workload == "idle" {
+        let _ = writeln!(
+            out,
+            "| target | devices | RSS/conn ÷ Mosquitto's |\n|---|--:|--:|"
+        );
+        for r in &ours {
+            let m = peer(r).and_then(|m| m.rss_per_conn_kib());
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} |",
+                r.target,
+                r.param,
+                opt(div(r.rss_per_conn_kib(), m), 2)
+            );
+        }
+        out.push('\n');
+        return;
+    }
+    let _ = writeln!(out, "| target | devices | offered msg/s | msg/s ÷ Mosquitto's | p50 ÷ Mosquitto's | p99 ÷ Mosquitto's | max ÷ Mosquitto's |\n|---|--:|--:|--:|--:|--:|--:|");
+    for r in &ours {
+        let Some(m) = peer(r) else { continue };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            r.target,
+            r.param,
+            r.offered.map_or("max".into(), num),
+            opt(div(Some(r.rate), Some(m.rate)), 2),
+            opt(div(r.p50_ms, m.p50_ms), 2),
+            opt(div(r.p99_ms, m.p99_ms), 2),
+            opt(div(r.max_ms, m.max_ms), 2),
+        );
+    }
+    let mut scaling = Vec::new();
+    for target in ["pushbridge", "mosquitto"] {
+        let closed: Vec<&&Row> = rows
+            .iter()
+            .filter(|r| r.target == target && r.offered.is_none())
+            .collect();
+        let (Some(lo), Some(hi)) = (
+            closed.iter().min_by_key(|r| r.param),
+            closed.iter().max_by_key(|r| r.param),
+        ) else {
+            continue;
+        };
+        if hi.param > lo.param {
+            let ratio = opt(div(Some(hi.rate), Some(lo.rate)), 2);
+            scaling.push(format!(
+                "{target} {} ÷ {} devices: {ratio}",
+                hi.param, lo.param
+            ));
+        }
+    }
+    if !scaling.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nmsg/s at the most devices ÷ at the fewest (closed loop): {}",
+            scaling.join("; ")
+        );
+    }
+    out.push('\n');
 }
 
 /// ns per publish against the smallest S of the same target: the scaling ratio.
@@ -467,6 +549,39 @@ mod tests {
         assert_eq!(
             csv_line(&row).split(',').count(),
             CSV_HEADER.split(',').count()
+        );
+    }
+
+    #[test]
+    fn p2p_ratios_divide_by_mosquitto_at_the_same_size() {
+        let row = |target: &str, param, rate, p99| Row {
+            workload: "p2p",
+            target: target.into(),
+            param,
+            rate,
+            p99_ms: Some(p99),
+            ..Row::default()
+        };
+        let rows = [
+            row("pushbridge", 1000, 200.0, 10.0),
+            row("mosquitto", 1000, 50.0, 20.0),
+            row("pushbridge", 15000, 150.0, 30.0),
+            row("mosquitto", 15000, 40.0, 20.0),
+        ];
+        let md = markdown(&rows);
+        assert!(
+            md.contains("| pushbridge | 1000 | max | 4.00 | – | 0.50 | – |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| pushbridge | 15000 | max | 3.75 | – | 1.50 | – |"),
+            "{md}"
+        );
+        assert!(
+            md.contains(
+                "pushbridge 15000 ÷ 1000 devices: 0.75; mosquitto 15000 ÷ 1000 devices: 0.80"
+            ),
+            "{md}"
         );
     }
 }

@@ -51,13 +51,22 @@ pub(super) async fn readyz(State(state): State<HttpState>) -> impl IntoResponse 
     }
     checks.push(("apns".into(), state.dispatcher.apns.ready()));
     let ready = checks.iter().all(|(_, c)| c.is_ok());
-    let body: String = checks
+    let mut body: String = checks
         .iter()
         .map(|(name, c)| match c {
             Ok(()) => format!("{name}: ok\n"),
             Err(reason) => format!("{name}: {reason}\n"),
         })
         .collect();
+    // Details, not a check: dead letters need a look, not a restart.
+    if let crate::intake::Intake::Durable(w) = &state.intake {
+        let dead = state.stats.intake_dead.get();
+        let _ = writeln!(
+            body,
+            "intake: ok, {dead} entries dead-lettered since start (stream {})",
+            w.dead_letters()
+        );
+    }
     let status = match ready {
         true => StatusCode::OK,
         false => StatusCode::SERVICE_UNAVAILABLE,

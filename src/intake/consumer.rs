@@ -1,7 +1,8 @@
 //! One instance's reader in the consumer group: new entries with
 //! XREADGROUP, idle ones of crashed instances with XAUTOCLAIM, each routed
 //! and delivered with an [`Ack`] that acknowledges it when every delivery
-//! is final.
+//! is final. An entry that cannot be decoded, or is not delivered within
+//! `intake.max_deliveries` deliveries, goes to the dead-letter stream.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,11 +14,13 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use super::housekeeping::{delivery_counts, forget_gone_consumers, Dead, DeadLetters};
 use super::stream::{create_group, FIELD};
 use crate::dispatch::{Dispatcher, BATCH};
 use crate::push::ack::{Ack, InFlightRef, Settled};
 use crate::push::Push;
 use crate::redis_conn::RedisConn;
+use crate::registry::RegistryError;
 use crate::wire::frame;
 
 /// Longest blocking read: bounds how late a claim round or a shutdown is noticed.
@@ -34,6 +37,12 @@ pub(crate) struct Consumer {
     pub group: String,
     pub name: String,
     pub claim_idle: Duration,
+    /// `intake.max_deliveries`: an entry is not delivered more often.
+    pub max_deliveries: u64,
+    /// `intake.consumer_gone_ms`: idle this long with nothing pending, a
+    /// consumer name is removed from the group.
+    pub consumer_gone: Duration,
+    pub dead: DeadLetters,
     pub dispatcher: Arc<Dispatcher>,
     pub in_flight: InFlightRef,
     pub settled: mpsc::UnboundedSender<Settled>,
@@ -51,7 +60,8 @@ impl Consumer {
                 if let Err(e) = self.claim_round().await {
                     debug!(error = %e, "claim round failed");
                 }
-                next_claim = Instant::now() + (self.claim_idle / 2).max(Duration::from_millis(50));
+                let period = self.claim_idle.min(self.consumer_gone) / 2;
+                next_claim = Instant::now() + period.max(Duration::from_millis(50));
             }
             let block = next_claim
                 .saturating_duration_since(Instant::now())
@@ -63,7 +73,8 @@ impl Consumer {
             match read {
                 Ok(entries) => {
                     failures = 0;
-                    self.handle(entries).await;
+                    let first_reads = entries.into_iter().map(|e| (e, 1)).collect();
+                    self.handle(first_reads).await;
                 }
                 Err(e) => {
                     failures += 1;
@@ -105,9 +116,10 @@ impl Consumer {
             .unwrap_or_default())
     }
 
-    /// Keeps this instance's slow deliveries from looking idle, then takes
-    /// over entries idle longer than `claim_idle` (a crashed instance's,
-    /// or this one's abandoned ones) and delivers them.
+    /// Keeps this instance's slow deliveries from looking idle, takes over
+    /// entries idle longer than `claim_idle` (a crashed instance's, or this
+    /// one's abandoned ones) and delivers them, then removes the names of
+    /// consumers that are gone.
     async fn claim_round(&mut self) -> Result<(), redis::RedisError> {
         self.heartbeat().await?;
         let mut cursor = "0-0".to_string();
@@ -139,12 +151,22 @@ impl Consumer {
                     .intake_claimed
                     .add(claimed.len() as u64);
                 info!(entries = claimed.len(), "claimed idle stream entries");
-                self.handle(claimed).await;
+                let ids: Vec<&str> = claimed.iter().map(|e| e.id.as_str()).collect();
+                let counts = delivery_counts(&mut self.conn, &self.key, &self.group, &ids).await?;
+                self.handle(claimed.into_iter().zip(counts).collect()).await;
             }
             cursor = reply.next_stream_id;
             if cursor == "0-0" {
                 break;
             }
+        }
+        let gone_ms = self.consumer_gone.as_millis() as u64;
+        let gone =
+            forget_gone_consumers(&mut self.conn, &self.key, &self.group, &self.name, gone_ms)
+                .await?;
+        if !gone.is_empty() {
+            info!(consumers = ?gone, idle_ms = gone_ms,
+                "removed consumers that are gone (idle, nothing pending) from the group");
         }
         Ok(())
     }
@@ -169,33 +191,139 @@ impl Consumer {
         pipe.query_async::<()>(&mut self.conn).await
     }
 
-    /// Decodes entries and delivers them as one batch, each with its ack.
-    async fn handle(&self, entries: Vec<StreamId>) {
-        let mut batch: Vec<(Push, Ack)> = Vec::with_capacity(entries.len());
-        for entry in entries {
+    /// Decodes entries (with their delivery counts) and delivers them as one
+    /// batch, each with its ack. When the batch cannot be routed because
+    /// Redis refused a lookup (not because it is unreachable), each entry is
+    /// tried alone once, so one bad entry does not hold back the others;
+    /// an entry whose last allowed delivery failed is dead-lettered.
+    async fn handle(&mut self, entries: Vec<(StreamId, u64)>) {
+        let mut dead = Vec::new();
+        let mut batch: Vec<(&StreamId, u64, Push)> = Vec::with_capacity(entries.len());
+        for (entry, deliveries) in &entries {
             if !self.in_flight.insert(&entry.id) {
                 continue;
             }
-            let ack = Ack::new(entry.id.clone(), self.settled.clone());
-            match decode(&entry) {
-                Ok(push) => batch.push((push, ack)),
+            match decode(entry) {
                 Err(problem) => {
                     self.dispatcher.stats.intake_undecodable.inc();
-                    error!(id = %entry.id, problem, "stream entry is not a push frame; acknowledged and dropped");
-                    ack.settle();
+                    dead.push(Dead {
+                        entry,
+                        reason: format!("not a push frame: {problem}"),
+                        deliveries: *deliveries,
+                    });
                 }
+                Ok(_) if *deliveries > self.max_deliveries => dead.push(Dead {
+                    entry,
+                    reason: format!(
+                        "delivered {} times, never acknowledged (the instances holding it stopped)",
+                        deliveries - 1
+                    ),
+                    deliveries: deliveries - 1,
+                }),
+                Ok(push) => batch.push((entry, *deliveries, push)),
             }
         }
-        if batch.is_empty() {
-            return;
-        }
-        let (pushes, acks): (Vec<Push>, Vec<Ack>) = batch.into_iter().unzip();
+        let held: Vec<&str> = batch
+            .iter()
+            .map(|b| b.0.id.as_str())
+            .chain(dead.iter().map(|d| d.entry.id.as_str()))
+            .collect();
         let wait = self.dispatcher.outage_wait;
-        if let Err(e) = self.dispatcher.route_now(&pushes, acks, wait).await {
-            warn!(error = %e, pushes = pushes.len(),
-                "registry unreachable; stream entries left pending, to be claimed again");
+        if let Err(e) = self.route(&batch, wait).await {
+            let refused = refused(&e);
+            warn!(error = %e, pushes = batch.len(), refused,
+                "routing stream entries failed; left pending, to be claimed again");
+            let failed: Vec<(&StreamId, u64, String)> = if refused && batch.len() > 1 {
+                let mut failed = Vec::new();
+                for one in &batch {
+                    if let Err(e) = self.route(std::slice::from_ref(one), Duration::ZERO).await {
+                        failed.push((one.0, one.1, e.to_string()));
+                    }
+                }
+                failed
+            } else {
+                batch.iter().map(|b| (b.0, b.1, e.to_string())).collect()
+            };
+            dead.extend(
+                failed
+                    .into_iter()
+                    .filter(|(_, deliveries, _)| *deliveries >= self.max_deliveries)
+                    .map(|(entry, deliveries, e)| Dead {
+                        entry,
+                        reason: format!("routing failed: {e}"),
+                        deliveries,
+                    }),
+            );
+        }
+        self.dead_letter(dead).await;
+        for id in held {
+            self.in_flight.remove(id);
         }
     }
+
+    /// Routes and delivers `batch`; each entry is acknowledged once its
+    /// deliveries are final, and left pending if this fails.
+    async fn route(
+        &self,
+        batch: &[(&StreamId, u64, Push)],
+        wait: Duration,
+    ) -> Result<(), RegistryError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let pushes: Vec<Push> = batch.iter().map(|b| b.2.clone()).collect();
+        let acks = batch.iter().map(|b| self.ack(b.0)).collect();
+        self.dispatcher
+            .route_now(&pushes, acks, wait)
+            .await
+            .map(|_| ())
+    }
+
+    /// An ack for one attempt at `entry`, holding it in flight until it settles.
+    fn ack(&self, entry: &StreamId) -> Ack {
+        self.in_flight.hold(&entry.id);
+        Ack::new(entry.id.clone(), self.settled.clone())
+    }
+
+    /// Moves entries to the dead-letter stream, then acknowledges them; if
+    /// the stream cannot be written they stay pending (no ack is made).
+    async fn dead_letter(&mut self, dead: Vec<Dead<'_>>) {
+        if dead.is_empty() {
+            return;
+        }
+        match self.dead.add(&mut self.conn, &dead).await {
+            Ok(()) => {
+                self.dispatcher.stats.intake_dead.add(dead.len() as u64);
+                for d in &dead {
+                    error!(id = %d.entry.id, deliveries = d.deliveries, reason = %d.reason,
+                        dead_letters = %self.dead.key, "stream entry given up on: dead-lettered");
+                    self.ack(d.entry).settle();
+                }
+            }
+            Err(e) => warn!(error = %e, entries = dead.len(),
+                "dead-lettering failed; the entries stay pending"),
+        }
+    }
+}
+
+/// Redis answered the lookup with a refusal that another try will not
+/// change (NOPERM, WRONGTYPE in a script, ...), as opposed to being
+/// unreachable or busy.
+fn refused(e: &RegistryError) -> bool {
+    let (RegistryError::Redis(e) | RegistryError::Connect { source: e, .. }) = e;
+    e.code().is_some_and(|code| {
+        !matches!(
+            code,
+            "CLUSTERDOWN"
+                | "TRYAGAIN"
+                | "LOADING"
+                | "READONLY"
+                | "MASTERDOWN"
+                | "BUSY"
+                | "MOVED"
+                | "ASK"
+        )
+    })
 }
 
 fn decode(entry: &StreamId) -> Result<Push, String> {

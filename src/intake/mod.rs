@@ -3,10 +3,11 @@
 //! Redis Stream read by every instance in one consumer group, so a push
 //! answered `0x00` survives the crash of the instance that accepted it.
 //!
-//! `stream` appends and acknowledges, `consumer` reads and claims, `ack`
-//! tells when an entry's deliveries are all final.
+//! `stream` appends and acknowledges, `consumer` reads and claims,
+//! `housekeeping` dead-letters entries and forgets consumers that are gone.
 
 mod consumer;
+mod housekeeping;
 mod queue;
 mod stream;
 
@@ -78,8 +79,9 @@ pub async fn start(
             });
         }
     };
-    let mut conn = stream::connect(url).await?;
-    let reader = stream::connect(url).await?;
+    let ca_file = settings.registry.redis_ca_file.as_deref();
+    let mut conn = stream::connect(url, ca_file).await?;
+    let reader = stream::connect(url, ca_file).await?;
     stream::create_group(&mut conn, &s.stream, &s.group)
         .await
         .map_err(|source| IntakeError::Connect {
@@ -104,6 +106,12 @@ pub async fn start(
         group: s.group.clone(),
         name: s.consumer.clone().unwrap_or_else(default_consumer),
         claim_idle: Duration::from_millis(s.claim_idle_ms),
+        max_deliveries: s.max_deliveries,
+        consumer_gone: Duration::from_millis(s.consumer_gone_ms),
+        dead: housekeeping::DeadLetters {
+            key: stream::dead_key(&s.stream),
+            max_len: s.dead_max_len,
+        },
         dispatcher,
         in_flight,
         settled: settled_tx,

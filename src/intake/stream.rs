@@ -24,8 +24,11 @@ const ACK_BATCH: usize = 1024;
 
 /// Opens a connection that reconnects by itself, to a single server, a
 /// cluster or a sentinel-named master (every stream command touches one key).
-pub(crate) async fn connect(url: &str) -> Result<RedisConn, IntakeError> {
-    RedisConn::open(url)
+pub(crate) async fn connect(
+    url: &str,
+    ca_file: Option<&std::path::Path>,
+) -> Result<RedisConn, IntakeError> {
+    RedisConn::open(url, ca_file)
         .await
         .map_err(|source| IntakeError::Connect {
             url: crate::redis_conn::redact(url),
@@ -54,6 +57,11 @@ pub(crate) async fn create_group(
     }
 }
 
+/// The dead-letter stream of `stream`: `<stream>:dead`.
+pub(crate) fn dead_key(stream: &str) -> String {
+    format!("{stream}:dead")
+}
+
 /// Appends accepted frames to the stream; cheap to clone.
 #[derive(Clone)]
 pub struct StreamWriter {
@@ -71,6 +79,11 @@ impl StreamWriter {
             max_len,
             outage_wait,
         }
+    }
+
+    /// The dead-letter stream's key.
+    pub fn dead_letters(&self) -> String {
+        dead_key(&self.key)
     }
 
     /// How long the proxy's appends wait for an unreachable Redis

@@ -10,14 +10,19 @@
 //! memory otherwise. Group messages are not kept: a group topic has no single
 //! owner whose reconnect would replay it.
 //!
+//! Order: while a user has kept messages, new messages for the user are
+//! kept behind them rather than published (the dispatcher asks
+//! [`OfflineStore::backlogged`]), and the replay runs again once they are
+//! kept ([`OfflineStore::kick`]), so a live push never overtakes a kept one.
+//!
 //! Bounded in bytes as kept (the JSON payload; in Redis the whole list
 //! entry): per user, the oldest messages go first; in total (memory only),
 //! a message that does not fit is not kept.
 
 mod replay;
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -45,6 +50,9 @@ pub struct OfflineStore {
     /// All users together, in memory; 0: no bound.
     max_bytes: usize,
     ttl: Duration,
+    /// To the replayer (set by [`start`]): users whose messages were just
+    /// kept, to replay if a device of theirs is connected.
+    kicks: Arc<OnceLock<tokio::sync::mpsc::Sender<Id>>>,
 }
 
 #[derive(Clone)]
@@ -150,6 +158,52 @@ impl OfflineStore {
             max_bytes_per_user: settings.max_bytes_per_user,
             max_bytes: settings.max_bytes,
             ttl: Duration::from_secs(settings.ttl_secs),
+            kicks: Arc::default(),
+        }
+    }
+
+    /// Which of `users` have kept messages (expired ones included): new
+    /// messages for them must be kept behind those, not published. One
+    /// round trip (LLEN each; on a cluster, concurrent per node). The
+    /// dispatcher asks only for users without APNs (only they are kept).
+    pub async fn backlogged(&self, users: &[Id]) -> Result<HashSet<Id>, OfflineError> {
+        if users.is_empty() || !self.enabled() {
+            return Ok(HashSet::new());
+        }
+        let lens: Vec<usize> = match &self.backend {
+            Backend::Memory(m) => {
+                let m = Memory::lock(m);
+                users
+                    .iter()
+                    .map(|u| usize::from(m.users.contains_key(u)))
+                    .collect()
+            }
+            Backend::Redis { conn, key } => {
+                let cmds = users
+                    .iter()
+                    .map(|u| redis::Cmd::llen(key.replace("{id}", u.as_str())));
+                let replies = conn.each::<usize>(cmds.collect()).await?;
+                // A key of another type is not a backlog.
+                replies.into_iter().map(|r| r.unwrap_or(0)).collect()
+            }
+        };
+        Ok(users
+            .iter()
+            .zip(lens)
+            .filter(|(_, n)| *n > 0)
+            .map(|(u, _)| u.clone())
+            .collect())
+    }
+
+    /// Asks the replayer to hand `users`' kept messages over now if a
+    /// device of theirs is connected (messages kept after its subscribe,
+    /// or behind a replay). A full queue drops the ask: the next subscribe
+    /// replays.
+    pub fn kick<'a>(&self, users: impl IntoIterator<Item = &'a Id>) {
+        if let Some(tx) = self.kicks.get() {
+            for user in users {
+                let _ = tx.try_send(user.clone());
+            }
         }
     }
 
@@ -395,6 +449,7 @@ mod tests {
             max_bytes_per_user: 0,
             max_bytes: 0,
             ttl: Duration::from_secs(60),
+            kicks: Arc::default(),
         }
     }
 

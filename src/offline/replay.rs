@@ -1,6 +1,6 @@
 //! Hands kept messages over when a device subscribes to its user topic.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -29,6 +29,8 @@ pub fn start(
     rest: &Phase,
 ) -> mpsc::Receiver<BrokerEvent> {
     let (forward, passed) = mpsc::channel(1024);
+    let (kick_tx, kicks) = mpsc::channel(KICKS);
+    let _ = store.kicks.set(kick_tx);
     let replay = Replay {
         store,
         user_prefix: format!("{}/user/", broker.settings().prefix),
@@ -37,15 +39,19 @@ pub fn start(
         busy: Arc::default(),
         receipts,
     };
-    rest.spawn(run(events, forward, replay, rest.token()));
+    rest.spawn(run(events, kicks, forward, replay, rest.token()));
     passed
 }
+
+/// Replays asked for by the dispatcher and not yet started, at most.
+const KICKS: usize = 4096;
 
 /// Sits between the broker and the status consumer: replays kept messages
 /// when a client subscribes to a user topic, and passes every other event on.
 /// Also sweeps expired messages out of the memory store.
 pub async fn run(
     mut events: mpsc::Receiver<BrokerEvent>,
+    mut kicks: mpsc::Receiver<Id>,
     forward: mpsc::Sender<BrokerEvent>,
     replay: Replay,
     stop: CancellationToken,
@@ -60,6 +66,14 @@ pub async fn run(
             biased;
             event = events.recv() => event,
             _ = stop.cancelled() => events.try_recv().ok(),
+            Some(user) = kicks.recv() => {
+                if !replay.broker.presence(user.as_str()).is_empty() {
+                    let replay = replay.clone();
+                    let topic = format!("{}{user}", replay.user_prefix);
+                    tracker.spawn(async move { replay.user_topic(&topic).await });
+                }
+                continue;
+            }
             _ = sweep.tick() => {
                 let expired = replay.store.sweep();
                 replay.stats.offline_expired.add(expired as u64);
@@ -94,8 +108,10 @@ pub struct Replay {
     pub user_prefix: String,
     pub stats: Arc<Stats>,
     /// Users being replayed now: a second subscriber of the same user gets
-    /// the running replay's publishes (they go to the topic), not a second copy.
-    pub busy: Arc<Mutex<HashSet<Id>>>,
+    /// the running replay's publishes (they go to the topic), not a second
+    /// copy. `true`: asked again meanwhile (messages kept since it read),
+    /// so it reads once more before it ends.
+    pub busy: Arc<Mutex<HashMap<Id, bool>>>,
     /// Replays (and expiries) of pushes that asked for a receipt.
     pub receipts: Receipts,
 }
@@ -106,16 +122,29 @@ impl Replay {
             return;
         };
         let user = Id::from(user);
-        if !self.lock_busy().insert(user.clone()) {
-            return;
+        {
+            let mut busy = self.lock_busy();
+            if let Some(again) = busy.get_mut(&user) {
+                *again = true;
+                return;
+            }
+            busy.insert(user.clone(), false);
         }
-        if let Err(e) = self.user(topic, &user).await {
-            warn!(%user, error = %e, "offline messages not replayed (kept for the next subscribe)");
+        loop {
+            if let Err(e) = self.user(topic, &user).await {
+                warn!(%user, error = %e, "offline messages not replayed (kept for the next subscribe)");
+            }
+            let mut busy = self.lock_busy();
+            if busy.get(&user) == Some(&true) {
+                busy.insert(user.clone(), false);
+                continue;
+            }
+            busy.remove(&user);
+            break;
         }
-        self.lock_busy().remove(&user);
     }
 
-    fn lock_busy(&self) -> std::sync::MutexGuard<'_, HashSet<Id>> {
+    fn lock_busy(&self) -> std::sync::MutexGuard<'_, HashMap<Id, bool>> {
         self.busy.lock().unwrap_or_else(|e| e.into_inner())
     }
 

@@ -4,7 +4,7 @@
 //! that ends any other way (shutdown) leaves the entry pending, so another
 //! instance claims it.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -87,36 +87,55 @@ impl fmt::Debug for Ack {
 
 /// Entries this instance is delivering: not to be claimed from itself,
 /// kept from idling into another instance's claim, and awaited at shutdown.
+/// Each id is held by a count (the consumer while it works on the entry,
+/// and each [`Ack`] made for it until it settles), so a settled attempt
+/// does not release an entry another attempt is still delivering.
 #[derive(Default)]
 pub(crate) struct InFlight {
-    ids: Mutex<HashSet<String>>,
+    ids: Mutex<HashMap<String, u32>>,
     emptied: Notify,
 }
 
 impl InFlight {
-    fn ids(&self) -> MutexGuard<'_, HashSet<String>> {
+    fn ids(&self) -> MutexGuard<'_, HashMap<String, u32>> {
         self.ids.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Adds `id`; false if it is already being delivered here.
+    /// Adds `id` held once; false if it is already being delivered here.
     pub fn insert(&self, id: &str) -> bool {
-        self.ids().insert(id.to_owned())
+        let mut ids = self.ids();
+        if ids.contains_key(id) {
+            return false;
+        }
+        ids.insert(id.to_owned(), 1);
+        true
+    }
+
+    /// Holds `id` once more (one more [`Ack`] for it).
+    pub fn hold(&self, id: &str) {
+        *self.ids().entry(id.to_owned()).or_default() += 1;
     }
 
     pub fn contains(&self, id: &str) -> bool {
-        self.ids().contains(id)
+        self.ids().contains_key(id)
     }
 
+    /// Releases one hold of `id`; it is gone when none is left.
     pub fn remove(&self, id: &str) {
         let mut ids = self.ids();
-        ids.remove(id);
+        if let Some(n) = ids.get_mut(id) {
+            *n -= 1;
+            if *n == 0 {
+                ids.remove(id);
+            }
+        }
         if ids.is_empty() {
             self.emptied.notify_waiters();
         }
     }
 
     pub fn snapshot(&self) -> Vec<String> {
-        self.ids().iter().cloned().collect()
+        self.ids().keys().cloned().collect()
     }
 
     /// Returns once nothing is in flight.

@@ -23,7 +23,7 @@ impl RedisRegistry {
     /// Connects to `url`: one server, a cluster or a sentinel-managed master
     /// (see [`RedisConn`] for the URL forms).
     pub async fn connect(url: &str, settings: &RegistrySettings) -> Result<Self, RegistryError> {
-        let conn = RedisConn::open(url)
+        let conn = RedisConn::open(url, settings.redis_ca_file.as_deref())
             .await
             .map_err(|source| RegistryError::Connect {
                 url: redact(url),

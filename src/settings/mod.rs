@@ -256,6 +256,18 @@ impl Settings {
                 "must be set when http.listen is not a loopback address",
             );
         }
+        if self.registry.redis_ca_file.is_some()
+            && !self
+                .registry
+                .redis_url
+                .as_deref()
+                .is_some_and(|u| u.starts_with("rediss"))
+        {
+            return bad(
+                "registry.redis_ca_file",
+                "needs a TLS registry.redis_url (rediss://, rediss+cluster://, rediss+sentinel://)",
+            );
+        }
         let i = &self.intake;
         if i.durable && self.registry.redis_url.is_none() {
             return bad(
@@ -280,6 +292,18 @@ impl Settings {
         }
         if i.max_len == 0 {
             return bad("intake.max_len", "must be at least 1");
+        }
+        if i.max_deliveries == 0 {
+            return bad("intake.max_deliveries", "must be at least 1");
+        }
+        if i.dead_max_len == 0 {
+            return bad("intake.dead_max_len", "must be at least 1");
+        }
+        if i.consumer_gone_ms < 2000 {
+            return bad(
+                "intake.consumer_gone_ms",
+                "must be at least 2000 (a live consumer reads at least every second)",
+            );
         }
         if self.http.header_timeout_secs == 0 {
             return bad("http.header_timeout_secs", "must be at least 1");
@@ -386,6 +410,11 @@ mod tests {
         ] {
             Settings::from_toml(fine).unwrap_or_else(|e| panic!("{fine}: {e}"));
         }
+        let err = Settings::from_toml(
+            "[registry]\nredis_url = \"redis://h\"\nredis_ca_file = \"ca.pem\"\n",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("registry.redis_ca_file"), "{err}");
         let err = Settings::from_toml("[intake]\ndurable = true\n").unwrap_err();
         assert!(err.to_string().contains("intake.durable"), "{err}");
         assert!(err.to_string().contains("registry.redis_url"), "{err}");

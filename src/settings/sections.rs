@@ -146,6 +146,8 @@ impl Default for MqttSettings {
 #[serde(deny_unknown_fields, default)]
 pub struct RegistrySettings {
     pub redis_url: Option<String>,
+    /// For `rediss` URLs: the only CA trusted (PEM); unset: the public web roots.
+    pub redis_ca_file: Option<PathBuf>,
     /// Key of a user's hash; `{id}` is replaced by the user id.
     pub user_key: String,
     /// Key of a group's set of iOS members; `{id}` is replaced by the group id.
@@ -161,6 +163,7 @@ impl Default for RegistrySettings {
     fn default() -> Self {
         Self {
             redis_url: None,
+            redis_ca_file: None,
             user_key: "User:{id}".into(),
             group_apple_key: "GroupAppleUser:{id}".into(),
             offline_key: "Offline:{id}".into(),
@@ -263,6 +266,15 @@ pub struct IntakeSettings {
     pub claim_idle_ms: u64,
     /// About how many undelivered entries the stream keeps (XADD MAXLEN ~).
     pub max_len: u64,
+    /// An entry delivered this often without being acknowledged (its
+    /// routing kept failing, or the instances holding it stopped) goes to
+    /// the dead-letter stream `<stream>:dead` instead of being retried.
+    pub max_deliveries: u64,
+    /// About how many entries the dead-letter stream keeps (XADD MAXLEN ~).
+    pub dead_max_len: u64,
+    /// A consumer idle this long (XINFO CONSUMERS) with nothing pending is
+    /// gone: its name is removed from the group.
+    pub consumer_gone_ms: u64,
     /// Accepted pushes waiting in memory for routing (proxy and HTTP);
     /// when full, backends wait.
     pub queue: usize,
@@ -281,6 +293,9 @@ impl Default for IntakeSettings {
             consumer: None,
             claim_idle_ms: 30_000,
             max_len: 1_000_000,
+            max_deliveries: 5,
+            dead_max_len: 100_000,
+            consumer_gone_ms: 600_000,
             queue: 65536,
             max_wait_ms: 5,
         }

@@ -80,8 +80,10 @@ counters! {
     intake_claimed,
     /// Durable intake: pending entries trimmed from the stream (over intake.max_len) before delivery: pushes lost.
     intake_trimmed,
-    /// Durable intake: stream entries that were not a push frame (logged, acknowledged, dropped).
+    /// Durable intake: stream entries that were not a push frame (logged, dead-lettered).
     intake_undecodable,
+    /// Durable intake: entries moved to the dead-letter stream (`<intake.stream>:dead`): not a push frame, or not delivered within `intake.max_deliveries`.
+    intake_dead,
     /// Durable intake: pushes refused (proxy 0x09, HTTP 503) because the stream could not be written in time.
     intake_unavailable,
     /// Publishes handed to the MQTT broker by the router.

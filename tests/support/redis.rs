@@ -12,29 +12,45 @@ pub struct RedisServer {
     /// Append-only file with an fsync per write: a restart keeps every
     /// write Redis acknowledged.
     persistent: bool,
+    /// More redis-server arguments (TLS).
+    extra: Vec<String>,
     dir: tempfile::TempDir,
 }
 
 impl RedisServer {
     pub fn start() -> RedisServer {
-        Self::start_with(false)
+        Self::start_with(false, None)
+    }
+
+    /// A server that also serves TLS with `pki`'s certificate; `url` is
+    /// its `rediss://` URL (`conn` stays plain).
+    pub fn start_tls(pki: &super::pki::Pki) -> RedisServer {
+        Self::start_with(false, Some(pki))
     }
 
     /// A server that keeps its data across `stop` and `restart`.
     pub fn start_persistent() -> RedisServer {
-        Self::start_with(true)
+        Self::start_with(true, None)
     }
 
-    fn start_with(persistent: bool) -> RedisServer {
+    fn start_with(persistent: bool, pki: Option<&super::pki::Pki>) -> RedisServer {
         for _ in 0..5 {
-            let Some(port) = free_port() else {
+            let (Some(port), Some(tls_port)) = (free_port(), free_port()) else {
                 continue;
+            };
+            let (url, extra) = match pki {
+                Some(pki) => (
+                    format!("rediss://127.0.0.1:{tls_port}/"),
+                    super::redis_cluster::tls_args(pki, tls_port),
+                ),
+                None => (format!("redis://127.0.0.1:{port}/"), Vec::new()),
             };
             let mut server = RedisServer {
                 child: None,
-                url: format!("redis://127.0.0.1:{port}/"),
+                url,
                 port,
                 persistent,
+                extra,
                 dir: tempfile::tempdir().expect("temp dir"),
             };
             if server.spawn() {
@@ -46,12 +62,13 @@ impl RedisServer {
 
     /// Starts redis-server on `self.port`; false if it exited or never answered.
     fn spawn(&mut self) -> bool {
-        let persistence: &[&str] = if self.persistent {
-            &["--appendonly", "yes", "--appendfsync", "always"]
+        let mut args = if self.persistent {
+            vec!["--appendonly", "yes", "--appendfsync", "always"]
         } else {
-            &[]
+            vec![]
         };
-        self.child = spawn(self.port, &self.dir, None, persistence);
+        args.extend(self.extra.iter().map(String::as_str));
+        self.child = spawn(self.port, &self.dir, None, &args);
         self.child.is_some()
     }
 
@@ -73,9 +90,14 @@ impl RedisServer {
         );
     }
 
+    /// The plain (not TLS) port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
     /// A plain connection, for writing data the way the old service did.
     pub fn conn(&self) -> ::redis::Connection {
-        ::redis::Client::open(self.url.as_str())
+        ::redis::Client::open(format!("redis://127.0.0.1:{}/", self.port))
             .and_then(|c| c.get_connection())
             .expect("connect to test redis")
     }

@@ -1,10 +1,36 @@
 //! A throwaway Redis Cluster (three masters) and a Sentinel-watched master,
-//! from real redis-server processes on free loopback ports, killed on drop.
+//! from real redis-server processes on free loopback ports, killed on drop;
+//! `start_tls` serves them over TLS as well (clients, cluster bus,
+//! replication), with a certificate from [`Pki`].
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use super::pki::Pki;
 use super::redis::{free_port, spawn};
+
+/// redis-server arguments for serving TLS on `port` with `pki`'s
+/// certificate (clients need not present one), replicating and gossiping
+/// over TLS too. The plain port stays open for the harness's own checks.
+pub fn tls_args(pki: &Pki, port: u16) -> Vec<String> {
+    let path = |p: &std::path::Path| p.display().to_string();
+    [
+        "--tls-port",
+        &port.to_string(),
+        "--tls-cert-file",
+        &path(&pki.cert),
+        "--tls-key-file",
+        &path(&pki.key),
+        "--tls-ca-cert-file",
+        &path(&pki.ca),
+        "--tls-auth-clients",
+        "no",
+        "--tls-replication",
+        "yes",
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
 
 /// Processes killed (and their files removed) on drop.
 struct Nodes {
@@ -24,31 +50,41 @@ impl Drop for Nodes {
 pub struct RedisCluster {
     _nodes: Nodes,
     pub ports: Vec<u16>,
-    /// `redis+cluster://` with every node as a seed.
+    /// `redis+cluster://` with every node as a seed (`rediss+cluster://`
+    /// and the TLS ports from `start_tls`).
     pub url: String,
 }
 
 impl RedisCluster {
     pub fn start() -> RedisCluster {
+        Self::start_with(None)
+    }
+
+    /// A cluster whose nodes talk TLS to clients and to each other.
+    pub fn start_tls(pki: &Pki) -> RedisCluster {
+        Self::start_with(Some(pki))
+    }
+
+    fn start_with(pki: Option<&Pki>) -> RedisCluster {
         for _ in 0..5 {
-            if let Some(cluster) = Self::try_start() {
+            if let Some(cluster) = Self::try_start(pki) {
                 return cluster;
             }
         }
         panic!("could not start a redis cluster (redis-server and redis-cli installed?)");
     }
 
-    fn try_start() -> Option<RedisCluster> {
+    fn try_start(pki: Option<&Pki>) -> Option<RedisCluster> {
         let mut nodes = Nodes {
             children: Vec::new(),
             dir: tempfile::tempdir().ok()?,
         };
-        let mut ports = Vec::new();
+        let (mut ports, mut tls_ports) = (Vec::new(), Vec::new());
         for _ in 0..3 {
             // The bus port is set explicitly: port + 10000 may not exist.
             let (port, bus) = (free_port()?, free_port()?);
             let conf = format!("nodes-{port}.conf");
-            let extra = [
+            let mut extra: Vec<String> = [
                 "--cluster-enabled",
                 "yes",
                 "--cluster-config-file",
@@ -57,7 +93,16 @@ impl RedisCluster {
                 &bus.to_string(),
                 "--cluster-node-timeout",
                 "5000",
-            ];
+            ]
+            .map(str::to_owned)
+            .to_vec();
+            if let Some(pki) = pki {
+                let tls_port = free_port()?;
+                extra.extend(tls_args(pki, tls_port));
+                extra.extend(["--tls-cluster".into(), "yes".into()]);
+                tls_ports.push(tls_port);
+            }
+            let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
             nodes.children.push(spawn(port, &nodes.dir, None, &extra)?);
             ports.push(port);
         }
@@ -79,9 +124,15 @@ impl RedisCluster {
                 info.contains("cluster_state:ok")
             })?;
         }
+        let url = if pki.is_some() {
+            let tls: Vec<String> = tls_ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+            format!("rediss+cluster://{}", tls.join(","))
+        } else {
+            format!("redis+cluster://{}", addrs.join(","))
+        };
         Some(RedisCluster {
             _nodes: nodes,
-            url: format!("redis+cluster://{}", addrs.join(",")),
+            url,
             ports,
         })
     }
@@ -122,36 +173,59 @@ pub struct RedisSentinel {
     pub master_port: u16,
     pub replica_port: u16,
     pub sentinel_port: u16,
-    /// `redis+sentinel://` naming the sentinel and the master name.
+    /// `redis+sentinel://` naming the sentinel and the master name
+    /// (`rediss+sentinel://` and the sentinel's TLS port from `start_tls`).
     pub url: String,
 }
 
 impl RedisSentinel {
     pub fn start() -> RedisSentinel {
+        Self::start_with(None)
+    }
+
+    /// Master, replica and sentinel serving TLS; the sentinel watches the
+    /// master over TLS and names its TLS port.
+    pub fn start_tls(pki: &Pki) -> RedisSentinel {
+        Self::start_with(Some(pki))
+    }
+
+    fn start_with(pki: Option<&Pki>) -> RedisSentinel {
         for _ in 0..5 {
-            if let Some(s) = Self::try_start() {
+            if let Some(s) = Self::try_start(pki) {
                 return s;
             }
         }
         panic!("could not start redis sentinel (is redis-server installed?)");
     }
 
-    fn try_start() -> Option<RedisSentinel> {
+    fn try_start(pki: Option<&Pki>) -> Option<RedisSentinel> {
         let dir = tempfile::tempdir().ok()?;
+        // The port clients, replicas and the sentinel use: the TLS one if any.
+        let tls = |port: u16| -> Option<(Vec<String>, u16)> {
+            match pki {
+                Some(pki) => {
+                    let tls_port = free_port()?;
+                    Some((tls_args(pki, tls_port), tls_port))
+                }
+                None => Some((Vec::new(), port)),
+            }
+        };
         let master_port = free_port()?;
-        let master = spawn(master_port, &dir, None, &[])?;
+        let (master_args, master_served) = tls(master_port)?;
+        let master_args: Vec<&str> = master_args.iter().map(String::as_str).collect();
+        let master = spawn(master_port, &dir, None, &master_args)?;
         let mut nodes = Nodes {
             children: vec![master],
             dir,
         };
         let replica_port = free_port()?;
-        let master_addr = format!("127.0.0.1 {master_port}");
-        let replica = spawn(
-            replica_port,
-            &nodes.dir,
-            None,
-            &["--replicaof", &master_addr, "--dbfilename", "replica.rdb"],
-        )?;
+        let master_addr = format!("127.0.0.1 {master_served}");
+        let (mut replica_args, _) = tls(replica_port)?;
+        replica_args.extend(
+            ["--replicaof", &master_addr, "--dbfilename", "replica.rdb"].map(str::to_owned),
+        );
+        let replica_args: Vec<&str> = replica_args.iter().map(String::as_str).collect();
+        let replica = spawn(replica_port, &nodes.dir, None, &replica_args)?;
         nodes.children.push(replica);
         wait_for(replica_port, "INFO", &["replication"], |v| {
             v.contains("master_link_status:up")
@@ -162,26 +236,30 @@ impl RedisSentinel {
         std::fs::write(
             &conf,
             format!(
-                "sentinel monitor mymaster 127.0.0.1 {master_port} 1\n\
+                "sentinel monitor mymaster 127.0.0.1 {master_served} 1\n\
                  sentinel down-after-milliseconds mymaster 2000\n\
                  sentinel failover-timeout mymaster 5000\n"
             ),
         )
         .ok()?;
-        let sentinel = spawn(sentinel_port, &nodes.dir, Some(&conf), &["--sentinel"])?;
+        let (mut sentinel_args, sentinel_served) = tls(sentinel_port)?;
+        sentinel_args.push("--sentinel".into());
+        let sentinel_args: Vec<&str> = sentinel_args.iter().map(String::as_str).collect();
+        let sentinel = spawn(sentinel_port, &nodes.dir, Some(&conf), &sentinel_args)?;
         nodes.children.push(sentinel);
         wait_for(
             sentinel_port,
             "SENTINEL",
             &["get-master-addr-by-name", "mymaster"],
-            |v| v.contains(&master_port.to_string()),
+            |v| v.contains(&master_served.to_string()),
         )?;
+        let scheme = if pki.is_some() { "rediss" } else { "redis" };
         Some(RedisSentinel {
             _nodes: nodes,
             master_port,
             replica_port,
             sentinel_port,
-            url: format!("redis+sentinel://127.0.0.1:{sentinel_port}/mymaster"),
+            url: format!("{scheme}+sentinel://127.0.0.1:{sentinel_served}/mymaster"),
         })
     }
 
