@@ -681,3 +681,71 @@ async fn arrival_rate_in_stats_and_metrics() {
     acking.abort();
     server.stop().await;
 }
+
+/// With `receipts.stream`, every outcome change is in a Redis Stream a
+/// backend reads with XREADGROUP, trimmed near `receipts.stream_max_len`.
+#[tokio::test]
+async fn events_go_to_a_bounded_redis_stream() {
+    let redis = RedisServer::start();
+    let mut conn = redis.conn();
+    let _: () = redis::cmd("XGROUP")
+        .arg(&["CREATE", "rcpt", "backend", "$", "MKSTREAM"][..])
+        .query(&mut conn)
+        .unwrap();
+    let mut settings = with_receipts(server::settings(Some(&redis.url)));
+    settings.receipts.stream = Some("rcpt".into());
+    settings.receipts.stream_max_len = 10;
+    let server = server::start(settings).await;
+    let acking = acking_device(server.mqtt_addr, "d1", "push/user/1").await;
+    let body = json!({"user": 1, "data": {"n": 1}, "id": "s1", "receipt": true});
+    assert_eq!(
+        post_json(server.http_addr, "/v1/push", &body).await.status,
+        200
+    );
+
+    let mut events: Vec<Value> = Vec::new();
+    wait_until(|| {
+        let reply: redis::streams::StreamReadReply = redis::cmd("XREADGROUP")
+            .arg(
+                &[
+                    "GROUP", "backend", "c1", "COUNT", "100", "STREAMS", "rcpt", ">",
+                ][..],
+            )
+            .query(&mut conn)
+            .unwrap_or_default();
+        for key in reply.keys {
+            for entry in key.ids {
+                let raw: String = entry.get("event").unwrap();
+                events.push(serde_json::from_str(&raw).unwrap());
+            }
+        }
+        let acked = events
+            .iter()
+            .any(|e| e["event"] == "mqtt_acked" && e["push"] == "s1");
+        async move { acked }
+    })
+    .await;
+    assert_eq!(events[0]["event"], "routed");
+
+    // 600 more changes: the stream stays near its bound (MAXLEN ~ trims
+    // whole nodes of 100 entries).
+    for round in 0..2 {
+        let many: Vec<Value> = (0..100)
+            .map(|i| json!({"user": 1, "data": {}, "id": format!("m{round}-{i}"), "receipt": true}))
+            .collect();
+        let body = json!({ "notifications": many });
+        assert_eq!(
+            post_json(server.http_addr, "/v1/push", &body).await.status,
+            200
+        );
+    }
+    wait_until(|| async { server.stats.mqtt_acked.get() >= 201 }).await;
+    wait_until(|| async { server.stats.receipts_recorded.get() >= 603 }).await;
+    let len: u64 = redis::cmd("XLEN")
+        .arg("rcpt")
+        .query(&mut redis.conn())
+        .unwrap();
+    assert!(len <= 110, "stream holds {len} entries");
+    acking.abort();
+    server.stop().await;
+}

@@ -110,6 +110,14 @@ fn ids(ids: &[Id]) -> Vec<&str> {
 /// One recorded change: whose, when (Unix ms), what.
 type Change = (PushId, u64, Event);
 
+/// Where stored changes go on to, as JSON events: the webhook, and a Redis
+/// Stream (key, MAXLEN ~).
+#[derive(Default)]
+pub(crate) struct Outlets {
+    webhook: Option<Webhook>,
+    stream: Option<(RedisConn, String, u64)>,
+}
+
 /// Where outcomes are recorded; cheap to clone. Off (`receipts.enabled =
 /// false`), it records nothing and answers nothing.
 #[derive(Clone, Default)]
@@ -142,9 +150,16 @@ impl Receipts {
             rest.spawn(hook.clone().run(url.clone(), secret, rest.token()));
             hook
         });
+        let stream = match (&settings.stream, &store) {
+            (Some(key), Store::Redis { conn, .. }) => {
+                Some((conn.clone(), key.clone(), settings.stream_max_len))
+            }
+            _ => None,
+        };
+        let outlets = Outlets { webhook, stream };
         let writer = store
             .clone()
-            .write(rx, webhook, stats.clone(), rest.token());
+            .write(rx, outlets, stats.clone(), rest.token());
         rest.spawn(writer);
         Receipts(Some(Arc::new(Inner {
             queue: tx,

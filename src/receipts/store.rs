@@ -14,11 +14,12 @@ use serde_json::{json, Map, Value};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{store_failed, Change, Event, ReceiptsError, Webhook};
+use super::{store_failed, Change, Event, Outlets, ReceiptsError};
 use crate::push::{Id, PushId};
 use crate::redis_conn::RedisConn;
 use crate::settings::ReceiptsSettings;
 use crate::stats::Stats;
+use tracing::warn;
 
 /// Changes applied together: one Redis round trip.
 const BATCH: usize = 512;
@@ -335,7 +336,7 @@ impl Store {
     pub(super) async fn write(
         self,
         mut rx: mpsc::Receiver<Change>,
-        webhook: Option<Webhook>,
+        outlets: Outlets,
         stats: Arc<Stats>,
         stop: CancellationToken,
     ) {
@@ -346,7 +347,7 @@ impl Store {
                 _ = stop.cancelled() => {
                     rx.close();
                     while rx.recv_many(&mut batch, BATCH).await > 0 {
-                        self.apply(&mut batch, webhook.as_ref(), &stats).await;
+                        self.apply(&mut batch, &outlets, &stats).await;
                     }
                     return;
                 }
@@ -354,20 +355,44 @@ impl Store {
             if n == 0 {
                 return;
             }
-            self.apply(&mut batch, webhook.as_ref(), &stats).await;
+            self.apply(&mut batch, &outlets, &stats).await;
         }
     }
 
-    /// Applies (and empties) `batch`; then offers it to `webhook`, so an
-    /// event the receiver got is stored (a crash in between loses the
-    /// event, never the outcome).
-    async fn apply(&self, batch: &mut Vec<Change>, webhook: Option<&Webhook>, stats: &Stats) {
-        let events: Vec<Value> = match webhook {
-            Some(_) => batch.iter().map(|(id, at, e)| e.to_json(id, *at)).collect(),
-            None => Vec::new(),
+    /// Applies (and empties) `batch`; then adds it to the stream and
+    /// offers it to the webhook, so an event a consumer got is stored (a
+    /// crash in between loses the event, never the outcome).
+    async fn apply(&self, batch: &mut Vec<Change>, outlets: &Outlets, stats: &Stats) {
+        let events: Vec<Value> = match (&outlets.webhook, &outlets.stream) {
+            (None, None) => Vec::new(),
+            _ => batch.iter().map(|(id, at, e)| e.to_json(id, *at)).collect(),
         };
         self.store(batch, stats).await;
-        if let Some(hook) = webhook {
+        if let Some((conn, key, max_len)) = &outlets.stream {
+            let cmds = events
+                .iter()
+                .map(|e| {
+                    redis::cmd("XADD")
+                        .arg(key)
+                        .arg("MAXLEN")
+                        .arg("~")
+                        .arg(*max_len)
+                        .arg("*")
+                        .arg("event")
+                        .arg(e.to_string())
+                        .clone()
+                })
+                .collect();
+            let failed = match conn.each::<RedisValue>(cmds).await {
+                Ok(results) => results.iter().filter(|r| r.is_err()).count(),
+                Err(_) => events.len(),
+            };
+            if failed > 0 {
+                warn!(failed, stream = %key, "receipt events not added to the stream");
+                stats.receipts_stream_dropped.add(failed as u64);
+            }
+        }
+        if let Some(hook) = &outlets.webhook {
             hook.offer(events);
         }
     }

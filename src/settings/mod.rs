@@ -234,6 +234,18 @@ impl Settings {
                 return bad(key, "must be at least 1");
             }
         }
+        if r.stream.is_some() && self.registry.redis_url.is_none() {
+            return bad(
+                "receipts.stream",
+                "needs registry.redis_url (the stream lives in Redis)",
+            );
+        }
+        if r.stream.as_deref() == Some("") || r.stream_max_len == 0 {
+            return bad(
+                "receipts.stream",
+                "must not be empty, and receipts.stream_max_len at least 1",
+            );
+        }
         if let Some(url) = &r.webhook_url {
             if !url.starts_with("http://") || url.parse::<http::Uri>().is_err() {
                 return bad(
@@ -398,6 +410,10 @@ mod tests {
             (
                 "[receipts]\nwebhook_url = \"http://h/\"\n",
                 "receipts.webhook_secret",
+            ),
+            (
+                "[receipts]\nstream = \"s\"\n",
+                "receipts.stream: needs registry.redis_url",
             ),
         ] {
             let err = Settings::from_toml(toml).unwrap_err();

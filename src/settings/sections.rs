@@ -230,6 +230,11 @@ pub struct ReceiptsSettings {
     /// Events waiting for the webhook; beyond it the oldest are dropped
     /// (counted in `webhook_dropped`).
     pub webhook_queue: usize,
+    /// A Redis Stream (in the registry's Redis) that every outcome change
+    /// is added to, for backends that consume with XREADGROUP; unset: none.
+    pub stream: Option<String>,
+    /// About how many events the stream keeps (XADD MAXLEN ~).
+    pub stream_max_len: u64,
 }
 
 impl Default for ReceiptsSettings {
@@ -245,6 +250,8 @@ impl Default for ReceiptsSettings {
             webhook_url: None,
             webhook_secret: None,
             webhook_queue: 100_000,
+            stream: None,
+            stream_max_len: 100_000,
         }
     }
 }

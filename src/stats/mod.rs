@@ -176,6 +176,8 @@ counters! {
     receipts_dropped,
     /// Receipts: outcomes the in-memory store forgot early to stay within receipts.max_records and max_bytes.
     receipts_evicted,
+    /// Receipts: events not added to receipts.stream (Redis refused or was unreachable).
+    receipts_stream_dropped,
     /// Webhook: events the receiver acknowledged (2xx).
     webhook_sent,
     /// Webhook: POSTs that failed (connection, timeout, non-2xx); their events are sent again.
