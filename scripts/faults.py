@@ -13,6 +13,13 @@ every accepted push is accounted for (or nothing moves for --settle seconds).
   broker  Mosquitto stops for 3 s, then restarts (the outbox re-publishes)
   apns    the APNs server is down for 5 s (retries, then counted drops)
   kill    instance A is killed with SIGKILL; B claims its pending entries
+  rabbitmq  the broker is a two-node RabbitMQ cluster (Debian's
+          rabbitmq-server with its MQTT plugin; three nodes, see
+          RabbitCluster) instead of Mosquitto; the
+          subscriber is on node B, pushbridge's mqtt.external_url lists node
+          A then node B; node A is stopped (rabbitmqctl stop) while pushes
+          flow. Afterwards a status message on node B must set app_focus and
+          a killed app's last will must clear it.
 
 Counted: accepted (status 0x00), delivered (distinct pushes seen by an MQTT
 subscriber on the broker, or APNs 200s), duplicates, counted final failures,
@@ -110,7 +117,11 @@ class Procs:
             try:
                 p.wait(10)
             except subprocess.TimeoutExpired:
-                p.kill()
+                pass
+            try:  # its own session: whatever it left behind too (a beam)
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 class RedisCluster:
@@ -174,6 +185,9 @@ class Mosquitto:
                     "max_queued_messages 0\nmax_inflight_messages 100\n")
         self.start()
 
+    def external_url(self):
+        return f'"mqtt://127.0.0.1:{self.port}"'
+
     def start(self):
         self.proc = self.procs.start("mosquitto", ["mosquitto", "-c", self.conf])
         wait_for(lambda: port_open(self.port), "mosquitto")
@@ -181,6 +195,84 @@ class Mosquitto:
     def stop(self):
         self.proc.terminate()
         self.proc.wait(30)
+
+
+RABBITMQ = "/usr/lib/rabbitmq/bin"
+
+
+class RabbitCluster:
+    """RabbitMQ nodes a, b, c (MQTT plugin, anonymous logins as guest) joined
+    in one cluster on loopback: distinct node names, ports, data and log
+    directories, one Erlang cookie (a shared HOME), their own epmd. Three, not two: before
+    3.12 the MQTT plugin registers client ids in a Raft cluster of the
+    nodes, and two nodes without one have no majority, so node B would
+    refuse MQTT connections once node A stops. Persistent sessions use
+    quorum queues: a classic queue lives on the node where the client first
+    connected, and reconnecting elsewhere while that node is down fails
+    (pushbridge's own session included)."""
+
+    def __init__(self, procs):
+        self.procs = procs
+        self.home = os.path.join(procs.tmp, "rabbitmq")
+        self.nodes = {}
+        # Its own epmd, up before the nodes (three starting it at once race),
+        # stopped with the rest.
+        epmd = free_port()
+        procs.start("epmd", ["epmd", "-port", str(epmd)])
+        wait_for(lambda: port_open(epmd), "epmd")
+        for n in ("a", "b", "c"):
+            d = os.path.join(self.home, n)
+            os.makedirs(d)
+            port, amqp, dist = free_port(), free_port(), free_port()
+            with open(os.path.join(d, "rabbitmq.conf"), "w") as f:
+                f.write(f"listeners.tcp.default = {amqp}\n"
+                        f"mqtt.listeners.tcp.default = {port}\n"
+                        "mqtt.allow_anonymous = true\nloopback_users = none\n"
+                        # Persistent sessions (pushbridge's own) in queues
+                        # replicated to every node, not homed on one.
+                        "mqtt.durable_queue_type = quorum\n")
+            with open(os.path.join(d, "enabled_plugins"), "w") as f:
+                f.write("[rabbitmq_mqtt].\n")
+            self.nodes[n] = dict(name=f"pbfaults{n}@localhost", port=port, dir=d, env=dict(
+                os.environ, HOME=self.home, ERL_EPMD_PORT=str(epmd),
+                RABBITMQ_NODENAME=f"pbfaults{n}@localhost",
+                RABBITMQ_CONFIG_FILE=os.path.join(d, "rabbitmq.conf"),
+                RABBITMQ_ENABLED_PLUGINS_FILE=os.path.join(d, "enabled_plugins"),
+                RABBITMQ_MNESIA_BASE=os.path.join(d, "mnesia"),
+                RABBITMQ_LOG_BASE=os.path.join(d, "log"),
+                RABBITMQ_PID_FILE=os.path.join(d, "pid"),
+                RABBITMQ_DIST_PORT=str(dist)))
+        t0 = time.time()
+        for n in self.nodes:
+            self.start(n)
+        for n in self.nodes:
+            wait_for(lambda: self.ctl(n, "await_startup", check=False) == 0,
+                     f"rabbitmq node {n}", 120)
+        for n in ("b", "c"):
+            self.ctl(n, "stop_app")
+            self.ctl(n, "join_cluster", self.nodes["a"]["name"])
+            self.ctl(n, "start_app")
+        self.started_secs = round(time.time() - t0, 1)
+        self.port = self.nodes["b"]["port"]  # where devices (the subscriber) connect
+
+    def start(self, n):
+        node = self.nodes[n]
+        node["proc"] = self.procs.start(f"rabbitmq-{n}", [f"{RABBITMQ}/rabbitmq-server"],
+                                        env=node["env"])
+
+    def ctl(self, n, *args, check=True):
+        return subprocess.run([f"{RABBITMQ}/rabbitmqctl", "-n", self.nodes[n]["name"], *args],
+                              env=self.nodes[n]["env"], check=check, capture_output=True,
+                              timeout=120).returncode
+
+    def external_url(self):
+        ports = [self.nodes[n]["port"] for n in ("a", "b")]
+        return "[" + ", ".join(f'"mqtt://127.0.0.1:{p}"' for p in ports) + "]"
+
+    def stop(self, n):
+        self.ctl(n, "stop")
+        self.nodes[n]["proc"].wait(60)
+
 
 
 class Apns:
@@ -240,8 +332,9 @@ class Instance:
 listen = "127.0.0.1:{self.proxy}"
 [mqtt]
 listen = "127.0.0.1:{free_port()}"
-external_url = "mqtt://127.0.0.1:{broker.port}"
+external_url = {broker.external_url()}
 external_client_id = "pushbridge-{name}"
+external_shared_group = "{"" if isinstance(broker, RabbitCluster) else "pushbridge"}"
 [http]
 listen = "127.0.0.1:{self.http}"
 [registry]
@@ -347,7 +440,7 @@ def run(kind, args):
     procs = Procs(tmp)
     try:
         redis = RedisCluster(procs)
-        broker = Mosquitto(procs)
+        broker = RabbitCluster(procs) if kind == "rabbitmq" else Mosquitto(procs)
         apns = Apns(procs)
         alert = kind == "apns"
         if alert:
@@ -398,6 +491,8 @@ def run(kind, args):
             delivered = len(ok) - len(missing)
         secs = time.time() - t0
         lost = max(0, len(ok) - delivered - failed)
+        if kind == "rabbitmq":
+            note += "; " + status_and_will(procs, redis, broker, a)
         return dict(scenario=kind, accepted=len(ok), fault_at=fault_at, delivered=delivered,
                     duplicates=dup, failed=failed, lost=lost, secs=round(secs, 1), note=note)
     finally:
@@ -427,6 +522,11 @@ def inject(kind, redis, broker, apns, a, b):
         time.sleep(5)
         apns.start()
         return "APNs down 5 s"
+    if kind == "rabbitmq":
+        broker.stop("a")
+        return (f"cluster up in {broker.started_secs} s; node A stopped, pushbridge on "
+                f"node B ({a.totals().get('mqtt_external_connects_v311', 0)} MQTT 3.1.1 "
+                "connects on instance a)")
     if kind == "kill":
         a.proc.send_signal(signal.SIGKILL)
         a.proc.wait()
@@ -434,11 +534,45 @@ def inject(kind, redis, broker, apns, a, b):
     raise SystemExit(f"unknown scenario {kind}")
 
 
+def status_and_will(procs, redis, broker, a):
+    """A status message on node B sets app_focus; an app killed with a last
+    will registered on node B clears it again."""
+    uid = 424242
+    redis.cli("HSET", f"User:{uid}", "app_version", "produce")
+
+    def focus():
+        out = subprocess.run(["redis-cli", "-c", "-p", str(redis.ports[0]), "HGET",
+                              f"User:{uid}", "app_focus"], capture_output=True, text=True)
+        return out.stdout.strip() not in ("", "0")
+
+    on = json.dumps({"user_id": uid, "focus": True})
+    off = json.dumps({"user_id": uid, "focus": False})
+    subprocess.run(["mosquitto_pub", "-p", str(broker.port), "-q", "1", "-t",
+                    "push/app/status", "-m", on], check=True)
+    wait_for(focus, "app_focus set by a status message on node B", 30)
+    app = procs.start("app-with-will", [
+        "stdbuf", "-oL", "mosquitto_sub", "-p", str(broker.port), "-i", "faults-app",
+        "-t", f"push/user/{uid}", "--will-topic", "push/app/status",
+        "--will-payload", off, "--will-qos", "1"], stdout=subprocess.PIPE)
+    subscribed = threading.Event()
+    threading.Thread(target=lambda: app.stdout.readline() and subscribed.set(),
+                     daemon=True).start()
+
+    def hello():
+        subprocess.run(["mosquitto_pub", "-p", str(broker.port), "-q", "1", "-t",
+                        f"push/user/{uid}", "-m", "hello"], check=True)
+        return subscribed.wait(0.5)
+    wait_for(hello, "the app subscribed on node B", 30)
+    app.kill()
+    wait_for(lambda: not focus(), "app_focus cleared by the last will", 30)
+    return "status sets focus, last will clears it"
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--bin", default="target/release/pushbridge")
     p.add_argument("--pushes", type=int, default=100_000)
-    p.add_argument("--only", default="redis,broker,apns,kill")
+    p.add_argument("--only", default="redis,broker,apns,kill,rabbitmq")
     p.add_argument("--settle", type=float, default=30.0,
                    help="give up when nothing moved for this long (s)")
     p.add_argument("--keep", action="store_true", help="keep the logs' directory")

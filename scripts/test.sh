@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the tests need (redis-server, mosquitto clients, openssl,
 # h2load, chromium and chromedriver for the browser tests, node and npm for
-# MQTT.js, python3-venv) when missing, then runs the whole test suite: cargo
+# MQTT.js, python3-venv, rabbitmq-server for the clustered-broker test) when
+# missing, then runs the whole test suite: cargo
 # test, then the Python client's pytest suite. CI runs exactly this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +19,8 @@ command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v h2load >/dev/null 2>&1 || need+=(nghttp2-client)
 # npm: fetches MQTT.js (tests/browser) for the browser MQTT test.
 command -v npm >/dev/null 2>&1 || need+=(nodejs npm)
+# A three-node RabbitMQ cluster as the external broker (tests/rabbitmq_cluster.rs).
+[ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || need+=(rabbitmq-server)
 # The Python client's tests run in a venv (target/pyenv).
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3 python3-venv)
 if [ ${#need[@]} -gt 0 ]; then

@@ -62,13 +62,14 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
     warn_weak(&settings);
 
     let (broker, events) = Broker::with_auth(&settings.mqtt, auth, stats.clone());
+    let offline = OfflineStore::new(&registry, &settings.registry, &settings.offline);
     let (out, events, mqtt_addrs) = match &settings.mqtt.external_url {
         None => {
             let addrs = broker.listen(&life.devices).await?;
             (MqttOut::Embedded(broker.clone()), events, Some(addrs))
         }
         Some(_) => {
-            let (ext, events) = start_external(&settings, &stats, &life)?;
+            let (ext, events) = start_external(&settings, &stats, &offline, &life)?;
             (MqttOut::External(ext), events, None)
         }
     };
@@ -87,7 +88,6 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
     let apns = ApnsSender::start(&settings.apns, sinks, &life.rest)?;
     life.rest
         .spawn(stats::series::sample(stats.clone(), life.rest.token()));
-    let offline = OfflineStore::new(&registry, &settings.registry, &settings.offline);
     let events = offline::start(
         offline.clone(),
         broker.clone(),
@@ -154,6 +154,7 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
 fn start_external(
     settings: &Settings,
     stats: &Arc<Stats>,
+    offline: &OfflineStore,
     life: &Lifecycle,
 ) -> Result<
     (
@@ -167,10 +168,12 @@ fn start_external(
         events: tx,
         stats: stats.clone(),
         drain: Duration::from_secs(settings.shutdown.drain_secs),
+        offline: offline.clone(),
+        feedback_topic: settings.feedback_topic(),
     };
     let ext = ExternalBroker::start(&settings.mqtt, cx, &life.rest)?;
     info!(
-        external_url = settings.mqtt.external_url.as_deref().unwrap_or_default(),
+        external_url = %settings.mqtt.external_url.as_ref().map(ToString::to_string).unwrap_or_default(),
         "mqtt.external_url is set: pushes go to the external broker; the embedded \
          broker's listeners are not started"
     );

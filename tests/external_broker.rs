@@ -28,7 +28,7 @@ fn settings(
     redis: Option<&str>,
 ) -> pushbridge::settings::Settings {
     let mut s = server::settings(redis);
-    s.mqtt.external_url = Some(broker.url());
+    s.mqtt.external_url = Some(broker.url().into());
     s.mqtt.external_client_id = Some(client_id.into());
     s
 }
@@ -86,7 +86,7 @@ async fn mqtts_with_a_private_ca() {
         key.display()
     ));
     let mut s = settings(&broker, "pb-tls", None);
-    s.mqtt.external_url = Some(format!("mqtts://localhost:{tls_port}"));
+    s.mqtt.external_url = Some(format!("mqtts://localhost:{tls_port}").into());
     s.mqtt.external_ca_file = Some(ca);
     let server = server::start(s).await;
     let mut device = Device::connect(broker.addr(), "d42", true).await;
@@ -229,6 +229,14 @@ async fn publish_confirmed_resolves_at_the_puback() {
         events,
         stats: stats.clone(),
         drain: Duration::from_secs(1),
+        offline: pushbridge::offline::OfflineStore::new(
+            &pushbridge::registry::Registry::open(&s.registry)
+                .await
+                .unwrap(),
+            &s.registry,
+            &s.offline,
+        ),
+        feedback_topic: "push/feedback".into(),
     };
     let rest = pushbridge::lifecycle::Lifecycle::new(CancellationToken::new()).rest;
     let ext = ExternalBroker::start(&s.mqtt, cx, &rest).unwrap();

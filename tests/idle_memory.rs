@@ -39,7 +39,7 @@ static ALLOC: Counting = Counting;
 
 /// Heap budget per idle device (the target is 2 KiB of RSS, which
 /// also holds the allocator's own overhead per allocation).
-const MAX_BYTES_PER_DEVICE: isize = 2560;
+const MAX_BYTES_PER_DEVICE: isize = 2304;
 const MAX_ALLOCS_PER_DEVICE: isize = 16;
 
 /// CONNECT (3.1.1, clean session, keep-alive 300 s) then SUBSCRIBE QoS 1 to

@@ -3,9 +3,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
-use rumqttc::{MqttOptions, TlsConfiguration, Transport};
 use rustls::{ClientConfig, RootCertStore};
 
 use super::ExternalError;
@@ -20,7 +18,15 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
-    /// Parses `mqtt.external_url`; the error says what is wrong with it.
+    /// Parses every URL of `mqtt.external_url`, at least one.
+    pub fn parse_all(urls: &[String]) -> Result<Vec<Endpoint>, String> {
+        if urls.is_empty() {
+            return Err("an empty list: give at least one broker URL".into());
+        }
+        urls.iter().map(|u| Endpoint::parse(u)).collect()
+    }
+
+    /// Parses one URL of `mqtt.external_url`; the error says what is wrong with it.
     pub fn parse(url: &str) -> Result<Endpoint, String> {
         let (tls, rest) = if let Some(rest) = url.strip_prefix("mqtts://") {
             (true, rest)
@@ -99,14 +105,24 @@ impl Settings {
                 "must be one topic level, without wildcards or '/'".into(),
             );
         }
-        let Some(url) = &m.external_url else {
+        if m.external_max_attempts == 0 {
+            return bad("mqtt.external_max_attempts", "must be at least 1".into());
+        }
+        let events = &m.external_subscribe_events;
+        if events.contains('\0') || events.find('#').is_some_and(|i| i + 1 != events.len()) {
+            return bad(
+                "mqtt.external_subscribe_events",
+                "must be a topic filter ('#' only at the end)".into(),
+            );
+        }
+        let Some(urls) = &m.external_url else {
             return Ok(());
         };
-        let endpoint = match Endpoint::parse(url) {
+        let endpoints = match Endpoint::parse_all(urls.urls()) {
             Ok(e) => e,
             Err(problem) => return bad("mqtt.external_url", problem),
         };
-        if m.external_ca_file.is_some() && !endpoint.tls {
+        if m.external_ca_file.is_some() && !endpoints.iter().any(|e| e.tls) {
             return bad(
                 "mqtt.external_ca_file",
                 "needs an mqtts:// mqtt.external_url".into(),
@@ -125,32 +141,61 @@ impl Settings {
     }
 }
 
-/// The client options: persistent session (the broker keeps the status
-/// subscription and queues status messages while pushbridge reconnects).
-pub(crate) fn options(
+/// How to reach and log in to one broker of `mqtt.external_url`, for
+/// either protocol version (see `client`).
+#[derive(Clone)]
+pub(crate) struct Login {
+    pub endpoint: Endpoint,
+    pub client_id: String,
+    pub credentials: Option<(String, String)>,
+    pub tls: Option<Arc<ClientConfig>>,
+    pub max_packet_size: usize,
+}
+
+impl Login {
+    /// `host:port`, for logs.
+    pub fn addr(&self) -> String {
+        match self.endpoint.host.contains(':') {
+            true => format!("[{}]:{}", self.endpoint.host, self.endpoint.port),
+            false => format!("{}:{}", self.endpoint.host, self.endpoint.port),
+        }
+    }
+}
+
+/// One `Login` per URL of `mqtt.external_url`, in order.
+pub(crate) fn logins(
     settings: &MqttSettings,
     client_id: &str,
-) -> Result<MqttOptions, ExternalError> {
-    let url = settings.external_url.as_deref().unwrap_or_default();
-    let endpoint = Endpoint::parse(url).map_err(|problem| ExternalError::Setting {
+) -> Result<Vec<Login>, ExternalError> {
+    let urls = settings
+        .external_url
+        .as_ref()
+        .map(|u| u.urls())
+        .unwrap_or_default();
+    let endpoints = Endpoint::parse_all(urls).map_err(|problem| ExternalError::Setting {
         key: "mqtt.external_url",
         problem,
     })?;
-    let mut opts = MqttOptions::new(client_id, endpoint.host.clone(), endpoint.port);
-    opts.set_clean_session(false);
-    opts.set_keep_alive(Duration::from_secs(30));
-    opts.set_max_packet_size(settings.max_packet_size, settings.max_packet_size);
-    if let Some(user) = &settings.external_username {
-        opts.set_credentials(
+    let tls = match endpoints.iter().any(|e| e.tls) {
+        true => Some(tls_config(settings.external_ca_file.as_deref())?),
+        false => None,
+    };
+    let credentials = settings.external_username.as_ref().map(|user| {
+        (
             user.clone(),
             settings.external_password.clone().unwrap_or_default(),
-        );
-    }
-    if endpoint.tls {
-        let config = tls_config(settings.external_ca_file.as_deref())?;
-        opts.set_transport(Transport::Tls(TlsConfiguration::Rustls(config)));
-    }
-    Ok(opts)
+        )
+    });
+    Ok(endpoints
+        .into_iter()
+        .map(|endpoint| Login {
+            tls: tls.clone().filter(|_| endpoint.tls),
+            endpoint,
+            client_id: client_id.to_string(),
+            credentials: credentials.clone(),
+            max_packet_size: settings.max_packet_size,
+        })
+        .collect())
 }
 
 /// The client id: the setting, or `pushbridge-<hostname>`.
@@ -246,9 +291,14 @@ mod tests {
     fn external_broker_settings_are_checked() {
         let s = Settings::from_toml("[mqtt]\nexternal_url = \"mqtts://b.example:8883\"\n").unwrap();
         assert_eq!(
-            s.mqtt.external_url.as_deref(),
+            s.mqtt.external_url.map(|u| u.to_string()).as_deref(),
             Some("mqtts://b.example:8883")
         );
+        let s =
+            Settings::from_toml("[mqtt]\nexternal_url = [\"mqtt://a\", \"mqtts://b\"]\n").unwrap();
+        let urls = s.mqtt.external_url.unwrap();
+        assert_eq!(urls.urls(), ["mqtt://a", "mqtts://b"]);
+        assert_eq!(urls.to_string(), "mqtt://a, mqtts://b");
         for (toml, key) in [
             ("external_url = \"http://b:1\"", "mqtt.external_url"),
             ("external_url = \"mqtt://\"", "mqtt.external_url"),
@@ -267,10 +317,39 @@ mod tests {
                 "mqtt.external_shared_group",
             ),
             ("outbox_full = \"shed\"", "outbox_full"),
+            ("external_url = []", "mqtt.external_url"),
+            (
+                "external_url = [\"mqtt://a\", \"tcp://b\"]",
+                "mqtt.external_url",
+            ),
+            ("external_max_attempts = 0", "mqtt.external_max_attempts"),
+            (
+                "external_subscribe_events = \"a/#/b\"",
+                "mqtt.external_subscribe_events",
+            ),
         ] {
             let err = Settings::from_toml(&format!("[mqtt]\n{toml}\n")).unwrap_err();
             assert!(err.to_string().contains(key), "{toml}: {err}");
         }
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)]
+    fn a_list_of_urls_from_the_environment() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("setting.toml", "")?;
+            jail.set_env(
+                "PUSHBRIDGE_MQTT__EXTERNAL_URL",
+                r#"["mqtt://a:1883", "mqtt://b:1883"]"#,
+            );
+            let s = Settings::load(std::path::Path::new("setting.toml")).expect("loads");
+            let urls = s.mqtt.external_url.expect("set");
+            assert_eq!(urls.urls(), ["mqtt://a:1883", "mqtt://b:1883"]);
+            jail.set_env("PUSHBRIDGE_MQTT__EXTERNAL_URL", "mqtt://c:1883");
+            let s = Settings::load(std::path::Path::new("setting.toml")).expect("loads");
+            assert_eq!(s.mqtt.external_url.expect("set").urls(), ["mqtt://c:1883"]);
+            Ok(())
+        });
     }
 
     #[test]

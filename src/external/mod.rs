@@ -5,15 +5,22 @@
 //! At least once: every publish stays in pushbridge's own [`outbox`] until
 //! the broker's PUBACK, and after any reconnect everything not yet
 //! acknowledged is published again, whether or not the broker kept the
-//! session (rumqttc alone would drop it on `session_present = 0`).
+//! session (rumqttc alone would drop it on `session_present = 0`), to the
+//! next URL of the list when a connection is lost. MQTT 5 when the broker
+//! speaks it (`client`): a user push its PUBACK says reached nobody
+//! (0x10) is kept offline and replayed when the user is back
+//! (`unreached`); one it refuses is dropped after
+//! `mqtt.external_max_attempts`, with feedback.
 //! The status subscription is shared (`$share/<group>/...`) so that several
 //! pushbridge instances handle each status message once. There is no
 //! disconnect event from an external broker: an app's focus is cleared by
 //! the `focus: false` last will it registers on the status topic.
 
+mod client;
 mod endpoint;
 mod link;
 mod outbox;
+mod unreached;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -25,6 +32,7 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use tracing::{debug, warn};
 
 use crate::mqtt::BrokerEvent;
+use crate::offline::OfflineStore;
 use crate::settings::{MqttSettings, QueueFull};
 use crate::stats::Stats;
 
@@ -57,6 +65,8 @@ struct Shared {
     /// `mqtt.max_packet_size`: rumqttc fails the whole connection on a
     /// larger packet, which republishing would repeat forever.
     max_packet: usize,
+    /// `<prefix>/user/`
+    user_prefix: String,
     stats: Arc<Stats>,
 }
 
@@ -74,6 +84,10 @@ pub struct Context {
     pub stats: Arc<Stats>,
     /// After `stop`, the outbox gets this long to empty before the link closes.
     pub drain: Duration,
+    /// Where user pushes that reached nobody (PUBACK 0x10) are kept.
+    pub offline: OfflineStore,
+    /// Where publishes given up on are reported (`apns.feedback_topic`).
+    pub feedback_topic: String,
 }
 
 impl ExternalBroker {
@@ -85,32 +99,41 @@ impl ExternalBroker {
         rest: &Phase,
     ) -> Result<ExternalBroker, ExternalError> {
         let client_id = endpoint::client_id(settings);
-        let options = endpoint::options(settings, &client_id)?;
+        let logins = endpoint::logins(settings, &client_id)?;
         let (to_link, from_handles) = mpsc::unbounded_channel();
         let room = Arc::new(Semaphore::new(settings.outbox));
+        let user_prefix = format!("{}/user/", settings.prefix);
+        let broker = ExternalBroker {
+            inner: Arc::new(Shared {
+                to_link,
+                room: room.clone(),
+                full: settings.outbox_full,
+                max_packet: settings.max_packet_size,
+                user_prefix: user_prefix.clone(),
+                stats: cx.stats.clone(),
+            }),
+        };
+        let unreached = unreached::Unreached::start(cx.offline, broker.clone(), room.clone(), rest);
         let link = link::Link::new(
-            options,
+            logins,
             link::Config {
                 outbox: settings.outbox,
                 status_topic: format!("{}/app/status", settings.prefix),
+                user_prefix,
                 shared_group: settings.external_shared_group.clone(),
+                subscribe_events: settings.external_subscribe_events.clone(),
+                feedback_topic: cx.feedback_topic,
+                max_attempts: settings.external_max_attempts,
                 drain: cx.drain,
             },
             from_handles,
-            room.clone(),
+            room,
+            unreached,
             cx.events,
-            cx.stats.clone(),
+            cx.stats,
         );
         rest.spawn(link.run(rest.token()));
-        Ok(ExternalBroker {
-            inner: Arc::new(Shared {
-                to_link,
-                room,
-                full: settings.outbox_full,
-                max_packet: settings.max_packet_size,
-                stats: cx.stats,
-            }),
-        })
+        Ok(broker)
     }
 
     /// Puts a QoS 1 publish in the outbox. With a full outbox it waits for
@@ -121,8 +144,11 @@ impl ExternalBroker {
     }
 
     /// Like `publish`; the receiver resolves when the broker's PUBACK
-    /// arrives (for callers that acknowledge only what was delivered), and
-    /// fails if the message was dropped or pushbridge stopped first.
+    /// arrives (for callers that acknowledge only what was delivered; for a
+    /// push that reached nobody, once it is kept offline) or when the
+    /// message is given up after `mqtt.external_max_attempts` (reported as
+    /// feedback), and fails if it was dropped for want of room or
+    /// pushbridge stopped first.
     pub async fn publish_confirmed(&self, topic: &str, payload: Bytes) -> oneshot::Receiver<()> {
         let (tx, rx) = oneshot::channel();
         self.keep(topic, payload, Some(tx)).await;

@@ -19,6 +19,11 @@ pub(crate) struct Entry {
     pub payload: Bytes,
     /// Times it was handed to rumqttc (more than one: a republish).
     pub sends: u32,
+    /// Failed attempts: refused in a PUBACK, or the lone unanswered publish
+    /// when the connection was lost (see `Link::on_error`).
+    pub failures: u32,
+    /// The connection of the last failure.
+    failed_on: Option<u64>,
     /// Told when the PUBACK arrives, for callers that wait for it.
     pub ack: Option<oneshot::Sender<()>>,
 }
@@ -32,6 +37,8 @@ pub(crate) struct Outbox {
     awaiting_pkid: VecDeque<u64>,
     /// Written on this connection, PUBACK not yet received.
     inflight: HashMap<u16, u64>,
+    /// Connections lost so far: the current connection's number.
+    conn: u64,
 }
 
 impl Outbox {
@@ -45,6 +52,8 @@ impl Outbox {
                 topic,
                 payload,
                 sends: 0,
+                failures: 0,
+                failed_on: None,
                 ack,
             },
         );
@@ -74,16 +83,53 @@ impl Outbox {
         }
     }
 
+    /// The broker answered `pkid`: its entry's sequence number, no longer
+    /// in flight (`take` it when done). `None` for an id this connection
+    /// has no publish under.
+    pub fn answered(&mut self, pkid: u16) -> Option<u64> {
+        self.inflight.remove(&pkid)
+    }
+
     /// The broker acknowledged `pkid`: the entry is done and returned.
-    /// `None` for an id this connection has no publish under.
+    #[cfg(test)]
     pub fn acked(&mut self, pkid: u16) -> Option<Entry> {
-        let seq = self.inflight.remove(&pkid)?;
+        let seq = self.answered(pkid)?;
+        self.take(seq)
+    }
+
+    pub fn take(&mut self, seq: u64) -> Option<Entry> {
         self.entries.remove(&seq)
+    }
+
+    /// Counts a failed attempt against `seq`; returns its failures so far.
+    /// A lost connection (`lost`) is not counted against a publish already
+    /// refused on it: a broker that hangs up after refusing is one failure.
+    pub fn failed(&mut self, seq: u64, lost: bool) -> u32 {
+        let conn = self.conn;
+        self.entries.get_mut(&seq).map_or(0, |e| {
+            if !(lost && e.failed_on == Some(conn)) {
+                e.failures += 1;
+                e.failed_on = Some(conn);
+            }
+            e.failures
+        })
+    }
+
+    /// The publish being written when the client gave up on it.
+    pub fn being_written(&self) -> Option<u64> {
+        self.awaiting_pkid.front().copied()
+    }
+
+    /// The oldest publish handed over on this connection and not yet answered.
+    pub fn oldest_unanswered(&self) -> Option<u64> {
+        let waiting = self.awaiting_pkid.iter().min();
+        self.inflight.values().chain(waiting).min().copied()
     }
 
     /// The connection is gone, and rumqttc's queue with it: every entry is
     /// owed again, to be handed over anew on the next connection.
     pub fn connection_lost(&mut self) {
+        self.conn += 1;
         self.awaiting_pkid.clear();
         self.inflight.clear();
     }
@@ -138,6 +184,28 @@ mod tests {
         assert!(rx.try_recv().is_err(), "not before the PUBACK");
         o.acked(1).unwrap().ack.unwrap().send(()).unwrap();
         assert!(rx.try_recv().is_ok());
+    }
+
+    #[test]
+    fn failures_are_counted_against_the_oldest_unanswered() {
+        let (mut o, seqs) = outbox(3);
+        for &s in &seqs {
+            o.queued(s).unwrap();
+        }
+        assert_eq!(o.being_written(), Some(seqs[0]));
+        o.written(5);
+        o.written(6);
+        assert_eq!(o.being_written(), Some(seqs[2]));
+        assert_eq!(o.oldest_unanswered(), Some(seqs[0]));
+        assert_eq!(o.answered(5), Some(seqs[0]));
+        assert_eq!(o.oldest_unanswered(), Some(seqs[1]));
+        // Refused, then the connection lost: one failure on this connection.
+        assert_eq!((o.failed(seqs[1], false), o.failed(seqs[1], true)), (1, 1));
+        assert_eq!(o.failed(seqs[1], false), 2, "refused again");
+        o.connection_lost();
+        assert_eq!(o.failed(seqs[1], true), 3, "a new connection");
+        assert_eq!(o.take(seqs[1]).unwrap().failures, 3);
+        assert_eq!(o.failed(seqs[1], false), 0, "gone");
     }
 
     #[test]

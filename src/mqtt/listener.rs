@@ -120,7 +120,7 @@ async fn sweep(inner: Arc<Inner>, shutdown: CancellationToken) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => return inner.stop_connections(),
             now = tick.tick() => {
                 let n = inner.sessions().sweep(now);
                 if n > 0 {

@@ -19,7 +19,7 @@ mod ws;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
@@ -94,6 +94,10 @@ struct Inner {
     next_conn: AtomicU64,
     stats: Arc<Stats>,
     auth: Auth,
+    /// The devices phase is stopping: connections drain and say goodbye.
+    /// Told through each session's wake, so a connection keeps no shutdown
+    /// future of its own (see [`Inner::stop_connections`]).
+    stopping: AtomicBool,
 }
 
 impl Inner {
@@ -102,6 +106,17 @@ impl Inner {
         filter
             .strip_prefix(&self.user_prefix)
             .is_some_and(|id| !id.is_empty() && !id.contains(['/', '+', '#']))
+    }
+
+    /// Marks the broker stopping, then wakes every connected session's
+    /// connection; one that attaches later sees the mark when it starts.
+    fn stop_connections(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        self.sessions().wake_owners();
+    }
+
+    fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
     }
 
     fn sessions(&self) -> MutexGuard<'_, SessionTable> {
@@ -262,6 +277,7 @@ impl Broker {
             next_conn: AtomicU64::new(1),
             stats,
             auth,
+            stopping: AtomicBool::new(false),
         };
         let broker = Broker {
             inner: Arc::new(inner),

@@ -345,6 +345,15 @@ impl Default for SessionTable {
 }
 
 impl SessionTable {
+    /// Wakes the connection of every session that has one.
+    pub fn wake_owners(&self) {
+        for session in self.sessions.values() {
+            if let Some(o) = &session.lock().owner {
+                o.wake.notify_one();
+            }
+        }
+    }
+
     pub fn new(max_per_user: usize, budget: Arc<Budget>) -> SessionTable {
         SessionTable {
             index: Index::default(),

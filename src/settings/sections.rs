@@ -37,6 +37,41 @@ impl Default for ProxySettings {
     }
 }
 
+/// `mqtt.external_url`: one URL (a string) or several (a list).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum BrokerUrls {
+    One(String),
+    List(Vec<String>),
+}
+
+impl BrokerUrls {
+    pub fn urls(&self) -> &[String] {
+        match self {
+            BrokerUrls::One(url) => std::slice::from_ref(url),
+            BrokerUrls::List(urls) => urls,
+        }
+    }
+}
+
+impl From<String> for BrokerUrls {
+    fn from(url: String) -> Self {
+        BrokerUrls::One(url)
+    }
+}
+
+impl From<Vec<String>> for BrokerUrls {
+    fn from(urls: Vec<String>) -> Self {
+        BrokerUrls::List(urls)
+    }
+}
+
+impl std::fmt::Display for BrokerUrls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.urls().join(", "))
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct MqttSettings {
@@ -50,9 +85,10 @@ pub struct MqttSettings {
     pub tls_key: Option<PathBuf>,
     /// Topic prefix: `<prefix>/user/<id>`, `<prefix>/group/<id>`, `<prefix>/app/status`.
     pub prefix: String,
-    /// `mqtt://host[:port]` or `mqtts://host[:port]`: publish to this broker
-    /// instead of serving devices from the embedded one.
-    pub external_url: Option<String>,
+    /// `mqtt://host[:port]` or `mqtts://host[:port]`, or a list of them
+    /// (tried in turn on connection loss): publish to this broker instead
+    /// of serving devices from the embedded one.
+    pub external_url: Option<BrokerUrls>,
     /// Client id towards the external broker; unset: `pushbridge-<hostname>`.
     /// Stable across restarts, since the session (and the status
     /// subscription in it) is persistent.
@@ -64,6 +100,14 @@ pub struct MqttSettings {
     /// Shared-subscription group for the status topic, so several instances
     /// handle each status once; empty: a plain subscription.
     pub external_shared_group: String,
+    /// Failed attempts (a refusing PUBACK, or the connection lost while it
+    /// was the one publish in flight after a reconnect) before a publish
+    /// is dropped.
+    pub external_max_attempts: u32,
+    /// Topic filter on which the broker publishes subscribe events (EMQX
+    /// system messages, Mosquitto's log topic): a user topic subscribed
+    /// there replays that user's kept messages. Empty: off.
+    pub external_subscribe_events: String,
     /// External mode: QoS 1 publishes kept until the broker's PUBACK.
     pub outbox: usize,
     /// What a full outbox does to a new publish: wait, or drop it (counted).
@@ -121,6 +165,8 @@ impl Default for MqttSettings {
             external_password: None,
             external_ca_file: None,
             external_shared_group: "pushbridge".into(),
+            external_max_attempts: 3,
+            external_subscribe_events: String::new(),
             outbox: 100_000,
             outbox_full: QueueFull::Wait,
             connect_timeout_secs: 5,

@@ -148,12 +148,26 @@ counters! {
     registry_errors,
     /// Connections to the external broker established (CONNACK received).
     mqtt_external_connects,
+    /// Of those, connections that speak MQTT 5 (PUBACKs say when a publish reached nobody).
+    mqtt_external_connects_v5,
+    /// Of those, connections that speak MQTT 3.1.1 (the broker refused 5).
+    mqtt_external_connects_v311,
     /// Status subscriptions the external broker granted (one per connection).
     mqtt_external_subscribed,
     /// Publishes the external broker acknowledged (PUBACK): taken out of the outbox.
     mqtt_external_acked,
     /// Publishes sent to the external broker again after a reconnect.
     mqtt_external_republished,
+    /// User pushes the external broker acknowledged with 0x10 No matching subscribers (then kept offline).
+    mqtt_external_unreached,
+    /// PUBACKs from the external broker refusing a publish (reason 0x80 or more); each refusal counts.
+    mqtt_external_refused,
+    /// Publishes dropped after mqtt.external_max_attempts refusals.
+    mqtt_external_dropped_refused,
+    /// Publishes dropped after mqtt.external_max_attempts connections lost while each was the oldest unacknowledged.
+    mqtt_external_dropped_disconnected,
+    /// Feedback messages about publishes given up on, published for backends.
+    mqtt_external_feedback,
     /// Publishes to the external broker dropped: outbox full (mqtt.outbox_full = "drop") or an unpublishable topic.
     mqtt_outbox_dropped,
     /// Messages kept for an offline user without APNs.

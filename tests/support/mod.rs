@@ -9,6 +9,7 @@ pub mod mosquitto;
 pub mod mqtt;
 pub mod pki;
 pub mod proxy;
+pub mod rabbitmq;
 pub mod redis;
 pub mod redis_cluster;
 pub mod server;

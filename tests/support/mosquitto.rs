@@ -106,6 +106,17 @@ impl Mosquitto {
         }
     }
 
+    /// SIGTERM, then waits for the exit: Mosquitto closes every connection
+    /// after writing what it had already sent on its way.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let pid = child.id() as libc::pid_t;
+            // SAFETY: kill only sends a signal to our own child process.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+            let _ = child.wait();
+        }
+    }
+
     /// SIGSTOP: connections stay open, nothing is read or acknowledged.
     pub fn pause(&self) {
         self.signal(libc::SIGSTOP);
