@@ -39,21 +39,13 @@ fn bench(c: &mut Criterion) {
     g.throughput(Throughput::Elements(1));
     for alert in [false, true] {
         let kind = if alert { "alert" } else { "silent" };
-        let one = Push {
-            target: Target::User(Id::from(42u64)),
-            data: data(alert),
-            apns: None,
-        };
+        let one = Push::new(Target::User(Id::from(42u64)), data(alert));
         let one_users = vec![(Id::from(42u64), None::<UserRecord>)];
         g.bench_function(format!("route user push ({kind}, no record)"), |b| {
             b.iter(|| route("push", black_box(&one), black_box(&one_users)))
         });
         let ids: Vec<Id> = (0..100u64).map(Id::from).collect();
-        let list = Push {
-            target: Target::Users(ids),
-            data: data(alert),
-            apns: None,
-        };
+        let list = Push::new(Target::Users(ids), data(alert));
         let users: Vec<(Id, Option<UserRecord>)> = user_targets(&list.target)
             .into_iter()
             .enumerate()

@@ -3,7 +3,7 @@
 # 15 minutes: builds release, installs mosquitto, h2load and redis-server when
 # missing, runs pushbridge-bench twice (the peers; then Redis vs in-memory
 # registry), and leaves the tables, CSV and SVG charts in
-# target/bench-results/ and target/bench-results/redis/ (or $BENCH_OUT). Extra arguments go to the tool,
+# target/bench-results/, target/bench-results/redis/ and .../receipts/ (or $BENCH_OUT). Extra arguments go to the tool,
 # e.g. `scripts/bench.sh --workloads ingest` or `scripts/bench.sh --smoke`.
 # BENCH_REPEAT (default 3): interleaved runs; the tables show median runs.
 set -euo pipefail
@@ -60,4 +60,12 @@ if [ "$#" -eq 0 ] || [ "$*" = "--smoke" ]; then
     --workloads p2p --p2p-rates 0 "$@" | tee "$OUT/redis/stdout.md"
 fi
 
-echo "results: $OUT/results.md (and $OUT/redis/results.md), results.csv, *.svg"
+# Receipts: the same p2p run with every push sent with receipt: true
+# (pushbridge-receipts) beside pushbridge with none, in one run.
+if [ "$#" -eq 0 ] || [ "$*" = "--smoke" ]; then
+  mkdir -p "$OUT/receipts"
+  bench --out "$OUT/receipts" --target pushbridge,pushbridge-receipts \
+    --workloads p2p --p2p-rates 0 "$@" | tee "$OUT/receipts/stdout.md"
+fi
+
+echo "results: $OUT/results.md (and $OUT/redis/, $OUT/receipts/results.md), results.csv, *.svg"

@@ -11,10 +11,12 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::apns::{ApnsJob, ApnsSender};
-use crate::offline::OfflineStore;
+use crate::mqtt::Meta;
+use crate::offline::{Message, OfflineStore};
 use crate::publisher::MqttOut;
 use crate::push::Ack;
-use crate::push::{Id, Push, Target, UserRecord};
+use crate::push::{ApnsOptions, Id, Push, Target, UserRecord};
+use crate::receipts::{Event, Receipts};
 use crate::registry::{Registry, RegistryError, UserStore};
 use crate::router;
 use crate::settings::Settings;
@@ -40,6 +42,8 @@ pub struct Dispatcher {
     /// A lookup is failing and being retried: the intake queue is then the
     /// buffer that rides out the outage, not a queue to keep short.
     registry_failing: AtomicBool,
+    /// Outcomes of pushes that ask for a receipt (off unless set).
+    pub receipts: Receipts,
 }
 
 impl Dispatcher {
@@ -60,6 +64,7 @@ impl Dispatcher {
             offline,
             outage_wait: Duration::from_secs(settings.registry.outage_wait_secs),
             registry_failing: AtomicBool::new(false),
+            receipts: Receipts::default(),
         }
     }
 
@@ -94,7 +99,7 @@ impl Dispatcher {
     ) -> Result<Vec<Delivered>, RegistryError> {
         let records = self.lookup_with_retry(batch, wait).await?;
         let mut out = Vec::with_capacity(batch.len());
-        let mut offline = Vec::new();
+        let mut offline: Vec<Message> = Vec::new();
         for (i, push) in batch.iter().enumerate() {
             out.push(
                 self.deliver(push, &records, acks.get(i), &mut offline)
@@ -247,9 +252,10 @@ impl Dispatcher {
         push: &Push,
         records: &Records,
         ack: Option<&Ack>,
-        offline: &mut Vec<(Id, bytes::Bytes)>,
+        offline: &mut Vec<Message>,
     ) -> Delivered {
         let (routing, users) = self.route(push, records);
+        let meta = self.meta(push, &routing, &users);
         let mut sessions = Vec::with_capacity(routing.mqtt_topics.len());
         if !routing.mqtt_topics.is_empty() {
             let payload = push.json();
@@ -260,23 +266,47 @@ impl Dispatcher {
                     sessions.push(0);
                     continue;
                 }
-                let reached = self.broker.publish_acked(topic, payload.clone(), ack).await;
+                let reached = self
+                    .broker
+                    .publish_acked(topic, payload.clone(), ack, meta.as_ref())
+                    .await;
                 debug!(%topic, sessions = reached, "published");
                 self.stats.mqtt_published.inc();
+                self.stats.mqtt_written.add(reached as u64);
                 sessions.push(reached);
+                if push.receipt {
+                    let topic = topic.clone();
+                    let written = Event::MqttWritten {
+                        topic,
+                        sessions: reached,
+                    };
+                    self.receipts.record(&push.id, written);
+                }
             }
             if self.offline.enabled() {
                 let unreached = self.unreached(push, &users, &routing.mqtt_topics, &sessions);
-                offline.extend(unreached.into_iter().map(|id| (id, payload.clone())));
+                let receipt = push.receipt.then(|| push.id.clone());
+                let ttl = push.ttl.map(|t| Duration::from_secs(t.into()));
+                offline.extend(unreached.into_iter().map(|user| Message {
+                    user,
+                    payload: payload.clone(),
+                    receipt: receipt.clone(),
+                    ttl,
+                }));
             }
         }
+        let options = match routing.apns.is_empty() {
+            true => None,
+            false => apns_options(push),
+        };
         for delivery in &routing.apns {
             self.apns
                 .send(ApnsJob {
                     delivery: delivery.clone(),
                     data: push.data.clone(),
-                    options: push.apns.clone(),
+                    options: options.clone(),
                     ack: ack.map(Ack::share),
+                    receipt: push.receipt.then(|| push.id.clone()),
                 })
                 .await;
         }
@@ -285,6 +315,20 @@ impl Dispatcher {
             sessions,
             unknown_users: unknown(&users),
         }
+    }
+}
+
+/// The push's APNs overrides, with its TTL as `apns-expiration` unless
+/// the backend set one.
+fn apns_options(push: &Push) -> Option<Arc<ApnsOptions>> {
+    match (push.ttl, &push.apns) {
+        (Some(ttl), o) if o.as_ref().is_none_or(|o| o.expiration.is_none()) => {
+            Some(Arc::new(ApnsOptions {
+                expiration: Some(crate::utc::now() + u64::from(ttl)),
+                ..o.as_deref().cloned().unwrap_or_default()
+            }))
+        }
+        (_, o) => o.clone(),
     }
 }
 
@@ -331,6 +375,33 @@ impl Dispatcher {
             .collect()
     }
 
+    /// What the push's MQTT messages carry when it has a receipt (recorded
+    /// as routed here) or a TTL; `None` for every other push.
+    fn meta(
+        &self,
+        push: &Push,
+        routing: &router::Routing,
+        users: &[(Id, Option<&UserRecord>)],
+    ) -> Option<Arc<Meta>> {
+        if !push.receipt && push.ttl.is_none() {
+            return None;
+        }
+        let tag = match push.receipt {
+            true => {
+                let routed = Event::Routed {
+                    mqtt: routing.mqtt_topics.clone(),
+                    apns: routing.apns.iter().map(|a| a.user.clone()).collect(),
+                    unknown_users: unknown(users),
+                };
+                self.receipts.record(&push.id, routed);
+                self.receipts.tag(&push.id)
+            }
+            false => None,
+        };
+        let expires_ms = push.ttl.map(|t| crate::utc::now_ms() + u64::from(t) * 1000);
+        Some(Arc::new(Meta { tag, expires_ms }))
+    }
+
     /// Topics of the push's MQTT-only users who have messages kept (before
     /// this batch, or earlier in it): publishing there would overtake them.
     /// Embedded broker only: with an external one nothing replays on a
@@ -340,7 +411,7 @@ impl Dispatcher {
         push: &Push,
         users: &[(Id, Option<&UserRecord>)],
         records: &Records,
-        offline: &[(Id, bytes::Bytes)],
+        offline: &[Message],
     ) -> HashSet<String> {
         if matches!(push.target, Target::Group(_))
             || (records.backlog.is_empty() && offline.is_empty())
@@ -352,7 +423,7 @@ impl Dispatcher {
             .iter()
             .filter(|(id, record)| {
                 !router::has_apns(*record)
-                    && (records.backlog.contains(id) || offline.iter().any(|(u, _)| u == id))
+                    && (records.backlog.contains(id) || offline.iter().any(|m| &m.user == id))
             })
             .map(|(id, _)| router::user_topic(&self.prefix, id))
             .collect()
@@ -361,7 +432,7 @@ impl Dispatcher {
     /// Keeps a batch's messages for users who were offline (one Redis round
     /// trip), then has them replayed to any of those users who connected
     /// meanwhile.
-    async fn keep_offline(&self, kept: &[(Id, bytes::Bytes)]) {
+    async fn keep_offline(&self, kept: &[Message]) {
         if kept.is_empty() {
             return;
         }
@@ -369,7 +440,13 @@ impl Dispatcher {
             Ok(dropped) => {
                 self.stats.offline_kept.add(kept.len() as u64);
                 self.stats.offline_dropped.add(dropped as u64);
-                let users: HashSet<&Id> = kept.iter().map(|(u, _)| u).collect();
+                for m in kept {
+                    if let Some(push) = &m.receipt {
+                        let user = m.user.clone();
+                        self.receipts.record(push, Event::OfflineKept { user });
+                    }
+                }
+                let users: HashSet<&Id> = kept.iter().map(|m| &m.user).collect();
                 self.offline.kick(users);
             }
             Err(e) => {

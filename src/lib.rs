@@ -20,6 +20,7 @@ pub mod offline;
 pub mod proxy;
 pub mod publisher;
 pub mod push;
+pub mod receipts;
 pub mod redis_conn;
 pub mod registry;
 pub mod router;

@@ -2,10 +2,12 @@
 //! embedded broker or an external one, chosen once at start by
 //! `mqtt.external_url`.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 
 use crate::external::ExternalBroker;
-use crate::mqtt::Broker;
+use crate::mqtt::{Broker, Meta};
 use crate::push::Ack;
 
 /// An enum, not a trait object: the embedded path stays a direct call that
@@ -32,8 +34,17 @@ impl MqttOut {
     /// once the message is delivered: at once for the embedded broker (it is
     /// in the sessions' queues), at the broker's PUBACK for an external one.
     /// A publish dropped or cut short by a stop leaves the entry pending.
-    pub async fn publish_acked(&self, topic: &str, payload: Bytes, ack: Option<&Ack>) -> usize {
+    /// `meta` (a push with a receipt or a TTL) reports the devices' PUBACKs
+    /// and expires the message; only the embedded broker sees devices.
+    pub async fn publish_acked(
+        &self,
+        topic: &str,
+        payload: Bytes,
+        ack: Option<&Ack>,
+        meta: Option<&Arc<Meta>>,
+    ) -> usize {
         match (self, ack) {
+            (MqttOut::Embedded(broker), _) => broker.publish_with(topic, payload, meta),
             (MqttOut::External(external), Some(ack)) => {
                 let confirmed = external.publish_confirmed(topic, payload).await;
                 let share = ack.share();

@@ -125,11 +125,7 @@ mod tests {
         } else {
             json!({"n": 1})
         };
-        Push {
-            target,
-            data: Arc::new(data.as_object().unwrap().clone()),
-            apns: None,
-        }
+        Push::new(target, Arc::new(data.as_object().unwrap().clone()))
     }
 
     fn record(token: bool, focus: bool) -> UserRecord {

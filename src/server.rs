@@ -18,6 +18,7 @@ use crate::lifecycle::Lifecycle;
 use crate::mqtt::{self, Broker};
 use crate::offline::{self, OfflineStore};
 use crate::publisher::MqttOut;
+use crate::receipts::Receipts;
 use crate::registry::Registry;
 use crate::settings::{AuthMode, Settings};
 use crate::stats::{self, Stats};
@@ -73,27 +74,41 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
         }
     };
     let feedback = apns::Feedback::new(out.clone(), settings.feedback_topic());
+    let redis = match &registry {
+        Registry::Redis(r) => Some(r.conn().clone()),
+        Registry::Memory(_) => None,
+    };
+    let receipts = Receipts::start(&settings.receipts, redis, stats.clone(), &life.rest);
     let sinks = apns::Sinks {
         stats: stats.clone(),
         registry: registry.clone(),
         feedback,
+        receipts: receipts.clone(),
     };
     let apns = ApnsSender::start(&settings.apns, sinks, &life.rest)?;
     life.rest
         .spawn(stats::series::sample(stats.clone(), life.rest.token()));
-    let events = offline::start(offline.clone(), broker.clone(), events, &life.rest);
+    let events = offline::start(
+        offline.clone(),
+        broker.clone(),
+        receipts.clone(),
+        events,
+        &life.rest,
+    );
     let (reg, st) = (registry.clone(), stats.clone());
     life.rest
         .spawn(status::run(events, reg, st, life.rest.token()));
 
-    let dispatcher = Arc::new(Dispatcher::new(
+    let mut dispatcher = Dispatcher::new(
         &settings,
         registry.clone(),
         out,
         apns.clone(),
         offline.clone(),
         stats.clone(),
-    ));
+    );
+    dispatcher.receipts = receipts.clone();
+    let dispatcher = Arc::new(dispatcher);
     let started = intake::start(&settings, dispatcher.clone(), &life.ingress, &life.rest).await?;
     let http = http::Parts {
         dispatcher,

@@ -63,6 +63,7 @@ impl Running {
             stats: Arc::clone(&stats),
             registry: registry.clone(),
             feedback: Feedback::new(broker, "push/feedback".into()),
+            receipts: Default::default(),
         };
         let sender = ApnsSender::start(settings, sinks, &rest).expect("sender starts");
         Running {
@@ -87,6 +88,7 @@ impl Running {
                 data,
                 options: None,
                 ack: None,
+                receipt: None,
             })
             .await;
     }

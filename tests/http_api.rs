@@ -33,9 +33,9 @@ async fn push_api(settings: pushbridge::settings::Settings) {
         server.http_addr,
         "/v1/push",
         &json!({"notifications": [
-            {"user": 5, "data": {"n": 1}},
-            {"users": ["5", 6, 7], "data": {"alert": "hi"}},
-            {"group": "g1", "data": {"n": 3}},
+            {"user": 5, "data": {"n": 1}, "id": "a1"},
+            {"users": ["5", 6, 7], "data": {"alert": "hi"}, "id": "a2"},
+            {"group": "g1", "data": {"n": 3}, "id": "a3"},
         ]}),
     )
     .await;
@@ -43,11 +43,11 @@ async fn push_api(settings: pushbridge::settings::Settings) {
     assert_eq!(
         reply.json(),
         json!({"results": [
-            {"mqtt": [{"topic": "push/user/5", "sessions": 1}], "apns": [], "unknown_users": ["5"]},
-            {"mqtt": [{"topic": "push/user/5", "sessions": 1}, {"topic": "push/user/7", "sessions": 0}],
+            {"id": "a1", "mqtt": [{"topic": "push/user/5", "sessions": 1}], "apns": [], "unknown_users": ["5"]},
+            {"id": "a2", "mqtt": [{"topic": "push/user/5", "sessions": 1}, {"topic": "push/user/7", "sessions": 0}],
              "apns": [{"user": "6", "app": "com.example.app", "environment": "sandbox"}],
              "unknown_users": ["5", "7"]},
-            {"mqtt": [{"topic": "push/group/g1", "sessions": 0}], "apns": [], "unknown_users": []},
+            {"id": "a3", "mqtt": [{"topic": "push/group/g1", "sessions": 0}], "apns": [], "unknown_users": []},
         ]})
     );
     assert_eq!(d.next_json().await, json!({"n": 1}));
@@ -57,14 +57,14 @@ async fn push_api(settings: pushbridge::settings::Settings) {
     let reply = post_json(
         server.http_addr,
         "/v1/push",
-        &json!({"user": 5, "data": {"n": 4}}),
+        &json!({"user": 5, "data": {"n": 4}, "id": "a4"}),
     )
     .await;
     assert_eq!(reply.status, 200, "{}", reply.text());
     assert_eq!(
         reply.json(),
         json!({"results": [
-            {"mqtt": [{"topic": "push/user/5", "sessions": 1}], "apns": [], "unknown_users": ["5"]},
+            {"id": "a4", "mqtt": [{"topic": "push/user/5", "sessions": 1}], "apns": [], "unknown_users": ["5"]},
         ]})
     );
     assert_eq!(d.next_json().await, json!({"n": 4}));
@@ -308,6 +308,7 @@ async fn ops_endpoints() {
         "/v1/push",
         "/v1/users/{id}",
         "/v1/users/{id}/presence",
+        "/v1/pushes/{id}",
         "/v1/groups/{gid}/ios-members/{uid}",
         "/v1/stats",
         "/v1/apps",

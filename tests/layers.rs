@@ -13,7 +13,7 @@ const LAYERS: &[&[&str]] = &[
     &["push", "stats", "lifecycle"],
     // the wire codec, the accept loop, pure decisions, stores
     &["wire", "net", "router", "redis_conn", "auth"],
-    &["registry"],
+    &["registry", "receipts"],
     // egress: the embedded broker, then what hangs off its events
     &["mqtt"],
     &["status", "offline"],

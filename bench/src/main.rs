@@ -273,16 +273,16 @@ fn specs(cli: &Cli) -> anyhow::Result<Vec<Spec>> {
                     bin,
                 })
             }
-            "pushbridge-redis" | "pushbridge-ios" => {
+            "pushbridge-redis" | "pushbridge-ios" | "pushbridge-receipts" => {
                 let bin = cli
                     .pushbridge_bin
                     .clone()
                     .unwrap_or_else(target::default_pushbridge_bin);
                 Ok(Spec::Spawn {
-                    kind: if t == "pushbridge-ios" {
-                        Kind::PushbridgeIos
-                    } else {
-                        Kind::PushbridgeRedis
+                    kind: match t.as_str() {
+                        "pushbridge-ios" => Kind::PushbridgeIos,
+                        "pushbridge-receipts" => Kind::PushbridgeReceipts,
+                        _ => Kind::PushbridgeRedis,
                     },
                     bin: std::fs::canonicalize(&bin)
                         .with_context(|| format!("{} not found", bin.display()))?,
@@ -301,7 +301,7 @@ fn specs(cli: &Cli) -> anyhow::Result<Vec<Spec>> {
                 })
             }
             other => bail!(
-                "unknown target {other:?} (pushbridge, pushbridge-redis, pushbridge-ios, mosquitto)"
+                "unknown target {other:?} (pushbridge, pushbridge-redis, pushbridge-ios, pushbridge-receipts, mosquitto)"
             ),
         })
         .collect()
@@ -569,6 +569,7 @@ pub(crate) fn cpu_delta(a: Sample, b: Sample) -> Option<f64> {
 
 fn via(server: &Server) -> Via {
     match server.proxy {
+        Some(p) if server.kind == Some(Kind::PushbridgeReceipts) => Via::ProxyWithReceipts(p),
         Some(p) => Via::Proxy(p),
         None => Via::Mqtt(server.mqtt),
     }

@@ -23,6 +23,9 @@ use crate::mqtt;
 pub enum Via {
     /// pushbridge's proxy port.
     Proxy(SocketAddr),
+    /// pushbridge's proxy port, every frame asking for a receipt
+    /// (`[type, id, data, {"receipt": true}]`).
+    ProxyWithReceipts(SocketAddr),
     /// A broker, as an MQTT publisher.
     Mqtt(SocketAddr),
 }
@@ -63,8 +66,9 @@ pub fn pad_for(size: usize) -> String {
     "x".repeat(size.saturating_sub(base))
 }
 
-/// The proxy frame whose `data` pushbridge turns into exactly `json_payload`.
-pub fn frame(msg: &Msg, t: u64, pad: &str) -> Vec<u8> {
+/// The proxy frame whose `data` pushbridge turns into exactly `json_payload`;
+/// with `receipt`, an options item asking for one.
+pub fn frame(msg: &Msg, t: u64, pad: &str, receipt: bool) -> Vec<u8> {
     let (kind, id) = match msg.to {
         To::Group(g) => (1, Mp::from(g)),
         To::User(u) => (2, Mp::from(u)),
@@ -74,7 +78,8 @@ pub fn frame(msg: &Msg, t: u64, pad: &str) -> Vec<u8> {
         (Mp::from("s"), Mp::from(msg.seq)),
         (Mp::from("p"), Mp::from(pad)),
     ]);
-    pushbridge::wire::frame::encode(kind, &id, &data)
+    let options = Mp::Map(vec![(Mp::from("receipt"), Mp::from(true))]);
+    pushbridge::wire::frame::encode_with(kind, &id, &data, receipt.then_some(&options))
 }
 
 pub fn topic(to: To) -> String {
@@ -143,8 +148,11 @@ async fn connection(
 ) -> io::Result<Sent> {
     let local = IpAddr::V4(Ipv4Addr::LOCALHOST);
     let mut leftover = BytesMut::with_capacity(4096);
+    let receipt = matches!(via, Via::ProxyWithReceipts(_));
     let (stream, is_mqtt) = match via {
-        Via::Proxy(addr) => (mqtt::connect_from(local, addr).await?, false),
+        Via::Proxy(addr) | Via::ProxyWithReceipts(addr) => {
+            (mqtt::connect_from(local, addr).await?, false)
+        }
         Via::Mqtt(addr) => {
             let mut s = mqtt::connect_from(local, addr).await?;
             let id = format!("bench-pub-{}-{index}", std::process::id());
@@ -220,7 +228,7 @@ async fn connection(
                 let payload = json_payload(t, m.seq, &pad);
                 mqtt::publish_into(&mut out, &topics[i + j], packet_id, payload.as_bytes());
             } else {
-                out.extend_from_slice(&frame(m, t, &pad));
+                out.extend_from_slice(&frame(m, t, &pad, receipt));
             }
         }
         fifo.lock()
@@ -295,7 +303,8 @@ async fn read_acks(
             }
         } else {
             for &b in buf.iter() {
-                if b == 0 {
+                // 0x0b: accepted with its options (receipts).
+                if b == 0 || b == 0x0b {
                     ok += 1;
                 } else {
                     bad += 1;
@@ -337,7 +346,7 @@ mod tests {
             to: To::User(42),
             seq: 7,
         };
-        let f = frame(&msg, 123, "xx");
+        let f = frame(&msg, 123, "xx", false);
         let n = pushbridge::wire::frame::check(&f, 1 << 20)
             .unwrap()
             .unwrap();

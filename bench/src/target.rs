@@ -20,6 +20,9 @@ pub enum Kind {
     /// pushbridge with the in-memory registry filled over its HTTP API like
     /// `PushbridgeRedis` (odd users iOS), APNs to the tool's local server.
     PushbridgeIos,
+    /// pushbridge with `receipts.enabled`, every push sent with `receipt: true`
+    /// (the receipts' cost beside `Pushbridge`).
+    PushbridgeReceipts,
     Mosquitto,
 }
 
@@ -29,6 +32,7 @@ impl fmt::Display for Kind {
             Kind::Pushbridge => "pushbridge",
             Kind::PushbridgeRedis => "pushbridge-redis",
             Kind::PushbridgeIos => "pushbridge-ios",
+            Kind::PushbridgeReceipts => "pushbridge-receipts",
             Kind::Mosquitto => "mosquitto",
         })
     }
@@ -104,7 +108,7 @@ pub struct Server {
     pub http: Option<SocketAddr>,
     /// The local APNs this pushbridge sends to (records with tokens only).
     pub apns: Option<LocalApns>,
-    kind: Option<Kind>,
+    pub kind: Option<Kind>,
     redis: Option<Child>,
     child: Option<Child>,
     dir: Option<PathBuf>,
@@ -228,7 +232,10 @@ impl Server {
         let mut cmd = Command::new(bin);
         let (mut redis, mut redis_url, mut http_addr, mut apns) = (None, None, None, None);
         let proxy = match kind {
-            Kind::Pushbridge | Kind::PushbridgeRedis | Kind::PushbridgeIos => {
+            Kind::Pushbridge
+            | Kind::PushbridgeRedis
+            | Kind::PushbridgeIos
+            | Kind::PushbridgeReceipts => {
                 if kind == Kind::PushbridgeRedis {
                     let (child, url) = start_redis(&dir).await?;
                     redis = Some(child);
@@ -240,25 +247,30 @@ impl Server {
                 let http: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
                 http_addr = Some(http);
                 let mut apns_conf = None;
-                if kind != Kind::Pushbridge {
+                if matches!(kind, Kind::PushbridgeRedis | Kind::PushbridgeIos) {
                     let setup = apns_setup.unwrap_or_default();
                     let server = LocalApns::start(&dir, setup.streams).await?;
                     let config = apns_server::write_credentials(&dir)?;
                     apns_conf = Some((config, setup));
                     apns = Some(server);
                 }
+                let receipts = match kind {
+                    Kind::PushbridgeReceipts => "[receipts]\nenabled = true\n\n",
+                    _ => "",
+                };
                 std::fs::write(
                     &conf,
-                    pushbridge_settings(
-                        proxy,
-                        mqtt,
-                        http,
-                        limits,
-                        redis_url.as_deref(),
-                        apns.as_ref()
-                            .zip(apns_conf.as_ref())
-                            .map(|(s, (c, setup))| (s, c.as_path(), *setup)),
-                    ),
+                    receipts.to_owned()
+                        + &pushbridge_settings(
+                            proxy,
+                            mqtt,
+                            http,
+                            limits,
+                            redis_url.as_deref(),
+                            apns.as_ref()
+                                .zip(apns_conf.as_ref())
+                                .map(|(s, (c, setup))| (s, c.as_path(), *setup)),
+                        ),
                 )?;
                 cmd.arg("serve").arg("--config").arg(&conf);
                 cmd.env_remove("RUST_LOG").env("NO_COLOR", "1");

@@ -16,6 +16,8 @@ use super::outcome::Outcome;
 use super::payload::Payload;
 use super::sender::Shared;
 use super::{ApnsError, ApnsJob};
+use crate::push::Id;
+use crate::receipts::Event;
 use crate::registry::UserStore;
 use crate::router::ApnsDelivery;
 
@@ -54,6 +56,10 @@ impl Shared {
             let reason = match &answer.outcome {
                 Outcome::Delivered => {
                     stats.apns_delivered.inc();
+                    self.receipt(&job, |user| Event::ApnsAccepted {
+                        user,
+                        apns_id: answer.apns_id.clone(),
+                    });
                     debug!(user = %d.user, attempt, "APNs delivered");
                     job.settle();
                     return;
@@ -214,6 +220,10 @@ impl Shared {
         }
         info!(user = %d.user, app = %d.app_ident, status = answer.status(), reason,
             apns_id = answer.apns_id, deleted, "APNs: device token no longer valid");
+        self.receipt(job, |user| Event::ApnsDeadToken {
+            user,
+            reason: reason.to_owned(),
+        });
         self.feedback(d, reason);
     }
 
@@ -226,6 +236,19 @@ impl Shared {
                 apns_id = answer.apns_id, skipped, "APNs: not delivered");
         }
         self.feedback(d, reason);
+        self.receipt(job, |user| Event::ApnsRejected {
+            user,
+            status: answer.status.map(|s| s.as_u16()),
+            reason: reason.to_owned(),
+        });
+    }
+
+    /// Records what became of `job` when its push asked for a receipt.
+    pub(super) fn receipt(&self, job: &ApnsJob, event: impl FnOnce(Id) -> Event) {
+        if let Some(push) = &job.receipt {
+            let event = event(job.delivery.user.clone());
+            self.sinks.receipts.record(push, event);
+        }
     }
 
     fn feedback(&self, d: &ApnsDelivery, reason: &str) {

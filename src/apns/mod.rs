@@ -31,6 +31,7 @@ use serde_json::{Map, Value};
 
 use crate::push::Ack;
 use crate::push::ApnsOptions;
+use crate::push::PushId;
 use crate::router::ApnsDelivery;
 
 pub use check::{check_config, AppCheck, AppReport, CertReport, Credential, EXPIRY_WARNING_DAYS};
@@ -85,6 +86,8 @@ pub struct ApnsJob {
     /// (200, or failed for good); dropped unsettled (shutdown) it leaves
     /// its stream entry pending for another instance.
     pub ack: Option<Ack>,
+    /// The push's id when it asked for a receipt: Apple's answer is recorded.
+    pub receipt: Option<PushId>,
 }
 
 impl ApnsJob {

@@ -21,6 +21,7 @@ use super::reload::{self, Credentials};
 use super::retry::RetryPolicy;
 use super::{ApnsError, ApnsJob};
 use crate::lifecycle::Phase;
+use crate::receipts::Receipts;
 use crate::registry::Registry;
 use crate::router::Environment;
 use crate::settings::{ApnsSettings, QueueFull};
@@ -49,6 +50,8 @@ pub struct Sinks {
     pub stats: Arc<Stats>,
     pub registry: Registry,
     pub feedback: Feedback,
+    /// Apple's answers for pushes that asked for a receipt.
+    pub receipts: Receipts,
 }
 
 /// What the queue task and every delivery share.
@@ -294,6 +297,7 @@ impl Shared {
             stats.apns_no_credentials.inc();
             warn!(user = %d.user, app = %d.app_ident, env = ?d.env,
                 "APNs: no credentials for this app and environment; notification dropped");
+            self.refused(job, "no credentials for this app and environment".into());
             return None;
         };
         match Payload::with_options(&job.data, job.options.as_deref()) {
@@ -302,13 +306,24 @@ impl Shared {
                 stats.apns_too_large.inc();
                 warn!(user = %d.user, app = %d.app_ident, size,
                     "APNs: payload of {size} bytes is over 4096; notification dropped");
+                self.refused(job, format!("payload of {size} bytes is over 4096"));
                 None
             }
             Err(e) => {
                 stats.apns_failed.inc();
                 warn!(user = %d.user, app = %d.app_ident, "APNs: {e}");
+                self.refused(job, e.to_string());
                 None
             }
         }
+    }
+
+    /// Refused before it was sent: no answer from Apple to record.
+    fn refused(&self, job: &ApnsJob, reason: String) {
+        self.receipt(job, |user| crate::receipts::Event::ApnsRejected {
+            user,
+            status: None,
+            reason,
+        });
     }
 }

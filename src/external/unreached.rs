@@ -93,7 +93,7 @@ async fn run(
 
 async fn keep(store: &OfflineStore, stats: &Stats, k: Keep) {
     if store.enabled() {
-        match store.keep(&[(k.user.clone(), k.payload)]).await {
+        match store.keep(&[(k.user.clone(), k.payload).into()]).await {
             Ok(dropped) => {
                 stats.offline_kept.inc();
                 stats.offline_dropped.add(dropped as u64);
@@ -166,7 +166,7 @@ impl Replay {
         stats.offline_expired.add(pending.expired as u64);
         let topic = format!("{}{}", self.broker.inner.user_prefix, user);
         let mut confirms = Vec::with_capacity(pending.messages.len());
-        for (through, payload) in &pending.messages {
+        for (through, payload, _) in &pending.messages {
             let confirm = self.broker.publish_confirmed(&topic, payload.clone()).await;
             confirms.push((*through, confirm));
         }

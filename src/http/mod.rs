@@ -8,6 +8,7 @@ mod dashboard;
 mod guard;
 mod ops;
 mod push;
+mod receipts;
 mod users;
 
 pub use guard::ApiToken;
@@ -42,6 +43,9 @@ pub enum HttpError {
     BadRequest(String),
     #[error("not found")]
     NotFound,
+    /// A 404 that says what is missing and why.
+    #[error("{0}")]
+    Missing(String),
     #[error("missing or wrong bearer token")]
     Unauthorized,
     #[error("{0}")]
@@ -56,18 +60,22 @@ pub enum HttpError {
     Unavailable(String),
     #[error("{0}")]
     Intake(#[from] crate::intake::IntakeError),
+    #[error("{0}")]
+    Receipts(#[from] crate::receipts::ReceiptsError),
 }
 
 impl IntoResponse for HttpError {
     fn into_response(self) -> Response {
         let status = match self {
             HttpError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            HttpError::NotFound => StatusCode::NOT_FOUND,
+            HttpError::NotFound | HttpError::Missing(_) => StatusCode::NOT_FOUND,
             HttpError::Unauthorized => StatusCode::UNAUTHORIZED,
             HttpError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             HttpError::MisdirectedHost(_) => StatusCode::MISDIRECTED_REQUEST,
             HttpError::Forbidden(_) => StatusCode::FORBIDDEN,
-            HttpError::Registry(_) | HttpError::Intake(_) => StatusCode::SERVICE_UNAVAILABLE,
+            HttpError::Registry(_) | HttpError::Intake(_) | HttpError::Receipts(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             HttpError::Unavailable(_) => StatusCode::NOT_IMPLEMENTED,
         };
         (status, Json(json!({ "error": self.to_string() }))).into_response()
@@ -133,6 +141,7 @@ fn routes(state: HttpState) -> Router {
             get(users::get).put(users::put).delete(users::delete),
         )
         .route("/v1/users/{id}/presence", get(users::presence))
+        .route("/v1/pushes/{id}", get(receipts::get))
         .route(
             "/v1/groups/{gid}/ios-members/{uid}",
             put(users::add_member).delete(users::remove_member),

@@ -109,8 +109,36 @@ fn bucket(b: &Bucket) -> Value {
         "accepted": b.accepted,
         "mqtt": b.mqtt,
         "apns": b.apns,
+        "mqtt_written": b.mqtt_written,
+        "mqtt_acked": b.mqtt_acked,
+        "apns_sent": b.apns_sent,
+        "arrival_rate": b.arrival_rate(),
         "failed": failed,
     })
+}
+
+/// The current minute's, hour's and day's arrival rate (see
+/// `Bucket::arrival_rate`); a window where nothing was sent has none.
+fn arrival_rates(out: &mut String, stats: &crate::stats::Stats) {
+    let now = crate::utc::now();
+    stats.series.observe(now, stats.tally());
+    let s = stats.series.snapshot(now);
+    let _ = writeln!(
+        out,
+        "# HELP pushbridge_arrival_rate Of the messages written to device sessions and sent to \
+         Apple in the current UTC minute, hour or day: the share acknowledged by the device \
+         (PUBACK) or answered 200 by Apple."
+    );
+    let _ = writeln!(out, "# TYPE pushbridge_arrival_rate gauge");
+    for (window, buckets) in [
+        ("minute", &s.per_minute),
+        ("hour", &s.per_hour),
+        ("day", &s.per_day),
+    ] {
+        if let Some(rate) = buckets.last().and_then(Bucket::arrival_rate) {
+            let _ = writeln!(out, "pushbridge_arrival_rate{{window=\"{window}\"}} {rate}");
+        }
+    }
 }
 
 /// Prometheus text exposition format, version 0.0.4.
@@ -158,6 +186,7 @@ pub(super) async fn metrics(State(state): State<HttpState>) -> impl IntoResponse
         let _ = writeln!(out, "# TYPE pushbridge_{name} gauge");
         let _ = writeln!(out, "pushbridge_{name} {value}");
     }
+    arrival_rates(&mut out, &state.stats);
     let name = "pushbridge_apns_request_duration_seconds";
     let _ = writeln!(
         out,

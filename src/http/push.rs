@@ -12,7 +12,7 @@ use std::time::Duration;
 use super::{apns_options, id, HttpError, HttpState};
 use crate::dispatch::Delivered;
 use crate::intake::{self, Intake, StreamWriter};
-use crate::push::{Id, Push, Target};
+use crate::push::{Id, Push, PushId, Target};
 use crate::router::Environment;
 
 /// How long a request waits for an unreachable registry before it is
@@ -54,6 +54,10 @@ struct Notification {
     group: Option<Value>,
     data: Map<String, Value>,
     apns: Option<Map<String, Value>>,
+    /// The backend's own push id; unset, one is generated.
+    id: Option<String>,
+    receipt: Option<Value>,
+    ttl: Option<Value>,
 }
 
 fn json_id(v: &Value) -> Result<Id, HttpError> {
@@ -92,11 +96,28 @@ impl Notification {
             )),
             None => None,
         };
-        Ok(Push {
-            target,
-            data: Arc::new(self.data),
-            apns,
-        })
+        let mut push = Push::new(target, Arc::new(self.data));
+        push.apns = apns;
+        push.receipt = match &self.receipt {
+            None => false,
+            Some(r) => r.as_bool().ok_or_else(|| {
+                HttpError::BadRequest(format!("{at}.receipt {r}: must be true or false"))
+            })?,
+        };
+        if let Some(id) = &self.id {
+            push.id = PushId::given(id).ok_or_else(|| {
+                HttpError::BadRequest(format!("{at}.id {id:?}: {}", PushId::RULE))
+            })?;
+        }
+        if let Some(ttl) = &self.ttl {
+            push.ttl = Some(ttl.as_u64().and_then(Push::ttl_from).ok_or_else(|| {
+                HttpError::BadRequest(format!(
+                    "{at}.ttl {ttl}: seconds from 1 to {}",
+                    Push::MAX_TTL
+                ))
+            })?);
+        }
+        Ok(push)
     }
 }
 
@@ -140,7 +161,11 @@ pub(super) async fn push(
         Intake::Durable(stream) => append(&state, stream, &pushes).await?,
     };
     state.stats.http_pushes.add(pushes.len() as u64);
-    let results: Vec<Value> = delivered.iter().map(describe).collect();
+    let results: Vec<Value> = pushes
+        .iter()
+        .zip(&delivered)
+        .map(|(p, d)| describe(p, d))
+        .collect();
     Ok(Json(json!({ "results": results })))
 }
 
@@ -161,7 +186,7 @@ async fn append(
     Ok(planned)
 }
 
-fn describe(d: &Delivered) -> Value {
+fn describe(push: &Push, d: &Delivered) -> Value {
     let mqtt: Vec<Value> = d
         .routing
         .mqtt_topics
@@ -185,5 +210,5 @@ fn describe(d: &Delivered) -> Value {
         })
         .collect();
     let unknown: Vec<&str> = d.unknown_users.iter().map(Id::as_str).collect();
-    json!({"mqtt": mqtt, "apns": apns, "unknown_users": unknown})
+    json!({"id": push.id.to_string(), "mqtt": mqtt, "apns": apns, "unknown_users": unknown})
 }

@@ -142,7 +142,8 @@ pub fn default_consumer() -> String {
 }
 
 /// A push as the body of a proxy frame (what the stream holds), for pushes
-/// that did not arrive as frames (HTTP).
+/// that did not arrive as frames (HTTP): with its options map, so the
+/// consumer delivers it under the id the backend was answered.
 pub fn encode(push: &Push) -> Bytes {
     let (kind, id) = match &push.target {
         Target::Group(g) => (1u8, Mp::from(g.as_str())),
@@ -154,7 +155,8 @@ pub fn encode(push: &Push) -> Bytes {
     };
     let data =
         crate::wire::client::json_to_msgpack(&serde_json::Value::Object((*push.data).clone()));
-    let frame = crate::wire::frame::encode(kind, &id, &data);
+    let options = crate::wire::frame::options(push);
+    let frame = crate::wire::frame::encode_with(kind, &id, &data, Some(&options));
     Bytes::from(frame).slice(4..)
 }
 
@@ -176,11 +178,9 @@ mod tests {
             Target::User("42".into()),
             Target::Users(vec!["1".into(), "x".into()]),
         ] {
-            let push = Push {
-                target,
-                data: data.clone(),
-                apns: None,
-            };
+            let mut push = Push::new(target, data.clone());
+            assert_eq!(crate::wire::frame::parse(&encode(&push)).unwrap(), push);
+            (push.receipt, push.ttl) = (true, Some(60));
             assert_eq!(crate::wire::frame::parse(&encode(&push)).unwrap(), push);
         }
     }

@@ -364,13 +364,22 @@ impl Conn {
             }
             In::PubAck(pkid) => {
                 let mut st = self.session.lock();
-                if let Some(i) = st.inflight.iter().position(|m| m.pkid == pkid) {
-                    if let Some(m) = st.inflight.remove(i).filter(|_| pkid % 8 == 0) {
-                        self.inner.stats.stages.ack.observe(m.msg.at.elapsed());
-                    }
-                }
+                let acked = match st.inflight.iter().position(|m| m.pkid == pkid) {
+                    Some(i) => st.inflight.remove(i),
+                    None => None,
+                };
                 if st.inflight.is_empty() && st.inflight.capacity() > 4 {
                     st.inflight = Default::default();
+                }
+                drop(st);
+                if let Some(m) = acked {
+                    self.inner.stats.mqtt_acked.inc();
+                    if pkid % 8 == 0 {
+                        self.inner.stats.stages.ack.observe(m.msg.at.elapsed());
+                    }
+                    if let Some(tag) = m.msg.meta.as_ref().and_then(|m| m.tag.as_ref()) {
+                        tag.acked(&m.msg.topic, &self.client_id);
+                    }
                 }
             }
             // The server never sends QoS 2, so these acknowledge nothing.
@@ -549,6 +558,10 @@ impl Conn {
                 self.inner.stats.mqtt_denied.inc();
                 continue;
             }
+            if msg.expired() {
+                self.inner.stats.mqtt_expired.inc();
+                continue;
+            }
             let pkid = if msg.qos > 0 { st.next_pkid() } else { 0 };
             if enc.publish(&msg, pkid, false) && msg.qos > 0 {
                 st.inflight.push_back(Inflight {
@@ -665,7 +678,7 @@ async fn publish_from(
         };
         let _ = inner.events.send(event).await;
     }
-    inner.route(topic, payload, qos.min(1));
+    inner.route(topic, payload, qos.min(1), None);
 }
 
 /// Writes PUBLISH packets for `pump` while it holds the session lock.
@@ -685,6 +698,7 @@ impl Encoder<'_> {
             qos: msg.qos,
             pkid,
             dup,
+            expiry: msg.expiry_secs(),
         };
         let ok = codec::encode(self.proto, &out, self.wbuf, self.max);
         if !ok {

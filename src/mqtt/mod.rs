@@ -30,6 +30,7 @@ use crate::auth::Auth;
 use crate::lifecycle::Phase;
 use crate::settings::MqttSettings;
 use crate::stats::Stats;
+pub use session::Meta;
 use session::{Budget, Msg, Pushed, SessionTable};
 
 pub use codec::CodecError;
@@ -171,7 +172,7 @@ impl Inner {
     /// Hands a message to every matching session without waiting; returns
     /// how many took it. On a user's own topic only its exact subscribers
     /// count: a wildcard (a monitor's `<prefix>/user/#`) is not the user.
-    fn route(&self, topic: &str, payload: Bytes, max_qos: u8) -> usize {
+    fn route(&self, topic: &str, payload: Bytes, max_qos: u8, meta: Option<&Arc<Meta>>) -> usize {
         type Targets = Vec<(u64, Arc<session::Session>, u8)>;
         thread_local! {
             /// Reused by every publish on this thread: no allocation per publish.
@@ -191,7 +192,7 @@ impl Inner {
                 false => usize::MAX,
             };
             let topic: Arc<str> = shared.unwrap_or_else(|| topic.into());
-            delivered = self.hand_out(&topic, &payload, max_qos, &mut targets, counted);
+            delivered = self.hand_out(&topic, &payload, max_qos, meta, &mut targets, counted);
         }
         // A big fan-out's buffer is not kept for the thread's lifetime.
         if targets.capacity() <= 1024 {
@@ -211,6 +212,7 @@ impl Inner {
         topic: &Arc<str>,
         payload: &Bytes,
         max_qos: u8,
+        meta: Option<&Arc<Meta>>,
         targets: &mut Vec<(u64, Arc<session::Session>, u8)>,
         counted: usize,
     ) -> usize {
@@ -222,6 +224,7 @@ impl Inner {
                 topic: topic.clone(),
                 payload: payload.clone(),
                 qos: qos.min(max_qos),
+                meta: meta.cloned(),
             };
             match session.push(msg, self.settings.max_queued, &self.budget) {
                 Pushed::Queued(dropped) => {
@@ -287,7 +290,14 @@ impl Broker {
     /// Returns the number of sessions it was delivered or queued to;
     /// sessions whose queue is full drop it (counted in `mqtt_dropped`).
     pub fn publish(&self, topic: &str, payload: Bytes) -> usize {
-        self.inner.route(topic, payload, 1)
+        self.inner.route(topic, payload, 1, None)
+    }
+
+    /// `publish` for a push with a receipt (each device's PUBACK is
+    /// reported through its tag) or a TTL (not sent once expired; v5
+    /// devices get the message expiry interval).
+    pub fn publish_with(&self, topic: &str, payload: Bytes, meta: Option<&Arc<Meta>>) -> usize {
+        self.inner.route(topic, payload, 1, meta)
     }
 
     /// Binds the listeners `mqtt` sets and serves devices on `devices`

@@ -15,6 +15,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::topics::Index;
+use crate::receipts::Tag;
 
 /// One message on its way to one session; topic and payload are shared.
 #[derive(Debug, Clone)]
@@ -25,6 +26,38 @@ pub struct Msg {
     /// When it was queued; once written, when it was written (the stage
     /// histograms).
     pub at: Instant,
+    /// What only some pushes carry (a receipt, an expiry); one pointer,
+    /// so a message without them stays as small as before.
+    pub meta: Option<Arc<Meta>>,
+}
+
+/// A message's receipt tag and expiry.
+#[derive(Debug, Default)]
+pub struct Meta {
+    /// The push asked for a receipt: each PUBACK is reported through it.
+    pub tag: Option<Tag>,
+    /// Unix ms after which the message is not sent (its TTL).
+    pub expires_ms: Option<u64>,
+}
+
+impl Msg {
+    /// Whether its TTL has passed (the clock is read only for a message
+    /// that has one).
+    pub fn expired(&self) -> bool {
+        self.expires_ms()
+            .is_some_and(|at| at <= crate::utc::now_ms())
+    }
+
+    /// Whole seconds left of its TTL (at least 1): the v5 message expiry
+    /// interval it is sent with.
+    pub fn expiry_secs(&self) -> Option<u32> {
+        let left = self.expires_ms()?.saturating_sub(crate::utc::now_ms());
+        Some(u32::try_from(left.div_ceil(1000).max(1)).unwrap_or(u32::MAX))
+    }
+
+    fn expires_ms(&self) -> Option<u64> {
+        self.meta.as_ref()?.expires_ms
+    }
 }
 
 impl Msg {
@@ -569,6 +602,7 @@ mod tests {
 
     fn msg(t: &str) -> Msg {
         Msg {
+            meta: None,
             at: Instant::now(),
             topic: t.into(),
             payload: Bytes::from_static(b"x"),

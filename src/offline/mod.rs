@@ -29,7 +29,7 @@ use bytes::Bytes;
 use futures_util::future::try_join_all;
 
 pub use self::replay::{run, start, Replay};
-use crate::push::Id;
+use crate::push::{Id, PushId};
 use crate::redis_conn::RedisConn;
 use crate::registry::Registry;
 use crate::settings::{OfflineSettings, RegistrySettings};
@@ -69,6 +69,28 @@ enum Backend {
 struct Kept {
     expires_ms: u64,
     payload: Bytes,
+    receipt: Option<PushId>,
+}
+
+/// A message to keep for a user: the push's id when it asked for a
+/// receipt, and its TTL when shorter than `offline.ttl_secs`.
+#[derive(Debug, Clone)]
+pub struct Message {
+    pub user: Id,
+    pub payload: Bytes,
+    pub receipt: Option<PushId>,
+    pub ttl: Option<Duration>,
+}
+
+impl From<(Id, Bytes)> for Message {
+    fn from((user, payload): (Id, Bytes)) -> Message {
+        Message {
+            user,
+            payload,
+            receipt: None,
+            ttl: None,
+        }
+    }
 }
 
 /// The in-memory store with its byte counts.
@@ -110,8 +132,11 @@ impl Memory {
 #[derive(Debug, Default)]
 pub struct Pending {
     /// Each message with how many of the oldest entries are consumed once
-    /// it has been handed over (expired entries before it included).
-    pub messages: Vec<(usize, Bytes)>,
+    /// it has been handed over (expired entries before it included), and
+    /// its push's id when it asked for a receipt.
+    pub messages: Vec<(usize, Bytes, Option<PushId>)>,
+    /// Pushes with a receipt among the expired entries.
+    pub expired_receipts: Vec<PushId>,
     /// Entries read, including expired ones after the last message.
     pub read: usize,
     pub expired: usize,
@@ -189,11 +214,13 @@ impl OfflineStore {
     /// Keeps each (user, message), in order: a whole dispatch batch in one
     /// Redis round trip. Returns how many messages were dropped to stay
     /// within the bounds (older ones, or a new one that does not fit).
-    pub async fn keep(&self, kept: &[(Id, Bytes)]) -> Result<usize, OfflineError> {
+    pub async fn keep(&self, kept: &[Message]) -> Result<usize, OfflineError> {
         if kept.is_empty() || !self.enabled() {
             return Ok(0);
         }
-        let expires_ms = crate::utc::now_ms() + self.ttl.as_millis() as u64;
+        let now = crate::utc::now_ms();
+        let expires =
+            |m: &Message| now + m.ttl.map_or(self.ttl, |t| t.min(self.ttl)).as_millis() as u64;
         match &self.backend {
             Backend::Memory(m) => {
                 let per_user = match self.max_bytes_per_user {
@@ -206,7 +233,8 @@ impl OfflineStore {
                 };
                 let mut m = Memory::lock(m);
                 let mut dropped = 0;
-                for (user, payload) in kept {
+                for message in kept {
+                    let (user, payload) = (&message.user, &message.payload);
                     let size = payload.len();
                     if size > per_user || m.bytes + size > total {
                         dropped += 1;
@@ -214,8 +242,9 @@ impl OfflineStore {
                     }
                     let u = m.users.entry(user.clone()).or_default();
                     u.list.push_back(Kept {
-                        expires_ms,
+                        expires_ms: expires(message),
                         payload: payload.clone(),
+                        receipt: message.receipt.clone(),
                     });
                     u.bytes += size;
                     // The oldest go until both bounds hold (never the new one:
@@ -235,13 +264,17 @@ impl OfflineStore {
                 Ok(dropped)
             }
             Backend::Redis { conn, key } => {
-                let add = |pipe: &mut redis::Pipeline, (user, payload): &(Id, Bytes)| {
-                    let mut entry = format!("{expires_ms} ").into_bytes();
-                    entry.extend_from_slice(payload);
+                let add = |pipe: &mut redis::Pipeline, m: &Message| {
+                    let mut entry = match &m.receipt {
+                        None => format!("{} ", expires(m)),
+                        Some(id) => format!("{}:{id} ", expires(m)),
+                    }
+                    .into_bytes();
+                    entry.extend_from_slice(&m.payload);
                     pipe.cmd("EVAL")
                         .arg(KEEP_SCRIPT)
                         .arg(1)
-                        .arg(key.replace("{id}", user.as_str()))
+                        .arg(key.replace("{id}", m.user.as_str()))
                         .arg(entry)
                         .arg(self.max)
                         .arg(self.max_bytes_per_user)
@@ -253,7 +286,7 @@ impl OfflineStore {
                 let dropped: Vec<usize> = if let RedisConn::Cluster(_) = conn {
                     let mut per_user: HashMap<&Id, redis::Pipeline> = HashMap::new();
                     for one in kept {
-                        add(per_user.entry(&one.0).or_insert_with(redis::pipe), one);
+                        add(per_user.entry(&one.user).or_insert_with(redis::pipe), one);
                     }
                     let answers = try_join_all(per_user.into_values().map(|pipe| {
                         let mut conn = conn.clone();
@@ -324,8 +357,9 @@ impl OfflineStore {
         for (i, kept) in entries.into_iter().enumerate() {
             if kept.expires_ms <= now {
                 pending.expired += 1;
+                pending.expired_receipts.extend(kept.receipt);
             } else {
-                pending.messages.push((i + 1, kept.payload));
+                pending.messages.push((i + 1, kept.payload, kept.receipt));
             }
         }
         Ok(pending)
@@ -385,16 +419,22 @@ redis.call('EXPIRE', KEYS[1], ARGV[4])
 return dropped
 ";
 
-/// `<expiry unix ms> <payload>`; an unreadable entry counts as expired.
+/// `<expiry unix ms> <payload>`, or `<expiry unix ms>:<push id> <payload>`
+/// for a push with a receipt; an unreadable entry counts as expired.
 fn parse_entry(raw: Vec<u8>) -> Kept {
     let split = raw.iter().position(|b| *b == b' ');
-    let expires_ms = split
-        .and_then(|i| std::str::from_utf8(&raw[..i]).ok()?.parse().ok())
-        .unwrap_or(0);
+    let head = split.and_then(|i| std::str::from_utf8(&raw[..i]).ok());
+    let (expiry, receipt) = match head.map(|h| h.split_once(':')) {
+        Some(Some((expiry, id))) => (Some(expiry), PushId::given(id)),
+        Some(None) => (head, None),
+        None => (None, None),
+    };
+    let expires_ms = expiry.and_then(|e| e.parse().ok()).unwrap_or(0);
     let payload = Bytes::from(raw).slice(split.map_or(0, |i| i + 1)..);
     Kept {
         expires_ms,
         payload,
+        receipt,
     }
 }
 
@@ -432,11 +472,11 @@ mod tests {
         let a = Id::from("a");
         let msg = |n: usize| Bytes::from(vec![b'x'; n]);
         store
-            .keep(&[(a.clone(), msg(6)), (a.clone(), msg(1))])
+            .keep(&[(a.clone(), msg(6)).into(), (a.clone(), msg(1)).into()])
             .await
             .unwrap();
         // Count drops the 6; then 1 + 9 fits.
-        assert_eq!(store.keep(&[(a.clone(), msg(9))]).await.unwrap(), 1);
+        assert_eq!(store.keep(&[(a.clone(), msg(9)).into()]).await.unwrap(), 1);
         assert_eq!(bytes_of(&store), 10);
     }
 
@@ -449,31 +489,31 @@ mod tests {
         let msg = |n: usize| Bytes::from(vec![b'x'; n]);
         assert_eq!(
             store
-                .keep(&[(a.clone(), msg(4)), (a.clone(), msg(4))])
+                .keep(&[(a.clone(), msg(4)).into(), (a.clone(), msg(4)).into()])
                 .await
                 .unwrap(),
             0
         );
         // 4 + 4 + 4 > 10: the oldest goes.
-        assert_eq!(store.keep(&[(a.clone(), msg(4))]).await.unwrap(), 1);
+        assert_eq!(store.keep(&[(a.clone(), msg(4)).into()]).await.unwrap(), 1);
         assert_eq!(bytes_of(&store), 8);
         // Larger than a user may keep: not kept, nothing else dropped.
-        assert_eq!(store.keep(&[(a.clone(), msg(11))]).await.unwrap(), 1);
+        assert_eq!(store.keep(&[(a.clone(), msg(11)).into()]).await.unwrap(), 1);
         assert_eq!(store.pending(&a).await.unwrap().read, 2);
         // 10 for a: the two 4s go.
-        assert_eq!(store.keep(&[(a.clone(), msg(10))]).await.unwrap(), 2);
-        assert_eq!(store.keep(&[(b.clone(), msg(10))]).await.unwrap(), 0);
+        assert_eq!(store.keep(&[(a.clone(), msg(10)).into()]).await.unwrap(), 2);
+        assert_eq!(store.keep(&[(b.clone(), msg(10)).into()]).await.unwrap(), 0);
         assert_eq!(bytes_of(&store), 20);
         // The total (25) is full for c beyond 5 bytes.
-        assert_eq!(store.keep(&[(c.clone(), msg(6))]).await.unwrap(), 1);
-        assert_eq!(store.keep(&[(c.clone(), msg(5))]).await.unwrap(), 0);
+        assert_eq!(store.keep(&[(c.clone(), msg(6)).into()]).await.unwrap(), 1);
+        assert_eq!(store.keep(&[(c.clone(), msg(5)).into()]).await.unwrap(), 0);
         assert_eq!(bytes_of(&store), 25);
         // Handed over and removed: room again.
         store.remove(&a, 1).await.unwrap();
         assert_eq!(bytes_of(&store), 15);
-        assert_eq!(store.keep(&[(c.clone(), msg(5))]).await.unwrap(), 0);
+        assert_eq!(store.keep(&[(c.clone(), msg(5)).into()]).await.unwrap(), 0);
         store.ttl = Duration::ZERO;
-        store.keep(&[(a.clone(), msg(1))]).await.unwrap();
+        store.keep(&[(a.clone(), msg(1)).into()]).await.unwrap();
         store.remove(&b, 1).await.unwrap();
         store.remove(&c, 2).await.unwrap();
         assert_eq!(store.sweep(), 1);
@@ -487,23 +527,23 @@ mod tests {
         for n in 0..3u8 {
             let dropped = store
                 .keep(&[
-                    (a.clone(), Bytes::from(vec![n])),
-                    (b.clone(), Bytes::from(vec![n])),
+                    (a.clone(), Bytes::from(vec![n])).into(),
+                    (b.clone(), Bytes::from(vec![n])).into(),
                 ])
                 .await;
             assert_eq!(dropped.unwrap(), if n < 2 { 0 } else { 2 });
         }
         let p = store.pending(&a).await.unwrap();
-        let got: Vec<_> = p.messages.iter().map(|(i, m)| (*i, m[0])).collect();
+        let got: Vec<_> = p.messages.iter().map(|(i, m, _)| (*i, m[0])).collect();
         assert_eq!((got, p.read, p.expired), (vec![(1, 1), (2, 2)], 2, 0));
         store.remove(&a, 1).await.unwrap();
         store
-            .keep(&[(a.clone(), Bytes::from_static(&[9]))])
+            .keep(&[(a.clone(), Bytes::from_static(&[9])).into()])
             .await
             .unwrap();
         let p = store.pending(&a).await.unwrap();
         assert_eq!(
-            p.messages.iter().map(|(_, m)| m[0]).collect::<Vec<_>>(),
+            p.messages.iter().map(|(_, m, _)| m[0]).collect::<Vec<_>>(),
             [2, 9]
         );
         assert_eq!(store.pending(&b).await.unwrap().read, 2);
@@ -516,7 +556,7 @@ mod tests {
         store.ttl = Duration::ZERO;
         let a = Id::from("a");
         store
-            .keep(&[(a.clone(), Bytes::from_static(b"x"))])
+            .keep(&[(a.clone(), Bytes::from_static(b"x")).into()])
             .await
             .unwrap();
         let p = store.pending(&a).await.unwrap();
@@ -530,5 +570,9 @@ mod tests {
         let k = parse_entry(b"123 {\"a\": 1}".to_vec());
         assert_eq!((k.expires_ms, &k.payload[..]), (123, &b"{\"a\": 1}"[..]));
         assert_eq!(parse_entry(b"garbage".to_vec()).expires_ms, 0);
+        let k = parse_entry(b"123:order:7 {}".to_vec());
+        assert_eq!(k.expires_ms, 123);
+        assert_eq!(k.receipt, Some(PushId::Given("order:7".into())));
+        assert_eq!(&k.payload[..], b"{}");
     }
 }

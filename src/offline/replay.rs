@@ -11,8 +11,9 @@ use tracing::{debug, warn};
 
 use super::{OfflineError, OfflineStore};
 use crate::lifecycle::Phase;
-use crate::mqtt::{Broker, BrokerEvent};
+use crate::mqtt::{Broker, BrokerEvent, Meta};
 use crate::push::Id;
+use crate::receipts::{Event, Receipts};
 use crate::stats::Stats;
 
 /// How often the memory store drops expired messages nobody came for.
@@ -23,6 +24,7 @@ const SWEEP: Duration = Duration::from_secs(60);
 pub fn start(
     store: OfflineStore,
     broker: Broker,
+    receipts: Receipts,
     events: mpsc::Receiver<BrokerEvent>,
     rest: &Phase,
 ) -> mpsc::Receiver<BrokerEvent> {
@@ -35,6 +37,7 @@ pub fn start(
         stats: broker.stats().clone(),
         broker,
         busy: Arc::default(),
+        receipts,
     };
     rest.spawn(run(events, kicks, forward, replay, rest.token()));
     passed
@@ -109,6 +112,8 @@ pub struct Replay {
     /// copy. `true`: asked again meanwhile (messages kept since it read),
     /// so it reads once more before it ends.
     pub busy: Arc<Mutex<HashMap<Id, bool>>>,
+    /// Replays (and expiries) of pushes that asked for a receipt.
+    pub receipts: Receipts,
 }
 
 impl Replay {
@@ -146,13 +151,27 @@ impl Replay {
     async fn user(&self, topic: &str, user: &Id) -> Result<(), OfflineError> {
         let pending = self.store.pending(user).await?;
         self.stats.offline_expired.add(pending.expired as u64);
+        for push in &pending.expired_receipts {
+            let user = user.clone();
+            self.receipts.record(push, Event::OfflineExpired { user });
+        }
         let mut consumed = pending.read;
         let mut sent = 0;
-        for (through, payload) in pending.messages {
-            if self.broker.publish(topic, payload) == 0 {
+        for (through, payload, receipt) in pending.messages {
+            let meta = receipt.as_ref().map(|push| {
+                Arc::new(Meta {
+                    tag: self.receipts.tag(push),
+                    expires_ms: None,
+                })
+            });
+            if self.broker.publish_with(topic, payload, meta.as_ref()) == 0 {
                 // The subscriber left meanwhile: keep the rest.
                 consumed = through - 1;
                 break;
+            }
+            if let Some(push) = &receipt {
+                let user = user.clone();
+                self.receipts.record(push, Event::OfflineReplayed { user });
             }
             sent += 1;
         }

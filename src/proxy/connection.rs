@@ -143,18 +143,18 @@ async fn process(conn: &mut Connection, burst: &mut Burst, shared: &Shared) -> (
         if body.is_empty() {
             continue;
         }
-        match (frame::parse(&body), &shared.intake) {
-            (Ok(_), Intake::Durable(_)) => {
+        match (frame::parse_with_status(&body), &shared.intake) {
+            (Ok((_, accepted)), Intake::Durable(_)) => {
                 // Answered by `commit`, once the whole burst is in the stream.
-                burst.add(&mut conn.replies, body.freeze());
+                burst.add(&mut conn.replies, body.freeze(), accepted);
             }
-            (Ok(push), Intake::Memory(intake)) => {
+            (Ok((push, accepted)), Intake::Memory(intake)) => {
                 if !queue(intake, push, conn, shared).await {
                     conn.reply(Status::ShuttingDown);
                     return (false, frames);
                 }
                 shared.stats.pushes_accepted.inc();
-                conn.reply(Status::Accepted);
+                conn.reply(accepted);
             }
             (Err(e), _) => reject(&e, conn, shared),
         }
@@ -171,9 +171,10 @@ struct Burst {
 }
 
 impl Burst {
-    fn add(&mut self, replies: &mut Vec<u8>, body: Bytes) {
+    /// `accepted` is the byte the frame gets once stored.
+    fn add(&mut self, replies: &mut Vec<u8>, body: Bytes, accepted: Status) {
         self.slots.push(replies.len());
-        replies.push(Status::Accepted as u8);
+        replies.push(accepted as u8);
         self.bodies.push(body);
     }
 
@@ -183,9 +184,9 @@ impl Burst {
 }
 
 /// Appends the burst to the stream (one round trip) and sets its status
-/// bytes: `0x00` once stored; `0x09` if Redis stayed unreachable (the
-/// connection stays usable); `0x08` if the server stops meanwhile (false:
-/// close).
+/// bytes: `0x00` (`0x0b` with options) once stored; `0x09` if Redis stayed
+/// unreachable (the connection stays usable); `0x08` if the server stops
+/// meanwhile (false: close).
 async fn commit(
     stream: &StreamWriter,
     burst: &mut Burst,
@@ -199,17 +200,20 @@ async fn commit(
     let (status, keep) = match result {
         Ok(()) => {
             shared.stats.pushes_accepted.add(n);
-            (Status::Accepted, true)
+            (None, true)
         }
-        Err(IntakeError::ShuttingDown) => (Status::ShuttingDown, false),
+        Err(IntakeError::ShuttingDown) => (Some(Status::ShuttingDown), false),
         Err(e) => {
             warn!(error = %e, frames = n, "pushes not accepted");
             shared.stats.intake_unavailable.add(n);
-            (Status::Unavailable, true)
+            (Some(Status::Unavailable), true)
         }
     };
-    for &slot in &burst.slots {
-        replies[slot] = status as u8;
+    // Stored: each keeps the byte `add` gave it.
+    if let Some(status) = status {
+        for &slot in &burst.slots {
+            replies[slot] = status as u8;
+        }
     }
     burst.bodies.clear();
     burst.slots.clear();

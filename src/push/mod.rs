@@ -1,8 +1,10 @@
 //! The plain data a push is made of, shared by the proxy, the router and the senders.
 
 pub(crate) mod ack;
+mod id;
 
 pub use ack::Ack;
+pub use id::PushId;
 
 use std::fmt;
 use std::sync::Arc;
@@ -68,6 +70,35 @@ pub struct Push {
     pub data: Arc<Map<String, Value>>,
     /// APNs overrides given over HTTP; the proxy's wire format has none.
     pub apns: Option<Arc<ApnsOptions>>,
+    /// Generated at acceptance, or the backend's (options map, HTTP `id`).
+    pub id: PushId,
+    /// The backend asked for a receipt: outcomes are recorded under `id`.
+    pub receipt: bool,
+    /// Seconds the push stays worth delivering (options map, HTTP `ttl`).
+    pub ttl: Option<u32>,
+}
+
+impl Push {
+    /// Longest TTL accepted: 30 days, beyond what APNs or an offline
+    /// store would keep anyway.
+    pub const MAX_TTL: u64 = 30 * 86_400;
+
+    /// A push with a new id, no receipt, no TTL and no APNs overrides.
+    pub fn new(target: Target, data: Arc<Map<String, Value>>) -> Push {
+        Push {
+            target,
+            data,
+            apns: None,
+            id: PushId::generate(),
+            receipt: false,
+            ttl: None,
+        }
+    }
+
+    /// A TTL if `secs` is within 1 ..= [`Push::MAX_TTL`].
+    pub fn ttl_from(secs: u64) -> Option<u32> {
+        (1..=Self::MAX_TTL).contains(&secs).then_some(secs as u32)
+    }
 }
 
 /// Per-notification APNs request settings a backend may set over HTTP;

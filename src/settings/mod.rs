@@ -28,6 +28,7 @@ pub struct Settings {
     pub mqtt: MqttSettings,
     pub registry: RegistrySettings,
     pub offline: OfflineSettings,
+    pub receipts: ReceiptsSettings,
     pub apns: ApnsSettings,
     pub http: HttpSettings,
     pub auth: AuthSettings,
@@ -217,6 +218,48 @@ impl Settings {
         if self.offline.ttl_secs == 0 {
             return bad("offline.ttl_secs", "must be at least 1");
         }
+        let r = &self.receipts;
+        if !r.key.contains("{id}") {
+            return bad("receipts.key", "must contain {id}");
+        }
+        for (key, value) in [
+            ("receipts.ttl_secs", r.ttl_secs as usize),
+            ("receipts.ack_timeout_secs", r.ack_timeout_secs as usize),
+            ("receipts.max_records", r.max_records),
+            ("receipts.max_bytes", r.max_bytes),
+            ("receipts.queue", r.queue),
+            ("receipts.webhook_queue", r.webhook_queue),
+        ] {
+            if value == 0 {
+                return bad(key, "must be at least 1");
+            }
+        }
+        if r.stream.is_some() && self.registry.redis_url.is_none() {
+            return bad(
+                "receipts.stream",
+                "needs registry.redis_url (the stream lives in Redis)",
+            );
+        }
+        if r.stream.as_deref() == Some("") || r.stream_max_len == 0 {
+            return bad(
+                "receipts.stream",
+                "must not be empty, and receipts.stream_max_len at least 1",
+            );
+        }
+        if let Some(url) = &r.webhook_url {
+            if !url.starts_with("http://") || url.parse::<http::Uri>().is_err() {
+                return bad(
+                    "receipts.webhook_url",
+                    "must be an http://host[:port]/path URL (https: put a TLS proxy in front)",
+                );
+            }
+            if r.webhook_secret.as_deref().unwrap_or("").is_empty() {
+                return bad(
+                    "receipts.webhook_secret",
+                    "must be set with receipts.webhook_url",
+                );
+            }
+        }
         if !self.http.listen.ip().is_loopback()
             && self.http.token.as_deref().unwrap_or("").is_empty()
         {
@@ -349,6 +392,33 @@ mod tests {
         assert!(msg.contains("mqtt.listen = 0.0.0.0:1883"), "{msg}");
         let err = Settings::from_toml("[mqtt]\nws_listen = \"[::]:8083\"\n").unwrap_err();
         assert!(err.to_string().contains("mqtt.ws_listen"), "{err}");
+        for (toml, key) in [
+            (
+                "[receipts]\nkey = \"R\"\n",
+                "receipts.key: must contain {id}",
+            ),
+            (
+                "[receipts]\nttl_secs = 0\n",
+                "receipts.ttl_secs: must be at least 1",
+            ),
+            ("[receipts]\nmax_records = 0\n", "receipts.max_records"),
+            ("[receipts]\nqueue = 0\n", "receipts.queue"),
+            (
+                "[receipts]\nwebhook_url = \"https://h/\"\n",
+                "receipts.webhook_url",
+            ),
+            (
+                "[receipts]\nwebhook_url = \"http://h/\"\n",
+                "receipts.webhook_secret",
+            ),
+            (
+                "[receipts]\nstream = \"s\"\n",
+                "receipts.stream: needs registry.redis_url",
+            ),
+        ] {
+            let err = Settings::from_toml(toml).unwrap_err();
+            assert!(err.to_string().contains(key), "{err}");
+        }
         for fine in [
             "[mqtt]\nlisten = \"0.0.0.0:1883\"\n[auth]\nallow_anonymous = true\n",
             "[mqtt]\nlisten = \"0.0.0.0:1883\"\n[auth]\nmode = \"jwt\"\njwt_secret = \"k\"\n",

@@ -247,6 +247,61 @@ impl Default for OfflineSettings {
     }
 }
 
+/// `[receipts]`: what became of pushes sent with `receipt: true`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReceiptsSettings {
+    /// Record outcomes of pushes that ask for a receipt; off, they are
+    /// delivered alike and nothing is recorded.
+    pub enabled: bool,
+    /// A push's outcome is kept this long after its last change.
+    pub ttl_secs: u64,
+    /// A topic whose sessions have not all acknowledged (PUBACK) this long
+    /// after the message was written to them is reported `timeout`.
+    pub ack_timeout_secs: u64,
+    /// The Redis hash per push (when Redis is the registry).
+    pub key: String,
+    /// Pushes whose outcome the in-memory store keeps; the oldest go first.
+    pub max_records: usize,
+    /// Bytes of outcomes the in-memory store keeps; the oldest go first.
+    pub max_bytes: usize,
+    /// Outcome changes waiting to be written; beyond it they are dropped
+    /// (counted in `receipts_dropped`).
+    pub queue: usize,
+    /// `http://host[:port]/path` that receives batches of outcome changes
+    /// as JSON, signed with `webhook_secret`; unset: none.
+    pub webhook_url: Option<String>,
+    /// The HMAC-SHA256 key of the `X-Pushbridge-Signature` header.
+    pub webhook_secret: Option<String>,
+    /// Events waiting for the webhook; beyond it the oldest are dropped
+    /// (counted in `webhook_dropped`).
+    pub webhook_queue: usize,
+    /// A Redis Stream (in the registry's Redis) that every outcome change
+    /// is added to, for backends that consume with XREADGROUP; unset: none.
+    pub stream: Option<String>,
+    /// About how many events the stream keeps (XADD MAXLEN ~).
+    pub stream_max_len: u64,
+}
+
+impl Default for ReceiptsSettings {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            ttl_secs: 86400,
+            ack_timeout_secs: 60,
+            key: "Receipt:{id}".into(),
+            max_records: 100_000,
+            max_bytes: 64 << 20,
+            queue: 65_536,
+            webhook_url: None,
+            webhook_secret: None,
+            webhook_queue: 100_000,
+            stream: None,
+            stream_max_len: 100_000,
+        }
+    }
+}
+
 /// `[intake]`: where accepted pushes wait for routing.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]

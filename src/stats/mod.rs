@@ -178,6 +178,26 @@ counters! {
     offline_expired,
     /// Kept messages handed to a session of their user when it subscribed.
     offline_delivered,
+    /// MQTT messages written to device sessions by the router (one per session a publish reached).
+    mqtt_written,
+    /// QoS 1 messages a device acknowledged (PUBACK) on the embedded broker.
+    mqtt_acked,
+    /// MQTT messages not sent because their push's TTL had passed while queued.
+    mqtt_expired,
+    /// Receipts: outcome changes written to the store.
+    receipts_recorded,
+    /// Receipts: outcome changes lost: the queue (receipts.queue) was full, or the store failed.
+    receipts_dropped,
+    /// Receipts: outcomes the in-memory store forgot early to stay within receipts.max_records and max_bytes.
+    receipts_evicted,
+    /// Receipts: events not added to receipts.stream (Redis refused or was unreachable).
+    receipts_stream_dropped,
+    /// Webhook: events the receiver acknowledged (2xx).
+    webhook_sent,
+    /// Webhook: POSTs that failed (connection, timeout, non-2xx); their events are sent again.
+    webhook_failed,
+    /// Webhook: events dropped unsent: the queue (receipts.webhook_queue) was full, or the server stopped.
+    webhook_dropped,
 }
 
 #[cfg(test)]

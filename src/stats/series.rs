@@ -25,8 +25,10 @@ pub const FAILURE_REASONS: [&str; 8] = [
     "mqtt_dropped",
 ];
 
-/// Accepted, MQTT, APNs, then one per failure reason.
-const FIELDS: usize = 3 + FAILURE_REASONS.len();
+/// Accepted, MQTT, APNs, the arrival counts, then one per failure reason.
+const FIELDS: usize = FAILED_AT + FAILURE_REASONS.len();
+/// Where the failure reasons start in a tally.
+const FAILED_AT: usize = 6;
 
 /// Counts of one bucket (or totals): see [`Stats::tally`].
 pub type Tally = [u64; FIELDS];
@@ -38,6 +40,9 @@ impl Stats {
             self.pushes_accepted.get() + self.http_pushes.get(),
             self.mqtt_published.get(),
             self.apns_delivered.get(),
+            self.mqtt_written.get(),
+            self.mqtt_acked.get(),
+            self.apns_queued.get(),
             self.pushes_failed_registry.get(),
             self.apns_rejected.get(),
             self.apns_retries_exhausted.get(),
@@ -57,7 +62,15 @@ pub struct Bucket {
     pub start: u64,
     pub accepted: u64,
     pub mqtt: u64,
+    /// Delivered to Apple (answered 200).
     pub apns: u64,
+    /// MQTT messages written to devices' sessions (a publish reaching
+    /// three devices: three).
+    pub mqtt_written: u64,
+    /// Of those, acknowledged by the device (QoS 1 PUBACK).
+    pub mqtt_acked: u64,
+    /// Notifications handed to the APNs sender.
+    pub apns_sent: u64,
     /// Per reason of `FAILURE_REASONS`, in that order.
     pub failed: [u64; FAILURE_REASONS.len()],
 }
@@ -65,14 +78,25 @@ pub struct Bucket {
 impl Bucket {
     fn new(start: u64, t: &Tally) -> Bucket {
         let mut failed = [0; FAILURE_REASONS.len()];
-        failed.copy_from_slice(&t[3..]);
+        failed.copy_from_slice(&t[FAILED_AT..]);
         Bucket {
             start,
             accepted: t[0],
             mqtt: t[1],
             apns: t[2],
+            mqtt_written: t[3],
+            mqtt_acked: t[4],
+            apns_sent: t[5],
             failed,
         }
+    }
+
+    /// What arrived of what was sent: (device acknowledgements + Apple's
+    /// 200s) / (messages written to sessions + notifications sent to
+    /// Apple); `None` when nothing was sent.
+    pub fn arrival_rate(&self) -> Option<f64> {
+        let sent = self.mqtt_written + self.apns_sent;
+        (sent > 0).then(|| (self.mqtt_acked + self.apns) as f64 / sent as f64)
     }
 }
 
@@ -208,7 +232,7 @@ mod tests {
     fn tally(accepted: u64, registry: u64) -> Tally {
         let mut t = [0; FIELDS];
         t[0] = accepted;
-        t[3] = registry;
+        t[FAILED_AT] = registry;
         t
     }
 

@@ -1,6 +1,7 @@
 //! The proxy wire format: a 4-byte big-endian length `N`, then `N` bytes of
-//! msgpack `[type, id, data]`. `check` says whether a whole, legal frame is
-//! buffered; `parse` turns its body into a [`Push`].
+//! msgpack `[type, id, data]`, or `[type, id, data, options]` (push id,
+//! receipt, TTL). `check` says whether a whole, legal frame is buffered;
+//! `parse` turns its body into a [`Push`].
 
 use std::io::ErrorKind;
 use std::sync::Arc;
@@ -8,7 +9,7 @@ use std::sync::Arc;
 use rmpv::Value as Mp;
 use serde_json::{Map, Number, Value};
 
-use crate::push::{Id, Push, Target};
+use crate::push::{Id, Push, PushId, Target};
 
 /// Deepest nesting accepted in a frame; apps' data is shallow, and this keeps
 /// recursion (here and in JSON encoding) far from the stack's end.
@@ -20,8 +21,11 @@ const MAX_DEPTH: usize = 64;
 /// far smaller.
 pub const MAX_VALUES: usize = 65_536;
 
-/// The reply byte after each frame. `0x00` is the only success; every error
-/// has its own byte so old clients (which never look) and new ones both work.
+/// The reply byte after each frame. `0x00` accepts a 3-item frame; every
+/// error has its own byte so old clients (which never look) and new ones
+/// both work. A 4-item frame (options) is accepted with `0x0b`, which
+/// neither the old service (`0x00` for anything) nor a pushbridge without
+/// options (`0x03`) answers: a client learns whether they were honoured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Status {
@@ -36,6 +40,8 @@ pub enum Status {
     ShuttingDown = 0x08,
     Unavailable = 0x09,
     TooManyValues = 0x0a,
+    AcceptedWithOptions = 0x0b,
+    BadOptions = 0x0c,
 }
 
 impl Status {
@@ -53,6 +59,8 @@ impl Status {
             ShuttingDown,
             Unavailable,
             TooManyValues,
+            AcceptedWithOptions,
+            BadOptions,
         ]
         .into_iter()
         .find(|s| *s as u8 == b)
@@ -64,7 +72,9 @@ impl Status {
             Status::Accepted => "accepted: queued for delivery",
             Status::Malformed => "body is not valid msgpack (or has bytes after the value)",
             Status::Truncated => "msgpack value ends past the end of the frame",
-            Status::NotTriple => "body is not an array of exactly 3 items [type, id, data]",
+            Status::NotTriple => {
+                "body is not an array of 3 items [type, id, data] or 4 [type, id, data, options]"
+            }
             Status::UnknownType => "type is not 1 (group), 2 or 3 (user/users)",
             Status::BadId => "id is not an integer, a non-empty string, or an array of those",
             Status::DataNotMap => "data is not a map",
@@ -74,6 +84,12 @@ impl Status {
                 "durable intake: the stream (Redis) stayed unreachable; push not accepted, send again"
             }
             Status::TooManyValues => "frame holds more than 65,536 msgpack values",
+            Status::AcceptedWithOptions => {
+                "accepted with its options (id, receipt, ttl): queued for delivery"
+            }
+            Status::BadOptions => {
+                "options are not a map of id (string), receipt (boolean), ttl (seconds)"
+            }
         }
     }
 }
@@ -88,7 +104,7 @@ pub enum FrameError {
     Truncated,
     #[error("{0} trailing bytes after the msgpack value")]
     Trailing(usize),
-    #[error("expected [type, id, data], got {0}")]
+    #[error("expected [type, id, data] or [type, id, data, options], got {0}")]
     NotTriple(String),
     #[error("unknown push type {0}")]
     UnknownType(String),
@@ -98,6 +114,8 @@ pub enum FrameError {
     DataNotMap(String),
     #[error("frame holds more than {MAX_VALUES} msgpack values")]
     TooManyValues,
+    #[error("bad options: {0}")]
+    BadOptions(String),
 }
 
 impl FrameError {
@@ -111,6 +129,7 @@ impl FrameError {
             FrameError::BadId(_) => Status::BadId,
             FrameError::DataNotMap(_) => Status::DataNotMap,
             FrameError::TooManyValues => Status::TooManyValues,
+            FrameError::BadOptions(_) => Status::BadOptions,
         }
     }
 
@@ -138,6 +157,11 @@ pub fn check(buf: &[u8], max: u32) -> Result<Option<usize>, FrameError> {
 
 /// Parses a non-empty frame body into a push.
 pub fn parse(body: &[u8]) -> Result<Push, FrameError> {
+    parse_with_status(body).map(|(push, _)| push)
+}
+
+/// Parses a non-empty frame body into a push and the byte that accepts it.
+pub fn parse_with_status(body: &[u8]) -> Result<(Push, Status), FrameError> {
     // Every value takes at least a byte: only a long body needs counting.
     if body.len() > MAX_VALUES && !within_values(body, MAX_VALUES) {
         return Err(FrameError::TooManyValues);
@@ -160,9 +184,17 @@ pub fn parse(body: &[u8]) -> Result<Push, FrameError> {
     let Mp::Array(items) = value else {
         return Err(FrameError::NotTriple(kind(&value).into()));
     };
-    let [kind_v, id, data]: [Mp; 3] = items
-        .try_into()
-        .map_err(|v: Vec<Mp>| FrameError::NotTriple(format!("an array of {}", v.len())))?;
+    let n = items.len();
+    let mut items = items.into_iter();
+    let (Some(kind_v), Some(id), Some(data), options, None) = (
+        items.next(),
+        items.next(),
+        items.next(),
+        items.next(),
+        items.next(),
+    ) else {
+        return Err(FrameError::NotTriple(format!("an array of {n}")));
+    };
     let push_type = kind_v
         .as_u64()
         .filter(|t| (1..=3).contains(t))
@@ -180,11 +212,67 @@ pub fn parse(body: &[u8]) -> Result<Push, FrameError> {
     let Mp::Map(entries) = data else {
         return Err(FrameError::DataNotMap(kind(&data).into()));
     };
-    Ok(Push {
-        target,
-        data: Arc::new(to_json_map(entries)),
-        apns: None,
-    })
+    let mut push = Push::new(target, Arc::new(to_json_map(entries)));
+    let status = match options {
+        None => Status::Accepted,
+        Some(options) => {
+            apply_options(&mut push, options)?;
+            Status::AcceptedWithOptions
+        }
+    };
+    Ok((push, status))
+}
+
+/// Reads the options map: `id` (a string, [`PushId::RULE`]), `receipt`
+/// (a boolean) and `ttl` (seconds, 1 ..= [`Push::MAX_TTL`]). An unknown key
+/// is an error, so a misspelt option is not silently ignored.
+fn apply_options(push: &mut Push, options: Mp) -> Result<(), FrameError> {
+    let bad = |m: String| FrameError::BadOptions(m);
+    let Mp::Map(entries) = options else {
+        return Err(bad(format!(
+            "options must be a map, got {}",
+            kind(&options)
+        )));
+    };
+    for (k, v) in entries {
+        match (k.as_str(), v) {
+            (Some("id"), Mp::String(s)) => {
+                push.id = s
+                    .as_str()
+                    .and_then(PushId::given)
+                    .ok_or_else(|| bad(format!("id: {}", PushId::RULE)))?;
+            }
+            (Some("receipt"), Mp::Boolean(b)) => push.receipt = b,
+            (Some("ttl"), Mp::Integer(n)) => {
+                push.ttl = n.as_u64().and_then(Push::ttl_from);
+                if push.ttl.is_none() {
+                    return Err(bad(format!("ttl {n}: seconds from 1 to {}", Push::MAX_TTL)));
+                }
+            }
+            (Some(key @ ("id" | "receipt" | "ttl")), v) => {
+                let want = match key {
+                    "id" => "a string",
+                    "receipt" => "a boolean",
+                    _ => "an integer",
+                };
+                return Err(bad(format!("{key} must be {want}, got {}", kind(&v))));
+            }
+            (_, _) => return Err(bad(format!("unknown option {k} (id, receipt, ttl)"))),
+        }
+    }
+    Ok(())
+}
+
+/// The options map that carries a push's id, receipt and TTL.
+pub fn options(push: &Push) -> Mp {
+    let mut entries = vec![(Mp::from("id"), Mp::from(push.id.to_string()))];
+    if push.receipt {
+        entries.push((Mp::from("receipt"), Mp::from(true)));
+    }
+    if let Some(ttl) = push.ttl {
+        entries.push((Mp::from("ttl"), Mp::from(ttl)));
+    }
+    Mp::Map(entries)
 }
 
 /// Whether `body` holds at most `limit` msgpack values, counted from the
@@ -317,7 +405,14 @@ fn to_json(v: Mp) -> Value {
 
 /// Encodes a request frame (length prefix included): the proxy client's half.
 pub fn encode(push_type: u8, id: &Mp, data: &Mp) -> Vec<u8> {
-    let value = Mp::Array(vec![Mp::from(push_type), id.clone(), data.clone()]);
+    encode_with(push_type, id, data, None)
+}
+
+/// `encode`, with an options map as the 4th item when given.
+pub fn encode_with(push_type: u8, id: &Mp, data: &Mp, options: Option<&Mp>) -> Vec<u8> {
+    let mut items = vec![Mp::from(push_type), id.clone(), data.clone()];
+    items.extend(options.cloned());
+    let value = Mp::Array(items);
     let mut out = vec![0; 4];
     rmpv::encode::write_value(&mut out, &value).expect("writing to a Vec cannot fail");
     let len = (out.len() - 4) as u32;
@@ -520,6 +615,67 @@ mod tests {
         }
     }
 
+    fn with_options(options: Mp) -> Vec<u8> {
+        body(Mp::Array(vec![Mp::from(2), Mp::from(1), data(), options]))
+    }
+
+    #[test]
+    fn options_are_the_fourth_item() {
+        let (p, status) = parse_with_status(&triple(2, Mp::from(1), data())).unwrap();
+        assert_eq!((status, p.receipt, p.ttl), (Status::Accepted, false, None));
+        assert!(matches!(p.id, PushId::Generated(_)));
+
+        let options = Mp::Map(vec![
+            (Mp::from("id"), Mp::from("order-1")),
+            (Mp::from("receipt"), Mp::from(true)),
+            (Mp::from("ttl"), Mp::from(3600)),
+        ]);
+        let (p, status) = parse_with_status(&with_options(options)).unwrap();
+        assert_eq!(status, Status::AcceptedWithOptions);
+        assert_eq!(p.id, PushId::Given("order-1".into()));
+        assert_eq!((p.receipt, p.ttl), (true, Some(3600)));
+        // An empty map still tells the client its options were understood.
+        let (p, status) = parse_with_status(&with_options(Mp::Map(vec![]))).unwrap();
+        assert_eq!((status, p.receipt), (Status::AcceptedWithOptions, false));
+        // And they round-trip through `encode_with`.
+        let frame = encode_with(2, &Mp::from(1), &data(), Some(&super::options(&p)));
+        assert_eq!(parse(&frame[4..]).unwrap(), p);
+    }
+
+    #[test]
+    fn bad_options_say_what_is_wrong() {
+        let opt = |k: &str, v: Mp| with_options(Mp::Map(vec![(Mp::from(k), v)]));
+        let cases = [
+            (
+                with_options(Mp::from(5)),
+                "options must be a map, got an integer",
+            ),
+            (opt("id", Mp::from(5)), "id must be a string"),
+            (opt("id", Mp::from("")), "id: 1 to 64"),
+            (opt("id", Mp::from("x".repeat(65))), "id: 1 to 64"),
+            (opt("id", Mp::from("a b")), "id: 1 to 64"),
+            (opt("receipt", Mp::from(1)), "receipt must be a boolean"),
+            (opt("ttl", Mp::from(0)), "ttl 0: seconds from 1 to 2592000"),
+            (opt("ttl", Mp::from(-5)), "ttl -5"),
+            (opt("ttl", Mp::from(2_592_001)), "ttl 2592001"),
+            (opt("ttl", Mp::from("60")), "ttl must be an integer"),
+            (opt("reciept", Mp::from(true)), "unknown option \"reciept\""),
+        ];
+        for (bytes, want) in cases {
+            let err = parse(&bytes).unwrap_err();
+            assert_eq!(err.status(), Status::BadOptions, "{err}");
+            assert!(err.to_string().contains(want), "{err} lacks {want}");
+        }
+        let five = body(Mp::Array(vec![
+            Mp::from(2),
+            Mp::from(1),
+            data(),
+            Mp::Map(vec![]),
+            Mp::Nil,
+        ]));
+        assert_eq!(parse(&five).unwrap_err().status(), Status::NotTriple);
+    }
+
     #[test]
     fn deep_nesting_is_refused_not_overflowed() {
         let mut bytes = vec![0x93, 0x02, 0x01, 0x81, 0xa1, b'x'];
@@ -545,11 +701,11 @@ mod tests {
 
     #[test]
     fn status_bytes_are_distinct_and_named() {
-        for b in 0..=10u8 {
+        for b in 0..=12u8 {
             let s = Status::from_byte(b).unwrap();
             assert_eq!(s as u8, b);
             assert!(!s.meaning().is_empty());
         }
-        assert_eq!(Status::from_byte(11), None);
+        assert_eq!(Status::from_byte(13), None);
     }
 }

@@ -8,7 +8,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use pushbridge::wire::client::json_to_msgpack;
-use pushbridge::wire::frame::encode;
+use pushbridge::wire::frame::{encode, encode_with};
 
 pub struct Backend {
     pub socket: TcpStream,
@@ -39,6 +39,14 @@ impl Backend {
     /// Sends `[type, id, data]` and returns the status byte.
     pub async fn push(&mut self, push_type: u8, id: Mp, data: &Value) -> u8 {
         self.write(&encode(push_type, &id, &json_to_msgpack(data)))
+            .await;
+        self.status().await.expect("status byte")
+    }
+
+    /// Sends `[type, id, data, options]` and returns the status byte.
+    pub async fn push_with(&mut self, push_type: u8, id: Mp, data: &Value, options: &Value) -> u8 {
+        let (data, options) = (json_to_msgpack(data), json_to_msgpack(options));
+        self.write(&encode_with(push_type, &id, &data, Some(&options)))
             .await;
         self.status().await.expect("status byte")
     }

@@ -341,6 +341,8 @@ pub enum Out<'a> {
         qos: u8,
         pkid: u16,
         dup: bool,
+        /// v5: seconds the message stays worth delivering (message expiry interval).
+        expiry: Option<u32>,
     },
     /// Packet id and whether the publish was accepted (v5 says 0x87 when not).
     PubAck(u16, bool),
@@ -402,6 +404,7 @@ fn to_v4(out: &Out<'_>) -> Option<v4::Packet> {
             qos,
             pkid,
             dup,
+            ..
         } => {
             let mut p = v4::Publish::from_bytes(*topic, q(*qos), (*payload).clone());
             p.pkid = *pkid;
@@ -479,6 +482,7 @@ fn to_v5(out: &Out<'_>) -> v5::Packet {
             qos,
             pkid,
             dup,
+            expiry,
         } => v5::Packet::Publish(v5::Publish {
             dup: *dup,
             qos: q(*qos),
@@ -486,7 +490,10 @@ fn to_v5(out: &Out<'_>) -> v5::Packet {
             topic: Bytes::copy_from_slice(topic.as_bytes()),
             pkid: *pkid,
             payload: (*payload).clone(),
-            properties: None,
+            properties: expiry.map(|secs| v5::PublishProperties {
+                message_expiry_interval: Some(secs),
+                ..Default::default()
+            }),
         }),
         Out::PubAck(id, ok) => {
             let mut a = v5::PubAck::new(*id, None);

@@ -169,6 +169,7 @@ fn publish_round_trips_in_both_versions() {
             qos: 1,
             pkid: 9,
             dup: true,
+            expiry: None,
         };
         assert!(encode(proto, &out, &mut buf, usize::MAX));
         assert_eq!(buf[0], 0x3a, "{proto:?}: QoS 1 + DUP");

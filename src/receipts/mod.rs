@@ -1,0 +1,252 @@
+//! Receipts: what became of a push sent with `receipt: true`, per target,
+//! with timestamps: MQTT sessions written and device acknowledgements
+//! (PUBACK), messages kept offline, Apple's answers, users with no record.
+//!
+//! The parts that see an outcome [`Receipts::record`] it without waiting:
+//! the change goes on a bounded queue (full: dropped and counted) to one
+//! writer task, which applies it to the store (`store`): a hash per push in
+//! Redis when Redis is the registry (any instance answers), in memory
+//! otherwise (bounded by count and bytes). Pushes without `receipt` cost a
+//! boolean test. Once stored, the changes also go to the `webhook` when
+//! one is set.
+
+mod store;
+mod webhook;
+
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use tracing::warn;
+
+use crate::lifecycle::Phase;
+use crate::push::{Id, PushId};
+use crate::redis_conn::RedisConn;
+use crate::settings::ReceiptsSettings;
+use crate::stats::Stats;
+
+pub use store::Store;
+pub use webhook::{signature, Webhook};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiptsError {
+    #[error("receipts: redis: {0}")]
+    Redis(#[from] redis::RedisError),
+}
+
+/// One change to a push's outcome.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// Routed: the MQTT topics, APNs users and unknown users it targets.
+    Routed {
+        mqtt: Vec<String>,
+        apns: Vec<Id>,
+        unknown_users: Vec<Id>,
+    },
+    /// Written to this many sessions' queues on `topic`.
+    MqttWritten { topic: String, sessions: usize },
+    /// A device acknowledged it on `topic` (QoS 1 PUBACK).
+    MqttAcked {
+        topic: Arc<str>,
+        client_id: Arc<str>,
+    },
+    /// Kept for `user`, offline, to be replayed when a device subscribes.
+    OfflineKept { user: Id },
+    /// Handed to a session of `user` that subscribed (kept before).
+    OfflineReplayed { user: Id },
+    /// Kept for `user`, and found expired when a device subscribed.
+    OfflineExpired { user: Id },
+    /// Apple answered 200.
+    ApnsAccepted { user: Id, apns_id: String },
+    /// Apple (or pushbridge, before sending) refused it for good.
+    ApnsRejected {
+        user: Id,
+        status: Option<u16>,
+        reason: String,
+    },
+    /// Apple says the user's device token is dead.
+    ApnsDeadToken { user: Id, reason: String },
+}
+
+impl Event {
+    /// The event as JSON: `{"push", "at", "event", ...}`.
+    pub fn to_json(&self, push: &PushId, at: u64) -> Value {
+        let id = push.to_string();
+        match self {
+            Event::Routed {
+                mqtt,
+                apns,
+                unknown_users,
+            } => json!({"push": id, "at": at, "event": "routed", "mqtt": mqtt,
+                "apns": ids(apns), "unknown_users": ids(unknown_users)}),
+            Event::MqttWritten { topic, sessions } => json!({"push": id, "at": at,
+                "event": "mqtt_written", "topic": topic, "sessions": sessions}),
+            Event::MqttAcked { topic, client_id } => json!({"push": id, "at": at,
+                "event": "mqtt_acked", "topic": &**topic, "client_id": &**client_id}),
+            Event::OfflineKept { user } => json!({"push": id, "at": at,
+                "event": "offline_kept", "user": user.as_str()}),
+            Event::OfflineReplayed { user } => json!({"push": id, "at": at,
+                "event": "offline_replayed", "user": user.as_str()}),
+            Event::OfflineExpired { user } => json!({"push": id, "at": at,
+                "event": "offline_expired", "user": user.as_str()}),
+            Event::ApnsAccepted { user, apns_id } => json!({"push": id, "at": at,
+                "event": "apns_accepted", "user": user.as_str(), "apns_id": apns_id}),
+            Event::ApnsRejected {
+                user,
+                status,
+                reason,
+            } => json!({"push": id, "at": at, "event": "apns_rejected",
+                "user": user.as_str(), "status": status, "reason": reason}),
+            Event::ApnsDeadToken { user, reason } => json!({"push": id, "at": at,
+                "event": "apns_dead_token", "user": user.as_str(), "reason": reason}),
+        }
+    }
+}
+
+fn ids(ids: &[Id]) -> Vec<&str> {
+    ids.iter().map(Id::as_str).collect()
+}
+
+/// One recorded change: whose, when (Unix ms), what.
+type Change = (PushId, u64, Event);
+
+/// Where stored changes go on to, as JSON events: the webhook, and a Redis
+/// Stream (key, MAXLEN ~).
+#[derive(Default)]
+pub(crate) struct Outlets {
+    webhook: Option<Webhook>,
+    stream: Option<(RedisConn, String, u64)>,
+}
+
+/// Where outcomes are recorded; cheap to clone. Off (`receipts.enabled =
+/// false`), it records nothing and answers nothing.
+#[derive(Clone, Default)]
+pub struct Receipts(Option<Arc<Inner>>);
+
+struct Inner {
+    queue: mpsc::Sender<Change>,
+    store: Store,
+    stats: Arc<Stats>,
+    ack_timeout_ms: u64,
+}
+
+impl Receipts {
+    /// Starts the writer on `rest`: in the registry's Redis (`redis`) when
+    /// there is one, in memory otherwise. Off unless `receipts.enabled`.
+    pub fn start(
+        settings: &ReceiptsSettings,
+        redis: Option<RedisConn>,
+        stats: Arc<Stats>,
+        rest: &Phase,
+    ) -> Receipts {
+        if !settings.enabled {
+            return Receipts(None);
+        }
+        let store = Store::new(settings, redis);
+        let (tx, rx) = mpsc::channel(settings.queue);
+        let webhook = settings.webhook_url.as_ref().map(|url| {
+            let hook = Webhook::new(settings.webhook_queue, stats.clone());
+            let secret = settings.webhook_secret.clone().unwrap_or_default();
+            rest.spawn(hook.clone().run(url.clone(), secret, rest.token()));
+            hook
+        });
+        let stream = match (&settings.stream, &store) {
+            (Some(key), Store::Redis { conn, .. }) => {
+                Some((conn.clone(), key.clone(), settings.stream_max_len))
+            }
+            _ => None,
+        };
+        let outlets = Outlets { webhook, stream };
+        let writer = store
+            .clone()
+            .write(rx, outlets, stats.clone(), rest.token());
+        rest.spawn(writer);
+        Receipts(Some(Arc::new(Inner {
+            queue: tx,
+            store,
+            stats,
+            ack_timeout_ms: settings.ack_timeout_secs.saturating_mul(1000),
+        })))
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.0.is_some()
+    }
+
+    /// Records `event` for `push` now, without waiting.
+    pub fn record(&self, push: &PushId, event: Event) {
+        let Some(inner) = &self.0 else { return };
+        let change = (push.clone(), crate::utc::now_ms(), event);
+        if inner.queue.try_send(change).is_err() {
+            inner.stats.receipts_dropped.inc();
+        }
+    }
+
+    /// A handle for the MQTT broker to report acknowledgements of `push`;
+    /// `None` when off.
+    pub fn tag(&self, push: &PushId) -> Option<Tag> {
+        self.0.as_ref().map(|_| Tag {
+            push: push.clone(),
+            receipts: self.clone(),
+        })
+    }
+
+    /// The outcome of `push` so far; `Ok(None)` if unknown (never asked for,
+    /// expired, evicted) or receipts are off.
+    pub async fn outcome(&self, push: &PushId) -> Result<Option<Value>, ReceiptsError> {
+        match &self.0 {
+            None => Ok(None),
+            Some(inner) => inner.store.outcome(push, inner.ack_timeout_ms).await,
+        }
+    }
+}
+
+/// Rides with a tracked push's MQTT message into the sessions' queues, so
+/// a device's PUBACK can be reported against the push.
+pub struct Tag {
+    push: PushId,
+    receipts: Receipts,
+}
+
+impl Tag {
+    /// The device behind `client_id` acknowledged the message on `topic`.
+    pub fn acked(&self, topic: &Arc<str>, client_id: &Arc<str>) {
+        self.receipts.record(
+            &self.push,
+            Event::MqttAcked {
+                topic: topic.clone(),
+                client_id: client_id.clone(),
+            },
+        );
+    }
+}
+
+impl std::fmt::Debug for Tag {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Tag({})", self.push)
+    }
+}
+
+/// Logs a store failure (once per batch).
+fn store_failed(e: &ReceiptsError, changes: usize) {
+    warn!(error = %e, changes, "receipts not recorded (counted in receipts_dropped)");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::mem::size_of;
+
+    /// What a push with a receipt holds while in flight on the MQTT path:
+    /// one `Meta` behind an `Arc`, shared by every session it reaches
+    /// (every message pays 8 bytes for the pointer, receipt or not), and
+    /// three changes on their way to the writer.
+    #[test]
+    fn in_flight_cost_is_small() {
+        let meta = 16 + size_of::<crate::mqtt::Meta>();
+        let changes = 3 * size_of::<Change>();
+        println!("Arc<Meta> {meta} bytes, 3 queued changes {changes} bytes");
+        assert!(meta <= 80, "Arc<Meta> grew to {meta} bytes");
+        assert!(changes <= 384, "3 changes grew to {changes} bytes");
+    }
+}
