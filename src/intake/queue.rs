@@ -3,10 +3,11 @@
 //!
 //! A push answered `0x00` and left in a deep queue waits for everything ahead
 //! of it: 65,536 pushes at 80k/s is most of a second. So the dispatcher
-//! reports how long the pushes it takes have waited, and while that is over
-//! `intake.max_wait_ms` the proxy stops reading: backends are held back by
-//! TCP instead of by a queue. The count bound (`intake.queue`) stays, for
-//! memory.
+//! publishes its pace (time per push, and when it took the batch it is
+//! routing), producers estimate how long a push queued now would wait, and
+//! while that is over `intake.max_wait_ms` the proxy stops reading: backends
+//! are held back by TCP instead of by a queue. The count bound
+//! (`intake.queue`) stays, for memory and for riding out a registry outage.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
