@@ -392,6 +392,7 @@ impl Dispatcher {
                     mqtt: routing.mqtt_topics.clone(),
                     apns: routing.apns.iter().map(|a| a.user.clone()).collect(),
                     unknown_users: unknown(users),
+                    users: users.iter().map(|(id, _)| id.clone()).collect(),
                 };
                 self.receipts.record(&push.id, routed);
                 self.receipts.tag(&push.id)

@@ -130,3 +130,87 @@ async fn dashboard_in_chromium_shows_live_counts_and_sends_a_test_push() {
     browser.close().await;
     server.stop().await;
 }
+
+/// The form's push asks for a receipt, which the page shows as it changes
+/// until the device's acknowledgement makes it final; looking the user up
+/// shows the record, presence, and that push with its outcome.
+#[tokio::test]
+async fn dashboard_in_chromium_shows_a_live_receipt_and_a_users_last_pushes() {
+    let browser = Browser::start().await;
+    let mut settings = server::settings(None);
+    settings.receipts.enabled = true;
+    settings.http.token = Some(TOKEN.into());
+    let server = server::start(settings).await;
+    let http = server.http_addr;
+    let record = br#"{"ident":"com.example.dash","version":"7.1"}"#;
+    let put = request(http, "PUT", "/v1/users/78", Some(TOKEN), Some(record)).await;
+    assert_eq!(put.status, 204);
+    // A device that acknowledges what it gets (rumqttc sends the PUBACK on its next poll).
+    let mut device = Device::connect(server.mqtt_addr, "d78", true).await;
+    device.subscribe("push/user/78").await;
+    let acking = tokio::spawn(async move { while device.events.poll().await.is_ok() {} });
+
+    browser.open(&format!("http://{http}/")).await;
+    browser.fill("token", TOKEN).await;
+    browser.click("token-save").await;
+    browser.fill("push-user", "78").await;
+    browser
+        .fill("push-data", r#"{"alert":"with a receipt"}"#)
+        .await;
+    browser.click("push-send").await;
+    let shown = browser
+        .wait_text("push-receipt", |t| {
+            t.contains("(final)")
+                && t.contains(
+                    "mqtt push/user/78: acknowledged (written to 1 session(s), 1 acknowledged)",
+                )
+        })
+        .await;
+    let id = shown
+        .strip_prefix("receipt ")
+        .and_then(|t| t.split(' ').next())
+        .unwrap_or_else(|| panic!("no push id in {shown:?}"))
+        .to_owned();
+    let outcome = request(http, "GET", &format!("/v1/pushes/{id}"), Some(TOKEN), None).await;
+    assert_eq!(outcome.json()["mqtt"][0]["state"], "acked");
+
+    browser.fill("lookup-user", "78").await;
+    browser.click("lookup-send").await;
+    browser
+        .wait_text("lookup-record", |t| {
+            t.contains("ident com.example.dash") && t.contains("version 7.1")
+        })
+        .await;
+    browser
+        .wait_text("lookup-presence", |t| {
+            t.contains("connected since") && t.contains("d78")
+        })
+        .await;
+    let row = format!("lookup-push-{id}");
+    let pushes = browser
+        .wait_text("lookup-pushes", |t| t.contains(&id))
+        .await;
+    assert!(pushes.contains("acknowledged"), "{pushes}");
+    let row = browser.text(&row).await;
+    assert!(
+        row.contains("mqtt push/user/78: acknowledged"),
+        "#lookup-push-{id} shows {row:?}"
+    );
+
+    // A user with no record, no session and no pushes says so.
+    browser.fill("lookup-user", "79").await;
+    browser.click("lookup-send").await;
+    browser
+        .wait_text("lookup-record", |t| t == "none (404)")
+        .await;
+    browser
+        .wait_text("lookup-presence", |t| t == "not connected")
+        .await;
+    browser
+        .wait_text("lookup-pushes", |t| t == "none kept")
+        .await;
+
+    acking.abort();
+    browser.close().await;
+    server.stop().await;
+}

@@ -308,6 +308,7 @@ async fn ops_endpoints() {
         "/v1/push",
         "/v1/users/{id}",
         "/v1/users/{id}/presence",
+        "/v1/users/{id}/pushes",
         "/v1/pushes/{id}",
         "/v1/groups/{gid}/ios-members/{uid}",
         "/v1/stats",

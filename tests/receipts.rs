@@ -749,3 +749,54 @@ async fn events_go_to_a_bounded_redis_stream() {
     acking.abort();
     server.stop().await;
 }
+
+both_registries!(a_users_last_pushes_are_listed, users_last_pushes);
+/// `GET /v1/users/{id}/pushes`: the newest receipts of pushes for that
+/// user (a `users` push counts for each), at most 20 however many are sent.
+async fn users_last_pushes(settings: Settings) {
+    let server = server::start(with_receipts(settings)).await;
+    let http = server.http_addr;
+    let mut notifications: Vec<Value> = (0..25)
+        .map(|i| json!({"user": 5, "data": {}, "id": format!("u{i}"), "receipt": true}))
+        .collect();
+    notifications.push(json!({"users": [5, 6], "data": {}, "id": "both", "receipt": true}));
+    notifications.push(json!({"user": 7, "data": {}, "id": "untracked"}));
+    let body = json!({ "notifications": notifications });
+    assert_eq!(post_json(http, "/v1/push", &body).await.status, 200);
+    outcome_until(http, "both", |_| true).await;
+    let listed = |user: u32| async move {
+        let reply = get(http, &format!("/v1/users/{user}/pushes")).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        let body = reply.json();
+        assert_eq!(body["user"], user.to_string());
+        body["pushes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o["id"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    let five = listed(5).await;
+    let mut want = vec!["both".to_string()];
+    want.extend((6..25).rev().map(|i| format!("u{i}")));
+    assert_eq!(five, want);
+    assert_eq!(listed(6).await, ["both"]);
+    assert!(listed(7).await.is_empty());
+    let newest = get(http, "/v1/users/6/pushes").await.json();
+    assert!(newest["pushes"][0]["mqtt"].is_array(), "{newest}");
+    assert_eq!(get(http, "/v1/users/a+b/pushes").await.status, 400);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn users_last_pushes_404_when_receipts_are_off() {
+    let server = server::start(server::settings(None)).await;
+    let reply = get(server.http_addr, "/v1/users/5/pushes").await;
+    assert_eq!(reply.status, 404);
+    assert!(
+        reply.text().contains("receipts.enabled"),
+        "{}",
+        reply.text()
+    );
+    server.stop().await;
+}

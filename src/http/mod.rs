@@ -141,6 +141,7 @@ fn routes(state: HttpState) -> Router {
             get(users::get).put(users::put).delete(users::delete),
         )
         .route("/v1/users/{id}/presence", get(users::presence))
+        .route("/v1/users/{id}/pushes", get(users::pushes))
         .route("/v1/pushes/{id}", get(receipts::get))
         .route(
             "/v1/groups/{gid}/ios-members/{uid}",

@@ -131,3 +131,22 @@ pub(super) async fn presence(
         "focus": focus,
     })))
 }
+
+/// The outcomes of the user's last pushes sent with `receipt: true`,
+/// newest first (at most `receipts::RECENT`, while receipts keep them).
+pub(super) async fn pushes(
+    State(state): State<HttpState>,
+    Path(uid): Path<String>,
+) -> Result<Json<serde_json::Value>, HttpError> {
+    let uid = id(&uid)?;
+    let receipts = &state.dispatcher.receipts;
+    if !receipts.enabled() {
+        return Err(HttpError::Missing(
+            "receipts are off (receipts.enabled = false)".into(),
+        ));
+    }
+    let pushes = receipts.recent(&uid).await?;
+    Ok(Json(
+        serde_json::json!({"user": uid.as_str(), "pushes": pushes}),
+    ))
+}

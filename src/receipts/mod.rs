@@ -25,7 +25,7 @@ use crate::redis_conn::RedisConn;
 use crate::settings::ReceiptsSettings;
 use crate::stats::Stats;
 
-pub use store::Store;
+pub use store::{Store, RECENT};
 pub use webhook::{signature, Webhook};
 
 #[derive(Debug, thiserror::Error)]
@@ -37,11 +37,13 @@ pub enum ReceiptsError {
 /// One change to a push's outcome.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
-    /// Routed: the MQTT topics, APNs users and unknown users it targets.
+    /// Routed: the MQTT topics, APNs users and unknown users it targets,
+    /// and every user it is for (listed by `GET /v1/users/{id}/pushes`).
     Routed {
         mqtt: Vec<String>,
         apns: Vec<Id>,
         unknown_users: Vec<Id>,
+        users: Box<[Id]>,
     },
     /// Written to this many sessions' queues on `topic`.
     MqttWritten { topic: String, sessions: usize },
@@ -77,6 +79,7 @@ impl Event {
                 mqtt,
                 apns,
                 unknown_users,
+                ..
             } => json!({"push": id, "at": at, "event": "routed", "mqtt": mqtt,
                 "apns": ids(apns), "unknown_users": ids(unknown_users)}),
             Event::MqttWritten { topic, sessions } => json!({"push": id, "at": at,
@@ -197,6 +200,15 @@ impl Receipts {
         match &self.0 {
             None => Ok(None),
             Some(inner) => inner.store.outcome(push, inner.ack_timeout_ms).await,
+        }
+    }
+
+    /// The outcomes of the last pushes (at most [`RECENT`]) for `user`,
+    /// newest first; empty when off or none is still kept.
+    pub async fn recent(&self, user: &Id) -> Result<Vec<Value>, ReceiptsError> {
+        match &self.0 {
+            None => Ok(Vec::new()),
+            Some(inner) => inner.store.recent(user, inner.ack_timeout_ms).await,
         }
     }
 }

@@ -5,6 +5,11 @@
 //! Fields: `routed_at`, `route` (JSON: topics, APNs users, unknown users);
 //! per topic `mqtt:<topic>:sessions`, `:written_at`, `:acks`, `:acked_at`;
 //! per user `apns:<user>` and `offline:<user>` (JSON with `state` and `at`).
+//!
+//! Each user a push is for also keeps the ids of its last [`RECENT`]
+//! pushes: in Redis a capped list (`LPUSH`, `LTRIM`, `EXPIRE`) at the
+//! push key with `{id}` = `user/<user>` (no push id has a `/`); in memory
+//! the records themselves say whom they are for.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -28,6 +33,8 @@ const BATCH: usize = 512;
 const RECORD_COST: usize = 200;
 const ID_COST: usize = 32;
 const FIELD_COST: usize = 48;
+/// How many of a user's last pushes are listed.
+pub const RECENT: usize = 20;
 
 /// One write to a push's hash.
 enum Op {
@@ -43,6 +50,7 @@ fn ops(event: &Event, at: u64) -> Vec<Op> {
             mqtt,
             apns,
             unknown_users,
+            ..
         } => vec![
             Op::Set("routed_at".into(), at.to_string()),
             Op::Set(
@@ -119,6 +127,8 @@ struct Record {
     topics: Vec<Topic>,
     apns: Vec<Id>,
     unknown: Vec<Id>,
+    /// Every user the push is for.
+    targets: Box<[Id]>,
     /// `apns:<user>` and `offline:<user>` with their JSON.
     users: Vec<(Box<str>, Box<str>)>,
     bytes: usize,
@@ -133,7 +143,13 @@ struct Topic {
 }
 
 impl Record {
-    fn new(at: u64, mqtt: Vec<String>, apns: Vec<Id>, unknown: Vec<Id>) -> Record {
+    fn new(
+        at: u64,
+        mqtt: Vec<String>,
+        apns: Vec<Id>,
+        unknown: Vec<Id>,
+        targets: Box<[Id]>,
+    ) -> Record {
         let topics = mqtt
             .into_iter()
             .map(|t| Topic {
@@ -150,6 +166,7 @@ impl Record {
             topics,
             apns,
             unknown,
+            targets,
             users: Vec::new(),
             bytes: 0,
         };
@@ -168,6 +185,7 @@ impl Record {
                 .sum::<usize>()
             + ids(&self.apns)
             + ids(&self.unknown)
+            + ids(&self.targets)
             + self
                 .users
                 .iter()
@@ -212,6 +230,7 @@ impl Record {
                 mqtt: self.topics.iter().map(|t| t.name.to_string()).collect(),
                 apns: self.apns.clone(),
                 unknown_users: self.unknown.clone(),
+                users: Box::default(),
             },
             self.routed_at,
         )
@@ -261,8 +280,9 @@ impl Memory {
                     mqtt,
                     apns,
                     unknown_users,
+                    users,
                 },
-            ) => Record::new(at, mqtt, apns, unknown_users),
+            ) => Record::new(at, mqtt, apns, unknown_users, users),
             (None, _) => return 0,
         };
         self.bytes += record.bytes;
@@ -297,6 +317,22 @@ impl Memory {
     fn fields(&self, push: &PushId, now: u64) -> Option<Vec<(String, String)>> {
         let r = self.records.get(push)?;
         (r.changed_ms + self.ttl_ms > now).then(|| r.fields())
+    }
+
+    /// The last [`RECENT`] live pushes for `user`, newest first: a scan of
+    /// the records, which `max_records` bounds.
+    fn recent(&self, user: &Id, now: u64) -> Vec<PushId> {
+        self.order
+            .iter()
+            .rev()
+            .filter(|id| {
+                self.records
+                    .get(*id)
+                    .is_some_and(|r| r.changed_ms + self.ttl_ms > now && r.targets.contains(user))
+            })
+            .take(RECENT)
+            .cloned()
+            .collect()
     }
 
     pub fn len(&self) -> usize {
@@ -408,12 +444,26 @@ impl Store {
             }
             Store::Redis {
                 conn,
-                key,
+                key: key_template,
                 ttl_secs,
             } => {
                 let mut cmds = Vec::with_capacity(batch.len() * 3);
                 for (push, at, event) in batch.drain(..) {
-                    let key = key.replace("{id}", &push.to_string());
+                    let key = key_template.replace("{id}", &push.to_string());
+                    if let Event::Routed { users, .. } = &event {
+                        for user in users {
+                            let list = user_key(key_template, user);
+                            cmds.push(redis::cmd("LPUSH").arg(&list).arg(push.to_string()).clone());
+                            cmds.push(
+                                redis::cmd("LTRIM")
+                                    .arg(&list)
+                                    .arg(0)
+                                    .arg(RECENT - 1)
+                                    .clone(),
+                            );
+                            cmds.push(redis::cmd("EXPIRE").arg(&list).arg(*ttl_secs).clone());
+                        }
+                    }
                     for op in ops(&event, at) {
                         cmds.push(match op {
                             Op::Set(f, v) => redis::cmd("HSET").arg(&key).arg(f).arg(v).clone(),
@@ -448,20 +498,71 @@ impl Store {
         push: &PushId,
         ack_timeout_ms: u64,
     ) -> Result<Option<Value>, ReceiptsError> {
-        let now = crate::utc::now_ms();
-        let fields: Vec<(String, String)> = match self {
-            Store::Memory(m) => match Store::memory(m).fields(push, now) {
-                Some(f) => f,
-                None => return Ok(None),
-            },
+        let mut found = self.outcomes(vec![push.clone()], ack_timeout_ms).await?;
+        Ok(found.pop())
+    }
+
+    /// The outcomes of the last [`RECENT`] pushes for `user` still kept,
+    /// newest first.
+    pub async fn recent(
+        &self,
+        user: &Id,
+        ack_timeout_ms: u64,
+    ) -> Result<Vec<Value>, ReceiptsError> {
+        let ids = match self {
+            Store::Memory(m) => Store::memory(m).recent(user, crate::utc::now_ms()),
             Store::Redis { conn, key, .. } => {
-                let key = key.replace("{id}", &push.to_string());
-                let cmd = redis::cmd("HGETALL").arg(key).clone();
-                let mut got = conn.each::<Vec<(String, String)>>(vec![cmd]).await?;
-                got.pop().expect("one answer")?
+                let cmd = redis::cmd("LRANGE")
+                    .arg(user_key(key, user))
+                    .arg(0)
+                    .arg(RECENT - 1)
+                    .clone();
+                let mut got = conn.each::<Vec<String>>(vec![cmd]).await?;
+                let ids = got.pop().expect("one answer")?;
+                ids.iter().filter_map(|id| PushId::given(id)).collect()
             }
         };
-        Ok((!fields.is_empty()).then(|| outcome(push, fields, now.saturating_sub(ack_timeout_ms))))
+        self.outcomes(ids, ack_timeout_ms).await
+    }
+
+    /// The outcomes of `pushes` that are known, in order (one Redis round trip).
+    async fn outcomes(
+        &self,
+        pushes: Vec<PushId>,
+        ack_timeout_ms: u64,
+    ) -> Result<Vec<Value>, ReceiptsError> {
+        if pushes.is_empty() {
+            return Ok(Vec::new()); // an empty pipeline would wait for nothing until its timeout
+        }
+        let now = crate::utc::now_ms();
+        let fields: Vec<Vec<(String, String)>> = match self {
+            Store::Memory(m) => {
+                let m = Store::memory(m);
+                pushes
+                    .iter()
+                    .map(|p| m.fields(p, now).unwrap_or_default())
+                    .collect()
+            }
+            Store::Redis { conn, key, .. } => {
+                let cmds = pushes
+                    .iter()
+                    .map(|p| {
+                        redis::cmd("HGETALL")
+                            .arg(key.replace("{id}", &p.to_string()))
+                            .clone()
+                    })
+                    .collect();
+                let got = conn.each::<Vec<(String, String)>>(cmds).await?;
+                got.into_iter().collect::<Result<_, _>>()?
+            }
+        };
+        let overdue = now.saturating_sub(ack_timeout_ms);
+        Ok(pushes
+            .iter()
+            .zip(fields)
+            .filter(|(_, f)| !f.is_empty())
+            .map(|(p, f)| outcome(p, f, overdue))
+            .collect())
     }
 
     /// The in-memory store's (records, bytes); `None` for Redis.
@@ -474,6 +575,11 @@ impl Store {
             Store::Redis { .. } => None,
         }
     }
+}
+
+/// The Redis list of `user`'s last pushes.
+fn user_key(template: &str, user: &Id) -> String {
+    template.replace("{id}", &format!("user/{user}"))
 }
 
 /// Fields → `{"id", "routed_at", "mqtt": [...], "apns": [...], "offline":
@@ -568,6 +674,7 @@ mod tests {
             mqtt: vec![format!("push/user/{n}")],
             apns: vec![],
             unknown_users: vec![Id::from(n as u64)],
+            users: Box::new([Id::from(n as u64 % 2)]),
         }
     }
 
@@ -590,6 +697,21 @@ mod tests {
         assert_eq!(m.apply((ids[0].clone(), 1000, late)), 0);
         assert!(m.fields(&ids[0], 1000).is_none());
         assert!(m.fields(&ids[2], 1000).is_some());
+    }
+
+    #[test]
+    fn a_users_recent_pushes_are_the_newest_live_ones_and_bounded() {
+        let mut m = memory(100, usize::MAX);
+        let ids: Vec<PushId> = (0..50).map(|_| PushId::generate()).collect();
+        for (i, id) in ids.iter().enumerate() {
+            m.apply((id.clone(), 1000 + i as u64, routed(i)));
+        }
+        // routed(i) is for user i % 2: the even pushes are user 0's.
+        let even: Vec<PushId> = ids.iter().step_by(2).rev().take(RECENT).cloned().collect();
+        assert_eq!(m.recent(&Id::from(0u64), 1050), even);
+        assert!(m.recent(&Id::from(7u64), 1050).is_empty());
+        // Expired records are not listed.
+        assert!(m.recent(&Id::from(0u64), 1_000_000).is_empty());
     }
 
     #[test]
@@ -633,6 +755,7 @@ mod tests {
                 mqtt: vec![topic.clone()],
                 apns: vec![],
                 unknown_users: vec![],
+                users: Box::default(),
             };
             m.apply((id.clone(), 1, routed));
             if let Some(sessions) = sessions {
@@ -672,6 +795,7 @@ mod tests {
                     mqtt: vec![topic.to_string()],
                     apns: vec![Id::from(2u64), Id::from(3u64)],
                     unknown_users: vec![Id::from(4u64)],
+                    users: Box::default(),
                 },
             ),
             (
