@@ -375,6 +375,14 @@ async fn a_second_instance_sharing_redis_answers() {
         .query(&mut conn)
         .unwrap();
     assert!(ttl > 0 && ttl <= 86_400, "TTL {ttl}");
+    // The user's last pushes: a list beside the hash, with the same TTL.
+    let listed = get(b.http_addr, "/v1/users/1/pushes").await.json();
+    assert_eq!(listed["pushes"][0]["id"], id.as_str());
+    let ttl: i64 = redis::cmd("TTL")
+        .arg("Receipt:user/1")
+        .query(&mut conn)
+        .unwrap();
+    assert!(ttl > 0 && ttl <= 86_400, "TTL {ttl}");
     acking.abort();
     a.stop().await;
     b.stop().await;
