@@ -19,7 +19,7 @@ use serde_json::json;
 use support::mosquitto::Mosquitto;
 use support::mqtt::Device;
 use support::proxy::Backend;
-use support::{server, wait_until};
+use support::{server, wait_for, wait_until};
 use tokio_util::sync::CancellationToken;
 
 fn settings(
@@ -307,15 +307,6 @@ async fn status_applications(group: &str) -> (u64, bool) {
         s.stop().await;
     }
     (na + nb, na < STATUSES && nb < STATUSES)
-}
-
-async fn wait_for(stats: &Arc<Stats>, cond: impl Fn(&Stats) -> bool) {
-    let stats = stats.clone();
-    wait_until(move || {
-        let ok = cond(&stats);
-        async move { ok }
-    })
-    .await;
 }
 
 /// A device that keeps reconnecting (persistent session) and records every

@@ -13,14 +13,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use pushbridge::settings::Settings;
-use pushbridge::stats::Stats;
 use rmpv::Value as Mp;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::json;
 use support::mosquitto::Mosquitto;
 use support::proxy::Backend;
 use support::redis::RedisServer;
-use support::{server, wait_until};
+use support::{server, wait_for, wait_until};
 
 fn settings(urls: Vec<String>, client_id: &str, redis: Option<&str>) -> Settings {
     let mut s = server::settings(redis);
@@ -30,15 +29,6 @@ fn settings(urls: Vec<String>, client_id: &str, redis: Option<&str>) -> Settings
     });
     s.mqtt.external_client_id = Some(client_id.into());
     s
-}
-
-async fn wait_for(stats: &Arc<Stats>, cond: impl Fn(&Stats) -> bool) {
-    let stats = stats.clone();
-    wait_until(move || {
-        let ok = cond(&stats);
-        async move { ok }
-    })
-    .await;
 }
 
 /// An app as the apps behave: a clean session to each broker in `brokers`,

@@ -10,23 +10,13 @@ mod support;
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
-use pushbridge::stats::Stats;
 use rmpv::Value as Mp;
 use rumqttc::{AsyncClient, Event, LastWill, Packet, QoS};
 use serde_json::json;
 use support::mqtt::Device;
 use support::proxy::Backend;
 use support::rabbitmq::RabbitCluster;
-use support::{server, wait_until};
-
-async fn wait_for(stats: &Arc<Stats>, cond: impl Fn(&Stats) -> bool) {
-    let stats = stats.clone();
-    wait_until(move || {
-        let ok = cond(&stats);
-        async move { ok }
-    })
-    .await;
-}
+use support::{server, wait_for, wait_until};
 
 #[tokio::test]
 async fn node_a_stops_while_pushes_flow_and_nothing_accepted_is_lost() {

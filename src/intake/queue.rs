@@ -45,7 +45,7 @@ struct Pace {
 
 const IDLE: u64 = u64::MAX;
 /// How often a held-back producer looks again without a batch ending.
-const RECHECK: Duration = Duration::from_millis(10);
+const RECHECK: Duration = Duration::from_millis(50);
 
 impl Pace {
     fn micros(&self, at: Instant) -> u64 {

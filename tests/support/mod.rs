@@ -21,6 +21,19 @@ pub const WAIT: Duration = Duration::from_secs(10);
 
 /// Polls `cond` (cheap local state: counters, registry reads) until it holds;
 /// panics after WAIT. For state with no event to wait on.
+/// Waits until `cond` holds for the server's counters.
+pub async fn wait_for(
+    stats: &std::sync::Arc<pushbridge::stats::Stats>,
+    cond: impl Fn(&pushbridge::stats::Stats) -> bool,
+) {
+    let stats = stats.clone();
+    wait_until(move || {
+        let ok = cond(&stats);
+        async move { ok }
+    })
+    .await;
+}
+
 pub async fn wait_until<F, Fut>(mut cond: F)
 where
     F: FnMut() -> Fut,
