@@ -176,20 +176,18 @@ async fn an_entry_stays_pending_until_it_can_be_delivered() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn a_dead_consumers_entries_are_claimed_and_delivered() {
-    let redis = RedisServer::start();
-    let mut raw = redis.conn();
+/// Creates the group and `n` entries for user 42, all read by consumer
+/// "dead", which will never acknowledge them.
+fn taken_by_dead_consumer(raw: &mut redis::Connection, n: usize) {
     let _: () = redis::cmd("XGROUP")
         .arg(&["CREATE", STREAM, GROUP, "0", "MKSTREAM"][..])
-        .query(&mut raw)
+        .query(raw)
         .unwrap();
-    for n in 0..50 {
+    for n in 0..n {
         let _: String = raw
             .xadd(STREAM, "*", &[("f", body(42, &json!({"n": n})))])
             .unwrap();
     }
-    // Consumer "dead" takes them all and never acknowledges: a crash.
     let taken: redis::streams::StreamReadReply = raw
         .xread_options(
             &[STREAM],
@@ -199,7 +197,15 @@ async fn a_dead_consumers_entries_are_claimed_and_delivered() {
                 .count(1000),
         )
         .unwrap();
-    assert_eq!(taken.keys[0].ids.len(), 50);
+    assert_eq!(taken.keys[0].ids.len(), n, "entries read by \"dead\"");
+}
+
+#[tokio::test]
+async fn a_dead_consumers_entries_are_claimed_and_delivered() {
+    let redis = RedisServer::start();
+    let mut raw = redis.conn();
+    // Consumer "dead" takes them all and never acknowledges: a crash.
+    taken_by_dead_consumer(&mut raw, 50);
     assert_eq!(pending(&mut raw), 50);
 
     let server = server::start(durable(&redis)).await;
@@ -487,22 +493,7 @@ fn consumers(conn: &mut redis::Connection) -> HashMap<String, i64> {
 async fn gone_consumers_leave_the_group_once_their_entries_are_claimed() {
     let redis = RedisServer::start();
     let mut raw = redis.conn();
-    let _: () = redis::cmd("XGROUP")
-        .arg(&["CREATE", STREAM, GROUP, "0", "MKSTREAM"][..])
-        .query(&mut raw)
-        .unwrap();
-    for n in 0..10 {
-        let _: String = raw
-            .xadd(STREAM, "*", &[("f", body(42, &json!({"n": n})))])
-            .unwrap();
-    }
-    let _: redis::streams::StreamReadReply = raw
-        .xread_options(
-            &[STREAM],
-            &[">"],
-            &redis::streams::StreamReadOptions::default().group(GROUP, "dead"),
-        )
-        .unwrap();
+    taken_by_dead_consumer(&mut raw, 10);
     let _: i64 = redis::cmd("XGROUP")
         .arg(&["CREATECONSUMER", STREAM, GROUP, "empty"][..])
         .query(&mut raw)
