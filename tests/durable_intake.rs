@@ -8,7 +8,7 @@ mod support;
 
 use std::collections::{BTreeSet, HashMap};
 
-use apns_server::{ApnsServer, Reply, TestCredentials};
+use apns_server::{ApnsServer, Reply};
 use pushbridge::push::{Id, UserRecord};
 use pushbridge::registry::UserStore;
 use pushbridge::settings::Settings;
@@ -260,13 +260,8 @@ async fn an_apns_entry_is_acked_only_when_apple_has_answered() {
     let redis = RedisServer::start();
     let mut settings = durable(&redis);
     let apple = ApnsServer::start().await;
-    let creds = TestCredentials::new();
-    let (key, _) = creds.p8("AuthKey_KEY1.p8");
     let app = "com.example.app";
-    settings.apns.config =
-        creds.config(&json!({app: {"key": key, "key_id": "KEY1", "team_id": "TEAM1"}}));
-    settings.apns.production_url = apple.url();
-    settings.apns.ca_file = Some(apple.ca_path());
+    let _creds = apple.serve_token_app(&mut settings, app);
     let server = server::start(settings).await;
     for (uid, token) in [("6", "aa06"), ("7", "bb07"), ("8", "cc08")] {
         let record = UserRecord {

@@ -8,7 +8,7 @@ mod support;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use apns_server::{ApnsServer, ServerOptions, TestCredentials};
+use apns_server::{ApnsServer, ServerOptions};
 use pushbridge::push::{Id, UserRecord};
 use pushbridge::registry::UserStore;
 use pushbridge::wire::client::json_to_msgpack;
@@ -63,12 +63,7 @@ async fn shutdown_during_a_flood_delivers_every_accepted_push() {
         ..Default::default()
     })
     .await;
-    let creds = TestCredentials::new();
-    let (key, _) = creds.p8("AuthKey_KEY1.p8");
-    settings.apns.config =
-        creds.config(&json!({APP: {"key": key, "key_id": "KEY1", "team_id": "TEAM1"}}));
-    settings.apns.production_url = apple.url();
-    settings.apns.ca_file = Some(apple.ca_path());
+    let _creds = apple.serve_token_app(&mut settings, APP);
     settings.apns.max_connections = 1;
     settings.apns.max_in_flight = 2;
     settings.mqtt.max_inflight = 1;

@@ -6,7 +6,7 @@
 mod apns_server;
 mod support;
 
-use apns_server::{ApnsServer, Reply, TestCredentials};
+use apns_server::{ApnsServer, Reply};
 use pushbridge::push::{Id, UserRecord};
 use pushbridge::registry::UserStore;
 use pushbridge::settings::Settings;
@@ -295,12 +295,7 @@ fn ios(token: &str) -> UserRecord {
 both_registries!(apns_outcomes_per_user, apns_outcomes);
 async fn apns_outcomes(mut settings: Settings) {
     let apple = ApnsServer::start().await;
-    let creds = TestCredentials::new();
-    let (key, _) = creds.p8("AuthKey_KEY1.p8");
-    settings.apns.config =
-        creds.config(&json!({APP: {"key": key, "key_id": "KEY1", "team_id": "TEAM1"}}));
-    settings.apns.production_url = apple.url();
-    settings.apns.ca_file = Some(apple.ca_path());
+    let _creds = apple.serve_token_app(&mut settings, APP);
     settings.apns.retry_attempts = 1;
     let server = server::start(with_receipts(settings)).await;
     for (uid, token, reply) in [
@@ -442,13 +437,8 @@ async fn unacknowledged_pushes_time_out() {
 #[tokio::test]
 async fn ttl_reaches_every_channel() {
     let apple = ApnsServer::start().await;
-    let creds = TestCredentials::new();
-    let (key, _) = creds.p8("AuthKey_KEY1.p8");
     let mut settings = with_receipts(server::settings(None));
-    settings.apns.config =
-        creds.config(&json!({APP: {"key": key, "key_id": "KEY1", "team_id": "TEAM1"}}));
-    settings.apns.production_url = apple.url();
-    settings.apns.ca_file = Some(apple.ca_path());
+    let _creds = apple.serve_token_app(&mut settings, APP);
     let server = server::start(settings).await;
     let http = server.http_addr;
 

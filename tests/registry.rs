@@ -135,13 +135,7 @@ async fn redis_cluster_registry() {
     for (id, rec) in ids.iter().zip(got) {
         assert_eq!(rec, Some(ios(&format!("t{id}"))));
     }
-    for port in &cluster.ports {
-        let mut node = redis::Client::open(format!("redis://127.0.0.1:{port}/"))
-            .and_then(|c| c.get_connection())
-            .unwrap();
-        let keys: u64 = redis::cmd("DBSIZE").query(&mut node).unwrap();
-        assert!(keys > 0, "node {port} holds none of the users");
-    }
+    assert_every_node_holds_users(&cluster.ports);
     let token: String = cluster.conn().hget("User:100", "app_token").unwrap();
     assert_eq!(token, "t100");
     let r = Registry::open(&RegistrySettings {
@@ -244,13 +238,7 @@ async fn redis_over_tls() {
     for id in (100..160).map(Id::from) {
         r.put_user(&id, &ios("t")).await.unwrap();
     }
-    for port in &cluster.ports {
-        let mut node = redis::Client::open(format!("redis://127.0.0.1:{port}/"))
-            .and_then(|c| c.get_connection())
-            .unwrap();
-        let keys: u64 = redis::cmd("DBSIZE").query(&mut node).unwrap();
-        assert!(keys > 0, "node {port} holds none of the users");
-    }
+    assert_every_node_holds_users(&cluster.ports);
 }
 
 #[tokio::test]
@@ -342,4 +330,15 @@ async fn unreachable_redis_is_a_clear_error() {
         .err()
         .expect("nothing listens there");
     assert!(err.to_string().contains(&url), "{err}");
+}
+
+/// Keys are spread over the masters: each of `ports` holds some.
+fn assert_every_node_holds_users(ports: &[u16]) {
+    for port in ports {
+        let mut node = redis::Client::open(format!("redis://127.0.0.1:{port}/"))
+            .and_then(|c| c.get_connection())
+            .unwrap();
+        let keys: u64 = redis::cmd("DBSIZE").query(&mut node).unwrap();
+        assert!(keys > 0, "node {port} holds none of the users");
+    }
 }

@@ -522,7 +522,9 @@ impl Conn {
             max: self.client_max,
             inner: &self.inner,
         };
-        let now = Instant::now();
+        // Read once, and only when something is written.
+        let mut clock = None;
+        let mut now = || *clock.get_or_insert_with(Instant::now);
         let mut i = 0;
         while i < st.inflight.len() && enc.wbuf.len() < WRITE_HIGH {
             let m = &mut st.inflight[i];
@@ -533,7 +535,7 @@ impl Conn {
                 st.inflight.remove(i);
             } else if enc.publish(&m.msg, m.pkid, true) {
                 m.sent = true;
-                m.msg.at = now;
+                m.msg.at = now();
                 i += 1;
             } else {
                 st.inflight.remove(i);
@@ -551,9 +553,9 @@ impl Conn {
             };
             if first {
                 first = false;
-                self.inner.stats.stages.session.observe(now - msg.at);
+                self.inner.stats.stages.session.observe(now() - msg.at);
             }
-            msg.at = now;
+            msg.at = now();
             if !readable(&msg.topic) {
                 self.inner.stats.mqtt_denied.inc();
                 continue;

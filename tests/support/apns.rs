@@ -225,6 +225,22 @@ impl ApnsServer {
     }
 
     /// `https://localhost:PORT`, for `apns.production_url`/`sandbox_url`.
+    /// Points `settings` at this server as Apple for `app`, with token
+    /// (p8) credentials; the credentials' files live as long as the result.
+    pub fn serve_token_app(
+        &self,
+        settings: &mut pushbridge::settings::Settings,
+        app: &str,
+    ) -> TestCredentials {
+        let creds = TestCredentials::new();
+        let (key, _) = creds.p8("AuthKey_KEY1.p8");
+        settings.apns.config = creds
+            .config(&serde_json::json!({app: {"key": key, "key_id": "KEY1", "team_id": "TEAM1"}}));
+        settings.apns.production_url = self.url();
+        settings.apns.ca_file = Some(self.ca_path());
+        creds
+    }
+
     pub fn url(&self) -> String {
         format!("https://localhost:{}", self.addr.port())
     }
