@@ -10,6 +10,7 @@
 //! boolean test. Once stored, the changes also go to the `webhook` when
 //! one is set.
 
+mod memory;
 mod store;
 mod webhook;
 
@@ -40,13 +41,13 @@ pub enum Event {
     /// Routed: the MQTT topics, APNs users and unknown users it targets,
     /// and every user it is for (listed by `GET /v1/users/{id}/pushes`).
     Routed {
-        mqtt: Vec<String>,
+        mqtt: Box<[Arc<str>]>,
         apns: Vec<Id>,
         unknown_users: Vec<Id>,
         users: Box<[Id]>,
     },
     /// Written to this many sessions' queues on `topic`.
-    MqttWritten { topic: String, sessions: usize },
+    MqttWritten { topic: Arc<str>, sessions: usize },
     /// A device acknowledged it on `topic` (QoS 1 PUBACK).
     MqttAcked {
         topic: Arc<str>,
@@ -80,10 +81,11 @@ impl Event {
                 apns,
                 unknown_users,
                 ..
-            } => json!({"push": id, "at": at, "event": "routed", "mqtt": mqtt,
+            } => json!({"push": id, "at": at, "event": "routed",
+                "mqtt": mqtt.iter().map(|t| &**t).collect::<Vec<_>>(),
                 "apns": ids(apns), "unknown_users": ids(unknown_users)}),
             Event::MqttWritten { topic, sessions } => json!({"push": id, "at": at,
-                "event": "mqtt_written", "topic": topic, "sessions": sessions}),
+                "event": "mqtt_written", "topic": &**topic, "sessions": sessions}),
             Event::MqttAcked { topic, client_id } => json!({"push": id, "at": at,
                 "event": "mqtt_acked", "topic": &**topic, "client_id": &**client_id}),
             Event::OfflineKept { user } => json!({"push": id, "at": at,
