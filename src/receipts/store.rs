@@ -1,5 +1,5 @@
 //! Where outcomes are kept: a hash of fields per push, in Redis (`HSET`,
-//! `HINCRBY`, `EXPIRE` after every change) or in memory (`memory`), typed,
+//! `HINCRBY`, then one `EXPIRE` per push in each batch of changes) or in memory (`memory`), typed,
 //! rendered as the same fields when asked.
 //!
 //! Fields: `routed_at`, `route` (JSON: topics, APNs users, unknown users);
@@ -222,6 +222,8 @@ impl Store {
                 ttl_secs,
             } => {
                 let mut cmds = Vec::with_capacity(batch.len() * 3);
+                // A push's changes mostly come in the same batch: one EXPIRE each.
+                let mut touched = std::collections::HashSet::new();
                 for (push, at, event) in batch.drain(..) {
                     let key = key_template.replace("{id}", &push.to_string());
                     if let Event::Routed { users, .. } = &event {
@@ -244,7 +246,10 @@ impl Store {
                             Op::Incr(f) => redis::cmd("HINCRBY").arg(&key).arg(f).arg(1).clone(),
                         });
                     }
-                    cmds.push(redis::cmd("EXPIRE").arg(&key).arg(*ttl_secs).clone());
+                    touched.insert(key);
+                }
+                for key in touched {
+                    cmds.push(redis::cmd("EXPIRE").arg(key).arg(*ttl_secs).clone());
                 }
                 match conn.each::<RedisValue>(cmds).await {
                     Ok(results) if results.iter().all(Result::is_ok) => {
