@@ -2,6 +2,7 @@
 //! bytes and allocations), and devices on plain blocking sockets, which
 //! allocate nothing on the heap, so what is counted is the server's.
 //! Included with `#[path]` by a test file that installs the allocator.
+#![allow(dead_code)]
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::io::{Read, Write};
