@@ -29,6 +29,8 @@ use tracing::warn;
 
 /// Changes applied together: one Redis round trip.
 const BATCH: usize = 512;
+/// How long the writer lets a batch gather once a change has come.
+const GATHER: std::time::Duration = std::time::Duration::from_millis(1);
 /// How many of a user's last pushes are listed.
 pub const RECENT: usize = 20;
 
@@ -141,8 +143,9 @@ impl Store {
         m.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The writer: applies changes in batches until `stop`, then what is
-    /// still queued; each batch, once stored, goes to `webhook`.
+    /// The writer: applies changes in batches (gathered for up to
+    /// [`GATHER`]) until `stop`, then what is still queued; each batch,
+    /// once stored, goes to `webhook`.
     pub(super) async fn write(
         self,
         mut rx: mpsc::Receiver<Change>,
@@ -164,6 +167,17 @@ impl Store {
             };
             if n == 0 {
                 return;
+            }
+            if batch.len() < BATCH {
+                // Under load, one pass a millisecond rather than one per change.
+                tokio::select! {
+                    _ = tokio::time::sleep(GATHER) => {}
+                    _ = stop.cancelled() => {}
+                }
+                while batch.len() < BATCH {
+                    let Ok(change) = rx.try_recv() else { break };
+                    batch.push(change);
+                }
             }
             self.apply(&mut batch, &outlets, &stats).await;
         }
