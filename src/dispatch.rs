@@ -274,7 +274,7 @@ impl Dispatcher {
                 self.stats.mqtt_published.inc();
                 self.stats.mqtt_written.add(reached as u64);
                 sessions.push(reached);
-                if let Some(topic) = tracked.get(i) {
+                if let Some(topic) = tracked.as_ref().and_then(|t| t.get(i)) {
                     let written = Event::MqttWritten {
                         topic: topic.clone(),
                         sessions: reached,
@@ -382,13 +382,13 @@ impl Dispatcher {
         push: &Push,
         routing: &router::Routing,
         users: &[(Id, Option<&UserRecord>)],
-    ) -> (Option<Arc<Meta>>, Box<[Arc<str>]>) {
+    ) -> (Option<Arc<Meta>>, Option<Arc<[Arc<str>]>>) {
         if !push.receipt && push.ttl.is_none() {
-            return (None, Box::default());
+            return (None, None);
         }
         let (tag, tracked) = match push.receipt && self.receipts.enabled() {
             true => {
-                let topics: Box<[Arc<str>]> = routing
+                let topics: Arc<[Arc<str>]> = routing
                     .mqtt_topics
                     .iter()
                     .map(|t| t.as_str().into())
@@ -400,9 +400,9 @@ impl Dispatcher {
                     users: users.iter().map(|(id, _)| id.clone()).collect(),
                 };
                 self.receipts.record(&push.id, routed);
-                (self.receipts.tag(&push.id), topics)
+                (self.receipts.tag(&push.id), Some(topics))
             }
-            false => (None, Box::default()),
+            false => (None, None),
         };
         let expires_ms = push.ttl.map(|t| crate::utc::now_ms() + u64::from(t) * 1000);
         let meta =

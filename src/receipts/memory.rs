@@ -38,8 +38,6 @@ struct Record {
     /// Every user the push is for (`GET /v1/users/{id}/pushes`).
     users: Box<[Id]>,
     more: Option<Box<More>>,
-    /// What the record counts against `receipts.max_bytes`.
-    bytes: usize,
 }
 
 #[derive(Default)]
@@ -87,21 +85,19 @@ impl Record {
                 states: Vec::new(),
             })
         });
-        let mut r = Box::new(Record {
+        Some(Box::new(Record {
             id,
             changed_ms: at,
             routed_at: at,
             topics,
             users,
             more,
-            bytes: 0,
-        });
-        r.bytes = r.cost();
-        Some(r)
+        }))
     }
 
-    /// About what the record holds on the heap: itself, its topics and ids
-    /// with their text, and its per-user states.
+    /// What the record counts against `receipts.max_bytes`: about what it
+    /// holds on the heap (itself, its topics and ids with their text, its
+    /// per-user states).
     fn cost(&self) -> usize {
         let ids = |v: &[Id]| {
             v.iter()
@@ -131,34 +127,32 @@ impl Record {
         self.topics.iter_mut().find(|t| &*t.name == name)
     }
 
-    /// Applies a change to the push; true if its size changed.
-    fn apply(&mut self, at: u64, event: &Event) -> bool {
+    /// Applies a change to the push (only APNs and offline states change
+    /// its cost).
+    fn apply(&mut self, at: u64, event: &Event) {
         self.changed_ms = at;
         match event {
-            Event::Routed { .. } => false,
+            Event::Routed { .. } => {}
             Event::MqttWritten { topic, sessions } => {
                 if let Some(t) = self.topic(topic) {
                     t.sessions = u32::try_from(*sessions).unwrap_or(u32::MAX);
                     t.written_at = at;
                 }
-                false
             }
             Event::MqttAcked { topic, .. } => {
                 if let Some(t) = self.topic(topic) {
                     (t.acks, t.acked_at) = (t.acks.saturating_add(1), at);
                 }
-                false
             }
             other => {
                 let Some((name, value)) = super::store::user_states(other, at) else {
-                    return false;
+                    return;
                 };
                 let states = &mut self.more.get_or_insert_with(Box::default).states;
                 match states.iter_mut().find(|(n, _)| **n == *name) {
                     Some((_, v)) => *v = value.into(),
                     None => states.push((name.into(), value.into())),
                 }
-                true
             }
         }
     }
@@ -226,10 +220,15 @@ impl Memory {
         match self.find(&push) {
             Some(i) => {
                 let r = &mut self.records[i];
-                if r.apply(at, &event) {
-                    let before = r.bytes;
-                    r.bytes = r.cost();
-                    self.bytes = self.bytes + r.bytes - before;
+                match event {
+                    Event::Routed { .. } | Event::MqttWritten { .. } | Event::MqttAcked { .. } => {
+                        r.apply(at, &event)
+                    }
+                    _ => {
+                        let before = r.cost();
+                        r.apply(at, &event);
+                        self.bytes = self.bytes + r.cost() - before;
+                    }
                 }
             }
             None => {
@@ -237,7 +236,7 @@ impl Memory {
                 let Some(record) = Record::new(push, at, event) else {
                     return 0;
                 };
-                self.bytes += record.bytes;
+                self.bytes += record.cost();
                 let seq = self.first + self.records.len() as u64;
                 self.records.push_back(record);
                 let (records, first, hasher) = (&self.records, self.first, &self.hasher);
@@ -275,7 +274,7 @@ impl Memory {
             entry.remove();
         }
         self.first += 1;
-        self.bytes -= oldest.bytes;
+        self.bytes -= oldest.cost();
     }
 
     pub fn fields(&self, push: &PushId, now: u64) -> Option<Vec<(String, String)>> {
@@ -315,7 +314,7 @@ mod tests {
 
     fn routed(n: usize) -> Event {
         Event::Routed {
-            mqtt: Box::new([format!("push/user/{n}").into()]),
+            mqtt: Arc::new([format!("push/user/{n}").into()]),
             apns: vec![],
             unknown_users: vec![Id::from(n as u64)],
             users: Box::new([Id::from(n as u64 % 2)]),

@@ -462,7 +462,7 @@ mod tests {
             let id = PushId::generate();
             let topic = "push/user/1".to_string();
             let routed = Event::Routed {
-                mqtt: Box::new([topic.as_str().into()]),
+                mqtt: Arc::new([topic.as_str().into()]),
                 apns: vec![],
                 unknown_users: vec![],
                 users: Box::default(),
@@ -502,7 +502,7 @@ mod tests {
             (
                 1,
                 Event::Routed {
-                    mqtt: Box::new([topic.clone()]),
+                    mqtt: Arc::new([topic.clone()]),
                     apns: vec![Id::from(2u64), Id::from(3u64)],
                     unknown_users: vec![Id::from(4u64)],
                     users: Box::default(),
