@@ -11,13 +11,13 @@
 //! one is set.
 
 mod memory;
+mod queue;
 mod store;
 mod webhook;
 
 use std::sync::Arc;
 
 use serde_json::{json, Value};
-use tokio::sync::mpsc;
 use tracing::warn;
 
 use crate::lifecycle::Phase;
@@ -129,7 +129,7 @@ pub(crate) struct Outlets {
 pub struct Receipts(Option<Arc<Inner>>);
 
 struct Inner {
-    queue: mpsc::Sender<Change>,
+    queue: Arc<queue::Queue>,
     store: Store,
     stats: Arc<Stats>,
     ack_timeout_ms: u64,
@@ -148,7 +148,7 @@ impl Receipts {
             return Receipts(None);
         }
         let store = Store::new(settings, redis);
-        let (tx, rx) = mpsc::channel(settings.queue);
+        let queue = Arc::new(queue::Queue::new(settings.queue));
         let webhook = settings.webhook_url.as_ref().map(|url| {
             let hook = Webhook::new(settings.webhook_queue, stats.clone());
             let secret = settings.webhook_secret.clone().unwrap_or_default();
@@ -164,10 +164,10 @@ impl Receipts {
         let outlets = Outlets { webhook, stream };
         let writer = store
             .clone()
-            .write(rx, outlets, stats.clone(), rest.token());
+            .write(queue.clone(), outlets, stats.clone(), rest.token());
         rest.spawn(writer);
         Receipts(Some(Arc::new(Inner {
-            queue: tx,
+            queue,
             store,
             stats,
             ack_timeout_ms: settings.ack_timeout_secs.saturating_mul(1000),
@@ -182,7 +182,7 @@ impl Receipts {
     pub fn record(&self, push: &PushId, event: Event) {
         let Some(inner) = &self.0 else { return };
         let change = (push.clone(), crate::utc::now_ms(), event);
-        if inner.queue.try_send(change).is_err() {
+        if !inner.queue.push(change) {
             inner.stats.receipts_dropped.inc();
         }
     }

@@ -16,10 +16,10 @@ use std::sync::{Arc, Mutex};
 
 use redis::Value as RedisValue;
 use serde_json::{json, Map, Value};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::memory::Memory;
+use super::queue::Queue;
 use super::{store_failed, Change, Event, Outlets, ReceiptsError};
 use crate::push::{Id, PushId};
 use crate::redis_conn::RedisConn;
@@ -148,38 +148,32 @@ impl Store {
     /// once stored, goes to `webhook`.
     pub(super) async fn write(
         self,
-        mut rx: mpsc::Receiver<Change>,
+        queue: Arc<Queue>,
         outlets: Outlets,
         stats: Arc<Stats>,
         stop: CancellationToken,
     ) {
         let mut batch = Vec::with_capacity(BATCH);
         loop {
-            let n = tokio::select! {
-                n = rx.recv_many(&mut batch, BATCH) => n,
-                _ = stop.cancelled() => {
-                    rx.close();
-                    while rx.recv_many(&mut batch, BATCH).await > 0 {
-                        self.apply(&mut batch, &outlets, &stats).await;
-                    }
-                    return;
-                }
+            let stopping = tokio::select! {
+                _ = queue.rung() => false,
+                _ = stop.cancelled() => true,
             };
-            if n == 0 {
-                return;
-            }
-            if batch.len() < BATCH {
+            if !stopping {
                 // Under load, one pass a millisecond rather than one per change.
                 tokio::select! {
                     _ = tokio::time::sleep(GATHER) => {}
                     _ = stop.cancelled() => {}
                 }
-                while batch.len() < BATCH {
-                    let Ok(change) = rx.try_recv() else { break };
-                    batch.push(change);
-                }
             }
-            self.apply(&mut batch, &outlets, &stats).await;
+            let mut taken = queue.take(stopping);
+            while !taken.is_empty() {
+                batch.extend(taken.drain(..taken.len().min(BATCH)));
+                self.apply(&mut batch, &outlets, &stats).await;
+            }
+            if stopping {
+                return;
+            }
         }
     }
 
