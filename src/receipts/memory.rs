@@ -28,8 +28,9 @@ pub struct Memory {
     ttl_ms: u64,
 }
 
-/// One push's outcome. Most pushes go to MQTT users only: what APNs and
-/// the offline store add is behind one pointer.
+/// One push's outcome. Most pushes go to MQTT users only (with a record
+/// or without: unknown): what APNs and the offline store add is behind
+/// one pointer.
 struct Record {
     id: PushId,
     changed_ms: u64,
@@ -37,13 +38,13 @@ struct Record {
     topics: Box<[Topic]>,
     /// Every user the push is for (`GET /v1/users/{id}/pushes`).
     users: Box<[Id]>,
+    unknown: Box<[Id]>,
     more: Option<Box<More>>,
 }
 
 #[derive(Default)]
 struct More {
     apns: Box<[Id]>,
-    unknown: Box<[Id]>,
     /// `apns:<user>` and `offline:<user>` with their JSON.
     states: Vec<(Box<str>, Box<str>)>,
 }
@@ -78,10 +79,9 @@ impl Record {
                 acks: 0,
             })
             .collect();
-        let more = (!apns.is_empty() || !unknown_users.is_empty()).then(|| {
+        let more = (!apns.is_empty()).then(|| {
             Box::new(More {
                 apns: apns.into(),
-                unknown: unknown_users.into(),
                 states: Vec::new(),
             })
         });
@@ -91,6 +91,7 @@ impl Record {
             routed_at: at,
             topics,
             users,
+            unknown: unknown_users.into(),
             more,
         }))
     }
@@ -107,7 +108,6 @@ impl Record {
         let more = self.more.as_ref().map_or(0, |m| {
             size_of::<More>()
                 + ids(&m.apns)
-                + ids(&m.unknown)
                 + m.states
                     .iter()
                     .map(|(n, v)| 2 * size_of::<Box<str>>() + n.len() + v.len())
@@ -120,6 +120,7 @@ impl Record {
                 .map(|t| size_of::<Topic>() + 16 + t.name.len())
                 .sum::<usize>()
             + ids(&self.users)
+            + ids(&self.unknown)
             + more
     }
 
@@ -160,16 +161,13 @@ impl Record {
     /// The fields the Redis hash would hold.
     fn fields(&self) -> Vec<(String, String)> {
         let none: &[Id] = &[];
-        let (apns, unknown) = self
-            .more
-            .as_ref()
-            .map_or((none, none), |m| (&m.apns[..], &m.unknown[..]));
+        let apns = self.more.as_ref().map_or(none, |m| &m.apns[..]);
         let topics: Vec<&str> = self.topics.iter().map(|t| &*t.name).collect();
         let mut f = vec![
             ("routed_at".to_owned(), self.routed_at.to_string()),
             (
                 "route".to_owned(),
-                super::store::route_json(&topics, apns, unknown),
+                super::store::route_json(&topics, apns, &self.unknown),
             ),
         ];
         for t in &self.topics {
