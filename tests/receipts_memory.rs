@@ -10,7 +10,7 @@ mod support;
 
 use std::net::TcpStream;
 
-use heap::{device, live, puback, read_publish, Counting};
+use heap::{by_size, device, grown_by_size, live, puback, read_publish, Counting};
 use pushbridge::stats::Stats;
 use rmpv::Value as Mp;
 use serde_json::json;
@@ -100,11 +100,13 @@ fn a_receipt_costs_little_heap_per_push() {
     let plain_allocs = live().1 - start.1;
     let plain_in_flight = live().0 - start.0;
 
+    let sizes0 = by_size();
     let start = live();
     let tracked_ids = push_each(&rt, &mut backend, &mut tracked, N, true);
     wait(&rt, &stats, recorded(300 + 2 * N as u64));
     let tracked_allocs = live().1 - start.1;
     let tracked_in_flight = live().0 - start.0;
+    let tracked_sizes = grown_by_size(&sizes0, &by_size(), N);
 
     let start = live().0;
     for (d, pkid) in plain.iter_mut().zip(plain_ids) {
@@ -129,6 +131,9 @@ fn a_receipt_costs_little_heap_per_push() {
          ({:.1} more allocations); {kept} bytes per receipt kept after the acknowledgement",
         plain_in_flight / n,
         (tracked_allocs - plain_allocs) as f64 / N as f64
+    );
+    println!(
+        "  live allocations per push with a receipt (its message too), by size: {tracked_sizes}"
     );
     assert_eq!(stats.receipts_dropped.get(), 0);
     assert!(

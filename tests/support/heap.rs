@@ -13,23 +13,33 @@ pub struct Counting;
 
 static LIVE_BYTES: AtomicIsize = AtomicIsize::new(0);
 static LIVE_ALLOCS: AtomicIsize = AtomicIsize::new(0);
+/// Live allocations by size (8-byte classes up to 4 KiB; the last holds the rest).
+static BY_SIZE: [AtomicIsize; 513] = [const { AtomicIsize::new(0) }; 513];
+
+fn class(size: usize) -> usize {
+    (size.div_ceil(8)).min(512)
+}
 
 // SAFETY: forwards to the system allocator; only counts.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         LIVE_BYTES.fetch_add(layout.size() as isize, Ordering::Relaxed);
         LIVE_ALLOCS.fetch_add(1, Ordering::Relaxed);
+        BY_SIZE[class(layout.size())].fetch_add(1, Ordering::Relaxed);
         unsafe { System.alloc(layout) }
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         LIVE_BYTES.fetch_sub(layout.size() as isize, Ordering::Relaxed);
         LIVE_ALLOCS.fetch_sub(1, Ordering::Relaxed);
+        BY_SIZE[class(layout.size())].fetch_sub(1, Ordering::Relaxed);
         unsafe { System.dealloc(ptr, layout) }
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new: usize) -> *mut u8 {
         LIVE_BYTES.fetch_add(new as isize - layout.size() as isize, Ordering::Relaxed);
+        BY_SIZE[class(layout.size())].fetch_sub(1, Ordering::Relaxed);
+        BY_SIZE[class(new)].fetch_add(1, Ordering::Relaxed);
         unsafe { System.realloc(ptr, layout, new) }
     }
 }
@@ -40,6 +50,25 @@ pub fn live() -> (isize, isize) {
         LIVE_BYTES.load(Ordering::SeqCst),
         LIVE_ALLOCS.load(Ordering::SeqCst),
     )
+}
+
+/// Live allocations per 8-byte size class now.
+pub fn by_size() -> Vec<isize> {
+    BY_SIZE.iter().map(|c| c.load(Ordering::SeqCst)).collect()
+}
+
+/// What grew between two [`by_size`] readings, per `n` items: `"<size>B
+/// x<count>"` for each class that grew by at least 0.05 an item.
+pub fn grown_by_size(before: &[isize], after: &[isize], n: usize) -> String {
+    let grown = after
+        .iter()
+        .zip(before)
+        .enumerate()
+        .filter_map(|(c, (a, b))| {
+            let per = (a - b) as f64 / n as f64;
+            (per >= 0.05).then(|| format!("{}B x{per:.2}", c * 8))
+        });
+    grown.collect::<Vec<_>>().join(", ")
 }
 
 /// CONNECT (3.1.1, clean session, keep-alive 300 s) as `<prefix>-<i>`, then
