@@ -16,7 +16,7 @@ use crate::offline::{Message, OfflineStore};
 use crate::publisher::MqttOut;
 use crate::push::Ack;
 use crate::push::{ApnsOptions, Id, Push, Target, UserRecord};
-use crate::receipts::{Event, Receipts};
+use crate::receipts::{Event, Receipts, Topics};
 use crate::registry::{Registry, RegistryError, UserStore};
 use crate::router;
 use crate::settings::Settings;
@@ -392,13 +392,13 @@ impl Dispatcher {
         push: &Push,
         routing: &router::Routing,
         users: &[(Id, Option<&UserRecord>)],
-    ) -> (Option<Arc<Meta>>, Option<Arc<[Arc<str>]>>) {
+    ) -> (Option<Arc<Meta>>, Option<Topics>) {
         if !push.receipt && push.ttl.is_none() {
             return (None, None);
         }
         let (tag, tracked) = match push.receipt && self.receipts.enabled() {
             true => {
-                let topics: Arc<[Arc<str>]> = routing
+                let topics: Topics = routing
                     .mqtt_topics
                     .iter()
                     .map(|t| t.as_str().into())

@@ -35,13 +35,16 @@ pub enum ReceiptsError {
     Redis(#[from] redis::RedisError),
 }
 
+/// A tracked push's MQTT topics, shared by the changes recorded for it.
+pub type Topics = Arc<[Arc<str>]>;
+
 /// One change to a push's outcome.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     /// Routed: the MQTT topics, APNs users and unknown users it targets,
     /// and every user it is for (listed by `GET /v1/users/{id}/pushes`).
     Routed {
-        mqtt: Arc<[Arc<str>]>,
+        mqtt: Topics,
         apns: Vec<Id>,
         unknown_users: Vec<Id>,
         users: Box<[Id]>,
