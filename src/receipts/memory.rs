@@ -14,6 +14,9 @@ use hashbrown::HashTable;
 use super::{Change, Event};
 use crate::push::{Id, PushId};
 
+/// An `Arc`'s two counts, before its text.
+const ARC_COUNTS: usize = 16;
+
 /// The in-memory records.
 pub struct Memory {
     /// Oldest first; `first` is the sequence number of `records[0]`.
@@ -117,7 +120,7 @@ impl Record {
             + self
                 .topics
                 .iter()
-                .map(|t| size_of::<Topic>() + 16 + t.name.len())
+                .map(|t| size_of::<Topic>() + ARC_COUNTS + t.name.len())
                 .sum::<usize>()
             + ids(&self.users)
             + ids(&self.unknown)

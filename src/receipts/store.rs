@@ -1,6 +1,6 @@
 //! Where outcomes are kept: a hash of fields per push, in Redis (`HSET`,
-//! `HINCRBY`, then one `EXPIRE` per push in each batch of changes) or in memory (`memory`), typed,
-//! rendered as the same fields when asked.
+//! `HINCRBY`, then one `EXPIRE` per push in each batch of changes) or in
+//! memory (`memory`), typed, rendered as the same fields when asked.
 //!
 //! Fields: `routed_at`, `route` (JSON: topics, APNs users, unknown users);
 //! per topic `mqtt:<topic>:sessions`, `:written_at`, `:acks`, `:acked_at`;
