@@ -265,10 +265,7 @@ fn days_left(app: &LoadedApp, now: i64) -> Option<i64> {
 }
 
 pub(super) fn env_name(env: Environment) -> &'static str {
-    match env {
-        Environment::Sandbox => "sandbox",
-        Environment::Production => "production",
-    }
+    env.name()
 }
 
 /// A Prometheus label value: backslash, quote and newline escaped.

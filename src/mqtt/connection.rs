@@ -27,6 +27,8 @@ use super::session::{Inflight, Msg, Session, SessionTable};
 use super::transport::{Stream, Transport, FINAL_WRITE};
 use super::{BrokerEvent, Inner};
 use crate::auth::Identity;
+use crate::receipts::{Device, Notice};
+use crate::settings::EventKind;
 
 /// Stop producing output (and reading input) while this much waits for the socket.
 const WRITE_HIGH: usize = 64 * 1024;
@@ -61,6 +63,22 @@ enum End {
 }
 
 impl End {
+    /// The `reason` of a `device.disconnected` event, and the error's text.
+    fn describe(&self) -> (&'static str, Option<String>) {
+        match self {
+            End::Shutdown => ("shutdown", None),
+            End::KeepAlive => ("keepalive_timeout", None),
+            End::PacketTimeout => ("packet_timeout", None),
+            End::Disconnect { .. } => ("disconnect", None),
+            End::Closed => ("closed", None),
+            End::TakenOver => ("taken_over", None),
+            End::TokenExpired => ("token_expired", None),
+            End::Io(e) => ("error", Some(format!("io: {e}"))),
+            End::Malformed(e) => ("error", Some(format!("malformed packet: {e}"))),
+            End::Protocol(e) => ("error", Some(format!("protocol error: {e}"))),
+        }
+    }
+
     fn sends_will(&self) -> bool {
         !matches!(self, End::Shutdown | End::Disconnect { will: false })
     }
@@ -94,7 +112,7 @@ pub(super) async fn run(
     }
     let conn = inner.next_conn.fetch_add(1, Ordering::Relaxed);
     let span = tracing::info_span!("mqtt", %peer, conn, client_id = tracing::field::Empty);
-    handle(inner.clone(), tcp, transport, conn, peer.ip(), shutdown)
+    handle(inner.clone(), tcp, transport, conn, peer, shutdown)
         .instrument(span)
         .await;
     inner.ip_leave(peer.ip());
@@ -106,7 +124,7 @@ async fn handle(
     tcp: TcpStream,
     transport: Transport,
     conn: u64,
-    peer: IpAddr,
+    peer: SocketAddr,
     shutdown: CancellationToken,
 ) {
     let limit = Duration::from_secs(inner.settings.connect_timeout_secs);
@@ -124,10 +142,37 @@ async fn handle(
     else {
         return;
     };
-    let mut c = Conn::new(inner, conn, peer, connected);
+    let mut c = Conn::new(inner, conn, peer.ip(), connected);
+    c.device = announce(&c, peer, &transport);
     let wake = c.wake.clone();
     let end = c.run(&wake).await;
     Box::pin(c.finish(end)).await;
+}
+
+/// Sends `device.connected` when wanted; returns what `device.disconnected`
+/// will say, when that is wanted (nothing is kept otherwise).
+fn announce(c: &Conn, peer: SocketAddr, transport: &Transport) -> Option<Box<Device>> {
+    let notices = &c.inner.notices;
+    let connected = notices.wants(EventKind::DeviceConnected);
+    let disconnected = notices.wants(EventKind::DeviceDisconnected);
+    if !connected && !disconnected {
+        return None;
+    }
+    let device = Device {
+        client_id: c.client_id.clone(),
+        users: c.inner.presence().users(c.conn),
+        protocol: match c.proto {
+            Proto::V4 => 4,
+            Proto::V5 => 5,
+        },
+        peer,
+        transport: transport.name(),
+        connected_at: crate::utc::now_ms(),
+    };
+    if connected {
+        notices.send(Notice::Connected(device.clone()));
+    }
+    disconnected.then(|| Box::new(device))
 }
 
 /// A connected client.
@@ -160,6 +205,8 @@ struct Conn {
     recheck: bool,
     /// When the token runs out; the connection is closed then.
     expires: Option<Instant>,
+    /// What `device.disconnected` says, when it is sent.
+    device: Option<Box<Device>>,
 }
 
 impl Conn {
@@ -183,6 +230,7 @@ impl Conn {
             identity: c.identity,
             recheck: c.recheck,
             expires: c.expires,
+            device: None,
         }
     }
 }
@@ -625,7 +673,18 @@ impl Conn {
             self.inner.own(&self.session, &ip, false);
         }
         self.inner.stats.mqtt_connections.down();
-        self.inner.presence().disconnect(self.conn);
+        let users = self.inner.presence().disconnect(self.conn);
+        if let Some(mut device) = self.device.take() {
+            device.users = users;
+            let (reason, error) = end.describe();
+            let device = *device;
+            let notice = Notice::Disconnected {
+                device,
+                reason,
+                error,
+            };
+            self.inner.notices.send(notice);
+        }
         if let Some(w) = self.will.take().filter(|_| end.sends_will()).map(|w| *w) {
             let valid = !w.topic.is_empty() && !w.topic.contains(['+', '#']);
             let allowed = valid

@@ -198,6 +198,8 @@ counters! {
     webhook_failed,
     /// Webhook: events dropped unsent: the queue (receipts.webhook_queue) was full, or the server stopped.
     webhook_dropped,
+    /// Device and token events (receipts.events) dropped before the webhook and stream: their queue of 4096 was full.
+    events_dropped,
 }
 
 #[cfg(test)]
