@@ -24,11 +24,11 @@ pub mod receipts;
 pub mod redis_conn;
 pub mod registry;
 pub mod router;
-pub mod tls_client;
 mod server;
 pub mod settings;
 pub mod stats;
 pub mod status;
+pub mod tls_client;
 pub mod utc;
 pub mod wire;
 

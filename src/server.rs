@@ -67,8 +67,7 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
     };
     let outlets = Outlets::start(&settings.receipts, redis.as_ref(), &stats, &life.rest)?;
     let notices = Notices::start(&settings.receipts, &outlets, stats.clone(), &life.rest);
-    let (broker, events) =
-        Broker::with_auth(&settings.mqtt, auth, stats.clone(), notices.clone());
+    let (broker, events) = Broker::with_auth(&settings.mqtt, auth, stats.clone(), notices.clone());
     let offline = OfflineStore::new(&registry, &settings.registry, &settings.offline);
     let (out, events, mqtt_addrs) = match &settings.mqtt.external_url {
         None => {

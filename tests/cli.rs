@@ -153,7 +153,18 @@ fn send_reports_refusals_and_bad_arguments() {
 #[test]
 fn bad_settings_name_the_key() {
     let dir = tempfile::tempdir().unwrap();
+    let not_pem = dir.path().join("hook-ca.pem");
+    std::fs::write(&not_pem, "not a certificate").unwrap();
+    let https_hook = format!(
+        "[receipts]\nwebhook_url = \"https://h/x\"\nwebhook_secret = \"s\"\nwebhook_ca_file = \"{}\"\n",
+        not_pem.display()
+    );
     for (extra, key) in [
+        (https_hook.as_str(), "receipts.webhook_ca_file"),
+        (
+            "[receipts]\nevents = [\"device.gone\"]\n",
+            "receipts.events",
+        ),
         ("[mqtt]\nprefx = \"x\"\n", "prefx"),
         ("[proxy]\nmax_frame = \"big\"\n", "max_frame"),
         ("[mqtt]\nwss_listen = \"127.0.0.1:0\"\n", "mqtt.wss_listen"),

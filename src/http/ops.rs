@@ -180,6 +180,11 @@ pub(super) async fn metrics(State(state): State<HttpState>) -> impl IntoResponse
             "Notifications waiting in the APNs sender's queue.",
             dispatcher.apns.queued() as u64,
         ),
+        (
+            "webhook_queued",
+            "Events waiting for the webhook (at most receipts.webhook_queue).",
+            state.stats.webhook_queued.now(),
+        ),
     ];
     for (name, help, value) in gauges {
         let _ = writeln!(out, "# HELP pushbridge_{name} {help}");

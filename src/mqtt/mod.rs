@@ -256,7 +256,12 @@ impl Broker {
         settings: &MqttSettings,
         stats: Arc<Stats>,
     ) -> (Broker, mpsc::Receiver<BrokerEvent>) {
-        Self::with_auth(settings, Auth::open(&settings.prefix), stats, Notices::default())
+        Self::with_auth(
+            settings,
+            Auth::open(&settings.prefix),
+            stats,
+            Notices::default(),
+        )
     }
 
     /// A broker that authenticates every CONNECT and applies the ACL, and

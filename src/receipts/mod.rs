@@ -115,6 +115,11 @@ impl Event {
     }
 }
 
+/// Lower-case hex, as signatures and token hashes are written.
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 fn ids(ids: &[Id]) -> Vec<&str> {
     ids.iter().map(Id::as_str).collect()
 }

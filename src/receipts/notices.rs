@@ -103,10 +103,9 @@ impl Notice {
             }
             Notice::TokenDead(t) => {
                 let hash = ring::digest::digest(&ring::digest::SHA256, t.token.as_bytes());
-                let hex: String = hash.as_ref().iter().map(|b| format!("{b:02x}")).collect();
                 let tail = t.token.len().saturating_sub(8);
                 json!({"event": "token.dead", "at": at, "user": t.user.as_str(),
-                    "app": t.app, "env": t.env, "token_sha256": hex,
+                    "app": t.app, "env": t.env, "token_sha256": super::hex(hash.as_ref()),
                     "token_suffix": t.token.get(tail..).unwrap_or_default(),
                     "status": t.status, "reason": t.reason, "removed": t.removed,
                     "push": t.push.as_ref().map(ToString::to_string)})
@@ -229,8 +228,7 @@ mod tests {
         assert_eq!(e["event"], "token.dead");
         assert_eq!(e["token_suffix"], "991de8f0");
         let hash = ring::digest::digest(&ring::digest::SHA256, token.as_bytes());
-        let hex: String = hash.as_ref().iter().map(|b| format!("{b:02x}")).collect();
-        assert_eq!(e["token_sha256"], hex.as_str());
+        assert_eq!(e["token_sha256"], super::super::hex(hash.as_ref()));
         assert!(!e.to_string().contains(token), "{e}");
     }
 }

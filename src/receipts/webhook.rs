@@ -1,4 +1,5 @@
-//! The webhook: outcome changes POSTed in batches to `receipts.webhook_url`
+//! The webhook: events POSTed in batches to `receipts.webhook_url` (http,
+//! or https verified against the web roots or `receipts.webhook_ca_file`)
 //! as `{"events": [...]}`, signed, at least once: a batch leaves the queue
 //! only when the receiver answers 2xx; otherwise it is sent again after a
 //! backoff (100 ms doubling to 30 s). The queue is bounded
@@ -65,6 +66,7 @@ impl Webhook {
             q.events.drain(..over);
             self.stats.webhook_dropped.add(over as u64);
         }
+        self.stats.webhook_queued.set(q.events.len() as u64);
         drop(q);
         self.ready.notify_one();
     }
@@ -91,6 +93,7 @@ impl Webhook {
         while q.events.front().is_some_and(|(s, _)| *s <= last) {
             q.events.pop_front();
         }
+        self.stats.webhook_queued.set(q.events.len() as u64);
     }
 
     /// Sends until `stop`; what is queued then is lost (counted).
@@ -119,7 +122,8 @@ impl Webhook {
                     backoff = FIRST_BACKOFF;
                 }
                 Err(e) if stop.is_cancelled() => {
-                    let lost = self.lock().events.len() as u64;
+                    let lost = std::mem::take(&mut self.lock().events).len() as u64;
+                    self.stats.webhook_queued.set(0);
                     warn!(error = %e, lost, "webhook stopped; events not sent (webhook_dropped)");
                     self.stats.webhook_dropped.add(lost);
                     return;
@@ -151,9 +155,7 @@ pub fn signature(key: &ring::hmac::Key, timestamp: u64, body: &[u8]) -> String {
     let mut ctx = ring::hmac::Context::with_key(key);
     ctx.update(format!("{timestamp}.").as_bytes());
     ctx.update(body);
-    let tag = ctx.sign();
-    let hex: String = tag.as_ref().iter().map(|b| format!("{b:02x}")).collect();
-    format!("sha256={hex}")
+    format!("sha256={}", super::hex(ctx.sign().as_ref()))
 }
 
 /// Where a webhook POST goes: the URL's parts, and TLS for `https://`.
@@ -171,7 +173,10 @@ impl Target {
         let uri: http::Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
         let https = uri.scheme_str() == Some("https");
         let host = uri.host().ok_or_else(|| format!("{url}: no host"))?;
-        let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
         Ok(Target {
             url: url.to_owned(),
             port: uri.port_u16().unwrap_or(if https { 443 } else { 80 }),

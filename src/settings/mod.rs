@@ -248,7 +248,10 @@ impl Settings {
         }
         if let Some(url) = &r.webhook_url {
             let https = url.starts_with("https://");
-            let host = url.parse::<http::Uri>().ok().and_then(|u| u.host().map(str::len));
+            let host = url
+                .parse::<http::Uri>()
+                .ok()
+                .and_then(|u| u.host().map(str::len));
             if !(https || url.starts_with("http://")) || host.unwrap_or(0) == 0 {
                 return bad(
                     "receipts.webhook_url",
