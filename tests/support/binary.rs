@@ -89,6 +89,13 @@ impl Running {
         }
     }
 
+    /// SIGTERM, and how it exited.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.child.wait().unwrap()
+    }
+
     /// SIGKILL: no stop phases, nothing flushed.
     pub fn kill9(&mut self) {
         self.child.kill().unwrap();
