@@ -9,8 +9,9 @@
 //! renders and publishes them in batches, so a flood of connects costs at
 //! most the queue and the webhook's own bounded queue.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
@@ -133,6 +134,10 @@ struct Shared {
     queue: mpsc::Sender<(u64, Notice)>,
     kinds: Vec<EventKind>,
     stats: Arc<Stats>,
+    /// Open connections, by the broker's connection number, for their
+    /// `device.disconnected` (kept here, not in each connection: off, a
+    /// connection carries nothing for it).
+    devices: Mutex<HashMap<u64, Device>>,
 }
 
 impl Notices {
@@ -159,12 +164,55 @@ impl Notices {
             queue: tx,
             kinds,
             stats,
+            devices: Mutex::default(),
         })))
     }
 
     /// Whether notices of `kind` are sent: ask before building one.
     pub fn wants(&self, kind: EventKind) -> bool {
         self.0.as_ref().is_some_and(|s| s.kinds.contains(&kind))
+    }
+
+    /// Connection `conn` was accepted: `device.connected` now, and what
+    /// `device.disconnected` will say kept until [`Notices::disconnected`].
+    /// `device` is only called when either is sent.
+    pub fn connected(&self, conn: u64, device: impl FnOnce() -> Device) {
+        let Some(shared) = &self.0 else { return };
+        let kinds = &shared.kinds;
+        let keep = kinds.contains(&EventKind::DeviceDisconnected);
+        if !keep && !kinds.contains(&EventKind::DeviceConnected) {
+            return;
+        }
+        let device = device();
+        if keep {
+            let mut devices = shared.devices.lock().unwrap_or_else(|e| e.into_inner());
+            devices.insert(conn, device.clone());
+        }
+        self.send(Notice::Connected(device));
+    }
+
+    /// Connection `conn` ended, belonging to `users` then; `why` gives the
+    /// reason and error text (see [`Notice::Disconnected`]), asked only
+    /// when the event is sent.
+    pub fn disconnected(
+        &self,
+        conn: u64,
+        users: Vec<Arc<str>>,
+        why: impl FnOnce() -> (&'static str, Option<String>),
+    ) {
+        let Some(shared) = &self.0 else { return };
+        let mut devices = shared.devices.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(mut device) = devices.remove(&conn) else {
+            return;
+        };
+        drop(devices);
+        device.users = users;
+        let (reason, error) = why();
+        self.send(Notice::Disconnected {
+            device,
+            reason,
+            error,
+        });
     }
 
     /// Queues `notice` (stamped now) without waiting, if its kind is sent.
