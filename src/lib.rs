@@ -28,6 +28,7 @@ mod server;
 pub mod settings;
 pub mod stats;
 pub mod status;
+pub mod tls_client;
 pub mod utc;
 pub mod wire;
 
@@ -57,6 +58,8 @@ pub enum Error {
     External(#[from] external::ExternalError),
     #[error(transparent)]
     Intake(#[from] intake::IntakeError),
+    #[error(transparent)]
+    Receipts(#[from] receipts::ReceiptsError),
 }
 
 /// The binary's entry: run until `shutdown` is cancelled.
@@ -85,7 +88,7 @@ pub fn config_warnings(settings: &Settings) -> Vec<String> {
     out
 }
 
-/// `pushbridge check-config`: the auth key and MQTT TLS files, then every
+/// `pushbridge check-config`: the auth key, TLS and CA files, then every
 /// APNs app's report or what is wrong with it.
 pub fn check_config(settings: &Settings) -> Result<Vec<apns::AppCheck>, Error> {
     Auth::new(&settings.auth, &settings.mqtt.prefix)?;
@@ -97,6 +100,10 @@ pub fn check_config(settings: &Settings) -> Result<Vec<apns::AppCheck>, Error> {
     }
     if let Some(ca) = &settings.registry.redis_ca_file {
         redis_conn::load_ca(ca).map_err(registry::RegistryError::Redis)?;
+    }
+    if let Some(ca) = &settings.receipts.webhook_ca_file {
+        let mut roots = rustls::RootCertStore::empty();
+        tls_client::add_ca_file(&mut roots, ca).map_err(receipts::ReceiptsError::from)?;
     }
     Ok(apns::check_config(&settings.apns)?)
 }

@@ -24,6 +24,14 @@ impl Environment {
             _ => Environment::Production,
         }
     }
+
+    /// `sandbox` or `production`, as APIs and events name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Environment::Sandbox => "sandbox",
+            Environment::Production => "production",
+        }
+    }
 }
 
 /// One notification for Apple.

@@ -18,7 +18,7 @@ use crate::lifecycle::Lifecycle;
 use crate::mqtt::{self, Broker};
 use crate::offline::{self, OfflineStore};
 use crate::publisher::MqttOut;
-use crate::receipts::Receipts;
+use crate::receipts::{Notices, Outlets, Receipts};
 use crate::registry::Registry;
 use crate::settings::{AuthMode, Settings};
 use crate::stats::{self, Stats};
@@ -61,7 +61,13 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
         .with_feedback_topic(settings.feedback_topic());
     warn_weak(&settings);
 
-    let (broker, events) = Broker::with_auth(&settings.mqtt, auth, stats.clone());
+    let redis = match &registry {
+        Registry::Redis(r) => Some(r.conn().clone()),
+        Registry::Memory(_) => None,
+    };
+    let outlets = Outlets::start(&settings.receipts, redis.as_ref(), &stats, &life.rest)?;
+    let notices = Notices::start(&settings.receipts, &outlets, stats.clone(), &life.rest);
+    let (broker, events) = Broker::with_auth(&settings.mqtt, auth, stats.clone(), notices.clone());
     let offline = OfflineStore::new(&registry, &settings.registry, &settings.offline);
     let (out, events, mqtt_addrs) = match &settings.mqtt.external_url {
         None => {
@@ -74,16 +80,19 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
         }
     };
     let feedback = apns::Feedback::new(out.clone(), settings.feedback_topic());
-    let redis = match &registry {
-        Registry::Redis(r) => Some(r.conn().clone()),
-        Registry::Memory(_) => None,
-    };
-    let receipts = Receipts::start(&settings.receipts, redis, stats.clone(), &life.rest);
+    let receipts = Receipts::start(
+        &settings.receipts,
+        redis,
+        &outlets,
+        stats.clone(),
+        &life.rest,
+    );
     let sinks = apns::Sinks {
         stats: stats.clone(),
         registry: registry.clone(),
         feedback,
         receipts: receipts.clone(),
+        notices,
     };
     let apns = ApnsSender::start(&settings.apns, sinks, &life.rest)?;
     life.rest

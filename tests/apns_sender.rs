@@ -64,6 +64,7 @@ impl Running {
             registry: registry.clone(),
             feedback: Feedback::new(broker, "push/feedback".into()),
             receipts: Default::default(),
+            notices: Default::default(),
         };
         let sender = ApnsSender::start(settings, sinks, &rest).expect("sender starts");
         Running {

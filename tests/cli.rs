@@ -8,18 +8,7 @@ mod support;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 
-const BIN: &str = env!("CARGO_BIN_EXE_pushbridge");
-
-fn settings_file(dir: &tempfile::TempDir, extra: &str) -> std::path::PathBuf {
-    let path = dir.path().join("setting.toml");
-    let text = format!(
-        "[proxy]\nlisten = \"127.0.0.1:0\"\n[mqtt]\nlisten = \"127.0.0.1:0\"\n\
-         [http]\nlisten = \"127.0.0.1:0\"\n[apns]\nconfig = \"{}\"\n{extra}",
-        dir.path().join("config.json").display()
-    );
-    std::fs::write(&path, text).unwrap();
-    path
-}
+use support::binary::{settings_file, Running as Server, BIN};
 
 /// A child process killed when the test ends, passing or not.
 struct Running(Child);
@@ -31,34 +20,11 @@ impl Drop for Running {
     }
 }
 
-/// Starts `pushbridge serve` and reads its start-up line for the bound ports.
-fn serve(config: &std::path::Path) -> (Running, String, String) {
-    let mut child = Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(config)
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let child = Running(child);
-    let started = lines
-        .by_ref()
-        .map(|l| l.unwrap())
-        .find(|l| l.contains("pushbridge started"))
-        .expect("start-up line");
-    std::thread::spawn(move || lines.for_each(drop));
-    let field = |name: &str| {
-        let start = started.find(&format!("{name}=")).expect(name) + name.len() + 1;
-        started[start..]
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .to_string()
-    };
-    (child, field("proxy"), field("mqtt"))
+/// `pushbridge serve` on free ports, and its proxy and MQTT addresses.
+fn serve(config: &std::path::Path) -> (Server, String, String) {
+    let server = Server::serve(config);
+    let (proxy, mqtt) = (server.addr("proxy"), server.addr("mqtt"));
+    (server, proxy.to_string(), mqtt.to_string())
 }
 
 /// `mosquitto_sub -d` for one QoS 1 message on `topic`, giving up after 30 s.
@@ -94,7 +60,7 @@ fn send(proxy: &str, args: &[&str]) -> std::process::Output {
 #[test]
 fn serve_send_and_a_standard_client_receives() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut server, proxy, mqtt) = serve(&settings_file(&dir, ""));
+    let (mut server, proxy, mqtt) = serve(&settings_file(dir.path(), ""));
 
     let mut sub = Running(mosquitto_sub(&mqtt, &[], "push/user/42"));
     let mut out = BufReader::new(sub.0.stdout.take().unwrap()).lines();
@@ -128,8 +94,7 @@ fn serve_send_and_a_standard_client_receives() {
     }
 
     // SIGTERM: a clean stop with exit 0.
-    unsafe { libc::kill(server.0.id() as i32, libc::SIGTERM) };
-    assert!(server.0.wait().unwrap().success());
+    assert!(server.terminate().success());
 }
 
 #[test]
@@ -153,7 +118,18 @@ fn send_reports_refusals_and_bad_arguments() {
 #[test]
 fn bad_settings_name_the_key() {
     let dir = tempfile::tempdir().unwrap();
+    let not_pem = dir.path().join("hook-ca.pem");
+    std::fs::write(&not_pem, "not a certificate").unwrap();
+    let https_hook = format!(
+        "[receipts]\nwebhook_url = \"https://h/x\"\nwebhook_secret = \"s\"\nwebhook_ca_file = \"{}\"\n",
+        not_pem.display()
+    );
     for (extra, key) in [
+        (https_hook.as_str(), "receipts.webhook_ca_file"),
+        (
+            "[receipts]\nevents = [\"device.gone\"]\n",
+            "receipts.events",
+        ),
         ("[mqtt]\nprefx = \"x\"\n", "prefx"),
         ("[proxy]\nmax_frame = \"big\"\n", "max_frame"),
         ("[mqtt]\nwss_listen = \"127.0.0.1:0\"\n", "mqtt.wss_listen"),
@@ -252,7 +228,10 @@ fn check_config_names_the_mqtt_tls_listeners() {
 #[test]
 fn token_command_and_mosquitto_sub_with_jwt() {
     let dir = tempfile::tempdir().unwrap();
-    let config = settings_file(&dir, "[auth]\nmode = \"jwt\"\njwt_secret = \"demo\"\n");
+    let config = settings_file(
+        dir.path(),
+        "[auth]\nmode = \"jwt\"\njwt_secret = \"demo\"\n",
+    );
     let token = Command::new(BIN)
         .args([
             "token", "--user", "42", "--groups", "7,9", "--ttl", "1h", "--config",
@@ -295,7 +274,7 @@ fn token_command_and_mosquitto_sub_with_jwt() {
 
     let missing = Command::new(BIN)
         .args(["token", "--user", "42", "--config"])
-        .arg(settings_file(&dir, ""))
+        .arg(settings_file(dir.path(), ""))
         .output()
         .unwrap();
     assert!(!missing.status.success());
@@ -311,7 +290,7 @@ fn check_config_warns_on_a_short_secret_and_token_follows_the_policy() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("config.json"), "{}").unwrap();
     let config = settings_file(
-        &dir,
+        dir.path(),
         "[auth]\nmode = \"jwt\"\njwt_secret = \"demo\"\njwt_audience = \"pb\"\n\
          jwt_issuer = \"me\"\njwt_max_ttl_secs = 7200\n",
     );

@@ -12,7 +12,7 @@ const LAYERS: &[&[&str]] = &[
     &["utc", "settings"],
     &["push", "stats", "lifecycle"],
     // the wire codec, the accept loop, pure decisions, stores
-    &["wire", "net", "router", "redis_conn", "auth"],
+    &["wire", "net", "router", "redis_conn", "auth", "tls_client"],
     &["registry", "receipts"],
     // egress: the embedded broker, then what hangs off its events
     &["mqtt"],

@@ -9,7 +9,7 @@ mod support;
 use apns_server::{ApnsServer, Reply};
 use pushbridge::push::{Id, UserRecord};
 use pushbridge::registry::UserStore;
-use pushbridge::settings::Settings;
+use pushbridge::settings::{EventKind, Settings};
 use rmpv::Value as Mp;
 use rumqttc::v5::mqttbytes::v5 as mq5;
 use serde_json::{json, Value};
@@ -18,6 +18,7 @@ use support::http::{get, post_json};
 use support::mqtt::Device;
 use support::proxy::Backend;
 use support::redis::RedisServer;
+use support::webhook::{Options, Receiver};
 use support::{server, wait_until};
 
 both_registries!(options_are_the_fourth_item, options_frames);
@@ -519,68 +520,18 @@ async fn v5_until(
     .expect("v5 packet in time")
 }
 
-/// What the test's webhook receiver saw: each request's events, and
-/// whether its signature was right.
-type Seen = tokio::sync::mpsc::UnboundedSender<(bool, Vec<Value>)>;
-
-/// A real HTTP/1.1 server that checks the signature as docs/receipts.md
-/// says and answers 500 to its first request, 200 after.
-async fn webhook_receiver(secret: &'static str, seen: Seen) -> SocketAddr {
-    use http_body_util::BodyExt;
-    use hyper::service::service_fn;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let requests = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    tokio::spawn(async move {
-        loop {
-            let (stream, _) = listener.accept().await.unwrap();
-            let (seen, requests) = (seen.clone(), requests.clone());
-            let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                let (seen, requests) = (seen.clone(), requests.clone());
-                async move {
-                    let header = |n: &str| req.headers()[n].to_str().unwrap().to_owned();
-                    let (timestamp, signature) = (
-                        header("x-pushbridge-timestamp"),
-                        header("x-pushbridge-signature"),
-                    );
-                    let body = req.into_body().collect().await.unwrap().to_bytes();
-                    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
-                    let signed = [timestamp.as_bytes(), b".", &body].concat();
-                    let hex = signature.strip_prefix("sha256=").unwrap_or("");
-                    let tag: Vec<u8> = (0..hex.len() / 2)
-                        .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
-                        .collect();
-                    let valid = ring::hmac::verify(&key, &signed, &tag).is_ok();
-                    let events: Value = serde_json::from_slice(&body).unwrap();
-                    seen.send((valid, events["events"].as_array().unwrap().clone()))
-                        .unwrap();
-                    let status = match requests.fetch_add(1, std::sync::atomic::Ordering::SeqCst) {
-                        0 => 500,
-                        _ => 200,
-                    };
-                    let answer = hyper::Response::builder().status(status);
-                    Ok::<_, std::convert::Infallible>(
-                        answer
-                            .body(http_body_util::Full::new(bytes::Bytes::new()))
-                            .unwrap(),
-                    )
-                }
-            });
-            let io = hyper_util::rt::TokioIo::new(stream);
-            tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(io, service));
-        }
-    });
-    addr
-}
-
 /// Outcome changes reach the webhook signed, and a batch answered 500 is
 /// sent again.
 #[tokio::test]
 async fn webhook_gets_signed_events_and_retries_after_a_500() {
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let receiver = webhook_receiver("s3cret", tx).await;
+    let options = Options {
+        fail_first: 1,
+        ..Options::default()
+    };
+    let mut receiver = Receiver::start("s3cret", options).await;
     let mut settings = with_receipts(server::settings(None));
-    settings.receipts.webhook_url = Some(format!("http://{receiver}/hook"));
+    settings.receipts.events = vec![EventKind::Push];
+    settings.receipts.webhook_url = Some(format!("http://{}/hook", receiver.addr));
     settings.receipts.webhook_secret = Some("s3cret".into());
     let server = server::start(settings).await;
     let acking = acking_device(server.mqtt_addr, "d1", "push/user/1").await;
@@ -593,7 +544,7 @@ async fn webhook_gets_signed_events_and_retries_after_a_500() {
     // Requests until an `mqtt_acked` arrived in an accepted (2nd or later) one.
     let mut requests = Vec::new();
     tokio::time::timeout(support::WAIT, async {
-        while let Some((valid, events)) = rx.recv().await {
+        while let Some((valid, events)) = receiver.requests.recv().await {
             assert!(valid, "bad signature on {events:?}");
             let acked = events.iter().any(|e| e["event"] == "mqtt_acked");
             requests.push(events);
@@ -693,6 +644,7 @@ async fn events_go_to_a_bounded_redis_stream() {
     let mut settings = with_receipts(server::settings(Some(&redis.url)));
     settings.receipts.stream = Some("rcpt".into());
     settings.receipts.stream_max_len = 10;
+    settings.receipts.events = vec![EventKind::Push];
     let server = server::start(settings).await;
     let acking = acking_device(server.mqtt_addr, "d1", "push/user/1").await;
     let body = json!({"user": 1, "data": {"n": 1}, "id": "s1", "receipt": true});

@@ -48,10 +48,7 @@ pub enum Credential {
 }
 
 fn env_name(env: Environment) -> &'static str {
-    match env {
-        Environment::Sandbox => "sandbox",
-        Environment::Production => "production",
-    }
+    env.name()
 }
 
 impl fmt::Display for AppReport {

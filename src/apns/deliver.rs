@@ -17,9 +17,10 @@ use super::payload::Payload;
 use super::sender::Shared;
 use super::{ApnsError, ApnsJob};
 use crate::push::Id;
-use crate::receipts::Event;
+use crate::receipts::{DeadToken, Event, Notice};
 use crate::registry::UserStore;
 use crate::router::ApnsDelivery;
+use crate::settings::EventKind;
 
 /// What one attempt got back.
 struct Answer {
@@ -224,6 +225,19 @@ impl Shared {
             user,
             reason: reason.to_owned(),
         });
+        let notices = &self.sinks.notices;
+        if notices.wants(EventKind::TokenDead) {
+            notices.send(Notice::TokenDead(DeadToken {
+                user: d.user.clone(),
+                token: d.token.clone(),
+                app: d.app_ident.clone(),
+                env: d.env.name(),
+                status: answer.status.map(|s| s.as_u16()),
+                reason: reason.to_owned(),
+                removed: deleted,
+                push: job.receipt.clone(),
+            }));
+        }
         self.feedback(d, reason);
     }
 

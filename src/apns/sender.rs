@@ -21,7 +21,7 @@ use super::reload::{self, Credentials};
 use super::retry::RetryPolicy;
 use super::{ApnsError, ApnsJob};
 use crate::lifecycle::Phase;
-use crate::receipts::Receipts;
+use crate::receipts::{Notices, Receipts};
 use crate::registry::Registry;
 use crate::router::Environment;
 use crate::settings::{ApnsSettings, QueueFull};
@@ -52,6 +52,8 @@ pub struct Sinks {
     pub feedback: Feedback,
     /// Apple's answers for pushes that asked for a receipt.
     pub receipts: Receipts,
+    /// Dead tokens, whatever the push (`token.dead`).
+    pub notices: Notices,
 }
 
 /// What the queue task and every delivery share.

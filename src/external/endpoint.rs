@@ -4,10 +4,11 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use rustls::{ClientConfig, RootCertStore};
+use rustls::ClientConfig;
 
 use super::ExternalError;
 use crate::settings::{MqttSettings, Settings, SettingsError};
+use crate::tls_client;
 
 /// `mqtt://host[:port]` or `mqtts://host[:port]`, parsed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -219,35 +220,14 @@ fn hostname() -> String {
 
 /// Public web roots plus `ca_file`.
 pub(crate) fn tls_config(ca_file: Option<&Path>) -> Result<Arc<ClientConfig>, ExternalError> {
-    let mut roots = RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    let mut roots = tls_client::web_roots();
     if let Some(path) = ca_file {
-        let file_err = |problem: String| ExternalError::File {
-            path: path.into(),
-            problem,
-        };
-        let text = std::fs::read(path).map_err(|e| file_err(format!("cannot read: {e}")))?;
-        let mut added = 0;
-        for cert in rustls_pemfile::certs(&mut text.as_slice()) {
-            let cert = cert.map_err(|e| file_err(format!("bad PEM: {e}")))?;
-            roots
-                .add(cert)
-                .map_err(|e| file_err(format!("unusable CA certificate: {e}")))?;
-            added += 1;
-        }
-        if added == 0 {
-            return Err(file_err("no CERTIFICATE in CA file".into()));
-        }
+        tls_client::add_ca_file(&mut roots, path).map_err(|e| ExternalError::File {
+            path: e.path,
+            problem: e.problem,
+        })?;
     }
-    let config =
-        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .map_err(|e| ExternalError::Setting {
-                key: "mqtt.external_url",
-                problem: e.to_string(),
-            })?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-    Ok(Arc::new(config))
+    Ok(tls_client::config(roots))
 }
 
 #[cfg(test)]
@@ -350,21 +330,5 @@ mod tests {
             assert_eq!(s.mqtt.external_url.expect("set").urls(), ["mqtt://c:1883"]);
             Ok(())
         });
-    }
-
-    #[test]
-    fn ca_file_problems_name_the_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("ca.pem");
-        std::fs::write(&path, "not a certificate").unwrap();
-        let err = tls_config(Some(&path)).unwrap_err().to_string();
-        assert!(
-            err.contains("ca.pem") && err.contains("no CERTIFICATE"),
-            "{err}"
-        );
-        let err = tls_config(Some(&dir.path().join("missing.pem")))
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("missing.pem"), "{err}");
     }
 }

@@ -180,6 +180,11 @@ pub(super) async fn metrics(State(state): State<HttpState>) -> impl IntoResponse
             "Notifications waiting in the APNs sender's queue.",
             dispatcher.apns.queued() as u64,
         ),
+        (
+            "webhook_queued",
+            "Events waiting for the webhook (at most receipts.webhook_queue).",
+            state.stats.webhook_queued.now(),
+        ),
     ];
     for (name, help, value) in gauges {
         let _ = writeln!(out, "# HELP pushbridge_{name} {help}");
@@ -265,10 +270,7 @@ fn days_left(app: &LoadedApp, now: i64) -> Option<i64> {
 }
 
 pub(super) fn env_name(env: Environment) -> &'static str {
-    match env {
-        Environment::Sandbox => "sandbox",
-        Environment::Production => "production",
-    }
+    env.name()
 }
 
 /// A Prometheus label value: backslash, quote and newline escaped.

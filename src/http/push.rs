@@ -13,7 +13,6 @@ use super::{apns_options, id, HttpError, HttpState};
 use crate::dispatch::Delivered;
 use crate::intake::{self, Intake, StreamWriter};
 use crate::push::{Id, Push, PushId, Target};
-use crate::router::Environment;
 
 /// How long a request waits for an unreachable registry before it is
 /// answered 503: an HTTP client cannot wait as long as the proxy's queue.
@@ -202,10 +201,7 @@ fn describe(push: &Push, d: &Delivered) -> Value {
             json!({
                 "user": a.user.as_str(),
                 "app": a.app_ident,
-                "environment": match a.env {
-                    Environment::Sandbox => "sandbox",
-                    Environment::Production => "production",
-                },
+                "environment": a.env.name(),
             })
         })
         .collect();

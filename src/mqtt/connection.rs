@@ -29,6 +29,7 @@ use super::transport::{Stream, Transport, FINAL_WRITE};
 use super::{BrokerEvent, Inner};
 use crate::auth::Identity;
 use crate::lifecycle::Phase;
+use crate::receipts::Device;
 
 /// Stop producing output (and reading input) while this much waits for the socket.
 const WRITE_HIGH: usize = 64 * 1024;
@@ -101,6 +102,22 @@ enum End {
 }
 
 impl End {
+    /// The `reason` of a `device.disconnected` event, and the error's text.
+    fn describe(&self) -> (&'static str, Option<String>) {
+        match self {
+            End::Shutdown => ("shutdown", None),
+            End::KeepAlive => ("keepalive_timeout", None),
+            End::PacketTimeout => ("packet_timeout", None),
+            End::Disconnect { .. } => ("disconnect", None),
+            End::Closed => ("closed", None),
+            End::TakenOver => ("taken_over", None),
+            End::TokenExpired => ("token_expired", None),
+            End::Io(e) => ("error", Some(format!("io: {e}"))),
+            End::Malformed(e) => ("error", Some(format!("malformed packet: {e}"))),
+            End::Protocol(e) => ("error", Some(format!("protocol error: {e}"))),
+        }
+    }
+
     fn sends_will(&self) -> bool {
         !matches!(self, End::Shutdown | End::Disconnect { will: false })
     }
@@ -154,11 +171,26 @@ async fn connect(
     }
     let conn = inner.next_conn.fetch_add(1, Ordering::Relaxed);
     let span = tracing::info_span!("mqtt", %peer, conn, client_id = tracing::field::Empty);
+    let transport_name = transport.name();
     let connected = handshake_phase(&inner, tcp, transport, conn, &shutdown)
         .instrument(span.clone())
         .await;
     match connected {
-        Some(c) => Some((Conn::new(inner, conn, peer.ip(), c, permit), span)),
+        Some(c) => {
+            let c = Conn::new(inner, conn, peer.ip(), c, permit);
+            c.inner.notices.connected(conn, || Device {
+                client_id: c.client_id.clone(),
+                users: c.inner.presence().users(conn),
+                protocol: match c.proto {
+                    Proto::V4 => 4,
+                    Proto::V5 => 5,
+                },
+                peer,
+                transport: transport_name,
+                connected_at: crate::utc::now_ms(),
+            });
+            Some((c, span))
+        }
         None => {
             inner.ip_leave(peer.ip());
             None
@@ -696,7 +728,9 @@ impl Conn {
             self.inner.own(&self.session, &ip, false);
         }
         self.inner.stats.mqtt_connections.down();
-        self.inner.presence().disconnect(self.conn);
+        let users = self.inner.presence().disconnect(self.conn);
+        let why = || end.describe();
+        self.inner.notices.disconnected(self.conn, users, why);
         if let Some(w) = self.will.take().filter(|_| end.sends_will()).map(|w| *w) {
             let valid = !w.topic.is_empty() && !w.topic.contains(['+', '#']);
             let allowed = valid

@@ -29,6 +29,7 @@ use tracing::debug;
 
 use crate::auth::Auth;
 use crate::lifecycle::Phase;
+use crate::receipts::Notices;
 use crate::settings::MqttSettings;
 use crate::stats::Stats;
 pub use session::Meta;
@@ -95,6 +96,8 @@ struct Inner {
     next_conn: AtomicU64,
     stats: Arc<Stats>,
     auth: Auth,
+    /// `device.connected` and `device.disconnected` events, when wanted.
+    notices: Notices,
     /// The devices phase is stopping: connections drain and say goodbye.
     /// Told through each session's wake, so a connection keeps no shutdown
     /// future of its own (see [`Inner::stop_connections`]).
@@ -256,14 +259,21 @@ impl Broker {
         settings: &MqttSettings,
         stats: Arc<Stats>,
     ) -> (Broker, mpsc::Receiver<BrokerEvent>) {
-        Self::with_auth(settings, Auth::open(&settings.prefix), stats)
+        Self::with_auth(
+            settings,
+            Auth::open(&settings.prefix),
+            stats,
+            Notices::default(),
+        )
     }
 
-    /// A broker that authenticates every CONNECT and applies the ACL.
+    /// A broker that authenticates every CONNECT and applies the ACL, and
+    /// tells `notices` of devices connecting and disconnecting.
     pub fn with_auth(
         settings: &MqttSettings,
         auth: Auth,
         stats: Arc<Stats>,
+        notices: Notices,
     ) -> (Broker, mpsc::Receiver<BrokerEvent>) {
         let (tx, rx) = mpsc::channel(1024);
         let budget = Arc::new(Budget::new(settings.max_queued_bytes));
@@ -280,6 +290,7 @@ impl Broker {
             next_conn: AtomicU64::new(1),
             stats,
             auth,
+            notices,
             stopping: AtomicBool::new(false),
             clocks: signal::Clocks::default(),
         };

@@ -55,11 +55,18 @@ impl Presence {
         }
     }
 
-    /// Connection `conn` has ended.
-    pub fn disconnect(&mut self, conn: u64) {
-        for user in self.by_conn.remove(&conn).unwrap_or_default() {
-            self.by_user.remove(&(user, conn));
+    /// The users connection `conn` belongs to now.
+    pub fn users(&self, conn: u64) -> Vec<Arc<str>> {
+        self.by_conn.get(&conn).cloned().unwrap_or_default()
+    }
+
+    /// Connection `conn` has ended; returns the users it belonged to.
+    pub fn disconnect(&mut self, conn: u64) -> Vec<Arc<str>> {
+        let users = self.by_conn.remove(&conn).unwrap_or_default();
+        for user in &users {
+            self.by_user.remove(&(user.clone(), conn));
         }
+        users
     }
 
     /// `user`'s connections, oldest first.
@@ -105,7 +112,8 @@ mod tests {
         p.connect(2, "42", seen("tablet", 5));
         p.connect(2, "7", seen("tablet", 5));
         assert_eq!(p.of("42"), [seen("tablet", 5), seen("phone", 10)]);
-        p.disconnect(2);
+        assert_eq!(p.users(2), [Arc::from("42"), Arc::from("7")]);
+        assert_eq!(p.disconnect(2), [Arc::from("42"), Arc::from("7")]);
         assert_eq!(p.of("42"), [seen("phone", 10)]);
         assert!(p.of("7").is_empty());
         p.disconnect(1);

@@ -36,6 +36,16 @@ pub enum Transport {
 }
 
 impl Transport {
+    /// `tcp`, `tls`, `ws` or `wss`, as device events name it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+            Transport::Tls(_) => "tls",
+            Transport::WebSocket => "ws",
+            Transport::WebSocketTls(_) => "wss",
+        }
+    }
+
     /// Turns an accepted socket into an MQTT byte stream; `None` if the
     /// handshake (TLS and WebSocket together, for `wss`) failed or took
     /// longer than `limit`. WebSocket frames are capped by `max_packet`.

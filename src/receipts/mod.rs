@@ -7,10 +7,13 @@
 //! writer task, which applies it to the store (`store`): a hash per push in
 //! Redis when Redis is the registry (any instance answers), in memory
 //! otherwise (bounded by count and bytes). Pushes without `receipt` cost a
-//! boolean test. Once stored, the changes also go to the `webhook` when
-//! one is set.
+//! boolean test. Once stored, the changes also go to the `outlets` (the
+//! `webhook`, a Redis Stream), as do the `notices` (devices connecting and
+//! disconnecting, dead tokens) that are not about one push.
 
 mod memory;
+mod notices;
+mod outlets;
 mod queue;
 mod store;
 mod webhook;
@@ -23,9 +26,11 @@ use tracing::warn;
 use crate::lifecycle::Phase;
 use crate::push::{Id, PushId};
 use crate::redis_conn::RedisConn;
-use crate::settings::ReceiptsSettings;
+use crate::settings::{EventKind, ReceiptsSettings};
 use crate::stats::Stats;
 
+pub use notices::{DeadToken, Device, Notice, Notices};
+pub use outlets::Outlets;
 pub use store::{Store, RECENT};
 pub use webhook::{signature, Webhook};
 
@@ -33,6 +38,10 @@ pub use webhook::{signature, Webhook};
 pub enum ReceiptsError {
     #[error("receipts: redis: {0}")]
     Redis(#[from] redis::RedisError),
+    #[error("settings: {0}: {1}")]
+    Setting(&'static str, String),
+    #[error("receipts.webhook_ca_file: {0}")]
+    CaFile(#[from] crate::tls_client::CaFileError),
 }
 
 /// A tracked push's MQTT topics, shared by the changes recorded for it.
@@ -111,20 +120,17 @@ impl Event {
     }
 }
 
+/// Lower-case hex, as signatures and token hashes are written.
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 fn ids(ids: &[Id]) -> Vec<&str> {
     ids.iter().map(Id::as_str).collect()
 }
 
 /// One recorded change: whose, when (Unix ms), what.
 type Change = (PushId, u64, Event);
-
-/// Where stored changes go on to, as JSON events: the webhook, and a Redis
-/// Stream (key, MAXLEN ~).
-#[derive(Default)]
-pub(crate) struct Outlets {
-    webhook: Option<Webhook>,
-    stream: Option<(RedisConn, String, u64)>,
-}
 
 /// Where outcomes are recorded; cheap to clone. Off (`receipts.enabled =
 /// false`), it records nothing and answers nothing.
@@ -140,10 +146,13 @@ struct Inner {
 
 impl Receipts {
     /// Starts the writer on `rest`: in the registry's Redis (`redis`) when
-    /// there is one, in memory otherwise. Off unless `receipts.enabled`.
+    /// there is one, in memory otherwise; stored changes go on to
+    /// `outlets` when `receipts.events` has `push`. Off unless
+    /// `receipts.enabled`.
     pub fn start(
         settings: &ReceiptsSettings,
         redis: Option<RedisConn>,
+        outlets: &Outlets,
         stats: Arc<Stats>,
         rest: &Phase,
     ) -> Receipts {
@@ -152,19 +161,10 @@ impl Receipts {
         }
         let store = Store::new(settings, redis);
         let queue = Arc::new(queue::Queue::new(settings.queue));
-        let webhook = settings.webhook_url.as_ref().map(|url| {
-            let hook = Webhook::new(settings.webhook_queue, stats.clone());
-            let secret = settings.webhook_secret.clone().unwrap_or_default();
-            rest.spawn(hook.clone().run(url.clone(), secret, rest.token()));
-            hook
-        });
-        let stream = match (&settings.stream, &store) {
-            (Some(key), Store::Redis { conn, .. }) => {
-                Some((conn.clone(), key.clone(), settings.stream_max_len))
-            }
-            _ => None,
+        let outlets = match settings.events.contains(&EventKind::Push) {
+            true => outlets.clone(),
+            false => Outlets::default(),
         };
-        let outlets = Outlets { webhook, stream };
         let writer = store
             .clone()
             .write(queue.clone(), outlets, stats.clone(), rest.token());

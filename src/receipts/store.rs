@@ -25,7 +25,6 @@ use crate::push::{Id, PushId};
 use crate::redis_conn::RedisConn;
 use crate::settings::ReceiptsSettings;
 use crate::stats::Stats;
-use tracing::warn;
 
 /// Changes applied together: one Redis round trip.
 const BATCH: usize = 512;
@@ -177,45 +176,21 @@ impl Store {
         }
     }
 
-    /// Applies (and empties) `batch`; then adds it to the stream and
-    /// offers it to the webhook, so an event a consumer got is stored (a
-    /// crash in between loses the event, never the outcome).
+    /// Applies (and empties) `batch`; then, if it was stored, sends it on
+    /// to the outlets (stream, webhook), so an event a consumer got is
+    /// stored (a crash in between loses the event, never the outcome).
     async fn apply(&self, batch: &mut Vec<Change>, outlets: &Outlets, stats: &Stats) {
-        let events: Vec<Value> = match (&outlets.webhook, &outlets.stream) {
-            (None, None) => Vec::new(),
-            _ => batch.iter().map(|(id, at, e)| e.to_json(id, *at)).collect(),
+        let events: Vec<Value> = match outlets.is_empty() {
+            true => Vec::new(),
+            false => batch.iter().map(|(id, at, e)| e.to_json(id, *at)).collect(),
         };
-        self.store(batch, stats).await;
-        if let Some((conn, key, max_len)) = &outlets.stream {
-            let cmds = events
-                .iter()
-                .map(|e| {
-                    redis::cmd("XADD")
-                        .arg(key)
-                        .arg("MAXLEN")
-                        .arg("~")
-                        .arg(*max_len)
-                        .arg("*")
-                        .arg("event")
-                        .arg(e.to_string())
-                        .clone()
-                })
-                .collect();
-            let failed = match conn.each::<RedisValue>(cmds).await {
-                Ok(results) => results.iter().filter(|r| r.is_err()).count(),
-                Err(_) => events.len(),
-            };
-            if failed > 0 {
-                warn!(failed, stream = %key, "receipt events not added to the stream");
-                stats.receipts_stream_dropped.add(failed as u64);
-            }
-        }
-        if let Some(hook) = &outlets.webhook {
-            hook.offer(events);
+        if self.store(batch, stats).await {
+            outlets.publish(events, stats).await;
         }
     }
 
-    async fn store(&self, batch: &mut Vec<Change>, stats: &Stats) {
+    /// Stores (and empties) `batch`; false if Redis refused it.
+    async fn store(&self, batch: &mut Vec<Change>, stats: &Stats) -> bool {
         let n = batch.len() as u64;
         match self {
             Store::Memory(m) => {
@@ -223,6 +198,7 @@ impl Store {
                 let evicted: usize = batch.drain(..).map(|c| m.apply(c)).sum();
                 stats.receipts_evicted.add(evicted as u64);
                 stats.receipts_recorded.add(n);
+                true
             }
             Store::Redis {
                 conn,
@@ -259,20 +235,18 @@ impl Store {
                 for key in touched {
                     cmds.push(redis::cmd("EXPIRE").arg(key).arg(*ttl_secs).clone());
                 }
-                match conn.each::<RedisValue>(cmds).await {
-                    Ok(results) if results.iter().all(Result::is_ok) => {
-                        stats.receipts_recorded.add(n)
-                    }
-                    Ok(results) => {
-                        let failed = results.into_iter().find_map(Result::err).expect("one");
-                        store_failed(&failed.into(), n as usize);
-                        stats.receipts_dropped.add(n);
-                    }
-                    Err(e) => {
-                        store_failed(&e.into(), n as usize);
+                let failed = match conn.each::<RedisValue>(cmds).await {
+                    Ok(results) => results.into_iter().find_map(Result::err).map(Into::into),
+                    Err(e) => Some(e.into()),
+                };
+                match &failed {
+                    None => stats.receipts_recorded.add(n),
+                    Some(e) => {
+                        store_failed(e, n as usize);
                         stats.receipts_dropped.add(n);
                     }
                 }
+                failed.is_none()
             }
         }
     }

@@ -1,4 +1,5 @@
-//! The webhook: outcome changes POSTed in batches to `receipts.webhook_url`
+//! The webhook: events POSTed in batches to `receipts.webhook_url` (http,
+//! or https verified against the web roots or `receipts.webhook_ca_file`)
 //! as `{"events": [...]}`, signed, at least once: a batch leaves the queue
 //! only when the receiver answers 2xx; otherwise it is sent again after a
 //! backoff (100 ms doubling to 30 s). The queue is bounded
@@ -65,6 +66,7 @@ impl Webhook {
             q.events.drain(..over);
             self.stats.webhook_dropped.add(over as u64);
         }
+        self.stats.webhook_queued.set(q.events.len() as u64);
         drop(q);
         self.ready.notify_one();
     }
@@ -91,10 +93,11 @@ impl Webhook {
         while q.events.front().is_some_and(|(s, _)| *s <= last) {
             q.events.pop_front();
         }
+        self.stats.webhook_queued.set(q.events.len() as u64);
     }
 
     /// Sends until `stop`; what is queued then is lost (counted).
-    pub async fn run(self, url: String, secret: String, stop: CancellationToken) {
+    pub(super) async fn run(self, target: Target, secret: String, stop: CancellationToken) {
         let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
         let mut backoff = FIRST_BACKOFF;
         loop {
@@ -107,7 +110,7 @@ impl Webhook {
             }
             let body = Bytes::from(json!({ "events": batch }).to_string());
             let sent = tokio::select! {
-                sent = tokio::time::timeout(REQUEST_TIMEOUT, post(&url, &key, body)) => {
+                sent = tokio::time::timeout(REQUEST_TIMEOUT, target.post(&key, body)) => {
                     sent.unwrap_or_else(|_| Err("no answer in 10 s".into()))
                 }
                 _ = stop.cancelled() => Err("shutting down".into()),
@@ -119,7 +122,8 @@ impl Webhook {
                     backoff = FIRST_BACKOFF;
                 }
                 Err(e) if stop.is_cancelled() => {
-                    let lost = self.lock().events.len() as u64;
+                    let lost = std::mem::take(&mut self.lock().events).len() as u64;
+                    self.stats.webhook_queued.set(0);
                     warn!(error = %e, lost, "webhook stopped; events not sent (webhook_dropped)");
                     self.stats.webhook_dropped.add(lost);
                     return;
@@ -151,20 +155,79 @@ pub fn signature(key: &ring::hmac::Key, timestamp: u64, body: &[u8]) -> String {
     let mut ctx = ring::hmac::Context::with_key(key);
     ctx.update(format!("{timestamp}.").as_bytes());
     ctx.update(body);
-    let tag = ctx.sign();
-    let hex: String = tag.as_ref().iter().map(|b| format!("{b:02x}")).collect();
-    format!("sha256={hex}")
+    format!("sha256={}", super::hex(ctx.sign().as_ref()))
 }
 
-/// One POST over a new connection; `Ok` on a 2xx answer.
-async fn post(url: &str, key: &ring::hmac::Key, body: Bytes) -> Result<(), String> {
-    let uri: http::Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
-    let host = uri.host().ok_or_else(|| format!("{url}: no host"))?;
-    let port = uri.port_u16().unwrap_or(80);
-    let stream = tokio::net::TcpStream::connect((host, port))
-        .await
-        .map_err(|e| format!("{host}:{port}: {e}"))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+/// Where a webhook POST goes: the URL's parts, and TLS for `https://`.
+pub(super) struct Target {
+    url: String,
+    uri: http::Uri,
+    host: String,
+    port: u16,
+    tls: Option<tokio_rustls::TlsConnector>,
+}
+
+impl Target {
+    /// `url` (checked by the settings), trusting `tls`'s CAs for https.
+    pub(super) fn new(url: &str, tls: Arc<rustls::ClientConfig>) -> Result<Target, String> {
+        let uri: http::Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
+        let https = uri.scheme_str() == Some("https");
+        let host = uri.host().ok_or_else(|| format!("{url}: no host"))?;
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        Ok(Target {
+            url: url.to_owned(),
+            port: uri.port_u16().unwrap_or(if https { 443 } else { 80 }),
+            tls: https.then(|| tokio_rustls::TlsConnector::from(tls)),
+            host,
+            uri,
+        })
+    }
+
+    /// One POST over a new connection; `Ok` on a 2xx answer.
+    async fn post(&self, key: &ring::hmac::Key, body: Bytes) -> Result<(), String> {
+        let (url, host, port) = (&self.url, &self.host, self.port);
+        let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
+            .await
+            .map_err(|e| format!("{url}: connect to {host}:{port}: {e}"))?;
+        let timestamp = crate::utc::now();
+        let path = self.uri.path_and_query().map_or("/", |p| p.as_str());
+        let authority = self.uri.authority().map_or(host.as_str(), |a| a.as_str());
+        let req = http::Request::post(path)
+            .header(http::header::HOST, authority)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .header("x-pushbridge-timestamp", timestamp)
+            .header("x-pushbridge-signature", signature(key, timestamp, &body))
+            .body(Full::new(body))
+            .map_err(|e| e.to_string())?;
+        let answer = match &self.tls {
+            None => send(tcp, req).await,
+            Some(tls) => {
+                let name = rustls_pki_types::ServerName::try_from(host.clone())
+                    .map_err(|e| format!("{url}: {host}: {e}"))?;
+                let stream = tls
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| format!("{url}: TLS: {e}"))?;
+                send(stream, req).await
+            }
+        };
+        let status = answer.map_err(|e| format!("{url}: {e}"))?;
+        match status.is_success() {
+            true => Ok(()),
+            false => Err(format!("{url} answered {status}")),
+        }
+    }
+}
+
+/// Sends `req` over `io` (HTTP/1.1) and returns the answer's status.
+async fn send<I>(io: I, req: http::Request<Full<Bytes>>) -> Result<http::StatusCode, String>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
         .await
         .map_err(|e| e.to_string())?;
     tokio::spawn(async move {
@@ -172,23 +235,8 @@ async fn post(url: &str, key: &ring::hmac::Key, body: Bytes) -> Result<(), Strin
             debug!(error = %e, "webhook connection ended");
         }
     });
-    let timestamp = crate::utc::now();
-    let path = uri.path_and_query().map_or("/", |p| p.as_str());
-    let req = http::Request::post(path)
-        .header(
-            http::header::HOST,
-            uri.authority().map_or(host, |a| a.as_str()),
-        )
-        .header(http::header::CONTENT_TYPE, "application/json")
-        .header("x-pushbridge-timestamp", timestamp)
-        .header("x-pushbridge-signature", signature(key, timestamp, &body))
-        .body(Full::new(body))
-        .map_err(|e| e.to_string())?;
     let answer = sender.send_request(req).await.map_err(|e| e.to_string())?;
-    match answer.status().is_success() {
-        true => Ok(()),
-        false => Err(format!("{url} answered {}", answer.status())),
-    }
+    Ok(answer.status())
 }
 
 #[cfg(test)]

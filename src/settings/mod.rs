@@ -247,10 +247,21 @@ impl Settings {
             );
         }
         if let Some(url) = &r.webhook_url {
-            if !url.starts_with("http://") || url.parse::<http::Uri>().is_err() {
+            let https = url.starts_with("https://");
+            let host = url
+                .parse::<http::Uri>()
+                .ok()
+                .and_then(|u| u.host().map(str::len));
+            if !(https || url.starts_with("http://")) || host.unwrap_or(0) == 0 {
                 return bad(
                     "receipts.webhook_url",
-                    "must be an http://host[:port]/path URL (https: put a TLS proxy in front)",
+                    "must be an http:// or https://host[:port]/path URL",
+                );
+            }
+            if r.webhook_ca_file.is_some() && !https {
+                return bad(
+                    "receipts.webhook_ca_file",
+                    "is only used with an https:// receipts.webhook_url",
                 );
             }
             if r.webhook_secret.as_deref().unwrap_or("").is_empty() {
@@ -404,8 +415,20 @@ mod tests {
             ("[receipts]\nmax_records = 0\n", "receipts.max_records"),
             ("[receipts]\nqueue = 0\n", "receipts.queue"),
             (
-                "[receipts]\nwebhook_url = \"https://h/\"\n",
+                "[receipts]\nwebhook_url = \"ftp://h/\"\n",
                 "receipts.webhook_url",
+            ),
+            (
+                "[receipts]\nwebhook_url = \"https:///x\"\n",
+                "receipts.webhook_url",
+            ),
+            (
+                "[receipts]\nwebhook_url = \"http://h/\"\nwebhook_secret = \"s\"\nwebhook_ca_file = \"ca.pem\"\n",
+                "receipts.webhook_ca_file",
+            ),
+            (
+                "[receipts]\nevents = [\"device.connect\"]\n",
+                "receipts.events",
             ),
             (
                 "[receipts]\nwebhook_url = \"http://h/\"\n",

@@ -268,9 +268,12 @@ pub struct ReceiptsSettings {
     /// Outcome changes waiting to be written; beyond it they are dropped
     /// (counted in `receipts_dropped`).
     pub queue: usize,
-    /// `http://host[:port]/path` that receives batches of outcome changes
-    /// as JSON, signed with `webhook_secret`; unset: none.
+    /// `http://` or `https://host[:port]/path` that receives batches of
+    /// events as JSON, signed with `webhook_secret`; unset: none.
     pub webhook_url: Option<String>,
+    /// The only CA certificate(s) (PEM) trusted for an `https://`
+    /// `webhook_url`; unset: the public web roots.
+    pub webhook_ca_file: Option<PathBuf>,
     /// The HMAC-SHA256 key of the `X-Pushbridge-Signature` header.
     pub webhook_secret: Option<String>,
     /// Events waiting for the webhook; beyond it the oldest are dropped
@@ -281,6 +284,36 @@ pub struct ReceiptsSettings {
     pub stream: Option<String>,
     /// About how many events the stream keeps (XADD MAXLEN ~).
     pub stream_max_len: u64,
+    /// Which events go to the webhook and the stream: `push` (outcome
+    /// changes, with `enabled`), `device.connected`, `device.disconnected`,
+    /// `token.dead`.
+    pub events: Vec<EventKind>,
+}
+
+/// A kind of event for `receipts.events`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum EventKind {
+    /// What became of a push sent with `receipt: true`.
+    #[serde(rename = "push")]
+    Push,
+    /// An MQTT client's CONNECT was accepted by the embedded broker.
+    #[serde(rename = "device.connected")]
+    DeviceConnected,
+    /// An MQTT connection whose CONNECT was accepted ended.
+    #[serde(rename = "device.disconnected")]
+    DeviceDisconnected,
+    /// Apple said a device token is dead.
+    #[serde(rename = "token.dead")]
+    TokenDead,
+}
+
+impl EventKind {
+    pub const ALL: [EventKind; 4] = [
+        EventKind::Push,
+        EventKind::DeviceConnected,
+        EventKind::DeviceDisconnected,
+        EventKind::TokenDead,
+    ];
 }
 
 impl Default for ReceiptsSettings {
@@ -294,10 +327,12 @@ impl Default for ReceiptsSettings {
             max_bytes: 64 << 20,
             queue: 65_536,
             webhook_url: None,
+            webhook_ca_file: None,
             webhook_secret: None,
             webhook_queue: 100_000,
             stream: None,
             stream_max_len: 100_000,
+            events: EventKind::ALL.to_vec(),
         }
     }
 }

@@ -24,6 +24,12 @@ impl Gauge {
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
     }
 
+    /// The level is `n` now (a queue's length after a change).
+    pub fn set(&self, n: u64) {
+        self.now.store(n, Ordering::Relaxed);
+        self.peak.fetch_max(n, Ordering::Relaxed);
+    }
+
     pub fn now(&self) -> u64 {
         self.now.load(Ordering::Relaxed)
     }

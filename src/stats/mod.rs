@@ -44,6 +44,8 @@ macro_rules! counters {
             $($(#[doc = $doc])+ pub $name: Counter,)+
             /// MQTT connections whose CONNECT was accepted and that have not ended.
             pub mqtt_connections: Gauge,
+            /// Events waiting for the webhook (`receipts.webhook_queue` at most).
+            pub webhook_queued: Gauge,
             /// Seconds from sending an APNs request to reading Apple's answer.
             pub apns_latency: Histogram,
             /// Where pushes wait inside pushbridge.
@@ -198,6 +200,8 @@ counters! {
     webhook_failed,
     /// Webhook: events dropped unsent: the queue (receipts.webhook_queue) was full, or the server stopped.
     webhook_dropped,
+    /// Device and token events (receipts.events) dropped before the webhook and stream: their queue of 4096 was full.
+    events_dropped,
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 //! Chromium.
 #![allow(dead_code)]
 
+pub mod binary;
 pub mod browser;
 pub mod http;
 pub mod mosquitto;
@@ -13,6 +14,7 @@ pub mod rabbitmq;
 pub mod redis;
 pub mod redis_cluster;
 pub mod server;
+pub mod webhook;
 
 use std::time::Duration;
 
