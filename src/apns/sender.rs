@@ -13,6 +13,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 
 use super::connection::{Driver, Transport};
+use super::deliver::Expiration;
 use super::endpoints::{Builder, Endpoint, LoadedApp};
 use super::feedback::Feedback;
 use super::log_budget::LogBudget;
@@ -59,6 +60,7 @@ pub(super) struct Shared {
     pub credentials: Arc<Credentials>,
     pub sinks: Sinks,
     pub expiration_secs: u64,
+    pub expiration: Expiration,
     pub retry: RetryPolicy,
     pub jwt_refresh_min: Duration,
     pub shutdown: CancellationToken,
@@ -87,7 +89,7 @@ impl ApnsSender {
         // Taken first: a change made while loading still triggers a reload.
         let stamp = builder.stamp();
         let endpoints = builder.initial()?;
-        info!(endpoints = endpoints.map.len(), feedback = %sinks.feedback.topic(), "APNs sender ready");
+        info!(endpoints = endpoints.len(), feedback = %sinks.feedback.topic(), "APNs sender ready");
         let credentials = Arc::new(Credentials::new(
             builder,
             endpoints,
@@ -107,6 +109,7 @@ impl ApnsSender {
             credentials: Arc::clone(&credentials),
             sinks,
             expiration_secs: settings.expiration_secs,
+            expiration: Expiration::default(),
             retry: RetryPolicy::new(settings),
             jwt_refresh_min: Duration::from_secs(settings.jwt_refresh_min_secs),
             shutdown: shutdown.clone(),
@@ -186,7 +189,7 @@ impl ApnsSender {
     /// Ready when some app has usable credentials, or config.json lists
     /// none (APNs unused); otherwise why not.
     pub fn ready(&self) -> Result<(), String> {
-        if !self.credentials.current().map.is_empty() {
+        if !self.credentials.current().is_empty() {
             return Ok(());
         }
         let path = self.credentials.config();
@@ -293,7 +296,7 @@ impl Shared {
         let d = &job.delivery;
         let stats = &self.sinks.stats;
         let endpoints = self.credentials.current();
-        let Some(endpoint) = endpoints.map.get(&(d.app_ident.clone(), d.env)) else {
+        let Some(endpoint) = endpoints.get(&d.app_ident, d.env) else {
             stats.apns_no_credentials.inc();
             warn!(user = %d.user, app = %d.app_ident, env = ?d.env,
                 "APNs: no credentials for this app and environment; notification dropped");
