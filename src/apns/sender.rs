@@ -6,6 +6,7 @@ use std::task::Poll;
 use std::time::Duration;
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
+use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio_util::sync::CancellationToken;
@@ -21,7 +22,9 @@ use super::payload::{Payload, PayloadError};
 use super::reload::{self, Credentials};
 use super::retry::RetryPolicy;
 use super::{ApnsError, ApnsJob};
+
 use crate::lifecycle::Phase;
+use crate::push::ApnsOptions;
 use crate::receipts::Receipts;
 use crate::registry::Registry;
 use crate::router::Environment;
@@ -226,6 +229,7 @@ async fn run(
     mut connections: mpsc::UnboundedReceiver<Driver>,
 ) {
     let mut under_way = FuturesUnordered::new();
+    let mut last_body = LastBody::default();
     let mut drivers = FuturesUnordered::new();
     let (mut receiving, mut closed) = (true, false);
     let stop = shared.shutdown.clone();
@@ -242,7 +246,7 @@ async fn run(
         loop {
             while receiving && under_way.len() < max_in_flight {
                 match rx.poll_recv(cx) {
-                    Poll::Ready(Some(mut job)) => match shared.prepare(&job) {
+                    Poll::Ready(Some(mut job)) => match shared.prepare(&job, &mut last_body) {
                         Some((endpoint, payload)) => {
                             let span = endpoint.conn.span().clone();
                             under_way.push(
@@ -292,7 +296,7 @@ async fn run(
 
 impl Shared {
     /// The endpoint and payload for `job`, or `None` after counting why not.
-    fn prepare(&self, job: &ApnsJob) -> Option<(Arc<Endpoint>, Payload)> {
+    fn prepare(&self, job: &ApnsJob, last: &mut LastBody) -> Option<(Arc<Endpoint>, Payload)> {
         let d = &job.delivery;
         let stats = &self.sinks.stats;
         let endpoints = self.credentials.current();
@@ -303,7 +307,7 @@ impl Shared {
             self.refused(job, "no credentials for this app and environment".into());
             return None;
         };
-        match Payload::with_options(&job.data, job.options.as_deref()) {
+        match last.payload(job) {
             Ok(p) => Some((Arc::clone(endpoint), p)),
             Err(PayloadError::TooLarge { size }) => {
                 stats.apns_too_large.inc();
@@ -328,5 +332,86 @@ impl Shared {
             status: None,
             reason,
         });
+    }
+}
+
+/// The last payload built and the push it was built for: a push's
+/// notifications to several devices arrive one after the other and share
+/// one body instead of each encoding the same data again.
+#[derive(Default)]
+struct LastBody(Option<Built>);
+
+struct Built {
+    data: Arc<Map<String, Value>>,
+    options: Option<Arc<ApnsOptions>>,
+    payload: Payload,
+}
+
+impl LastBody {
+    fn payload(&mut self, job: &ApnsJob) -> Result<Payload, PayloadError> {
+        if let Some(last) = &self.0 {
+            let same_options = match (&last.options, &job.options) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (a, b) => a.is_none() && b.is_none(),
+            };
+            if Arc::ptr_eq(&last.data, &job.data) && same_options {
+                return Ok(last.payload.clone());
+            }
+        }
+        let payload = Payload::with_options(&job.data, job.options.as_deref())?;
+        self.0 = Some(Built {
+            data: Arc::clone(&job.data),
+            options: job.options.clone(),
+            payload: payload.clone(),
+        });
+        Ok(payload)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::push::Id;
+    use crate::router::ApnsDelivery;
+
+    fn job(data: &Arc<Map<String, Value>>, options: Option<&Arc<ApnsOptions>>) -> ApnsJob {
+        ApnsJob {
+            delivery: ApnsDelivery {
+                user: Id::from(1u64),
+                token: "ab".into(),
+                app_ident: "com.example".into(),
+                env: Environment::Sandbox,
+            },
+            data: Arc::clone(data),
+            options: options.cloned(),
+            ack: None,
+            receipt: None,
+        }
+    }
+
+    #[test]
+    fn one_body_per_push_and_options() {
+        let data = Arc::new(serde_json::from_str(r#"{"alert":"hi","n":1}"#).unwrap());
+        let mut last = LastBody::default();
+        let first = last.payload(&job(&data, None)).unwrap();
+        // The same push to another device: the same bytes, not a copy.
+        let again = last.payload(&job(&data, None)).unwrap();
+        assert_eq!(first.body.as_ptr(), again.body.as_ptr());
+
+        let badge = Arc::new(ApnsOptions {
+            badge: Some(7),
+            ..ApnsOptions::default()
+        });
+        let with_badge = last.payload(&job(&data, Some(&badge))).unwrap();
+        assert_ne!(with_badge.body, first.body);
+        assert!(std::str::from_utf8(&with_badge.body)
+            .unwrap()
+            .contains(r#""badge":7"#));
+
+        // Equal data in another push is encoded for that push.
+        let other = Arc::new((*data).clone());
+        let other_body = last.payload(&job(&other, None)).unwrap();
+        assert_eq!(other_body.body, first.body);
+        assert_ne!(other_body.body.as_ptr(), first.body.as_ptr());
     }
 }
