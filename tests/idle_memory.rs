@@ -13,23 +13,33 @@ struct Counting;
 
 static LIVE_BYTES: AtomicIsize = AtomicIsize::new(0);
 static LIVE_ALLOCS: AtomicIsize = AtomicIsize::new(0);
+/// Live allocations by size (8-byte classes up to 4 KiB; the last holds the rest).
+static BY_SIZE: [AtomicIsize; 513] = [const { AtomicIsize::new(0) }; 513];
+
+fn class(size: usize) -> usize {
+    (size.div_ceil(8)).min(512)
+}
 
 // SAFETY: forwards to the system allocator; only counts.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         LIVE_BYTES.fetch_add(layout.size() as isize, Ordering::Relaxed);
         LIVE_ALLOCS.fetch_add(1, Ordering::Relaxed);
+        BY_SIZE[class(layout.size())].fetch_add(1, Ordering::Relaxed);
         unsafe { System.alloc(layout) }
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         LIVE_BYTES.fetch_sub(layout.size() as isize, Ordering::Relaxed);
         LIVE_ALLOCS.fetch_sub(1, Ordering::Relaxed);
+        BY_SIZE[class(layout.size())].fetch_sub(1, Ordering::Relaxed);
         unsafe { System.dealloc(ptr, layout) }
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new: usize) -> *mut u8 {
         LIVE_BYTES.fetch_add(new as isize - layout.size() as isize, Ordering::Relaxed);
+        BY_SIZE[class(layout.size())].fetch_sub(1, Ordering::Relaxed);
+        BY_SIZE[class(new)].fetch_add(1, Ordering::Relaxed);
         unsafe { System.realloc(ptr, layout, new) }
     }
 }
@@ -39,8 +49,8 @@ static ALLOC: Counting = Counting;
 
 /// Heap budget per idle device (the target is 2 KiB of RSS, which
 /// also holds the allocator's own overhead per allocation).
-const MAX_BYTES_PER_DEVICE: isize = 2304;
-const MAX_ALLOCS_PER_DEVICE: isize = 16;
+const MAX_BYTES_PER_DEVICE: isize = 1728;
+const MAX_ALLOCS_PER_DEVICE: isize = 12;
 
 /// CONNECT (3.1.1, clean session, keep-alive 300 s) then SUBSCRIBE QoS 1 to
 /// the device's own topic; returns once SUBACK is read.
@@ -83,6 +93,7 @@ fn an_idle_subscribed_device_costs_little_heap() {
     // Warm up: the maps and the runtime's slabs exist before measuring.
     let mut devices: Vec<TcpStream> = (0..100).map(|i| device(addr, i)).collect();
     const N: usize = 2000;
+    let sizes0: Vec<isize> = BY_SIZE.iter().map(|c| c.load(Ordering::SeqCst)).collect();
     let (bytes0, allocs0) = (
         LIVE_BYTES.load(Ordering::SeqCst),
         LIVE_ALLOCS.load(Ordering::SeqCst),
@@ -94,6 +105,18 @@ fn an_idle_subscribed_device_costs_little_heap() {
     let allocs = LIVE_ALLOCS.load(Ordering::SeqCst) - allocs0 - reserved.1;
     let (per_device, allocs_per_device) = (bytes / N as isize, allocs as f64 / N as f64);
     println!("idle device: {per_device} heap bytes in {allocs_per_device:.1} allocations");
+    let per_class = BY_SIZE
+        .iter()
+        .zip(&sizes0)
+        .enumerate()
+        .filter_map(|(c, (now, before))| {
+            let n = (now.load(Ordering::SeqCst) - before) as f64 / N as f64;
+            (n >= 0.05).then(|| format!("{}B x{n:.2}", c * 8))
+        });
+    println!(
+        "  live allocations per device by size: {}",
+        per_class.collect::<Vec<_>>().join(", ")
+    );
     assert!(
         per_device <= MAX_BYTES_PER_DEVICE,
         "an idle device holds {per_device} heap bytes (budget {MAX_BYTES_PER_DEVICE})"

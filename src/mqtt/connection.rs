@@ -15,7 +15,7 @@ use bytes::{Bytes, BytesMut};
 use rumqttc::mqttbytes::valid_filter;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::sync::{Notify, OwnedSemaphorePermit};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, Instrument};
@@ -24,9 +24,11 @@ use super::codec::{self, Check, CodecError, In, Out, Proto, SubCode};
 use super::handshake::{self, Connected};
 use super::presence::{user_of_filter, Seen};
 use super::session::{Inflight, Msg, Session, SessionTable};
+use super::signal::{Signal, Woken};
 use super::transport::{Stream, Transport, FINAL_WRITE};
 use super::{BrokerEvent, Inner};
 use crate::auth::Identity;
+use crate::lifecycle::Phase;
 
 /// Stop producing output (and reading input) while this much waits for the socket.
 const WRITE_HIGH: usize = 64 * 1024;
@@ -36,10 +38,48 @@ const SHUTDOWN_FLUSH: Duration = Duration::from_secs(5);
 
 /// What woke the connection loop.
 enum Event {
-    Deadline,
-    Woken,
+    Woken(Woken),
     Read(io::Result<usize>),
     Written(io::Result<()>),
+}
+
+/// The times a connection ends at, whichever comes first; the broker's
+/// sweep wakes it once the earliest has passed (see `signal`).
+#[derive(Debug, Default)]
+struct Deadlines {
+    /// Keep-alive: 1.5 × the keep-alive after the last whole packet.
+    silence: Option<Instant>,
+    /// A packet has started: it must be complete by then.
+    packet: Option<Instant>,
+    /// The token runs out.
+    token: Option<Instant>,
+    /// Shutdown: what is queued must be delivered by then.
+    drain: Option<Instant>,
+}
+
+impl Deadlines {
+    fn next(&self) -> Option<Instant> {
+        [self.silence, self.packet, self.token, self.drain]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// The end a deadline passed by `now` means.
+    fn passed(&self, now: Instant) -> Option<End> {
+        let past = |t: Option<Instant>| t.is_some_and(|t| t <= now);
+        if past(self.drain) {
+            Some(End::Shutdown)
+        } else if past(self.token) {
+            Some(End::TokenExpired)
+        } else if past(self.packet) {
+            Some(End::PacketTimeout)
+        } else if past(self.silence) {
+            Some(End::KeepAlive)
+        } else {
+            None
+        }
+    }
 }
 
 /// Why a connection ended; decides the v5 DISCONNECT reason and the last will.
@@ -79,55 +119,70 @@ impl End {
     }
 }
 
+/// The connection's first task: the handshake. A connected client gets a
+/// task of its own, so an idle device's task holds neither the handshake's
+/// state nor the arguments it started from (an `async fn` keeps those for
+/// its whole life).
 pub(super) async fn run(
+    inner: Arc<Inner>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    transport: Transport,
+    phase: Phase,
+    permit: OwnedSemaphorePermit,
+) {
+    let shutdown = phase.token();
+    if let Some((conn, span)) = connect(inner, tcp, peer, transport, shutdown, permit).await {
+        phase.spawn(conn.serve().instrument(span));
+    }
+}
+
+/// Admits the peer, upgrades the transport and runs the CONNECT handshake;
+/// the connection once it is up.
+async fn connect(
     inner: Arc<Inner>,
     tcp: TcpStream,
     peer: SocketAddr,
     transport: Transport,
     shutdown: CancellationToken,
     permit: OwnedSemaphorePermit,
-) {
+) -> Option<(Conn, tracing::Span)> {
     if !inner.ip_enter(peer.ip()) {
         inner.stats.mqtt_ip_refused.inc();
         debug!(%peer, "refused: mqtt.max_connections_per_ip reached");
-        return;
+        return None;
     }
     let conn = inner.next_conn.fetch_add(1, Ordering::Relaxed);
     let span = tracing::info_span!("mqtt", %peer, conn, client_id = tracing::field::Empty);
-    handle(inner.clone(), tcp, transport, conn, peer.ip(), shutdown)
-        .instrument(span)
+    let connected = handshake_phase(&inner, tcp, transport, conn, &shutdown)
+        .instrument(span.clone())
         .await;
-    inner.ip_leave(peer.ip());
-    drop(permit);
+    match connected {
+        Some(c) => Some((Conn::new(inner, conn, peer.ip(), c, permit), span)),
+        None => {
+            inner.ip_leave(peer.ip());
+            None
+        }
+    }
 }
 
-async fn handle(
-    inner: Arc<Inner>,
+async fn handshake_phase(
+    inner: &Arc<Inner>,
     tcp: TcpStream,
     transport: Transport,
     conn: u64,
-    peer: IpAddr,
-    shutdown: CancellationToken,
-) {
+    shutdown: &CancellationToken,
+) -> Option<Connected> {
     let limit = Duration::from_secs(inner.settings.connect_timeout_secs);
-    // Boxed, like the handshake: TLS state is large and short-lived.
     let stream = tokio::select! {
-        _ = shutdown.cancelled() => return,
-        s = Box::pin(transport.upgrade(tcp, limit, inner.settings.max_packet_size)) => s,
+        _ = shutdown.cancelled() => return None,
+        s = transport.upgrade(tcp, limit, inner.settings.max_packet_size) => s,
     };
     let Some(stream) = stream else {
         inner.stats.mqtt_handshakes_failed.inc();
-        return;
+        return None;
     };
-    // Boxed: the handshake's state is dropped before the long idle phase.
-    let Some(connected) = Box::pin(handshake::handshake(&inner, stream, conn, &shutdown)).await
-    else {
-        return;
-    };
-    let mut c = Conn::new(inner, conn, peer, connected);
-    let wake = c.wake.clone();
-    let end = c.run(&wake).await;
-    Box::pin(c.finish(end)).await;
+    handshake::handshake(inner, stream, conn, shutdown).await
 }
 
 /// A connected client.
@@ -153,18 +208,30 @@ struct Conn {
     /// Where the client connects from: without a token, a session kept
     /// offline counts as this address's (`max_sessions_per_user`).
     peer: IpAddr,
-    /// Notified when the session has messages, or was taken over.
-    wake: Arc<Notify>,
-    identity: Box<Identity>,
+    /// Set when the session has messages, was taken over, the broker stops
+    /// or a deadline has passed.
+    wake: Arc<Signal>,
+    /// The signal's key in the broker's clocks.
+    clock: usize,
+    identity: Arc<Identity>,
     /// Check read access as each message leaves (see `Connected::recheck`).
     recheck: bool,
     /// When the token runs out; the connection is closed then.
     expires: Option<Instant>,
+    /// A slot of `mqtt.max_connections`, held while connected.
+    _permit: OwnedSemaphorePermit,
 }
 
 impl Conn {
-    fn new(inner: Arc<Inner>, conn: u64, peer: IpAddr, c: Connected) -> Conn {
+    fn new(
+        inner: Arc<Inner>,
+        conn: u64,
+        peer: IpAddr,
+        c: Connected,
+        permit: OwnedSemaphorePermit,
+    ) -> Conn {
         Conn {
+            clock: inner.clocks.register(c.wake.clone()),
             inner,
             conn,
             peer,
@@ -183,48 +250,54 @@ impl Conn {
             identity: c.identity,
             recheck: c.recheck,
             expires: c.expires,
+            _permit: permit,
+        }
+    }
+
+    /// The connected phase: the loop, then the goodbye. (An `async move`
+    /// block, not an `async fn`: that would hold `self` twice, as its
+    /// argument and as the binding its body moves it into.)
+    #[allow(clippy::manual_async_fn)]
+    fn serve(mut self) -> impl Future<Output = ()> + Send {
+        async move {
+            let end = self.run().await;
+            Box::pin(self.finish(end)).await;
         }
     }
 }
 
 impl Conn {
-    /// Whichever comes first from `now`: keep-alive silence or the token's
-    /// expiry; far away when neither applies. (Computed, not kept: every
-    /// byte held across the loop's await is held by every idle connection.)
-    fn deadline(&self, now: Instant) -> (Instant, bool) {
-        let ka = (self.keep_alive > 0)
-            .then(|| now + Duration::from_millis(u64::from(self.keep_alive) * 1500));
-        match (ka, self.expires) {
-            (Some(a), Some(b)) => (a.min(b), true),
-            (Some(at), None) | (None, Some(at)) => (at, true),
-            (None, None) => (now + Duration::from_secs(86400 * 365), false),
-        }
+    /// Keep-alive: when silence from `now` on ends the connection.
+    fn silence_from(&self, now: Instant) -> Option<Instant> {
+        (self.keep_alive > 0)
+            .then(|| now + Duration::from_millis(u64::from(self.keep_alive) * 1500))
     }
 
-    async fn run(&mut self, wake: &Notify) -> End {
-        let (at, mut timed) = self.deadline(Instant::now());
+    fn arm(&self, due: &Deadlines) {
+        self.inner.clocks.arm(&self.wake, due.next());
+    }
+
+    async fn run(&mut self) -> End {
+        let mut due = Deadlines {
+            silence: self.silence_from(Instant::now()),
+            token: self.expires,
+            ..Deadlines::default()
+        };
+        self.arm(&due);
         // Shutdown comes as a wake (`Inner::stop_connections`), or before we started.
         let mut draining = false;
-        let sleep = tokio::time::sleep_until(at);
-        let notified = wake.notified();
         if self.inner.stopping() {
-            wake.notify_one();
+            self.wake.wake();
         }
-        // When the packet being received must be complete, whatever the keep-alive.
-        let mut packet_by: Option<Instant> = None;
-        tokio::pin!(sleep, notified);
         if let Err(end) = Box::pin(self.process()).await {
             return end;
         }
         loop {
             // A packet has started: it gets `packet_timeout_secs` from its first bytes.
-            if !draining && packet_by.is_none() && !self.rbuf.is_empty() {
-                let by =
-                    Instant::now() + Duration::from_secs(self.inner.settings.packet_timeout_secs);
-                packet_by = Some(by);
-                let at = if timed { sleep.deadline().min(by) } else { by };
-                sleep.as_mut().reset(at);
-                timed = true;
+            if !draining && due.packet.is_none() && !self.rbuf.is_empty() {
+                let limit = Duration::from_secs(self.inner.settings.packet_timeout_secs);
+                due.packet = Some(Instant::now() + limit);
+                self.arm(&due);
             }
             if let Err(end) = self.pump() {
                 return end;
@@ -238,14 +311,12 @@ impl Conn {
             let backlog = self.wbuf.len();
             let (stream, rbuf, wbuf, need) =
                 (&mut self.stream, &mut self.rbuf, &mut self.wbuf, self.need);
+            let wake = &*self.wake;
             // A hand-written select: the transport is polled in place, with no
             // per-direction futures stored in the (long-lived) task.
             let event = std::future::poll_fn(|cx| {
-                if timed && sleep.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(Event::Deadline);
-                }
-                if notified.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(Event::Woken);
+                if let Poll::Ready(w) = wake.poll_woken(cx) {
+                    return Poll::Ready(Event::Woken(w));
                 }
                 if backlog < WRITE_HIGH {
                     if let Poll::Ready(r) = stream.poll_fill(cx, rbuf, need) {
@@ -261,20 +332,20 @@ impl Conn {
             })
             .await;
             match event {
-                Event::Deadline if draining => return End::Shutdown,
-                Event::Deadline if self.expires.is_some_and(|e| e <= Instant::now()) => {
-                    return End::TokenExpired
-                }
-                Event::Deadline if packet_by.is_some_and(|p| p <= Instant::now()) => {
-                    return End::PacketTimeout
-                }
-                Event::Deadline => return End::KeepAlive,
-                Event::Woken => {
-                    notified.set(wake.notified());
+                Event::Woken(w) => {
                     if self.inner.stopping() && !draining {
                         draining = true;
-                        timed = true;
-                        sleep.as_mut().reset(Instant::now() + SHUTDOWN_FLUSH);
+                        due = Deadlines {
+                            drain: Some(Instant::now() + SHUTDOWN_FLUSH),
+                            ..Deadlines::default()
+                        };
+                        self.arm(&due);
+                    }
+                    if w.late {
+                        if let Some(end) = due.passed(Instant::now()) {
+                            return end;
+                        }
+                        self.arm(&due);
                     }
                 }
                 Event::Read(Err(e)) | Event::Written(Err(e)) => return End::Io(e),
@@ -283,14 +354,14 @@ impl Conn {
                 Event::Read(Ok(_)) => {
                     // Boxed: an idle connection does not carry the processing state.
                     match Box::pin(self.process()).await {
-                        Ok(true) if timed && !draining => {
+                        Ok(true) if !draining => {
                             // Whole packets arrived: the keep-alive restarts, and
                             // whatever follows is a new packet (checked above).
-                            packet_by = None;
-                            sleep.as_mut().reset(self.deadline(Instant::now()).0)
+                            due.packet = None;
+                            due.silence = self.silence_from(Instant::now());
+                            self.arm(&due);
                         }
-                        Ok(true) => {}
-                        Ok(false) => {}
+                        Ok(_) => {}
                         Err(end) => return end,
                     }
                 }
@@ -663,6 +734,13 @@ impl Conn {
     }
 }
 
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.inner.clocks.remove(self.clock);
+        self.inner.ip_leave(self.peer);
+    }
+}
+
 /// Routes a message a client published (or its will), reporting status messages.
 async fn publish_from(
     inner: &Inner,
@@ -716,24 +794,42 @@ mod tests {
     use crate::mqtt::Broker;
     use crate::settings::MqttSettings;
 
-    /// An idle connection is mostly this future (the task adds ~150 bytes,
-    /// rounded up to 128); every byte here is a byte per connected device.
+    /// An idle connection is mostly its connected task (tokio adds ~170
+    /// bytes): every byte of this future is a byte per connected device.
     #[tokio::test]
-    async fn connection_task_is_small() {
+    async fn the_connected_task_is_small() {
         let (broker, _rx) = Broker::new(&MqttSettings::default());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let client = TcpStream::connect(listener.local_addr().unwrap());
-        let (client, accepted) = tokio::join!(client, listener.accept());
-        let (stream, peer) = accepted.unwrap();
+        let (client, accepted) = tokio::join!(
+            TcpStream::connect(listener.local_addr().unwrap()),
+            listener.accept()
+        );
+        let (mut client, (accepted, peer)) = (client.unwrap(), accepted.unwrap());
+        client
+            .write_all(b"\x10\x0d\0\x04MQTT\x04\x02\0\x3c\0\x01c")
+            .await
+            .unwrap();
         let permit = Arc::new(tokio::sync::Semaphore::new(1))
             .acquire_owned()
             .await
             .unwrap();
         let shutdown = CancellationToken::new();
-        let task = run(broker.inner, stream, peer, Transport::Tcp, shutdown, permit);
+        let (conn, span) = connect(
+            broker.inner,
+            accepted,
+            peer,
+            Transport::Tcp,
+            shutdown,
+            permit,
+        )
+        .await
+        .expect("connected");
+        let task = conn.serve().instrument(span);
         let size = std::mem::size_of_val(&task);
-        println!("connection future: {size} bytes");
-        assert!(size <= 1056, "connection future grew to {size} bytes");
-        drop(client);
+        println!("connected task's future: {size} bytes");
+        assert!(
+            size <= 512,
+            "the connected task's future grew to {size} bytes"
+        );
     }
 }

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
@@ -17,6 +16,7 @@ use super::codec::{self, Check, CodecError, ConnCode, Connect, In, Out, Proto};
 use super::presence::{user_of_filter, Seen};
 use super::session::Owner;
 use super::session::Session;
+use super::signal::Signal;
 use super::transport::{Stream, FINAL_WRITE, READ_CHUNK, READ_MAX};
 use super::Inner;
 use crate::auth::{Identity, Refusal, Role};
@@ -38,8 +38,8 @@ pub(super) struct Connected {
     pub keep_alive: u16,
     pub will: Option<codec::Will>,
     /// Notified when the session has messages, or was taken over.
-    pub wake: Arc<Notify>,
-    pub identity: Box<Identity>,
+    pub wake: Arc<Signal>,
+    pub identity: Arc<Identity>,
     /// A device resuming a session: what it may read can have shrunk since
     /// messages were queued for it (a token that lost a group), so each is
     /// checked as it leaves. A fresh session only ever queued what this
@@ -134,7 +134,7 @@ pub(super) async fn handshake(
         Proto::V4 => cap,
         Proto::V5 => session_expiry.unwrap_or(0).min(cap),
     };
-    let wake = Arc::new(Notify::new());
+    let wake = Arc::new(Signal::default());
     let owner = Owner {
         conn,
         wake: wake.clone(),
@@ -226,7 +226,7 @@ pub(super) async fn handshake(
             Instant::now().checked_add(Duration::from_secs(at.saturating_sub(crate::utc::now())))
         }),
         recheck: attached.present && identity.role == Role::Device,
-        identity: Box::new(identity),
+        identity: identity.into_shared(),
     })
 }
 

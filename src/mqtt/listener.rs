@@ -98,11 +98,11 @@ pub(super) async fn start(inner: Arc<Inner>, devices: &Phase) -> Result<Addrs, M
             let mut bucket = bucket.lock().unwrap_or_else(|e| e.into_inner());
             bucket.take(Instant::now())
         };
-        let (inner, stop) = (inner.clone(), devices.token());
+        let (inner, phase) = (inner.clone(), devices.clone());
         devices.spawn(
             acceptor.run(pace, devices.clone(), move |stream, peer, slot| {
                 let (inner, transport) = (inner.clone(), transport.clone());
-                connection::run(inner, stream, peer, transport, stop.clone(), slot)
+                connection::run(inner, stream, peer, transport, phase.clone(), slot)
             }),
         );
     }
@@ -122,6 +122,7 @@ async fn sweep(inner: Arc<Inner>, shutdown: CancellationToken) {
         tokio::select! {
             _ = shutdown.cancelled() => return inner.stop_connections(),
             now = tick.tick() => {
+                inner.clocks.sweep(now);
                 let n = inner.sessions().sweep(now);
                 if n > 0 {
                     inner.stats.mqtt_sessions_expired.add(n as u64);

@@ -12,6 +12,7 @@ mod listener;
 mod presence;
 mod rate;
 mod session;
+mod signal;
 mod tls;
 mod topics;
 mod transport;
@@ -98,6 +99,8 @@ struct Inner {
     /// Told through each session's wake, so a connection keeps no shutdown
     /// future of its own (see [`Inner::stop_connections`]).
     stopping: AtomicBool,
+    /// Every connection's signal: keep-alive and other deadlines, shutdown.
+    clocks: signal::Clocks,
 }
 
 impl Inner {
@@ -112,7 +115,7 @@ impl Inner {
     /// connection; one that attaches later sees the mark when it starts.
     fn stop_connections(&self) {
         self.stopping.store(true, Ordering::SeqCst);
-        self.sessions().wake_owners();
+        self.clocks.wake_all();
     }
 
     fn stopping(&self) -> bool {
@@ -278,6 +281,7 @@ impl Broker {
             stats,
             auth,
             stopping: AtomicBool::new(false),
+            clocks: signal::Clocks::default(),
         };
         let broker = Broker {
             inner: Arc::new(inner),
@@ -341,7 +345,7 @@ impl Broker {
     #[doc(hidden)]
     pub fn attach_bench_sessions(&self, n: usize) -> BenchSessions {
         let prefix = &self.inner.settings.prefix;
-        let wake = Arc::new(tokio::sync::Notify::new());
+        let wake = Arc::new(signal::Signal::default());
         let mut reg = self.inner.sessions();
         let sessions = (0..n)
             .map(|i| {

@@ -11,9 +11,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use super::signal::Signal;
 use super::topics::Index;
 use crate::receipts::Tag;
 
@@ -135,7 +135,7 @@ pub struct Inflight {
 #[derive(Debug, Clone)]
 pub struct Owner {
     pub conn: u64,
-    pub wake: Arc<Notify>,
+    pub wake: Arc<Signal>,
 }
 
 #[derive(Debug, Default)]
@@ -176,7 +176,11 @@ impl Filters {
     pub fn insert(&mut self, filter: Box<str>, qos: u8) {
         match self.0.iter_mut().find(|(f, _)| *f == filter) {
             Some(entry) => entry.1 = qos,
-            None => self.0.push((filter, qos)),
+            None => {
+                // Grown one at a time (a first push would make room for four).
+                self.0.reserve_exact(1);
+                self.0.push((filter, qos));
+            }
         }
     }
 
@@ -260,7 +264,7 @@ impl Session {
         }
         st.queue.push_back(msg);
         if let Some(o) = &st.owner {
-            o.wake.notify_one();
+            o.wake.wake();
         }
         Pushed::Queued(dropped)
     }
@@ -345,15 +349,6 @@ impl Default for SessionTable {
 }
 
 impl SessionTable {
-    /// Wakes the connection of every session that has one.
-    pub fn wake_owners(&self) {
-        for session in self.sessions.values() {
-            if let Some(o) = &session.lock().owner {
-                o.wake.notify_one();
-            }
-        }
-    }
-
     pub fn new(max_per_user: usize, budget: Arc<Budget>) -> SessionTable {
         SessionTable {
             index: Index::default(),
@@ -422,7 +417,7 @@ impl SessionTable {
                     self.expiring.remove(&(t, old.id));
                 }
                 match st.owner.replace(owner) {
-                    Some(prev) => prev.wake.notify_one(),
+                    Some(prev) => prev.wake.wake(),
                     None => {
                         self.budget.sub(st.queue_cost());
                     }
@@ -584,7 +579,7 @@ impl SessionTable {
         st.queue = VecDeque::new();
         st.inflight = VecDeque::new();
         if let Some(o) = st.owner.take() {
-            o.wake.notify_one();
+            o.wake.wake();
         }
     }
 }
@@ -596,7 +591,7 @@ mod tests {
     fn owner(conn: u64) -> Owner {
         Owner {
             conn,
-            wake: Arc::new(Notify::new()),
+            wake: Arc::default(),
         }
     }
 
@@ -658,7 +653,8 @@ mod tests {
         let b = r.attach("c1", false, 60, owner(2));
         assert!(Arc::ptr_eq(&a.session, &b.session));
         assert!(!a.session.lock().owned_by(1));
-        tokio::time::timeout(Duration::from_secs(5), o1.wake.notified())
+        let woken = std::future::poll_fn(|cx| o1.wake.poll_woken(cx));
+        tokio::time::timeout(Duration::from_secs(5), woken)
             .await
             .unwrap();
         r.detach(&a.session, 1);

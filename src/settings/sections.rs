@@ -350,7 +350,7 @@ impl Default for IntakeSettings {
             dead_max_len: 100_000,
             consumer_gone_ms: 600_000,
             queue: 65536,
-            max_wait_ms: 5,
+            max_wait_ms: 2,
         }
     }
 }
