@@ -16,7 +16,7 @@ use crate::offline::{Message, OfflineStore};
 use crate::publisher::MqttOut;
 use crate::push::Ack;
 use crate::push::{ApnsOptions, Id, Push, Target, UserRecord};
-use crate::receipts::{Event, Receipts};
+use crate::receipts::{Event, Receipts, Topics};
 use crate::registry::{Registry, RegistryError, UserStore};
 use crate::router;
 use crate::settings::Settings;
@@ -265,12 +265,12 @@ impl Dispatcher {
         offline: &mut Vec<Message>,
     ) -> Delivered {
         let (routing, users) = self.route(push, records);
-        let meta = self.meta(push, &routing, &users);
+        let (meta, tracked) = self.meta(push, &routing, &users);
         let mut sessions = Vec::with_capacity(routing.mqtt_topics.len());
         if !routing.mqtt_topics.is_empty() {
             let payload = push.json();
             let held = self.held_topics(push, &users, records, offline);
-            for topic in &routing.mqtt_topics {
+            for (i, topic) in routing.mqtt_topics.iter().enumerate() {
                 if held.contains(topic.as_str()) {
                     // Kept behind the user's earlier messages (counts as unreached).
                     sessions.push(0);
@@ -284,10 +284,9 @@ impl Dispatcher {
                 self.stats.mqtt_published.inc();
                 self.stats.mqtt_written.add(reached as u64);
                 sessions.push(reached);
-                if push.receipt {
-                    let topic = topic.clone();
+                if let Some(topic) = tracked.as_ref().and_then(|t| t.get(i)) {
                     let written = Event::MqttWritten {
-                        topic,
+                        topic: topic.clone(),
                         sessions: reached,
                     };
                     self.receipts.record(&push.id, written);
@@ -385,32 +384,40 @@ impl Dispatcher {
             .collect()
     }
 
-    /// What the push's MQTT messages carry when it has a receipt (recorded
-    /// as routed here) or a TTL; `None` for every other push.
+    /// What the push's MQTT messages carry when it has a receipt or a TTL
+    /// (`None` for every other push), and with a receipt (recorded as
+    /// routed here) its topics, shared by the changes recorded for them.
     fn meta(
         &self,
         push: &Push,
         routing: &router::Routing,
         users: &[(Id, Option<&UserRecord>)],
-    ) -> Option<Arc<Meta>> {
+    ) -> (Option<Arc<Meta>>, Option<Topics>) {
         if !push.receipt && push.ttl.is_none() {
-            return None;
+            return (None, None);
         }
-        let tag = match push.receipt {
+        let (tag, tracked) = match push.receipt && self.receipts.enabled() {
             true => {
+                let topics: Topics = routing
+                    .mqtt_topics
+                    .iter()
+                    .map(|t| t.as_str().into())
+                    .collect();
                 let routed = Event::Routed {
-                    mqtt: routing.mqtt_topics.clone(),
+                    mqtt: topics.clone(),
                     apns: routing.apns.iter().map(|a| a.user.clone()).collect(),
                     unknown_users: unknown(users),
                     users: users.iter().map(|(id, _)| id.clone()).collect(),
                 };
                 self.receipts.record(&push.id, routed);
-                self.receipts.tag(&push.id)
+                (self.receipts.tag(&push.id), Some(topics))
             }
-            false => None,
+            false => (None, None),
         };
         let expires_ms = push.ttl.map(|t| crate::utc::now_ms() + u64::from(t) * 1000);
-        Some(Arc::new(Meta { tag, expires_ms }))
+        let meta =
+            (tag.is_some() || expires_ms.is_some()).then(|| Arc::new(Meta { tag, expires_ms }));
+        (meta, tracked)
     }
 
     /// Topics of the push's MQTT-only users who have messages kept (before

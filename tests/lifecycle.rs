@@ -183,3 +183,23 @@ async fn devices_disconnected_by_shutdown_leave_focus() {
     let records = registry.users(&[Id::from("7")]).await.unwrap();
     assert!(!records[0].as_ref().unwrap().app_focus);
 }
+
+/// A device that takes a QoS 1 message and never acknowledges it holds the
+/// shutdown only for the drain deadline (5 s), not for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_never_acknowledges_does_not_hold_the_shutdown() {
+    let server = server::start(server::settings(None)).await;
+    let mut opts = Device::options(server.mqtt_addr, "silent", true);
+    opts.set_manual_acks(true);
+    let mut device = Device::connect_opts(opts).await;
+    device.subscribe("push/user/7").await;
+    let mut backend = support::proxy::Backend::connect(server.proxy_addr).await;
+    assert_eq!(backend.push(2, Mp::from(7), &json!({"n": 1})).await, 0x00);
+    let (_, payload, _) = device.next_publish().await;
+    assert_eq!(&payload[..], br#"{"n":1}"#);
+    let events = tokio::spawn(async move { while device.events.poll().await.is_ok() {} });
+    tokio::time::timeout(Duration::from_secs(30), server.stop())
+        .await
+        .expect("the server stopped within 30 s with an unacknowledged message in flight");
+    events.abort();
+}

@@ -114,13 +114,22 @@ pub(super) async fn start(inner: Arc<Inner>, devices: &Phase) -> Result<Addrs, M
     })
 }
 
-/// Removes persistent sessions that stayed offline past their expiry.
+/// Wakes connections whose deadline has passed and removes persistent
+/// sessions that stayed offline past their expiry. On shutdown it tells the
+/// connections to drain and goes on waking them until the last has ended:
+/// their drain deadline is one of the deadlines it watches.
 async fn sweep(inner: Arc<Inner>, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(SWEEP_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = shutdown.cancelled() => return inner.stop_connections(),
+            _ = shutdown.cancelled() => {
+                inner.stop_connections();
+                while !inner.clocks.is_empty() {
+                    inner.clocks.sweep(tick.tick().await);
+                }
+                return;
+            }
             now = tick.tick() => {
                 inner.clocks.sweep(now);
                 let n = inner.sessions().sweep(now);

@@ -141,6 +141,10 @@ impl Clocks {
     fn len(&self) -> usize {
         self.live().len()
     }
+
+    pub fn is_empty(&self) -> bool {
+        self.live().is_empty()
+    }
 }
 
 #[cfg(test)]

@@ -10,13 +10,14 @@
 //! boolean test. Once stored, the changes also go to the `webhook` when
 //! one is set.
 
+mod memory;
+mod queue;
 mod store;
 mod webhook;
 
 use std::sync::Arc;
 
 use serde_json::{json, Value};
-use tokio::sync::mpsc;
 use tracing::warn;
 
 use crate::lifecycle::Phase;
@@ -34,19 +35,22 @@ pub enum ReceiptsError {
     Redis(#[from] redis::RedisError),
 }
 
+/// A tracked push's MQTT topics, shared by the changes recorded for it.
+pub type Topics = Arc<[Arc<str>]>;
+
 /// One change to a push's outcome.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     /// Routed: the MQTT topics, APNs users and unknown users it targets,
     /// and every user it is for (listed by `GET /v1/users/{id}/pushes`).
     Routed {
-        mqtt: Vec<String>,
+        mqtt: Topics,
         apns: Vec<Id>,
         unknown_users: Vec<Id>,
         users: Box<[Id]>,
     },
     /// Written to this many sessions' queues on `topic`.
-    MqttWritten { topic: String, sessions: usize },
+    MqttWritten { topic: Arc<str>, sessions: usize },
     /// A device acknowledged it on `topic` (QoS 1 PUBACK).
     MqttAcked {
         topic: Arc<str>,
@@ -80,10 +84,11 @@ impl Event {
                 apns,
                 unknown_users,
                 ..
-            } => json!({"push": id, "at": at, "event": "routed", "mqtt": mqtt,
+            } => json!({"push": id, "at": at, "event": "routed",
+                "mqtt": mqtt.iter().map(|t| &**t).collect::<Vec<_>>(),
                 "apns": ids(apns), "unknown_users": ids(unknown_users)}),
             Event::MqttWritten { topic, sessions } => json!({"push": id, "at": at,
-                "event": "mqtt_written", "topic": topic, "sessions": sessions}),
+                "event": "mqtt_written", "topic": &**topic, "sessions": sessions}),
             Event::MqttAcked { topic, client_id } => json!({"push": id, "at": at,
                 "event": "mqtt_acked", "topic": &**topic, "client_id": &**client_id}),
             Event::OfflineKept { user } => json!({"push": id, "at": at,
@@ -127,7 +132,7 @@ pub(crate) struct Outlets {
 pub struct Receipts(Option<Arc<Inner>>);
 
 struct Inner {
-    queue: mpsc::Sender<Change>,
+    queue: Arc<queue::Queue>,
     store: Store,
     stats: Arc<Stats>,
     ack_timeout_ms: u64,
@@ -146,7 +151,7 @@ impl Receipts {
             return Receipts(None);
         }
         let store = Store::new(settings, redis);
-        let (tx, rx) = mpsc::channel(settings.queue);
+        let queue = Arc::new(queue::Queue::new(settings.queue));
         let webhook = settings.webhook_url.as_ref().map(|url| {
             let hook = Webhook::new(settings.webhook_queue, stats.clone());
             let secret = settings.webhook_secret.clone().unwrap_or_default();
@@ -162,10 +167,10 @@ impl Receipts {
         let outlets = Outlets { webhook, stream };
         let writer = store
             .clone()
-            .write(rx, outlets, stats.clone(), rest.token());
+            .write(queue.clone(), outlets, stats.clone(), rest.token());
         rest.spawn(writer);
         Receipts(Some(Arc::new(Inner {
-            queue: tx,
+            queue,
             store,
             stats,
             ack_timeout_ms: settings.ack_timeout_secs.saturating_mul(1000),
@@ -180,7 +185,7 @@ impl Receipts {
     pub fn record(&self, push: &PushId, event: Event) {
         let Some(inner) = &self.0 else { return };
         let change = (push.clone(), crate::utc::now_ms(), event);
-        if inner.queue.try_send(change).is_err() {
+        if !inner.queue.push(change) {
             inner.stats.receipts_dropped.inc();
         }
     }
@@ -258,7 +263,7 @@ mod tests {
         let meta = 16 + size_of::<crate::mqtt::Meta>();
         let changes = 3 * size_of::<Change>();
         println!("Arc<Meta> {meta} bytes, 3 queued changes {changes} bytes");
-        assert!(meta <= 80, "Arc<Meta> grew to {meta} bytes");
-        assert!(changes <= 384, "3 changes grew to {changes} bytes");
+        assert!(meta <= 64, "Arc<Meta> grew to {meta} bytes");
+        assert!(changes <= 336, "3 changes grew to {changes} bytes");
     }
 }

@@ -1,6 +1,6 @@
 //! Where outcomes are kept: a hash of fields per push, in Redis (`HSET`,
-//! `HINCRBY`, `EXPIRE` after every change) or in memory with the same
-//! fields, bounded by count and bytes (the oldest pushes go first).
+//! `HINCRBY`, then one `EXPIRE` per push in each batch of changes) or in
+//! memory (`memory`), typed, rendered as the same fields when asked.
 //!
 //! Fields: `routed_at`, `route` (JSON: topics, APNs users, unknown users);
 //! per topic `mqtt:<topic>:sessions`, `:written_at`, `:acks`, `:acked_at`;
@@ -11,14 +11,15 @@
 //! push key with `{id}` = `user/<user>` (no push id has a `/`); in memory
 //! the records themselves say whom they are for.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use redis::Value as RedisValue;
 use serde_json::{json, Map, Value};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::memory::Memory;
+use super::queue::Queue;
 use super::{store_failed, Change, Event, Outlets, ReceiptsError};
 use crate::push::{Id, PushId};
 use crate::redis_conn::RedisConn;
@@ -28,11 +29,8 @@ use tracing::warn;
 
 /// Changes applied together: one Redis round trip.
 const BATCH: usize = 512;
-/// What the in-memory store counts for a push (the record, its map and
-/// order entries), an id in it and a per-user field, beyond their text.
-const RECORD_COST: usize = 200;
-const ID_COST: usize = 32;
-const FIELD_COST: usize = 48;
+/// How long the writer lets a batch gather once a change has come.
+const GATHER: std::time::Duration = std::time::Duration::from_millis(1);
 /// How many of a user's last pushes are listed.
 pub const RECENT: usize = 20;
 
@@ -44,22 +42,19 @@ enum Op {
 
 /// The writes an event makes.
 fn ops(event: &Event, at: u64) -> Vec<Op> {
-    let state = |s: Value| s.to_string();
     match event {
         Event::Routed {
             mqtt,
             apns,
             unknown_users,
             ..
-        } => vec![
-            Op::Set("routed_at".into(), at.to_string()),
-            Op::Set(
-                "route".into(),
-                json!({"mqtt": mqtt, "apns": super::ids(apns),
-                    "unknown_users": super::ids(unknown_users)})
-                .to_string(),
-            ),
-        ],
+        } => {
+            let topics: Vec<&str> = mqtt.iter().map(|t| &**t).collect();
+            vec![
+                Op::Set("routed_at".into(), at.to_string()),
+                Op::Set("route".into(), route_json(&topics, apns, unknown_users)),
+            ]
+        }
         Event::MqttWritten { topic, sessions } => vec![
             Op::Set(format!("mqtt:{topic}:sessions"), sessions.to_string()),
             Op::Set(format!("mqtt:{topic}:written_at"), at.to_string()),
@@ -68,35 +63,54 @@ fn ops(event: &Event, at: u64) -> Vec<Op> {
             Op::Incr(format!("mqtt:{topic}:acks")),
             Op::Set(format!("mqtt:{topic}:acked_at"), at.to_string()),
         ],
-        Event::OfflineKept { user } => vec![Op::Set(
+        other => user_states(other, at)
+            .into_iter()
+            .map(|(name, value)| Op::Set(name, value))
+            .collect(),
+    }
+}
+
+/// The `route` field: `{"mqtt": [...], "apns": [...], "unknown_users": [...]}`.
+pub(super) fn route_json(topics: &[&str], apns: &[Id], unknown: &[Id]) -> String {
+    json!({"mqtt": topics, "apns": super::ids(apns), "unknown_users": super::ids(unknown)})
+        .to_string()
+}
+
+/// The per-user fields (`offline:<user>`, `apns:<user>`: JSON with
+/// `state` and `at`) an event sets; none for the MQTT ones.
+pub(super) fn user_states(event: &Event, at: u64) -> Option<(String, String)> {
+    let state = |s: Value| s.to_string();
+    Some(match event {
+        Event::Routed { .. } | Event::MqttWritten { .. } | Event::MqttAcked { .. } => return None,
+        Event::OfflineKept { user } => (
             format!("offline:{user}"),
             state(json!({"state": "kept", "at": at})),
-        )],
-        Event::OfflineReplayed { user } => vec![Op::Set(
+        ),
+        Event::OfflineReplayed { user } => (
             format!("offline:{user}"),
             state(json!({"state": "replayed", "at": at})),
-        )],
-        Event::OfflineExpired { user } => vec![Op::Set(
+        ),
+        Event::OfflineExpired { user } => (
             format!("offline:{user}"),
             state(json!({"state": "expired", "at": at})),
-        )],
-        Event::ApnsAccepted { user, apns_id } => vec![Op::Set(
+        ),
+        Event::ApnsAccepted { user, apns_id } => (
             format!("apns:{user}"),
             state(json!({"state": "accepted", "apns_id": apns_id, "at": at})),
-        )],
+        ),
         Event::ApnsRejected {
             user,
             status,
             reason,
-        } => vec![Op::Set(
+        } => (
             format!("apns:{user}"),
             state(json!({"state": "rejected", "status": status, "reason": reason, "at": at})),
-        )],
-        Event::ApnsDeadToken { user, reason } => vec![Op::Set(
+        ),
+        Event::ApnsDeadToken { user, reason } => (
             format!("apns:{user}"),
             state(json!({"state": "dead_token", "reason": reason, "at": at})),
-        )],
-    }
+        ),
+    })
 }
 
 #[derive(Clone)]
@@ -109,241 +123,6 @@ pub enum Store {
     },
 }
 
-/// The in-memory records, oldest first in `order`.
-pub struct Memory {
-    records: HashMap<PushId, Record>,
-    order: VecDeque<PushId>,
-    bytes: usize,
-    max_records: usize,
-    max_bytes: usize,
-    ttl_ms: u64,
-}
-
-/// One push's outcome, typed (the Redis hash's fields are rendered from
-/// it only when asked): a few hundred bytes, not one allocation a field.
-struct Record {
-    changed_ms: u64,
-    routed_at: u64,
-    topics: Vec<Topic>,
-    apns: Vec<Id>,
-    unknown: Vec<Id>,
-    /// Every user the push is for.
-    targets: Box<[Id]>,
-    /// `apns:<user>` and `offline:<user>` with their JSON.
-    users: Vec<(Box<str>, Box<str>)>,
-    bytes: usize,
-}
-
-struct Topic {
-    name: Box<str>,
-    sessions: Option<usize>,
-    written_at: u64,
-    acks: u64,
-    acked_at: u64,
-}
-
-impl Record {
-    fn new(
-        at: u64,
-        mqtt: Vec<String>,
-        apns: Vec<Id>,
-        unknown: Vec<Id>,
-        targets: Box<[Id]>,
-    ) -> Record {
-        let topics = mqtt
-            .into_iter()
-            .map(|t| Topic {
-                name: t.into_boxed_str(),
-                sessions: None,
-                written_at: 0,
-                acks: 0,
-                acked_at: 0,
-            })
-            .collect();
-        let mut r = Record {
-            changed_ms: at,
-            routed_at: at,
-            topics,
-            apns,
-            unknown,
-            targets,
-            users: Vec::new(),
-            bytes: 0,
-        };
-        r.bytes = r.cost();
-        r
-    }
-
-    /// What the record counts against `receipts.max_bytes`.
-    fn cost(&self) -> usize {
-        let ids = |v: &[Id]| v.iter().map(|i| ID_COST + i.as_str().len()).sum::<usize>();
-        RECORD_COST
-            + self
-                .topics
-                .iter()
-                .map(|t| std::mem::size_of::<Topic>() + t.name.len())
-                .sum::<usize>()
-            + ids(&self.apns)
-            + ids(&self.unknown)
-            + ids(&self.targets)
-            + self
-                .users
-                .iter()
-                .map(|(n, v)| FIELD_COST + n.len() + v.len())
-                .sum::<usize>()
-    }
-
-    fn topic(&mut self, name: &str) -> Option<&mut Topic> {
-        self.topics.iter_mut().find(|t| &*t.name == name)
-    }
-
-    fn apply(&mut self, at: u64, event: &Event) {
-        self.changed_ms = at;
-        match event {
-            Event::Routed { .. } => {}
-            Event::MqttWritten { topic, sessions } => {
-                if let Some(t) = self.topic(topic) {
-                    (t.sessions, t.written_at) = (Some(*sessions), at);
-                }
-            }
-            Event::MqttAcked { topic, .. } => {
-                if let Some(t) = self.topic(topic) {
-                    (t.acks, t.acked_at) = (t.acks + 1, at);
-                }
-            }
-            other => {
-                for op in ops(other, at) {
-                    let Op::Set(name, value) = op else { continue };
-                    match self.users.iter_mut().find(|(n, _)| **n == *name) {
-                        Some((_, v)) => *v = value.into(),
-                        None => self.users.push((name.into(), value.into())),
-                    }
-                }
-            }
-        }
-    }
-
-    /// The fields the Redis hash would hold.
-    fn fields(&self) -> Vec<(String, String)> {
-        let mut f = ops(
-            &Event::Routed {
-                mqtt: self.topics.iter().map(|t| t.name.to_string()).collect(),
-                apns: self.apns.clone(),
-                unknown_users: self.unknown.clone(),
-                users: Box::default(),
-            },
-            self.routed_at,
-        )
-        .into_iter()
-        .filter_map(|op| match op {
-            Op::Set(n, v) => Some((n, v)),
-            Op::Incr(_) => None,
-        })
-        .collect::<Vec<_>>();
-        for t in &self.topics {
-            let name = &t.name;
-            if let Some(n) = t.sessions {
-                f.push((format!("mqtt:{name}:sessions"), n.to_string()));
-                f.push((format!("mqtt:{name}:written_at"), t.written_at.to_string()));
-            }
-            if t.acks > 0 {
-                f.push((format!("mqtt:{name}:acks"), t.acks.to_string()));
-                f.push((format!("mqtt:{name}:acked_at"), t.acked_at.to_string()));
-            }
-        }
-        f.extend(
-            self.users
-                .iter()
-                .map(|(n, v)| (n.to_string(), v.to_string())),
-        );
-        f
-    }
-}
-
-impl Memory {
-    /// Applies one change; returns how many records were evicted for it.
-    /// Only `Routed` (always a push's first change) starts a record: a late
-    /// change to a forgotten push does not bring back part of it.
-    fn apply(&mut self, (push, at, event): Change) -> usize {
-        let record = match (self.records.get_mut(&push), event) {
-            (Some(r), event) => {
-                let before = r.bytes;
-                r.apply(at, &event);
-                r.bytes = r.cost();
-                self.bytes = self.bytes + r.bytes - before;
-                r.changed_ms = at;
-                return self.evict(at);
-            }
-            (
-                None,
-                Event::Routed {
-                    mqtt,
-                    apns,
-                    unknown_users,
-                    users,
-                },
-            ) => Record::new(at, mqtt, apns, unknown_users, users),
-            (None, _) => return 0,
-        };
-        self.bytes += record.bytes;
-        self.order.push_back(push.clone());
-        self.records.insert(push, record);
-        self.evict(at)
-    }
-
-    /// Forgets the oldest records while over a bound or expired (the
-    /// newest is kept even alone over `max_bytes`: it is being written).
-    fn evict(&mut self, now: u64) -> usize {
-        let mut evicted = 0;
-        while self.order.len() > 1 {
-            let oldest = &self.order[0];
-            let expired = self
-                .records
-                .get(oldest)
-                .is_none_or(|r| r.changed_ms + self.ttl_ms <= now);
-            let over = self.records.len() > self.max_records || self.bytes > self.max_bytes;
-            if !expired && !over {
-                break;
-            }
-            let id = self.order.pop_front().expect("not empty");
-            if let Some(r) = self.records.remove(&id) {
-                self.bytes -= r.bytes;
-                evicted += usize::from(!expired);
-            }
-        }
-        evicted
-    }
-
-    fn fields(&self, push: &PushId, now: u64) -> Option<Vec<(String, String)>> {
-        let r = self.records.get(push)?;
-        (r.changed_ms + self.ttl_ms > now).then(|| r.fields())
-    }
-
-    /// The last [`RECENT`] live pushes for `user`, newest first: a scan of
-    /// the records, which `max_records` bounds.
-    fn recent(&self, user: &Id, now: u64) -> Vec<PushId> {
-        self.order
-            .iter()
-            .rev()
-            .filter(|id| {
-                self.records
-                    .get(*id)
-                    .is_some_and(|r| r.changed_ms + self.ttl_ms > now && r.targets.contains(user))
-            })
-            .take(RECENT)
-            .cloned()
-            .collect()
-    }
-
-    pub fn len(&self) -> usize {
-        self.records.len()
-    }
-
-    pub fn bytes(&self) -> usize {
-        self.bytes
-    }
-}
-
 impl Store {
     pub fn new(settings: &ReceiptsSettings, redis: Option<RedisConn>) -> Store {
         match redis {
@@ -352,14 +131,11 @@ impl Store {
                 key: settings.key.clone(),
                 ttl_secs: settings.ttl_secs,
             },
-            None => Store::Memory(Arc::new(Mutex::new(Memory {
-                records: HashMap::new(),
-                order: VecDeque::new(),
-                bytes: 0,
-                max_records: settings.max_records,
-                max_bytes: settings.max_bytes,
-                ttl_ms: settings.ttl_secs.saturating_mul(1000),
-            }))),
+            None => Store::Memory(Arc::new(Mutex::new(Memory::new(
+                settings.max_records,
+                settings.max_bytes,
+                settings.ttl_secs.saturating_mul(1000),
+            )))),
         }
     }
 
@@ -367,31 +143,37 @@ impl Store {
         m.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The writer: applies changes in batches until `stop`, then what is
-    /// still queued; each batch, once stored, goes to `webhook`.
+    /// The writer: applies changes in batches (gathered for up to
+    /// [`GATHER`]) until `stop`, then what is still queued; each batch,
+    /// once stored, goes to `webhook`.
     pub(super) async fn write(
         self,
-        mut rx: mpsc::Receiver<Change>,
+        queue: Arc<Queue>,
         outlets: Outlets,
         stats: Arc<Stats>,
         stop: CancellationToken,
     ) {
         let mut batch = Vec::with_capacity(BATCH);
         loop {
-            let n = tokio::select! {
-                n = rx.recv_many(&mut batch, BATCH) => n,
-                _ = stop.cancelled() => {
-                    rx.close();
-                    while rx.recv_many(&mut batch, BATCH).await > 0 {
-                        self.apply(&mut batch, &outlets, &stats).await;
-                    }
-                    return;
-                }
+            let stopping = tokio::select! {
+                _ = queue.rung() => false,
+                _ = stop.cancelled() => true,
             };
-            if n == 0 {
+            if !stopping {
+                // Under load, one pass a millisecond rather than one per change.
+                tokio::select! {
+                    _ = tokio::time::sleep(GATHER) => {}
+                    _ = stop.cancelled() => {}
+                }
+            }
+            let mut taken = queue.take(stopping);
+            while !taken.is_empty() {
+                batch.extend(taken.drain(..taken.len().min(BATCH)));
+                self.apply(&mut batch, &outlets, &stats).await;
+            }
+            if stopping {
                 return;
             }
-            self.apply(&mut batch, &outlets, &stats).await;
         }
     }
 
@@ -448,6 +230,8 @@ impl Store {
                 ttl_secs,
             } => {
                 let mut cmds = Vec::with_capacity(batch.len() * 3);
+                // A push's changes mostly come in the same batch: one EXPIRE each.
+                let mut touched = std::collections::HashSet::new();
                 for (push, at, event) in batch.drain(..) {
                     let key = key_template.replace("{id}", &push.to_string());
                     if let Event::Routed { users, .. } = &event {
@@ -470,7 +254,10 @@ impl Store {
                             Op::Incr(f) => redis::cmd("HINCRBY").arg(&key).arg(f).arg(1).clone(),
                         });
                     }
-                    cmds.push(redis::cmd("EXPIRE").arg(&key).arg(*ttl_secs).clone());
+                    touched.insert(key);
+                }
+                for key in touched {
+                    cmds.push(redis::cmd("EXPIRE").arg(key).arg(*ttl_secs).clone());
                 }
                 match conn.each::<RedisValue>(cmds).await {
                     Ok(results) if results.iter().all(Result::is_ok) => {
@@ -658,101 +445,18 @@ fn outcome(push: &PushId, fields: Vec<(String, String)>, overdue: u64) -> Value 
 mod tests {
     use super::*;
 
-    fn memory(max_records: usize, max_bytes: usize) -> Memory {
-        Memory {
-            records: HashMap::new(),
-            order: VecDeque::new(),
-            bytes: 0,
-            max_records,
-            max_bytes,
-            ttl_ms: 60_000,
-        }
-    }
-
-    fn routed(n: usize) -> Event {
-        Event::Routed {
-            mqtt: vec![format!("push/user/{n}")],
-            apns: vec![],
-            unknown_users: vec![Id::from(n as u64)],
-            users: Box::new([Id::from(n as u64 % 2)]),
-        }
-    }
-
-    #[test]
-    fn count_bound_forgets_the_oldest() {
-        let mut m = memory(3, usize::MAX);
-        let ids: Vec<PushId> = (0..5).map(|_| PushId::generate()).collect();
-        let evicted: usize = ids
-            .iter()
-            .enumerate()
-            .map(|(i, id)| m.apply((id.clone(), 1000, routed(i))))
-            .sum();
-        assert_eq!((evicted, m.len()), (2, 3));
-        assert!(m.fields(&ids[1], 1000).is_none());
-        // A late change to a forgotten push does not bring part of it back.
-        let late = Event::MqttAcked {
-            topic: "push/user/0".into(),
-            client_id: "c".into(),
-        };
-        assert_eq!(m.apply((ids[0].clone(), 1000, late)), 0);
-        assert!(m.fields(&ids[0], 1000).is_none());
-        assert!(m.fields(&ids[2], 1000).is_some());
-    }
-
-    #[test]
-    fn a_users_recent_pushes_are_the_newest_live_ones_and_bounded() {
-        let mut m = memory(100, usize::MAX);
-        let ids: Vec<PushId> = (0..50).map(|_| PushId::generate()).collect();
-        for (i, id) in ids.iter().enumerate() {
-            m.apply((id.clone(), 1000 + i as u64, routed(i)));
-        }
-        // routed(i) is for user i % 2: the even pushes are user 0's.
-        let even: Vec<PushId> = ids.iter().step_by(2).rev().take(RECENT).cloned().collect();
-        assert_eq!(m.recent(&Id::from(0u64), 1050), even);
-        assert!(m.recent(&Id::from(7u64), 1050).is_empty());
-        // Expired records are not listed.
-        assert!(m.recent(&Id::from(0u64), 1_000_000).is_empty());
-    }
-
-    #[test]
-    fn byte_bound_holds_however_many_pushes_come() {
-        let max = 10_000;
-        let mut m = memory(usize::MAX, max);
-        for i in 0..1_000 {
-            let id = PushId::generate();
-            m.apply((id.clone(), 1000, routed(i)));
-            let acked = Event::MqttAcked {
-                topic: format!("push/user/{i}").into(),
-                client_id: "c".into(),
-            };
-            m.apply((id, 1000, acked));
-            assert!(m.bytes() <= max, "{} bytes after {i} pushes", m.bytes());
-        }
-        // Each record is counted, and the sum is the store's.
-        let sum: usize = m.records.values().map(|r| r.cost()).sum();
-        assert_eq!(sum, m.bytes());
-        assert!(m.len() > 10 && m.len() < 100, "{} records", m.len());
-    }
-
-    #[test]
-    fn expired_records_are_not_answered_and_go_first() {
-        let mut m = memory(10, usize::MAX);
-        let old = PushId::generate();
-        m.apply((old.clone(), 1000, routed(1)));
-        assert!(m.fields(&old, 60_999).is_some());
-        assert!(m.fields(&old, 61_000).is_none());
-        m.apply((PushId::generate(), 61_000, routed(2)));
-        assert_eq!(m.len(), 1);
+    fn memory() -> Memory {
+        Memory::new(10, usize::MAX, 60_000)
     }
 
     #[test]
     fn topic_states() {
         let state = |sessions: Option<usize>, acks: usize, overdue: u64| {
-            let mut m = memory(10, usize::MAX);
+            let mut m = memory();
             let id = PushId::generate();
             let topic = "push/user/1".to_string();
             let routed = Event::Routed {
-                mqtt: vec![topic.clone()],
+                mqtt: Arc::new([topic.as_str().into()]),
                 apns: vec![],
                 unknown_users: vec![],
                 users: Box::default(),
@@ -760,7 +464,7 @@ mod tests {
             m.apply((id.clone(), 1, routed));
             if let Some(sessions) = sessions {
                 let written = Event::MqttWritten {
-                    topic: topic.clone(),
+                    topic: topic.as_str().into(),
                     sessions,
                 };
                 m.apply((id.clone(), 10, written));
@@ -785,14 +489,14 @@ mod tests {
 
     #[test]
     fn outcome_per_target() {
-        let mut m = memory(10, usize::MAX);
+        let mut m = memory();
         let id = PushId::generate();
         let topic: Arc<str> = "push/user/1".into();
         for (at, e) in [
             (
                 1,
                 Event::Routed {
-                    mqtt: vec![topic.to_string()],
+                    mqtt: Arc::new([topic.clone()]),
                     apns: vec![Id::from(2u64), Id::from(3u64)],
                     unknown_users: vec![Id::from(4u64)],
                     users: Box::default(),
@@ -801,7 +505,7 @@ mod tests {
             (
                 2,
                 Event::MqttWritten {
-                    topic: topic.to_string(),
+                    topic: topic.clone(),
                     sessions: 2,
                 },
             ),
