@@ -8,7 +8,7 @@ mod support;
 
 use std::net::TcpStream;
 
-use heap::{by_size, device, grown_by_size, live, Counting};
+use heap::{by_size, device, grown_by_size, live, runtime_and_settings, Counting};
 
 #[global_allocator]
 static ALLOC: Counting = Counting;
@@ -20,15 +20,7 @@ const MAX_ALLOCS_PER_DEVICE: isize = 12;
 
 #[test]
 fn an_idle_subscribed_device_costs_little_heap() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let mut settings = support::server::settings(None);
-    settings.mqtt.max_connections_per_ip = 0;
-    settings.mqtt.connect_rate = 1_000_000;
-    settings.mqtt.connect_burst = 1_000_000;
+    let (rt, settings) = runtime_and_settings();
     let server = rt.block_on(support::server::start(settings));
     let addr = server.mqtt_addr;
     // Warm up: the maps and the runtime's slabs exist before measuring.

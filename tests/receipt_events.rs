@@ -64,11 +64,7 @@ async fn device_events_say_who_connected_and_why_they_left() {
 
     // A clean DISCONNECT; the user learned from its own topic.
     let mut d1 = Device::connect(mqtt, "d1", true).await;
-    let connected = hook
-        .until(is("device.connected", "d1"))
-        .await
-        .pop()
-        .unwrap();
+    let connected = hook.matching(is("device.connected", "d1")).await;
     assert_eq!(
         (
             &connected["users"],
@@ -81,11 +77,7 @@ async fn device_events_say_who_connected_and_why_they_left() {
     assert!(peer.ip().is_loopback() && peer.port() > 0, "{connected}");
     d1.subscribe("push/user/7").await;
     d1.disconnect().await;
-    let gone = hook
-        .until(is("device.disconnected", "d1"))
-        .await
-        .pop()
-        .unwrap();
+    let gone = hook.matching(is("device.disconnected", "d1")).await;
     assert_eq!(
         (&gone["reason"], &gone["users"], &gone["peer"]),
         (&json!("disconnect"), &json!(["7"]), &connected["peer"])
@@ -97,52 +89,32 @@ async fn device_events_say_who_connected_and_why_they_left() {
     let _first = raw_connect(mqtt, "same", 60).await;
     hook.until(is("device.connected", "same")).await;
     let _second = raw_connect(mqtt, "same", 60).await;
-    let gone = hook
-        .until(is("device.disconnected", "same"))
-        .await
-        .pop()
-        .unwrap();
+    let gone = hook.matching(is("device.disconnected", "same")).await;
     assert_eq!(gone["reason"], "taken_over");
 
     // Silent past its keep-alive (1 s, held to 1.5 s).
     let _silent = raw_connect(mqtt, "silent", 1).await;
-    let gone = hook
-        .until(is("device.disconnected", "silent"))
-        .await
-        .pop()
-        .unwrap();
+    let gone = hook.matching(is("device.disconnected", "silent")).await;
     assert_eq!(gone["reason"], "keepalive_timeout");
 
     // A malformed packet, and a socket closed without DISCONNECT.
     let mut bad = raw_connect(mqtt, "bad", 60).await;
     bad.write_all(&[0x00, 0x00]).await.unwrap();
-    let gone = hook
-        .until(is("device.disconnected", "bad"))
-        .await
-        .pop()
-        .unwrap();
+    let gone = hook.matching(is("device.disconnected", "bad")).await;
     assert_eq!(gone["reason"], "error");
     assert!(
         gone["error"].as_str().unwrap().contains("malformed"),
         "{gone}"
     );
     drop(raw_connect(mqtt, "dropped", 60).await);
-    let gone = hook
-        .until(is("device.disconnected", "dropped"))
-        .await
-        .pop()
-        .unwrap();
+    let gone = hook.matching(is("device.disconnected", "dropped")).await;
     assert_eq!(gone["reason"], "closed");
 
     // MQTT 5.
     let opts = rumqttc::v5::MqttOptions::new("v5", mqtt.ip().to_string(), mqtt.port());
     let (_v5, mut events) = rumqttc::v5::AsyncClient::new(opts, 8);
     let poll = tokio::spawn(async move { while events.poll().await.is_ok() {} });
-    let v5 = hook
-        .until(is("device.connected", "v5"))
-        .await
-        .pop()
-        .unwrap();
+    let v5 = hook.matching(is("device.connected", "v5")).await;
     assert_eq!(v5["protocol"], "5");
     poll.abort();
     server.stop().await;

@@ -10,7 +10,9 @@ mod support;
 
 use std::net::TcpStream;
 
-use heap::{by_size, device, grown_by_size, live, puback, read_publish, Counting};
+use heap::{
+    by_size, device, grown_by_size, live, puback, read_publish, runtime_and_settings, Counting,
+};
 use pushbridge::stats::Stats;
 use rmpv::Value as Mp;
 use serde_json::json;
@@ -66,15 +68,7 @@ fn wait(
 
 #[test]
 fn a_receipt_costs_little_heap_per_push() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let mut settings = support::server::settings(None);
-    settings.mqtt.max_connections_per_ip = 0;
-    settings.mqtt.connect_rate = 1_000_000;
-    settings.mqtt.connect_burst = 1_000_000;
+    let (rt, mut settings) = runtime_and_settings();
     settings.receipts.enabled = true;
     let server = rt.block_on(support::server::start(settings));
     let stats = server.stats.clone();

@@ -124,3 +124,18 @@ pub fn puback(s: &mut TcpStream, pkid: u16) {
     let [hi, lo] = pkid.to_be_bytes();
     s.write_all(&[0x40, 2, hi, lo]).expect("PUBACK");
 }
+
+/// A two-worker runtime and the test server's settings with connection
+/// limits lifted, for thousands of devices from one address at once.
+pub fn runtime_and_settings() -> (tokio::runtime::Runtime, pushbridge::settings::Settings) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut settings = crate::support::server::settings(None);
+    settings.mqtt.max_connections_per_ip = 0;
+    settings.mqtt.connect_rate = 1_000_000;
+    settings.mqtt.connect_burst = 1_000_000;
+    (rt, settings)
+}

@@ -109,6 +109,11 @@ impl Receiver {
             }
         }
     }
+
+    /// The first event matching `want`; the ones before it are checked and dropped.
+    pub async fn matching(&mut self, want: impl Fn(&Value) -> bool) -> Value {
+        self.until(want).await.pop().expect("the match comes last")
+    }
 }
 
 async fn read(secret: &str, req: hyper::Request<hyper::body::Incoming>) -> Option<Request> {
