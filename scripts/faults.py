@@ -398,6 +398,11 @@ class Subscriber:
         with self.lock:
             return len(self.seen), self.lines - len(self.seen)
 
+    def seen_of(self, wanted):
+        """How many of `wanted` were seen."""
+        with self.lock:
+            return len(wanted & self.seen)
+
 
 class Backend:
     """One pipelined proxy connection: a writer and a status reader."""
@@ -473,8 +478,9 @@ def run(kind, args):
                 t = [i.totals() or {} for i in live]
                 return (sum(x.get("apns_delivered", 0) for x in t),
                         sum(x.get("apns_failed", 0) for x in t), 0)
-            seen, dup = sub.counts()
-            return seen - 1, 0, dup  # the probe
+            # Only accepted pushes count: a push the killed instance delivered
+            # but never answered is seen too, and must not end the wait early.
+            return sub.seen_of(ok), 0, sub.counts()[1]
 
         last, still = None, time.time()
         while True:
