@@ -82,6 +82,7 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
     let feedback = apns::Feedback::new(out.clone(), settings.feedback_topic());
     let receipts = Receipts::start(
         &settings.receipts,
+        &settings.mqtt.prefix,
         redis,
         &outlets,
         stats.clone(),
