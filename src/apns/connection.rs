@@ -12,7 +12,8 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use h2::client::SendRequest;
 use h2::{Ping, PingPong, Reason, RecvStream};
-use http::{Request, Response};
+use http::uri::{self, Authority, PathAndQuery, Scheme};
+use http::{Request, Response, Uri};
 use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
@@ -29,10 +30,13 @@ const MAX_RESPONSE_BODY: usize = 64 * 1024;
 /// A parsed `production_url`/`sandbox_url`.
 #[derive(Debug, Clone)]
 pub(crate) struct BaseUrl {
-    /// `https://host[:port]` without a trailing slash; requests append `/3/device/...`.
-    pub base: String,
     pub host: String,
     pub port: u16,
+    /// `host[:port]`, shared by every request's URI.
+    authority: Authority,
+    /// The URL's path without a trailing slash, then `/3/device/`; the
+    /// device token follows.
+    device_path: String,
 }
 
 impl BaseUrl {
@@ -41,16 +45,31 @@ impl BaseUrl {
             key,
             problem: format!("{url}: {problem}"),
         };
-        let uri: http::Uri = url.parse().map_err(|_| bad("not a URL"))?;
+        let uri: Uri = url.parse().map_err(|_| bad("not a URL"))?;
         if uri.scheme_str() != Some("https") {
             return Err(bad("must be an https:// URL"));
         }
         let host = uri.host().ok_or_else(|| bad("has no host"))?.to_owned();
+        let authority = uri.authority().cloned().ok_or_else(|| bad("has no host"))?;
         Ok(BaseUrl {
-            base: url.trim_end_matches('/').to_owned(),
             port: uri.port_u16().unwrap_or(443),
             host,
+            authority,
+            device_path: format!("{}/3/device/", uri.path().trim_end_matches('/')),
         })
+    }
+
+    /// `https://host[:port][/path]/3/device/<token>`, built from parts made
+    /// once rather than parsed from a string per request.
+    pub fn device_uri(&self, token: &str) -> Result<Uri, http::Error> {
+        let mut path = BytesMut::with_capacity(self.device_path.len() + token.len());
+        path.extend_from_slice(self.device_path.as_bytes());
+        path.extend_from_slice(token.as_bytes());
+        let mut parts = uri::Parts::default();
+        parts.scheme = Some(Scheme::HTTPS);
+        parts.authority = Some(self.authority.clone());
+        parts.path_and_query = Some(PathAndQuery::from_maybe_shared(path.freeze())?);
+        Ok(Uri::from_parts(parts)?)
     }
 }
 
@@ -193,8 +212,8 @@ impl Connection {
         }
     }
 
-    pub fn base(&self) -> &str {
-        &self.url.base
+    pub fn device_uri(&self, token: &str) -> Result<Uri, http::Error> {
+        self.url.device_uri(token)
     }
 
     pub fn span(&self) -> &Span {
@@ -382,7 +401,16 @@ mod tests {
         let u = BaseUrl::parse("production_url", "https://api.push.apple.com").unwrap();
         assert_eq!((u.host.as_str(), u.port), ("api.push.apple.com", 443));
         let u = BaseUrl::parse("sandbox_url", "https://localhost:8443/").unwrap();
-        assert_eq!((u.base.as_str(), u.port), ("https://localhost:8443", 8443));
+        assert_eq!((u.host.as_str(), u.port), ("localhost", 8443));
+        assert_eq!(
+            u.device_uri("ab12").unwrap().to_string(),
+            "https://localhost:8443/3/device/ab12"
+        );
+        let u = BaseUrl::parse("sandbox_url", "https://example.net/apple/").unwrap();
+        assert_eq!(
+            u.device_uri("ab12").unwrap().to_string(),
+            "https://example.net/apple/3/device/ab12"
+        );
         assert!(BaseUrl::parse("sandbox_url", "http://x").is_err());
         assert!(BaseUrl::parse("sandbox_url", "not a url").is_err());
     }

@@ -2,12 +2,12 @@
 //! as Apple documents (retry, renew the provider token, remove a dead
 //! token, give up), counting and reporting each outcome.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::{HeaderName, InvalidHeaderValue, AUTHORIZATION, CONTENT_TYPE};
-use http::{HeaderMap, HeaderValue, Method, Request, StatusCode, Uri};
+use http::{HeaderMap, HeaderValue, Method, Request, StatusCode};
 use tracing::{debug, info, warn};
 
 use super::endpoints::Endpoint;
@@ -25,13 +25,21 @@ use crate::settings::EventKind;
 /// What one attempt got back.
 struct Answer {
     status: Option<StatusCode>,
-    apns_id: String,
+    /// Apple's `apns-id`, kept as the header until a log or receipt reads it.
+    apns_id: Option<HeaderValue>,
     /// The provider token the request carried.
     jwt: Option<Bearer>,
     outcome: Outcome,
 }
 
 impl Answer {
+    fn apns_id(&self) -> &str {
+        self.apns_id
+            .as_ref()
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+    }
+
     fn status(&self) -> String {
         self.status
             .map_or_else(|| "none".to_owned(), |s| s.as_u16().to_string())
@@ -59,7 +67,7 @@ impl Shared {
                     stats.apns_delivered.inc();
                     self.receipt(&job, |user| Event::ApnsAccepted {
                         user,
-                        apns_id: answer.apns_id.clone(),
+                        apns_id: answer.apns_id().to_owned(),
                     });
                     debug!(user = %d.user, attempt, "APNs delivered");
                     job.settle();
@@ -126,7 +134,7 @@ impl Shared {
             Err(reason) => {
                 return Answer {
                     status: None,
-                    apns_id: String::new(),
+                    apns_id: None,
                     jwt: None,
                     outcome: Outcome::Rejected { reason },
                 }
@@ -152,14 +160,9 @@ impl Shared {
             self.sinks.stats.apns_latency.observe(sent_at.elapsed());
         }
         match sent {
-            Ok(resp) => {
+            Ok(mut resp) => {
                 let reason = apple_reason(resp.body());
-                let apns_id = resp
-                    .headers()
-                    .get("apns-id")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or_default()
-                    .to_owned();
+                let apns_id = resp.headers_mut().remove(APNS_ID);
                 Answer {
                     status: Some(resp.status()),
                     apns_id,
@@ -169,7 +172,7 @@ impl Shared {
             }
             Err(e) => Answer {
                 status: None,
-                apns_id: String::new(),
+                apns_id: None,
                 jwt,
                 outcome: Outcome::Retry {
                     reason: e.to_string(),
@@ -220,7 +223,7 @@ impl Shared {
             stats.apns_tokens_deleted.inc();
         }
         info!(user = %d.user, app = %d.app_ident, status = answer.status(), reason,
-            apns_id = answer.apns_id, deleted, "APNs: device token no longer valid");
+            apns_id = answer.apns_id(), deleted, "APNs: device token no longer valid");
         self.receipt(job, |user| Event::ApnsDeadToken {
             user,
             reason: reason.to_owned(),
@@ -247,7 +250,7 @@ impl Shared {
         self.sinks.stats.apns_failed.inc();
         if let Some(skipped) = self.failure_log.take(std::time::Instant::now()) {
             warn!(user = %d.user, app = %d.app_ident, status = answer.status(), reason,
-                apns_id = answer.apns_id, skipped, "APNs: not delivered");
+                apns_id = answer.apns_id(), skipped, "APNs: not delivered");
         }
         self.feedback(d, reason);
         self.receipt(job, |user| Event::ApnsRejected {
@@ -285,33 +288,33 @@ impl Shared {
         let bad = |e: &dyn std::fmt::Display| format!("cannot build request: {e}");
         let options = job.options.as_deref();
         let expiration = match (options.and_then(|o| o.expiration), self.expiration_secs) {
-            (Some(at), _) => at,
-            (None, 0) => 0,
-            (None, secs) => unix_now() + secs,
+            (Some(at), _) => HeaderValue::from(at),
+            (None, 0) => HeaderValue::from_static("0"),
+            (None, secs) => self.expiration.at(unix_now() + secs),
         };
-        let push_type = options
-            .and_then(|o| o.push_type.as_deref())
-            .unwrap_or(payload.push_type.header());
+        let push_type = match options.and_then(|o| o.push_type.as_deref()) {
+            Some(custom) => HeaderValue::from_str(custom).map_err(|e| bad(&e))?,
+            None => HeaderValue::from_static(payload.push_type.header()),
+        };
         // Apple requires 5 for background pushes; 10 is immediate.
         let priority = match options.and_then(|o| o.priority) {
             Some(p) => HeaderValue::from(u16::from(p)),
             None if push_type == "background" => HeaderValue::from_static("5"),
             None => HeaderValue::from_static("10"),
         };
-        let base = endpoint.conn.base();
-        let mut path = String::with_capacity(base.len() + 10 + token.len());
-        path.extend([base, "/3/device/", token]);
-        let uri = Uri::try_from(path).map_err(|e| bad(&e))?;
+        let uri = endpoint.conn.device_uri(token).map_err(|e| bad(&e))?;
+        let topic = endpoint.topic.clone();
+        let topic = topic.ok_or_else(|| bad(&"the app id is not a header value"))?;
         // Room for six headers is under 1 KiB, where allocations are cheap;
         // the seventh (apns-collapse-id) is rare.
         let mut headers = HeaderMap::with_capacity(6);
         let mut put = |name: HeaderName, value: Result<HeaderValue, InvalidHeaderValue>| {
             value.map(|v| headers.insert(name, v)).map_err(|e| bad(&e))
         };
-        put(TOPIC, HeaderValue::from_str(&job.delivery.app_ident))?;
-        put(PUSH_TYPE, HeaderValue::from_str(push_type))?;
+        put(TOPIC, Ok(topic))?;
+        put(PUSH_TYPE, Ok(push_type))?;
         put(PRIORITY, Ok(priority))?;
-        put(EXPIRATION, Ok(HeaderValue::from(expiration)))?;
+        put(EXPIRATION, Ok(expiration))?;
         put(
             CONTENT_TYPE,
             Ok(HeaderValue::from_static("application/json")),
@@ -336,9 +339,33 @@ const PUSH_TYPE: HeaderName = HeaderName::from_static("apns-push-type");
 const PRIORITY: HeaderName = HeaderName::from_static("apns-priority");
 const EXPIRATION: HeaderName = HeaderName::from_static("apns-expiration");
 const COLLAPSE_ID: HeaderName = HeaderName::from_static("apns-collapse-id");
+const APNS_ID: HeaderName = HeaderName::from_static("apns-id");
+
+/// `apns-expiration` for the default lifetime, made once a second rather
+/// than once a request.
+#[derive(Default)]
+pub(super) struct Expiration(Mutex<Option<(u64, HeaderValue)>>);
+
+impl Expiration {
+    fn at(&self, at: u64) -> HeaderValue {
+        let mut made = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match &*made {
+            Some((secs, value)) if *secs == at => value.clone(),
+            _ => {
+                let value = HeaderValue::from(at);
+                *made = Some((at, value.clone()));
+                value
+            }
+        }
+    }
+}
 
 /// Apple's `{"reason": "..."}`, or an empty reason.
 fn apple_reason(body: &Bytes) -> String {
+    if body.is_empty() {
+        // A 200's body: no error to build and drop.
+        return String::new();
+    }
     #[derive(serde::Deserialize)]
     struct Answer {
         reason: String,

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use http::HeaderValue;
 use rustls::RootCertStore;
 use tracing::{error, info_span, warn};
 
@@ -20,6 +21,9 @@ use crate::settings::ApnsSettings;
 /// One (app, environment) Apple can be reached for.
 pub(crate) struct Endpoint {
     pub conn: Connection,
+    /// `apns-topic`: the app's bundle id, made once; `None` when it cannot
+    /// be a header value (each request then fails, saying so).
+    pub topic: Option<HeaderValue>,
     /// Token auth; `None` means the TLS client certificate authenticates.
     pub token: Option<Arc<TokenSigner>>,
     /// When the client certificate expires (Unix seconds); `None` for token auth.
@@ -29,12 +33,36 @@ pub(crate) struct Endpoint {
 /// The endpoints of every usable app, and what each app was built from.
 #[derive(Default)]
 pub(crate) struct Endpoints {
-    pub map: HashMap<(String, Environment), Arc<Endpoint>>,
+    /// App → its endpoints (one or two environments); keyed by the app
+    /// alone so that a lookup borrows the delivery's app id.
+    map: HashMap<String, Vec<(Environment, Arc<Endpoint>)>>,
     /// App → its config entry and the bytes of its files.
     built_from: HashMap<String, Vec<u8>>,
 }
 
 impl Endpoints {
+    pub fn get(&self, app: &str, env: Environment) -> Option<&Arc<Endpoint>> {
+        let envs = self.map.get(app)?;
+        envs.iter()
+            .find(|(e, _)| *e == env)
+            .map(|(_, endpoint)| endpoint)
+    }
+
+    /// How many (app, environment) pairs can be sent to.
+    pub fn len(&self) -> usize {
+        self.map.values().map(Vec::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    fn insert(&mut self, (app, env): (String, Environment), endpoint: Arc<Endpoint>) {
+        let envs = self.map.entry(app).or_default();
+        envs.retain(|(e, _)| *e != env);
+        envs.push((env, endpoint));
+    }
+
     /// The (app, environment) pairs, sorted by app, sandbox first.
     pub fn configured(&self) -> Vec<(String, Environment)> {
         self.loaded().into_iter().map(|a| (a.app, a.env)).collect()
@@ -45,10 +73,12 @@ impl Endpoints {
         let mut v: Vec<_> = self
             .map
             .iter()
-            .map(|((app, env), e)| LoadedApp {
-                app: app.clone(),
-                env: *env,
-                cert_expires: e.cert_expires,
+            .flat_map(|(app, envs)| {
+                envs.iter().map(|(env, e)| LoadedApp {
+                    app: app.clone(),
+                    env: *env,
+                    cert_expires: e.cert_expires,
+                })
             })
             .collect();
         v.sort_by_key(|a| (a.app.clone(), a.env == Environment::Production));
@@ -132,22 +162,21 @@ impl Builder {
                     // One environment's file is broken: the other still works.
                     for (env, e) in failed {
                         refused += 1;
-                        let key = (app.clone(), env);
-                        match previous.map.get(&key) {
+                        match previous.get(&app, env) {
                             Some(old) => {
                                 error!("APNs app {app} ({env:?}): new credentials refused, keeping the old: {e}");
-                                next.map.insert(key, Arc::clone(old));
+                                next.insert((app.clone(), env), Arc::clone(old));
                             }
                             None => error!("APNs app {app} ({env:?}) disabled: {e}"),
                         }
                     }
-                    next.map.extend(endpoints);
+                    next.extend(endpoints);
                     next.built_from.insert(app, fingerprint);
                 }
                 Err(e) if previous.built_from.contains_key(&app) => {
                     refused += 1;
                     error!("APNs app {app}: new credentials refused, keeping the old: {e}");
-                    next.map.extend(previous.of(&app));
+                    next.extend(previous.of(&app));
                     next.built_from
                         .insert(app.clone(), previous.built_from[&app].clone());
                 }
@@ -195,6 +224,7 @@ impl Builder {
             let token = token.clone();
             let endpoint = Endpoint {
                 conn,
+                topic: HeaderValue::from_str(app).ok(),
                 token,
                 cert_expires,
             };
@@ -225,11 +255,18 @@ impl Builder {
 
 impl Endpoints {
     fn of(&self, app: &str) -> Keyed {
-        self.map
-            .iter()
-            .filter(|((a, _), _)| a == app)
-            .map(|(k, v)| (k.clone(), Arc::clone(v)))
+        let envs = self.map.get(app).map_or(&[][..], Vec::as_slice);
+        envs.iter()
+            .map(|(env, e)| ((app.to_owned(), *env), Arc::clone(e)))
             .collect()
+    }
+}
+
+impl Extend<((String, Environment), Arc<Endpoint>)> for Endpoints {
+    fn extend<I: IntoIterator<Item = ((String, Environment), Arc<Endpoint>)>>(&mut self, iter: I) {
+        for (key, endpoint) in iter {
+            self.insert(key, endpoint);
+        }
     }
 }
 

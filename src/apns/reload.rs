@@ -46,10 +46,7 @@ impl Credentials {
             Ok((next, refused)) => {
                 self.stats.apns_reloads.inc();
                 self.stats.apns_reloads_refused.add(refused as u64);
-                info!(
-                    endpoints = next.map.len(),
-                    refused, "APNs credentials reloaded"
-                );
+                info!(endpoints = next.len(), refused, "APNs credentials reloaded");
                 *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
             }
             Err(e) => {

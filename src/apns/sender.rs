@@ -6,6 +6,7 @@ use std::task::Poll;
 use std::time::Duration;
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
+use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio_util::sync::CancellationToken;
@@ -13,6 +14,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 
 use super::connection::{Driver, Transport};
+use super::deliver::Expiration;
 use super::endpoints::{Builder, Endpoint, LoadedApp};
 use super::feedback::Feedback;
 use super::log_budget::LogBudget;
@@ -21,6 +23,7 @@ use super::reload::{self, Credentials};
 use super::retry::RetryPolicy;
 use super::{ApnsError, ApnsJob};
 use crate::lifecycle::Phase;
+use crate::push::ApnsOptions;
 use crate::receipts::{Notices, Receipts};
 use crate::registry::Registry;
 use crate::router::Environment;
@@ -61,6 +64,7 @@ pub(super) struct Shared {
     pub credentials: Arc<Credentials>,
     pub sinks: Sinks,
     pub expiration_secs: u64,
+    pub expiration: Expiration,
     pub retry: RetryPolicy,
     pub jwt_refresh_min: Duration,
     pub shutdown: CancellationToken,
@@ -89,7 +93,7 @@ impl ApnsSender {
         // Taken first: a change made while loading still triggers a reload.
         let stamp = builder.stamp();
         let endpoints = builder.initial()?;
-        info!(endpoints = endpoints.map.len(), feedback = %sinks.feedback.topic(), "APNs sender ready");
+        info!(endpoints = endpoints.len(), feedback = %sinks.feedback.topic(), "APNs sender ready");
         let credentials = Arc::new(Credentials::new(
             builder,
             endpoints,
@@ -109,6 +113,7 @@ impl ApnsSender {
             credentials: Arc::clone(&credentials),
             sinks,
             expiration_secs: settings.expiration_secs,
+            expiration: Expiration::default(),
             retry: RetryPolicy::new(settings),
             jwt_refresh_min: Duration::from_secs(settings.jwt_refresh_min_secs),
             shutdown: shutdown.clone(),
@@ -188,7 +193,7 @@ impl ApnsSender {
     /// Ready when some app has usable credentials, or config.json lists
     /// none (APNs unused); otherwise why not.
     pub fn ready(&self) -> Result<(), String> {
-        if !self.credentials.current().map.is_empty() {
+        if !self.credentials.current().is_empty() {
             return Ok(());
         }
         let path = self.credentials.config();
@@ -225,6 +230,7 @@ async fn run(
     mut connections: mpsc::UnboundedReceiver<Driver>,
 ) {
     let mut under_way = FuturesUnordered::new();
+    let mut last_body = LastBody::default();
     let mut drivers = FuturesUnordered::new();
     let (mut receiving, mut closed) = (true, false);
     let stop = shared.shutdown.clone();
@@ -241,7 +247,7 @@ async fn run(
         loop {
             while receiving && under_way.len() < max_in_flight {
                 match rx.poll_recv(cx) {
-                    Poll::Ready(Some(mut job)) => match shared.prepare(&job) {
+                    Poll::Ready(Some(mut job)) => match shared.prepare(&job, &mut last_body) {
                         Some((endpoint, payload)) => {
                             let span = endpoint.conn.span().clone();
                             under_way.push(
@@ -291,18 +297,18 @@ async fn run(
 
 impl Shared {
     /// The endpoint and payload for `job`, or `None` after counting why not.
-    fn prepare(&self, job: &ApnsJob) -> Option<(Arc<Endpoint>, Payload)> {
+    fn prepare(&self, job: &ApnsJob, last: &mut LastBody) -> Option<(Arc<Endpoint>, Payload)> {
         let d = &job.delivery;
         let stats = &self.sinks.stats;
         let endpoints = self.credentials.current();
-        let Some(endpoint) = endpoints.map.get(&(d.app_ident.clone(), d.env)) else {
+        let Some(endpoint) = endpoints.get(&d.app_ident, d.env) else {
             stats.apns_no_credentials.inc();
             warn!(user = %d.user, app = %d.app_ident, env = ?d.env,
                 "APNs: no credentials for this app and environment; notification dropped");
             self.refused(job, "no credentials for this app and environment".into());
             return None;
         };
-        match Payload::with_options(&job.data, job.options.as_deref()) {
+        match last.payload(job) {
             Ok(p) => Some((Arc::clone(endpoint), p)),
             Err(PayloadError::TooLarge { size }) => {
                 stats.apns_too_large.inc();
@@ -327,5 +333,86 @@ impl Shared {
             status: None,
             reason,
         });
+    }
+}
+
+/// The last payload built and the push it was built for: a push's
+/// notifications to several devices arrive one after the other and share
+/// one body instead of each encoding the same data again.
+#[derive(Default)]
+struct LastBody(Option<Built>);
+
+struct Built {
+    data: Arc<Map<String, Value>>,
+    options: Option<Arc<ApnsOptions>>,
+    payload: Payload,
+}
+
+impl LastBody {
+    fn payload(&mut self, job: &ApnsJob) -> Result<Payload, PayloadError> {
+        if let Some(last) = &self.0 {
+            let same_options = match (&last.options, &job.options) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (a, b) => a.is_none() && b.is_none(),
+            };
+            if Arc::ptr_eq(&last.data, &job.data) && same_options {
+                return Ok(last.payload.clone());
+            }
+        }
+        let payload = Payload::with_options(&job.data, job.options.as_deref())?;
+        self.0 = Some(Built {
+            data: Arc::clone(&job.data),
+            options: job.options.clone(),
+            payload: payload.clone(),
+        });
+        Ok(payload)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::push::Id;
+    use crate::router::ApnsDelivery;
+
+    fn job(data: &Arc<Map<String, Value>>, options: Option<&Arc<ApnsOptions>>) -> ApnsJob {
+        ApnsJob {
+            delivery: ApnsDelivery {
+                user: Id::from(1u64),
+                token: "ab".into(),
+                app_ident: "com.example".into(),
+                env: Environment::Sandbox,
+            },
+            data: Arc::clone(data),
+            options: options.cloned(),
+            ack: None,
+            receipt: None,
+        }
+    }
+
+    #[test]
+    fn one_body_per_push_and_options() {
+        let data = Arc::new(serde_json::from_str(r#"{"alert":"hi","n":1}"#).unwrap());
+        let mut last = LastBody::default();
+        let first = last.payload(&job(&data, None)).unwrap();
+        // The same push to another device: the same bytes, not a copy.
+        let again = last.payload(&job(&data, None)).unwrap();
+        assert_eq!(first.body.as_ptr(), again.body.as_ptr());
+
+        let badge = Arc::new(ApnsOptions {
+            badge: Some(7),
+            ..ApnsOptions::default()
+        });
+        let with_badge = last.payload(&job(&data, Some(&badge))).unwrap();
+        assert_ne!(with_badge.body, first.body);
+        assert!(std::str::from_utf8(&with_badge.body)
+            .unwrap()
+            .contains(r#""badge":7"#));
+
+        // Equal data in another push is encoded for that push.
+        let other = Arc::new((*data).clone());
+        let other_body = last.payload(&job(&other, None)).unwrap();
+        assert_eq!(other_body.body, first.body);
+        assert_ne!(other_body.body.as_ptr(), first.body.as_ptr());
     }
 }
