@@ -3,6 +3,7 @@
 //! push and hands the results to the MQTT broker and the APNs sender.
 
 use std::collections::{HashMap, HashSet};
+use std::num::NonZeroU64;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -414,7 +415,9 @@ impl Dispatcher {
             }
             false => (None, None),
         };
-        let expires_ms = push.ttl.map(|t| crate::utc::now_ms() + u64::from(t) * 1000);
+        let expires_ms = push
+            .ttl
+            .and_then(|t| NonZeroU64::new(crate::utc::now_ms() + u64::from(t) * 1000));
         let meta =
             (tag.is_some() || expires_ms.is_some()).then(|| Arc::new(Meta { tag, expires_ms }));
         (meta, tracked)

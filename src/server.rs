@@ -67,7 +67,21 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
     };
     let outlets = Outlets::start(&settings.receipts, redis.as_ref(), &stats, &life.rest)?;
     let notices = Notices::start(&settings.receipts, &outlets, stats.clone(), &life.rest);
-    let (broker, events) = Broker::with_auth(&settings.mqtt, auth, stats.clone(), notices.clone());
+    let receipts = Receipts::start(
+        &settings.receipts,
+        &settings.mqtt.prefix,
+        redis,
+        &outlets,
+        stats.clone(),
+        &life.rest,
+    );
+    let (broker, events) = Broker::with_auth(
+        &settings.mqtt,
+        auth,
+        stats.clone(),
+        notices.clone(),
+        receipts.clone(),
+    );
     let offline = OfflineStore::new(&registry, &settings.registry, &settings.offline);
     let (out, events, mqtt_addrs) = match &settings.mqtt.external_url {
         None => {
@@ -80,13 +94,6 @@ pub async fn start(settings: Settings, shutdown: CancellationToken) -> Result<Se
         }
     };
     let feedback = apns::Feedback::new(out.clone(), settings.feedback_topic());
-    let receipts = Receipts::start(
-        &settings.receipts,
-        redis,
-        &outlets,
-        stats.clone(),
-        &life.rest,
-    );
     let sinks = apns::Sinks {
         stats: stats.clone(),
         registry: registry.clone(),

@@ -481,7 +481,9 @@ impl Conn {
                         self.inner.stats.stages.ack.observe(m.msg.at.elapsed());
                     }
                     if let Some(tag) = m.msg.meta.as_ref().and_then(|m| m.tag.as_ref()) {
-                        tag.acked(&m.msg.topic, &self.client_id);
+                        self.inner
+                            .receipts
+                            .acked(tag, &m.msg.topic, &self.client_id);
                     }
                 }
             }

@@ -29,7 +29,7 @@ use tracing::debug;
 
 use crate::auth::Auth;
 use crate::lifecycle::Phase;
-use crate::receipts::Notices;
+use crate::receipts::{Notices, Receipts};
 use crate::settings::MqttSettings;
 use crate::stats::Stats;
 pub use session::Meta;
@@ -98,6 +98,8 @@ struct Inner {
     auth: Auth,
     /// `device.connected` and `device.disconnected` events, when wanted.
     notices: Notices,
+    /// Where the PUBACKs of tagged messages are reported.
+    receipts: Receipts,
     /// The devices phase is stopping: connections drain and say goodbye.
     /// Told through each session's wake, so a connection keeps no shutdown
     /// future of its own (see [`Inner::stop_connections`]).
@@ -264,16 +266,19 @@ impl Broker {
             Auth::open(&settings.prefix),
             stats,
             Notices::default(),
+            Receipts::default(),
         )
     }
 
     /// A broker that authenticates every CONNECT and applies the ACL, and
-    /// tells `notices` of devices connecting and disconnecting.
+    /// tells `notices` of devices connecting and disconnecting and
+    /// `receipts` of acknowledged tagged messages.
     pub fn with_auth(
         settings: &MqttSettings,
         auth: Auth,
         stats: Arc<Stats>,
         notices: Notices,
+        receipts: Receipts,
     ) -> (Broker, mpsc::Receiver<BrokerEvent>) {
         let (tx, rx) = mpsc::channel(1024);
         let budget = Arc::new(Budget::new(settings.max_queued_bytes));
@@ -291,6 +296,7 @@ impl Broker {
             stats,
             auth,
             notices,
+            receipts,
             stopping: AtomicBool::new(false),
             clocks: signal::Clocks::default(),
         };

@@ -6,6 +6,7 @@
 //! queue and wake its connection, so a slow reader never blocks them.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::num::NonZeroU64;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -36,8 +37,9 @@ pub struct Msg {
 pub struct Meta {
     /// The push asked for a receipt: each PUBACK is reported through it.
     pub tag: Option<Tag>,
-    /// Unix ms after which the message is not sent (its TTL).
-    pub expires_ms: Option<u64>,
+    /// Unix ms after which the message is not sent (its TTL); non-zero,
+    /// so the `Arc<Meta>` a receipt costs is 8 bytes smaller.
+    pub expires_ms: Option<NonZeroU64>,
 }
 
 impl Msg {
@@ -56,7 +58,7 @@ impl Msg {
     }
 
     fn expires_ms(&self) -> Option<u64> {
-        self.meta.as_ref()?.expires_ms
+        self.meta.as_ref()?.expires_ms.map(NonZeroU64::get)
     }
 }
 

@@ -29,31 +29,45 @@ pub struct Memory {
     max_records: usize,
     max_bytes: usize,
     ttl_ms: u64,
+    /// `mqtt.prefix`: a user topic's name is derived, not kept.
+    prefix: Box<str>,
 }
 
-/// One push's outcome. Most pushes go to MQTT users only (with a record
-/// or without: unknown): what APNs and the offline store add is behind
-/// one pointer.
+/// One push's outcome. Most pushes go to one MQTT user, on its user
+/// topic: that is kept inline, the topic's name derived from the user's id
+/// when asked for; anything else is behind one pointer.
 struct Record {
     id: PushId,
-    changed_ms: u64,
     routed_at: u64,
-    topics: Box<[Topic]>,
+    route: Route,
+}
+
+enum Route {
+    /// To `user` only, on `<prefix>/user/<user>`; `unknown`: no record.
+    User {
+        user: Id,
+        unknown: bool,
+        topic: Delivery,
+    },
+    Any(Box<Any>),
+}
+
+/// Every other push, and one of those once APNs or the offline store has
+/// said something about it.
+struct Any {
+    changed_ms: u64,
+    topics: Box<[(Arc<str>, Delivery)]>,
     /// Every user the push is for (`GET /v1/users/{id}/pushes`).
     users: Box<[Id]>,
     unknown: Box<[Id]>,
-    more: Option<Box<More>>,
-}
-
-#[derive(Default)]
-struct More {
     apns: Box<[Id]>,
     /// `apns:<user>` and `offline:<user>` with their JSON.
     states: Vec<(Box<str>, Box<str>)>,
 }
 
-struct Topic {
-    name: Arc<str>,
+/// What became of the push on one topic.
+#[derive(Default)]
+struct Delivery {
     /// 0: not written yet.
     written_at: u64,
     acked_at: u64,
@@ -61,8 +75,31 @@ struct Topic {
     acks: u32,
 }
 
+impl Delivery {
+    fn apply(&mut self, at: u64, event: &Event) {
+        match event {
+            Event::MqttWritten { sessions, .. } => {
+                self.sessions = u32::try_from(*sessions).unwrap_or(u32::MAX);
+                self.written_at = at;
+            }
+            Event::MqttAcked { .. } => {
+                (self.acks, self.acked_at) = (self.acks.saturating_add(1), at);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Whether `topic` is `<prefix>/user/<user>`.
+fn is_user_topic(prefix: &str, topic: &str, user: &Id) -> bool {
+    topic
+        .strip_prefix(prefix)
+        .and_then(|t| t.strip_prefix("/user/"))
+        == Some(user.as_str())
+}
+
 impl Record {
-    fn new(id: PushId, at: u64, routed: Event) -> Option<Box<Record>> {
+    fn new(prefix: &str, id: PushId, at: u64, routed: Event) -> Option<Box<Record>> {
         let Event::Routed {
             mqtt,
             apns,
@@ -72,31 +109,50 @@ impl Record {
         else {
             return None;
         };
-        let topics = mqtt
-            .iter()
-            .map(|name| Topic {
-                name: name.clone(),
-                written_at: 0,
-                acked_at: 0,
-                sessions: 0,
-                acks: 0,
-            })
-            .collect();
-        let more = (!apns.is_empty()).then(|| {
-            Box::new(More {
+        let route = match (&users[..], &mqtt[..], &unknown_users[..]) {
+            ([user], [topic], unknown)
+                if apns.is_empty()
+                    && is_user_topic(prefix, topic, user)
+                    && unknown.iter().all(|u| u == user) =>
+            {
+                Route::User {
+                    user: user.clone(),
+                    unknown: !unknown.is_empty(),
+                    topic: Delivery::default(),
+                }
+            }
+            _ => Route::Any(Box::new(Any {
+                changed_ms: at,
+                topics: mqtt
+                    .iter()
+                    .map(|name| (name.clone(), Delivery::default()))
+                    .collect(),
+                users,
+                unknown: unknown_users.into(),
                 apns: apns.into(),
                 states: Vec::new(),
-            })
-        });
+            })),
+        };
         Some(Box::new(Record {
             id,
-            changed_ms: at,
             routed_at: at,
-            topics,
-            users,
-            unknown: unknown_users.into(),
-            more,
+            route,
         }))
+    }
+
+    /// Unix ms of its last change: inline, the latest of its times.
+    fn changed_ms(&self) -> u64 {
+        match &self.route {
+            Route::User { topic, .. } => self.routed_at.max(topic.written_at).max(topic.acked_at),
+            Route::Any(any) => any.changed_ms,
+        }
+    }
+
+    fn users(&self) -> &[Id] {
+        match &self.route {
+            Route::User { user, .. } => std::slice::from_ref(user),
+            Route::Any(any) => &any.users,
+        }
     }
 
     /// What the record counts against `receipts.max_bytes`: about what it
@@ -105,76 +161,127 @@ impl Record {
     fn cost(&self) -> usize {
         let ids = |v: &[Id]| {
             v.iter()
-                .map(|i| size_of::<Id>() + i.as_str().len())
+                .map(|i| size_of::<Id>() + ARC_COUNTS + i.as_str().len())
                 .sum::<usize>()
         };
-        let more = self.more.as_ref().map_or(0, |m| {
-            size_of::<More>()
-                + ids(&m.apns)
-                + m.states
-                    .iter()
-                    .map(|(n, v)| 2 * size_of::<Box<str>>() + n.len() + v.len())
-                    .sum::<usize>()
-        });
         size_of::<Record>()
-            + self
-                .topics
-                .iter()
-                .map(|t| size_of::<Topic>() + ARC_COUNTS + t.name.len())
-                .sum::<usize>()
-            + ids(&self.users)
-            + ids(&self.unknown)
-            + more
+            + match &self.route {
+                Route::User { user, .. } => ARC_COUNTS + user.as_str().len(),
+                Route::Any(any) => {
+                    size_of::<Any>()
+                        + any
+                            .topics
+                            .iter()
+                            .map(|(name, _)| {
+                                size_of::<(Arc<str>, Delivery)>() + ARC_COUNTS + name.len()
+                            })
+                            .sum::<usize>()
+                        + ids(&any.users)
+                        + ids(&any.unknown)
+                        + ids(&any.apns)
+                        + any
+                            .states
+                            .iter()
+                            .map(|(n, v)| 2 * size_of::<Box<str>>() + n.len() + v.len())
+                            .sum::<usize>()
+                }
+            }
     }
 
-    fn topic(&mut self, name: &str) -> Option<&mut Topic> {
-        self.topics.iter_mut().find(|t| &*t.name == name)
+    /// The route behind a pointer (a user push that APNs or the offline
+    /// store has something to say about).
+    fn any(&mut self, prefix: &str) -> &mut Any {
+        if let Route::User {
+            user,
+            unknown,
+            topic,
+        } = &mut self.route
+        {
+            let name = crate::router::user_topic(prefix, user).into();
+            self.route = Route::Any(Box::new(Any {
+                changed_ms: 0,
+                topics: Box::new([(name, std::mem::take(topic))]),
+                users: Box::new([user.clone()]),
+                unknown: match unknown {
+                    true => Box::new([user.clone()]),
+                    false => Box::default(),
+                },
+                apns: Box::default(),
+                states: Vec::new(),
+            }));
+        }
+        match &mut self.route {
+            Route::Any(any) => any,
+            Route::User { .. } => unreachable!("made an Any above"),
+        }
     }
 
     /// Applies a change to the push (only APNs and offline states change
     /// its cost).
-    fn apply(&mut self, at: u64, event: &Event) {
-        self.changed_ms = at;
-        match event {
-            Event::Routed { .. } => {}
-            Event::MqttWritten { topic, sessions } => {
-                if let Some(t) = self.topic(topic) {
-                    t.sessions = u32::try_from(*sessions).unwrap_or(u32::MAX);
-                    t.written_at = at;
-                }
-            }
-            Event::MqttAcked { topic, .. } => {
-                if let Some(t) = self.topic(topic) {
-                    (t.acks, t.acked_at) = (t.acks.saturating_add(1), at);
-                }
-            }
+    fn apply(&mut self, prefix: &str, at: u64, event: &Event) {
+        let topic_name = match event {
+            Event::Routed { .. } => None,
+            Event::MqttWritten { topic, .. } | Event::MqttAcked { topic, .. } => Some(topic),
             other => {
                 let Some((name, value)) = super::store::user_states(other, at) else {
                     return;
                 };
-                let states = &mut self.more.get_or_insert_with(Box::default).states;
-                match states.iter_mut().find(|(n, _)| **n == *name) {
+                let any = self.any(prefix);
+                any.changed_ms = at;
+                match any.states.iter_mut().find(|(n, _)| **n == *name) {
                     Some((_, v)) => *v = value.into(),
-                    None => states.push((name.into(), value.into())),
+                    None => any.states.push((name.into(), value.into())),
+                }
+                return;
+            }
+        };
+        match &mut self.route {
+            Route::User { user, topic, .. } => {
+                if topic_name.is_some_and(|t| is_user_topic(prefix, t, user)) {
+                    topic.apply(at, event);
+                }
+            }
+            Route::Any(any) => {
+                any.changed_ms = at;
+                if let Some((_, d)) =
+                    topic_name.and_then(|name| any.topics.iter_mut().find(|(n, _)| n == name))
+                {
+                    d.apply(at, event);
                 }
             }
         }
     }
 
     /// The fields the Redis hash would hold.
-    fn fields(&self) -> Vec<(String, String)> {
-        let none: &[Id] = &[];
-        let apns = self.more.as_ref().map_or(none, |m| &m.apns[..]);
-        let topics: Vec<&str> = self.topics.iter().map(|t| &*t.name).collect();
+    fn fields(&self, prefix: &str) -> Vec<(String, String)> {
+        let user_topic;
+        let one;
+        let (topics, apns, unknown): (Vec<(&str, &Delivery)>, &[Id], &[Id]) = match &self.route {
+            Route::User {
+                user,
+                unknown,
+                topic,
+            } => {
+                user_topic = crate::router::user_topic(prefix, user);
+                one = [user.clone()];
+                let unknown: &[Id] = if *unknown { &one } else { &[] };
+                (vec![(user_topic.as_str(), topic)], &[], unknown)
+            }
+            Route::Any(any) => (
+                any.topics.iter().map(|(n, d)| (&**n, d)).collect(),
+                &any.apns,
+                &any.unknown,
+            ),
+        };
+        let names: Vec<&str> = topics.iter().map(|(n, _)| *n).collect();
         let mut f = vec![
             ("routed_at".to_owned(), self.routed_at.to_string()),
             (
                 "route".to_owned(),
-                super::store::route_json(&topics, apns, &self.unknown),
+                super::store::route_json(&names, apns, unknown),
             ),
         ];
-        for t in &self.topics {
-            let name = &t.name;
+        for (name, t) in topics {
             if t.written_at != 0 {
                 f.push((format!("mqtt:{name}:sessions"), t.sessions.to_string()));
                 f.push((format!("mqtt:{name}:written_at"), t.written_at.to_string()));
@@ -184,15 +291,19 @@ impl Record {
                 f.push((format!("mqtt:{name}:acked_at"), t.acked_at.to_string()));
             }
         }
-        if let Some(m) = &self.more {
-            f.extend(m.states.iter().map(|(n, v)| (n.to_string(), v.to_string())));
+        if let Route::Any(any) = &self.route {
+            f.extend(
+                any.states
+                    .iter()
+                    .map(|(n, v)| (n.to_string(), v.to_string())),
+            );
         }
         f
     }
 }
 
 impl Memory {
-    pub fn new(max_records: usize, max_bytes: usize, ttl_ms: u64) -> Memory {
+    pub fn new(max_records: usize, max_bytes: usize, ttl_ms: u64, prefix: &str) -> Memory {
         Memory {
             records: VecDeque::new(),
             first: 0,
@@ -202,6 +313,7 @@ impl Memory {
             max_records,
             max_bytes,
             ttl_ms,
+            prefix: prefix.into(),
         }
     }
 
@@ -223,18 +335,18 @@ impl Memory {
                 let r = &mut self.records[i];
                 match event {
                     Event::Routed { .. } | Event::MqttWritten { .. } | Event::MqttAcked { .. } => {
-                        r.apply(at, &event)
+                        r.apply(&self.prefix, at, &event)
                     }
                     _ => {
                         let before = r.cost();
-                        r.apply(at, &event);
+                        r.apply(&self.prefix, at, &event);
                         self.bytes = self.bytes + r.cost() - before;
                     }
                 }
             }
             None => {
                 let hash = self.hasher.hash_one(&push);
-                let Some(record) = Record::new(push, at, event) else {
+                let Some(record) = Record::new(&self.prefix, push, at, event) else {
                     return 0;
                 };
                 self.bytes += record.cost();
@@ -254,7 +366,7 @@ impl Memory {
     fn evict(&mut self, now: u64) -> usize {
         let mut evicted = 0;
         while self.records.len() > 1 {
-            let expired = self.records[0].changed_ms + self.ttl_ms <= now;
+            let expired = self.records[0].changed_ms() + self.ttl_ms <= now;
             let over = self.records.len() > self.max_records || self.bytes > self.max_bytes;
             if !expired && !over {
                 break;
@@ -280,7 +392,7 @@ impl Memory {
 
     pub fn fields(&self, push: &PushId, now: u64) -> Option<Vec<(String, String)>> {
         let r = &self.records[self.find(push)?];
-        (r.changed_ms + self.ttl_ms > now).then(|| r.fields())
+        (r.changed_ms() + self.ttl_ms > now).then(|| r.fields(&self.prefix))
     }
 
     /// The last [`super::RECENT`] live pushes for `user`, newest first: a
@@ -289,7 +401,7 @@ impl Memory {
         self.records
             .iter()
             .rev()
-            .filter(|r| r.changed_ms + self.ttl_ms > now && r.users.contains(user))
+            .filter(|r| r.changed_ms() + self.ttl_ms > now && r.users().contains(user))
             .take(super::RECENT)
             .map(|r| r.id.clone())
             .collect()
@@ -310,7 +422,7 @@ mod tests {
     use super::*;
 
     fn memory(max_records: usize, max_bytes: usize) -> Memory {
-        Memory::new(max_records, max_bytes, 60_000)
+        Memory::new(max_records, max_bytes, 60_000, "push")
     }
 
     fn routed(n: usize) -> Event {
@@ -376,6 +488,60 @@ mod tests {
         let sum: usize = m.records.iter().map(|r| r.cost()).sum();
         assert_eq!(sum, m.bytes());
         assert!(m.len() > 10 && m.len() < 100, "{} records", m.len());
+    }
+
+    /// A push to one user on its user topic is kept inline, its topic
+    /// derived; it answers as the same push kept in full does (a store
+    /// whose prefix does not match keeps it in full), also once the
+    /// offline store has said something about it.
+    #[test]
+    fn an_inline_user_push_answers_as_a_full_one() {
+        let (mut inline, mut full) = (
+            memory(10, usize::MAX),
+            Memory::new(10, usize::MAX, 60_000, "other"),
+        );
+        let id = PushId::generate();
+        let user = Id::from(7u64);
+        let topic: Arc<str> = "push/user/7".into();
+        let changes = [
+            Event::Routed {
+                mqtt: Arc::new([topic.clone()]),
+                apns: vec![],
+                unknown_users: vec![user.clone()],
+                users: Box::new([user.clone()]),
+            },
+            Event::MqttWritten {
+                topic: topic.clone(),
+                sessions: 2,
+            },
+            Event::MqttAcked {
+                topic: topic.clone(),
+                client_id: "c".into(),
+            },
+            Event::MqttAcked {
+                topic: "push/user/8".into(),
+                client_id: "c".into(),
+            },
+            Event::OfflineKept { user: user.clone() },
+        ];
+        for (at, e) in changes.into_iter().enumerate() {
+            let at = 1000 + at as u64;
+            let inlined = at < 1004;
+            for m in [&mut inline, &mut full] {
+                m.apply((id.clone(), at, e.clone()));
+            }
+            assert_eq!(
+                matches!(inline.records[0].route, Route::User { .. }),
+                inlined
+            );
+            assert!(matches!(full.records[0].route, Route::Any(_)));
+            assert_eq!(inline.fields(&id, at), full.fields(&id, at));
+            assert_eq!(inline.recent(&user, at), vec![id.clone()]);
+            assert_eq!(inline.bytes(), inline.records[0].cost());
+        }
+        let fields = inline.fields(&id, 1004).unwrap();
+        assert!(fields.contains(&("mqtt:push/user/7:acks".into(), "1".into())));
+        assert!(fields.iter().any(|(n, _)| n == "offline:7"));
     }
 
     #[test]

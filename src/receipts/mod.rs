@@ -148,9 +148,10 @@ impl Receipts {
     /// Starts the writer on `rest`: in the registry's Redis (`redis`) when
     /// there is one, in memory otherwise; stored changes go on to
     /// `outlets` when `receipts.events` has `push`. Off unless
-    /// `receipts.enabled`.
+    /// `receipts.enabled`. `prefix` is `mqtt.prefix`.
     pub fn start(
         settings: &ReceiptsSettings,
+        prefix: &str,
         redis: Option<RedisConn>,
         outlets: &Outlets,
         stats: Arc<Stats>,
@@ -159,7 +160,7 @@ impl Receipts {
         if !settings.enabled {
             return Receipts(None);
         }
-        let store = Store::new(settings, redis);
+        let store = Store::new(settings, redis, prefix);
         let queue = Arc::new(queue::Queue::new(settings.queue));
         let outlets = match settings.events.contains(&EventKind::Push) {
             true => outlets.clone(),
@@ -190,13 +191,20 @@ impl Receipts {
         }
     }
 
-    /// A handle for the MQTT broker to report acknowledgements of `push`;
-    /// `None` when off.
+    /// What `push`'s MQTT messages carry so that the broker can report
+    /// their acknowledgements ([`Receipts::acked`]); `None` when off.
     pub fn tag(&self, push: &PushId) -> Option<Tag> {
-        self.0.as_ref().map(|_| Tag {
-            push: push.clone(),
-            receipts: self.clone(),
-        })
+        self.0.as_ref().map(|_| Tag(push.clone()))
+    }
+
+    /// The device behind `client_id` acknowledged the message tagged `tag`
+    /// on `topic`.
+    pub fn acked(&self, tag: &Tag, topic: &Arc<str>, client_id: &Arc<str>) {
+        let event = Event::MqttAcked {
+            topic: topic.clone(),
+            client_id: client_id.clone(),
+        };
+        self.record(&tag.0, event);
     }
 
     /// The outcome of `push` so far; `Ok(None)` if unknown (never asked for,
@@ -219,30 +227,10 @@ impl Receipts {
 }
 
 /// Rides with a tracked push's MQTT message into the sessions' queues, so
-/// a device's PUBACK can be reported against the push.
-pub struct Tag {
-    push: PushId,
-    receipts: Receipts,
-}
-
-impl Tag {
-    /// The device behind `client_id` acknowledged the message on `topic`.
-    pub fn acked(&self, topic: &Arc<str>, client_id: &Arc<str>) {
-        self.receipts.record(
-            &self.push,
-            Event::MqttAcked {
-                topic: topic.clone(),
-                client_id: client_id.clone(),
-            },
-        );
-    }
-}
-
-impl std::fmt::Debug for Tag {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Tag({})", self.push)
-    }
-}
+/// a device's PUBACK can be reported against the push (by the broker,
+/// which holds the `Receipts`: not one more pointer per push).
+#[derive(Debug)]
+pub struct Tag(PushId);
 
 /// Logs a store failure (once per batch).
 fn store_failed(e: &ReceiptsError, changes: usize) {
@@ -263,7 +251,7 @@ mod tests {
         let meta = 16 + size_of::<crate::mqtt::Meta>();
         let changes = 3 * size_of::<Change>();
         println!("Arc<Meta> {meta} bytes, 3 queued changes {changes} bytes");
-        assert!(meta <= 64, "Arc<Meta> grew to {meta} bytes");
+        assert!(meta <= 48, "Arc<Meta> grew to {meta} bytes");
         assert!(changes <= 336, "3 changes grew to {changes} bytes");
     }
 }

@@ -123,7 +123,8 @@ pub enum Store {
 }
 
 impl Store {
-    pub fn new(settings: &ReceiptsSettings, redis: Option<RedisConn>) -> Store {
+    /// `prefix` is `mqtt.prefix` (the memory store derives user topics).
+    pub fn new(settings: &ReceiptsSettings, redis: Option<RedisConn>, prefix: &str) -> Store {
         match redis {
             Some(conn) => Store::Redis {
                 conn,
@@ -134,6 +135,7 @@ impl Store {
                 settings.max_records,
                 settings.max_bytes,
                 settings.ttl_secs.saturating_mul(1000),
+                prefix,
             )))),
         }
     }
@@ -420,7 +422,7 @@ mod tests {
     use super::*;
 
     fn memory() -> Memory {
-        Memory::new(10, usize::MAX, 60_000)
+        Memory::new(10, usize::MAX, 60_000, "push")
     }
 
     #[test]
