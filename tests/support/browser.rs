@@ -61,9 +61,21 @@ impl Browser {
         self.client.goto(url).await.expect("page loads");
     }
 
-    /// The rendered text of the element with this id.
+    /// The rendered text of the element with this id. The dashboard
+    /// re-renders live values, so an element found may be replaced before
+    /// its text is read (a stale reference): it is found again, a few times.
     pub async fn text(&self, id: &str) -> String {
-        self.element(id).await.text().await.expect("element text")
+        let mut tries = 0;
+        loop {
+            match self.element(id).await.text().await {
+                Ok(text) => return text,
+                Err(e) if tries < 3 => {
+                    tries += 1;
+                    eprintln!("#{id}: {e}; finding it again");
+                }
+                Err(e) => panic!("#{id}: element text: {e}"),
+            }
+        }
     }
 
     /// Polls the element's text until `want` holds; panics with the last
