@@ -9,7 +9,7 @@ mod support;
 use std::collections::{BTreeSet, HashMap};
 
 use apns_server::{ApnsServer, Reply};
-use pushbridge::push::{Id, UserRecord};
+use pushbridge::push::Id;
 use pushbridge::registry::UserStore;
 use pushbridge::settings::Settings;
 use pushbridge::wire::client::json_to_msgpack;
@@ -264,12 +264,7 @@ async fn an_apns_entry_is_acked_only_when_apple_has_answered() {
     let _creds = apple.serve_token_app(&mut settings, app);
     let server = server::start(settings).await;
     for (uid, token) in [("6", "aa06"), ("7", "bb07"), ("8", "cc08")] {
-        let record = UserRecord {
-            app_token: Some(token.into()),
-            app_ident: Some(app.into()),
-            app_version: Some("produce".into()),
-            app_focus: false,
-        };
+        let record = support::ios_user(token, app);
         server
             .registry
             .put_user(&Id::from(uid), &record)

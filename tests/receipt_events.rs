@@ -189,12 +189,7 @@ async fn a_flood_of_connects_keeps_at_most_the_webhook_queue() {
 }
 
 fn ios(token: &str) -> UserRecord {
-    UserRecord {
-        app_token: Some(token.into()),
-        app_ident: Some(APP.into()),
-        app_version: Some("produce".into()),
-        app_focus: false,
-    }
+    support::ios_user(token, APP)
 }
 
 /// `token.dead` whenever Apple says a token is dead, for pushes with and

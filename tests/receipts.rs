@@ -285,12 +285,7 @@ async fn receipts_off_answer_404_and_record_nothing() {
 const APP: &str = "com.example.app";
 
 fn ios(token: &str) -> UserRecord {
-    UserRecord {
-        app_token: Some(token.into()),
-        app_ident: Some(APP.into()),
-        app_version: Some("produce".into()),
-        app_focus: false,
-    }
+    support::ios_user(token, APP)
 }
 
 both_registries!(apns_outcomes_per_user, apns_outcomes);

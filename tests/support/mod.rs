@@ -101,6 +101,16 @@ pub async fn wait_for_focus(server: &pushbridge::Server, uid: &str, focus: bool)
     .await;
 }
 
+/// A user record for an iOS device: `token` of `app`, production.
+pub fn ios_user(token: &str, app: &str) -> pushbridge::push::UserRecord {
+    pushbridge::push::UserRecord {
+        app_token: Some(token.into()),
+        app_ident: Some(app.into()),
+        app_version: Some("produce".into()),
+        app_focus: false,
+    }
+}
+
 /// Gives `uid` a record (no APNs token): status messages set focus only
 /// for users who have one.
 pub async fn register(server: &pushbridge::Server, uid: &str) {
