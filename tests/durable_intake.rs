@@ -10,7 +10,6 @@ use std::collections::{BTreeSet, HashMap};
 
 use apns_server::{ApnsServer, Reply};
 use pushbridge::push::Id;
-use pushbridge::registry::UserStore;
 use pushbridge::settings::Settings;
 use pushbridge::wire::client::json_to_msgpack;
 use pushbridge::wire::frame::encode;
@@ -264,12 +263,7 @@ async fn an_apns_entry_is_acked_only_when_apple_has_answered() {
     let _creds = apple.serve_token_app(&mut settings, app);
     let server = server::start(settings).await;
     for (uid, token) in [("6", "aa06"), ("7", "bb07"), ("8", "cc08")] {
-        let record = support::ios_user(token, app);
-        server
-            .registry
-            .put_user(&Id::from(uid), &record)
-            .await
-            .unwrap();
+        support::put_ios_user(&server, &Id::from(uid), token, app).await;
     }
     apple.hold_answers_until(2);
     apple.reply_to("cc08", Reply::BadDeviceToken);

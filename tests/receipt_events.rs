@@ -10,8 +10,8 @@ mod support;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 
-use apns_server::{ApnsServer, Reply};
-use pushbridge::push::{Id, UserRecord};
+use apns_server::{ApnsServer, Reply, TestCredentials};
+use pushbridge::push::Id;
 use pushbridge::registry::UserStore;
 use pushbridge::settings::{EventKind, Settings};
 use serde_json::{json, Value};
@@ -188,8 +188,15 @@ async fn a_flood_of_connects_keeps_at_most_the_webhook_queue() {
     server.stop().await;
 }
 
-fn ios(token: &str) -> UserRecord {
-    support::ios_user(token, APP)
+/// A local Apple serving `APP` (token credentials, kept alive by the last
+/// item), a webhook receiver, and settings with receipts on sending to it.
+async fn apple_and_hook() -> (ApnsServer, Receiver, Settings, TestCredentials) {
+    let apple = ApnsServer::start().await;
+    let hook = Receiver::start(SECRET, Options::default()).await;
+    let mut settings = with_webhook(server::settings(None), &hook);
+    let creds = apple.serve_token_app(&mut settings, APP);
+    settings.receipts.enabled = true;
+    (apple, hook, settings, creds)
 }
 
 /// `token.dead` whenever Apple says a token is dead, for pushes with and
@@ -197,11 +204,7 @@ fn ios(token: &str) -> UserRecord {
 /// (never the token), and whether pushbridge removed it.
 #[tokio::test]
 async fn dead_tokens_are_reported_for_every_push() {
-    let apple = ApnsServer::start().await;
-    let mut hook = Receiver::start(SECRET, Options::default()).await;
-    let mut settings = with_webhook(server::settings(None), &hook);
-    let _creds = apple.serve_token_app(&mut settings, APP);
-    settings.receipts.enabled = true;
+    let (apple, mut hook, settings, _creds) = apple_and_hook().await;
     let server = server::start(settings).await;
     let gone = "aa30aa30aa30aa30aa30";
     let bad = "bb31bb31bb31bb31bb31";
@@ -209,11 +212,7 @@ async fn dead_tokens_are_reported_for_every_push() {
         (30u64, gone, Reply::Unregistered { timestamp: 1 }),
         (31, bad, Reply::BadDeviceToken),
     ] {
-        server
-            .registry
-            .put_user(&Id::from(uid), &ios(token))
-            .await
-            .unwrap();
+        support::put_ios_user(&server, &Id::from(uid), token, APP).await;
         apple.reply_to(token, reply);
     }
     let plain = json!({"user": 30, "data": {"alert": "hi"}});
@@ -273,11 +272,7 @@ async fn dead_tokens_are_reported_for_every_push() {
 /// device connecting and a push with a receipt send nothing.
 #[tokio::test]
 async fn only_the_chosen_events_go_out() {
-    let apple = ApnsServer::start().await;
-    let mut hook = Receiver::start(SECRET, Options::default()).await;
-    let mut settings = with_webhook(server::settings(None), &hook);
-    let _creds = apple.serve_token_app(&mut settings, APP);
-    settings.receipts.enabled = true;
+    let (apple, mut hook, mut settings, _creds) = apple_and_hook().await;
     settings.receipts.events = vec![EventKind::TokenDead];
     let server = server::start(settings).await;
     let mut device = Device::connect(server.mqtt_addr, "d1", true).await;
@@ -292,8 +287,7 @@ async fn only_the_chosen_events_go_out() {
     device.next_publish().await;
     wait_for(&server.stats, |s| s.receipts_recorded.get() >= 2).await;
     for (uid, token) in [(40u64, "cc40"), (41, "cc41")] {
-        let user = Id::from(uid);
-        server.registry.put_user(&user, &ios(token)).await.unwrap();
+        support::put_ios_user(&server, &Id::from(uid), token, APP).await;
         apple.reply_to(token, Reply::Unregistered { timestamp: 1 });
         let push = json!({"user": uid, "data": {}});
         assert_eq!(

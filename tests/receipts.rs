@@ -7,8 +7,7 @@ mod apns_server;
 mod support;
 
 use apns_server::{ApnsServer, Reply};
-use pushbridge::push::{Id, UserRecord};
-use pushbridge::registry::UserStore;
+use pushbridge::push::Id;
 use pushbridge::settings::{EventKind, Settings};
 use rmpv::Value as Mp;
 use rumqttc::v5::mqttbytes::v5 as mq5;
@@ -284,10 +283,6 @@ async fn receipts_off_answer_404_and_record_nothing() {
 
 const APP: &str = "com.example.app";
 
-fn ios(token: &str) -> UserRecord {
-    support::ios_user(token, APP)
-}
-
 both_registries!(apns_outcomes_per_user, apns_outcomes);
 async fn apns_outcomes(mut settings: Settings) {
     let apple = ApnsServer::start().await;
@@ -299,11 +294,7 @@ async fn apns_outcomes(mut settings: Settings) {
         (21, "aa21", Reply::Unregistered { timestamp: 1 }),
         (22, "aa22", Reply::InternalServerError),
     ] {
-        server
-            .registry
-            .put_user(&Id::from(uid), &ios(token))
-            .await
-            .unwrap();
+        support::put_ios_user(&server, &Id::from(uid), token, APP).await;
         apple.reply_to(token, reply);
     }
     let body =
@@ -479,11 +470,7 @@ async fn ttl_reaches_every_channel() {
     assert_eq!(topic(&got, "push/user/7")["acks"], 0);
 
     // APNs: apns-expiration is now + TTL.
-    server
-        .registry
-        .put_user(&Id::from(8), &ios("aa08"))
-        .await
-        .unwrap();
+    support::put_ios_user(&server, &Id::from(8), "aa08", APP).await;
     let body = json!({"user": 8, "data": {"alert": "a"}, "ttl": 600});
     assert_eq!(post_json(http, "/v1/push", &body).await.status, 200);
     let req = apple.next_request(support::WAIT).await;

@@ -111,6 +111,22 @@ pub fn ios_user(token: &str, app: &str) -> pushbridge::push::UserRecord {
     }
 }
 
+/// Gives `user` an iOS record: `token` of `app` (see `ios_user`).
+pub async fn put_ios_user(
+    server: &pushbridge::Server,
+    user: &pushbridge::push::Id,
+    token: &str,
+    app: &str,
+) {
+    use pushbridge::registry::UserStore;
+    let record = ios_user(token, app);
+    server
+        .registry
+        .put_user(user, &record)
+        .await
+        .expect("record written");
+}
+
 /// Gives `uid` a record (no APNs token): status messages set focus only
 /// for users who have one.
 pub async fn register(server: &pushbridge::Server, uid: &str) {
