@@ -3,22 +3,25 @@
 //! receipt, TTL). `check` says whether a whole, legal frame is buffered;
 //! `parse` turns its body into a [`Push`].
 
-use std::io::ErrorKind;
+mod read;
+
+#[cfg(test)]
+mod oracle;
+
 use std::sync::Arc;
 
 use rmpv::Value as Mp;
-use serde_json::{Map, Number, Value};
 
 use crate::push::{Id, Push, PushId, Target};
+use read::{Head, Reader};
 
 /// Deepest nesting accepted in a frame; apps' data is shallow, and this keeps
 /// recursion (here and in JSON encoding) far from the stack's end.
 const MAX_DEPTH: usize = 64;
 
 /// Most msgpack values one frame may hold. A 1 MiB frame of nils would
-/// otherwise decode to ~110 MiB (40 bytes of `rmpv::Value` and 72 of JSON
-/// value per byte) in one go, holding up every push behind it; apps' data is
-/// far smaller.
+/// otherwise decode to ~72 MiB (72 bytes of JSON value per byte) in one go,
+/// holding up every push behind it; apps' data is far smaller.
 pub const MAX_VALUES: usize = 65_536;
 
 /// The reply byte after each frame. `0x00` accepts a 3-item frame; every
@@ -161,90 +164,75 @@ pub fn parse(body: &[u8]) -> Result<Push, FrameError> {
 }
 
 /// Parses a non-empty frame body into a push and the byte that accepts it.
+/// The body is checked whole first, so a frame cut short or malformed says
+/// so even where its type or id is also wrong.
 pub fn parse_with_status(body: &[u8]) -> Result<(Push, Status), FrameError> {
     // Every value takes at least a byte: only a long body needs counting.
     if body.len() > MAX_VALUES && !within_values(body, MAX_VALUES) {
         return Err(FrameError::TooManyValues);
     }
-    let mut rd = body;
-    let value = rmpv::decode::read_value_with_max_depth(&mut rd, MAX_DEPTH).map_err(|e| {
-        use rmpv::decode::Error::*;
-        match e {
-            InvalidMarkerRead(io) | InvalidDataRead(io)
-                if io.kind() == ErrorKind::UnexpectedEof =>
-            {
-                FrameError::Truncated
-            }
-            other => FrameError::Malformed(other.to_string()),
+    read::check(body)?;
+    let mut rd = Reader::new(body);
+    let n = match rd.head()? {
+        Head::Array(n @ 3..=4) => n,
+        Head::Array(n) => return Err(FrameError::NotTriple(format!("an array of {n}"))),
+        other => return Err(FrameError::NotTriple(other.kind().into())),
+    };
+    let at = rd;
+    let push_type = match rd.head()? {
+        Head::Int(t @ 1..=3) => t,
+        _ => {
+            rd = at;
+            return Err(FrameError::UnknownType(rd.value()?.to_string()));
         }
-    })?;
-    if !rd.is_empty() {
-        return Err(FrameError::Trailing(rd.len()));
+    };
+    let target = match (push_type, rd.head()?) {
+        (1, id) => Target::Group(scalar_id(id)?),
+        (_, Head::Array(0)) => return Err(FrameError::BadId("empty list of users".into())),
+        (_, Head::Array(n)) => Target::Users(
+            (0..n)
+                .map(|_| scalar_id(rd.head()?))
+                .collect::<Result<_, _>>()?,
+        ),
+        (_, id) => Target::User(scalar_id(id)?),
+    };
+    let data = match rd.head()? {
+        Head::Map(n) => rd.json_map(n)?,
+        other => return Err(FrameError::DataNotMap(other.kind().into())),
+    };
+    let mut push = Push::new(target, Arc::new(data));
+    if n == 3 {
+        return Ok((push, Status::Accepted));
     }
-    let Mp::Array(items) = value else {
-        return Err(FrameError::NotTriple(kind(&value).into()));
-    };
-    let n = items.len();
-    let mut items = items.into_iter();
-    let (Some(kind_v), Some(id), Some(data), options, None) = (
-        items.next(),
-        items.next(),
-        items.next(),
-        items.next(),
-        items.next(),
-    ) else {
-        return Err(FrameError::NotTriple(format!("an array of {n}")));
-    };
-    let push_type = kind_v
-        .as_u64()
-        .filter(|t| (1..=3).contains(t))
-        .ok_or_else(|| FrameError::UnknownType(kind_v.to_string()))?;
-    let target = match (push_type, id) {
-        (1, id) => Target::Group(scalar_id(&id)?),
-        (_, Mp::Array(ids)) => {
-            if ids.is_empty() {
-                return Err(FrameError::BadId("empty list of users".into()));
-            }
-            Target::Users(ids.iter().map(scalar_id).collect::<Result<_, _>>()?)
-        }
-        (_, id) => Target::User(scalar_id(&id)?),
-    };
-    let Mp::Map(entries) = data else {
-        return Err(FrameError::DataNotMap(kind(&data).into()));
-    };
-    let mut push = Push::new(target, Arc::new(to_json_map(entries)));
-    let status = match options {
-        None => Status::Accepted,
-        Some(options) => {
-            apply_options(&mut push, options)?;
-            Status::AcceptedWithOptions
-        }
-    };
-    Ok((push, status))
+    apply_options(&mut push, rd)?;
+    Ok((push, Status::AcceptedWithOptions))
 }
 
 /// Reads the options map: `id` (a string, [`PushId::RULE`]), `receipt`
 /// (a boolean) and `ttl` (seconds, 1 ..= [`Push::MAX_TTL`]). An unknown key
 /// is an error, so a misspelt option is not silently ignored.
-fn apply_options(push: &mut Push, options: Mp) -> Result<(), FrameError> {
+fn apply_options(push: &mut Push, mut rd: Reader) -> Result<(), FrameError> {
     let bad = |m: String| FrameError::BadOptions(m);
-    let Mp::Map(entries) = options else {
-        return Err(bad(format!(
-            "options must be a map, got {}",
-            kind(&options)
-        )));
+    let n = match rd.head()? {
+        Head::Map(n) => n,
+        other => return Err(bad(format!("options must be a map, got {}", other.kind()))),
     };
-    for (k, v) in entries {
-        match (k.as_str(), v) {
-            (Some("id"), Mp::String(s)) => {
-                push.id = s
-                    .as_str()
+    for _ in 0..n {
+        let at = rd;
+        let key = match rd.head()? {
+            Head::Str(b) => std::str::from_utf8(b).ok(),
+            _ => None,
+        };
+        match (key, rd.head()?) {
+            (Some("id"), Head::Str(s)) => {
+                push.id = std::str::from_utf8(s)
+                    .ok()
                     .and_then(PushId::given)
                     .ok_or_else(|| bad(format!("id: {}", PushId::RULE)))?;
             }
-            (Some("receipt"), Mp::Boolean(b)) => push.receipt = b,
-            (Some("ttl"), Mp::Integer(n)) => {
-                push.ttl = n.as_u64().and_then(Push::ttl_from);
+            (Some("receipt"), Head::Bool(b)) => push.receipt = b,
+            (Some("ttl"), Head::Int(n)) => {
+                push.ttl = u64::try_from(n).ok().and_then(Push::ttl_from);
                 if push.ttl.is_none() {
                     return Err(bad(format!("ttl {n}: seconds from 1 to {}", Push::MAX_TTL)));
                 }
@@ -255,9 +243,13 @@ fn apply_options(push: &mut Push, options: Mp) -> Result<(), FrameError> {
                     "receipt" => "a boolean",
                     _ => "an integer",
                 };
-                return Err(bad(format!("{key} must be {want}, got {}", kind(&v))));
+                return Err(bad(format!("{key} must be {want}, got {}", v.kind())));
             }
-            (_, _) => return Err(bad(format!("unknown option {k} (id, receipt, ttl)"))),
+            _ => {
+                rd = at;
+                let k = rd.value()?;
+                return Err(bad(format!("unknown option {k} (id, receipt, ttl)")));
+            }
         }
     }
     Ok(())
@@ -340,66 +332,17 @@ fn within_values(mut body: &[u8], limit: usize) -> bool {
     true
 }
 
-fn scalar_id(v: &Mp) -> Result<Id, FrameError> {
+fn scalar_id(v: Head) -> Result<Id, FrameError> {
     match v {
-        Mp::Integer(n) => Ok(Id(Arc::from(n.to_string()))),
-        Mp::String(s) => match s.as_str() {
-            Some(s) => Id::parse(s).ok_or_else(|| FrameError::BadId(format!("{v}: {}", Id::RULE))),
-            None => Err(FrameError::BadId("string is not UTF-8".into())),
+        Head::Int(n) => Ok(Id(Arc::from(n.to_string()))),
+        Head::Str(b) => match std::str::from_utf8(b) {
+            Ok(s) => Id::parse(s).ok_or_else(|| FrameError::BadId(format!("{s:?}: {}", Id::RULE))),
+            Err(_) => Err(FrameError::BadId("string is not UTF-8".into())),
         },
         other => Err(FrameError::BadId(format!(
             "{} is not a user or group id",
-            kind(other)
+            other.kind()
         ))),
-    }
-}
-
-fn kind(v: &Mp) -> &'static str {
-    match v {
-        Mp::Nil => "nil",
-        Mp::Boolean(_) => "a boolean",
-        Mp::Integer(_) => "an integer",
-        Mp::F32(_) | Mp::F64(_) => "a float",
-        Mp::String(_) => "a string",
-        Mp::Binary(_) => "binary",
-        Mp::Array(_) => "an array",
-        Mp::Map(_) => "a map",
-        Mp::Ext(..) => "an extension value",
-    }
-}
-
-fn to_json_map(entries: Vec<(Mp, Mp)>) -> Map<String, Value> {
-    entries
-        .into_iter()
-        .map(|(k, v)| (key_text(k), to_json(v)))
-        .collect()
-}
-
-fn key_text(k: Mp) -> String {
-    match k {
-        Mp::String(s) => String::from_utf8_lossy(&s.into_bytes()).into_owned(),
-        Mp::Binary(b) => String::from_utf8_lossy(&b).into_owned(),
-        other => other.to_string(),
-    }
-}
-
-/// msgpack → JSON as the old service's json.dumps did: binary as text,
-/// non-finite floats as null.
-fn to_json(v: Mp) -> Value {
-    match v {
-        Mp::Nil | Mp::Ext(..) => Value::Null,
-        Mp::Boolean(b) => Value::Bool(b),
-        Mp::Integer(n) => n
-            .as_i64()
-            .map(Value::from)
-            .or_else(|| n.as_u64().map(Value::from))
-            .unwrap_or(Value::Null),
-        Mp::F32(f) => Number::from_f64(f as f64).map_or(Value::Null, Value::Number),
-        Mp::F64(f) => Number::from_f64(f).map_or(Value::Null, Value::Number),
-        Mp::String(s) => Value::String(String::from_utf8_lossy(&s.into_bytes()).into_owned()),
-        Mp::Binary(b) => Value::String(String::from_utf8_lossy(&b).into_owned()),
-        Mp::Array(a) => Value::Array(a.into_iter().map(to_json).collect()),
-        Mp::Map(m) => Value::Object(to_json_map(m)),
     }
 }
 
@@ -423,7 +366,7 @@ pub fn encode_with(push_type: u8, id: &Mp, data: &Mp, options: Option<&Mp>) -> V
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{json, Value};
 
     fn body(v: Mp) -> Vec<u8> {
         let mut out = Vec::new();
