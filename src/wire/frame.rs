@@ -164,91 +164,100 @@ pub fn parse(body: &[u8]) -> Result<Push, FrameError> {
 }
 
 /// Parses a non-empty frame body into a push and the byte that accepts it.
-/// The body is checked whole first, so a frame cut short or malformed says
-/// so even where its type or id is also wrong.
 pub fn parse_with_status(body: &[u8]) -> Result<(Push, Status), FrameError> {
     // Every value takes at least a byte: only a long body needs counting.
     if body.len() > MAX_VALUES && !within_values(body, MAX_VALUES) {
         return Err(FrameError::TooManyValues);
     }
-    read::check(body)?;
+    // A body cut short, too deep or with bytes after its value says so even
+    // where its type or id is also wrong, as when it was decoded whole first.
+    decode(body).map_err(|e| read::check(body).err().unwrap_or(e))
+}
+
+fn decode(body: &[u8]) -> Result<(Push, Status), FrameError> {
     let mut rd = Reader::new(body);
-    let n = match rd.head()? {
+    let item = read::TOP - 2;
+    let n = match rd.head(read::TOP)? {
         Head::Array(n @ 3..=4) => n,
         Head::Array(n) => return Err(FrameError::NotTriple(format!("an array of {n}"))),
         other => return Err(FrameError::NotTriple(other.kind().into())),
     };
     let at = rd;
-    let push_type = match rd.head()? {
+    let push_type = match rd.head(item)? {
         Head::Int(t @ 1..=3) => t,
         _ => {
             rd = at;
-            return Err(FrameError::UnknownType(rd.value()?.to_string()));
+            return Err(FrameError::UnknownType(rd.value(item)?.to_string()));
         }
     };
-    let target = match (push_type, rd.head()?) {
+    let target = match (push_type, rd.head(item)?) {
         (1, id) => Target::Group(scalar_id(id)?),
         (_, Head::Array(0)) => return Err(FrameError::BadId("empty list of users".into())),
         (_, Head::Array(n)) => Target::Users(
             (0..n)
-                .map(|_| scalar_id(rd.head()?))
+                .map(|_| scalar_id(rd.head(item - 2)?))
                 .collect::<Result<_, _>>()?,
         ),
         (_, id) => Target::User(scalar_id(id)?),
     };
-    let data = match rd.head()? {
-        Head::Map(n) => rd.json_map(n)?,
+    let data = match rd.head(item)? {
+        Head::Map(n) => rd.json_map(n, item - 2)?,
         other => return Err(FrameError::DataNotMap(other.kind().into())),
     };
     let mut push = Push::new(target, Arc::new(data));
-    if n == 3 {
-        return Ok((push, Status::Accepted));
-    }
-    apply_options(&mut push, rd)?;
-    Ok((push, Status::AcceptedWithOptions))
+    let status = match n {
+        3 => Status::Accepted,
+        _ => {
+            apply_options(&mut push, &mut rd, item)?;
+            Status::AcceptedWithOptions
+        }
+    };
+    rd.end()?;
+    Ok((push, status))
 }
 
 /// Reads the options map: `id` (a string, [`PushId::RULE`]), `receipt`
 /// (a boolean) and `ttl` (seconds, 1 ..= [`Push::MAX_TTL`]). An unknown key
 /// is an error, so a misspelt option is not silently ignored.
-fn apply_options(push: &mut Push, mut rd: Reader) -> Result<(), FrameError> {
+fn apply_options(push: &mut Push, rd: &mut Reader, depth: u16) -> Result<(), FrameError> {
     let bad = |m: String| FrameError::BadOptions(m);
-    let n = match rd.head()? {
+    let n = match rd.head(depth)? {
         Head::Map(n) => n,
         other => return Err(bad(format!("options must be a map, got {}", other.kind()))),
     };
+    let depth = depth - 2;
     for _ in 0..n {
-        let at = rd;
-        let key = match rd.head()? {
+        let at = *rd;
+        let key = match rd.head(depth)? {
             Head::Str(b) => std::str::from_utf8(b).ok(),
             _ => None,
         };
-        match (key, rd.head()?) {
-            (Some("id"), Head::Str(s)) => {
+        let Some(key @ ("id" | "receipt" | "ttl")) = key else {
+            *rd = at;
+            let k = rd.value(depth)?;
+            return Err(bad(format!("unknown option {k} (id, receipt, ttl)")));
+        };
+        match (key, rd.head(depth)?) {
+            ("id", Head::Str(s)) => {
                 push.id = std::str::from_utf8(s)
                     .ok()
                     .and_then(PushId::given)
                     .ok_or_else(|| bad(format!("id: {}", PushId::RULE)))?;
             }
-            (Some("receipt"), Head::Bool(b)) => push.receipt = b,
-            (Some("ttl"), Head::Int(n)) => {
+            ("receipt", Head::Bool(b)) => push.receipt = b,
+            ("ttl", Head::Int(n)) => {
                 push.ttl = u64::try_from(n).ok().and_then(Push::ttl_from);
                 if push.ttl.is_none() {
                     return Err(bad(format!("ttl {n}: seconds from 1 to {}", Push::MAX_TTL)));
                 }
             }
-            (Some(key @ ("id" | "receipt" | "ttl")), v) => {
+            (key, v) => {
                 let want = match key {
                     "id" => "a string",
                     "receipt" => "a boolean",
                     _ => "an integer",
                 };
                 return Err(bad(format!("{key} must be {want}, got {}", v.kind())));
-            }
-            _ => {
-                rd = at;
-                let k = rd.value()?;
-                return Err(bad(format!("unknown option {k} (id, receipt, ttl)")));
             }
         }
     }
@@ -631,6 +640,11 @@ mod tests {
     fn huge_declared_lengths_do_not_allocate() {
         // array32 claiming 4 billion items, in a 9-byte body.
         let bytes = [0x93, 0x02, 0x01, 0xdd, 0xff, 0xff, 0xff, 0xff, 0x00];
+        assert_eq!(parse(&bytes).unwrap_err().status(), Status::Truncated);
+        // The same in data: a map32, and an array32 as a value.
+        let bytes = [0x93, 0x02, 0x01, 0xdf, 0xff, 0xff, 0xff, 0xff, 0xc0];
+        assert_eq!(parse(&bytes).unwrap_err().status(), Status::Truncated);
+        let bytes = [0x93, 0x02, 0x01, 0x81, 0xc0, 0xdd, 0xff, 0xff, 0xff, 0xff];
         assert_eq!(parse(&bytes).unwrap_err().status(), Status::Truncated);
     }
 
