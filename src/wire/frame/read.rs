@@ -201,11 +201,10 @@ impl<'a> Reader<'a> {
             .map_err(|e| FrameError::Malformed(e.to_string()))
     }
 
-    /// A map of `n` entries as JSON, as the old service's json.dumps made
-    /// it: binary as text, non-finite floats and extensions as null, other
-    /// keys as rmpv shows them; a repeated key keeps its first place and its
-    /// last value.
-    /// Its entries are read at `depth`.
+    /// A map of `n` entries, read at `depth`, as JSON the way the old
+    /// service's json.dumps made it: binary as text, non-finite floats and
+    /// extensions as null, other keys as rmpv shows them; a repeated key
+    /// keeps its first place and its last value.
     pub(super) fn json_map(
         &mut self,
         n: usize,
