@@ -174,6 +174,7 @@ pub fn parse_with_status(body: &[u8]) -> Result<(Push, Status), FrameError> {
     decode(body).map_err(|e| read::check(body).err().unwrap_or(e))
 }
 
+/// The push in `body`, in one pass: a fault is reported where it is met.
 fn decode(body: &[u8]) -> Result<(Push, Status), FrameError> {
     let mut rd = Reader::new(body);
     let item = read::TOP - 2;
