@@ -40,10 +40,26 @@ pub mod clock {
     use std::sync::OnceLock;
     use std::time::Instant;
 
-    static START: OnceLock<Instant> = OnceLock::new();
+    /// The tool's start, on the monotonic clock and on the kernel's wall clock.
+    static START: OnceLock<(Instant, u64)> = OnceLock::new();
+
+    fn start() -> &'static (Instant, u64) {
+        START.get_or_init(|| (Instant::now(), realtime_ns()))
+    }
 
     pub fn now_ns() -> u64 {
-        START.get_or_init(Instant::now).elapsed().as_nanos() as u64
+        start().0.elapsed().as_nanos() as u64
+    }
+
+    /// A kernel timestamp (`CLOCK_REALTIME`, as `SO_TIMESTAMPNS` gives) on the `now_ns` scale.
+    pub fn from_realtime_ns(t: u64) -> u64 {
+        t.saturating_sub(start().1)
+    }
+
+    fn realtime_ns() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
     }
 }
 
@@ -748,6 +764,8 @@ async fn p2p(
     set.shared.set_phase(None);
     let mut lat = phase.take_latencies();
     lat.sort_unstable();
+    let mut at_socket = phase.take_socket_latencies();
+    at_socket.sort_unstable();
     let delivered = phase.received().min(expected) + apns.min(to_apns);
     let mut last = phase.last_ns.load(Ordering::Relaxed);
     if let Some(c) = &apns_counters {
@@ -773,6 +791,9 @@ async fn p2p(
         p50_ms: report::percentile_ms(&lat, 0.50),
         p99_ms: report::percentile_ms(&lat, 0.99),
         max_ms: report::percentile_ms(&lat, 1.0),
+        sock_p50_ms: report::percentile_ms(&at_socket, 0.50),
+        sock_p99_ms: report::percentile_ms(&at_socket, 0.99),
+        sock_max_ms: report::percentile_ms(&at_socket, 1.0),
         cpu_secs: cpu_delta(s0, s1),
         tool_cpu_secs: cpu_delta(me0, me1),
         rss_before_kib: s0.rss_kib,

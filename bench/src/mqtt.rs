@@ -4,12 +4,13 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -191,6 +192,9 @@ pub struct Phase {
     pub stray: AtomicU64,
     pub last_ns: AtomicU64,
     latencies: Mutex<Vec<u64>>,
+    /// Send → the kernel queued it on the device's socket: the server's part
+    /// alone, without the tool's devices waiting for a core to read it.
+    at_socket: Mutex<Vec<u64>>,
 }
 
 impl Phase {
@@ -211,6 +215,7 @@ impl Phase {
             stray: AtomicU64::new(0),
             last_ns: AtomicU64::new(0),
             latencies: Mutex::new(Vec::with_capacity(expected as usize)),
+            at_socket: Mutex::new(Vec::with_capacity(expected as usize)),
         })
     }
 
@@ -218,7 +223,8 @@ impl Phase {
         self.received.load(Ordering::Relaxed)
     }
 
-    fn record(&self, device: u32, payload: &[u8]) {
+    /// `queued_ns`: when the kernel received the read's last byte, if it said.
+    fn record(&self, device: u32, payload: &[u8], queued_ns: Option<u64>) {
         let now = clock::now_ns();
         let (Some(sent), Some(seq)) = (field(payload, b"\"t\":"), field(payload, b"\"s\":")) else {
             self.stray.fetch_add(1, Ordering::Relaxed);
@@ -242,12 +248,22 @@ impl Phase {
             .lock()
             .expect("latency lock")
             .push(now.saturating_sub(sent));
+        if let Some(q) = queued_ns {
+            self.at_socket
+                .lock()
+                .expect("latency lock")
+                .push(q.min(now).saturating_sub(sent));
+        }
         self.last_ns.fetch_max(now, Ordering::Relaxed);
         self.received.fetch_add(1, Ordering::Release);
     }
 
     pub fn take_latencies(&self) -> Vec<u64> {
         std::mem::take(&mut *self.latencies.lock().expect("latency lock"))
+    }
+
+    pub fn take_socket_latencies(&self) -> Vec<u64> {
+        std::mem::take(&mut *self.at_socket.lock().expect("latency lock"))
     }
 }
 
@@ -275,10 +291,10 @@ impl Devices {
             .get_or_insert(what);
     }
 
-    fn on_publish(&self, device: u32, payload: &[u8]) {
+    fn on_publish(&self, device: u32, payload: &[u8], queued_ns: Option<u64>) {
         let phase = self.phase.read().expect("phase lock").clone();
         if let Some(p) = phase {
-            p.record(device, payload);
+            p.record(device, payload, queued_ns);
         }
     }
 }
@@ -346,6 +362,74 @@ async fn device_setup(cfg: &DeviceConfig, buf: &mut BytesMut) -> io::Result<TcpS
     }
 }
 
+/// Asks the kernel to stamp what arrives on `stream` with its receive time.
+fn stamp_arrivals(stream: &TcpStream) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: a valid socket and an int option of the right size.
+    let r = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_TIMESTAMPNS,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Reads what has arrived into `buf`, with the kernel's receive time of the
+/// last byte read (`CLOCK_REALTIME` ns; TCP reports it per read).
+async fn read_stamped(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<(usize, Option<u64>)> {
+    buf.reserve(256);
+    loop {
+        stream.readable().await?;
+        match stream.try_io(Interest::READABLE, || recv_stamped(stream.as_raw_fd(), buf)) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            r => return r,
+        }
+    }
+}
+
+fn recv_stamped(fd: RawFd, buf: &mut BytesMut) -> io::Result<(usize, Option<u64>)> {
+    let spare = buf.spare_capacity_mut();
+    let mut iov = libc::iovec {
+        iov_base: spare.as_mut_ptr().cast(),
+        iov_len: spare.len(),
+    };
+    let mut control = [0u64; 8];
+    // SAFETY: msghdr is plain data; all-zero is its empty value.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control) as _;
+    // SAFETY: iov points at `buf`'s spare capacity, control at a local array.
+    let n = unsafe { libc::recvmsg(fd, &mut msg, 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel wrote `n` bytes into the spare capacity.
+    unsafe { buf.set_len(buf.len() + n as usize) };
+    let mut stamp = None;
+    // SAFETY: the CMSG macros walk the control buffer the kernel filled in.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_TIMESTAMPNS {
+                let t: libc::timespec = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast());
+                stamp = Some(t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64);
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    Ok((n as usize, stamp))
+}
+
 /// One device: connect, subscribe, then receive and acknowledge until `stop`.
 /// `gate` bounds how many devices handshake at once.
 pub async fn device(
@@ -375,6 +459,9 @@ pub async fn device(
             ))
         }
     };
+    if let Err(e) = stamp_arrivals(&stream) {
+        return shared.fail(format!("device {index}: SO_TIMESTAMPNS: {e}"));
+    }
     shared.ready_ids.lock().expect("ready lock").push(index);
     shared.ready.fetch_add(1, Ordering::Relaxed);
     let ping_every = Duration::from_secs(cfg.keepalive_secs as u64 / 2);
@@ -389,11 +476,11 @@ pub async fn device(
                 if stream.write_all(&PINGREQ).await.is_err() { break; }
                 next_ping += ping_every;
             }
-            r = stream.read_buf(&mut buf) => {
-                match r {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {}
-                }
+            r = read_stamped(&stream, &mut buf) => {
+                let queued_ns = match r {
+                    Ok((0, _)) | Err(_) => break,
+                    Ok((_, t)) => t.map(clock::from_realtime_ns),
+                };
                 let mut acks: Vec<u8> = Vec::new();
                 loop {
                     let (first, body) = match take(&mut buf) {
@@ -405,7 +492,7 @@ pub async fn device(
                         if qos > 0 {
                             acks.extend_from_slice(&puback(packet_id));
                         }
-                        shared.on_publish(index, payload);
+                        shared.on_publish(index, payload, queued_ns);
                     }
                 }
                 if !acks.is_empty() && stream.write_all(&acks).await.is_err() {

@@ -20,6 +20,11 @@ pub struct Row {
     pub p50_ms: Option<f64>,
     pub p99_ms: Option<f64>,
     pub max_ms: Option<f64>,
+    /// p2p: send → queued on the device's socket by the kernel (the server's
+    /// part, without the tool's devices waiting for a core to read it).
+    pub sock_p50_ms: Option<f64>,
+    pub sock_p99_ms: Option<f64>,
+    pub sock_max_ms: Option<f64>,
     /// Fan-out: time from send until the last device had it, per push.
     pub last_p50_ms: Option<f64>,
     pub last_max_ms: Option<f64>,
@@ -186,11 +191,11 @@ pub fn markdown(rows: &[Row]) -> String {
                 ),
             ),
             "p2p" => (
-                "| target | devices | offered msg/s | pushes | delivered | lost | msg/s | p50 ms | p99 ms | max ms | server CPU s | CPU µs/msg | bench CPU s | RSS MiB | note |\n|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
+                "| target | devices | offered msg/s | pushes | delivered | lost | msg/s | p50 ms | p99 ms | max ms | at socket p50 / p99 / max ms | server CPU s | CPU µs/msg | bench CPU s | RSS MiB | note |\n|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
                 |r| format!(
-                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} / {} | {} | {} | {} | {} | {} |",
                     r.target, r.param, r.offered.map_or("max".into(), num), r.messages, r.delivered, r.lost, num(r.rate), ms(r.p50_ms), ms(r.p99_ms),
-                    ms(r.max_ms), opt(r.cpu_secs, 2), opt(r.cpu_us_per_msg(), 1), opt(r.tool_cpu_secs, 2), mib(r.rss_after_kib), r.note
+                    ms(r.max_ms), ms(r.sock_p50_ms), ms(r.sock_p99_ms), ms(r.sock_max_ms), opt(r.cpu_secs, 2), opt(r.cpu_us_per_msg(), 1), opt(r.tool_cpu_secs, 2), mib(r.rss_after_kib), r.note
                 ),
             ),
             "fanout" => (
@@ -256,12 +261,12 @@ fn ratios(out: &mut String, rows: &[&Row]) {
         out.push('\n');
         return;
     }
-    let _ = writeln!(out, "| target | devices | offered msg/s | msg/s ÷ Mosquitto's | p50 ÷ Mosquitto's | p99 ÷ Mosquitto's | max ÷ Mosquitto's |\n|---|--:|--:|--:|--:|--:|--:|");
+    let _ = writeln!(out, "| target | devices | offered msg/s | msg/s ÷ Mosquitto's | p50 ÷ Mosquitto's | p99 ÷ Mosquitto's | max ÷ Mosquitto's | p99 at socket ÷ Mosquitto's |\n|---|--:|--:|--:|--:|--:|--:|--:|");
     for r in &ours {
         let Some(m) = peer(r) else { continue };
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
             r.target,
             r.param,
             r.offered.map_or("max".into(), num),
@@ -269,6 +274,7 @@ fn ratios(out: &mut String, rows: &[&Row]) {
             opt(div(r.p50_ms, m.p50_ms), 2),
             opt(div(r.p99_ms, m.p99_ms), 2),
             opt(div(r.max_ms, m.max_ms), 2),
+            opt(div(r.sock_p99_ms, m.sock_p99_ms), 2),
         );
     }
     let mut scaling = Vec::new();
@@ -365,13 +371,13 @@ fn apns_table(out: &mut String, rows: &[&Row]) {
     out.push('\n');
 }
 
-pub const CSV_HEADER: &str = "workload,target,param,offered_per_s,messages,delivered,lost,duplicates,secs,rate_per_s,p50_ms,p99_ms,max_ms,to_last_p50_ms,to_last_max_ms,server_cpu_s,bench_cpu_s,rss_before_kib,rss_after_kib,rss_per_conn_kib,setup_s,heap_bytes_per_item,heap_bytes_per_item_warm,rss_bytes_per_item,note";
+pub const CSV_HEADER: &str = "workload,target,param,offered_per_s,messages,delivered,lost,duplicates,secs,rate_per_s,p50_ms,p99_ms,max_ms,to_last_p50_ms,to_last_max_ms,server_cpu_s,bench_cpu_s,rss_before_kib,rss_after_kib,rss_per_conn_kib,setup_s,heap_bytes_per_item,heap_bytes_per_item_warm,rss_bytes_per_item,sock_p50_ms,sock_p99_ms,sock_max_ms,note";
 
 pub fn csv_line(r: &Row) -> String {
     let f = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.4}"));
     let u = |v: Option<u64>| v.map_or(String::new(), |v| v.to_string());
     format!(
-        "{},{},{},{},{},{},{},{},{:.4},{:.1},{},{},{},{},{},{},{},{},{},{},{},{},{},{},\"{}\"",
+        "{},{},{},{},{},{},{},{},{:.4},{:.1},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},\"{}\"",
         r.workload,
         r.target,
         r.param,
@@ -396,6 +402,9 @@ pub fn csv_line(r: &Row) -> String {
         f(r.heap_per_item),
         f(r.heap_per_item_warm),
         f(r.rss_per_item),
+        f(r.sock_p50_ms),
+        f(r.sock_p99_ms),
+        f(r.sock_max_ms),
         r.note.replace('"', "'"),
     )
 }

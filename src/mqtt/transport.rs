@@ -120,21 +120,21 @@ impl Stream {
         need: usize,
     ) -> Poll<io::Result<usize>> {
         match self {
-            Stream::Tcp(s) => loop {
+            Stream::Tcp(s) => {
+                // No buffer until the socket says something arrived.
                 ready!(s.poll_read_ready(cx))?;
                 // Grow with the data actually arriving, not with what a header claims.
                 rbuf.reserve(need.clamp(READ_CHUNK, READ_MAX));
-                match s.try_read_buf(rbuf) {
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        // Nothing came: an idle connection keeps no buffer.
-                        if rbuf.is_empty() {
-                            *rbuf = BytesMut::new();
-                        }
-                        continue;
-                    }
-                    r => return Poll::Ready(r),
+                // `poll_read`, not `try_read`: after a short read it knows the
+                // socket is drained, which saves a read that would only say
+                // "would block" (one per PUBACK).
+                let read = tokio_util::io::poll_read_buf(Pin::new(s), cx, rbuf);
+                if read.is_pending() && rbuf.is_empty() {
+                    // Nothing came: an idle connection keeps no buffer.
+                    *rbuf = BytesMut::new();
                 }
-            },
+                read
+            }
             Stream::Other { io, .. } => {
                 rbuf.reserve(need.clamp(READ_CHUNK, READ_MAX));
                 tokio_util::io::poll_read_buf(io.as_mut(), cx, rbuf)
