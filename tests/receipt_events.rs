@@ -220,11 +220,7 @@ async fn dead_tokens_are_reported_for_every_push() {
         post_json(server.http_addr, "/v1/push", &plain).await.status,
         200
     );
-    let dead = hook
-        .until(|e| e["event"] == "token.dead")
-        .await
-        .pop()
-        .unwrap();
+    let dead = hook.matching(|e| e["event"] == "token.dead").await;
     let sha = |t: &str| -> String {
         let d = ring::digest::digest(&ring::digest::SHA256, t.as_bytes());
         d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
@@ -245,11 +241,7 @@ async fn dead_tokens_are_reported_for_every_push() {
             .status,
         200
     );
-    let dead = hook
-        .until(|e| e["event"] == "token.dead")
-        .await
-        .pop()
-        .unwrap();
+    let dead = hook.matching(|e| e["event"] == "token.dead").await;
     assert_eq!(
         (
             &dead["user"],

@@ -90,6 +90,15 @@ impl<'a> Reader<'a> {
             .fold(0, |v, &b| (v << 8) | u64::from(b)))
     }
 
+    /// The length after an 8-, 16- or 32-bit marker (`step` 0, 1, 2).
+    fn sized(&mut self, step: u8) -> Result<u64, FrameError> {
+        match step {
+            0 => self.be::<1>(),
+            1 => self.be::<2>(),
+            _ => self.be::<4>(),
+        }
+    }
+
     /// The next value's head, read `depth` levels from rmpv's limit (a
     /// container's items are 2 deeper). rmpv spends a level on every value,
     /// another on a container's, string's, binary's or extension's body and
@@ -125,28 +134,12 @@ impl<'a> Reader<'a> {
             0xc0 | 0xc1 => Head::Nil,
             0xc2 => Head::Bool(false),
             0xc3 => Head::Bool(true),
-            0xc4 => {
-                let n = self.be::<1>()?;
+            0xc4..=0xc6 => {
+                let n = self.sized(m - 0xc4)?;
                 bin(self, n)?
             }
-            0xc5 => {
-                let n = self.be::<2>()?;
-                bin(self, n)?
-            }
-            0xc6 => {
-                let n = self.be::<4>()?;
-                bin(self, n)?
-            }
-            0xc7 => {
-                let n = self.be::<1>()?;
-                ext(self, n)?
-            }
-            0xc8 => {
-                let n = self.be::<2>()?;
-                ext(self, n)?
-            }
-            0xc9 => {
-                let n = self.be::<4>()?;
+            0xc7..=0xc9 => {
+                let n = self.sized(m - 0xc7)?;
                 ext(self, n)?
             }
             0xca => Head::Float(f32::from_be_bytes(self.array()?).into()),
@@ -160,16 +153,8 @@ impl<'a> Reader<'a> {
             0xd2 => Head::Int(i32::from_be_bytes(self.array()?).into()),
             0xd3 => Head::Int(i64::from_be_bytes(self.array()?).into()),
             0xd4..=0xd8 => ext(self, 1 << (m - 0xd4))?,
-            0xd9 => {
-                let n = self.be::<1>()?;
-                str(self, n)?
-            }
-            0xda => {
-                let n = self.be::<2>()?;
-                str(self, n)?
-            }
-            0xdb => {
-                let n = self.be::<4>()?;
+            0xd9..=0xdb => {
+                let n = self.sized(m - 0xd9)?;
                 str(self, n)?
             }
             0xdc => Head::Array(container(self.be::<2>()?)?),
