@@ -121,5 +121,8 @@ async fn a_slow_lookup_holds_backends_back_instead_of_queueing() {
     );
     assert_eq!(device.next_json().await, json!({"n": 1}));
     assert_eq!(device.next_json().await, json!({"n": 2}));
+    // The backend was held back while Redis was paused for 2 s, and it shows.
+    let held = server.stats.stages.admission.snapshot().max_secs;
+    assert!(held >= 0.5, "admission stage max {held} s");
     server.stop().await;
 }

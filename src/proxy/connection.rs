@@ -75,10 +75,12 @@ pub(crate) async fn handle(socket: TcpStream, shared: Shared) {
     debug!("backend connected");
     loop {
         if let Intake::Memory(queue) = &shared.intake {
+            let held = Instant::now();
             tokio::select! {
                 _ = shared.shutdown.cancelled() => break,
                 () = queue.admitted() => {}
             }
+            shared.stats.stages.admission.observe(held.elapsed());
         }
         let read = tokio::select! {
             _ = shared.shutdown.cancelled() => break,

@@ -127,6 +127,10 @@ impl Histogram {
 /// regression in latency shows which queue grew (`/metrics`, the benchmark).
 #[derive(Debug)]
 pub struct Stages {
+    /// A backend connection held back by the intake's time bound -> let
+    /// read again (every read, so its quantiles say how often it waited).
+    /// Pushes wait there in the backend's socket, unread.
+    pub admission: Histogram,
     /// Proxy accepted it -> the dispatcher took it off the intake queue.
     pub intake: Histogram,
     /// The dispatcher took a batch -> the whole batch was routed.
@@ -141,6 +145,7 @@ pub struct Stages {
 impl Default for Stages {
     fn default() -> Self {
         Stages {
+            admission: Histogram::new(&STAGE_BOUNDS),
             intake: Histogram::new(&STAGE_BOUNDS),
             route: Histogram::new(&STAGE_BOUNDS),
             session: Histogram::new(&STAGE_BOUNDS),
@@ -151,8 +156,9 @@ impl Default for Stages {
 
 impl Stages {
     /// Each stage's name (the `stage` label) and histogram.
-    pub fn all(&self) -> [(&'static str, &Histogram); 4] {
+    pub fn all(&self) -> [(&'static str, &Histogram); 5] {
         [
+            ("admission", &self.admission),
             ("intake", &self.intake),
             ("route", &self.route),
             ("session", &self.session),
