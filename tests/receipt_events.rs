@@ -16,7 +16,7 @@ use pushbridge::registry::UserStore;
 use pushbridge::settings::{EventKind, Settings};
 use serde_json::{json, Value};
 use support::binary::{settings_file, Running};
-use support::http::{get, post_json};
+use support::http::{get, push_ok};
 use support::mqtt::Device;
 use support::redis::RedisServer;
 use support::webhook::{Options, Receiver};
@@ -216,10 +216,7 @@ async fn dead_tokens_are_reported_for_every_push() {
         apple.reply_to(token, reply);
     }
     let plain = json!({"user": 30, "data": {"alert": "hi"}});
-    assert_eq!(
-        post_json(server.http_addr, "/v1/push", &plain).await.status,
-        200
-    );
+    push_ok(server.http_addr, &plain).await;
     let dead = hook.matching(|e| e["event"] == "token.dead").await;
     let sha = |t: &str| -> String {
         let d = ring::digest::digest(&ring::digest::SHA256, t.as_bytes());
@@ -235,12 +232,7 @@ async fn dead_tokens_are_reported_for_every_push() {
     assert_eq!(record[0].as_ref().and_then(|r| r.app_token.clone()), None);
 
     let tracked = json!({"user": 31, "data": {"alert": "hi"}, "id": "r-31", "receipt": true});
-    assert_eq!(
-        post_json(server.http_addr, "/v1/push", &tracked)
-            .await
-            .status,
-        200
-    );
+    push_ok(server.http_addr, &tracked).await;
     let dead = hook.matching(|e| e["event"] == "token.dead").await;
     assert_eq!(
         (
@@ -270,22 +262,14 @@ async fn only_the_chosen_events_go_out() {
     let mut device = Device::connect(server.mqtt_addr, "d1", true).await;
     device.subscribe("push/user/1").await;
     let tracked = json!({"user": 1, "data": {}, "id": "m1", "receipt": true});
-    assert_eq!(
-        post_json(server.http_addr, "/v1/push", &tracked)
-            .await
-            .status,
-        200
-    );
+    push_ok(server.http_addr, &tracked).await;
     device.next_publish().await;
     wait_for(&server.stats, |s| s.receipts_recorded.get() >= 2).await;
     for (uid, token) in [(40u64, "cc40"), (41, "cc41")] {
         support::put_ios_user(&server, &Id::from(uid), token, APP).await;
         apple.reply_to(token, Reply::Unregistered { timestamp: 1 });
         let push = json!({"user": uid, "data": {}});
-        assert_eq!(
-            post_json(server.http_addr, "/v1/push", &push).await.status,
-            200
-        );
+        push_ok(server.http_addr, &push).await;
         // Events leave in order: anything sent before would come first.
         let got = hook.until(|e| e["event"] == "token.dead").await;
         assert_eq!(got.len(), 1, "{got:?}");
@@ -377,22 +361,12 @@ async fn changes_the_store_refused_are_not_reported() {
     };
     full("1");
     let refused = json!({"user": 1, "data": {}, "id": "refused", "receipt": true});
-    assert_eq!(
-        post_json(server.http_addr, "/v1/push", &refused)
-            .await
-            .status,
-        200
-    );
+    push_ok(server.http_addr, &refused).await;
     // Routed, written and acknowledged: all refused.
     wait_for(&server.stats, |s| s.receipts_dropped.get() >= 3).await;
     full("0");
     let stored = json!({"user": 1, "data": {}, "id": "stored", "receipt": true});
-    assert_eq!(
-        post_json(server.http_addr, "/v1/push", &stored)
-            .await
-            .status,
-        200
-    );
+    push_ok(server.http_addr, &stored).await;
     let got = hook.until(|e| e["push"] == "stored").await;
     assert!(got.iter().all(|e| e["push"] == "stored"), "{got:?}");
     assert_eq!(
@@ -440,8 +414,7 @@ async fn kill_9_loses_no_outcome_the_webhook_reported() {
             let many: Vec<Value> = (0..50)
                 .map(|i| json!({"user": i % 10, "data": {"n": i}, "id": format!("k{round}-{i}"), "receipt": true}))
                 .collect();
-            let reply = post_json(http, "/v1/push", &json!({ "notifications": many })).await;
-            assert_eq!(reply.status, 200);
+            push_ok(http, &json!({ "notifications": many })).await;
         }
     });
 

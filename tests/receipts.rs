@@ -13,7 +13,7 @@ use rmpv::Value as Mp;
 use rumqttc::v5::mqttbytes::v5 as mq5;
 use serde_json::{json, Value};
 use std::net::SocketAddr;
-use support::http::{get, post_json};
+use support::http::{get, post_json, push_ok};
 use support::mqtt::Device;
 use support::proxy::Backend;
 use support::redis::RedisServer;
@@ -89,8 +89,7 @@ async fn http_ids(settings: pushbridge::settings::Settings) {
         {"user": 1, "data": {"n": 2}, "id": "mine-7", "receipt": true, "ttl": 60},
         {"user": 1, "data": {"n": 3}},
     ]});
-    let reply = post_json(server.http_addr, "/v1/push", &body).await;
-    assert_eq!(reply.status, 200, "{}", reply.text());
+    let reply = push_ok(server.http_addr, &body).await;
     let results = reply.json()["results"].as_array().unwrap().clone();
     let ids: Vec<&str> = results.iter().map(|r| r["id"].as_str().unwrap()).collect();
     assert_eq!(ids[1], "mine-7");
@@ -266,10 +265,7 @@ async fn mqtt_outcomes(settings: Settings) {
 async fn receipts_off_answer_404_and_record_nothing() {
     let server = server::start(server::settings(None)).await;
     let body = json!({"user": 1, "data": {}, "id": "x1", "receipt": true});
-    assert_eq!(
-        post_json(server.http_addr, "/v1/push", &body).await.status,
-        200
-    );
+    push_ok(server.http_addr, &body).await;
     let reply = get(server.http_addr, "/v1/pushes/x1").await;
     assert_eq!(reply.status, 404);
     assert!(
@@ -299,8 +295,7 @@ async fn apns_outcomes(mut settings: Settings) {
     }
     let body =
         json!({"users": [20, 21, 22], "data": {"alert": "hi"}, "id": "apns-1", "receipt": true});
-    let reply = post_json(server.http_addr, "/v1/push", &body).await;
-    assert_eq!(reply.status, 200, "{}", reply.text());
+    push_ok(server.http_addr, &body).await;
     let got = outcome_until(server.http_addr, "apns-1", |o| {
         o["apns"]
             .as_array()
@@ -344,7 +339,7 @@ async fn a_second_instance_sharing_redis_answers() {
     let b = server::start(with_receipts(server::settings(Some(&redis.url)))).await;
     let acking = acking_device(a.mqtt_addr, "d1", "push/user/1").await;
     let body = json!({"user": 1, "data": {"n": 1}, "receipt": true});
-    let reply = post_json(a.http_addr, "/v1/push", &body).await;
+    let reply = push_ok(a.http_addr, &body).await;
     let id = reply.json()["results"][0]["id"]
         .as_str()
         .unwrap()
@@ -381,10 +376,7 @@ async fn the_memory_store_stays_within_its_bound() {
         .map(|i| json!({"user": 1, "data": {}, "id": format!("b{i}"), "receipt": true}))
         .collect();
     let body = json!({ "notifications": notifications });
-    assert_eq!(
-        post_json(server.http_addr, "/v1/push", &body).await.status,
-        200
-    );
+    push_ok(server.http_addr, &body).await;
     outcome_until(server.http_addr, "b19", |_| true).await;
     wait_until(|| async { server.stats.receipts_evicted.get() == 15 }).await;
     assert_eq!(get(server.http_addr, "/v1/pushes/b0").await.status, 404);
@@ -403,10 +395,7 @@ async fn unacknowledged_pushes_time_out() {
     let acking = acking_device(server.mqtt_addr, "acks", "push/user/1").await;
     let mut silent = silent_device(server.mqtt_addr, "silent", "push/user/2").await;
     let body = json!({"users": [1, 2], "data": {"n": 1}, "id": "t1", "receipt": true});
-    assert_eq!(
-        post_json(server.http_addr, "/v1/push", &body).await.status,
-        200
-    );
+    push_ok(server.http_addr, &body).await;
     silent.next_publish().await;
     let got = outcome_until(server.http_addr, "t1", |o| {
         topic(o, "push/user/2")["state"] == "timeout"
@@ -439,7 +428,7 @@ async fn ttl_reaches_every_channel() {
         .unwrap();
     v5_until(&mut events, |p| matches!(p, mq5::Packet::SubAck(..))).await;
     let body = json!({"user": 5, "data": {"n": 1}, "ttl": 3600});
-    assert_eq!(post_json(http, "/v1/push", &body).await.status, 200);
+    push_ok(http, &body).await;
     let mq5::Packet::Publish(p) =
         v5_until(&mut events, |p| matches!(p, mq5::Packet::Publish(..))).await
     else {
@@ -454,15 +443,15 @@ async fn ttl_reaches_every_channel() {
     d.disconnect().await;
     let body = json!({"user": 6, "data": {"n": 1}, "ttl": 1});
     let sent_at = pushbridge::utc::now_ms();
-    assert_eq!(post_json(http, "/v1/push", &body).await.status, 200);
+    push_ok(http, &body).await;
     // Kept offline for user 7 with a receipt, for as long as its TTL.
     let body = json!({"user": 7, "data": {"n": 1}, "ttl": 1, "id": "off-7", "receipt": true});
-    assert_eq!(post_json(http, "/v1/push", &body).await.status, 200);
+    push_ok(http, &body).await;
     outcome_until(http, "off-7", |o| o["offline"][0]["state"] == "kept").await;
     wait_until(|| async { pushbridge::utc::now_ms() > sent_at + 1_100 }).await;
     let mut d = Device::connect(server.mqtt_addr, "p6", false).await;
     let body = json!({"user": 6, "data": {"sentinel": 1}});
-    assert_eq!(post_json(http, "/v1/push", &body).await.status, 200);
+    push_ok(http, &body).await;
     assert_eq!(d.next_json().await, json!({"sentinel": 1}));
     assert_eq!(server.stats.mqtt_expired.get(), 1);
     let back = acking_device(server.mqtt_addr, "d7", "push/user/7").await;
@@ -472,7 +461,7 @@ async fn ttl_reaches_every_channel() {
     // APNs: apns-expiration is now + TTL.
     support::put_ios_user(&server, &Id::from(8), "aa08", APP).await;
     let body = json!({"user": 8, "data": {"alert": "a"}, "ttl": 600});
-    assert_eq!(post_json(http, "/v1/push", &body).await.status, 200);
+    push_ok(http, &body).await;
     let req = apple.next_request(support::WAIT).await;
     let at: u64 = req.header("apns-expiration").unwrap().parse().unwrap();
     let now = pushbridge::utc::now();
@@ -518,10 +507,7 @@ async fn webhook_gets_signed_events_and_retries_after_a_500() {
     let server = server::start(settings).await;
     let acking = acking_device(server.mqtt_addr, "d1", "push/user/1").await;
     let body = json!({"user": 1, "data": {"n": 1}, "id": "w1", "receipt": true});
-    assert_eq!(
-        post_json(server.http_addr, "/v1/push", &body).await.status,
-        200
-    );
+    push_ok(server.http_addr, &body).await;
 
     // Requests until an `mqtt_acked` arrived in an accepted (2nd or later) one.
     let mut requests = Vec::new();
@@ -565,7 +551,7 @@ async fn arrival_rate_in_stats_and_metrics() {
     let body = json!({"notifications": [
         {"user": 1, "data": {"n": 1}}, {"user": 1, "data": {"n": 2}}, {"user": 2, "data": {"n": 3}},
     ]});
-    assert_eq!(post_json(http, "/v1/push", &body).await.status, 200);
+    push_ok(http, &body).await;
     silent.next_publish().await;
     let sum = |s: &Value, series: &str, field: &str| -> u64 {
         s[series]
@@ -630,10 +616,7 @@ async fn events_go_to_a_bounded_redis_stream() {
     let server = server::start(settings).await;
     let acking = acking_device(server.mqtt_addr, "d1", "push/user/1").await;
     let body = json!({"user": 1, "data": {"n": 1}, "id": "s1", "receipt": true});
-    assert_eq!(
-        post_json(server.http_addr, "/v1/push", &body).await.status,
-        200
-    );
+    push_ok(server.http_addr, &body).await;
 
     let mut events: Vec<Value> = Vec::new();
     wait_until(|| {
@@ -666,10 +649,7 @@ async fn events_go_to_a_bounded_redis_stream() {
             .map(|i| json!({"user": 1, "data": {}, "id": format!("m{round}-{i}"), "receipt": true}))
             .collect();
         let body = json!({ "notifications": many });
-        assert_eq!(
-            post_json(server.http_addr, "/v1/push", &body).await.status,
-            200
-        );
+        push_ok(server.http_addr, &body).await;
     }
     wait_until(|| async { server.stats.mqtt_acked.get() >= 201 }).await;
     wait_until(|| async { server.stats.receipts_recorded.get() >= 603 }).await;
@@ -694,7 +674,7 @@ async fn users_last_pushes(settings: Settings) {
     notifications.push(json!({"users": [5, 6], "data": {}, "id": "both", "receipt": true}));
     notifications.push(json!({"user": 7, "data": {}, "id": "untracked"}));
     let body = json!({ "notifications": notifications });
-    assert_eq!(post_json(http, "/v1/push", &body).await.status, 200);
+    push_ok(http, &body).await;
     outcome_until(http, "both", |_| true).await;
     let listed = |user: u32| async move {
         let reply = get(http, &format!("/v1/users/{user}/pushes")).await;

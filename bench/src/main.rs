@@ -762,9 +762,8 @@ async fn p2p(
     let me1 = Sample::of(Some(std::process::id()));
     let stages = stages_note(&stages0, &server.stages().await);
     set.shared.set_phase(None);
-    let mut lat = phase.take_latencies();
+    let (mut lat, mut at_socket) = phase.take_latencies();
     lat.sort_unstable();
-    let mut at_socket = phase.take_socket_latencies();
     at_socket.sort_unstable();
     let delivered = phase.received().min(expected) + apns.min(to_apns);
     let mut last = phase.last_ns.load(Ordering::Relaxed);
@@ -903,7 +902,7 @@ async fn fanout_run(cli: &Cli, spec: &Spec, g: u64) -> Row {
     let s1 = server.sample();
     let me1 = Sample::of(Some(std::process::id()));
     set.shared.set_phase(None);
-    let mut lat = phase.take_latencies();
+    let (mut lat, _) = phase.take_latencies();
     lat.sort_unstable();
     to_last.sort_unstable();
     let delivered = phase.received();

@@ -191,10 +191,10 @@ pub struct Phase {
     pub duplicates: AtomicU64,
     pub stray: AtomicU64,
     pub last_ns: AtomicU64,
-    latencies: Mutex<Vec<u64>>,
-    /// Send → the kernel queued it on the device's socket: the server's part
-    /// alone, without the tool's devices waiting for a core to read it.
-    at_socket: Mutex<Vec<u64>>,
+    /// Send → read, and send → the kernel queued it on the device's socket
+    /// (the server's part alone, without the tool's devices waiting for a
+    /// core to read it): one lock for both.
+    latencies: Mutex<(Vec<u64>, Vec<u64>)>,
 }
 
 impl Phase {
@@ -214,8 +214,10 @@ impl Phase {
             duplicates: AtomicU64::new(0),
             stray: AtomicU64::new(0),
             last_ns: AtomicU64::new(0),
-            latencies: Mutex::new(Vec::with_capacity(expected as usize)),
-            at_socket: Mutex::new(Vec::with_capacity(expected as usize)),
+            latencies: Mutex::new((
+                Vec::with_capacity(expected as usize),
+                Vec::with_capacity(expected as usize),
+            )),
         })
     }
 
@@ -244,26 +246,19 @@ impl Phase {
             self.duplicates.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        self.latencies
-            .lock()
-            .expect("latency lock")
-            .push(now.saturating_sub(sent));
+        let mut lat = self.latencies.lock().expect("latency lock");
+        lat.0.push(now.saturating_sub(sent));
         if let Some(q) = queued_ns {
-            self.at_socket
-                .lock()
-                .expect("latency lock")
-                .push(q.min(now).saturating_sub(sent));
+            lat.1.push(q.min(now).saturating_sub(sent));
         }
+        drop(lat);
         self.last_ns.fetch_max(now, Ordering::Relaxed);
         self.received.fetch_add(1, Ordering::Release);
     }
 
-    pub fn take_latencies(&self) -> Vec<u64> {
+    /// Send → read latencies, and send → queued on the socket.
+    pub fn take_latencies(&self) -> (Vec<u64>, Vec<u64>) {
         std::mem::take(&mut *self.latencies.lock().expect("latency lock"))
-    }
-
-    pub fn take_socket_latencies(&self) -> Vec<u64> {
-        std::mem::take(&mut *self.at_socket.lock().expect("latency lock"))
     }
 }
 

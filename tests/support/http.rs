@@ -73,6 +73,13 @@ pub async fn post_json(addr: SocketAddr, path: &str, body: &Value) -> Reply {
     request(addr, "POST", path, None, Some(body.to_string().as_bytes())).await
 }
 
+/// `POST /v1/push` with `body`, which must be accepted (200).
+pub async fn push_ok(addr: SocketAddr, body: &Value) -> Reply {
+    let reply = post_json(addr, "/v1/push", body).await;
+    assert_eq!(reply.status, 200, "{body}: {}", reply.text());
+    reply
+}
+
 /// Writes `request` as is on a fresh connection and reads the answer to
 /// EOF (send `Connection: close`); returns the status and the body.
 pub async fn raw(addr: SocketAddr, request: &str) -> (u16, String) {
