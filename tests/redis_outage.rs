@@ -126,3 +126,72 @@ async fn a_slow_lookup_holds_backends_back_instead_of_queueing() {
     assert!(held >= 0.5, "admission stage max {held} s");
     server.stop().await;
 }
+
+/// Backends held back take turns: when room opens, the one that has waited
+/// longest reads next, so none is passed over batch after batch while
+/// another drains its whole backlog.
+#[tokio::test]
+async fn held_backends_take_turns() {
+    const BACKENDS: usize = 4;
+    const EACH: usize = 600;
+    let redis = RedisServer::start();
+    let mut settings = server::settings(Some(&redis.url));
+    settings.intake.max_wait_ms = 0;
+    settings.mqtt.max_queued = BACKENDS * EACH;
+    let server = server::start(settings).await;
+    let mut device = Device::connect(server.mqtt_addr, "d42", true).await;
+    device.subscribe("push/user/42").await;
+    let mut backends = Vec::new();
+    for _ in 0..BACKENDS {
+        backends.push(Backend::connect(server.proxy_addr).await);
+    }
+    let mut first = Backend::connect(server.proxy_addr).await;
+    assert_eq!(
+        first.push(2, Mp::from(42), &json!({"b": 99, "n": 0})).await,
+        0x00
+    );
+    assert_eq!(device.next_json().await, json!({"b": 99, "n": 0}));
+
+    // A slow lookup holds everyone back while every backend's whole burst
+    // (~70 KB, several reads) waits in its socket.
+    let _: () = ::redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(1000)
+        .query(&mut redis.conn())
+        .expect("CLIENT PAUSE");
+    assert_eq!(
+        first.push(2, Mp::from(42), &json!({"b": 99, "n": 1})).await,
+        0x00
+    );
+    let pad = "x".repeat(80);
+    for (b, backend) in backends.iter_mut().enumerate() {
+        let mut burst = Vec::new();
+        for n in 0..EACH {
+            let data = json_to_msgpack(&json!({"b": b, "n": n, "pad": pad}));
+            burst.extend(encode(2, &Mp::from(42), &data));
+        }
+        backend.write(&burst).await;
+    }
+    assert_eq!(device.next_json().await, json!({"b": 99, "n": 1}));
+
+    // Delivered in the order routed: at any point while every backend
+    // still has pushes to come, none is more than two turns (a read of at
+    // most 16 KB each, ~150 of these pushes) ahead of another.
+    let mut got = [0usize; BACKENDS];
+    let mut widest = 0;
+
+    for _ in 0..BACKENDS * EACH {
+        let msg = device.next_json().await;
+        let b = msg["b"].as_u64().expect("backend index") as usize;
+        assert_eq!(msg["n"], got[b], "backend {b}'s pushes in order");
+        got[b] += 1;
+        if got.iter().all(|&n| n < EACH) {
+            widest = widest.max(got.iter().max().unwrap() - got.iter().min().unwrap());
+        }
+    }
+    assert!(
+        widest <= 300,
+        "one backend got {widest} pushes ahead of another: {got:?}"
+    );
+    server.stop().await;
+}

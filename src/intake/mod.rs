@@ -7,6 +7,7 @@
 //! `housekeeping` dead-letters entries and forgets consumers that are gone.
 
 mod consumer;
+mod gate;
 mod housekeeping;
 mod queue;
 mod stream;
@@ -19,6 +20,7 @@ use rmpv::Value as Mp;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+pub use gate::Ticket;
 pub use queue::{Queue, Refused};
 pub use stream::StreamWriter;
 

@@ -13,10 +13,11 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{debug, error};
 
+use super::gate::{Gate, Ticket};
 use crate::dispatch::{Dispatcher, BATCH};
 use crate::push::Push;
 
@@ -39,8 +40,8 @@ struct Pace {
     /// Pushes queued and not yet routed: waiting, or in the batch being routed.
     unrouted: AtomicUsize,
     max_wait: Duration,
-    /// Notified after every batch.
-    routed: Notify,
+    /// Backends held back, in line for a turn as batches end.
+    gate: Gate,
 }
 
 const IDLE: u64 = u64::MAX;
@@ -69,19 +70,32 @@ impl Pace {
         ahead + stuck
     }
 
-    /// Returns once `wait()` is within the bound, or `outage()`; checked
-    /// after every batch, and every [`RECHECK`] for an outage starting.
-    async fn admitted(&self, outage: impl Fn() -> bool) {
+    /// Returns once `ticket` may read: `wait()` is within the bound and no
+    /// other backend is in line, or its turn came, or `outage()` (looked
+    /// at every [`RECHECK`] while waiting).
+    async fn admitted(&self, ticket: &Arc<Ticket>, outage: impl Fn() -> bool) {
+        let _leave = Leave(&self.gate, ticket);
         loop {
-            let routed = self.routed.notified();
-            tokio::pin!(routed);
-            // Registered before the check, so a batch ending in between is seen.
-            routed.as_mut().enable();
-            if self.wait() <= self.max_wait || outage() {
+            if outage() || self.gate.enter(ticket, || self.wait() <= self.max_wait) {
                 return;
             }
-            let _ = tokio::time::timeout(RECHECK, routed).await;
+            if tokio::time::timeout(RECHECK, ticket.woken()).await.is_err() {
+                // No batch has ended for a while; room may have opened anyway.
+                self.grant();
+            }
         }
+    }
+
+    /// Gives turns for the room left under the bound.
+    fn grant(&self) {
+        let wait = self.wait();
+        let Some(left) = self.max_wait.checked_sub(wait) else {
+            return;
+        };
+        let per_push = self.per_push_nanos.load(Ordering::Relaxed).max(1);
+        let room = u64::try_from(left.as_nanos()).unwrap_or(u64::MAX) / per_push;
+        self.gate
+            .grant(usize::try_from(room).unwrap_or(usize::MAX).max(1));
     }
 
     fn taken(&self, at: Instant) {
@@ -96,7 +110,16 @@ impl Pace {
             .store(old - old / 8 + nanos / 8, Ordering::Relaxed);
         self.taken_at.store(IDLE, Ordering::Relaxed);
         self.unrouted.fetch_sub(n, Ordering::Relaxed);
-        self.routed.notify_waiters();
+        self.grant();
+    }
+}
+
+/// Takes a ticket out of line when its wait ends early (shutdown).
+struct Leave<'a>(&'a Gate, &'a Ticket);
+
+impl Drop for Leave<'_> {
+    fn drop(&mut self) {
+        self.0.leave(self.1);
     }
 }
 
@@ -130,7 +153,7 @@ impl Queue {
             per_push_nanos: AtomicU64::new(0),
             unrouted: AtomicUsize::new(0),
             max_wait,
-            routed: Notify::new(),
+            gate: Gate::default(),
         });
         (
             Queue {
@@ -172,11 +195,12 @@ impl Queue {
     }
 
     /// Returns once a push queued now would wait no longer than
-    /// `intake.max_wait_ms` (at once, usually). While the registry fails
-    /// the queue rides out the outage, bounded by `intake.queue` only.
-    pub async fn admitted(&self) {
+    /// `intake.max_wait_ms` (at once, usually) and it is `ticket`'s turn
+    /// among the backends held back. While the registry fails the queue
+    /// rides out the outage, bounded by `intake.queue` only.
+    pub async fn admitted(&self, ticket: &Arc<Ticket>) {
         self.pace
-            .admitted(|| self.dispatcher.registry_failing())
+            .admitted(ticket, || self.dispatcher.registry_failing())
             .await
     }
 
@@ -245,29 +269,30 @@ mod tests {
             per_push_nanos: AtomicU64::new(0),
             unrouted: AtomicUsize::new(0),
             max_wait: Duration::from_millis(5),
-            routed: Notify::new(),
+            gate: Gate::default(),
         })
     }
 
     #[tokio::test(start_paused = true)]
     async fn admission_closes_while_a_batch_is_stuck_and_reopens_after() {
         let pace = pace();
-        pace.admitted(|| false).await;
+        let t = Arc::default();
+        pace.admitted(&t, || false).await;
         pace.unrouted.store(1, Ordering::Relaxed);
         let taken = Instant::now();
         pace.taken(taken);
-        pace.admitted(|| false).await;
+        pace.admitted(&t, || false).await;
         tokio::time::advance(Duration::from_millis(6)).await;
         let waiting = tokio::spawn({
             let pace = pace.clone();
-            async move { pace.admitted(|| false).await }
+            async move { pace.admitted(&Arc::default(), || false).await }
         });
         tokio::task::yield_now().await;
         assert!(
             !waiting.is_finished(),
             "admitted while the batch ahead had taken 6 ms"
         );
-        pace.admitted(|| true).await;
+        pace.admitted(&t, || true).await;
         pace.routed(taken, 1);
         tokio::time::timeout(Duration::from_secs(5), waiting)
             .await

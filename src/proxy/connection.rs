@@ -1,5 +1,6 @@
 //! One backend connection: read frames, queue pushes, answer status bytes.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -9,12 +10,14 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::Shared;
-use crate::intake::{Intake, IntakeError, Queue, Refused, StreamWriter};
+use crate::intake::{Intake, IntakeError, Queue, Refused, StreamWriter, Ticket};
 use crate::push::Push;
 use crate::wire::frame::{self, FrameError, Status};
 
-/// Read size for a connection with nothing buffered; grown to fit a frame.
-const READ_CHUNK: usize = 4096;
+/// The most one read takes (more only to finish a bigger frame): with
+/// backends held back, each turn reads about the same, so no backend
+/// drains faster than another because its buffer happened to grow.
+const READ_CHUNK: usize = 16 * 1024;
 
 /// A backend's socket with what was read and not yet handled, and the
 /// status bytes not yet written (mini-redis's `Connection`, for frames).
@@ -22,12 +25,15 @@ struct Connection {
     socket: TcpStream,
     buf: BytesMut,
     replies: Vec<u8>,
+    /// What the next read may take.
+    limit: usize,
 }
 
 impl Connection {
     /// Reads more; `Ok(0)` at the end of the stream.
     async fn read(&mut self) -> std::io::Result<usize> {
-        self.socket.read_buf(&mut self.buf).await
+        let limit = self.limit as u64;
+        (&mut self.socket).take(limit).read_buf(&mut self.buf).await
     }
 
     /// The body of the next whole frame, `None` until one is buffered.
@@ -59,6 +65,7 @@ impl Connection {
             None => READ_CHUNK,
         };
         self.buf.reserve(want);
+        self.limit = want.max(READ_CHUNK);
     }
 }
 
@@ -68,8 +75,11 @@ pub(crate) async fn handle(socket: TcpStream, shared: Shared) {
         socket,
         buf: BytesMut::new(),
         replies: Vec::new(),
+        limit: READ_CHUNK,
     };
+    conn.buf.reserve(READ_CHUNK);
     let mut burst = Burst::default();
+    let ticket = Arc::<Ticket>::default();
     // Reset only by whole frames, so trickling bytes cannot hold a slot.
     let mut deadline = Instant::now() + idle;
     debug!("backend connected");
@@ -78,7 +88,7 @@ pub(crate) async fn handle(socket: TcpStream, shared: Shared) {
             let held = Instant::now();
             tokio::select! {
                 _ = shared.shutdown.cancelled() => break,
-                () = queue.admitted() => {}
+                () = queue.admitted(&ticket) => {}
             }
             shared.stats.stages.admission.observe(held.elapsed());
         }
@@ -102,6 +112,7 @@ pub(crate) async fn handle(socket: TcpStream, shared: Shared) {
         };
         let eof = n == 0;
         let (mut keep, frames) = process(&mut conn, &mut burst, &shared).await;
+        ticket.used(frames);
         if let Intake::Durable(stream) = &shared.intake {
             if !burst.is_empty() {
                 keep &= commit(stream, &mut burst, &mut conn.replies, &shared).await;
