@@ -3,7 +3,7 @@
 # 15 minutes: builds release, installs mosquitto, h2load and redis-server when
 # missing, runs pushbridge-bench twice (the peers; then Redis vs in-memory
 # registry), and leaves the tables, CSV and SVG charts in
-# target/bench-results/, target/bench-results/redis/ and .../receipts/ (or $BENCH_OUT). Extra arguments go to the tool,
+# target/bench-results/, target/bench-results/redis/, .../receipts/ and .../one-thread/ (or $BENCH_OUT). Extra arguments go to the tool,
 # e.g. `scripts/bench.sh --workloads ingest` or `scripts/bench.sh --smoke`.
 # BENCH_REPEAT (default 3): interleaved runs; the tables show median runs.
 set -euo pipefail
@@ -68,4 +68,12 @@ if [ "$#" -eq 0 ] || [ "$*" = "--smoke" ]; then
     --workloads p2p --p2p-rates 0 "$@" | tee "$OUT/receipts/stdout.md"
 fi
 
-echo "results: $OUT/results.md (and $OUT/redis/, $OUT/receipts/results.md), results.csv, *.svg"
+# One worker thread (runtime.worker_threads = 1), as Mosquitto runs on one:
+# the closed loop again, both in one run.
+if [ "$#" -eq 0 ] || [ "$*" = "--smoke" ]; then
+  mkdir -p "$OUT/one-thread"
+  bench --out "$OUT/one-thread" --target pushbridge-1t,mosquitto \
+    --workloads p2p --p2p-rates 0 "$@" | tee "$OUT/one-thread/stdout.md"
+fi
+
+echo "results: $OUT/results.md (and $OUT/redis/, $OUT/receipts/, $OUT/one-thread/results.md), results.csv, *.svg"

@@ -119,16 +119,29 @@ async fn shutdown_signal(token: CancellationToken) {
     token.cancel();
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
-        Command::Serve(arg) => {
-            let settings = Settings::load(&arg.config)?;
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    if let Command::Serve(arg) = cli.command {
+        let settings = Settings::load(&arg.config)?;
+        if settings.runtime.worker_threads > 0 {
+            runtime.worker_threads(settings.runtime.worker_threads);
+        }
+        return runtime.build()?.block_on(async {
             init_tracing(&settings, arg.log_level.as_deref());
             let shutdown = CancellationToken::new();
             tokio::spawn(shutdown_signal(shutdown.clone()));
-            pushbridge::run(settings, shutdown).await?;
-        }
+            Ok(pushbridge::run(settings, shutdown).await?)
+        });
+    }
+    runtime.build()?.block_on(command(cli.command))
+}
+
+/// The commands other than `serve`.
+async fn command(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Serve(_) => unreachable!("serve builds its own runtime"),
         Command::CheckConfig(arg) => {
             let settings = Settings::load(&arg.config)?;
             init_tracing(&settings, arg.log_level.as_deref().or(Some("warn")));

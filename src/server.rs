@@ -270,6 +270,7 @@ fn log_started(
         registry = registry.describe(),
         durable_intake = settings.intake.durable,
         prefix = %settings.mqtt.prefix,
+        worker_threads = tokio::runtime::Handle::current().metrics().num_workers(),
         "pushbridge started; try `pushbridge send --addr {proxy} --user 42 '{{\"alert\":\"hi\"}}'` \
          and the dashboard at http://{http}/"
     );

@@ -98,6 +98,16 @@ fn serve_send_and_a_standard_client_receives() {
 }
 
 #[test]
+fn runtime_worker_threads_sets_the_runtime() {
+    let dir = tempfile::tempdir().unwrap();
+    for n in ["1", "3"] {
+        let extra = format!("[runtime]\nworker_threads = {n}\n");
+        let server = Server::serve(&settings_file(dir.path(), &extra));
+        assert_eq!(server.started_field("worker_threads"), n);
+    }
+}
+
+#[test]
 fn send_reports_refusals_and_bad_arguments() {
     let out = Command::new(BIN)
         .args(["send", "--user", "1", "[1,2]"])

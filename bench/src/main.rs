@@ -71,7 +71,9 @@ pub mod clock {
 struct Cli {
     /// Targets to spawn, comma-separated: pushbridge, pushbridge-redis (Redis
     /// registry with a record for every device's user, odd users iOS: their
-    /// pushes go to APNs, which has no credentials here and fails them), mosquitto.
+    /// pushes go to APNs, which has no credentials here and fails them),
+    /// pushbridge-ios, pushbridge-receipts, pushbridge-1t (one worker
+    /// thread), mosquitto.
     #[arg(long, value_delimiter = ',', default_value = "pushbridge,mosquitto")]
     target: Vec<String>,
     /// Benchmark an already running server instead: its MQTT address (loopback only).
@@ -289,7 +291,7 @@ fn specs(cli: &Cli) -> anyhow::Result<Vec<Spec>> {
                     bin,
                 })
             }
-            "pushbridge-redis" | "pushbridge-ios" | "pushbridge-receipts" => {
+            "pushbridge-redis" | "pushbridge-ios" | "pushbridge-receipts" | "pushbridge-1t" => {
                 let bin = cli
                     .pushbridge_bin
                     .clone()
@@ -298,6 +300,7 @@ fn specs(cli: &Cli) -> anyhow::Result<Vec<Spec>> {
                     kind: match t.as_str() {
                         "pushbridge-ios" => Kind::PushbridgeIos,
                         "pushbridge-receipts" => Kind::PushbridgeReceipts,
+                        "pushbridge-1t" => Kind::PushbridgeOneThread,
                         _ => Kind::PushbridgeRedis,
                     },
                     bin: std::fs::canonicalize(&bin)
@@ -317,7 +320,7 @@ fn specs(cli: &Cli) -> anyhow::Result<Vec<Spec>> {
                 })
             }
             other => bail!(
-                "unknown target {other:?} (pushbridge, pushbridge-redis, pushbridge-ios, pushbridge-receipts, mosquitto)"
+                "unknown target {other:?} (pushbridge, pushbridge-redis, pushbridge-ios, pushbridge-receipts, pushbridge-1t, mosquitto)"
             ),
         })
         .collect()

@@ -23,6 +23,8 @@ pub enum Kind {
     /// pushbridge with `receipts.enabled`, every push sent with `receipt: true`
     /// (the receipts' cost beside `Pushbridge`).
     PushbridgeReceipts,
+    /// pushbridge with `runtime.worker_threads = 1`: one thread, as Mosquitto.
+    PushbridgeOneThread,
     Mosquitto,
 }
 
@@ -33,6 +35,7 @@ impl fmt::Display for Kind {
             Kind::PushbridgeRedis => "pushbridge-redis",
             Kind::PushbridgeIos => "pushbridge-ios",
             Kind::PushbridgeReceipts => "pushbridge-receipts",
+            Kind::PushbridgeOneThread => "pushbridge-1t",
             Kind::Mosquitto => "mosquitto",
         })
     }
@@ -235,7 +238,8 @@ impl Server {
             Kind::Pushbridge
             | Kind::PushbridgeRedis
             | Kind::PushbridgeIos
-            | Kind::PushbridgeReceipts => {
+            | Kind::PushbridgeReceipts
+            | Kind::PushbridgeOneThread => {
                 if kind == Kind::PushbridgeRedis {
                     let (child, url) = start_redis(&dir).await?;
                     redis = Some(child);
@@ -254,13 +258,14 @@ impl Server {
                     apns_conf = Some((config, setup));
                     apns = Some(server);
                 }
-                let receipts = match kind {
+                let variant = match kind {
                     Kind::PushbridgeReceipts => "[receipts]\nenabled = true\n\n",
+                    Kind::PushbridgeOneThread => "[runtime]\nworker_threads = 1\n\n",
                     _ => "",
                 };
                 std::fs::write(
                     &conf,
-                    receipts.to_owned()
+                    variant.to_owned()
                         + &pushbridge_settings(
                             proxy,
                             mqtt,

@@ -113,7 +113,7 @@ fn smoke_ingest_against_pushbridge_accepts_every_frame() {
         out.path(),
         &[
             "--target",
-            "pushbridge",
+            "pushbridge,pushbridge-1t",
             "--pushbridge-bin",
             pushbridge(),
             "--workloads",
@@ -121,7 +121,9 @@ fn smoke_ingest_against_pushbridge_accepts_every_frame() {
         ],
     );
     let rows = csv_rows(out.path());
-    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert_eq!(rows.len(), 4, "{rows:?}");
+    let targets: Vec<&str> = rows.iter().map(|r| r["target"].as_str()).collect();
+    assert!(targets.contains(&"pushbridge-1t"), "{targets:?}");
     for r in &rows {
         assert_eq!(r["workload"], "ingest");
         assert_eq!(r["lost"], "0", "{r:?}");

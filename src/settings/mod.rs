@@ -34,6 +34,7 @@ pub struct Settings {
     pub auth: AuthSettings,
     pub intake: IntakeSettings,
     pub shutdown: ShutdownSettings,
+    pub runtime: RuntimeSettings,
     pub log: LogSettings,
     /// Keys read under an old name, to be warned about.
     #[serde(skip)]
@@ -137,6 +138,12 @@ impl Settings {
         }
         if self.intake.queue == 0 {
             return bad("intake.queue", "must be at least 1");
+        }
+        if self.runtime.worker_threads > 1024 {
+            return bad(
+                "runtime.worker_threads",
+                "must be at most 1024 (0: one per core)",
+            );
         }
         if self.intake.max_wait_ms > 60_000 {
             return bad("intake.max_wait_ms", "must be at most 60000 (a minute)");
@@ -413,6 +420,10 @@ mod tests {
                 "receipts.ttl_secs: must be at least 1",
             ),
             ("[receipts]\nmax_records = 0\n", "receipts.max_records"),
+            (
+                "[runtime]\nworker_threads = 5000\n",
+                "runtime.worker_threads: must be at most 1024",
+            ),
             ("[receipts]\nqueue = 0\n", "receipts.queue"),
             (
                 "[receipts]\nwebhook_url = \"ftp://h/\"\n",

@@ -390,6 +390,16 @@ impl Default for IntakeSettings {
     }
 }
 
+/// The async runtime pushbridge runs on.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeSettings {
+    /// Threads running connections, routing and delivery; 0 = one per core.
+    /// 1 suits a host whose other cores are busy with other work: the
+    /// threads no longer wake and steal from each other.
+    pub worker_threads: usize,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ShutdownSettings {

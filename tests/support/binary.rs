@@ -62,16 +62,16 @@ impl Running {
         }
     }
 
+    /// The start-up line's `key=value` field.
+    pub fn started_field(&self, key: &str) -> &str {
+        let s = &self.started;
+        let start = s.find(&format!(" {key}=")).expect(key) + key.len() + 2;
+        s[start..].split_whitespace().next().unwrap()
+    }
+
     /// A listener's address from the start-up line (`proxy`, `mqtt`, `http`).
     pub fn addr(&self, name: &str) -> SocketAddr {
-        let s = &self.started;
-        let start = s.find(&format!(" {name}=")).expect(name) + name.len() + 2;
-        s[start..]
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap()
+        self.started_field(name).parse().unwrap()
     }
 
     /// The next log line containing every one of `words`; panics after WAIT.
