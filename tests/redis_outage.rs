@@ -31,6 +31,16 @@ async fn readyz_becomes(addr: std::net::SocketAddr, status: u16) -> String {
     text
 }
 
+/// Waits until `/metrics` shows `value` for the gauge `name`.
+async fn metric_becomes(addr: std::net::SocketAddr, name: &str, value: u64) {
+    let line = format!("\n{name} {value}\n");
+    wait_until(move || {
+        let line = line.clone();
+        async move { get(addr, "/metrics").await.text().contains(&line) }
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn pushes_wait_for_redis_and_are_all_delivered() {
     let mut redis = RedisServer::start();
@@ -156,7 +166,7 @@ async fn held_backends_take_turns() {
     // (~70 KB, several reads) waits in its socket.
     let _: () = ::redis::cmd("CLIENT")
         .arg("PAUSE")
-        .arg(1000)
+        .arg(2000)
         .query(&mut redis.conn())
         .expect("CLIENT PAUSE");
     assert_eq!(
@@ -172,6 +182,8 @@ async fn held_backends_take_turns() {
         }
         backend.write(&burst).await;
     }
+    // All five wait in line, and /metrics says so.
+    metric_becomes(server.http_addr, "pushbridge_backends_held", 5).await;
     assert_eq!(device.next_json().await, json!({"b": 99, "n": 1}));
 
     // Delivered in the order routed: at any point while every backend
@@ -179,7 +191,6 @@ async fn held_backends_take_turns() {
     // most 16 KB each, ~150 of these pushes) ahead of another.
     let mut got = [0usize; BACKENDS];
     let mut widest = 0;
-
     for _ in 0..BACKENDS * EACH {
         let msg = device.next_json().await;
         let b = msg["b"].as_u64().expect("backend index") as usize;
@@ -193,5 +204,7 @@ async fn held_backends_take_turns() {
         widest <= 300,
         "one backend got {widest} pushes ahead of another: {got:?}"
     );
+    // Nobody is left waiting for a turn once the pushes are through.
+    metric_becomes(server.http_addr, "pushbridge_backends_held", 0).await;
     server.stop().await;
 }

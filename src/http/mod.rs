@@ -126,6 +126,14 @@ impl HttpState {
             Intake::Durable(_) => 0,
         }
     }
+
+    /// Backend connections held back by the intake's time bound.
+    fn backends_held(&self) -> usize {
+        match &self.intake {
+            Intake::Memory(queue) => queue.held(),
+            Intake::Durable(_) => 0,
+        }
+    }
 }
 
 /// Parses an id from a path segment or a JSON string.

@@ -176,6 +176,11 @@ pub(super) async fn metrics(State(state): State<HttpState>) -> impl IntoResponse
             state.intake_queued() as u64,
         ),
         (
+            "backends_held",
+            "Backend connections held back by intake.max_wait_ms, waiting for a turn to read.",
+            state.backends_held() as u64,
+        ),
+        (
             "apns_queued",
             "Notifications waiting in the APNs sender's queue.",
             dispatcher.apns.queued() as u64,

@@ -93,8 +93,8 @@ impl Gate {
         ticket.queued.store(false, Ordering::Relaxed);
     }
 
-    #[cfg(test)]
-    fn len(&self) -> usize {
+    /// Backends waiting for a turn.
+    pub fn len(&self) -> usize {
         self.held.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 }

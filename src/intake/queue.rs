@@ -204,6 +204,11 @@ impl Queue {
             .await
     }
 
+    /// Backends held back, waiting for a turn to read.
+    pub fn held(&self) -> usize {
+        self.pace.gate.len()
+    }
+
     /// Pushes waiting now.
     pub fn len(&self) -> usize {
         self.tx.max_capacity() - self.tx.capacity()
