@@ -81,8 +81,9 @@ async fn wait_requests(c: &Counters, want: u64, deadline: Instant, stall: Durati
 }
 
 /// pushbridge: pushes over the proxy to random iOS users.
-pub async fn pushbridge(bin: &Path, limits: Limits, shape: &Shape) -> Row {
-    let mut row = row("pushbridge", shape);
+/// `name`: the row's target (pushbridge, or pushbridge-1t with one worker thread in `limits`).
+pub async fn pushbridge(bin: &Path, name: &str, limits: Limits, shape: &Shape) -> Row {
+    let mut row = row(name, shape);
     let spec = Spec::Spawn {
         kind: Kind::PushbridgeIos,
         bin: bin.to_path_buf(),

@@ -217,6 +217,7 @@ impl Cli {
         Limits {
             max_queued: self.max_queued,
             max_inflight: self.max_inflight,
+            worker_threads: 0,
         }
     }
 
@@ -423,13 +424,22 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// apns: pushbridge (when a pushbridge target is spawned) then h2load (when
+/// apns: pushbridge (with one worker thread too when pushbridge-1t is a
+/// target; the first pushbridge target's binary) then h2load (when
 /// installed), per connection count.
 async fn apns_runs(cli: &Cli, specs: &[Spec], run: u32, record: &mut impl FnMut(Vec<Row>)) {
     let bin = specs.iter().find_map(|s| match s {
         Spec::Spawn { kind, bin } if *kind != Kind::Mosquitto => Some(bin.clone()),
         _ => None,
     });
+    // (worker threads, row name) of each pushbridge run: 0 = one per core.
+    let mut senders = vec![(0, Kind::Pushbridge)];
+    if specs
+        .iter()
+        .any(|s| s.name() == Kind::PushbridgeOneThread.to_string())
+    {
+        senders.push((1, Kind::PushbridgeOneThread));
+    }
     let h2load = cli.h2load_bin.clone().or_else(apns::find_h2load);
     if h2load.is_none() {
         eprintln!("[apns] h2load not found (apt-get install nghttp2-client): pushbridge alone");
@@ -447,11 +457,18 @@ async fn apns_runs(cli: &Cli, specs: &[Spec], run: u32, record: &mut impl FnMut(
             stall: Duration::from_secs(cli.stall_timeout),
         };
         if let Some(bin) = &bin {
-            eprintln!(
-                "[run {run}/{}] [pushbridge] apns over {c} connections",
-                cli.repeat
-            );
-            record(vec![apns::pushbridge(bin, cli.limits(), &shape).await]);
+            for &(worker_threads, kind) in &senders {
+                eprintln!(
+                    "[run {run}/{}] [{kind}] apns over {c} connections",
+                    cli.repeat
+                );
+                let limits = Limits {
+                    worker_threads,
+                    ..cli.limits()
+                };
+                let row = apns::pushbridge(bin, &kind.to_string(), limits, &shape).await;
+                record(vec![row]);
+            }
         }
         if let Some(h2) = &h2load {
             eprintln!(

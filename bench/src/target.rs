@@ -94,11 +94,13 @@ impl Default for ApnsSetup {
     }
 }
 
-/// Broker limits the tool sets on both servers alike.
+/// Broker limits the tool sets on both servers alike, and pushbridge's
+/// worker threads (0: one per core; Mosquitto always runs on one).
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub max_queued: usize,
     pub max_inflight: usize,
+    pub worker_threads: usize,
 }
 
 pub struct Server {
@@ -163,9 +165,11 @@ pub fn pushbridge_settings(
          max_queued = {q}\nmax_inflight = {i}\n\n\
          {apns}\
          [http]\nlisten = \"{http}\"\n\n\
+         [runtime]\nworker_threads = {w}\n\n\
          [log]\nlevel = \"warn\"\n",
         q = limits.max_queued,
         i = limits.max_inflight,
+        w = limits.worker_threads,
     )
 }
 
@@ -260,8 +264,14 @@ impl Server {
                 }
                 let variant = match kind {
                     Kind::PushbridgeReceipts => "[receipts]\nenabled = true\n\n",
-                    Kind::PushbridgeOneThread => "[runtime]\nworker_threads = 1\n\n",
                     _ => "",
+                };
+                let limits = match kind {
+                    Kind::PushbridgeOneThread => Limits {
+                        worker_threads: 1,
+                        ..limits
+                    },
+                    _ => limits,
                 };
                 std::fs::write(
                     &conf,
