@@ -2,7 +2,7 @@
 //!
 //! When room opens after a batch, the first backend task tokio polls used
 //! to take all of it, so some backends were passed over batch after batch
-//! (16 backends: most pushes waited 5 ms, the unluckiest 190 ms). Held
+//! (16 backends: most pushes waited 6 ms, the unluckiest 194). Held
 //! backends now queue for a turn, and the dispatcher hands out turns first
 //! come, first served as room opens, each sized by what that backend read
 //! last time. A turn is given, not taken: one backend slow to be polled
