@@ -145,6 +145,11 @@ pub fn pushbridge_settings(
     let registry = redis_url.map_or(String::new(), |u| {
         format!("[registry]\nredis_url = \"{u}\"\n\n")
     });
+    // Only when set, so older binaries (before/after comparisons) still start.
+    let runtime = match limits.worker_threads {
+        0 => String::new(),
+        n => format!("[runtime]\nworker_threads = {n}\n\n"),
+    };
     let apns = match apns {
         None => "[apns]\nconfig = \"/nonexistent\"\n\n".to_string(),
         Some((server, config, setup)) => format!(
@@ -165,11 +170,10 @@ pub fn pushbridge_settings(
          max_queued = {q}\nmax_inflight = {i}\n\n\
          {apns}\
          [http]\nlisten = \"{http}\"\n\n\
-         [runtime]\nworker_threads = {w}\n\n\
+         {runtime}\
          [log]\nlevel = \"warn\"\n",
         q = limits.max_queued,
         i = limits.max_inflight,
-        w = limits.worker_threads,
     )
 }
 
