@@ -6,7 +6,7 @@
 //! `encode` writes a version-neutral [`Out`]. The rest of the broker never
 //! sees which protocol version a client speaks.
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use rumqttc::mqttbytes::v4;
 use rumqttc::v5::mqttbytes::v5;
 use rumqttc::v5::mqttbytes::QoS as QoS5;
@@ -158,6 +158,10 @@ pub enum In {
 
 /// Splits one whole frame of `len` bytes (as `check` reported) off `buf` and decodes it.
 pub fn parse(proto: Proto, buf: &mut BytesMut, len: usize) -> Result<In, CodecError> {
+    if let Some(pkid) = puback(buf, len) {
+        buf.advance(len);
+        return Ok(In::PubAck(pkid));
+    }
     let mut frame = buf.split_to(len.min(buf.len()));
     let bad = |e: &dyn std::fmt::Display| CodecError::Malformed(e.to_string());
     match proto {
@@ -177,6 +181,15 @@ pub fn parse(proto: Proto, buf: &mut BytesMut, len: usize) -> Result<In, CodecEr
             let p = v5::Packet::read(&mut frame, None).map_err(|e| bad(&e))?;
             from_v5(p)
         }
+    }
+}
+
+/// The packet id of a plain PUBACK (the same bytes in both versions), one
+/// per QoS 1 push, read in place: splitting it off would allocate.
+fn puback(buf: &[u8], len: usize) -> Option<u16> {
+    match buf.get(..len)? {
+        &[0x40, 0x02, hi, lo] if (hi, lo) != (0, 0) => Some(u16::from_be_bytes([hi, lo])),
+        _ => None,
     }
 }
 
@@ -363,6 +376,20 @@ pub fn encode(proto: Proto, out: &Out<'_>, buf: &mut BytesMut, max: usize) -> bo
         buf.extend_from_slice(&[0xe0, 0x02, *code, 0x00]);
         return true;
     }
+    if let (
+        Proto::V4,
+        Out::Publish {
+            topic,
+            payload,
+            qos,
+            pkid,
+            dup,
+            ..
+        },
+    ) = (proto, out)
+    {
+        return publish_v4(buf, topic, payload, *qos, *pkid, *dup, max);
+    }
     let res = match proto {
         Proto::V4 => match to_v4(out) {
             Some(p) => p.write(buf, max).map_err(|e| e.to_string()),
@@ -373,6 +400,53 @@ pub fn encode(proto: Proto, out: &Out<'_>, buf: &mut BytesMut, max: usize) -> bo
             .map_err(|e| e.to_string()),
     };
     res.is_ok()
+}
+
+/// A v3.1.1 PUBLISH written in place: every push to a device is one, and
+/// rumqttc's writer would copy the topic into a `String` and grow `buf`
+/// four times on the way. Writes nothing (false) past `max`, for a topic
+/// too long for its length field, or for QoS 1 without a packet id.
+fn publish_v4(
+    buf: &mut BytesMut,
+    topic: &str,
+    payload: &[u8],
+    qos: u8,
+    pkid: u16,
+    dup: bool,
+    max: usize,
+) -> bool {
+    let qos = qos.min(1);
+    let len = 2 + topic.len() + 2 * usize::from(qos) + payload.len();
+    let mut size_bytes = 1;
+    while len >> (7 * size_bytes) > 0 {
+        size_bytes += 1;
+    }
+    if 1 + size_bytes + len > max
+        || size_bytes > 4
+        || topic.len() > usize::from(u16::MAX)
+        || (qos == 1 && pkid == 0)
+    {
+        return false;
+    }
+    buf.reserve(1 + size_bytes + len);
+    buf.put_u8(0x30 | u8::from(dup) << 3 | qos << 1);
+    let mut rest = len;
+    loop {
+        let byte = (rest % 128) as u8;
+        rest /= 128;
+        if rest == 0 {
+            buf.put_u8(byte);
+            break;
+        }
+        buf.put_u8(byte | 0x80);
+    }
+    buf.put_u16(topic.len() as u16);
+    buf.put_slice(topic.as_bytes());
+    if qos == 1 {
+        buf.put_u16(pkid);
+    }
+    buf.put_slice(payload);
+    true
 }
 
 fn to_v4(out: &Out<'_>) -> Option<v4::Packet> {

@@ -282,3 +282,94 @@ fn never_panics_on_mutated_or_random_input() {
         "the mutations should still parse sometimes: {parsed}"
     );
 }
+
+/// The hand-written v3.1.1 PUBLISH is byte for byte what rumqttc writes,
+/// across topic and payload sizes that take 1 to 3 remaining-length bytes.
+#[test]
+fn the_v4_publish_writer_matches_rumqttc() {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(16);
+    let sizes = [0, 1, 100, 123, 124, 125, 16_380, 16_384, 20_000];
+    for i in 0..3000 {
+        let topic: String = (0..rng.random_range(0..300))
+            .map(|_| char::from(rng.random_range(b'a'..=b'z')))
+            .collect();
+        let payload = Bytes::from(vec![b'x'; sizes[i % sizes.len()]]);
+        let (qos, pkid, dup) = (
+            rng.random_range(0..=2u8),
+            rng.random_range(1..=u16::MAX),
+            rng.random(),
+        );
+        let out = Out::Publish {
+            topic: &topic,
+            payload: &payload,
+            qos,
+            pkid,
+            dup,
+            expiry: None,
+        };
+        let mut mine = BytesMut::from(&b"before"[..]);
+        assert!(encode(Proto::V4, &out, &mut mine, usize::MAX));
+        let q = if qos == 0 {
+            QoS4::AtMostOnce
+        } else {
+            QoS4::AtLeastOnce
+        };
+        let mut theirs = v4::Publish::from_bytes(topic.as_str(), q, payload.clone());
+        (theirs.pkid, theirs.dup) = (pkid, dup);
+        let theirs = v4_bytes(v4::Packet::Publish(theirs));
+        assert_eq!(
+            &mine[6..],
+            &theirs[..],
+            "topic {} bytes, payload {}, qos {qos}",
+            topic.len(),
+            payload.len()
+        );
+
+        // `max` is the whole frame: at it, written; one under, nothing.
+        let mut at = BytesMut::new();
+        assert!(encode(Proto::V4, &out, &mut at, theirs.len()));
+        let mut under = BytesMut::new();
+        assert!(!encode(Proto::V4, &out, &mut under, theirs.len() - 1));
+        assert!(under.is_empty());
+    }
+    let no_id = Out::Publish {
+        topic: "t",
+        payload: &Bytes::new(),
+        qos: 1,
+        pkid: 0,
+        dup: false,
+        expiry: None,
+    };
+    let mut buf = BytesMut::new();
+    assert!(!encode(Proto::V4, &no_id, &mut buf, usize::MAX) && buf.is_empty());
+}
+
+/// PUBACKs read in place give what rumqttc's reader gives, and leave the
+/// packet after them in the buffer.
+#[test]
+fn pubacks_read_in_place_match_rumqttc() {
+    for pkid in [1u16, 7, 255, 256, 4660, u16::MAX] {
+        let one = v4_bytes(v4::Packet::PubAck(v4::PubAck::new(pkid)));
+        assert_eq!(puback(&one, one.len()), Some(pkid));
+        for proto in [Proto::V4, Proto::V5] {
+            let mut buf = one.clone();
+            buf.extend_from_slice(&v4_bytes(v4::Packet::PingReq));
+            assert_eq!(
+                parse_all(proto, buf, usize::MAX).unwrap(),
+                vec![In::PubAck(pkid), In::PingReq]
+            );
+            let mut frame = one.clone();
+            let slow = match proto {
+                Proto::V4 => from_v4(v4::Packet::read(&mut frame, usize::MAX).unwrap()),
+                Proto::V5 => from_v5(v5::Packet::read(&mut frame, None).unwrap()),
+            };
+            assert_eq!(slow.unwrap(), In::PubAck(pkid));
+        }
+    }
+    // Anything else (a zero id, a v5 reason code, other flags) goes the long way.
+    assert_eq!(puback(&[0x40, 0x02, 0, 0], 4), None);
+    assert_eq!(puback(&[0x40, 0x03, 0, 1, 0x10], 5), None);
+    assert_eq!(puback(&[0x42, 0x02, 0, 1], 4), None);
+    assert_eq!(puback(&[0x40, 0x02, 0], 4), None);
+}
