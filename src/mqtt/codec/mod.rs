@@ -417,14 +417,14 @@ fn publish_v4(
 ) -> bool {
     let qos = qos.min(1);
     let len = 2 + topic.len() + 2 * usize::from(qos) + payload.len();
-    let mut size_bytes = 1;
-    while len >> (7 * size_bytes) > 0 {
-        size_bytes += 1;
-    }
-    if 1 + size_bytes + len > max
-        || size_bytes > 4
-        || topic.len() > usize::from(u16::MAX)
-        || (qos == 1 && pkid == 0)
+    let size_bytes = match len {
+        0..=127 => 1,
+        128..=16_383 => 2,
+        16_384..=2_097_151 => 3,
+        2_097_152..=268_435_455 => 4,
+        _ => return false,
+    };
+    if 1 + size_bytes + len > max || topic.len() > usize::from(u16::MAX) || (qos == 1 && pkid == 0)
     {
         return false;
     }
@@ -472,19 +472,8 @@ fn to_v4(out: &Out<'_>) -> Option<v4::Packet> {
             },
             *session_present,
         )),
-        Out::Publish {
-            topic,
-            payload,
-            qos,
-            pkid,
-            dup,
-            ..
-        } => {
-            let mut p = v4::Publish::from_bytes(*topic, q(*qos), (*payload).clone());
-            p.pkid = *pkid;
-            p.dup = *dup;
-            v4::Packet::Publish(p)
-        }
+        // Written by `publish_v4`.
+        Out::Publish { .. } => return None,
         Out::PubAck(id, _) => v4::Packet::PubAck(v4::PubAck::new(*id)),
         Out::PubRec(id, _) => v4::Packet::PubRec(v4::PubRec::new(*id)),
         Out::PubComp(id) => v4::Packet::PubComp(v4::PubComp::new(*id)),
