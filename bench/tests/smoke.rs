@@ -1,6 +1,6 @@
 //! Keeps `pushbridge-bench` from rotting: its smoke mode (20 devices, 200
 //! pushes, a group of 20) against a real Mosquitto, and the proxy ingest
-//! workload against pushbridge, the in-process routing core, the APNs sender
+//! workload against pushbridge (also with one worker thread), the in-process routing core, the APNs sender
 //! against h2load, and the registries with iOS users. Only completion and zero loss are checked;
 //! timing never is.
 

@@ -52,9 +52,6 @@ impl Gate {
     /// Whether `ticket` may read now: it was given a turn, or nobody is
     /// waiting and `open()`. Otherwise it joins the line (once).
     pub fn enter(&self, ticket: &Arc<Ticket>, open: impl FnOnce() -> bool) -> bool {
-        if ticket.take_grant() {
-            return true;
-        }
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
         if ticket.take_grant() {
             return true;

@@ -114,7 +114,8 @@ impl Pace {
     }
 }
 
-/// Takes a ticket out of line when its wait ends early (shutdown).
+/// Takes a ticket out of line when its wait ends other than by its turn
+/// (an outage, or shutdown dropping the wait).
 struct Leave<'a>(&'a Gate, &'a Ticket);
 
 impl Drop for Leave<'_> {
