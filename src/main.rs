@@ -9,8 +9,20 @@ use pushbridge::wire::client::{self, Recipient};
 use pushbridge::wire::frame::Status;
 use tokio_util::sync::CancellationToken;
 
+/// Pushes are allocated on one worker and freed on another (proxy, dispatcher,
+/// connections, APNs sender); glibc's malloc takes its slow paths for that.
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// `--version` names the allocator the binary was built with.
+#[cfg(feature = "mimalloc")]
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (allocator: mimalloc)");
+#[cfg(not(feature = "mimalloc"))]
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (allocator: system)");
+
 #[derive(Parser)]
-#[command(version, about = "Push delivery: msgpack proxy in, APNs or MQTT out")]
+#[command(version = VERSION, about = "Push delivery: msgpack proxy in, APNs or MQTT out")]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -98,6 +98,15 @@ fn serve_send_and_a_standard_client_receives() {
 }
 
 #[test]
+fn version_names_the_allocator() {
+    let out = Command::new(BIN).arg("--version").output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    // The suite builds with every feature, mimalloc among them.
+    assert!(text.contains("(allocator: mimalloc)"), "{text}");
+}
+
+#[test]
 fn runtime_worker_threads_sets_the_runtime() {
     let dir = tempfile::tempdir().unwrap();
     for n in ["1", "3"] {
