@@ -116,8 +116,9 @@ pub(super) async fn start(inner: Arc<Inner>, devices: &Phase) -> Result<Addrs, M
 
 /// Wakes connections whose deadline has passed and removes persistent
 /// sessions that stayed offline past their expiry. On shutdown it tells the
-/// connections to drain and goes on waking them until the last has ended:
-/// their drain deadline is one of the deadlines it watches.
+/// connections to drain and goes on waking them until the last has ended
+/// (their drain deadline is one of the deadlines it watches), returning as
+/// soon as it has, not at the next sweep.
 async fn sweep(inner: Arc<Inner>, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(SWEEP_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -125,10 +126,14 @@ async fn sweep(inner: Arc<Inner>, shutdown: CancellationToken) {
         tokio::select! {
             _ = shutdown.cancelled() => {
                 inner.stop_connections();
-                while !inner.clocks.is_empty() {
-                    inner.clocks.sweep(tick.tick().await);
+                let gone = inner.clocks.until_empty();
+                tokio::pin!(gone);
+                loop {
+                    tokio::select! {
+                        _ = &mut gone => return,
+                        now = tick.tick() => { inner.clocks.sweep(now); }
+                    }
                 }
-                return;
             }
             now = tick.tick() => {
                 inner.clocks.sweep(now);
@@ -139,5 +144,36 @@ async fn sweep(inner: Arc<Inner>, shutdown: CancellationToken) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::signal::Signal;
+    use super::super::Broker;
+    use super::*;
+
+    /// A stop ends the sweep when the last connection goes, not at the
+    /// next whole second (it held every shutdown up to a second).
+    #[tokio::test(start_paused = true)]
+    async fn the_sweep_ends_when_the_last_connection_does() {
+        let (broker, _rx) = Broker::new(&MqttSettings::default());
+        let inner = broker.inner.clone();
+        let key = inner.clocks.register(Arc::new(Signal::default()));
+        let shutdown = CancellationToken::new();
+        let sweeping = tokio::spawn(sweep(inner.clone(), shutdown.clone()));
+        tokio::task::yield_now().await;
+        shutdown.cancel();
+        tokio::task::yield_now().await;
+        assert!(!sweeping.is_finished(), "a connection is still there");
+        let started = Instant::now();
+        inner.clocks.remove(key);
+        sweeping.await.unwrap();
+        // Paused time moves only when every task waits for a timer.
+        assert!(
+            started.elapsed() < SWEEP_EVERY,
+            "the sweep waited {:?} for its next tick",
+            started.elapsed()
+        );
     }
 }

@@ -14,6 +14,7 @@ use std::task::{Context, Poll};
 
 use futures_util::task::AtomicWaker;
 use slab::Slab;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 /// Deadline never (the sweep skips it).
@@ -78,6 +79,8 @@ impl Signal {
 pub struct Clocks {
     epoch: Instant,
     live: Mutex<Slab<Arc<Signal>>>,
+    /// The last connection has gone (a stop waits for it, not for a sweep).
+    emptied: Notify,
 }
 
 impl Default for Clocks {
@@ -85,6 +88,7 @@ impl Default for Clocks {
         Clocks {
             epoch: Instant::now(),
             live: Mutex::default(),
+            emptied: Notify::new(),
         }
     }
 }
@@ -100,7 +104,11 @@ impl Clocks {
     }
 
     pub fn remove(&self, key: usize) {
-        self.live().try_remove(key);
+        let mut live = self.live();
+        live.try_remove(key);
+        if live.is_empty() {
+            self.emptied.notify_waiters();
+        }
     }
 
     /// Sets when the connection behind `signal` must next be woken to
@@ -144,6 +152,19 @@ impl Clocks {
 
     pub fn is_empty(&self) -> bool {
         self.live().is_empty()
+    }
+
+    /// Returns once no connection is left.
+    pub async fn until_empty(&self) {
+        loop {
+            let emptied = self.emptied.notified();
+            tokio::pin!(emptied);
+            emptied.as_mut().enable();
+            if self.is_empty() {
+                return;
+            }
+            emptied.await;
+        }
     }
 }
 
