@@ -432,13 +432,13 @@ async fn apns_runs(cli: &Cli, specs: &[Spec], run: u32, record: &mut impl FnMut(
         Spec::Spawn { kind, bin } if *kind != Kind::Mosquitto => Some(bin.clone()),
         _ => None,
     });
-    // (worker threads, row name) of each pushbridge run: 0 = one per core.
-    let mut senders = vec![(0, Kind::Pushbridge)];
+    // The row name of each pushbridge run; its kind says its worker threads.
+    let mut senders = vec![Kind::Pushbridge];
     if specs
         .iter()
         .any(|s| s.name() == Kind::PushbridgeOneThread.to_string())
     {
-        senders.push((1, Kind::PushbridgeOneThread));
+        senders.push(Kind::PushbridgeOneThread);
     }
     let h2load = cli.h2load_bin.clone().or_else(apns::find_h2load);
     if h2load.is_none() {
@@ -457,13 +457,13 @@ async fn apns_runs(cli: &Cli, specs: &[Spec], run: u32, record: &mut impl FnMut(
             stall: Duration::from_secs(cli.stall_timeout),
         };
         if let Some(bin) = &bin {
-            for &(worker_threads, kind) in &senders {
+            for &kind in &senders {
                 eprintln!(
                     "[run {run}/{}] [{kind}] apns over {c} connections",
                     cli.repeat
                 );
                 let limits = Limits {
-                    worker_threads,
+                    worker_threads: kind.worker_threads(),
                     ..cli.limits()
                 };
                 let row = apns::pushbridge(bin, &kind.to_string(), limits, &shape).await;

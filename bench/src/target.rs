@@ -28,6 +28,16 @@ pub enum Kind {
     Mosquitto,
 }
 
+impl Kind {
+    /// pushbridge's `runtime.worker_threads` for this target (0: one per core).
+    pub fn worker_threads(self) -> usize {
+        match self {
+            Kind::PushbridgeOneThread => 1,
+            _ => 0,
+        }
+    }
+}
+
 impl fmt::Display for Kind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -270,12 +280,9 @@ impl Server {
                     Kind::PushbridgeReceipts => "[receipts]\nenabled = true\n\n",
                     _ => "",
                 };
-                let limits = match kind {
-                    Kind::PushbridgeOneThread => Limits {
-                        worker_threads: 1,
-                        ..limits
-                    },
-                    _ => limits,
+                let limits = Limits {
+                    worker_threads: limits.worker_threads.max(kind.worker_threads()),
+                    ..limits
                 };
                 std::fs::write(
                     &conf,

@@ -255,13 +255,10 @@ async fn run(
                             // allocator's fast path; together they were over
                             // it (1,056 bytes: a slow malloc and a
                             // consolidation per notification).
-                            // Outside tokio's budget: once this task's budget
-                            // is spent, each delivery's timer would wake it
-                            // again at once, and the set would poll every
-                            // delivery in flight once more per wake-up (with
-                            // 100,000 in flight, 17-31 us per notification
-                            // instead of 8-9). The queue and the connections
-                            // still count against the budget.
+                            // Outside tokio's budget: once it is spent, each
+                            // delivery's timer wakes it again at once and the
+                            // set re-polls them all (the queue and the
+                            // connections still count against it).
                             under_way.push(Box::pin(tokio::task::coop::unconstrained(
                                 Arc::clone(&shared)
                                     .deliver(endpoint, job, payload)
