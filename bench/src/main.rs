@@ -814,6 +814,7 @@ async fn p2p(
         sock_p99_ms: report::percentile_ms(&at_socket, 0.99),
         sock_max_ms: report::percentile_ms(&at_socket, 1.0),
         cpu_secs: cpu_delta(s0, s1),
+        sys_cpu_secs: s0.sys_secs.zip(s1.sys_secs).map(|(a, b)| b - a),
         tool_cpu_secs: cpu_delta(me0, me1),
         rss_before_kib: s0.rss_kib,
         rss_after_kib: s1.rss_kib,

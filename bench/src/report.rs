@@ -29,6 +29,8 @@ pub struct Row {
     pub last_p50_ms: Option<f64>,
     pub last_max_ms: Option<f64>,
     pub cpu_secs: Option<f64>,
+    /// The kernel's part of `cpu_secs` (p2p).
+    pub sys_cpu_secs: Option<f64>,
     /// This tool's own CPU time over the same span: it shares the cores.
     pub tool_cpu_secs: Option<f64>,
     pub rss_before_kib: Option<u64>,
@@ -59,7 +61,15 @@ impl Row {
     }
 
     pub fn cpu_us_per_msg(&self) -> Option<f64> {
-        (self.delivered > 0).then(|| self.cpu_secs.map(|c| c * 1e6 / self.delivered as f64))?
+        self.per_msg_us(self.cpu_secs)
+    }
+
+    pub fn sys_us_per_msg(&self) -> Option<f64> {
+        self.per_msg_us(self.sys_cpu_secs)
+    }
+
+    fn per_msg_us(&self, secs: Option<f64>) -> Option<f64> {
+        (self.delivered > 0).then(|| secs.map(|c| c * 1e6 / self.delivered as f64))?
     }
 }
 
@@ -191,11 +201,11 @@ pub fn markdown(rows: &[Row]) -> String {
                 ),
             ),
             "p2p" => (
-                "| target | devices | offered msg/s | pushes | delivered | lost | msg/s | p50 ms | p99 ms | max ms | at socket p50 / p99 / max ms | server CPU s | CPU µs/msg | bench CPU s | RSS MiB | note |\n|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
+                "| target | devices | offered msg/s | pushes | delivered | lost | msg/s | p50 ms | p99 ms | max ms | at socket p50 / p99 / max ms | server CPU s | CPU µs/msg | of it kernel | bench CPU s | RSS MiB | note |\n|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
                 |r| format!(
-                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} / {} | {} | {} | {} | {} | {} |",
+                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} / {} | {} | {} | {} | {} | {} | {} |",
                     r.target, r.param, r.offered.map_or("max".into(), num), r.messages, r.delivered, r.lost, num(r.rate), ms(r.p50_ms), ms(r.p99_ms),
-                    ms(r.max_ms), ms(r.sock_p50_ms), ms(r.sock_p99_ms), ms(r.sock_max_ms), opt(r.cpu_secs, 2), opt(r.cpu_us_per_msg(), 1), opt(r.tool_cpu_secs, 2), mib(r.rss_after_kib), r.note
+                    ms(r.max_ms), ms(r.sock_p50_ms), ms(r.sock_p99_ms), ms(r.sock_max_ms), opt(r.cpu_secs, 2), opt(r.cpu_us_per_msg(), 1), opt(r.sys_us_per_msg(), 1), opt(r.tool_cpu_secs, 2), mib(r.rss_after_kib), r.note
                 ),
             ),
             "fanout" => (
@@ -371,13 +381,13 @@ fn apns_table(out: &mut String, rows: &[&Row]) {
     out.push('\n');
 }
 
-pub const CSV_HEADER: &str = "workload,target,param,offered_per_s,messages,delivered,lost,duplicates,secs,rate_per_s,p50_ms,p99_ms,max_ms,to_last_p50_ms,to_last_max_ms,server_cpu_s,bench_cpu_s,rss_before_kib,rss_after_kib,rss_per_conn_kib,setup_s,heap_bytes_per_item,heap_bytes_per_item_warm,rss_bytes_per_item,sock_p50_ms,sock_p99_ms,sock_max_ms,note";
+pub const CSV_HEADER: &str = "workload,target,param,offered_per_s,messages,delivered,lost,duplicates,secs,rate_per_s,p50_ms,p99_ms,max_ms,to_last_p50_ms,to_last_max_ms,server_cpu_s,bench_cpu_s,rss_before_kib,rss_after_kib,rss_per_conn_kib,setup_s,heap_bytes_per_item,heap_bytes_per_item_warm,rss_bytes_per_item,sock_p50_ms,sock_p99_ms,sock_max_ms,server_sys_s,note";
 
 pub fn csv_line(r: &Row) -> String {
     let f = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.4}"));
     let u = |v: Option<u64>| v.map_or(String::new(), |v| v.to_string());
     format!(
-        "{},{},{},{},{},{},{},{},{:.4},{:.1},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},\"{}\"",
+        "{},{},{},{},{},{},{},{},{:.4},{:.1},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},\"{}\"",
         r.workload,
         r.target,
         r.param,
@@ -405,6 +415,7 @@ pub fn csv_line(r: &Row) -> String {
         f(r.sock_p50_ms),
         f(r.sock_p99_ms),
         f(r.sock_max_ms),
+        f(r.sys_cpu_secs),
         r.note.replace('"', "'"),
     )
 }
@@ -545,12 +556,18 @@ mod tests {
             messages: 200,
             delivered: 200,
             rate: 12345.0,
+            cpu_secs: Some(0.004),
+            sys_cpu_secs: Some(0.003),
             ..Row::default()
         };
         let md = markdown(std::slice::from_ref(&row));
         assert!(
             md.contains("| mosquitto | 20 | max | 200 | 200 | 0 |"),
             "{md}"
+        );
+        assert!(
+            md.contains("| 0.00 | 20.0 | 15.0 |"),
+            "µs per push, then the kernel's part: {md}"
         );
         assert!(svg("p2p", std::slice::from_ref(&row))
             .unwrap()

@@ -692,10 +692,14 @@ async fn wait_listening(
     }
 }
 
-/// CPU time (user + system) and resident memory of a process.
+/// CPU time (user + system, and the system part alone) and resident
+/// memory of a process.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Sample {
     pub cpu_secs: Option<f64>,
+    /// The kernel's part: on loopback most of a push's cost is the kernel
+    /// sending and waking the receiver, the same work for every server.
+    pub sys_secs: Option<f64>,
     pub rss_kib: Option<u64>,
 }
 
@@ -704,23 +708,30 @@ impl Sample {
         let Some(pid) = pid else {
             return Sample::default();
         };
+        let (cpu_secs, sys_secs) = match cpu_ticks(pid) {
+            Some((user, sys)) => (Some(user + sys), Some(sys)),
+            None => (None, None),
+        };
         Sample {
-            cpu_secs: cpu_secs(pid),
+            cpu_secs,
+            sys_secs,
             rss_kib: rss_kib(pid),
         }
     }
 }
 
-fn cpu_secs(pid: u32) -> Option<f64> {
+/// (user, system) CPU seconds.
+fn cpu_ticks(pid: u32) -> Option<(f64, f64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name, which is in parentheses and may hold spaces.
     let rest = &stat[stat.rfind(')')? + 2..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
     // utime and stime are fields 14 and 15 of stat(5); `rest` starts at field 3.
-    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    let (user, sys): (u64, u64) = (fields.get(11)?.parse().ok()?, fields.get(12)?.parse().ok()?);
     // SAFETY: sysconf only reads a configuration value.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    Some(ticks as f64 / if hz > 0 { hz as f64 } else { 100.0 })
+    let hz = if hz > 0 { hz as f64 } else { 100.0 };
+    Some((user as f64 / hz, sys as f64 / hz))
 }
 
 fn rss_kib(pid: u32) -> Option<u64> {
@@ -774,7 +785,8 @@ mod tests {
     #[test]
     fn own_process_has_cpu_and_rss() {
         let s = Sample::of(Some(std::process::id()));
-        assert!(s.cpu_secs.is_some());
+        let (cpu, sys) = (s.cpu_secs.unwrap(), s.sys_secs.unwrap());
+        assert!((0.0..=cpu).contains(&sys), "kernel {sys} s of {cpu} s");
         assert!(s.rss_kib.unwrap() > 0);
     }
 }
