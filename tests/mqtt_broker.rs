@@ -699,6 +699,81 @@ async fn qos2_publish_is_delivered_once() {
     assert_eq!(&next(&mut rx).await.payload[..], b"end");
 }
 
+/// Each QoS 2 message is remembered until its PUBREL; a client that never
+/// sends one may keep `mqtt.max_inflight` of them, and one more closes it
+/// (v5: DISCONNECT 0x93, as announced in the CONNACK's Receive Maximum).
+#[tokio::test]
+async fn unreleased_qos2_messages_are_bounded() {
+    let srv = start(MqttSettings {
+        max_inflight: 4,
+        ..MqttSettings::default()
+    })
+    .await;
+    let publish = |pkid| {
+        let mut p = v4::Publish::new("push/user/9", rumqttc::QoS::ExactlyOnce, "x");
+        p.pkid = pkid;
+        v4::Packet::Publish(p)
+    };
+    // Released as it goes: any number.
+    let (mut polite, _) = Raw::connect(srv.addr, "polite", true, 60).await;
+    for pkid in 1..=20 {
+        polite.send(publish(pkid)).await;
+        assert_eq!(
+            polite.recv().await,
+            Some(v4::Packet::PubRec(v4::PubRec::new(pkid)))
+        );
+        polite.send(v4::Packet::PubRel(v4::PubRel::new(pkid))).await;
+        assert_eq!(
+            polite.recv().await,
+            Some(v4::Packet::PubComp(v4::PubComp::new(pkid)))
+        );
+    }
+    // Never released: four are kept, the fifth closes the connection.
+    let (mut hoarder, _) = Raw::connect(srv.addr, "hoarder", true, 60).await;
+    for pkid in 1..=4 {
+        hoarder.send(publish(pkid)).await;
+        assert_eq!(
+            hoarder.recv().await,
+            Some(v4::Packet::PubRec(v4::PubRec::new(pkid)))
+        );
+    }
+    // A duplicate of a kept one is not a new one.
+    hoarder.send(publish(4)).await;
+    assert_eq!(
+        hoarder.recv().await,
+        Some(v4::Packet::PubRec(v4::PubRec::new(4)))
+    );
+    hoarder.send(publish(5)).await;
+    assert_eq!(hoarder.recv().await, None, "closed at the fifth");
+    assert_eq!(srv.broker.stats().mqtt_malformed.get(), 1);
+
+    let mut v5c = Raw::open(srv.addr).await;
+    v5c.send5(v5_connect("hoarder5", true, None)).await;
+    match v5c.recv5().await {
+        Some(v5::Packet::ConnAck(a)) => {
+            assert_eq!(a.properties.and_then(|p| p.receive_max), Some(4))
+        }
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+    for pkid in 1..=5 {
+        let mut p = v5::Publish::new("push/user/9", QoS5::ExactlyOnce, "x", None);
+        p.pkid = pkid;
+        v5c.send5(v5::Packet::Publish(p)).await;
+    }
+    for pkid in 1..=4 {
+        assert!(matches!(v5c.recv5().await, Some(v5::Packet::PubRec(r)) if r.pkid == pkid));
+    }
+    match v5c.recv5().await {
+        Some(v5::Packet::Disconnect(d)) => {
+            assert_eq!(
+                d.reason_code,
+                v5::DisconnectReasonCode::ReceiveMaximumExceeded
+            )
+        }
+        other => panic!("expected DISCONNECT, got {other:?}"),
+    }
+}
+
 #[tokio::test]
 async fn client_id_rules() {
     let srv = start_default().await;

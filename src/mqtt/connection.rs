@@ -97,6 +97,8 @@ enum End {
     Io(io::Error),
     Malformed(CodecError),
     Protocol(&'static str),
+    /// More QoS 2 messages awaiting PUBREL than `mqtt.max_inflight`.
+    ReceiveMaximum,
     TakenOver,
     TokenExpired,
 }
@@ -115,6 +117,10 @@ impl End {
             End::Io(e) => ("error", Some(format!("io: {e}"))),
             End::Malformed(e) => ("error", Some(format!("malformed packet: {e}"))),
             End::Protocol(e) => ("error", Some(format!("protocol error: {e}"))),
+            End::ReceiveMaximum => (
+                "error",
+                Some("more QoS 2 messages awaiting PUBREL than mqtt.max_inflight".into()),
+            ),
         }
     }
 
@@ -129,6 +135,7 @@ impl End {
             End::Malformed(CodecError::TooLarge(_)) => Some(0x95),
             End::Malformed(_) => Some(0x81),
             End::Protocol(_) => Some(0x82),
+            End::ReceiveMaximum => Some(0x93),
             End::TakenOver => Some(0x8e),
             End::TokenExpired => Some(0x87),
             _ => None,
@@ -452,6 +459,11 @@ impl Conn {
                     let mut st = self.session.lock();
                     let fresh = !st.qos2_in.contains(&pkid);
                     if fresh {
+                        // Each id is kept until its PUBREL: without a bound one
+                        // client could make the session hold all 65,535.
+                        if st.qos2_in.len() >= self.inner.settings.max_inflight {
+                            return Err(End::ReceiveMaximum);
+                        }
                         st.qos2_in.push(pkid);
                     }
                     fresh
@@ -490,7 +502,12 @@ impl Conn {
             // The server never sends QoS 2, so these acknowledge nothing.
             In::PubRec(_) | In::PubComp(_) => {}
             In::PubRel(pkid) => {
-                self.session.lock().qos2_in.retain(|p| *p != pkid);
+                let mut st = self.session.lock();
+                st.qos2_in.retain(|p| *p != pkid);
+                if st.qos2_in.is_empty() {
+                    st.qos2_in = Vec::new();
+                }
+                drop(st);
                 self.send(&Out::PubComp(pkid));
             }
             In::Subscribe { pkid, filters } => {
@@ -703,6 +720,13 @@ impl Conn {
             End::Protocol(e) => {
                 self.inner.stats.mqtt_malformed.inc();
                 info!("closing: protocol error: {e}");
+            }
+            End::ReceiveMaximum => {
+                self.inner.stats.mqtt_malformed.inc();
+                info!(
+                    max_inflight = self.inner.settings.max_inflight,
+                    "closing: more QoS 2 messages awaiting PUBREL than mqtt.max_inflight"
+                );
             }
             End::KeepAlive => {
                 self.inner.stats.mqtt_timeouts.inc();

@@ -202,6 +202,7 @@ pub(super) async fn handshake(
         assigned.then_some(client_id.as_str()),
         granted,
         server_ka,
+        Some(inner.settings.max_inflight),
         max,
     );
     let mut wbuf = BytesMut::new();
@@ -275,7 +276,7 @@ async fn read_connect(
 /// Answers a refused CONNECT with its code; the caller then closes.
 async fn refuse(stream: &mut Stream, proto: Proto, code: ConnCode, max: usize) {
     let mut out = BytesMut::new();
-    let ack = connack(code, false, None, None, None, max);
+    let ack = connack(code, false, None, None, None, None, max);
     codec::encode(proto, &ack, &mut out, usize::MAX);
     let goodbye = async {
         stream.write_all(&out).await?;
@@ -290,6 +291,7 @@ fn connack<'a>(
     assigned_id: Option<&'a str>,
     session_expiry: Option<u32>,
     server_keep_alive: Option<u16>,
+    receive_max: Option<usize>,
     max: usize,
 ) -> Out<'a> {
     Out::ConnAck {
@@ -299,5 +301,6 @@ fn connack<'a>(
         session_expiry,
         max_packet: u32::try_from(max).unwrap_or(u32::MAX),
         server_keep_alive,
+        receive_max: receive_max.map(|r| u16::try_from(r).unwrap_or(u16::MAX)),
     }
 }

@@ -347,6 +347,8 @@ pub enum Out<'a> {
         max_packet: u32,
         /// v5: the keep-alive the server holds the client to, when it differs from the request.
         server_keep_alive: Option<u16>,
+        /// v5: QoS 2 messages the client may have awaiting PUBREL (`mqtt.max_inflight`).
+        receive_max: Option<u16>,
     },
     Publish {
         topic: &'a str,
@@ -509,6 +511,7 @@ fn to_v5(out: &Out<'_>) -> v5::Packet {
             session_expiry,
             max_packet,
             server_keep_alive,
+            receive_max,
         } => v5::Packet::ConnAck(v5::ConnAck {
             session_present: *session_present,
             code: match code {
@@ -520,7 +523,7 @@ fn to_v5(out: &Out<'_>) -> v5::Packet {
             },
             properties: Some(v5::ConnAckProperties {
                 session_expiry_interval: *session_expiry,
-                receive_max: None,
+                receive_max: *receive_max,
                 // Inbound QoS 2 is accepted; only subscriptions are capped (in SUBACK).
                 max_qos: None,
                 retain_available: Some(0),
