@@ -750,7 +750,7 @@ impl Conn {
         // it came from; only offline ones are dropped for it (a shared NAT
         // address may have many devices connected at once).
         if kept && self.identity.user.is_none() && !SessionTable::is_owned(&self.session) {
-            let ip = format!("ip:{}", self.peer);
+            let ip = format!("ip:{}", super::origin(self.peer));
             self.inner.own(&self.session, &ip, false);
         }
         self.inner.stats.mqtt_connections.down();

@@ -108,6 +108,21 @@ struct Inner {
     clocks: signal::Clocks,
 }
 
+/// Who is behind an address, for the per-address limits: an IPv4 address
+/// (also when mapped into IPv6), or an IPv6 /64. One host is usually given a
+/// whole /64 and can send from any address in it, so counting single IPv6
+/// addresses would let it step around `max_connections_per_ip` and
+/// `max_sessions_per_user`.
+pub(crate) fn origin(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
+        },
+    }
+}
+
 impl Inner {
     /// Whether `filter` is exactly one user's topic.
     fn is_user_topic(&self, filter: &str) -> bool {
@@ -135,14 +150,15 @@ impl Inner {
         self.presence.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Takes a connection slot for `ip`; false when it has `max_connections_per_ip` already.
+    /// Takes a connection slot for `ip`'s origin; false when it has
+    /// `max_connections_per_ip` already.
     fn ip_enter(&self, ip: IpAddr) -> bool {
         let max = self.settings.max_connections_per_ip;
         if max == 0 {
             return true;
         }
         let mut per_ip = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
-        let n = per_ip.entry(ip).or_insert(0);
+        let n = per_ip.entry(origin(ip)).or_insert(0);
         if *n as usize >= max {
             return false;
         }
@@ -156,6 +172,7 @@ impl Inner {
             return;
         }
         let mut per_ip = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+        let ip = origin(ip);
         if let Some(n) = per_ip.get_mut(&ip) {
             *n -= 1;
             if *n == 0 {
@@ -410,6 +427,37 @@ impl BenchSessions {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_ipv6_host_is_its_64_and_a_mapped_address_its_ipv4() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let host = origin(ip("2001:db8:1:2::1"));
+        assert_eq!(host, ip("2001:db8:1:2::"));
+        assert_eq!(origin(ip("2001:db8:1:2:ffff:eeee:dddd:cccc")), host);
+        assert_ne!(origin(ip("2001:db8:1:3::1")), host);
+        assert_eq!(origin(ip("::ffff:192.0.2.7")), ip("192.0.2.7"));
+        assert_eq!(origin(ip("192.0.2.7")), ip("192.0.2.7"));
+    }
+
+    /// Addresses of one /64 share `max_connections_per_ip`.
+    #[test]
+    fn a_64_shares_one_connection_cap() {
+        let (broker, _rx) = Broker::new(&MqttSettings {
+            max_connections_per_ip: 2,
+            ..MqttSettings::default()
+        });
+        let inner = &broker.inner;
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(inner.ip_enter(ip("2001:db8::1")));
+        assert!(inner.ip_enter(ip("2001:db8::2")));
+        assert!(
+            !inner.ip_enter(ip("2001:db8::3")),
+            "a third address of the /64"
+        );
+        assert!(inner.ip_enter(ip("2001:db8:0:1::3")), "another /64");
+        inner.ip_leave(ip("2001:db8::1"));
+        assert!(inner.ip_enter(ip("2001:db8::3")));
+    }
 
     #[test]
     fn only_exact_user_topics_are_user_topics() {
