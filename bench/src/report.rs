@@ -55,6 +55,16 @@ impl Row {
         (self.param > 0).then(|| (b as f64 - a as f64) / self.param as f64)
     }
 
+    /// p2p: RSS the run left per device (the devices stay connected): what
+    /// a device that was sent pushes keeps beyond an idle one.
+    pub fn rss_kept_per_device(&self) -> Option<f64> {
+        if self.workload != "p2p" {
+            return None;
+        }
+        let (a, b) = (self.rss_before_kib?, self.rss_after_kib?);
+        (self.param > 0).then(|| (b as f64 - a as f64) * 1024.0 / self.param as f64)
+    }
+
     /// core: ns of this thread's CPU per publish.
     pub fn cpu_ns_per_op(&self) -> Option<f64> {
         (self.messages > 0).then(|| self.cpu_secs.map(|c| c * 1e9 / self.messages as f64))?
@@ -201,11 +211,11 @@ pub fn markdown(rows: &[Row]) -> String {
                 ),
             ),
             "p2p" => (
-                "| target | devices | offered msg/s | pushes | delivered | lost | msg/s | p50 ms | p99 ms | max ms | at socket p50 / p99 / max ms | server CPU s | CPU µs/msg | of it kernel | bench CPU s | RSS MiB | note |\n|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
+                "| target | devices | offered msg/s | pushes | delivered | lost | msg/s | p50 ms | p99 ms | max ms | at socket p50 / p99 / max ms | server CPU s | CPU µs/msg | of it kernel | bench CPU s | RSS MiB | RSS kept B/device | note |\n|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
                 |r| format!(
-                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} / {} | {} | {} | {} | {} | {} | {} |",
+                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} / {} | {} | {} | {} | {} | {} | {} | {} |",
                     r.target, r.param, r.offered.map_or("max".into(), num), r.messages, r.delivered, r.lost, num(r.rate), ms(r.p50_ms), ms(r.p99_ms),
-                    ms(r.max_ms), ms(r.sock_p50_ms), ms(r.sock_p99_ms), ms(r.sock_max_ms), opt(r.cpu_secs, 2), opt(r.cpu_us_per_msg(), 1), opt(r.sys_us_per_msg(), 1), opt(r.tool_cpu_secs, 2), mib(r.rss_after_kib), r.note
+                    ms(r.max_ms), ms(r.sock_p50_ms), ms(r.sock_p99_ms), ms(r.sock_max_ms), opt(r.cpu_secs, 2), opt(r.cpu_us_per_msg(), 1), opt(r.sys_us_per_msg(), 1), opt(r.tool_cpu_secs, 2), mib(r.rss_after_kib), opt(r.rss_kept_per_device(), 0), r.note
                 ),
             ),
             "fanout" => (
@@ -558,6 +568,8 @@ mod tests {
             rate: 12345.0,
             cpu_secs: Some(0.004),
             sys_cpu_secs: Some(0.003),
+            rss_before_kib: Some(1000),
+            rss_after_kib: Some(1010),
             ..Row::default()
         };
         let md = markdown(std::slice::from_ref(&row));
@@ -568,6 +580,10 @@ mod tests {
         assert!(
             md.contains("| 0.00 | 20.0 | 15.0 |"),
             "µs per push, then the kernel's part: {md}"
+        );
+        assert!(
+            md.contains("| 1.0 | 512 |"),
+            "RSS after, then kept per device: {md}"
         );
         assert!(svg("p2p", std::slice::from_ref(&row))
             .unwrap()
