@@ -113,7 +113,7 @@ struct Inner {
 /// whole /64 and can send from any address in it, so counting single IPv6
 /// addresses would let it step around `max_connections_per_ip` and
 /// `max_sessions_per_user`.
-pub(crate) fn origin(ip: IpAddr) -> IpAddr {
+fn origin(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V4(_) => ip,
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
