@@ -285,7 +285,14 @@ impl Conn {
             window: c.window,
             client_max: c.client_max,
             keep_alive: c.keep_alive,
-            will: c.will.map(Box::new),
+            // A copy: a slice of the CONNECT would keep its whole read
+            // buffer (512 bytes at least) for the connection's life.
+            will: c.will.map(|w| {
+                Box::new(codec::Will {
+                    payload: Bytes::copy_from_slice(&w.payload),
+                    ..w
+                })
+            }),
             wake: c.wake,
             identity: c.identity,
             recheck: c.recheck,
@@ -622,6 +629,9 @@ impl Conn {
     }
 
     async fn deliver(&self, topic: &str, payload: Bytes, qos: u8) {
+        // A copy: sessions may keep it for long, and a slice would keep the
+        // whole read buffer (up to 64 KiB) while their budget counts only it.
+        let payload = Bytes::copy_from_slice(&payload);
         publish_from(&self.inner, self.conn, &self.client_id, topic, payload, qos).await;
     }
 
@@ -857,18 +867,41 @@ mod tests {
     use crate::settings::MqttSettings;
     use tokio::io::AsyncReadExt;
 
+    /// A v3.1.1 CONNECT: clean session, keep-alive 60 s, with a QoS 0 will if given.
+    fn connect_packet(client_id: &str, will: Option<(&str, &[u8])>) -> Vec<u8> {
+        let field = |out: &mut Vec<u8>, s: &[u8]| {
+            out.extend_from_slice(&(s.len() as u16).to_be_bytes());
+            out.extend_from_slice(s);
+        };
+        let mut body = Vec::new();
+        field(&mut body, b"MQTT");
+        body.extend_from_slice(&[4, if will.is_some() { 0x06 } else { 0x02 }, 0, 60]);
+        field(&mut body, client_id.as_bytes());
+        if let Some((topic, payload)) = will {
+            field(&mut body, topic.as_bytes());
+            field(&mut body, payload);
+        }
+        let mut packet = vec![0x10, body.len() as u8];
+        packet.extend_from_slice(&body);
+        packet
+    }
+
     /// A v3.1.1 client "c", connected: its socket and its connection (not yet served).
     async fn connected(broker: &Broker) -> (TcpStream, Conn, tracing::Span) {
+        connected_with(broker, &connect_packet("c", None)).await
+    }
+
+    async fn connected_with(
+        broker: &Broker,
+        connect_packet: &[u8],
+    ) -> (TcpStream, Conn, tracing::Span) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (client, accepted) = tokio::join!(
             TcpStream::connect(listener.local_addr().unwrap()),
             listener.accept()
         );
         let (mut client, (accepted, peer)) = (client.unwrap(), accepted.unwrap());
-        client
-            .write_all(b"\x10\x0d\0\x04MQTT\x04\x02\0\x3c\0\x01c")
-            .await
-            .unwrap();
+        client.write_all(connect_packet).await.unwrap();
         let permit = Arc::new(tokio::sync::Semaphore::new(1))
             .acquire_owned()
             .await
@@ -963,6 +996,44 @@ mod tests {
                 "round {round}: buffers kept by an idle session"
             );
         }
+    }
+
+    /// The will is kept for the connection's life: in a buffer of its own,
+    /// not as a slice of the read buffer the CONNECT arrived in.
+    #[tokio::test]
+    async fn a_will_keeps_no_read_buffer() {
+        let (broker, _rx) = Broker::new(&MqttSettings::default());
+        let packet = connect_packet("w", Some(("push/app/status", b"{}")));
+        let (_client, conn, _span) = connected_with(&broker, &packet).await;
+        let will = conn.will.as_ref().expect("a will");
+        assert_eq!(&will.payload[..], b"{}");
+        assert!(will.payload.is_unique(), "the will shares the read buffer");
+    }
+
+    /// What a device publishes may wait in sessions' queues, counted by its
+    /// size: it must not keep the device's read buffer alive with it.
+    #[tokio::test]
+    async fn a_queued_device_publish_keeps_no_read_buffer() {
+        let (broker, _rx) = Broker::new(&MqttSettings::default());
+        // The subscriber is never served: what reaches it stays queued.
+        let (_a, subscriber, _span) = connected_with(&broker, &connect_packet("a", None)).await;
+        broker
+            .inner
+            .sessions()
+            .subscribe(&subscriber.session, "push/user/5", 0);
+        let (mut b, publisher, span) = connected_with(&broker, &connect_packet("b", None)).await;
+        tokio::spawn(publisher.serve().instrument(span));
+        let mut buf = BytesMut::new();
+        expect(&mut b, &mut buf, 0x20).await;
+        // PUBLISH push/user/5 QoS 0 "hello", then PINGREQ.
+        b.write_all(b"\x30\x12\0\x0bpush/user/5hello\xc0\0")
+            .await
+            .unwrap();
+        expect(&mut b, &mut buf, 0xd0).await;
+        let msg = subscriber.session.lock().queue.pop_front().expect("queued");
+        assert_eq!(&msg.payload[..], b"hello");
+        let held = msg.payload.try_into_mut().map(|m| m.capacity());
+        assert_eq!(held.ok(), Some(5), "the payload keeps more than itself");
     }
 
     /// An idle connection is mostly its connected task (tokio adds ~170
