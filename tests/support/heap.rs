@@ -74,12 +74,31 @@ pub fn grown_by_size(before: &[isize], after: &[isize], n: usize) -> String {
 /// CONNECT (3.1.1, clean session, keep-alive 300 s) as `<prefix>-<i>`, then
 /// SUBSCRIBE QoS 1 to `push/user/<i>`; returns once SUBACK is read.
 pub fn device(addr: SocketAddr, prefix: &str, i: usize) -> TcpStream {
+    device_with_will(addr, prefix, i, None)
+}
+
+/// [`device`], with a QoS 0 last will (topic, payload) if given.
+pub fn device_with_will(
+    addr: SocketAddr,
+    prefix: &str,
+    i: usize,
+    will: Option<(&str, &[u8])>,
+) -> TcpStream {
     let mut s = TcpStream::connect(addr).expect("connect");
     let id = format!("{prefix}-{i}");
-    let mut connect = vec![0x10, (10 + 2 + id.len()) as u8, 0, 4];
-    connect.extend_from_slice(b"MQTT\x04\x02\x01\x2c");
-    connect.extend_from_slice(&(id.len() as u16).to_be_bytes());
-    connect.extend_from_slice(id.as_bytes());
+    let field = |out: &mut Vec<u8>, b: &[u8]| {
+        out.extend_from_slice(&(b.len() as u16).to_be_bytes());
+        out.extend_from_slice(b);
+    };
+    let mut body = b"\0\x04MQTT\x04\x02\x01\x2c".to_vec();
+    field(&mut body, id.as_bytes());
+    if let Some((topic, payload)) = will {
+        body[7] |= 0x04;
+        field(&mut body, topic.as_bytes());
+        field(&mut body, payload);
+    }
+    let mut connect = vec![0x10, body.len() as u8];
+    connect.extend_from_slice(&body);
     let topic = format!("push/user/{i}");
     let mut subscribe = vec![0x82, (2 + 2 + topic.len() + 1) as u8, 0, 1];
     subscribe.extend_from_slice(&(topic.len() as u16).to_be_bytes());
