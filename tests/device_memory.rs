@@ -11,15 +11,12 @@ use std::net::TcpStream;
 
 use heap::{
     by_size, device_with_will, grown_by_size, live, puback, read_publish, runtime_and_settings,
-    Counting,
+    Counting, MAX_BYTES_IDLE_DEVICE,
 };
 use support::proxy::Backend;
 
 #[global_allocator]
 static ALLOC: Counting = Counting;
-
-/// `idle_memory`'s budget for an idle, subscribed device.
-const MAX_BYTES_IDLE: isize = 1728;
 
 /// What the app's devices look like: a last will on the status topic, and
 /// pushes now and then. Once a push is acknowledged such a device holds
@@ -66,7 +63,7 @@ fn a_device_with_a_will_that_was_sent_a_push_costs_little_more() {
         "  live allocations per device by size: {}",
         grown_by_size(&sizes0, &by_size(), N)
     );
-    let budget = MAX_BYTES_IDLE + WILL_BYTES;
+    let budget = MAX_BYTES_IDLE_DEVICE + WILL_BYTES;
     assert!(
         per_device <= budget,
         "such a device holds {per_device} heap bytes (an idle one's budget and its will: {budget})"

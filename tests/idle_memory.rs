@@ -8,14 +8,13 @@ mod support;
 
 use std::net::TcpStream;
 
-use heap::{by_size, device, grown_by_size, live, runtime_and_settings, Counting};
+use heap::{
+    by_size, device, grown_by_size, live, runtime_and_settings, Counting, MAX_BYTES_IDLE_DEVICE,
+};
 
 #[global_allocator]
 static ALLOC: Counting = Counting;
 
-/// Heap budget per idle device (the target is 2 KiB of RSS, which
-/// also holds the allocator's own overhead per allocation).
-const MAX_BYTES_PER_DEVICE: isize = 1728;
 const MAX_ALLOCS_PER_DEVICE: isize = 12;
 
 #[test]
@@ -40,8 +39,8 @@ fn an_idle_subscribed_device_costs_little_heap() {
         grown_by_size(&sizes0, &by_size(), N)
     );
     assert!(
-        per_device <= MAX_BYTES_PER_DEVICE,
-        "an idle device holds {per_device} heap bytes (budget {MAX_BYTES_PER_DEVICE})"
+        per_device <= MAX_BYTES_IDLE_DEVICE,
+        "an idle device holds {per_device} heap bytes (budget {MAX_BYTES_IDLE_DEVICE})"
     );
     assert!(
         allocs_per_device <= MAX_ALLOCS_PER_DEVICE as f64,

@@ -11,6 +11,10 @@ use std::sync::atomic::{AtomicIsize, Ordering};
 
 pub struct Counting;
 
+/// Heap budget per idle, subscribed device (the target is 2 KiB of
+/// RSS, which also holds the allocator's own overhead per allocation).
+pub const MAX_BYTES_IDLE_DEVICE: isize = 1728;
+
 static LIVE_BYTES: AtomicIsize = AtomicIsize::new(0);
 static LIVE_ALLOCS: AtomicIsize = AtomicIsize::new(0);
 /// Live allocations by size (8-byte classes up to 4 KiB; the last holds the rest).
