@@ -603,6 +603,11 @@ pub(crate) fn cpu_delta(a: Sample, b: Sample) -> Option<f64> {
     Some(b.cpu_secs? - a.cpu_secs?)
 }
 
+/// The kernel's part of [`cpu_delta`].
+fn sys_delta(a: Sample, b: Sample) -> Option<f64> {
+    Some(b.sys_secs? - a.sys_secs?)
+}
+
 fn via(server: &Server) -> Via {
     match server.proxy {
         Some(p) if server.kind == Some(Kind::PushbridgeReceipts) => Via::ProxyWithReceipts(p),
@@ -814,7 +819,7 @@ async fn p2p(
         sock_p99_ms: report::percentile_ms(&at_socket, 0.99),
         sock_max_ms: report::percentile_ms(&at_socket, 1.0),
         cpu_secs: cpu_delta(s0, s1),
-        sys_cpu_secs: s0.sys_secs.zip(s1.sys_secs).map(|(a, b)| b - a),
+        sys_cpu_secs: sys_delta(s0, s1),
         tool_cpu_secs: cpu_delta(me0, me1),
         rss_before_kib: s0.rss_kib,
         rss_after_kib: s1.rss_kib,

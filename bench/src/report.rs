@@ -48,21 +48,22 @@ pub struct Row {
 
 impl Row {
     pub fn rss_per_conn_kib(&self) -> Option<f64> {
-        if self.workload != "idle" {
+        self.rss_growth_kib_per_param("idle")
+    }
+
+    /// p2p: RSS the run left per device, in bytes (the devices stay
+    /// connected): what a device that was sent pushes keeps beyond an idle one.
+    pub fn rss_kept_per_device(&self) -> Option<f64> {
+        self.rss_growth_kib_per_param("p2p").map(|k| k * 1024.0)
+    }
+
+    /// (RSS after − RSS before) / `param`, for rows of `workload`.
+    fn rss_growth_kib_per_param(&self, workload: &str) -> Option<f64> {
+        if self.workload != workload {
             return None;
         }
         let (a, b) = (self.rss_before_kib?, self.rss_after_kib?);
         (self.param > 0).then(|| (b as f64 - a as f64) / self.param as f64)
-    }
-
-    /// p2p: RSS the run left per device (the devices stay connected): what
-    /// a device that was sent pushes keeps beyond an idle one.
-    pub fn rss_kept_per_device(&self) -> Option<f64> {
-        if self.workload != "p2p" {
-            return None;
-        }
-        let (a, b) = (self.rss_before_kib?, self.rss_after_kib?);
-        (self.param > 0).then(|| (b as f64 - a as f64) * 1024.0 / self.param as f64)
     }
 
     /// core: ns of this thread's CPU per publish.

@@ -708,7 +708,7 @@ impl Sample {
         let Some(pid) = pid else {
             return Sample::default();
         };
-        let (cpu_secs, sys_secs) = match cpu_ticks(pid) {
+        let (cpu_secs, sys_secs) = match cpu_times(pid) {
             Some((user, sys)) => (Some(user + sys), Some(sys)),
             None => (None, None),
         };
@@ -721,7 +721,7 @@ impl Sample {
 }
 
 /// (user, system) CPU seconds.
-fn cpu_ticks(pid: u32) -> Option<(f64, f64)> {
+fn cpu_times(pid: u32) -> Option<(f64, f64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name, which is in parentheses and may hold spaces.
     let rest = &stat[stat.rfind(')')? + 2..];

@@ -3,7 +3,6 @@
 //! takeover and shutdown. One task (not one per direction), no futures kept
 //! per direction, and buffers freed when empty keep an idle connection small.
 
-use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -104,6 +103,8 @@ enum End {
     TokenExpired,
 }
 
+const RECEIVE_MAXIMUM: &str = "more QoS 2 messages awaiting PUBREL than mqtt.max_inflight";
+
 impl End {
     /// The `reason` of a `device.disconnected` event, and the error's text.
     fn describe(&self) -> (&'static str, Option<String>) {
@@ -118,10 +119,7 @@ impl End {
             End::Io(e) => ("error", Some(format!("io: {e}"))),
             End::Malformed(e) => ("error", Some(format!("malformed packet: {e}"))),
             End::Protocol(e) => ("error", Some(format!("protocol error: {e}"))),
-            End::ReceiveMaximum => (
-                "error",
-                Some("more QoS 2 messages awaiting PUBREL than mqtt.max_inflight".into()),
-            ),
+            End::ReceiveMaximum => ("error", Some(RECEIVE_MAXIMUM.into())),
         }
     }
 
@@ -491,9 +489,7 @@ impl Conn {
                     Some(i) => st.inflight.remove(i),
                     None => None,
                 };
-                if st.inflight.is_empty() {
-                    st.inflight = VecDeque::new();
-                }
+                st.free_empty();
                 drop(st);
                 if let Some(m) = acked {
                     self.inner.stats.mqtt_acked.inc();
@@ -512,9 +508,7 @@ impl Conn {
             In::PubRel(pkid) => {
                 let mut st = self.session.lock();
                 st.qos2_in.retain(|p| *p != pkid);
-                if st.qos2_in.is_empty() {
-                    st.qos2_in = Vec::new();
-                }
+                st.free_empty();
                 drop(st);
                 self.send(&Out::PubComp(pkid));
             }
@@ -706,10 +700,7 @@ impl Conn {
                 });
             }
         }
-        // Buffers only while messages wait: an idle device keeps none.
-        if st.queue.is_empty() {
-            st.queue = VecDeque::new();
-        }
+        st.free_empty();
         Ok(())
     }
 
@@ -735,10 +726,8 @@ impl Conn {
             }
             End::ReceiveMaximum => {
                 self.inner.stats.mqtt_malformed.inc();
-                info!(
-                    max_inflight = self.inner.settings.max_inflight,
-                    "closing: more QoS 2 messages awaiting PUBREL than mqtt.max_inflight"
-                );
+                let max_inflight = self.inner.settings.max_inflight;
+                info!(max_inflight, "closing: {RECEIVE_MAXIMUM}");
             }
             End::KeepAlive => {
                 self.inner.stats.mqtt_timeouts.inc();

@@ -216,6 +216,20 @@ impl State {
         self.queue.iter().map(Msg::cost).sum()
     }
 
+    /// Frees the message buffers that are empty: a session holds them only
+    /// while messages wait (each kept room for four after its first use).
+    pub fn free_empty(&mut self) {
+        if self.queue.is_empty() {
+            self.queue = VecDeque::new();
+        }
+        if self.inflight.is_empty() {
+            self.inflight = VecDeque::new();
+        }
+        if self.qos2_in.is_empty() {
+            self.qos2_in = Vec::new();
+        }
+    }
+
     /// Nothing left to send, nothing waiting for an acknowledgement.
     pub fn is_idle(&self) -> bool {
         self.queue.is_empty() && self.inflight.is_empty()

@@ -97,6 +97,7 @@ pub fn device_with_will(
     let mut body = b"\0\x04MQTT\x04\x02\x01\x2c".to_vec();
     field(&mut body, id.as_bytes());
     if let Some((topic, payload)) = will {
+        // Connect flags, after the protocol name and level: will, QoS 0.
         body[7] |= 0x04;
         field(&mut body, topic.as_bytes());
         field(&mut body, payload);
